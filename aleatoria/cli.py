@@ -1,0 +1,96 @@
+"""The ``aleatoria`` command. A thin ``main(argv) -> int`` that tests can call."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from aleatoria import __version__, logs
+from aleatoria.config import SETTINGS, Config, ConfigError, from_environment
+from aleatoria.server import serve
+
+log = logging.getLogger("aleatoria.cli")
+
+# Flags whose spelling differs from the setting name, or that take repeated values.
+_FLAG_NAMES = {"allowed_origins": "--allowed-origin"}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aleatoria",
+        description="Real-time server for random video-chat apps (rooms, DMs, matching, signaling).",
+    )
+    parser.add_argument("--version", action="version", version=f"aleatoria {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_cmd = commands.add_parser(
+        "serve",
+        help="run the server",
+        description="Run the server. Every flag has an environment variable; flags win.",
+    )
+    for setting in SETTINGS:
+        flag = _FLAG_NAMES.get(setting.name, "--" + setting.name.replace("_", "-"))
+        helptext = f"{setting.help} [env {setting.env}]"
+        if setting.name == "allowed_origins":
+            serve_cmd.add_argument(
+                flag, dest="allowed_origins", action="append", metavar="ORIGIN", help=helptext
+            )
+        elif setting.parse is bool or setting.name in {"require_origin", "valkey_use_tls"}:
+            serve_cmd.add_argument(
+                flag, dest=setting.name, action="store_const", const=True, default=None, help=helptext
+            )
+        else:
+            kind = setting.parse if setting.parse in (int, float) else str
+            serve_cmd.add_argument(flag, dest=setting.name, type=kind, default=None, help=helptext)
+    serve_cmd.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="log line format"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {s.name: getattr(args, s.name, None) for s in SETTINGS}
+    if overrides.get("allowed_origins") is not None:
+        origins: list[str] = []
+        for value in overrides["allowed_origins"]:
+            origins.extend(part.strip() for part in value.split(",") if part.strip())
+        overrides["allowed_origins"] = tuple(origins)
+    try:
+        config = from_environment(**overrides)
+    except ConfigError as exc:
+        print(f"aleatoria: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.log_level, args.log_format)
+    try:
+        trio.run(_run, config)
+    except OSError as exc:
+        log.error("event=start_failed error=%r", exc)
+        return 1
+    return 0
+
+
+async def _run(config: Config) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        await nursery.start(serve, config)
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("event=signal signal=%s", signal.Signals(signum).name)
+            scope.cancel()
+            return

@@ -1,0 +1,158 @@
+"""JSON <-> message models, through one explicit cattrs converter.
+
+The converter is strict: a JSON value of the wrong type is an error, never coerced (cattrs'
+defaults would turn ``5`` into ``"5"``). Decode errors are translated here, at the edge, into
+``InvalidMessage`` (bad envelope) or ``ClientError`` (bad payload); nothing deeper catches
+json or cattrs errors.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+import orjson
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+from aleatoria.errors import INVALID_PAYLOAD, ClientError, InvalidMessage
+from aleatoria.messages import Envelope
+
+T = TypeVar("T")
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _strict(kind: type) -> Any:
+    expected = {str: "a string", bool: "a boolean", int: "an integer"}[kind]
+
+    def structure(value: Any, _: Any) -> Any:
+        # bool is an int subclass in Python, but not an integer in JSON terms.
+        if type(value) is not kind:
+            raise TypeError(f"expected {expected}, got {_json_type(value)}")
+        return value
+
+    return structure
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+def _any(value: Any, _: Any) -> Any:
+    return value
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter()
+    for kind in (str, bool, int):
+        converter.register_structure_hook(kind, _strict(kind))
+    converter.register_structure_hook(Any, _any)
+
+    def structure_factory(cls: type) -> Any:
+        renames = {a.name: override(rename=_camel(a.name)) for a in attrs.fields(cls)}
+        return make_dict_structure_fn(cls, converter, **renames)
+
+    def unstructure_factory(cls: type) -> Any:
+        renames = {a.name: override(rename=_camel(a.name)) for a in attrs.fields(cls)}
+        return make_dict_unstructure_fn(cls, converter, _cattrs_omit_if_default=True, **renames)
+
+    converter.register_structure_hook_factory(attrs.has, structure_factory)
+    converter.register_unstructure_hook_factory(attrs.has, unstructure_factory)
+    return converter
+
+
+converter = _make_converter()
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, cattrs.BaseValidationError):
+        return "; ".join(cattrs.transform_error(exc, path="$"))
+    return str(exc)
+
+
+def decode(frame: str | bytes) -> Envelope:
+    """Parse one frame into an Envelope. Raises InvalidMessage (answered error_response)."""
+    try:
+        data = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage(f"not valid JSON: {exc}") from None
+    if type(data) is not dict:
+        raise InvalidMessage(f"expected a JSON object, got {_json_type(data)}")
+    if "type" not in data:
+        raise InvalidMessage("missing required field 'type'")
+    try:
+        return converter.structure(data, Envelope)
+    except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
+        raise InvalidMessage(_describe(exc)) from None
+
+
+def payload_as(payload: Any, cls: type[T], *, optional: bool = False) -> T:
+    """Structure an envelope's payload into ``cls``. Raises ClientError(invalid_payload)."""
+    if payload is None and optional:
+        payload = {}
+    if type(payload) is not dict:
+        raise ClientError(INVALID_PAYLOAD, f"payload must be an object, got {_json_type(payload)}")
+    try:
+        return converter.structure(payload, cls)
+    except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
+        raise ClientError(INVALID_PAYLOAD, "invalid payload: " + _describe(exc)) from None
+
+
+def to_wire(message: Any) -> Any:
+    """The JSON-ready form of a model (camelCase keys, absent fields omitted)."""
+    return converter.unstructure(message)
+
+
+def encode(envelope: Envelope) -> bytes:
+    """One envelope as JSON bytes."""
+    return orjson.dumps(converter.unstructure(envelope))
+
+
+# -- timestamps -----------------------------------------------------------------------------
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+_second_cache: tuple[int, str] = (-1, "")
+
+
+def now() -> tuple[int, str]:
+    """The current time as (epoch nanoseconds, RFC 3339 UTC with microseconds)."""
+    global _second_cache
+    ns = time.time_ns()
+    seconds, rest = divmod(ns, 1_000_000_000)
+    cached_second, prefix = _second_cache
+    if cached_second != seconds:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _second_cache = (seconds, prefix)
+    return ns, f"{prefix}.{rest // 1000:06d}Z"
+
+
+def parse_time_ns(text: str) -> int:
+    """RFC 3339 text to epoch nanoseconds. Raises ClientError(invalid_payload)."""
+    try:
+        # Go writes nanoseconds; Python parses at most microseconds.
+        moment = datetime.fromisoformat(_FRACTION.sub(r"\1", text))
+    except ValueError:
+        raise ClientError(INVALID_PAYLOAD, f"not an RFC 3339 time: {text[:64]!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return (moment - _EPOCH) // _MICROSECOND * 1000
+
+
+_MICROSECOND = datetime.resolution

@@ -1,0 +1,190 @@
+"""Server configuration: one frozen object, built from the environment and CLI flags.
+
+Every setting has an environment variable (the original server's names are kept) and an
+``aleatoria serve`` flag; flags win, and a variable set to the empty string counts as unset.
+The table in ``SETTINGS`` is the single source for both, and for the docs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+import attrs
+
+
+class ConfigError(ValueError):
+    """A setting has a value the server cannot use; the message names the setting."""
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false), got {text!r}")
+
+
+def _parse_origins(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+@attrs.frozen
+class Setting:
+    """One configuration knob: its attribute, environment variable, parser and help text."""
+
+    name: str
+    env: str
+    parse: Any
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("host", "ALEATORIA_HOST", str, "address to listen on"),
+    Setting("port", "ALEATORIA_PORT", int, "TCP port (0 picks a free one and logs it)"),
+    Setting(
+        "allowed_origins",
+        "ALEATORIA_ALLOWED_ORIGINS",
+        _parse_origins,
+        "comma list of browser origins allowed to connect; * allows any; empty = same-origin only",
+    ),
+    Setting(
+        "require_origin",
+        "ALEATORIA_REQUIRE_ORIGIN",
+        _parse_bool,
+        "reject WebSocket requests that carry no Origin header",
+    ),
+    Setting("log_level", "ALEATORIA_LOG_LEVEL", str, "debug, info, warning or error"),
+    Setting(
+        "redis_url", "ALEATORIA_REDIS_URL", str, "redis:// or rediss:// URL (overrides VALKEY_*)"
+    ),
+    Setting("valkey_host", "VALKEY_HOST", str, "Redis/Valkey host (enables the Redis store)"),
+    Setting("valkey_port", "VALKEY_PORT", int, "Redis/Valkey port"),
+    Setting("valkey_username", "VALKEY_USERNAME", str, "Redis/Valkey ACL user name"),
+    Setting("valkey_password", "VALKEY_PASSWORD", str, "Redis/Valkey password"),
+    Setting("valkey_use_tls", "VALKEY_USE_TLS", _parse_bool, "connect to Redis/Valkey over TLS"),
+    Setting("redis_db", "REDIS_DB", int, "Redis database number"),
+    Setting("message_ttl_hours", "MESSAGE_TTL_HOURS", float, "history retention in hours"),
+    Setting("history_max", "ALEATORIA_HISTORY_MAX", int, "messages kept per room and per DM"),
+    Setting("auth_secret", "ALEATORIA_AUTH_SECRET", str, "HS256 secret; when set /ws needs a JWT"),
+    Setting("ping_interval", "ALEATORIA_PING_INTERVAL", float, "seconds between WebSocket pings"),
+    Setting(
+        "idle_timeout", "ALEATORIA_IDLE_TIMEOUT", float, "seconds without traffic before closing"
+    ),
+    Setting(
+        "outbox_frames", "ALEATORIA_OUTBOX_FRAMES", int, "frames queued per slow client before 1013"
+    ),
+    Setting(
+        "max_frame_bytes", "ALEATORIA_MAX_FRAME_BYTES", int, "largest message a client may send"
+    ),
+    Setting(
+        "rate_limit", "ALEATORIA_RATE_LIMIT", float, "messages/s per connection (0 = no limit)"
+    ),
+    Setting("rate_burst", "ALEATORIA_RATE_BURST", int, "burst allowance of the rate limit"),
+)
+
+_DEFAULTS: dict[str, Any] = {}
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    """Everything the server needs to know, fixed at start-up."""
+
+    host: str = "127.0.0.1"
+    port: int = 8085
+    allowed_origins: tuple[str, ...] = ()
+    require_origin: bool = False
+    log_level: str = "info"
+
+    redis_url: str | None = None
+    valkey_host: str | None = None
+    valkey_port: int = 6379
+    valkey_username: str | None = None
+    valkey_password: str | None = None
+    valkey_use_tls: bool = False
+    redis_db: int = 0
+    redis_connect_timeout: float = 2.0
+    redis_call_timeout: float = 2.0
+
+    message_ttl_hours: float = 24.0
+    history_max: int = 1000
+    auth_secret: str | None = None
+
+    # Connection behaviour (PROTOCOL.md section 5).
+    ping_interval: float = 25.0
+    idle_timeout: float = 60.0
+    outbox_frames: int = 256
+    handshake_timeout: float = 10.0
+    close_timeout: float = 3.0
+    shutdown_timeout: float = 10.0
+
+    # Limits (PROTOCOL.md sections 3 and 4).
+    max_frame_bytes: int = 64 * 1024
+    max_id_chars: int = 64
+    max_content_chars: int = 4000
+    max_message_id_chars: int = 128
+    rate_limit: float = 30.0
+    rate_burst: int = 60
+    rate_abuse_seconds: float = 10.0
+
+    @property
+    def message_ttl_seconds(self) -> float:
+        return self.message_ttl_hours * 3600.0
+
+    @property
+    def effective_redis_url(self) -> str | None:
+        """The Redis URL to use, or None for the in-memory store."""
+        if self.redis_url:
+            return self.redis_url
+        if not self.valkey_host:
+            return None
+        scheme = "rediss" if self.valkey_use_tls else "redis"
+        auth = ""
+        if self.valkey_username or self.valkey_password:
+            auth = quote(self.valkey_username or "", safe="")
+            if self.valkey_password:
+                auth += ":" + quote(self.valkey_password, safe="")
+            auth += "@"
+        return f"{scheme}://{auth}{self.valkey_host}:{self.valkey_port}/{self.redis_db}"
+
+    def validate(self) -> Config:
+        """Raise ConfigError for values that cannot work; return self for chaining."""
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.message_ttl_hours <= 0:
+            raise ConfigError("MESSAGE_TTL_HOURS must be positive")
+        if self.history_max < 1:
+            raise ConfigError("ALEATORIA_HISTORY_MAX must be at least 1")
+        if self.ping_interval <= 0 or self.idle_timeout <= 0:
+            raise ConfigError("ping interval and idle timeout must be positive")
+        if self.outbox_frames < 1:
+            raise ConfigError("ALEATORIA_OUTBOX_FRAMES must be at least 1")
+        if self.max_frame_bytes < 1024:
+            raise ConfigError("ALEATORIA_MAX_FRAME_BYTES must be at least 1024")
+        if self.rate_limit < 0 or self.rate_burst < 1:
+            raise ConfigError("rate limit must be >= 0 and burst >= 1")
+        if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
+            raise ConfigError(f"unknown log level {self.log_level!r}")
+        return self
+
+
+def from_environment(environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+    """Build a Config from environment variables, then apply non-None overrides (flags)."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = env.get(setting.env, "")
+        if raw == "":
+            continue
+        try:
+            values[setting.name] = setting.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{setting.env}: {exc}") from None
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Config(**values).validate()
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None

@@ -1,0 +1,168 @@
+"""The hub: who is connected to this process, and the rooms that deliver to them.
+
+How this works. Each connected user has one ``Client`` (its WebSocket and its rooms). Each
+room with local members has one broadcaster task fed by a bounded memory channel of ready
+frames: a broadcast is one channel hop, then the broadcaster hands the same frame bytes to
+every member's ``WebSocket.send`` (write-through, never awaits a client). One task per room
+gives every member the same order. A room with no local members is forgotten: its channel
+closes and its broadcaster finishes what was queued, then exits.
+
+Replacing a connection (same userId again) moves the user's rooms to the new WebSocket, so
+the user's state carries over; the old socket is closed with 4001.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from aleatoria.limits import RateLimiter
+from aleatoria.websocket import REPLACED, WebSocket
+
+log = logging.getLogger("aleatoria.hub")
+
+ROOM_QUEUE_FRAMES = 1024
+
+
+@attrs.define(eq=False)
+class Client:
+    """One connected user on this process."""
+
+    user: str
+    ws: WebSocket
+    limiter: RateLimiter
+    rooms: set[str] = attrs.Factory(set)
+    replaced: bool = False
+
+
+class Room:
+    """The local members of one room and the channel into its broadcaster."""
+
+    def __init__(self, name: str, send: trio.MemorySendChannel[bytes]) -> None:
+        self.name = name
+        self.members: dict[str, WebSocket] = {}
+        self.send = send
+
+
+class Hub:
+    """Local connections and rooms. Create it with ``open_hub``."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self.clients: dict[str, Client] = {}
+        self.rooms: dict[str, Room] = {}
+        self.broadcasts = 0
+        self.deliveries = 0
+
+    # -- connections --------------------------------------------------------------------
+
+    def attach(self, client: Client) -> Client | None:
+        """Register ``client``; a previous connection of the same user is replaced (its rooms
+        move over, it is closed with 4001) and returned."""
+        old = self.clients.get(client.user)
+        self.clients[client.user] = client
+        if old is None:
+            return None
+        old.replaced = True
+        client.rooms = old.rooms
+        old.rooms = set()
+        for name in client.rooms:
+            self.rooms[name].members[client.user] = client.ws
+        old.ws.close(REPLACED, "replaced")
+        return old
+
+    def detach(self, client: Client) -> list[str]:
+        """Forget ``client`` unless it was replaced; returns the rooms it left."""
+        if self.clients.get(client.user) is not client:
+            return []
+        del self.clients[client.user]
+        left = sorted(client.rooms)
+        for name in left:
+            self._leave(name, client)
+        client.rooms.clear()
+        return left
+
+    def is_online(self, user: str) -> bool:
+        return user in self.clients
+
+    def deliver(self, user: str, frame: bytes) -> bool:
+        """Send one frame to ``user`` if connected here; False if not."""
+        client = self.clients.get(user)
+        if client is None:
+            return False
+        client.ws.send(frame)
+        self.deliveries += 1
+        return True
+
+    # -- rooms -------------------------------------------------------------------------------
+
+    def join(self, client: Client, name: str) -> None:
+        room = self.rooms.get(name)
+        if room is None:
+            send, receive = trio.open_memory_channel[bytes](ROOM_QUEUE_FRAMES)
+            room = self.rooms[name] = Room(name, send)
+            self._nursery.start_soon(self._broadcaster, room, receive, name=f"room:{name}")
+        room.members[client.user] = client.ws
+        client.rooms.add(name)
+
+    def leave(self, client: Client, name: str) -> None:
+        if name in client.rooms:
+            client.rooms.discard(name)
+            self._leave(name, client)
+
+    def _leave(self, name: str, client: Client) -> None:
+        room = self.rooms.get(name)
+        if room is None:
+            return
+        room.members.pop(client.user, None)
+        if not room.members:
+            del self.rooms[name]
+            room.send.close()
+
+    async def broadcast(self, name: str, frame: bytes) -> None:
+        """Queue ``frame`` for every local member of room ``name`` (in order). Waits only when
+        the room's queue is full, which slows the sender, never the other members."""
+        room = self.rooms.get(name)
+        if room is not None:
+            await room.send.send(frame)
+
+    async def _broadcaster(self, room: Room, receive: trio.MemoryReceiveChannel[bytes]) -> None:
+        with receive:
+            while True:
+                try:
+                    frame = await receive.receive()
+                except trio.EndOfChannel:
+                    return
+                # Drain whatever else is queued without a task switch per frame.
+                while True:
+                    members = tuple(room.members.values())
+                    for ws in members:
+                        ws.send(frame)
+                    self.broadcasts += 1
+                    self.deliveries += len(members)
+                    try:
+                        frame = receive.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+
+    # -- shutdown ----------------------------------------------------------------------------
+
+    def close_all(self, code: int, reason: str) -> None:
+        for client in list(self.clients.values()):
+            client.ws.close(code, reason)
+
+
+@asynccontextmanager
+async def open_hub() -> AsyncIterator[Hub]:
+    """A hub whose broadcaster tasks live in a nursery owned here. On exit the broadcasters
+    are cancelled."""
+    async with trio.open_nursery() as nursery:
+        hub = Hub(nursery)
+        try:
+            yield hub
+        finally:
+            nursery.cancel_scope.cancel()

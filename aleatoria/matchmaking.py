@@ -1,0 +1,160 @@
+"""Matchmaking rules: the pool of available users and the live matches (pure, no I/O).
+
+How this works. A user is in at most one live match. ``request_peer`` implements every rule
+of PROTOCOL.md section 4 in one step, so a store can run it atomically (the memory store calls
+this class under no lock because trio is single-threaded between awaits; the Redis store runs
+the same rules as one Lua script):
+
+1. the requester is in a match with P: if ``current_peer == P`` ("next") the match ends and P
+   is told (``ended_peer``); otherwise nothing new happens and the requester's own
+   ``assign_role`` is sent again (``resend``);
+2. one pooled user who is not the requester, not ``current_peer`` and not in a match is picked
+   uniformly at random; both leave the pool and the match starts (requester impolite);
+3. nobody suitable: ``no_peer``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+import attrs
+
+IMPOLITE = "impolite"
+POLITE = "polite"
+
+
+@attrs.frozen
+class RequestOutcome:
+    """What ``request_peer`` decided. Exactly one of ``peer``/``resend``/``no_peer`` holds.
+
+    ``peer`` and ``role``: the requester's match partner and the requester's role (a new match,
+    or with ``resend`` the existing one). ``ended_peer``: a previous partner whose match this
+    request ended and who must be sent ``hangup {reason: peer_left}``.
+    """
+
+    peer: str | None = None
+    role: str = IMPOLITE
+    resend: bool = False
+    ended_peer: str | None = None
+
+    @property
+    def no_peer(self) -> bool:
+        return self.peer is None
+
+
+class Matchmaker:
+    """The pool and the live matches of one server (or of one Redis, mirrored by Lua)."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+        # A list plus an index gives O(1) uniform picks and O(1) removal.
+        self._pool: list[str] = []
+        self._pool_index: dict[str, int] = {}
+        self._peer_of: dict[str, str] = {}
+        self._role_of: dict[str, str] = {}
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def pool(self) -> list[str]:
+        return list(self._pool)
+
+    def in_pool(self, user: str) -> bool:
+        return user in self._pool_index
+
+    def peer_of(self, user: str) -> str | None:
+        return self._peer_of.get(user)
+
+    def matches(self) -> int:
+        return len(self._peer_of) // 2
+
+    # -- commands --------------------------------------------------------------------------
+
+    def set_available(self, user: str) -> str | None:
+        """Put ``user`` in the pool; end its live match. Returns the peer who was left."""
+        ended = self._end_match(user)
+        self._pool_add(user)
+        return ended
+
+    def set_unavailable(self, user: str) -> None:
+        self._pool_remove(user)
+
+    def hangup(self, user: str, peer: str) -> bool:
+        """``user`` hung up on ``peer``: end their match if that is the live one."""
+        if self._peer_of.get(user) != peer:
+            return False
+        self._end_match(user)
+        return True
+
+    def disconnect(self, user: str) -> str | None:
+        """``user`` went away: leave the pool, end the match. Returns the peer who was left."""
+        self._pool_remove(user)
+        return self._end_match(user)
+
+    def request_peer(self, user: str, current_peer: str | None = None) -> RequestOutcome:
+        ended: str | None = None
+        partner = self._peer_of.get(user)
+        if partner is not None:
+            if partner != current_peer:
+                return RequestOutcome(peer=partner, role=self._role_of[user], resend=True)
+            ended = self._end_match(user)
+        excluded = {user} if current_peer is None else {user, current_peer}
+        peer = self._pick(excluded)
+        if peer is None:
+            return RequestOutcome(ended_peer=ended)
+        self._pool_remove(user)
+        self._pool_remove(peer)
+        self._peer_of[user] = peer
+        self._peer_of[peer] = user
+        self._role_of[user] = IMPOLITE
+        self._role_of[peer] = POLITE
+        return RequestOutcome(peer=peer, role=IMPOLITE, ended_peer=ended)
+
+    def restore(self, pool: Iterable[str], matches: Iterable[tuple[str, str]]) -> None:
+        """Re-add state (used when a store falls back to memory and back)."""
+        for user in pool:
+            self._pool_add(user)
+        for impolite, polite in matches:
+            self._peer_of[impolite] = polite
+            self._peer_of[polite] = impolite
+            self._role_of[impolite] = IMPOLITE
+            self._role_of[polite] = POLITE
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _pick(self, excluded: set[str]) -> str | None:
+        # Pooled users are never in a match (a match removes both from the pool, and
+        # set_available ends the match first), so only ``excluded`` needs skipping. Map a
+        # uniform draw over the allowed slots onto pool positions: uniform and O(1).
+        skip = sorted(self._pool_index[u] for u in excluded if u in self._pool_index)
+        allowed = len(self._pool) - len(skip)
+        if allowed <= 0:
+            return None
+        position = self._rng.randrange(allowed)
+        for index in skip:
+            if index <= position:
+                position += 1
+        return self._pool[position]
+
+    def _pool_add(self, user: str) -> None:
+        if user not in self._pool_index:
+            self._pool_index[user] = len(self._pool)
+            self._pool.append(user)
+
+    def _pool_remove(self, user: str) -> None:
+        index = self._pool_index.pop(user, None)
+        if index is None:
+            return
+        last = self._pool.pop()
+        if index < len(self._pool):
+            self._pool[index] = last
+            self._pool_index[last] = index
+
+    def _end_match(self, user: str) -> str | None:
+        peer = self._peer_of.pop(user, None)
+        if peer is None:
+            return None
+        self._peer_of.pop(peer, None)
+        self._role_of.pop(user, None)
+        self._role_of.pop(peer, None)
+        return peer

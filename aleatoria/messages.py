@@ -1,0 +1,139 @@
+"""Message models: the envelope and every payload, as frozen attrs classes.
+
+Field names are snake_case here and camelCase on the wire (``codec`` maps them). A field
+left at ``None`` is absent on the wire, never ``null``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+SYSTEM = "system"
+
+# Client -> server types.
+CHAT_MESSAGE = "chat_message"
+JOIN_ROOM = "join_room"
+LEAVE_ROOM = "leave_room"
+GET_ROOMS = "get_rooms"
+USER_AVAILABLE = "user_available_webrtc"
+USER_UNAVAILABLE = "user_unavailable_webrtc"
+REQUEST_RANDOM_PEER = "request_random_peer"
+WEBRTC_OFFER = "webrtc_offer"
+WEBRTC_ANSWER = "webrtc_answer"
+WEBRTC_CANDIDATE = "webrtc_candidate"
+HANGUP = "hangup"
+GET_RECENT_MESSAGES = "get_recent_messages"
+GET_DIRECT_MESSAGES = "get_direct_messages"
+PING = "ping"
+
+SIGNALING_TYPES = frozenset({WEBRTC_OFFER, WEBRTC_ANSWER, WEBRTC_CANDIDATE, HANGUP})
+
+# Server -> client types.
+ROOM_JOINED = "room_joined"
+ROOM_LEFT = "room_left"
+ROOMS_LIST = "rooms_list"
+ASSIGN_ROLE = "assign_role"
+NO_PEER_AVAILABLE = "no_peer_available"
+RECENT_MESSAGES = "recent_messages"
+DIRECT_MESSAGES = "direct_messages"
+ERROR = "error"
+ERROR_RESPONSE = "error_response"
+PONG = "pong"
+
+NO_PEER_TEXT = "No peer available at the moment. Please try again later."
+PEER_LEFT = "peer_left"
+
+
+@attrs.frozen
+class Envelope:
+    """Every frame, both directions (PROTOCOL.md section 3)."""
+
+    type: str
+    from_user: str | None = None
+    to_user: str | None = None
+    room: str | None = None
+    payload: Any = None
+    message_id: str | None = None
+    create_time: str | None = None
+    incoming: bool | None = None
+
+
+# -- client payloads ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class ChatPayload:
+    content: str
+
+
+@attrs.frozen
+class PeerRequest:
+    current_peer_id: str | None = None
+
+
+@attrs.frozen
+class RecentMessagesRequest:
+    limit: int | None = None
+    before: str | None = None
+
+
+@attrs.frozen
+class DirectMessagesRequest:
+    with_user: str | None = None
+    limit: int | None = None
+
+
+# -- server payloads ---------------------------------------------------------------------
+
+
+@attrs.frozen
+class RoomAction:
+    room: str
+    action: str
+
+
+@attrs.frozen
+class RoomsList:
+    rooms: list[str]
+
+
+@attrs.frozen
+class AssignRole:
+    role: str
+    peer_id: str
+
+
+@attrs.frozen
+class NoPeer:
+    message: str = NO_PEER_TEXT
+
+
+@attrs.frozen
+class RecentMessages:
+    room: str
+    messages: list[Any]
+
+
+@attrs.frozen
+class DirectMessages:
+    with_user: str
+    messages: list[Any]
+
+
+@attrs.frozen
+class ErrorPayload:
+    error: str
+    code: str
+
+
+@attrs.frozen
+class ErrorResponse:
+    error: str
+    details: str
+
+
+@attrs.frozen
+class HangupNotice:
+    reason: str

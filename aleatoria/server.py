@@ -1,0 +1,274 @@
+"""The server: listener, HTTP routing, connection lifecycle, graceful shutdown.
+
+The nursery tree, by lifetime: store -> hub (room broadcasters) -> supervisor, listener and
+one task per connection. ``serve`` runs it until cancelled, then shuts down gracefully: stop
+accepting, close every WebSocket with 1001, let the closing handshakes finish, flush the
+store, all within ``shutdown_timeout``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from importlib import resources
+
+import orjson
+import trio
+
+from aleatoria.config import Config
+from aleatoria.hub import Client, Hub, open_hub
+from aleatoria.limits import RateLimiter, id_problem
+from aleatoria.origin import OriginPolicy
+from aleatoria.session import Session, notify_peer_left
+from aleatoria.store import Store, open_store
+from aleatoria.supervisor import supervise
+from aleatoria.websocket import (
+    GOING_AWAY,
+    Request,
+    accept_websocket,
+    handshake_problem,
+    read_request,
+    send_http,
+)
+
+log = logging.getLogger("aleatoria.server")
+
+DEFAULT_ROOM = "Lobby"
+_CLEANUP_TIMEOUT = 5.0
+
+
+def _load_page() -> bytes | None:
+    try:
+        return resources.files("aleatoria").joinpath("web/index.html").read_bytes()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def open_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A non-blocking listening socket (IPv6 when ``host`` is an IPv6 literal)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Server:
+    """One running server process. Use ``serve`` rather than this class directly."""
+
+    def __init__(self, config: Config, store: Store, hub: Hub) -> None:
+        self.config = config
+        self.store = store
+        self.hub = hub
+        self.origins = OriginPolicy(config.allowed_origins, config.require_origin)
+        self.page = _load_page()
+        self.started = time.monotonic()
+        self.accepting = True
+        self.connections = 0
+        self._all_closed = trio.Event()
+        self.accept_scope = trio.CancelScope()
+
+    # -- accepting -------------------------------------------------------------------------
+
+    async def accept_forever(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(256):  # bounded burst, then let the connections run
+                try:
+                    sock, addr = listener.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        log.warning("event=accept_failed error=%s", exc.strerror)
+                        await trio.sleep(0.1)
+                        break
+                    raise
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.connections += 1
+                nursery.start_soon(self._connection, sock, addr)
+
+    async def _connection(self, sock: socket.socket, addr: object) -> None:
+        # Error boundary: one bad client must never take the listener down.
+        try:
+            with trio.move_on_after(self.config.handshake_timeout):
+                request = await read_request(sock)
+            if request is not None:
+                await self._route(sock, request)
+        except Exception:
+            log.exception("event=connection_error peer=%s", addr)
+        finally:
+            sock.close()
+            self.connections -= 1
+            if self.connections == 0:
+                self._all_closed.set()
+
+    async def _route(self, sock: socket.socket, request: Request) -> None:
+        path = request.path
+        if path == "/ws":
+            await self._websocket(sock, request)
+        elif request.method not in ("GET", "HEAD"):
+            await send_http(sock, 405, "Method not allowed\n", conn=request.h11_connection)
+        elif path == "/health":
+            await send_http(
+                sock,
+                200,
+                orjson.dumps(self.health()),
+                content_type="application/json",
+                conn=request.h11_connection,
+            )
+        elif path == "/" and self.page is not None:
+            await send_http(
+                sock, 200, self.page, content_type="text/html; charset=utf-8", conn=request.h11_connection
+            )
+        else:
+            await send_http(sock, 404, "Not found\n", conn=request.h11_connection)
+
+    def health(self) -> dict[str, object]:
+        return {
+            "status": "ok",
+            "redis": self.store.health(),
+            "store": self.store.kind,
+            "connections": len(self.hub.clients),
+            "rooms": len(self.hub.rooms),
+            "uptimeSeconds": round(time.monotonic() - self.started, 1),
+        }
+
+    # -- WebSocket sessions ------------------------------------------------------------------
+
+    def _refusal(self, request: Request) -> tuple[int, str] | None:
+        if not self.accepting:
+            return 503, "Server is shutting down\n"
+        user = request.param("userId")
+        if user is None:
+            return 400, "Missing userId\n"
+        problem = id_problem(user, self.config.max_id_chars)
+        if problem:
+            return 400, f"Invalid userId: {problem}\n"
+        room = request.param("room")
+        if room is not None:
+            problem = id_problem(room, self.config.max_id_chars)
+            if problem:
+                return 400, f"Invalid room: {problem}\n"
+        if not self.origins.allows(request.header(b"origin"), request.header(b"host")):
+            return 403, "Origin not allowed\n"
+        problem = handshake_problem(request)
+        if problem:
+            return 400, f"Bad WebSocket request: {problem}\n"
+        return None
+
+    async def _websocket(self, sock: socket.socket, request: Request) -> None:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            status, text = refusal
+            await send_http(sock, status, text, conn=request.h11_connection)
+            return
+        user = request.param("userId") or ""
+        room = request.param("room") or DEFAULT_ROOM
+        config = self.config
+        ws = await accept_websocket(
+            sock,
+            request,
+            max_message_bytes=config.max_frame_bytes,
+            outbox_frames=config.outbox_frames,
+            close_timeout=config.close_timeout,
+        )
+        client = Client(
+            user=user,
+            ws=ws,
+            limiter=RateLimiter(config.rate_limit, config.rate_burst, config.rate_abuse_seconds),
+        )
+        replaced = self.hub.attach(client)
+        log.info("event=connected user=%s room=%s replaced=%s", user, room, replaced is not None)
+        session = Session(client, self.hub, self.store, config)
+        try:
+            await session.join(room)
+            code = await ws.serve(session.handle)
+        finally:
+            with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+                await self._forget(client)
+        log.info("event=disconnected user=%s code=%s", user, code)
+
+    async def _forget(self, client: Client) -> None:
+        if client.replaced:
+            return  # the successor owns the user's rooms, pool place and match
+        for room in self.hub.detach(client):
+            await self.store.leave_room(room, client.user)
+        peer = await self.store.user_gone(client.user)
+        if peer is not None:
+            notify_peer_left(self.hub, peer, client.user)
+
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        self.accept_scope.cancel()
+
+    async def close_connections(self) -> None:
+        """Stop taking sessions, close every WebSocket with 1001 and wait for them to end."""
+        self.accepting = False
+        self.hub.close_all(GOING_AWAY, "server shutting down")
+        if self.connections:
+            self._all_closed = trio.Event()
+            await self._all_closed.wait()
+
+
+async def serve(
+    config: Config,
+    *,
+    reuse_port: bool = False,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the server until cancelled. Reports the bound port through ``task_status``.
+
+    On cancellation (a signal in the CLI, or the caller's scope) the server shuts down
+    gracefully within ``config.shutdown_timeout`` — closing sockets with 1001 and flushing
+    the store — and then lets the cancellation propagate. Raises OSError if it cannot bind.
+    """
+    listener = open_listener(config.host, config.port, reuse_port=reuse_port)
+    port = listener.getsockname()[1]
+    with listener:
+        async with open_store(config) as store, open_hub() as hub:
+            server = Server(config, store, hub)
+            # The server's own tasks run under a shield, so that cancelling ``serve`` does
+            # not kill connections mid-frame: the ``finally`` below closes them in order.
+            body = trio.CancelScope(shield=True)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_run_body, server, listener, body)
+                where = f"{_display_host(config.host)}:{port}"
+                log.info("listening on ws://%s/ws store=%s health=http://%s/health", where, store.kind, where)
+                task_status.started(port)
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    with trio.move_on_after(config.shutdown_timeout - 1.0, shield=True):
+                        log.info("event=shutdown_started connections=%d", len(hub.clients))
+                        server.stop_accepting()
+                        await server.close_connections()
+                    body.cancel()
+                    log.info("event=shutdown_done")
+
+
+async def _run_body(server: Server, listener: socket.socket, body: trio.CancelScope) -> None:
+    with body:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(supervise, server.hub, server.config)
+            with server.accept_scope:
+                await server.accept_forever(listener, nursery)
+            # Not accepting any more; connections finish under the shutdown deadline.
+            await trio.sleep_forever()
+
+
+def _display_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

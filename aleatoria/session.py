@@ -1,0 +1,304 @@
+"""One user's session: every client message is routed and answered here.
+
+Data flows one way: the connection hands each frame to ``Session.handle``, which decodes it
+(``codec``), checks it (``limits``), acts on the hub and the store, and delivers frames.
+Client mistakes raise ``ClientError``/``InvalidMessage`` and are answered in one place,
+``handle``; the connection stays open.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from typing import Any
+
+import orjson
+import trio
+
+from aleatoria import messages as m
+from aleatoria.codec import decode, encode, now, parse_time_ns, payload_as
+from aleatoria.config import Config
+from aleatoria.errors import (
+    INVALID_PAYLOAD,
+    INVALID_TARGET,
+    NOT_IN_ROOM,
+    NOT_IN_ROOM_TEXT,
+    PEER_UNAVAILABLE,
+    TOO_LARGE,
+    UNKNOWN_TYPE,
+    ClientError,
+    InvalidMessage,
+)
+from aleatoria.hub import Client, Hub
+from aleatoria.limits import AbuseDetected, check_id, clamp_limit
+from aleatoria.matchmaking import IMPOLITE, POLITE
+from aleatoria.messages import Envelope
+from aleatoria.store import Store
+from aleatoria.websocket import POLICY_VIOLATION, text_frame
+
+log = logging.getLogger("aleatoria.session")
+
+_INSTANCE = os.urandom(4).hex()
+_counter = itertools.count(1)
+
+
+def new_message_id() -> str:
+    """A unique id: this process's random prefix and a counter (cheaper than uuid4)."""
+    return f"{_INSTANCE}-{next(_counter):x}"
+
+
+class Session:
+    """Routes the messages of one connected client."""
+
+    def __init__(self, client: Client, hub: Hub, store: Store, config: Config) -> None:
+        self.client = client
+        self.user = client.user
+        self._hub = hub
+        self._store = store
+        self._config = config
+
+    # -- entry point ---------------------------------------------------------------------
+
+    async def handle(self, frame: str | bytes) -> None:
+        """Act on one client frame. Never raises for anything the client sent."""
+        try:
+            self.client.limiter.check(trio.current_time())
+            envelope = decode(frame)
+            await self._route(envelope)
+        except ClientError as exc:
+            self.reply_error(exc.code, exc.text)
+        except InvalidMessage as exc:
+            self._send(
+                Envelope(
+                    type=m.ERROR_RESPONSE,
+                    from_user=m.SYSTEM,
+                    to_user=self.user,
+                    payload=m.ErrorResponse(error="Invalid message structure", details=exc.details),
+                    message_id="err-" + new_message_id(),
+                )
+            )
+        except AbuseDetected:
+            log.info("event=rate_abuse user=%s action=close code=1008", self.user)
+            self.client.ws.close(POLICY_VIOLATION, "rate limit exceeded")
+
+    async def _route(self, env: Envelope) -> None:
+        kind = env.type
+        if env.message_id is not None and len(env.message_id) > self._config.max_message_id_chars:
+            raise ClientError(TOO_LARGE, "messageId is longer than 128 characters")
+        if kind == m.CHAT_MESSAGE:
+            await self._chat(env)
+        elif kind in m.SIGNALING_TYPES:
+            await self._relay(env)
+        elif kind == m.JOIN_ROOM:
+            await self._join(env)
+        elif kind == m.LEAVE_ROOM:
+            await self._leave(env)
+        elif kind == m.GET_ROOMS:
+            rooms = await self._store.rooms()
+            self.reply(m.ROOMS_LIST, m.RoomsList(rooms=rooms))
+        elif kind == m.USER_AVAILABLE:
+            ended = await self._store.set_available(self.user)
+            self._peer_left(ended)
+        elif kind == m.USER_UNAVAILABLE:
+            await self._store.set_unavailable(self.user)
+        elif kind == m.REQUEST_RANDOM_PEER:
+            await self._request_peer(env)
+        elif kind == m.GET_RECENT_MESSAGES:
+            await self._recent(env)
+        elif kind == m.GET_DIRECT_MESSAGES:
+            await self._direct_history(env)
+        elif kind == m.PING:
+            self.reply(m.PONG, None)
+        else:
+            raise ClientError(UNKNOWN_TYPE, f"Unknown message type: {kind[:64]!r}")
+
+    # -- chat ----------------------------------------------------------------------------------
+
+    async def _chat(self, env: Envelope) -> None:
+        if (env.room is None) == (env.to_user is None):
+            raise ClientError(
+                INVALID_TARGET, "A chat message needs either room or toUser (not both)."
+            )
+        content = payload_as(env.payload, m.ChatPayload).content
+        if len(content) > self._config.max_content_chars:
+            raise ClientError(
+                TOO_LARGE, f"content is longer than {self._config.max_content_chars} characters"
+            )
+        created_ns, created = now()
+        message_id = env.message_id or new_message_id()
+        if env.room is not None:
+            room = self._room_id(env.room)
+            if room not in self.client.rooms:
+                raise ClientError(NOT_IN_ROOM, NOT_IN_ROOM_TEXT)
+            data = encode(
+                Envelope(
+                    type=m.CHAT_MESSAGE,
+                    from_user=self.user,
+                    room=room,
+                    payload=env.payload,
+                    message_id=message_id,
+                    create_time=created,
+                )
+            )
+            self._store.record_room_message(room, data, created_ns)
+            await self._hub.broadcast(room, text_frame(data))
+            return
+        to = check_id("toUser", env.to_user or "", self._config.max_id_chars)
+        data = encode(
+            Envelope(
+                type=m.CHAT_MESSAGE,
+                from_user=self.user,
+                to_user=to,
+                payload=env.payload,
+                message_id=message_id,
+                create_time=created,
+            )
+        )
+        self._store.record_direct_message(self.user, to, data, created_ns)
+        # The stored form has no ``incoming``; each side's copy adds its own. orjson always
+        # ends an object with "}", so the flag is spliced in rather than encoded twice more.
+        self._hub.deliver(to, text_frame(data[:-1] + b',"incoming":true}'))
+        self.client.ws.send(text_frame(data[:-1] + b',"incoming":false}'))
+
+    # -- signaling -------------------------------------------------------------------------
+
+    async def _relay(self, env: Envelope) -> None:
+        if env.to_user is None:
+            raise ClientError(INVALID_TARGET, f"{env.type} needs toUser.")
+        to = check_id("toUser", env.to_user, self._config.max_id_chars)
+        if env.type == m.HANGUP:
+            await self._store.hangup(self.user, to)
+        _, created = now()
+        frame = text_frame(
+            encode(
+                Envelope(
+                    type=env.type,
+                    from_user=self.user,
+                    to_user=to,
+                    payload=env.payload,
+                    message_id=env.message_id or new_message_id(),
+                    create_time=created,
+                )
+            )
+        )
+        if not self._hub.deliver(to, frame):
+            raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
+
+    async def _request_peer(self, env: Envelope) -> None:
+        request = payload_as(env.payload, m.PeerRequest, optional=True)
+        current = request.current_peer_id
+        if current is not None:
+            check_id("currentPeerId", current, self._config.max_id_chars)
+        outcome = await self._store.request_peer(self.user, current)
+        self._peer_left(outcome.ended_peer)
+        if outcome.peer is None:
+            self.reply(m.NO_PEER_AVAILABLE, m.NoPeer())
+            return
+        self.reply(m.ASSIGN_ROLE, m.AssignRole(role=outcome.role, peer_id=outcome.peer))
+        if not outcome.resend:
+            self._hub.deliver(
+                outcome.peer,
+                text_frame(
+                    encode(
+                        Envelope(
+                            type=m.ASSIGN_ROLE,
+                            from_user=m.SYSTEM,
+                            to_user=outcome.peer,
+                            payload=m.AssignRole(role=_other_role(outcome.role), peer_id=self.user),
+                        )
+                    )
+                ),
+            )
+
+    def _peer_left(self, peer: str | None) -> None:
+        """Tell ``peer`` that this user left their match."""
+        if peer is None:
+            return
+        notify_peer_left(self._hub, peer, self.user)
+
+    # -- rooms -----------------------------------------------------------------------------
+
+    def _room_id(self, room: str | None) -> str:
+        if room is None:
+            raise ClientError(INVALID_TARGET, "room is required.")
+        return check_id("room", room, self._config.max_id_chars)
+
+    async def _join(self, env: Envelope) -> None:
+        room = self._room_id(env.room)
+        await self.join(room)
+
+    async def join(self, room: str) -> None:
+        """Join ``room`` (idempotent) and confirm with ``room_joined``."""
+        self._hub.join(self.client, room)
+        await self._store.join_room(room, self.user)
+        self.reply(m.ROOM_JOINED, m.RoomAction(room=room, action="joined"), room=room)
+
+    async def _leave(self, env: Envelope) -> None:
+        room = self._room_id(env.room)
+        self._hub.leave(self.client, room)
+        await self._store.leave_room(room, self.user)
+        self.reply(m.ROOM_LEFT, m.RoomAction(room=room, action="left"), room=room)
+
+    # -- history -----------------------------------------------------------------------------
+
+    async def _recent(self, env: Envelope) -> None:
+        room = self._room_id(env.room)
+        if room not in self.client.rooms:
+            raise ClientError(NOT_IN_ROOM, NOT_IN_ROOM_TEXT)
+        request = payload_as(env.payload, m.RecentMessagesRequest, optional=True)
+        before = None if request.before is None else parse_time_ns(request.before)
+        stored = await self._store.recent_room_messages(room, clamp_limit(request.limit), before)
+        self.reply(
+            m.RECENT_MESSAGES,
+            m.RecentMessages(room=room, messages=[orjson.Fragment(s) for s in stored]),
+            room=room,
+        )
+
+    async def _direct_history(self, env: Envelope) -> None:
+        request = payload_as(env.payload, m.DirectMessagesRequest, optional=True)
+        if request.with_user is None:
+            raise ClientError(INVALID_PAYLOAD, "payload.withUser is required.")
+        other = check_id("withUser", request.with_user, self._config.max_id_chars)
+        stored = await self._store.direct_messages(self.user, other, clamp_limit(request.limit))
+        self.reply(
+            m.DIRECT_MESSAGES,
+            m.DirectMessages(with_user=other, messages=[orjson.Fragment(s) for s in stored]),
+        )
+
+    # -- replies -----------------------------------------------------------------------------
+
+    def reply(self, kind: str, payload: Any, *, room: str | None = None) -> None:
+        self._send(
+            Envelope(type=kind, from_user=m.SYSTEM, to_user=self.user, room=room, payload=payload)
+        )
+
+    def reply_error(self, code: str, text: str) -> None:
+        self.reply(m.ERROR, m.ErrorPayload(error=text, code=code))
+
+    def _send(self, env: Envelope) -> None:
+        self.client.ws.send(text_frame(encode(env)))
+
+
+def notify_peer_left(hub: Hub, peer: str, leaver: str) -> None:
+    """Send ``peer`` the server's ``hangup {reason: peer_left}`` on behalf of ``leaver``."""
+    _, created = now()
+    hub.deliver(
+        peer,
+        text_frame(
+            encode(
+                Envelope(
+                    type=m.HANGUP,
+                    from_user=leaver,
+                    to_user=peer,
+                    payload=m.HangupNotice(reason=m.PEER_LEFT),
+                    message_id=new_message_id(),
+                    create_time=created,
+                )
+            )
+        ),
+    )
+
+
+def _other_role(role: str) -> str:
+    return POLITE if role == IMPOLITE else IMPOLITE

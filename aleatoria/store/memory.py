@@ -1,0 +1,151 @@
+"""The in-memory store: history with TTL and caps, the room registry, the matchmaker.
+
+The default when no Redis is configured, and the fallback the Redis store serves from while
+Redis is failing. Everything here is synchronous and runs on the trio thread; the async
+methods exist to satisfy the ``Store`` protocol and never suspend.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+from aleatoria.matchmaking import Matchmaker, RequestOutcome
+from aleatoria.store.base import Health
+
+_History = deque[tuple[int, bytes]]
+_K = TypeVar("_K", str, tuple[str, str])
+
+
+def dm_key(a: str, b: str) -> tuple[str, str]:
+    """The two users of a DM conversation in a fixed order (a < b), as Redis keys them."""
+    return (a, b) if a < b else (b, a)
+
+
+class MemoryStore:
+    """History, room registry and matchmaking kept in this process."""
+
+    def __init__(
+        self,
+        *,
+        ttl_seconds: float,
+        history_max: int,
+        clock_ns: Callable[[], int] = time.time_ns,
+        matchmaker: Matchmaker | None = None,
+    ) -> None:
+        self._ttl_ns = int(ttl_seconds * 1e9)
+        self._history_max = history_max
+        self._clock_ns = clock_ns
+        self._rooms: dict[str, _History] = {}
+        self._dms: dict[tuple[str, str], _History] = {}
+        self._members: dict[str, set[str]] = {}
+        self.matchmaker = matchmaker or Matchmaker()
+
+    @property
+    def kind(self) -> str:
+        return "memory"
+
+    def health(self) -> Health:
+        return "disabled"
+
+    # -- history ----------------------------------------------------------------------------
+
+    def record_room_message(self, room: str, message: bytes, created_ns: int) -> None:
+        self._append(self._rooms, room, message, created_ns)
+
+    def record_direct_message(self, a: str, b: str, message: bytes, created_ns: int) -> None:
+        self._append(self._dms, dm_key(a, b), message, created_ns)
+
+    async def recent_room_messages(
+        self, room: str, limit: int, before_ns: int | None = None
+    ) -> list[bytes]:
+        return self.recent_room_messages_now(room, limit, before_ns)
+
+    def recent_room_messages_now(
+        self, room: str, limit: int, before_ns: int | None = None
+    ) -> list[bytes]:
+        history = self._rooms.get(room)
+        if not history:
+            return []
+        cutoff = self._clock_ns() - self._ttl_ns
+        out: list[bytes] = []
+        for created_ns, message in reversed(history):
+            if created_ns <= cutoff or len(out) >= limit:
+                break
+            if before_ns is None or created_ns < before_ns:
+                out.append(message)
+        return out
+
+    async def direct_messages(self, a: str, b: str, limit: int) -> list[bytes]:
+        return self.direct_messages_now(a, b, limit)
+
+    def direct_messages_now(self, a: str, b: str, limit: int) -> list[bytes]:
+        history = self._dms.get(dm_key(a, b))
+        if not history:
+            return []
+        cutoff = self._clock_ns() - self._ttl_ns
+        out: list[bytes] = []
+        for created_ns, message in reversed(history):
+            if created_ns <= cutoff or len(out) >= limit:
+                break
+            out.append(message)
+        out.reverse()
+        return out
+
+    def purge_expired(self) -> int:
+        """Drop expired messages everywhere (and empty histories); returns how many."""
+        cutoff = self._clock_ns() - self._ttl_ns
+        dropped = 0
+        for table in (self._rooms, self._dms):
+            for key in list(table):
+                history = table[key]
+                while history and history[0][0] <= cutoff:
+                    history.popleft()
+                    dropped += 1
+                if not history:
+                    del table[key]
+        return dropped
+
+    def _append(self, table: dict[_K, _History], key: _K, message: bytes, created_ns: int) -> None:
+        history = table.get(key)
+        if history is None:
+            history = table[key] = deque(maxlen=self._history_max)
+        history.append((created_ns, message))
+        # Trim on write, so a busy room never keeps expired messages (PROTOCOL.md s6).
+        cutoff = created_ns - self._ttl_ns
+        while history[0][0] <= cutoff:
+            history.popleft()
+
+    # -- room registry ----------------------------------------------------------------------
+
+    async def join_room(self, room: str, user: str) -> None:
+        self._members.setdefault(room, set()).add(user)
+
+    async def leave_room(self, room: str, user: str) -> None:
+        members = self._members.get(room)
+        if members is not None:
+            members.discard(user)
+            if not members:
+                del self._members[room]
+
+    async def rooms(self) -> list[str]:
+        return sorted(self._members)
+
+    # -- matchmaking --------------------------------------------------------------------------
+
+    async def set_available(self, user: str) -> str | None:
+        return self.matchmaker.set_available(user)
+
+    async def set_unavailable(self, user: str) -> None:
+        self.matchmaker.set_unavailable(user)
+
+    async def request_peer(self, user: str, current_peer: str | None) -> RequestOutcome:
+        return self.matchmaker.request_peer(user, current_peer)
+
+    async def hangup(self, user: str, peer: str) -> bool:
+        return self.matchmaker.hangup(user, peer)
+
+    async def user_gone(self, user: str) -> str | None:
+        return self.matchmaker.disconnect(user)

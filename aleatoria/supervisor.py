@@ -1,0 +1,37 @@
+"""The supervisor: the server's periodic duties, in one task.
+
+Keepalive is done here for all connections at once rather than by a task per connection:
+one sweep every tick pings every socket when a ping is due and closes those that have sent
+nothing for ``idle_timeout``. That keeps an idle connection down to one task (its reader).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from aleatoria.config import Config
+from aleatoria.hub import Hub
+from aleatoria.websocket import GOING_AWAY
+
+log = logging.getLogger("aleatoria.supervisor")
+
+
+async def supervise(hub: Hub, config: Config) -> None:
+    """Run forever; cancel to stop."""
+    tick = min(config.ping_interval, config.idle_timeout) / 4
+    next_ping = trio.current_time() + config.ping_interval
+    while True:
+        await trio.sleep(tick)
+        now = trio.current_time()
+        ping_due = now >= next_ping
+        if ping_due:
+            next_ping = now + config.ping_interval
+        for client in list(hub.clients.values()):
+            ws = client.ws
+            if now - ws.last_seen > config.idle_timeout:
+                log.info("event=idle_timeout user=%s", client.user)
+                ws.close(GOING_AWAY, "idle timeout")
+            elif ping_due:
+                ws.ping()

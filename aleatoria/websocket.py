@@ -1,0 +1,507 @@
+"""The HTTP/WebSocket edge: h11 parses request heads, wsproto runs frames, on raw sockets.
+
+How this works. Every connection is a non-blocking stdlib socket; we wait on it with
+``trio.lowlevel.wait_readable``/``wait_writable`` (trio's own primitives) and call
+``recv``/``send`` directly, which costs a fraction of ``trio.SocketStream``'s per-call
+bookkeeping. h11 reads the request head; plain HTTP requests get one response and the
+socket closes; an upgrade hands h11's trailing bytes to ``wsproto.Connection``.
+
+Outbound policy, all in ``WebSocket.send``: write-through (try the kernel at once); when the
+kernel buffer is full, queue the rest in a bounded backlog drained by a writer task started
+on demand; a backlog that reaches its bound means the client is not reading: it is
+disconnected with 1013 rather than silently losing messages. Server frames are unmasked, so
+one frame's bytes (``text_frame``) can go to every member of a room.
+
+Closing: ``close(code)`` sends the close frame and gives the peer ``close_timeout`` seconds
+to answer before the socket is dropped; ``serve`` returns once the connection is over.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from http import HTTPStatus
+from collections import deque
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import h11
+import trio
+from wsproto import ConnectionType
+from wsproto.connection import Connection as _WsConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    TextMessage,
+)
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import generate_accept_token
+
+RECV_BYTES = 65536
+MAX_HEAD_BYTES = 8192
+_WRITEV_MAX = 512  # buffers per sendmsg call, well under IOV_MAX
+
+# Close codes used by the server (RFC 6455 and PROTOCOL.md section 5).
+GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
+INVALID_DATA = 1007
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+TRY_AGAIN_LATER = 1013
+REPLACED = 4001
+ABNORMAL = 1006
+
+PING_FRAME = b"\x89\x00"
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, final text frame carrying ``payload`` (UTF-8 JSON).
+
+    Built here rather than by wsproto because wsproto encodes text frames from ``str``
+    only: the JSON is already UTF-8 bytes, and one frame serves every recipient.
+    """
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, length)) + payload
+    if length < 65536:
+        return struct.pack("!BBH", 0x81, 126, length) + payload
+    return struct.pack("!BBQ", 0x81, 127, length) + payload
+
+
+class ConnectionClosed(Exception):
+    """The WebSocket is closed; ``code`` is the close code (1006 when the TCP link broke)."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"{code} {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
+# -- HTTP ---------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Request:
+    """The parsed head of one HTTP request."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[bytes, bytes]  # lower-cased names; repeated headers joined with ", "
+    h11_connection: h11.Connection = attrs.field(repr=False, eq=False)
+
+    def param(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+    def header(self, name: bytes) -> str | None:
+        value = self.headers.get(name)
+        return None if value is None else value.decode("latin-1")
+
+
+async def read_request(sock: socket.socket) -> Request | None:
+    """Read one request head. Returns None (after answering 400) for malformed requests or
+    None silently if the peer went away. The caller bounds the wait with a timeout."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            await send_http(sock, exc.error_status_hint, f"Bad request: {exc}\n", conn=conn)
+            return None
+        if isinstance(event, h11.Request):
+            break
+        if event is h11.NEED_DATA:
+            data = await _recv_some(sock)
+            conn.receive_data(data)
+            continue
+        return None  # ConnectionClosed or PAUSED before a request: nothing to answer
+    target = event.target.decode("latin-1")
+    parts = urlsplit(target)
+    headers: dict[bytes, bytes] = {}
+    for name, value in event.headers:
+        headers[name] = headers[name] + b", " + value if name in headers else value
+    return Request(
+        method=event.method.decode("latin-1"),
+        path=parts.path,
+        query=parse_qs(parts.query, keep_blank_values=True),
+        headers=headers,
+        h11_connection=conn,
+    )
+
+
+async def send_http(
+    sock: socket.socket,
+    status: int,
+    body: str | bytes,
+    *,
+    content_type: str = "text/plain; charset=utf-8",
+    conn: h11.Connection | None = None,
+    extra_headers: list[tuple[str, str]] | None = None,
+) -> None:
+    """Answer a plain HTTP request and let the caller close the socket."""
+    conn = conn or h11.Connection(h11.SERVER)
+    data = body.encode() if isinstance(body, str) else body
+    headers = [
+        ("content-type", content_type),
+        ("content-length", str(len(data))),
+        ("connection", "close"),
+        ("cache-control", "no-store"),
+        *(extra_headers or []),
+    ]
+    try:
+        out = conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
+        out = (out or b"") + (conn.send(h11.Data(data=data)) or b"") if data else out
+        out = (out or b"") + (conn.send(h11.EndOfMessage()) or b"")
+    except h11.LocalProtocolError:
+        # h11 refuses to answer when the request state does not allow it (e.g. a broken
+        # head it already rejected): build the minimal answer from a fresh state machine.
+        fresh = h11.Connection(h11.SERVER)
+        fresh.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        fresh.next_event()
+        out = fresh.send(h11.Response(status_code=status, headers=headers, reason=_reason(status))) or b""
+        out += fresh.send(h11.Data(data=data)) or b""
+    await send_all(sock, out)
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def handshake_problem(request: Request) -> str | None:
+    """Why ``request`` is not a valid WebSocket upgrade, or None if it is."""
+    if request.method != "GET":
+        return "WebSocket upgrade needs GET"
+    if b"websocket" not in request.headers.get(b"upgrade", b"").lower():
+        return "expected an 'Upgrade: websocket' header"
+    connection_tokens = {
+        t.strip() for t in request.headers.get(b"connection", b"").lower().split(b",")
+    }
+    if b"upgrade" not in connection_tokens:
+        return "expected a 'Connection: Upgrade' header"
+    if request.headers.get(b"sec-websocket-version") != b"13":
+        return "unsupported Sec-WebSocket-Version (need 13)"
+    key = request.headers.get(b"sec-websocket-key", b"")
+    if len(key) != 24:
+        return "missing or malformed Sec-WebSocket-Key"
+    return None
+
+
+async def accept_websocket(
+    sock: socket.socket,
+    request: Request,
+    *,
+    max_message_bytes: int,
+    outbox_frames: int,
+    close_timeout: float,
+) -> WebSocket:
+    """Complete the upgrade of a request that passed ``handshake_problem``."""
+    conn = request.h11_connection
+    accept = generate_accept_token(request.headers[b"sec-websocket-key"])
+    response = h11.InformationalResponse(
+        status_code=101,
+        headers=[
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", accept),
+        ],
+    )
+    head = conn.send(response) or b""
+    trailing, _closed = conn.trailing_data
+    await send_all(sock, head)
+    return WebSocket(
+        sock,
+        trailing,
+        max_message_bytes=max_message_bytes,
+        outbox_frames=outbox_frames,
+        close_timeout=close_timeout,
+    )
+
+
+async def send_all(sock: socket.socket, data: bytes) -> None:
+    """Send everything, waiting for the socket as needed. Raises OSError if the peer is gone."""
+    view = memoryview(data)
+    while view:
+        try:
+            sent = sock.send(view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        view = view[sent:]
+    await trio.lowlevel.checkpoint()
+
+
+async def _recv_some(sock: socket.socket) -> bytes:
+    while True:
+        try:
+            return sock.recv(MAX_HEAD_BYTES)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+        except OSError:
+            return b""
+
+
+# -- WebSocket ------------------------------------------------------------------------------
+
+MessageHandler = Callable[[str | bytes], Awaitable[None]]
+
+
+class WebSocket:
+    """One server-side WebSocket. ``serve`` runs its receive loop; ``send`` is synchronous."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        trailing: bytes,
+        *,
+        max_message_bytes: int,
+        outbox_frames: int,
+        close_timeout: float,
+    ) -> None:
+        self._sock = sock
+        self._proto = _WsConnection(ConnectionType.SERVER, trailing_data=trailing)
+        self._max_message = max_message_bytes
+        self._outbox_frames = outbox_frames
+        self._close_timeout = close_timeout
+        self._backlog: deque[bytes | memoryview] = deque()
+        self._writer_running = False
+        self._drained = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._scope = trio.CancelScope()
+        self._fragments: list[str | bytes] = []
+        self._fragment_bytes = 0
+        self._short_read = bool(not trailing)
+        self.close_code: int | None = None  # set once closing starts (ours or theirs)
+        self.close_reason = ""
+        self.last_seen = trio.current_time()
+
+    @property
+    def closing(self) -> bool:
+        return self.close_code is not None
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def serve(self, on_message: MessageHandler) -> int:
+        """Receive until the connection ends, calling ``on_message`` for each complete
+        message in order. Returns the close code. Cancellation ends the connection at once
+        (the socket is closed; no close frame is sent). Never raises for peer behaviour."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                with self._scope:
+                    await self._receive_loop(on_message)
+                    # Let the writer flush our last frames (the close answer), bounded by
+                    # the deadline that closing set.
+                    if self._writer_running:
+                        await self._drained.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
+            self._sock.close()
+        return self.close_code if self.close_code is not None else ABNORMAL
+
+    async def _receive_loop(self, on_message: MessageHandler) -> None:
+        sock = self._sock
+        proto = self._proto
+        messages: list[str | bytes] = []
+        while True:
+            # The first pass handles bytes that came with the handshake.
+            still_open = self._collect(messages)
+            for message in messages:
+                if self.close_code is not None:
+                    break  # closing: the rest is ignored
+                await on_message(message)
+            messages.clear()
+            if not still_open:
+                return
+            if self._short_read:
+                # The kernel had no more: wait for it rather than fail a recv (measured:
+                # retrying at once tripled fan-out p99).
+                await trio.lowlevel.wait_readable(sock)
+            else:
+                await trio.lowlevel.checkpoint()
+            try:
+                data = sock.recv(RECV_BYTES)
+            except BlockingIOError:
+                self._short_read = True
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self._closed(ABNORMAL, "connection lost")
+                return
+            self._short_read = len(data) < RECV_BYTES
+            self.last_seen = trio.current_time()
+            proto.receive_data(data)
+
+    def _collect(self, out: list[str | bytes]) -> bool:
+        """Turn wsproto events into complete messages. False when the connection is over."""
+        proto = self._proto
+        for event in proto.events():
+            if isinstance(event, (TextMessage, BytesMessage)):
+                if self.close_code is not None:
+                    continue  # closing: the rest is ignored
+                data = event.data
+                size = len(data) if type(data) is not str or data.isascii() else len(data.encode())
+                if event.message_finished and not self._fragments:
+                    if size > self._max_message:
+                        self.close(MESSAGE_TOO_BIG, "message too big")
+                        continue
+                    out.append(data)
+                    continue
+                self._fragment_bytes += size
+                if self._fragment_bytes > self._max_message:
+                    self._fragments.clear()
+                    self.close(MESSAGE_TOO_BIG, "message too big")
+                    continue
+                self._fragments.append(data)
+                if event.message_finished:
+                    joined = (
+                        "".join(self._fragments)  # type: ignore[arg-type]
+                        if isinstance(self._fragments[0], str)
+                        else b"".join(self._fragments)  # type: ignore[arg-type]
+                    )
+                    self._fragments.clear()
+                    self._fragment_bytes = 0
+                    out.append(joined)
+            elif isinstance(event, Ping):
+                if proto.state is ConnectionState.OPEN:
+                    self._write(proto.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                return self._on_close_event(event)
+            # Pong: nothing to do; any traffic already counts as activity.
+        return True
+
+    def _on_close_event(self, event: CloseConnection) -> bool:
+        state = self._proto.state
+        if state is ConnectionState.REMOTE_CLOSING:
+            # The peer closes: answer, then we are done.
+            self._write(self._proto.send(event.response()))
+            self._closed(event.code, event.reason or "")
+            return False
+        if state is ConnectionState.CLOSED:
+            # The peer answered our close.
+            self._closed(self.close_code or event.code, self.close_reason)
+            return False
+        # A protocol violation wsproto detected (bad UTF-8 -> 1007, bad framing -> 1002).
+        self.close(int(event.code), event.reason or "")
+        return True
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def send(self, frame: bytes) -> None:
+        """Queue one pre-built frame; never blocks. Ignored once the connection is closing."""
+        if self.close_code is not None:
+            return
+        self._enqueue(frame)
+
+    def send_text(self, payload: bytes) -> None:
+        self.send(text_frame(payload))
+
+    def ping(self) -> None:
+        self.send(PING_FRAME)
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake with ``code``; the peer has ``close_timeout`` seconds to
+        answer before the socket is dropped. Idempotent; never blocks."""
+        if self.close_code is not None:
+            return
+        self.close_code = code
+        self.close_reason = reason
+        if code == TRY_AGAIN_LATER and len(self._backlog) > 1:
+            # The client is not reading: drop what it would never read in time, but finish
+            # the frame in flight so the close frame stays parseable.
+            head = self._backlog.popleft()
+            self._backlog.clear()
+            self._backlog.append(head)
+        if self._proto.state is ConnectionState.OPEN:
+            self._enqueue(self._proto.send(CloseConnection(code=code, reason=reason)))
+        self._scope.deadline = min(self._scope.deadline, trio.current_time() + self._close_timeout)
+
+    def abort(self) -> None:
+        """Drop the connection now, without a closing handshake."""
+        if self.close_code is None:
+            self.close_code = ABNORMAL
+        self._scope.cancel()
+
+    def _closed(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+        # Give the writer a moment to flush our last frame (the close answer), then stop.
+        if self._backlog:
+            self._scope.deadline = min(
+                self._scope.deadline, trio.current_time() + self._close_timeout
+            )
+
+    def _enqueue(self, frame: bytes) -> None:
+        backlog = self._backlog
+        if backlog:
+            if len(backlog) >= self._outbox_frames and self.close_code is None:
+                self.close(TRY_AGAIN_LATER, "client too slow")
+                return
+            backlog.append(frame)
+            return
+        self._write(frame)
+
+    def _write(self, data: bytes) -> None:
+        if self._backlog:
+            self._backlog.append(data)
+            return
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort()
+            return
+        if sent < len(data):
+            self._backlog.append(memoryview(data)[sent:])
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        if not self._writer_running and self._nursery is not None:
+            self._writer_running = True
+            self._drained = trio.Event()
+            self._nursery.start_soon(self._drain)
+
+    async def _drain(self) -> None:
+        """Writer task: runs only while a backlog exists (most connections never need one)."""
+        sock = self._sock
+        backlog = self._backlog
+        try:
+            while backlog:
+                await trio.lowlevel.wait_writable(sock)
+                chunk = [backlog[i] for i in range(min(len(backlog), _WRITEV_MAX))]
+                try:
+                    sent = sock.sendmsg(chunk)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    backlog.clear()
+                    self.abort()
+                    return
+                while sent:
+                    head = backlog[0]
+                    if sent >= len(head):
+                        sent -= len(head)
+                        backlog.popleft()
+                    else:
+                        backlog[0] = memoryview(head)[sent:]
+                        sent = 0
+        finally:
+            self._writer_running = False
+            self._drained.set()
+
+
+def websocket_close_reason(code: int) -> str:
+    try:
+        return CloseReason(code).name.lower()
+    except ValueError:
+        return str(code)
