@@ -1,7 +1,8 @@
 """Message models: the envelope and every payload, as frozen attrs classes.
 
 Field names are snake_case here and camelCase on the wire (``codec`` maps them). A field
-left at ``None`` is absent on the wire, never ``null``.
+left at ``None`` is absent on the wire, never ``null``. Only ``None`` may be a default:
+the codec omits every field equal to its default.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class AssignRole:
 
 @attrs.frozen
 class NoPeer:
-    message: str = NO_PEER_TEXT
+    message: str
 
 
 @attrs.frozen

@@ -193,7 +193,7 @@ class Session:
         outcome = await self._store.request_peer(self.user, current)
         self._peer_left(outcome.ended_peer)
         if outcome.peer is None:
-            self.reply(m.NO_PEER_AVAILABLE, m.NoPeer())
+            self.reply(m.NO_PEER_AVAILABLE, m.NoPeer(message=m.NO_PEER_TEXT))
             return
         self.reply(m.ASSIGN_ROLE, m.AssignRole(role=outcome.role, peer_id=outcome.peer))
         if not outcome.resend:

@@ -1,0 +1,89 @@
+"""Test support: a real server on port 0 and real WebSocket clients over TCP."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from aleatoria.config import Config
+from aleatoria.server import serve
+
+TIMEOUT = 10.0
+
+
+def make_config(**overrides: Any) -> Config:
+    """A test configuration: port 0, no rate limit unless a test asks for one."""
+    values: dict[str, Any] = {"port": 0, "rate_limit": 0.0}
+    values.update(overrides)
+    return Config(**values)
+
+
+@attrs.define
+class RunningServer:
+    port: int
+    config: Config
+    scope: trio.CancelScope
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@asynccontextmanager
+async def running_server(**overrides: Any) -> AsyncIterator[RunningServer]:
+    """Start ``serve`` in-process on port 0; stop it (gracefully) on exit."""
+    config = make_config(**overrides)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve, config)
+        yield RunningServer(port, config, nursery.cancel_scope)
+        nursery.cancel_scope.cancel()
+
+
+class Peer:
+    """A test client: a trio-websocket connection plus JSON helpers."""
+
+    def __init__(self, ws: WebSocketConnection, user: str) -> None:
+        self.ws = ws
+        self.user = user
+
+    async def send(self, message: dict[str, Any] | str) -> None:
+        await self.ws.send_message(message if isinstance(message, str) else json.dumps(message))
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            data = await self.ws.get_message()
+        parsed: dict[str, Any] = json.loads(data)
+        return parsed
+
+    async def expect(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next message, which must be of type ``kind``."""
+        message = await self.recv(timeout)
+        assert kind == message["type"], message
+        return message
+
+    async def request(self, message: dict[str, Any], reply: str) -> dict[str, Any]:
+        await self.send(message)
+        return await self.expect(reply)
+
+
+@asynccontextmanager
+async def connect(
+    server: RunningServer, user: str, room: str | None = None, *, joined: bool = True, **kw: Any
+) -> AsyncIterator[Peer]:
+    """Connect ``user``; by default wait for the ``room_joined`` of the URL room."""
+    url = f"{server.url}?userId={user}" + (f"&room={room}" if room else "")
+    async with open_websocket_url(url, **kw) as ws:
+        peer = Peer(ws, user)
+        if joined:
+            await peer.expect("room_joined")
+        yield peer

@@ -1,0 +1,91 @@
+"""The matchmaking rules, as pure functions of the Matchmaker (no I/O)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from aleatoria.matchmaking import IMPOLITE, POLITE, Matchmaker
+
+
+def test_request_matches_a_pooled_user_and_both_leave_the_pool() -> None:
+    """A request pairs the requester with a pooled user; both leave the pool."""
+    mm = Matchmaker()
+    for user in ("a", "b"):
+        mm.set_available(user)
+    outcome = mm.request_peer("a")
+    assert ("b", IMPOLITE, False) == (outcome.peer, outcome.role, outcome.resend)
+    assert [] == mm.pool()
+    assert "a" == mm.peer_of("b")
+
+
+def test_nobody_suitable_gives_no_peer() -> None:
+    """Only the requester (or only the current peer) in the pool: no peer."""
+    mm = Matchmaker()
+    mm.set_available("a")
+    assert mm.request_peer("a").no_peer
+    mm.set_available("c")
+    assert mm.request_peer("a", current_peer="c").no_peer
+
+
+def test_requester_in_a_match_gets_its_assignment_again() -> None:
+    """A request that does not name the current peer creates no second match."""
+    mm = Matchmaker()
+    for user in ("a", "b", "c"):
+        mm.set_available(user)
+    first = mm.request_peer("a")
+    assert first.peer is not None
+    mm.set_available("d")
+    again = mm.request_peer(first.peer)
+    assert ("a", POLITE, True) == (again.peer, again.role, again.resend)
+    assert 1 == mm.matches()
+
+
+def test_next_ends_the_match_and_excludes_the_old_peer() -> None:
+    """'Next' (currentPeerId = current peer) ends the match and never re-picks that peer."""
+    mm = Matchmaker()
+    mm.set_available("b")
+    assert "b" == mm.request_peer("a").peer
+    mm.set_available("c")
+    outcome = mm.request_peer("a", current_peer="b")
+    assert ("c", "b") == (outcome.peer, outcome.ended_peer)
+    assert mm.peer_of("b") is None
+
+
+def test_availability_and_disconnect_end_matches() -> None:
+    """Re-declaring availability or disconnecting ends the match and reports the peer left."""
+    mm = Matchmaker()
+    mm.set_available("b")
+    mm.request_peer("a")
+    assert "b" == mm.set_available("a")
+    assert ["a"] == mm.pool()
+    mm.set_available("c")
+    mm.request_peer("a")
+    assert "a" == mm.disconnect("c")
+    assert mm.peer_of("a") is None
+
+
+def test_hangup_ends_only_the_live_match() -> None:
+    """Hangup to someone who is not the current peer changes nothing."""
+    mm = Matchmaker()
+    mm.set_available("b")
+    mm.request_peer("a")
+    assert not mm.hangup("a", "z")
+    assert mm.hangup("b", "a")
+    assert 0 == mm.matches()
+
+
+def test_pick_is_uniform_over_allowed_users() -> None:
+    """Every allowed pooled user is picked about equally often; excluded ones never."""
+    rng = random.Random(7)
+    seen: Counter[str] = Counter()
+    for _ in range(6000):
+        mm = Matchmaker(rng)
+        for user in ("a", "b", "c", "d", "e"):
+            mm.set_available(user)
+        outcome = mm.request_peer("a", current_peer="c")
+        assert outcome.peer is not None
+        seen[outcome.peer] += 1
+    assert {"b", "d", "e"} == set(seen)
+    for count in seen.values():
+        assert 1800 < count < 2200
