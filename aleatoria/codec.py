@@ -80,9 +80,14 @@ def _make_converter() -> cattrs.Converter:
 converter = _make_converter()
 
 
+_SNAKE_PATH = re.compile(r"\.([a-z]+(?:_[a-z]+)+)")
+
+
 def _describe(exc: Exception) -> str:
     if isinstance(exc, cattrs.BaseValidationError):
-        return "; ".join(cattrs.transform_error(exc, path="$"))
+        text = "; ".join(cattrs.transform_error(exc, path="$"))
+        # cattrs names attributes; the client knows the wire (camelCase) names.
+        return _SNAKE_PATH.sub(lambda match: "." + _camel(match.group(1)), text)
     return str(exc)
 
 

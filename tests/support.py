@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 import trio
-from trio_websocket import WebSocketConnection, open_websocket_url
+from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from aleatoria.config import Config
 from aleatoria.server import serve
@@ -80,10 +80,23 @@ class Peer:
 async def connect(
     server: RunningServer, user: str, room: str | None = None, *, joined: bool = True, **kw: Any
 ) -> AsyncIterator[Peer]:
-    """Connect ``user``; by default wait for the ``room_joined`` of the URL room."""
-    url = f"{server.url}?userId={user}" + (f"&room={room}" if room else "")
-    async with open_websocket_url(url, **kw) as ws:
-        peer = Peer(ws, user)
-        if joined:
-            await peer.expect("room_joined")
-        yield peer
+    """Connect ``user``; by default wait for the ``room_joined`` of the URL room.
+
+    The TCP stream is opened and closed here: trio-websocket leaves its stream open when the
+    server resets the connection (as it does to an abusive client), which would fail the
+    test run with a ResourceWarning.
+    """
+    resource = f"/ws?userId={user}" + (f"&room={room}" if room else "")
+    async with trio.open_nursery() as nursery:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        try:
+            ws = await wrap_client_stream(nursery, stream, "127.0.0.1", resource, **kw)
+            try:
+                peer = Peer(ws, user)
+                if joined:
+                    await peer.expect("room_joined")
+                yield peer
+            finally:
+                await ws.aclose()
+        finally:
+            await stream.aclose()
