@@ -48,9 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         else:
             kind = setting.parse if setting.parse in (int, float) else str
             serve_cmd.add_argument(flag, dest=setting.name, type=kind, default=None, help=helptext)
-    serve_cmd.add_argument(
-        "--log-format", choices=("text", "json"), default="text", help="log line format"
-    )
+    serve_cmd.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
     return parser
 
 

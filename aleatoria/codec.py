@@ -65,11 +65,11 @@ def _make_converter() -> cattrs.Converter:
     converter.register_structure_hook(Any, _any)
 
     def structure_factory(cls: type) -> Any:
-        renames = {a.name: override(rename=_camel(a.name)) for a in attrs.fields(cls)}
+        renames: dict[str, Any] = {a.name: override(rename=_camel(a.name)) for a in attrs.fields(cls)}
         return make_dict_structure_fn(cls, converter, **renames)
 
     def unstructure_factory(cls: type) -> Any:
-        renames = {a.name: override(rename=_camel(a.name)) for a in attrs.fields(cls)}
+        renames: dict[str, Any] = {a.name: override(rename=_camel(a.name)) for a in attrs.fields(cls)}
         return make_dict_unstructure_fn(cls, converter, _cattrs_omit_if_default=True, **renames)
 
     converter.register_structure_hook_factory(attrs.has, structure_factory)
@@ -91,7 +91,7 @@ def _describe(exc: Exception) -> str:
     return str(exc)
 
 
-def decode(frame: str | bytes) -> Envelope:
+def decode(frame: str | bytes | bytearray) -> Envelope:
     """Parse one frame into an Envelope. Raises InvalidMessage (answered error_response)."""
     try:
         data = orjson.loads(frame)

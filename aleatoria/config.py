@@ -58,9 +58,7 @@ SETTINGS: tuple[Setting, ...] = (
         "reject WebSocket requests that carry no Origin header",
     ),
     Setting("log_level", "ALEATORIA_LOG_LEVEL", str, "debug, info, warning or error"),
-    Setting(
-        "redis_url", "ALEATORIA_REDIS_URL", str, "redis:// or rediss:// URL (overrides VALKEY_*)"
-    ),
+    Setting("redis_url", "ALEATORIA_REDIS_URL", str, "redis:// or rediss:// URL (overrides VALKEY_*)"),
     Setting("valkey_host", "VALKEY_HOST", str, "Redis/Valkey host (enables the Redis store)"),
     Setting("valkey_port", "VALKEY_PORT", int, "Redis/Valkey port"),
     Setting("valkey_username", "VALKEY_USERNAME", str, "Redis/Valkey ACL user name"),
@@ -71,18 +69,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("history_max", "ALEATORIA_HISTORY_MAX", int, "messages kept per room and per DM"),
     Setting("auth_secret", "ALEATORIA_AUTH_SECRET", str, "HS256 secret; when set /ws needs a JWT"),
     Setting("ping_interval", "ALEATORIA_PING_INTERVAL", float, "seconds between WebSocket pings"),
-    Setting(
-        "idle_timeout", "ALEATORIA_IDLE_TIMEOUT", float, "seconds without traffic before closing"
-    ),
-    Setting(
-        "outbox_frames", "ALEATORIA_OUTBOX_FRAMES", int, "frames queued per slow client before 1013"
-    ),
-    Setting(
-        "max_frame_bytes", "ALEATORIA_MAX_FRAME_BYTES", int, "largest message a client may send"
-    ),
-    Setting(
-        "rate_limit", "ALEATORIA_RATE_LIMIT", float, "messages/s per connection (0 = no limit)"
-    ),
+    Setting("idle_timeout", "ALEATORIA_IDLE_TIMEOUT", float, "seconds without traffic before closing"),
+    Setting("outbox_frames", "ALEATORIA_OUTBOX_FRAMES", int, "frames queued per slow client before 1013"),
+    Setting("max_frame_bytes", "ALEATORIA_MAX_FRAME_BYTES", int, "largest message a client may send"),
+    Setting("rate_limit", "ALEATORIA_RATE_LIMIT", float, "messages/s per connection (0 = no limit)"),
     Setting("rate_burst", "ALEATORIA_RATE_BURST", int, "burst allowance of the rate limit"),
 )
 

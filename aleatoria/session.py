@@ -60,7 +60,7 @@ class Session:
 
     # -- entry point ---------------------------------------------------------------------
 
-    async def handle(self, frame: str | bytes) -> None:
+    async def handle(self, frame: str | bytes | bytearray) -> None:
         """Act on one client frame. Never raises for anything the client sent."""
         try:
             self.client.limiter.check(trio.current_time())
@@ -117,9 +117,7 @@ class Session:
 
     async def _chat(self, env: Envelope) -> None:
         if (env.room is None) == (env.to_user is None):
-            raise ClientError(
-                INVALID_TARGET, "A chat message needs either room or toUser (not both)."
-            )
+            raise ClientError(INVALID_TARGET, "A chat message needs either room or toUser (not both).")
         content = payload_as(env.payload, m.ChatPayload).content
         if len(content) > self._config.max_content_chars:
             raise ClientError(
@@ -269,9 +267,7 @@ class Session:
     # -- replies -----------------------------------------------------------------------------
 
     def reply(self, kind: str, payload: Any, *, room: str | None = None) -> None:
-        self._send(
-            Envelope(type=kind, from_user=m.SYSTEM, to_user=self.user, room=room, payload=payload)
-        )
+        self._send(Envelope(type=kind, from_user=m.SYSTEM, to_user=self.user, room=room, payload=payload))
 
     def reply_error(self, code: str, text: str) -> None:
         self.reply(m.ERROR, m.ErrorPayload(error=text, code=code))

@@ -14,15 +14,21 @@ one frame's bytes (``text_frame``) can go to every member of a room.
 
 Closing: ``close(code)`` sends the close frame and gives the peer ``close_timeout`` seconds
 to answer before the socket is dropped; ``serve`` returns once the connection is over.
+Inbound stream errors (bad framing 1002, bad UTF-8 1007, a message over the limit 1009)
+*fail* the connection instead (RFC 6455 7.1.7): after the close frame nothing more is
+parsed; we send FIN and discard input until the peer's EOF (a "lingering close", bounded by
+the same deadline), since closing with unread input would reset the connection and could
+destroy the close frame in flight. Waiting for a close answer would be pointless there:
+a peer in the middle of a 2**40-byte frame cannot send one.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
-from http import HTTPStatus
 from collections import deque
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
@@ -180,9 +186,7 @@ def handshake_problem(request: Request) -> str | None:
         return "WebSocket upgrade needs GET"
     if b"websocket" not in request.headers.get(b"upgrade", b"").lower():
         return "expected an 'Upgrade: websocket' header"
-    connection_tokens = {
-        t.strip() for t in request.headers.get(b"connection", b"").lower().split(b",")
-    }
+    connection_tokens = {t.strip() for t in request.headers.get(b"connection", b"").lower().split(b",")}
     if b"upgrade" not in connection_tokens:
         return "expected a 'Connection: Upgrade' header"
     if request.headers.get(b"sec-websocket-version") != b"13":
@@ -249,7 +253,8 @@ async def _recv_some(sock: socket.socket) -> bytes:
 
 # -- WebSocket ------------------------------------------------------------------------------
 
-MessageHandler = Callable[[str | bytes], Awaitable[None]]
+Frame = str | bytes | bytearray
+MessageHandler = Callable[[Frame], Awaitable[None]]
 
 
 class WebSocket:
@@ -274,9 +279,10 @@ class WebSocket:
         self._drained = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._scope = trio.CancelScope()
-        self._fragments: list[str | bytes] = []
+        self._fragments: list[Frame] = []
         self._fragment_bytes = 0
         self._short_read = bool(not trailing)
+        self._failed = False  # an inbound stream error: stop parsing, linger, close
         self.close_code: int | None = None  # set once closing starts (ours or theirs)
         self.close_reason = ""
         self.last_seen = trio.current_time()
@@ -309,7 +315,7 @@ class WebSocket:
     async def _receive_loop(self, on_message: MessageHandler) -> None:
         sock = self._sock
         proto = self._proto
-        messages: list[str | bytes] = []
+        messages: list[Frame] = []
         while True:
             # The first pass handles bytes that came with the handshake.
             still_open = self._collect(messages)
@@ -318,6 +324,9 @@ class WebSocket:
                     break  # closing: the rest is ignored
                 await on_message(message)
             messages.clear()
+            if self._failed:
+                await self._linger()
+                return
             if not still_open:
                 return
             if self._short_read:
@@ -340,7 +349,7 @@ class WebSocket:
             self.last_seen = trio.current_time()
             proto.receive_data(data)
 
-    def _collect(self, out: list[str | bytes]) -> bool:
+    def _collect(self, out: list[Frame]) -> bool:
         """Turn wsproto events into complete messages. False when the connection is over."""
         proto = self._proto
         for event in proto.events():
@@ -351,15 +360,15 @@ class WebSocket:
                 size = len(data) if type(data) is not str or data.isascii() else len(data.encode())
                 if event.message_finished and not self._fragments:
                     if size > self._max_message:
-                        self.close(MESSAGE_TOO_BIG, "message too big")
-                        continue
+                        self._fail(MESSAGE_TOO_BIG, "message too big")
+                        return False
                     out.append(data)
                     continue
                 self._fragment_bytes += size
                 if self._fragment_bytes > self._max_message:
                     self._fragments.clear()
-                    self.close(MESSAGE_TOO_BIG, "message too big")
-                    continue
+                    self._fail(MESSAGE_TOO_BIG, "message too big")
+                    return False
                 self._fragments.append(data)
                 if event.message_finished:
                     joined = (
@@ -390,8 +399,9 @@ class WebSocket:
             self._closed(self.close_code or event.code, self.close_reason)
             return False
         # A protocol violation wsproto detected (bad UTF-8 -> 1007, bad framing -> 1002).
-        self.close(int(event.code), event.reason or "")
-        return True
+        # wsproto's parser is dead after it: nothing more can be read.
+        self._fail(int(event.code), event.reason or "")
+        return False
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -424,6 +434,31 @@ class WebSocket:
             self._enqueue(self._proto.send(CloseConnection(code=code, reason=reason)))
         self._scope.deadline = min(self._scope.deadline, trio.current_time() + self._close_timeout)
 
+    def _fail(self, code: int, reason: str) -> None:
+        """Fail the connection: close frame ``code`` (unless closing already), then linger."""
+        self.close(code, reason)
+        self._failed = True
+
+    async def _linger(self) -> None:
+        """Flush our close frame, send FIN, and discard input until the peer's EOF. Bounded
+        by the deadline ``close`` set; discarded bytes never reach wsproto (no buffering)."""
+        sock = self._sock
+        if self._writer_running:
+            await self._drained.wait()
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                if not sock.recv(RECV_BYTES):
+                    return
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+
     def abort(self) -> None:
         """Drop the connection now, without a closing handshake."""
         if self.close_code is None:
@@ -436,9 +471,7 @@ class WebSocket:
             self.close_reason = reason
         # Give the writer a moment to flush our last frame (the close answer), then stop.
         if self._backlog:
-            self._scope.deadline = min(
-                self._scope.deadline, trio.current_time() + self._close_timeout
-            )
+            self._scope.deadline = min(self._scope.deadline, trio.current_time() + self._close_timeout)
 
     def _enqueue(self, frame: bytes) -> None:
         backlog = self._backlog

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -78,17 +78,32 @@ class Peer:
 
 @asynccontextmanager
 async def connect(
-    server: RunningServer, user: str, room: str | None = None, *, joined: bool = True, **kw: Any
+    server: RunningServer,
+    user: str,
+    room: str | None = None,
+    *,
+    joined: bool = True,
+    rcvbuf: int | None = None,
+    **kw: Any,
 ) -> AsyncIterator[Peer]:
     """Connect ``user``; by default wait for the ``room_joined`` of the URL room.
 
     The TCP stream is opened and closed here: trio-websocket leaves its stream open when the
     server resets the connection (as it does to an abusive client), which would fail the
-    test run with a ResourceWarning.
+    test run with a ResourceWarning. ``rcvbuf`` shrinks the client's receive buffer (to
+    make a slow reader without waiting for megabytes of kernel buffers to fill).
     """
     resource = f"/ws?userId={user}" + (f"&room={room}" if room else "")
     async with trio.open_nursery() as nursery:
-        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        sock = trio.socket.socket()
+        if rcvbuf is not None:
+            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, rcvbuf)
+        try:
+            await sock.connect(("127.0.0.1", server.port))
+        except BaseException:
+            sock.close()
+            raise
+        stream = trio.SocketStream(sock)
         try:
             ws = await wrap_client_stream(nursery, stream, "127.0.0.1", resource, **kw)
             try:

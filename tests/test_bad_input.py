@@ -96,31 +96,34 @@ async def test_message_id_of_128_chars_is_kept(server: RunningServer) -> None:
 async def test_rate_limit_refuses_then_closes_abusers() -> None:
     """Over the rate: rate_limited errors and the message is not processed; sustained abuse
     closes with 1008; a well-behaved client in the same room is unaffected."""
-    async with running_server(rate_limit=5.0, rate_burst=5, rate_abuse_seconds=2.0) as srv:
-        async with connect(srv, "flood") as flood, connect(srv, "calm") as calm:
-            for i in range(6):
-                await flood.send({"type": "chat_message", "room": "Lobby", "payload": {"content": str(i)}})
-            codes = []
-            delivered = []
-            while len(codes) + len(delivered) < 6:
-                message = await flood.recv()
-                if message["type"] == "error":
-                    codes.append(message["payload"]["code"])
-                else:
-                    delivered.append(message["payload"]["content"])
-            assert (codes, delivered) == (["rate_limited"], ["0", "1", "2", "3", "4"])
-            # calm received exactly the five accepted messages.
-            assert [(await calm.expect("chat_message"))["payload"]["content"] for _ in range(5)] == [
-                "0",
-                "1",
-                "2",
-                "3",
-                "4",
-            ]
-            for _ in range(100):
-                await flood.send('{"type":"ping"}')
-            with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await flood.recv()
-            assert closed.value.reason.code == 1008
-            await calm.request({"type": "ping"}, "pong")
+    async with (
+        running_server(rate_limit=5.0, rate_burst=5, rate_abuse_seconds=2.0) as srv,
+        connect(srv, "flood") as flood,
+        connect(srv, "calm") as calm,
+    ):
+        for i in range(6):
+            await flood.send({"type": "chat_message", "room": "Lobby", "payload": {"content": str(i)}})
+        codes = []
+        delivered = []
+        while len(codes) + len(delivered) < 6:
+            message = await flood.recv()
+            if message["type"] == "error":
+                codes.append(message["payload"]["code"])
+            else:
+                delivered.append(message["payload"]["content"])
+        assert (codes, delivered) == (["rate_limited"], ["0", "1", "2", "3", "4"])
+        # calm received exactly the five accepted messages.
+        assert [(await calm.expect("chat_message"))["payload"]["content"] for _ in range(5)] == [
+            "0",
+            "1",
+            "2",
+            "3",
+            "4",
+        ]
+        for _ in range(100):
+            await flood.send('{"type":"ping"}')
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await flood.recv()
+        assert closed.value.reason.code == 1008
+        await calm.request({"type": "ping"}, "pong")

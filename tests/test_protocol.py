@@ -19,9 +19,10 @@ def error(to: str, code: str, text: str) -> dict[str, Any]:
 async def test_connect_joins_the_url_room(server: RunningServer) -> None:
     """The room in the URL (default Lobby) is joined and confirmed with room_joined."""
     async with connect(server, "alice", joined=False) as alice:
-        assert system_reply(
-            "room_joined", "alice", {"room": "Lobby", "action": "joined"}, room="Lobby"
-        ) == await alice.recv()
+        assert (
+            system_reply("room_joined", "alice", {"room": "Lobby", "action": "joined"}, room="Lobby")
+            == await alice.recv()
+        )
     async with connect(server, "bob", "Games", joined=False) as bob:
         assert "Games" == (await bob.expect("room_joined"))["room"]
 
@@ -53,9 +54,10 @@ async def test_room_chat_requires_membership(server: RunningServer) -> None:
     """Chat to a room one has not joined is refused with not_in_room."""
     async with connect(server, "alice") as alice:
         await alice.send({"type": "chat_message", "room": "Other", "payload": {"content": "x"}})
-        assert error(
-            "alice", "not_in_room", "You are not in that room. Join the room first."
-        ) == await alice.recv()
+        assert (
+            error("alice", "not_in_room", "You are not in that room. Join the room first.")
+            == await alice.recv()
+        )
 
 
 async def test_chat_needs_exactly_one_target(server: RunningServer) -> None:
@@ -233,7 +235,7 @@ async def test_relay_errors(server: RunningServer) -> None:
 
 
 async def test_next_and_disconnect_send_peer_left(server: RunningServer) -> None:
-    """"Next" and a disconnect end the match and tell the peer hangup{reason: peer_left}."""
+    """ "Next" and a disconnect end the match and tell the peer hangup{reason: peer_left}."""
     async with connect(server, "alice") as alice, connect(server, "bob") as bob:
         await matched(server, alice, bob)
         async with connect(server, "carol") as carol:

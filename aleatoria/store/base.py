@@ -45,9 +45,7 @@ class Store(Protocol):
         """Keep ``message`` in the history between ``a`` and ``b`` (order of a, b irrelevant)."""
         ...
 
-    async def recent_room_messages(
-        self, room: str, limit: int, before_ns: int | None = None
-    ) -> list[bytes]:
+    async def recent_room_messages(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:
         """Up to ``limit`` messages of ``room`` newer than the TTL, newest first, strictly
         older than ``before_ns`` when given."""
         ...

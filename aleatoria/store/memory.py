@@ -19,6 +19,18 @@ _History = deque[tuple[int, bytes]]
 _K = TypeVar("_K", str, tuple[str, str])
 
 
+def _purge(table: dict[_K, _History], cutoff: int) -> int:
+    dropped = 0
+    for key in list(table):
+        history = table[key]
+        while history and history[0][0] <= cutoff:
+            history.popleft()
+            dropped += 1
+        if not history:
+            del table[key]
+    return dropped
+
+
 def dm_key(a: str, b: str) -> tuple[str, str]:
     """The two users of a DM conversation in a fixed order (a < b), as Redis keys them."""
     return (a, b) if a < b else (b, a)
@@ -58,14 +70,10 @@ class MemoryStore:
     def record_direct_message(self, a: str, b: str, message: bytes, created_ns: int) -> None:
         self._append(self._dms, dm_key(a, b), message, created_ns)
 
-    async def recent_room_messages(
-        self, room: str, limit: int, before_ns: int | None = None
-    ) -> list[bytes]:
+    async def recent_room_messages(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:
         return self.recent_room_messages_now(room, limit, before_ns)
 
-    def recent_room_messages_now(
-        self, room: str, limit: int, before_ns: int | None = None
-    ) -> list[bytes]:
+    def recent_room_messages_now(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:
         history = self._rooms.get(room)
         if not history:
             return []
@@ -97,16 +105,7 @@ class MemoryStore:
     def purge_expired(self) -> int:
         """Drop expired messages everywhere (and empty histories); returns how many."""
         cutoff = self._clock_ns() - self._ttl_ns
-        dropped = 0
-        for table in (self._rooms, self._dms):
-            for key in list(table):
-                history = table[key]
-                while history and history[0][0] <= cutoff:
-                    history.popleft()
-                    dropped += 1
-                if not history:
-                    del table[key]
-        return dropped
+        return _purge(self._rooms, cutoff) + _purge(self._dms, cutoff)
 
     def _append(self, table: dict[_K, _History], key: _K, message: bytes, created_ns: int) -> None:
         history = table.get(key)
