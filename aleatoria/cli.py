@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -12,7 +13,9 @@ from typing import Any
 import trio
 
 from aleatoria import __version__, logs
+from aleatoria.auth import make_token, parse_duration
 from aleatoria.config import SETTINGS, Config, ConfigError, from_environment
+from aleatoria.limits import id_problem
 from aleatoria.server import serve
 
 log = logging.getLogger("aleatoria.cli")
@@ -49,6 +52,15 @@ def _parser() -> argparse.ArgumentParser:
             kind = setting.parse if setting.parse in (int, float) else str
             serve_cmd.add_argument(flag, dest=setting.name, type=kind, default=None, help=helptext)
     serve_cmd.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+
+    token_cmd = commands.add_parser(
+        "token",
+        help="print a token for a user (development)",
+        description="Print an HS256 JWT whose sub is USERID, signed with the auth secret.",
+    )
+    token_cmd.add_argument("user", metavar="USERID")
+    token_cmd.add_argument("--ttl", default="1h", help="validity, e.g. 90s, 15m, 1h, 2d (default 1h)")
+    token_cmd.add_argument("--secret", help="signing secret [env ALEATORIA_AUTH_SECRET]")
     return parser
 
 
@@ -56,7 +68,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "token":
+        return _token(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def _token(args: argparse.Namespace) -> int:
+    secret = args.secret or os.environ.get("ALEATORIA_AUTH_SECRET") or ""
+    if not secret:
+        print("aleatoria: token needs --secret or ALEATORIA_AUTH_SECRET", file=sys.stderr)
+        return 2
+    try:
+        ttl = parse_duration(args.ttl)
+    except ValueError as exc:
+        print(f"aleatoria: {exc}", file=sys.stderr)
+        return 2
+    problem = id_problem(args.user)
+    if problem:
+        print(f"aleatoria: userId {problem}", file=sys.stderr)
+        return 2
+    print(make_token(args.user, secret, ttl))
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -72,12 +104,31 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"aleatoria: configuration error: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level, args.log_format)
+    _start_error_reporting()
+    if not config.auth_secret:
+        log.warning("event=auth_disabled detail=%r", "no ALEATORIA_AUTH_SECRET: userIds are trusted")
+    elif len(config.auth_secret) < 32:
+        log.warning("event=auth_weak_secret detail=%r", "ALEATORIA_AUTH_SECRET is shorter than 32 bytes")
     try:
         trio.run(_run, config)
     except OSError as exc:
         log.error("event=start_failed error=%r", exc)
         return 1
     return 0
+
+
+def _start_error_reporting() -> None:
+    """Report errors to Sentry when SENTRY_DSN is set (the original server did)."""
+    dsn = os.environ.get("SENTRY_DSN", "")
+    if not dsn:
+        return
+    try:
+        import sentry_sdk  # optional dependency, imported only when asked for
+    except ImportError:
+        log.warning("event=sentry_unavailable detail=%r", "SENTRY_DSN is set but sentry-sdk is not installed")
+        return
+    sentry_sdk.init(dsn=dsn, release=f"aleatoria@{__version__}", send_default_pii=False)
+    log.info("event=sentry_enabled")
 
 
 async def _run(config: Config) -> None:

@@ -68,15 +68,47 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("message_ttl_hours", "MESSAGE_TTL_HOURS", float, "history retention in hours"),
     Setting("history_max", "ALEATORIA_HISTORY_MAX", int, "messages kept per room and per DM"),
     Setting("auth_secret", "ALEATORIA_AUTH_SECRET", str, "HS256 secret; when set /ws needs a JWT"),
+    Setting("max_connections", "ALEATORIA_MAX_CONNECTIONS", int, "WebSocket sessions at once (then 503)"),
+    Setting(
+        "max_connections_per_ip",
+        "ALEATORIA_MAX_CONNECTIONS_PER_IP",
+        int,
+        "WebSocket sessions per client IP (0 = no limit; behind a proxy set --client-ip-header)",
+    ),
+    Setting(
+        "client_ip_header",
+        "ALEATORIA_CLIENT_IP_HEADER",
+        str,
+        "header carrying the client IP, set by your reverse proxy (e.g. X-Real-IP)",
+    ),
+    Setting(
+        "handshake_timeout", "ALEATORIA_HANDSHAKE_TIMEOUT", float, "seconds a client has to send its request"
+    ),
     Setting("ping_interval", "ALEATORIA_PING_INTERVAL", float, "seconds between WebSocket pings"),
     Setting("idle_timeout", "ALEATORIA_IDLE_TIMEOUT", float, "seconds without traffic before closing"),
     Setting("outbox_frames", "ALEATORIA_OUTBOX_FRAMES", int, "frames queued per slow client before 1013"),
     Setting("max_frame_bytes", "ALEATORIA_MAX_FRAME_BYTES", int, "largest message a client may send"),
     Setting("rate_limit", "ALEATORIA_RATE_LIMIT", float, "messages/s per connection (0 = no limit)"),
     Setting("rate_burst", "ALEATORIA_RATE_BURST", int, "burst allowance of the rate limit"),
+    Setting(
+        "redis_connect_timeout",
+        "ALEATORIA_REDIS_CONNECT_TIMEOUT",
+        float,
+        "seconds to wait for a Redis connection before degrading",
+    ),
+    Setting(
+        "redis_call_timeout",
+        "ALEATORIA_REDIS_CALL_TIMEOUT",
+        float,
+        "seconds to wait for a Redis reply before degrading",
+    ),
+    Setting(
+        "redis_write_buffer",
+        "ALEATORIA_REDIS_WRITE_BUFFER",
+        int,
+        "history writes buffered for Redis (oldest dropped beyond this)",
+    ),
 )
-
-_DEFAULTS: dict[str, Any] = {}
 
 
 @attrs.frozen(kw_only=True)
@@ -102,6 +134,9 @@ class Config:
     message_ttl_hours: float = 24.0
     history_max: int = 1000
     auth_secret: str | None = None
+    max_connections: int = 20_000
+    max_connections_per_ip: int = 0
+    client_ip_header: str | None = None
 
     # Connection behaviour (PROTOCOL.md section 5).
     ping_interval: float = 25.0
@@ -119,6 +154,9 @@ class Config:
     rate_limit: float = 30.0
     rate_burst: int = 60
     rate_abuse_seconds: float = 10.0
+
+    # Redis store (PROTOCOL.md section 6): history writes queued while Redis is slow or down.
+    redis_write_buffer: int = 10_000
 
     @property
     def message_ttl_seconds(self) -> float:

@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from aleatoria.limits import RateLimiter
+from aleatoria.metrics import Stats
 from aleatoria.websocket import REPLACED, WebSocket
 
 log = logging.getLogger("aleatoria.hub")
@@ -53,6 +54,7 @@ class Hub:
 
     def __init__(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        self.stats = Stats()
         self.clients: dict[str, Client] = {}
         self.rooms: dict[str, Room] = {}
         self.broadcasts = 0
@@ -89,13 +91,15 @@ class Hub:
     def is_online(self, user: str) -> bool:
         return user in self.clients
 
-    def deliver(self, user: str, frame: bytes) -> bool:
-        """Send one frame to ``user`` if connected here; False if not."""
+    def deliver(self, user: str, frame: bytes, kind: str) -> bool:
+        """Send one frame (a message of type ``kind``) to ``user`` if connected here; False
+        if not."""
         client = self.clients.get(user)
         if client is None:
             return False
         client.ws.send(frame)
         self.deliveries += 1
+        self.stats.messages_out[kind] += 1
         return True
 
     # -- rooms -------------------------------------------------------------------------------
@@ -144,6 +148,7 @@ class Hub:
                         ws.send(frame)
                     self.broadcasts += 1
                     self.deliveries += len(members)
+                    self.stats.messages_out["chat_message"] += len(members)
                     try:
                         frame = receive.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):

@@ -59,6 +59,9 @@ class Matchmaker:
     def pool(self) -> list[str]:
         return list(self._pool)
 
+    def pool_size(self) -> int:
+        return len(self._pool)
+
     def in_pool(self, user: str) -> bool:
         return user in self._pool_index
 

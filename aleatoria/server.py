@@ -12,11 +12,18 @@ import errno
 import logging
 import socket
 import time
+from collections import Counter
+from collections.abc import Iterator
 from importlib import resources
 
 import orjson
 import trio
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
+from aleatoria import metrics
+from aleatoria.auth import token_problem
 from aleatoria.config import Config
 from aleatoria.hub import Client, Hub, open_hub
 from aleatoria.limits import RateLimiter, id_problem
@@ -74,7 +81,12 @@ class Server:
         self.page = _load_page()
         self.started = time.monotonic()
         self.accepting = True
-        self.connections = 0
+        self.connections = 0  # TCP connections, handshakes included
+        self.per_ip: Counter[str] = Counter()  # WebSocket sessions by client IP
+        self.stats = hub.stats
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(metrics.ServerCollector(self.stats, self._counters, self._gauges))
+        self.registry.register(_Forward(metrics.REGISTRY))
         self._all_closed = trio.Event()
         self.accept_scope = trio.CancelScope()
 
@@ -97,15 +109,15 @@ class Server:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.connections += 1
-                nursery.start_soon(self._connection, sock, addr)
+                nursery.start_soon(self._connection, sock, addr[0])
 
-    async def _connection(self, sock: socket.socket, addr: object) -> None:
+    async def _connection(self, sock: socket.socket, addr: str) -> None:
         # Error boundary: one bad client must never take the listener down.
         try:
             with trio.move_on_after(self.config.handshake_timeout):
                 request = await read_request(sock)
             if request is not None:
-                await self._route(sock, request)
+                await self._route(sock, request, addr)
         except Exception:
             log.exception("event=connection_error peer=%s", addr)
         finally:
@@ -114,10 +126,10 @@ class Server:
             if self.connections == 0:
                 self._all_closed.set()
 
-    async def _route(self, sock: socket.socket, request: Request) -> None:
+    async def _route(self, sock: socket.socket, request: Request, addr: str) -> None:
         path = request.path
         if path == "/ws":
-            await self._websocket(sock, request)
+            await self._websocket(sock, request, addr)
         elif request.method not in ("GET", "HEAD"):
             await send_http(sock, 405, "Method not allowed\n", conn=request.h11_connection)
         elif path == "/health":
@@ -126,6 +138,14 @@ class Server:
                 200,
                 orjson.dumps(self.health()),
                 content_type="application/json",
+                conn=request.h11_connection,
+            )
+        elif path == "/metrics":
+            await send_http(
+                sock,
+                200,
+                metrics.render(self.registry),
+                content_type=metrics.CONTENT_TYPE,
                 conn=request.h11_connection,
             )
         elif path == "/" and self.page is not None:
@@ -147,9 +167,41 @@ class Server:
 
     # -- WebSocket sessions ------------------------------------------------------------------
 
-    def _refusal(self, request: Request) -> tuple[int, str] | None:
+    def _counters(self) -> dict[str, tuple[str, float]]:
+        return {
+            "aleatoria_deliveries": ("frames handed to client sockets", self.hub.deliveries),
+            "aleatoria_broadcasts": ("room broadcasts", self.hub.broadcasts),
+        }
+
+    def _gauges(self) -> dict[str, tuple[str, float]]:
+        gauges = {
+            "aleatoria_connections": ("open WebSocket sessions", len(self.hub.clients)),
+            "aleatoria_tcp_connections": ("open TCP connections, handshakes included", self.connections),
+            "aleatoria_rooms": ("rooms with members on this process", len(self.hub.rooms)),
+            "aleatoria_redis_degraded": (
+                "1 when Redis is configured but failing",
+                1.0 if self.store.health() == "degraded" else 0.0,
+            ),
+        }
+        gauges.update(self.store.gauges())
+        return gauges
+
+    def client_ip(self, request: Request, addr: str) -> str:
+        header = self.config.client_ip_header
+        if header:
+            value = request.header(header.lower().encode("latin-1"))
+            if value:
+                return value.split(",")[0].strip()
+        return addr
+
+    def _refusal(self, request: Request, ip: str) -> tuple[int, str] | None:
         if not self.accepting:
             return 503, "Server is shutting down\n"
+        config = self.config
+        if len(self.hub.clients) >= config.max_connections:
+            return 503, "Server is at its connection limit\n"
+        if config.max_connections_per_ip and self.per_ip[ip] >= config.max_connections_per_ip:
+            return 503, "Too many connections from your address\n"
         user = request.param("userId")
         if user is None:
             return 400, "Missing userId\n"
@@ -166,14 +218,30 @@ class Server:
         problem = handshake_problem(request)
         if problem:
             return 400, f"Bad WebSocket request: {problem}\n"
+        if config.auth_secret:
+            problem = token_problem(request.param("token"), user, config.auth_secret)
+            if problem:
+                return 401, f"Unauthorized: {problem}\n"
         return None
 
-    async def _websocket(self, sock: socket.socket, request: Request) -> None:
-        refusal = self._refusal(request)
+    async def _websocket(self, sock: socket.socket, request: Request, addr: str) -> None:
+        ip = self.client_ip(request, addr)
+        refusal = self._refusal(request, ip)
         if refusal is not None:
             status, text = refusal
+            self.stats.handshake_rejections[status] += 1
+            log.info("event=handshake_rejected status=%d reason=%r", status, text.strip())
             await send_http(sock, status, text, conn=request.h11_connection)
             return
+        self.per_ip[ip] += 1
+        try:
+            await self._session(sock, request)
+        finally:
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
+
+    async def _session(self, sock: socket.socket, request: Request) -> None:
         user = request.param("userId") or ""
         room = request.param("room") or DEFAULT_ROOM
         config = self.config
@@ -189,6 +257,7 @@ class Server:
             ws=ws,
             limiter=RateLimiter(config.rate_limit, config.rate_burst, config.rate_abuse_seconds),
         )
+        self.stats.connections_opened += 1
         replaced = self.hub.attach(client)
         log.info("event=connected user=%s room=%s replaced=%s", user, room, replaced is not None)
         session = Session(client, self.hub, self.store, config)
@@ -198,6 +267,7 @@ class Server:
         finally:
             with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
                 await self._forget(client)
+        self.stats.disconnects[code] += 1
         log.info("event=disconnected user=%s code=%s", user, code)
 
     async def _forget(self, client: Client) -> None:
@@ -268,6 +338,16 @@ async def _run_body(server: Server, listener: socket.socket, body: trio.CancelSc
                 await server.accept_forever(listener, nursery)
             # Not accepting any more; connections finish under the shutdown deadline.
             await trio.sleep_forever()
+
+
+class _Forward(Collector):
+    """Exposes another registry's metrics (those of the Redis adapter) in this one."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._registry.collect()
 
 
 def _display_host(host: str) -> str:

@@ -57,18 +57,25 @@ class Session:
         self._hub = hub
         self._store = store
         self._config = config
+        self._stats = hub.stats
 
     # -- entry point ---------------------------------------------------------------------
 
     async def handle(self, frame: str | bytes | bytearray) -> None:
         """Act on one client frame. Never raises for anything the client sent."""
+        stats = self._stats
         try:
             self.client.limiter.check(trio.current_time())
             envelope = decode(frame)
+            # Hostile clients choose ``type``: unknown ones share one label.
+            stats.messages_in[envelope.type if envelope.type in m.CLIENT_TYPES else "unknown"] += 1
             await self._route(envelope)
         except ClientError as exc:
+            stats.errors[exc.code] += 1
             self.reply_error(exc.code, exc.text)
         except InvalidMessage as exc:
+            stats.messages_in["invalid"] += 1
+            stats.errors["invalid_message"] += 1
             self._send(
                 Envelope(
                     type=m.ERROR_RESPONSE,
@@ -156,8 +163,9 @@ class Session:
         self._store.record_direct_message(self.user, to, data, created_ns)
         # The stored form has no ``incoming``; each side's copy adds its own. orjson always
         # ends an object with "}", so the flag is spliced in rather than encoded twice more.
-        self._hub.deliver(to, text_frame(data[:-1] + b',"incoming":true}'))
+        self._hub.deliver(to, text_frame(data[:-1] + b',"incoming":true}'), m.CHAT_MESSAGE)
         self.client.ws.send(text_frame(data[:-1] + b',"incoming":false}'))
+        self._stats.messages_out[m.CHAT_MESSAGE] += 1
 
     # -- signaling -------------------------------------------------------------------------
 
@@ -180,7 +188,7 @@ class Session:
                 )
             )
         )
-        if not self._hub.deliver(to, frame):
+        if not self._hub.deliver(to, frame, env.type):
             raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
 
     async def _request_peer(self, env: Envelope) -> None:
@@ -195,6 +203,7 @@ class Session:
             return
         self.reply(m.ASSIGN_ROLE, m.AssignRole(role=outcome.role, peer_id=outcome.peer))
         if not outcome.resend:
+            self._stats.matches += 1
             self._hub.deliver(
                 outcome.peer,
                 text_frame(
@@ -207,6 +216,7 @@ class Session:
                         )
                     )
                 ),
+                m.ASSIGN_ROLE,
             )
 
     def _peer_left(self, peer: str | None) -> None:
@@ -274,6 +284,7 @@ class Session:
 
     def _send(self, env: Envelope) -> None:
         self.client.ws.send(text_frame(encode(env)))
+        self._stats.messages_out[env.type] += 1
 
 
 def notify_peer_left(hub: Hub, peer: str, leaver: str) -> None:
@@ -293,6 +304,7 @@ def notify_peer_left(hub: Hub, peer: str, leaver: str) -> None:
                 )
             )
         ),
+        m.HANGUP,
     )
 
 

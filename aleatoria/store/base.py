@@ -35,6 +35,10 @@ class Store(Protocol):
         """'disabled' (memory store), 'ok' or 'degraded' (Redis configured but failing)."""
         ...
 
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """Gauges for ``/metrics``: name -> (help, value). Cheap and synchronous."""
+        ...
+
     # -- history --------------------------------------------------------------------------
 
     def record_room_message(self, room: str, message: bytes, created_ns: int) -> None:

@@ -62,6 +62,12 @@ class MemoryStore:
     def health(self) -> Health:
         return "disabled"
 
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        return {
+            "aleatoria_pool_size": ("users waiting in the matchmaking pool", self.matchmaker.pool_size()),
+            "aleatoria_live_matches": ("matches in progress", self.matchmaker.matches()),
+        }
+
     # -- history ----------------------------------------------------------------------------
 
     def record_room_message(self, room: str, message: bytes, created_ns: int) -> None:

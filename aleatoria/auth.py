@@ -1,0 +1,44 @@
+"""Tokens (PROTOCOL.md section 8): HS256 JWTs whose ``sub`` is the userId."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import jwt
+
+ALGORITHM = "HS256"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '1h', '2d' -> seconds. Raises ValueError."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 90s, 15m, 1h, 2d)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def make_token(user: str, secret: str, ttl_seconds: float, *, now: float | None = None) -> str:
+    """A token for ``user`` valid for ``ttl_seconds``."""
+    issued = int(time.time() if now is None else now)
+    claims = {"sub": user, "iat": issued, "exp": issued + int(ttl_seconds)}
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def token_problem(token: str | None, user: str, secret: str) -> str | None:
+    """Why ``token`` does not let ``user`` in, or None if it does. Never echoes the token."""
+    if not token:
+        return "missing token"
+    try:
+        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]})
+    except jwt.ExpiredSignatureError:
+        return "token expired"
+    except jwt.InvalidSignatureError:
+        return "token signature invalid"
+    except jwt.InvalidTokenError:
+        return "token malformed"
+    if claims.get("sub") != user:
+        return "token is for another user"
+    return None
