@@ -129,7 +129,7 @@ async def test_flooding_client_does_not_hurt_a_calm_one() -> None:
             payload = '{"type":"chat_message","room":"Lobby","payload":{"content":"spam"}}'
             while not done.is_set():
                 await flood.ws.send_message(payload)
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
 
         async def drain_flood() -> None:
             while not done.is_set():
