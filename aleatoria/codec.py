@@ -8,6 +8,7 @@ json or cattrs errors.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from datetime import UTC, datetime
@@ -91,12 +92,43 @@ def _describe(exc: Exception) -> str:
     return str(exc)
 
 
+# orjson reads integers of 2**64 and more as floats; a run of 20+ digits sends the frame to
+# the standard library's parser, which keeps them exact (relayed payloads stay unchanged).
+_LONG_DIGITS = re.compile(r"\d{20,}")
+_LONG_DIGITS_BYTES = re.compile(rb"\d{20,}")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(frame: str | bytes | bytearray) -> Any:
+    """Parse JSON text. Raises InvalidMessage."""
+    pattern: Any = _LONG_DIGITS if isinstance(frame, str) else _LONG_DIGITS_BYTES
+    try:
+        if pattern.search(frame) is None:
+            return orjson.loads(frame)
+        return json.loads(frame, parse_constant=_reject_constant)
+    except (orjson.JSONDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidMessage(f"not valid JSON: {exc}") from None
+
+
+def dumps(value: Any) -> bytes:
+    """Serialise to compact JSON. Raises ClientError(invalid_payload) when a client's value
+    cannot be written back (deeper than the encoder allows)."""
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        pass  # integers beyond 64 bits, or nesting beyond orjson's 254 levels
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except (RecursionError, TypeError, ValueError):
+        raise ClientError(INVALID_PAYLOAD, "payload is nested too deeply to relay") from None
+
+
 def decode(frame: str | bytes | bytearray) -> Envelope:
     """Parse one frame into an Envelope. Raises InvalidMessage (answered error_response)."""
-    try:
-        data = orjson.loads(frame)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidMessage(f"not valid JSON: {exc}") from None
+    data = loads(frame)
     if type(data) is not dict:
         raise InvalidMessage(f"expected a JSON object, got {_json_type(data)}")
     if "type" not in data:
@@ -125,8 +157,8 @@ def to_wire(message: Any) -> Any:
 
 
 def encode(envelope: Envelope) -> bytes:
-    """One envelope as JSON bytes."""
-    return orjson.dumps(converter.unstructure(envelope))
+    """One envelope as JSON bytes. Raises ClientError if a client payload cannot be encoded."""
+    return dumps(converter.unstructure(envelope))
 
 
 # -- timestamps -----------------------------------------------------------------------------
