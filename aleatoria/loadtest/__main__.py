@@ -1,0 +1,6 @@
+"""``python -m aleatoria.loadtest``: the same program as ``aleatoria-loadtest``."""
+
+from aleatoria.loadtest.cli import main
+
+if __name__ == "__main__":  # spawned worker processes import this module too
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""Turn a ``RunResult`` into the figures the report prints: one JSON-ready dict.
+
+This is where raw counters become the published figures (rates, totals, the
+integrity verdict) and where the warnings are decided, so the table, ``--json`` and
+the exit code can never disagree. Pure code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aleatoria.loadtest.results import RunResult
+from aleatoria.loadtest.stats import Stats
+
+# Above this share of one core, the event loop itself was the bottleneck.
+CPU_SATURATED = 0.9
+LOOP_LAG_WARN_MS = 50.0
+MACHINE_BUSY_WARN = 0.95
+
+# Counters whose any non-zero value means the server broke the protocol's guarantees.
+INTEGRITY = (
+    "room.lost",
+    "room.duplicated",
+    "room.reordered",
+    "dm.lost",
+    "dm.duplicated",
+    "dm.reordered",
+    "dm.bad_incoming_flag",
+    "match.double",
+    "match.mismatch",
+    "match.incomplete",
+)
+
+
+def _by_prefix(stats: Stats, prefix: str) -> dict[str, int]:
+    return {
+        key[len(prefix) :]: n for key, n in sorted(stats.counters.items()) if key.startswith(prefix) and n
+    }
+
+
+def _rate(count: int, seconds: float) -> float:
+    return round(count / seconds, 1) if seconds > 0 else 0.0
+
+
+def _traffic(stats: Stats, area: str, seconds: float) -> dict[str, Any]:
+    names = (
+        "sent",
+        "replies",
+        "delivered",
+        "expected",
+        "lost",
+        "duplicated",
+        "reordered",
+        "refused",
+        "window_timeouts",
+        "pacer_skipped",
+        "foreign",
+        "bad_incoming_flag",
+    )
+    figures: dict[str, Any] = {name: stats.get(f"{area}.{name}") for name in names}
+    if area != "dm":
+        del figures["replies"], figures["bad_incoming_flag"]
+    figures["send_rate"] = _rate(figures["sent"] + figures.get("replies", 0), seconds)
+    figures["delivery_rate"] = _rate(figures["delivered"], seconds)
+    return figures
+
+
+def summarize(result: RunResult) -> dict[str, Any]:
+    """Every figure of the run, nested by topic; see docs/loadtest.md for each."""
+    stats = result.stats
+    options = result.options
+    load_s = max((float(w.get("load_s") or 0.0) for w in result.workers), default=0.0)
+    partial = result.interrupted or result.missing_workers > 0
+    scenario = options.scenario
+    areas = {"fanout": ["room"], "dm": ["dm"], "soak": ["room", "dm"]}.get(scenario, [])
+    lag = stats.histograms.get("generator.loop_lag")
+    figures: dict[str, Any] = {
+        "scenario": scenario,
+        "url": options.url,
+        "run_id": options.run_id,
+        "partial": partial,
+        "interrupted": result.interrupted,
+        "missing_workers": result.missing_workers,
+        "load_s": round(load_s, 3),
+        "wall_s": round(result.wall_s, 3),
+        "processes": len(result.workers) + result.missing_workers,
+        "connections": {
+            "planned": options.connection_count(),
+            "attempted": stats.get("conn.attempted"),
+            "opened": stats.get("conn.opened"),
+            "failed": stats.total("conn.failed"),
+            "closed_by_server": stats.total("conn.closed_by_server"),
+            "errors": {
+                k: v
+                for k, v in _by_prefix(stats, "conn.").items()
+                if k not in {"attempted", "opened", "alive"}
+            },
+        },
+        "traffic": {area: _traffic(stats, area, load_s) for area in areas},
+        "latency_ms": {
+            name: hist.summary_ms()
+            for name, hist in sorted(stats.histograms.items())
+            if not name.startswith("generator.")
+        },
+        "server_errors": _by_prefix(stats, "error."),
+        "generator": {
+            "workers": [
+                {k: w.get(k) for k in ("index", "cpu_share", "cpu_s", "wall_s", "error")}
+                for w in result.workers
+            ],
+            "max_cpu_share": max((float(w.get("cpu_share") or 0) for w in result.workers), default=0.0),
+            "loop_lag_ms": lag.summary_ms() if lag else None,
+            "machine_busy": None if result.machine_busy is None else round(result.machine_busy, 3),
+        },
+        "server": result.server,
+        "counters": dict(sorted(stats.counters.items())),
+    }
+    if scenario in {"match", "soak"}:
+        names = (
+            "completed",
+            "double",
+            "mismatch",
+            "incomplete",
+            "stalled",
+            "stray",
+            "no_peer",
+            "repeat_assign",
+            "peer_left",
+            "request_timeouts",
+            "bad_assign",
+        )
+        match: dict[str, Any] = {name: stats.get(f"match.{name}") for name in names}
+        match["match_rate"] = _rate(match["completed"], load_s)
+        figures["match"] = match
+    if scenario == "conns":
+        figures["connections"]["alive"] = stats.get("conn.alive")
+        figures["connections"]["unresponsive"] = stats.get("conn.unresponsive")
+    violations = {name: stats.get(name) for name in INTEGRITY if stats.get(name)}
+    figures["violations"] = violations
+    figures["integrity_ok"] = not violations
+    figures["generator"]["saturated"] = figures["generator"]["max_cpu_share"] >= CPU_SATURATED
+    figures["warnings"] = warnings(figures, stats)
+    return figures
+
+
+def warnings(figures: dict[str, Any], stats: Stats) -> list[str]:
+    """Plain-language cautions about how far the figures can be trusted."""
+    out: list[str] = []
+    if figures["interrupted"]:
+        out.append(f"partial run: stopped early after {figures['load_s']} s of load")
+    if figures["missing_workers"]:
+        out.append(f"{figures['missing_workers']} worker(s) never reported: their figures are missing")
+    for worker in figures["generator"]["workers"]:
+        if worker.get("error"):
+            out.append(f"worker {worker['index']} failed: {worker['error']}")
+        share = float(worker.get("cpu_share") or 0.0)
+        if share >= CPU_SATURATED:
+            out.append(
+                f"load generator worker {worker['index']} used {share:.0%} of a core: the tool "
+                "itself was a bottleneck (use --processes, or fewer clients)"
+            )
+    lag = figures["generator"]["loop_lag_ms"]
+    if lag and lag["p99"] > LOOP_LAG_WARN_MS:
+        out.append(
+            f"the tool's event loop lagged {lag['p99']:.0f} ms (p99): latencies include the tool's own delay"
+        )
+    busy = figures["generator"]["machine_busy"]
+    if busy is not None and busy >= MACHINE_BUSY_WARN:
+        out.append(f"the machine's cores were {busy:.0%} busy: server and load generator competed for CPU")
+    refused = stats.total("error.rate_limited")
+    if refused:
+        out.append(
+            f"{refused} messages were refused by the server's rate limit: benchmarks need "
+            "the server started with --rate-limit 0"
+        )
+    connections = figures["connections"]
+    if connections["failed"]:
+        out.append(f"{connections['failed']} connection attempts failed")
+    if connections["closed_by_server"]:
+        out.append(f"the server closed {connections['closed_by_server']} live connections")
+    if stats.get("run.drain_timeouts"):
+        out.append("not all in-flight traffic arrived within --drain-timeout")
+    timeouts = stats.get("room.window_timeouts") + stats.get("dm.window_timeouts")
+    if timeouts:
+        out.append(f"senders gave up waiting for confirmations {timeouts} times (--inflight-timeout)")
+    skipped = stats.get("room.pacer_skipped") + stats.get("dm.pacer_skipped")
+    planned = stats.get("room.sent") + stats.get("dm.sent") + skipped
+    if skipped > max(1, planned // 100):  # a slot or two late is noise, not a missed rate
+        out.append(f"the target rate was not kept: {skipped} send slots were skipped")
+    if stats.get("match.stalled"):
+        out.append(f"{stats.get('match.stalled')} matches stalled (--match-timeout)")
+    if figures["connections"]["opened"] == 0:
+        out.append("no connection could be opened: is the server running at --url?")
+    return out
+
+
+def exit_code(figures: dict[str, Any]) -> int:
+    """130 when interrupted, 1 when the server broke a guarantee or nobody connected, else 0."""
+    if figures["interrupted"]:
+        return 130
+    if not figures["integrity_ok"] or figures["connections"]["opened"] == 0:
+        return 1
+    return 0
