@@ -59,6 +59,10 @@ def _any(value: Any, _: Any) -> Any:
     return value
 
 
+def _any_out(value: Any) -> Any:
+    return value
+
+
 def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter()
     for kind in (str, bool, int):
@@ -75,6 +79,11 @@ def _make_converter() -> cattrs.Converter:
 
     converter.register_structure_hook_factory(attrs.has, structure_factory)
     converter.register_unstructure_hook_factory(attrs.has, unstructure_factory)
+    # Client payloads (dicts and lists under an ``Any`` field) are already JSON-ready: pass
+    # them through instead of copying them level by level (which is slow, and recursion
+    # deep enough to fail on hostile nesting).
+    converter.register_unstructure_hook(dict, _any_out)
+    converter.register_unstructure_hook(list, _any_out)
     return converter
 
 

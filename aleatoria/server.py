@@ -114,6 +114,7 @@ class Server:
     async def _connection(self, sock: socket.socket, addr: str) -> None:
         # Error boundary: one bad client must never take the listener down.
         try:
+            request = None  # stays None when the client is too slow to send its head
             with trio.move_on_after(self.config.handshake_timeout):
                 request = await read_request(sock)
             if request is not None:

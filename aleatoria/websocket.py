@@ -24,6 +24,7 @@ a peer in the middle of a 2**40-byte frame cannot send one.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 from collections import deque
@@ -108,23 +109,38 @@ class Request:
         return None if value is None else value.decode("latin-1")
 
 
+class _HttpConnection(h11.Connection):
+    """h11's server side, remembering the request method (h11 keeps its copy private):
+    the answer to HEAD carries headers only."""
+
+    request_method = b""
+
+
 async def read_request(sock: socket.socket) -> Request | None:
-    """Read one request head. Returns None (after answering 400) for malformed requests or
-    None silently if the peer went away. The caller bounds the wait with a timeout."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    """Read one request head of at most ``MAX_HEAD_BYTES``. Returns None after answering
+    malformed requests (400; 431 for an oversize head), or silently if the peer went away.
+    The caller bounds the wait with a timeout."""
+    # h11 measures only an *incomplete* head, so a head completed by one large read would
+    # slip past its limit: never hand it more than MAX_HEAD_BYTES before the head is done.
+    conn = _HttpConnection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES - 1)
+    received = 0
     while True:
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
-            await send_http(sock, exc.error_status_hint, f"Bad request: {exc}\n", conn=conn)
+            # OSError: the peer is gone (it may have left mid-head), nobody to answer.
+            with contextlib.suppress(OSError):
+                await send_http(sock, exc.error_status_hint, f"Bad request: {exc}\n", conn=conn)
             return None
         if isinstance(event, h11.Request):
             break
         if event is h11.NEED_DATA:
-            data = await _recv_some(sock)
+            data = await _recv_some(sock, max(1, MAX_HEAD_BYTES - received))
+            received += len(data)
             conn.receive_data(data)
             continue
         return None  # ConnectionClosed or PAUSED before a request: nothing to answer
+    conn.request_method = event.method
     target = event.target.decode("latin-1")
     parts = urlsplit(target)
     headers: dict[bytes, bytes] = {}
@@ -158,6 +174,8 @@ async def send_http(
         ("cache-control", "no-store"),
         *(extra_headers or []),
     ]
+    if isinstance(conn, _HttpConnection) and conn.request_method == b"HEAD":
+        data = b""  # same headers as GET (content-length included), no body
     try:
         out = conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
         out = (out or b"") + (conn.send(h11.Data(data=data)) or b"") if data else out
@@ -241,10 +259,10 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
     await trio.lowlevel.checkpoint()
 
 
-async def _recv_some(sock: socket.socket) -> bytes:
+async def _recv_some(sock: socket.socket, size: int) -> bytes:
     while True:
         try:
-            return sock.recv(MAX_HEAD_BYTES)
+            return sock.recv(size)
         except BlockingIOError:
             await trio.lowlevel.wait_readable(sock)
         except OSError:
@@ -369,7 +387,8 @@ class WebSocket:
                     self._fragments.clear()
                     self._fail(MESSAGE_TOO_BIG, "message too big")
                     return False
-                self._fragments.append(data)
+                if size:  # skip empty fragments (legal): a flood of them would grow the list
+                    self._fragments.append(data)
                 if event.message_finished:
                     joined = (
                         "".join(self._fragments)  # type: ignore[arg-type]
@@ -381,7 +400,9 @@ class WebSocket:
                     out.append(joined)
             elif isinstance(event, Ping):
                 if proto.state is ConnectionState.OPEN:
-                    self._write(proto.send(event.response()))
+                    # Through the bounded outbox: a peer that floods pings and never reads
+                    # its pongs is a slow consumer like any other (1013).
+                    self._enqueue(proto.send(event.response()))
             elif isinstance(event, CloseConnection):
                 return self._on_close_event(event)
             # Pong: nothing to do; any traffic already counts as activity.
