@@ -103,8 +103,15 @@ def _describe(exc: Exception) -> str:
 
 # orjson reads integers of 2**64 and more as floats; a run of 20+ digits sends the frame to
 # the standard library's parser, which keeps them exact (relayed payloads stay unchanged).
-_LONG_DIGITS = re.compile(r"\d{20,}")
-_LONG_DIGITS_BYTES = re.compile(rb"\d{20,}")
+# The run is found by mapping digits to "1" and the rest to "0" (C-speed translate and
+# substring search: a regex costs ten times more on every frame).
+_DIGIT_MAP = bytes(0x31 if 0x30 <= c <= 0x39 else 0x30 for c in range(256))
+_TWENTY_DIGITS = b"1" * 20
+
+
+def _has_long_digit_run(frame: str | bytes | bytearray) -> bool:
+    raw = frame.encode("utf-8", "surrogatepass") if isinstance(frame, str) else frame
+    return _TWENTY_DIGITS in raw.translate(_DIGIT_MAP)
 
 
 def _reject_constant(name: str) -> Any:
@@ -113,9 +120,8 @@ def _reject_constant(name: str) -> Any:
 
 def loads(frame: str | bytes | bytearray) -> Any:
     """Parse JSON text. Raises InvalidMessage."""
-    pattern: Any = _LONG_DIGITS if isinstance(frame, str) else _LONG_DIGITS_BYTES
     try:
-        if pattern.search(frame) is None:
+        if not _has_long_digit_run(frame):
             return orjson.loads(frame)
         return json.loads(frame, parse_constant=_reject_constant)
     except (orjson.JSONDecodeError, ValueError, RecursionError) as exc:
