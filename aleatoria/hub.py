@@ -27,6 +27,8 @@ from aleatoria.websocket import REPLACED, WebSocket
 log = logging.getLogger("aleatoria.hub")
 
 ROOM_QUEUE_FRAMES = 1024
+_BATCH_FRAMES = 64
+_BATCH_BYTES = 256 * 1024
 
 
 @attrs.define(eq=False)
@@ -135,24 +137,32 @@ class Hub:
             await room.send.send(frame)
 
     async def _broadcaster(self, room: Room, receive: trio.MemoryReceiveChannel[bytes]) -> None:
+        stats = self.stats
         with receive:
             while True:
                 try:
                     frame = await receive.receive()
                 except trio.EndOfChannel:
                     return
-                # Drain whatever else is queued without a task switch per frame.
-                while True:
-                    members = tuple(room.members.values())
-                    for ws in members:
-                        ws.send(frame)
-                    self.broadcasts += 1
-                    self.deliveries += len(members)
-                    self.stats.messages_out["chat_message"] += len(members)
+                # Whatever else is queued goes out joined: one send per member for the
+                # batch, not per frame (system calls dominate fan-out cost).
+                batch = [frame]
+                size = len(frame)
+                while len(batch) < _BATCH_FRAMES and size < _BATCH_BYTES:
                     try:
                         frame = receive.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                    batch.append(frame)
+                    size += len(frame)
+                data = batch[0] if len(batch) == 1 else b"".join(batch)
+                count = len(batch)
+                members = tuple(room.members.values())
+                for ws in members:
+                    ws.send(data, count)
+                self.broadcasts += count
+                self.deliveries += count * len(members)
+                stats.messages_out["chat_message"] += count * len(members)
 
     # -- shutdown ----------------------------------------------------------------------------
 

@@ -292,7 +292,10 @@ class WebSocket:
         self._max_message = max_message_bytes
         self._outbox_frames = outbox_frames
         self._close_timeout = close_timeout
+        # Unsent bytes, and how many frames each entry holds (an entry may join several).
         self._backlog: deque[bytes | memoryview] = deque()
+        self._backlog_frames: deque[int] = deque()
+        self._queued_frames = 0
         self._writer_running = False
         self._drained = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -402,7 +405,7 @@ class WebSocket:
                 if proto.state is ConnectionState.OPEN:
                     # Through the bounded outbox: a peer that floods pings and never reads
                     # its pongs is a slow consumer like any other (1013).
-                    self._enqueue(proto.send(event.response()))
+                    self._send_control(proto.send(event.response()), bounded=True)
             elif isinstance(event, CloseConnection):
                 return self._on_close_event(event)
             # Pong: nothing to do; any traffic already counts as activity.
@@ -412,7 +415,7 @@ class WebSocket:
         state = self._proto.state
         if state is ConnectionState.REMOTE_CLOSING:
             # The peer closes: answer, then we are done.
-            self._write(self._proto.send(event.response()))
+            self._send_control(self._proto.send(event.response()), bounded=False)
             self._closed(event.code, event.reason or "")
             return False
         if state is ConnectionState.CLOSED:
@@ -426,11 +429,19 @@ class WebSocket:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send(self, frame: bytes) -> None:
-        """Queue one pre-built frame; never blocks. Ignored once the connection is closing."""
+    def send(self, data: bytes, frames: int = 1) -> None:
+        """Send ``data``: ``frames`` pre-built frames, possibly joined into one buffer. Never
+        blocks; ignored once the connection is closing. A client whose backlog would pass
+        ``outbox_frames`` is closed with 1013."""
         if self.close_code is not None:
             return
-        self._enqueue(frame)
+        if self._backlog:
+            if self._queued_frames + frames > self._outbox_frames:
+                self.close(TRY_AGAIN_LATER, "client too slow")
+                return
+            self._queue(data, frames)
+            return
+        self._write_now(data, frames)
 
     def send_text(self, payload: bytes) -> None:
         self.send(text_frame(payload))
@@ -447,12 +458,15 @@ class WebSocket:
         self.close_reason = reason
         if code == TRY_AGAIN_LATER and len(self._backlog) > 1:
             # The client is not reading: drop what it would never read in time, but finish
-            # the frame in flight so the close frame stays parseable.
-            head = self._backlog.popleft()
+            # the entry in flight so the close frame stays parseable.
+            head, head_frames = self._backlog[0], self._backlog_frames[0]
             self._backlog.clear()
+            self._backlog_frames.clear()
             self._backlog.append(head)
+            self._backlog_frames.append(head_frames)
+            self._queued_frames = head_frames
         if self._proto.state is ConnectionState.OPEN:
-            self._enqueue(self._proto.send(CloseConnection(code=code, reason=reason)))
+            self._send_control(self._proto.send(CloseConnection(code=code, reason=reason)), bounded=False)
         self._scope.deadline = min(self._scope.deadline, trio.current_time() + self._close_timeout)
 
     def _fail(self, code: int, reason: str) -> None:
@@ -494,20 +508,19 @@ class WebSocket:
         if self._backlog:
             self._scope.deadline = min(self._scope.deadline, trio.current_time() + self._close_timeout)
 
-    def _enqueue(self, frame: bytes) -> None:
-        backlog = self._backlog
-        if backlog:
-            if len(backlog) >= self._outbox_frames and self.close_code is None:
+    def _send_control(self, data: bytes, *, bounded: bool) -> None:
+        """A pong or close frame: sent even while closing; pongs count against the outbox
+        (a peer that floods pings and never reads is a slow consumer like any other)."""
+        if self._backlog:
+            if bounded and self._queued_frames >= self._outbox_frames:
                 self.close(TRY_AGAIN_LATER, "client too slow")
                 return
-            backlog.append(frame)
+            self._queue(data, 1)
             return
-        self._write(frame)
+        self._write_now(data, 1)
 
-    def _write(self, data: bytes) -> None:
-        if self._backlog:
-            self._backlog.append(data)
-            return
+    def _write_now(self, data: bytes, frames: int) -> None:
+        """Write-through: hand ``data`` to the kernel; queue what it did not take."""
         try:
             sent = self._sock.send(data)
         except BlockingIOError:
@@ -516,8 +529,13 @@ class WebSocket:
             self.abort()
             return
         if sent < len(data):
-            self._backlog.append(memoryview(data)[sent:])
-            self._start_writer()
+            self._queue(memoryview(data)[sent:] if sent else data, frames)
+
+    def _queue(self, data: bytes | memoryview, frames: int) -> None:
+        self._backlog.append(data)
+        self._backlog_frames.append(frames)
+        self._queued_frames += frames
+        self._start_writer()
 
     def _start_writer(self) -> None:
         if not self._writer_running and self._nursery is not None:
@@ -539,6 +557,8 @@ class WebSocket:
                     continue
                 except OSError:
                     backlog.clear()
+                    self._backlog_frames.clear()
+                    self._queued_frames = 0
                     self.abort()
                     return
                 while sent:
@@ -546,6 +566,7 @@ class WebSocket:
                     if sent >= len(head):
                         sent -= len(head)
                         backlog.popleft()
+                        self._queued_frames -= self._backlog_frames.popleft()
                     else:
                         backlog[0] = memoryview(head)[sent:]
                         sent = 0
