@@ -18,8 +18,18 @@ _PURGE_EVERY = 60.0
 
 @asynccontextmanager
 async def open_store(config: Config) -> AsyncIterator[Store]:
-    """The store the configuration asks for, with its background tasks running. On exit,
+    """The store the configuration asks for, with its background tasks running: Redis when
+    ``config.effective_redis_url`` is set (started even if Redis is unreachable: it then
+    serves from memory, degraded, and keeps retrying), else the in-memory store. On exit,
     pending writes are flushed (bounded by the store's own timeouts)."""
+    url = config.effective_redis_url
+    if url:
+        # Imported here: the memory path never loads redis-py.
+        from aleatoria.store.redis import open_redis_store
+
+        async with open_redis_store(config, url) as store:
+            yield store
+        return
     memory = MemoryStore(ttl_seconds=config.message_ttl_seconds, history_max=config.history_max)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_purge_forever, memory)

@@ -33,7 +33,14 @@ class RestartableServer(Protocol):
     def stop(self) -> None: ...
 
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# Every run saves its screenshots under artifacts/; ALEATORIA_UPDATE_SCREENSHOTS=1 writes the
+# ones the README shows (docs/screenshots/) instead, so routine runs leave the tree clean.
+_ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = (
+    _ROOT / "docs" / "screenshots"
+    if os.environ.get("ALEATORIA_UPDATE_SCREENSHOTS") == "1"
+    else _ROOT / "artifacts" / "screenshots"
+)
 PHONE: ViewportSize = {"width": 390, "height": 844}
 
 # WebRTC setup on loopback takes well under a second; the margin is for slow CI machines.

@@ -1,0 +1,167 @@
+"""Matchmaking in Redis: the rules of ``aleatoria.matchmaking``, atomically, across instances."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+from redis_support import Client, RedisServer, connect, running_server, server_config
+
+from aleatoria.matchmaking import IMPOLITE, POLITE, Matchmaker, RequestOutcome
+from aleatoria.store.redis import RedisStore, open_redis_store
+
+MATCHES = "webrtc:matches:{available:webrtc}"
+
+
+@asynccontextmanager
+async def store_on(server: RedisServer) -> AsyncIterator[RedisStore]:
+    async with open_redis_store(server_config(server.url), server.url) as store:
+        assert "ok" == store.health()
+        yield store
+
+
+def _check_no_double_assignment(pairs: list[tuple[str, str]], r_matches: dict[bytes, bytes]) -> None:
+    partner: dict[str, str] = {}
+    for a, b in pairs:
+        for user, other in ((a, b), (b, a)):
+            assert partner.setdefault(user, other) == other, f"{user} assigned twice"
+    stored = {k.decode(): v.decode().split("|")[0] for k, v in r_matches.items()}
+    assert partner == stored
+
+
+async def test_200_concurrent_requesters_on_two_instances(redis_server: RedisServer) -> None:
+    """200 pooled users request a peer at once through two store instances sharing one
+    Redis: no user is ever assigned to two peers, and Redis' matches agree."""
+    users = [f"u{i}" for i in range(200)]
+    async with store_on(redis_server) as one, store_on(redis_server) as two:
+        stores = (one, two)
+        for i, user in enumerate(users):
+            await stores[i % 2].set_available(user)
+        outcomes: dict[str, RequestOutcome] = {}
+
+        async def request(i: int, user: str) -> None:
+            outcomes[user] = await stores[i % 2].request_peer(user, None)
+
+        async with trio.open_nursery() as nursery:
+            for i, user in enumerate(users):
+                nursery.start_soon(request, i, user)
+        pairs = []
+        for user, outcome in outcomes.items():
+            if outcome.peer is not None:
+                pairs.append((user, outcome.peer) if outcome.role == IMPOLITE else (outcome.peer, user))
+        with redis_server.client() as r:
+            _check_no_double_assignment(sorted(set(pairs)), r.hgetall(MATCHES))
+            matched = {u for pair in pairs for u in pair}
+            assert len(matched) >= 198
+            assert set() == {m.decode() for m in r.smembers("available:webrtc")} & matched
+
+
+async def test_200_concurrent_requesters_over_websockets(redis_server: RedisServer) -> None:
+    """Through real WebSocket clients: every ``assign_role`` a user receives names the same
+    peer, and that peer's names the user."""
+    count = 200
+    async with running_server(server_config(redis_server.url)) as port:
+        peers: dict[str, set[str]] = {f"w{i}": set() for i in range(count)}
+        clients: dict[str, Client] = {}
+        ready = trio.Event()
+        requested = trio.Event()
+        done = trio.Event()
+        finished = 0
+
+        async def user_task(user: str, *, task_status: trio.TaskStatus[None]) -> None:
+            nonlocal finished
+            async with connect(port, user) as client:
+                clients[user] = client
+                await client.send(type="user_available_webrtc")
+                await client.request("pong", type="ping")
+                task_status.started()
+                await ready.wait()
+                await client.send(type="request_random_peer")
+                await client.send(type="ping")
+                await _collect(client, peers[user])
+                finished += 1
+                if finished == count:
+                    requested.set()
+                # Second round: everything the others' requests sent is in before this pong.
+                await requested.wait()
+                await client.send(type="ping")
+                await _collect(client, peers[user])
+                finished += 1
+                if finished == 2 * count:
+                    done.set()
+                await done.wait()
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for user in peers:
+                    await nursery.start(user_task, user)
+                ready.set()
+        pairs = {tuple(sorted((user, peer))) for user, seen in peers.items() for peer in seen}
+        for user, seen in peers.items():
+            assert len(seen) <= 1, f"{user} was assigned {seen}"
+            for peer in seen:
+                assert {user} == peers[peer]
+        with redis_server.client() as r:
+            assert len(pairs) >= count // 2 - 1
+            assert set() == r.smembers("available:webrtc") & {u.encode() for p in pairs for u in p}
+
+
+async def _collect(client: Client, seen: set[str]) -> None:
+    while True:
+        message = await client.receive()
+        if message["type"] == "assign_role":
+            seen.add(message["payload"]["peerId"])
+        elif message["type"] == "pong":
+            return
+
+
+async def test_same_outcomes_as_the_in_memory_matchmaker(redis_server: RedisServer) -> None:
+    """Every rule (no peer, match, resend, "next" with currentPeerId, re-declared
+    availability, hangup, disconnect) gives what ``Matchmaker`` gives, when the pick is forced
+    (one candidate)."""
+    memory = Matchmaker()
+    async with store_on(redis_server) as store:
+
+        async def both(command: str, *args: str | None) -> None:
+            expected = getattr(memory, "disconnect" if command == "user_gone" else command)(*args)
+            actual = await getattr(store, command)(*args)
+            assert expected == actual, (command, args)
+
+        await both("request_peer", "a", None)  # nobody pooled
+        await both("set_available", "b")
+        await both("request_peer", "b", None)  # only itself pooled
+        await both("request_peer", "a", None)  # a-b
+        await both("request_peer", "a", None)  # resend, impolite
+        await both("request_peer", "b", None)  # resend, polite
+        await both("set_available", "c")
+        await both("request_peer", "a", "b")  # next: ends a-b, matches c
+        await both("hangup", "b", "a")  # not their match any more
+        await both("set_available", "b")
+        await both("set_available", "c")  # ends a-c, c pooled again
+        await both("request_peer", "a", "c")  # next with c excluded: b
+        await both("user_gone", "b")  # ends a-b
+        await both("set_unavailable", "c")
+        await both("request_peer", "a", None)
+        await both("hangup", "a", "nobody")
+        with redis_server.client() as r:
+            assert set(memory.pool()) == {m.decode() for m in r.smembers("available:webrtc")}
+
+
+async def test_pick_is_uniform(redis_server: RedisServer) -> None:
+    """Over many requests every pooled candidate is picked about equally often."""
+    candidates = [f"c{i}" for i in range(5)]
+    picks: Counter[str] = Counter()
+    async with store_on(redis_server) as store:
+        for user in candidates:
+            await store.set_available(user)
+        for _ in range(500):
+            outcome = await store.request_peer("req", None)
+            assert outcome.peer is not None
+            picks[outcome.peer] += 1
+            assert POLITE != outcome.role
+            await store.hangup("req", outcome.peer)
+            await store.set_available(outcome.peer)
+    assert set(candidates) == set(picks)
+    assert all(55 <= n <= 145 for n in picks.values()), picks

@@ -1,0 +1,128 @@
+"""The RedisStore on its own: reads see the write-behind queue, the bounded buffer, order of
+the flush after an outage, and the timestamp parsing shared with the original's data."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+import pytest
+from redis_support import RedisServer, server_config, wait_until
+
+from aleatoria.store.redis import open_redis_store
+from aleatoria.store.redis_history import created_ns_of
+
+
+def _message(n: int, created_ns: int, **fields: str) -> bytes:
+    seconds, rest = divmod(created_ns, 10**9)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{rest // 1000:06d}Z"
+    body = {"type": "chat_message", "fromUser": "a", "payload": {"content": str(n)}, "createTime": stamp}
+    return orjson.dumps(body | fields)
+
+
+async def test_reads_see_messages_still_queued(redis_server: RedisServer) -> None:
+    """A message is readable the moment it was recorded, before the writer wrote it: the
+    read merges the queue with what Redis holds (room and DM, limit and before)."""
+    async with open_redis_store(server_config(redis_server.url), redis_server.url) as store:
+        base = time.time_ns()
+        for n in range(3):
+            store.record_room_message("Den", _message(n, base + n * 1000, room="Den"), base + n * 1000)
+        with redis_server.client() as r:
+            await wait_until(lambda: r.zcard("room:messages:Den") == 3)
+        async with store._writer.lock:  # hold the writer: what follows stays queued
+            for n in range(3, 6):
+                created = base + n * 1000
+                store.record_room_message("Den", _message(n, created, room="Den"), created)
+                store.record_direct_message("b", "a", _message(n, created, toUser="b"), created)
+            assert 6 == len(store._writer)
+            recent = await store.recent_room_messages("Den", 4)
+            assert [b"5", b"4", b"3", b"2"] == [_content(m) for m in recent]
+            older = await store.recent_room_messages("Den", 10, before_ns=base + 4 * 1000)
+            assert [b"3", b"2", b"1", b"0"] == [_content(m) for m in older]
+            direct = await store.direct_messages("a", "b", 2)
+            assert [b"4", b"5"] == [_content(m) for m in direct]
+        with redis_server.client() as r:
+            await wait_until(lambda: r.zcard("room:messages:Den") == 6 and r.llen("dm:a:b") == 3)
+
+
+async def test_buffer_is_bounded_drops_are_counted_and_logged_once(
+    redis_down: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While Redis is down the buffer keeps the newest ``redis_write_buffer`` messages (the
+    oldest dropped, counted, one warning); on recovery they are written in order."""
+    caplog.set_level(logging.INFO, logger="aleatoria")
+    config = server_config(redis_down.url, redis_write_buffer=5)
+    async with open_redis_store(config, redis_down.url) as store:
+        assert "degraded" == store.health()
+        base = time.time_ns()
+        for n in range(12):
+            created = base + n * 1000
+            store.record_direct_message("a", "b", _message(n, created, toUser="b"), created)
+        assert 7 == store.metrics().dropped
+        assert 5 == store.metrics().queued
+        # Served from memory meanwhile (the memory mirror keeps everything within the cap).
+        assert 12 == len(await store.direct_messages("a", "b", 50))
+        await redis_down.restart()
+        with redis_down.client() as r:
+            await wait_until(lambda: store.health() == "ok")
+            assert [str(n).encode() for n in range(7, 12)] == [_content(m) for m in r.lrange("dm:a:b", 0, -1)]
+    full = [rec for rec in caplog.records if "event=redis_buffer_full" in rec.getMessage()]
+    assert 1 == len(full)
+
+
+def test_created_ns_of_reads_both_formats() -> None:
+    """createTime with microseconds (ours) or nanoseconds and offsets (the original's)."""
+    assert 1_700_000_000_123_456_000 == created_ns_of(b'{"createTime":"2023-11-14T22:13:20.123456Z"}')
+    assert 1_700_000_000_123_456_000 == created_ns_of(b'{"createTime":"2023-11-15T00:13:20.123456789+02:00"}')
+    assert 1_700_000_000_000_000_000 == created_ns_of(b'{"createTime":"2023-11-14T22:13:20Z"}')
+    assert None is created_ns_of(b'{"createTime":"yesterday"}')
+    assert None is created_ns_of(b"[1, 2]")
+    assert None is created_ns_of(b"not json")
+
+
+def _content(message: bytes) -> bytes:
+    content: str = orjson.loads(message)["payload"]["content"]
+    return content.encode()
+
+
+async def test_open_store_picks_redis_from_the_valkey_settings(redis_server: RedisServer) -> None:
+    """VALKEY_HOST/VALKEY_PORT/REDIS_DB (the original's settings) select the Redis store;
+    without them the memory store is used."""
+    from aleatoria.config import Config, from_environment
+    from aleatoria.store import open_store
+
+    environ = {"VALKEY_HOST": "127.0.0.1", "VALKEY_PORT": str(redis_server.port), "REDIS_DB": "2"}
+    config = from_environment(environ, port=0)
+    async with open_store(config) as store:
+        assert ("redis", "ok") == (store.kind, store.health())
+        await store.join_room("Den", "alice")
+        with redis_server.client(db=2) as r:
+            assert {b"alice"} == r.smembers("room:members:Den")
+    async with open_store(Config(port=0)) as store:
+        assert ("memory", "disabled") == (store.kind, store.health())
+
+
+def test_a_retried_batch_never_duplicates_a_dm(redis_server: RedisServer) -> None:
+    """A batch that failed after Redis ran it is written again as "suspect": room writes
+    are idempotent, and DM entries already in the list are skipped, order kept."""
+    from aleatoria.store.redis_client import RedisClient
+    from aleatoria.store.redis_writer import DM, ROOM, WriteBehind
+
+    client = RedisClient(redis_server.url, connect_timeout=2, call_timeout=2)
+    try:
+        client.scripts.load(client.redis)
+        writer = WriteBehind(
+            capacity=100, batch=100, ttl_ns=3600 * 10**9, history_max=50, scripts=client.scripts
+        )
+        base = time.time_ns()
+        first = [(DM, "a:b", _message(n, base + n, toUser="b"), base + n) for n in range(3)]
+        first.append((ROOM, "Den", _message(9, base + 9, room="Den"), base + 9))
+        writer._write(client.redis, batch=first, suspects=0)
+        later = [(DM, "a:b", _message(n, base + n, toUser="b"), base + n) for n in range(3, 5)]
+        writer._write(client.redis, batch=first + later, suspects=len(first))
+        with redis_server.client() as r:
+            assert [str(n).encode() for n in range(5)] == [_content(m) for m in r.lrange("dm:a:b", 0, -1)]
+            assert 1 == r.zcard("room:messages:Den")
+    finally:
+        client.close()
