@@ -296,6 +296,8 @@ class WebSocket:
         self._backlog: deque[bytes | memoryview] = deque()
         self._backlog_frames: deque[int] = deque()
         self._queued_frames = 0
+        self._cork: list[bytes] | None = None
+        self._cork_frames = 0
         self._writer_running = False
         self._drained = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -340,10 +342,15 @@ class WebSocket:
         while True:
             # The first pass handles bytes that came with the handshake.
             still_open = self._collect(messages)
+            if len(messages) > 1:
+                # Several messages in one read (a pipelining or flooding client): what we
+                # send this socket while handling them goes out in one system call.
+                self._cork = []
             for message in messages:
                 if self.close_code is not None:
                     break  # closing: the rest is ignored
                 await on_message(message)
+            self._uncork()
             messages.clear()
             if self._failed:
                 await self._linger()
@@ -435,6 +442,13 @@ class WebSocket:
         ``outbox_frames`` is closed with 1013."""
         if self.close_code is not None:
             return
+        if self._cork is not None:
+            self._cork.append(data)
+            self._cork_frames += frames
+            return
+        self._push(data, frames)
+
+    def _push(self, data: bytes, frames: int) -> None:
         if self._backlog:
             if self._queued_frames + frames > self._outbox_frames:
                 self.close(TRY_AGAIN_LATER, "client too slow")
@@ -442,6 +456,15 @@ class WebSocket:
             self._queue(data, frames)
             return
         self._write_now(data, frames)
+
+    def _uncork(self) -> None:
+        cork = self._cork
+        if cork is None:
+            return
+        self._cork = None
+        if cork:
+            frames, self._cork_frames = self._cork_frames, 0
+            self._push(cork[0] if len(cork) == 1 else b"".join(cork), frames)
 
     def send_text(self, payload: bytes) -> None:
         self.send(text_frame(payload))
@@ -454,6 +477,7 @@ class WebSocket:
         answer before the socket is dropped. Idempotent; never blocks."""
         if self.close_code is not None:
             return
+        self._uncork()  # what was sent before the close goes out before it
         self.close_code = code
         self.close_reason = reason
         if code == TRY_AGAIN_LATER and len(self._backlog) > 1:
