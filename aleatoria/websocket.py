@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
-from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
@@ -236,13 +235,15 @@ async def accept_websocket(
     )
     head = conn.send(response) or b""
     trailing, _closed = conn.trailing_data
-    await send_all(sock, head)
+    # The 101 is not sent yet: it leaves with the first frames (the server's greeting
+    # reply) in one system call when ``serve`` starts.
     return WebSocket(
         sock,
         trailing,
         max_message_bytes=max_message_bytes,
         outbox_frames=outbox_frames,
         close_timeout=close_timeout,
+        greeting=head,
     )
 
 
@@ -286,6 +287,7 @@ class WebSocket:
         max_message_bytes: int,
         outbox_frames: int,
         close_timeout: float,
+        greeting: bytes = b"",
     ) -> None:
         self._sock = sock
         self._proto = _WsConnection(ConnectionType.SERVER, trailing_data=trailing)
@@ -293,10 +295,12 @@ class WebSocket:
         self._outbox_frames = outbox_frames
         self._close_timeout = close_timeout
         # Unsent bytes, and how many frames each entry holds (an entry may join several).
-        self._backlog: deque[bytes | memoryview] = deque()
-        self._backlog_frames: deque[int] = deque()
+        # Lists, not deques: at most outbox_frames entries, and an empty deque costs 760
+        # bytes on every idle connection.
+        self._backlog: list[bytes | memoryview] = []
+        self._backlog_frames: list[int] = []
         self._queued_frames = 0
-        self._cork: list[bytes] | None = None
+        self._cork: list[bytes] | None = [greeting] if greeting else None
         self._cork_frames = 0
         self._writer_running = False
         self._drained = trio.Event()
@@ -323,6 +327,9 @@ class WebSocket:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._uncork()  # the handshake response and greeting, in one send
+                if self._backlog:
+                    self._start_writer()
                 with self._scope:
                     await self._receive_loop(on_message)
                     # Let the writer flush our last frames (the close answer), bounded by
@@ -589,8 +596,8 @@ class WebSocket:
                     head = backlog[0]
                     if sent >= len(head):
                         sent -= len(head)
-                        backlog.popleft()
-                        self._queued_frames -= self._backlog_frames.popleft()
+                        del backlog[0]
+                        self._queued_frames -= self._backlog_frames.pop(0)
                     else:
                         backlog[0] = memoryview(head)[sent:]
                         sent = 0
