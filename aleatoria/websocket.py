@@ -302,8 +302,7 @@ class WebSocket:
         self._queued_frames = 0
         self._cork: list[bytes] | None = [greeting] if greeting else None
         self._cork_frames = 0
-        self._writer_running = False
-        self._drained = trio.Event()
+        self._drained: trio.Event | None = None  # exists while a writer task runs
         self._nursery: trio.Nursery | None = None
         self._scope = trio.CancelScope()
         self._fragments: list[Frame] = []
@@ -334,8 +333,9 @@ class WebSocket:
                     await self._receive_loop(on_message)
                     # Let the writer flush our last frames (the close answer), bounded by
                     # the deadline that closing set.
-                    if self._writer_running:
-                        await self._drained.wait()
+                    drained = self._drained
+                    if drained is not None:
+                        await drained.wait()
                 nursery.cancel_scope.cancel()
         finally:
             self._nursery = None
@@ -509,8 +509,9 @@ class WebSocket:
         """Flush our close frame, send FIN, and discard input until the peer's EOF. Bounded
         by the deadline ``close`` set; discarded bytes never reach wsproto (no buffering)."""
         sock = self._sock
-        if self._writer_running:
-            await self._drained.wait()
+        drained = self._drained
+        if drained is not None:
+            await drained.wait()
         try:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -569,8 +570,7 @@ class WebSocket:
         self._start_writer()
 
     def _start_writer(self) -> None:
-        if not self._writer_running and self._nursery is not None:
-            self._writer_running = True
+        if self._drained is None and self._nursery is not None:
             self._drained = trio.Event()
             self._nursery.start_soon(self._drain)
 
@@ -602,8 +602,9 @@ class WebSocket:
                         backlog[0] = memoryview(head)[sent:]
                         sent = 0
         finally:
-            self._writer_running = False
-            self._drained.set()
+            drained, self._drained = self._drained, None
+            if drained is not None:
+                drained.set()
 
 
 def websocket_close_reason(code: int) -> str:
