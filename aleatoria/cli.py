@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import trio
@@ -17,6 +18,7 @@ from aleatoria.auth import make_token, parse_duration
 from aleatoria.config import SETTINGS, Config, ConfigError, from_environment
 from aleatoria.limits import id_problem
 from aleatoria.server import serve
+from aleatoria.workers import exit_when_parent_dies, run_workers
 
 log = logging.getLogger("aleatoria.cli")
 
@@ -44,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
             serve_cmd.add_argument(
                 flag, dest="allowed_origins", action="append", metavar="ORIGIN", help=helptext
             )
-        elif setting.parse is bool or setting.name in {"require_origin", "valkey_use_tls"}:
+        elif setting.parse is bool or setting.name in {"require_origin", "valkey_use_tls", "redis_cluster"}:
             serve_cmd.add_argument(
                 flag, dest=setting.name, action="store_const", const=True, default=None, help=helptext
             )
@@ -52,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
             kind = setting.parse if setting.parse in (int, float) else str
             serve_cmd.add_argument(flag, dest=setting.name, type=kind, default=None, help=helptext)
     serve_cmd.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    # Internal: set by the --workers parent on each worker it starts.
+    serve_cmd.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
 
     token_cmd = commands.add_parser(
         "token",
@@ -65,9 +69,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(raw)
     if args.command == "serve":
-        return _serve(args)
+        return _serve(args, raw[raw.index("serve") + 1 :])
     if args.command == "token":
         return _token(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
@@ -91,7 +96,7 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _serve(args: argparse.Namespace, serve_args: Sequence[str]) -> int:
     overrides: dict[str, Any] = {s.name: getattr(args, s.name, None) for s in SETTINGS}
     if overrides.get("allowed_origins") is not None:
         origins: list[str] = []
@@ -110,7 +115,9 @@ def _serve(args: argparse.Namespace) -> int:
     elif len(config.auth_secret) < 32:
         log.warning("event=auth_weak_secret detail=%r", "ALEATORIA_AUTH_SECRET is shorter than 32 bytes")
     try:
-        trio.run(_run, config)
+        if config.workers > 1 and args.worker is None:
+            return run_workers(config, serve_args)
+        trio.run(_run, config, args.worker)
     except OSError as exc:
         log.error("event=start_failed error=%r", exc)
         return 1
@@ -131,10 +138,16 @@ def _start_error_reporting() -> None:
     log.info("event=sentry_enabled")
 
 
-async def _run(config: Config) -> None:
+async def _run(config: Config, worker: int | None) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-        await nursery.start(serve, config)
+        if worker is None:
+            await nursery.start(serve, config)
+            return
+        await nursery.start(partial(serve, config, reuse_port=True, worker=worker))
+        nursery.start_soon(exit_when_parent_dies, nursery.cancel_scope)
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

@@ -105,13 +105,17 @@ def _describe(exc: Exception) -> str:
 # the standard library's parser, which keeps them exact (relayed payloads stay unchanged).
 # The run is found by mapping digits to "1" and the rest to "0" (C-speed translate and
 # substring search: a regex costs ten times more on every frame).
-_DIGIT_MAP = bytes(0x31 if 0x30 <= c <= 0x39 else 0x30 for c in range(256))
+# Negative integers leave int64 already at 19 digits, so "-" maps to "2" and a minus sign
+# followed by 19 digits counts too.
+_DIGIT_MAP = bytes(0x31 if 0x30 <= c <= 0x39 else 0x32 if c == 0x2D else 0x30 for c in range(256))
 _TWENTY_DIGITS = b"1" * 20
+_MINUS_NINETEEN_DIGITS = b"2" + b"1" * 19
 
 
 def _has_long_digit_run(frame: str | bytes | bytearray) -> bool:
     raw = frame.encode("utf-8", "surrogatepass") if isinstance(frame, str) else frame
-    return _TWENTY_DIGITS in raw.translate(_DIGIT_MAP)
+    mapped = raw.translate(_DIGIT_MAP)
+    return _TWENTY_DIGITS in mapped or _MINUS_NINETEEN_DIGITS in mapped
 
 
 def _reject_constant(name: str) -> Any:

@@ -108,6 +108,30 @@ SETTINGS: tuple[Setting, ...] = (
         int,
         "history writes buffered for Redis (oldest dropped beyond this)",
     ),
+    Setting(
+        "redis_cluster",
+        "ALEATORIA_REDIS_CLUSTER",
+        _parse_bool,
+        "the Redis URL names a Redis Cluster node (same as a redis+cluster:// URL)",
+    ),
+    Setting(
+        "workers",
+        "ALEATORIA_WORKERS",
+        int,
+        "worker processes sharing the port (SO_REUSEPORT); more than 1 needs Redis",
+    ),
+    Setting(
+        "presence_ttl",
+        "ALEATORIA_PRESENCE_TTL",
+        float,
+        "seconds after its last heartbeat an instance counts as dead (scale-out)",
+    ),
+    Setting(
+        "heartbeat_interval",
+        "ALEATORIA_HEARTBEAT_INTERVAL",
+        float,
+        "seconds between an instance's heartbeats and its checks for dead instances",
+    ),
 )
 
 
@@ -157,6 +181,14 @@ class Config:
 
     # Redis store (PROTOCOL.md section 6): history writes queued while Redis is slow or down.
     redis_write_buffer: int = 10_000
+    redis_cluster: bool = False
+
+    # Scale-out (PROTOCOL.md section 9). An instance whose heartbeat is older than
+    # ``presence_ttl`` is dead: its users leave pool and presence at the next check, so
+    # within presence_ttl + heartbeat_interval (13 s by default).
+    workers: int = 1
+    presence_ttl: float = 10.0
+    heartbeat_interval: float = 3.0
 
     @property
     def message_ttl_seconds(self) -> float:
@@ -164,7 +196,8 @@ class Config:
 
     @property
     def effective_redis_url(self) -> str | None:
-        """The Redis URL to use, or None for the in-memory store."""
+        """The Redis URL to use, or None for the in-memory store. A ``redis+cluster://``
+        (``rediss+cluster://``) URL is returned as is: see ``uses_redis_cluster``."""
         if self.redis_url:
             return self.redis_url
         if not self.valkey_host:
@@ -177,6 +210,12 @@ class Config:
                 auth += ":" + quote(self.valkey_password, safe="")
             auth += "@"
         return f"{scheme}://{auth}{self.valkey_host}:{self.valkey_port}/{self.redis_db}"
+
+    @property
+    def uses_redis_cluster(self) -> bool:
+        """True when Redis is a Redis Cluster (``--redis-cluster`` or a ``+cluster`` URL)."""
+        url = self.effective_redis_url or ""
+        return bool(url) and (self.redis_cluster or url.split("://", 1)[0].endswith("+cluster"))
 
     def validate(self) -> Config:
         """Raise ConfigError for values that cannot work; return self for chaining."""
@@ -196,6 +235,18 @@ class Config:
             raise ConfigError("rate limit must be >= 0 and burst >= 1")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise ConfigError(f"unknown log level {self.log_level!r}")
+        if self.workers < 1:
+            raise ConfigError("ALEATORIA_WORKERS must be at least 1")
+        if self.workers > 1 and not self.effective_redis_url:
+            raise ConfigError(
+                f"--workers {self.workers} needs Redis (set ALEATORIA_REDIS_URL or VALKEY_HOST): "
+                "without a shared Redis every worker would be a separate server"
+            )
+        if self.heartbeat_interval <= 0 or self.presence_ttl < 2 * self.heartbeat_interval:
+            raise ConfigError(
+                "ALEATORIA_HEARTBEAT_INTERVAL must be positive and ALEATORIA_PRESENCE_TTL at "
+                "least twice as long"
+            )
         return self
 
 

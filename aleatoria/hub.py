@@ -9,12 +9,18 @@ closes and its broadcaster finishes what was queued, then exits.
 
 Replacing a connection (same userId again) moves the user's rooms to the new WebSocket, so
 the user's state carries over; the old socket is closed with 4001.
+
+Scale-out (Redis mode): the router hears of a room's first and last local member through
+``room_opened``/``room_closed`` (it subscribes to the room's channel), and room messages
+arrive from Redis in batches that ``broadcast_now`` hands to the members at once, in the
+order Redis gave them (the broadcaster tasks then only serve local delivery while Redis is
+down). ``evict`` drops a user who connected to another instance.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import attrs
@@ -40,6 +46,7 @@ class Client:
     limiter: RateLimiter
     rooms: set[str] = attrs.Factory(set)
     replaced: bool = False
+    connection: str = ""  # unique per connection (presence tells connections apart)
 
 
 class Room:
@@ -61,6 +68,8 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self.broadcasts = 0
         self.deliveries = 0
+        self.room_opened: Callable[[str], None] | None = None
+        self.room_closed: Callable[[str], None] | None = None
 
     # -- connections --------------------------------------------------------------------
 
@@ -78,6 +87,21 @@ class Hub:
             self.rooms[name].members[client.user] = client.ws
         old.ws.close(REPLACED, "replaced")
         return old
+
+    def evict(self, user: str, connection: str) -> Client | None:
+        """``user`` connected to another instance: close its connection ``connection`` here
+        with 4001 and forget it (rooms included) without touching shared state (the new
+        instance took it over). Returns the client, or None if that connection is not here."""
+        client = self.clients.get(user)
+        if client is None or client.connection != connection:
+            return None
+        client.replaced = True
+        del self.clients[user]
+        for name in sorted(client.rooms):
+            self._leave(name, client)
+        client.rooms = set()
+        client.ws.close(REPLACED, "replaced")
+        return client
 
     def detach(self, client: Client) -> list[str]:
         """Forget ``client`` unless it was replaced; returns the rooms it left."""
@@ -112,6 +136,8 @@ class Hub:
             send, receive = trio.open_memory_channel[bytes](ROOM_QUEUE_FRAMES)
             room = self.rooms[name] = Room(name, send)
             self._nursery.start_soon(self._broadcaster, room, receive, name=f"room:{name}")
+            if self.room_opened is not None:
+                self.room_opened(name)
         room.members[client.user] = client.ws
         client.rooms.add(name)
 
@@ -128,6 +154,8 @@ class Hub:
         if not room.members:
             del self.rooms[name]
             room.send.close()
+            if self.room_closed is not None:
+                self.room_closed(name)
 
     async def broadcast(self, name: str, frame: bytes) -> None:
         """Queue ``frame`` for every local member of room ``name`` (in order). Waits only when
@@ -135,6 +163,30 @@ class Hub:
         room = self.rooms.get(name)
         if room is not None:
             await room.send.send(frame)
+
+    def broadcast_now(self, name: str, frames: list[bytes]) -> None:
+        """Send ``frames`` (in order) to every local member of room ``name`` now, joined into
+        as few sends as the broadcaster would make. Never blocks."""
+        room = self.rooms.get(name)
+        if room is None:
+            return
+        members = tuple(room.members.values())
+        start = 0
+        while start < len(frames):
+            end = start
+            size = 0
+            while end < len(frames) and end - start < _BATCH_FRAMES and size < _BATCH_BYTES:
+                size += len(frames[end])
+                end += 1
+            count = end - start
+            data = frames[start] if count == 1 else b"".join(frames[start:end])
+            for ws in members:
+                ws.send(data, count)
+            start = end
+        count = len(frames)
+        self.broadcasts += count
+        self.deliveries += count * len(members)
+        self.stats.messages_out["chat_message"] += count * len(members)
 
     async def _broadcaster(self, room: Room, receive: trio.MemoryReceiveChannel[bytes]) -> None:
         stats = self.stats

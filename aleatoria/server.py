@@ -28,7 +28,8 @@ from aleatoria.config import Config
 from aleatoria.hub import Client, Hub, open_hub
 from aleatoria.limits import RateLimiter, id_problem
 from aleatoria.origin import OriginPolicy
-from aleatoria.session import Session, notify_peer_left
+from aleatoria.router import Router, new_message_id
+from aleatoria.session import Session
 from aleatoria.store import Store, open_store
 from aleatoria.supervisor import supervise
 from aleatoria.websocket import (
@@ -77,6 +78,7 @@ class Server:
         self.config = config
         self.store = store
         self.hub = hub
+        self.router = Router(hub, store)
         self.origins = OriginPolicy(config.allowed_origins, config.require_origin)
         self.page = _load_page()
         self.started = time.monotonic()
@@ -161,10 +163,19 @@ class Server:
             "status": "ok",
             "redis": self.store.health(),
             "store": self.store.kind,
+            "instance": self.store.instance,
+            "bus": self._bus_state(),
             "connections": len(self.hub.clients),
             "rooms": len(self.hub.rooms),
             "uptimeSeconds": round(time.monotonic() - self.started, 1),
         }
+
+    def _bus_state(self) -> str:
+        """'ok' (cross-instance delivery through Redis), 'down' or 'disabled' (memory)."""
+        bus = self.store.bus
+        if bus is None:
+            return "disabled"
+        return "ok" if bus.usable else "down"
 
     # -- WebSocket sessions ------------------------------------------------------------------
 
@@ -182,6 +193,10 @@ class Server:
             "aleatoria_redis_degraded": (
                 "1 when Redis is configured but failing",
                 1.0 if self.store.health() == "degraded" else 0.0,
+            ),
+            "aleatoria_bus_up": (
+                "1 while cross-instance delivery goes through Redis (scale-out)",
+                1.0 if self._bus_state() == "ok" else 0.0,
             ),
         }
         gauges.update(self.store.gauges())
@@ -257,12 +272,24 @@ class Server:
             user=user,
             ws=ws,
             limiter=RateLimiter(config.rate_limit, config.rate_burst, config.rate_abuse_seconds),
+            connection=new_message_id(),
         )
         self.stats.connections_opened += 1
         replaced = self.hub.attach(client)
-        log.info("event=connected user=%s room=%s replaced=%s", user, room, replaced is not None)
-        session = Session(client, self.hub, self.store, config)
+        session = Session(client, self.router, self.store, config)
         try:
+            # Presence: registered before the first room join, so this user is reachable
+            # from every instance by the time it hears ``room_joined``.
+            takeover = await self.store.connect(user, client.connection)
+            log.info(
+                "event=connected user=%s room=%s replaced=%s",
+                user,
+                room,
+                "here" if replaced is not None else (takeover.instance if takeover else "no"),
+            )
+            if takeover is not None:
+                self.router.evict(takeover.instance, user, takeover.connection)
+                await session.adopt_rooms(takeover.rooms)
             await session.join(room)
             code = await ws.serve(session.handle)
         finally:
@@ -274,11 +301,10 @@ class Server:
     async def _forget(self, client: Client) -> None:
         if client.replaced:
             return  # the successor owns the user's rooms, pool place and match
-        for room in self.hub.detach(client):
-            await self.store.leave_room(room, client.user)
-        peer = await self.store.user_gone(client.user)
+        rooms = self.hub.detach(client)
+        peer = await self.store.user_gone(client.user, client.connection, rooms)
         if peer is not None:
-            notify_peer_left(self.hub, peer, client.user)
+            self.router.peer_left(peer, client.user)
 
     # -- shutdown ------------------------------------------------------------------------------
 
@@ -299,9 +325,12 @@ async def serve(
     config: Config,
     *,
     reuse_port: bool = False,
+    worker: int | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the server until cancelled. Reports the bound port through ``task_status``.
+    ``worker``: this is worker number ``worker`` of ``--workers`` (its parent logs the
+    ``listening on`` line; the worker logs ``event=worker_listening``).
 
     On cancellation (a signal in the CLI, or the caller's scope) the server shuts down
     gracefully within ``config.shutdown_timeout`` — closing sockets with 1001 and flushing
@@ -318,7 +347,22 @@ async def serve(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_run_body, server, listener, body)
                 where = f"{_display_host(config.host)}:{port}"
-                log.info("listening on ws://%s/ws store=%s health=http://%s/health", where, store.kind, where)
+                if worker is None:
+                    log.info(
+                        "listening on ws://%s/ws store=%s instance=%s health=http://%s/health",
+                        where,
+                        store.kind,
+                        store.instance,
+                        where,
+                    )
+                else:
+                    log.info(
+                        "event=worker_listening worker=%d address=%s store=%s instance=%s",
+                        worker,
+                        where,
+                        store.kind,
+                        store.instance,
+                    )
                 task_status.started(port)
                 try:
                     await trio.sleep_forever()

@@ -1,16 +1,15 @@
 """One user's session: every client message is routed and answered here.
 
 Data flows one way: the connection hands each frame to ``Session.handle``, which decodes it
-(``codec``), checks it (``limits``), acts on the hub and the store, and delivers frames.
+(``codec``), checks it (``limits``), acts on the hub and the store, and delivers frames
+through the router (to this instance's sockets, or through Redis to another instance's).
 Client mistakes raise ``ClientError``/``InvalidMessage`` and are answered in one place,
 ``handle``; the connection stays open.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 from typing import Any
 
 import orjson
@@ -30,34 +29,30 @@ from aleatoria.errors import (
     ClientError,
     InvalidMessage,
 )
-from aleatoria.hub import Client, Hub
+from aleatoria.hub import Client
 from aleatoria.limits import AbuseDetected, check_id, clamp_limit
 from aleatoria.matchmaking import IMPOLITE, POLITE
 from aleatoria.messages import Envelope
+from aleatoria.router import Router, new_message_id
 from aleatoria.store import Store
 from aleatoria.websocket import POLICY_VIOLATION, text_frame
 
+__all__ = ["Session", "new_message_id"]
+
 log = logging.getLogger("aleatoria.session")
-
-_INSTANCE = os.urandom(4).hex()
-_counter = itertools.count(1)
-
-
-def new_message_id() -> str:
-    """A unique id: this process's random prefix and a counter (cheaper than uuid4)."""
-    return f"{_INSTANCE}-{next(_counter):x}"
 
 
 class Session:
     """Routes the messages of one connected client."""
 
-    def __init__(self, client: Client, hub: Hub, store: Store, config: Config) -> None:
+    def __init__(self, client: Client, router: Router, store: Store, config: Config) -> None:
         self.client = client
         self.user = client.user
-        self._hub = hub
+        self._router = router
+        self._hub = router.hub
         self._store = store
         self._config = config
-        self._stats = hub.stats
+        self._stats = router.hub.stats
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -147,7 +142,7 @@ class Session:
                 )
             )
             self._store.record_room_message(room, data, created_ns)
-            await self._hub.broadcast(room, text_frame(data))
+            await self._router.broadcast(room, data)
             return
         to = check_id("toUser", env.to_user or "", self._config.max_id_chars)
         data = encode(
@@ -163,7 +158,7 @@ class Session:
         self._store.record_direct_message(self.user, to, data, created_ns)
         # The stored form has no ``incoming``; each side's copy adds its own. orjson always
         # ends an object with "}", so the flag is spliced in rather than encoded twice more.
-        self._hub.deliver(to, text_frame(data[:-1] + b',"incoming":true}'), m.CHAT_MESSAGE)
+        self._router.send(to, data[:-1] + b',"incoming":true}', m.CHAT_MESSAGE)
         self.client.ws.send(text_frame(data[:-1] + b',"incoming":false}'))
         self._stats.messages_out[m.CHAT_MESSAGE] += 1
 
@@ -176,19 +171,19 @@ class Session:
         if env.type == m.HANGUP:
             await self._store.hangup(self.user, to)
         _, created = now()
-        frame = text_frame(
-            encode(
-                Envelope(
-                    type=env.type,
-                    from_user=self.user,
-                    to_user=to,
-                    payload=env.payload,
-                    message_id=env.message_id or new_message_id(),
-                    create_time=created,
-                )
+        data = encode(
+            Envelope(
+                type=env.type,
+                from_user=self.user,
+                to_user=to,
+                payload=env.payload,
+                message_id=env.message_id or new_message_id(),
+                create_time=created,
             )
         )
-        if not self._hub.deliver(to, frame, env.type):
+        # A hangup's header names the sender: the peer's instance ends the match it mirrors.
+        extra = (self.user,) if env.type == m.HANGUP else ()
+        if not await self._router.send_checked(to, data, env.type, *extra):
             raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
 
     async def _request_peer(self, env: Envelope) -> None:
@@ -204,26 +199,23 @@ class Session:
         self.reply(m.ASSIGN_ROLE, m.AssignRole(role=outcome.role, peer_id=outcome.peer))
         if not outcome.resend:
             self._stats.matches += 1
-            self._hub.deliver(
-                outcome.peer,
-                text_frame(
-                    encode(
-                        Envelope(
-                            type=m.ASSIGN_ROLE,
-                            from_user=m.SYSTEM,
-                            to_user=outcome.peer,
-                            payload=m.AssignRole(role=_other_role(outcome.role), peer_id=self.user),
-                        )
-                    )
-                ),
-                m.ASSIGN_ROLE,
+            role = _other_role(outcome.role)
+            data = encode(
+                Envelope(
+                    type=m.ASSIGN_ROLE,
+                    from_user=m.SYSTEM,
+                    to_user=outcome.peer,
+                    payload=m.AssignRole(role=role, peer_id=self.user),
+                )
             )
+            # The header carries peer and role: the peer's instance mirrors the match.
+            self._router.send(outcome.peer, data, m.ASSIGN_ROLE, self.user, role)
 
     def _peer_left(self, peer: str | None) -> None:
         """Tell ``peer`` that this user left their match."""
         if peer is None:
             return
-        notify_peer_left(self._hub, peer, self.user)
+        self._router.peer_left(peer, self.user)
 
     # -- rooms -----------------------------------------------------------------------------
 
@@ -237,10 +229,19 @@ class Session:
         await self.join(room)
 
     async def join(self, room: str) -> None:
-        """Join ``room`` (idempotent) and confirm with ``room_joined``."""
+        """Join ``room`` (idempotent) and confirm with ``room_joined`` once this instance
+        receives the room's messages."""
         self._hub.join(self.client, room)
+        await self._router.room_ready(room)
         await self._store.join_room(room, self.user)
         self.reply(m.ROOM_JOINED, m.RoomAction(room=room, action="joined"), room=room)
+
+    async def adopt_rooms(self, rooms: tuple[str, ...]) -> None:
+        """Rooms the user had on another instance (the store already knows them)."""
+        for room in rooms:
+            self._hub.join(self.client, room)
+        for room in rooms:
+            await self._router.room_ready(room)
 
     async def _leave(self, env: Envelope) -> None:
         room = self._room_id(env.room)
@@ -285,27 +286,6 @@ class Session:
     def _send(self, env: Envelope) -> None:
         self.client.ws.send(text_frame(encode(env)))
         self._stats.messages_out[env.type] += 1
-
-
-def notify_peer_left(hub: Hub, peer: str, leaver: str) -> None:
-    """Send ``peer`` the server's ``hangup {reason: peer_left}`` on behalf of ``leaver``."""
-    _, created = now()
-    hub.deliver(
-        peer,
-        text_frame(
-            encode(
-                Envelope(
-                    type=m.HANGUP,
-                    from_user=leaver,
-                    to_user=peer,
-                    payload=m.HangupNotice(reason=m.PEER_LEFT),
-                    message_id=new_message_id(),
-                    create_time=created,
-                )
-            )
-        ),
-        m.HANGUP,
-    )
 
 
 def _other_role(role: str) -> str:

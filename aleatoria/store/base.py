@@ -11,15 +11,84 @@ Rules every implementation keeps:
 - the matchmaking commands are atomic (see ``aleatoria.matchmaking`` for the rules).
 - a failing dependency is handled inside the store (fallback to memory, degraded health);
   the async methods below do not raise because Redis is down.
+
+Scale-out (PROTOCOL.md section 9): every store has an ``instance`` id; the Redis store also
+has a ``bus`` (cross-instance delivery), registers connections (``connect``/``user_gone``:
+presence) and reports what other instances did to this one's users through the
+``StoreEvents`` the server attaches. The memory store is one instance on its own: no bus.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Literal, Protocol
+
+import attrs
 
 from aleatoria.matchmaking import RequestOutcome
 
 Health = Literal["ok", "degraded", "disabled"]
+
+
+@attrs.frozen
+class Takeover:
+    """What a user who connected here had on another instance (its state carries over)."""
+
+    instance: str
+    connection: str
+    rooms: tuple[str, ...] = ()
+    in_pool: bool = False
+    peer: str | None = None
+    role: str = ""
+
+
+class StoreEvents(Protocol):
+    """What the store tells the server (implemented by the router)."""
+
+    def peer_left(self, peer: str, leaver: str) -> None:
+        """``leaver``'s match with ``peer`` ended without a hangup from ``leaver`` (its
+        instance died, or this instance was declared dead): tell ``peer``."""
+        ...
+
+    def evict(self, instance: str, user: str, connection: str) -> None:
+        """``user``'s connection ``connection`` on ``instance`` was replaced by one here."""
+        ...
+
+
+class BusHandler(Protocol):
+    """The trio side that receives what the bus brings (the router; runs on the trio thread)."""
+
+    def on_bus_messages(self, items: list[tuple[str | None, bytes]]) -> None:
+        """``items`` in arrival order: (room, message JSON) from room channels, (None, bus
+        message) from this instance's channel."""
+        ...
+
+
+class Bus(Protocol):
+    """Cross-instance delivery (the Redis bus). ``done`` callbacks get the number of
+    subscribers reached, or None when the publish failed; each is called exactly once."""
+
+    instance: str
+    handler: BusHandler | None
+
+    @property
+    def usable(self) -> bool: ...
+
+    def publish_room(
+        self, room: str, message: bytes, done: Callable[[int | None], None] | None = None
+    ) -> bool: ...
+
+    def publish_instance(self, instance: str, message: bytes) -> bool: ...
+
+    def route(self, user: str, message: bytes, done: Callable[[int | None], None] | None = None) -> bool: ...
+
+    async def route_wait(self, user: str, message: bytes) -> int | None: ...
+
+    def subscribe_room(self, room: str) -> None: ...
+
+    def unsubscribe_room(self, room: str) -> None: ...
+
+    async def room_ready(self, room: str) -> bool: ...
 
 
 class Store(Protocol):
@@ -29,6 +98,20 @@ class Store(Protocol):
     @property
     def kind(self) -> str:
         """'memory' or 'redis', for logs."""
+        ...
+
+    @property
+    def instance(self) -> str:
+        """This process's random instance id (logged at start-up, in /health)."""
+        ...
+
+    @property
+    def bus(self) -> Bus | None:
+        """Cross-instance delivery, or None (memory store: everyone is local)."""
+        ...
+
+    def attach(self, events: StoreEvents) -> None:
+        """Where to report what other instances did to this one's users."""
         ...
 
     def health(self) -> Health:
@@ -82,6 +165,27 @@ class Store(Protocol):
         """End the match of ``user`` and ``peer`` if it is live; True if it was."""
         ...
 
-    async def user_gone(self, user: str) -> str | None:
-        """``user`` disconnected for good: leave pool and match; returns the peer left."""
+    async def connect(self, user: str, connection: str) -> Takeover | None:
+        """Register ``user``'s new connection here; what it had on another instance, if it
+        was connected there (that instance must then drop it: see ``StoreEvents.evict``)."""
+        ...
+
+    async def user_gone(
+        self, user: str, connection: str | None = None, rooms: Iterable[str] = ()
+    ) -> str | None:
+        """``user``'s connection closed for good: leave ``rooms``, pool and match; returns the
+        peer left. A connection that is no longer the user's registered one (it moved to
+        another instance) leaves the shared state alone."""
+        ...
+
+    def user_moved(self, user: str) -> None:
+        """``user`` now belongs to another instance: forget it here, changing nothing shared."""
+        ...
+
+    def remote_match(self, user: str, peer: str, role: str) -> None:
+        """Another instance matched local ``user`` with ``peer`` (its ``assign_role`` came)."""
+        ...
+
+    def remote_match_ended(self, user: str, peer: str) -> None:
+        """``peer``, on another instance, ended its match with local ``user`` (a hangup came)."""
         ...

@@ -7,13 +7,14 @@ methods exist to satisfy the ``Store`` protocol and never suspend.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from aleatoria.matchmaking import Matchmaker, RequestOutcome
-from aleatoria.store.base import Health
+from aleatoria.store.base import Bus, Health, StoreEvents, Takeover
 
 _History = deque[tuple[int, bytes]]
 _K = TypeVar("_K", str, tuple[str, str])
@@ -31,6 +32,11 @@ def _purge(table: dict[_K, _History], cutoff: int) -> int:
     return dropped
 
 
+def new_instance_id() -> str:
+    """A random id for this process (scale-out: presence, channels, logs, /health)."""
+    return os.urandom(6).hex()
+
+
 def dm_key(a: str, b: str) -> tuple[str, str]:
     """The two users of a DM conversation in a fixed order (a < b), as Redis keys them."""
     return (a, b) if a < b else (b, a)
@@ -46,7 +52,9 @@ class MemoryStore:
         history_max: int,
         clock_ns: Callable[[], int] = time.time_ns,
         matchmaker: Matchmaker | None = None,
+        instance: str | None = None,
     ) -> None:
+        self._instance = instance or new_instance_id()
         self._ttl_ns = int(ttl_seconds * 1e9)
         self._history_max = history_max
         self._clock_ns = clock_ns
@@ -58,6 +66,17 @@ class MemoryStore:
     @property
     def kind(self) -> str:
         return "memory"
+
+    @property
+    def instance(self) -> str:
+        return self._instance
+
+    @property
+    def bus(self) -> Bus | None:
+        return None
+
+    def attach(self, events: StoreEvents) -> None:
+        pass  # one instance: nothing happens behind the server's back
 
     def health(self) -> Health:
         return "disabled"
@@ -129,6 +148,9 @@ class MemoryStore:
         self._members.setdefault(room, set()).add(user)
 
     async def leave_room(self, room: str, user: str) -> None:
+        self.leave_room_now(room, user)
+
+    def leave_room_now(self, room: str, user: str) -> None:
         members = self._members.get(room)
         if members is not None:
             members.discard(user)
@@ -152,5 +174,21 @@ class MemoryStore:
     async def hangup(self, user: str, peer: str) -> bool:
         return self.matchmaker.hangup(user, peer)
 
-    async def user_gone(self, user: str) -> str | None:
+    async def connect(self, user: str, connection: str) -> Takeover | None:
+        return None
+
+    async def user_gone(
+        self, user: str, connection: str | None = None, rooms: Iterable[str] = ()
+    ) -> str | None:
+        for room in rooms:
+            await self.leave_room(room, user)
         return self.matchmaker.disconnect(user)
+
+    def user_moved(self, user: str) -> None:
+        pass
+
+    def remote_match(self, user: str, peer: str, role: str) -> None:
+        pass
+
+    def remote_match_ended(self, user: str, peer: str) -> None:
+        pass

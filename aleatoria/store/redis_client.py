@@ -1,26 +1,36 @@
-"""The one place that talks to redis-py: a sync client whose calls run on worker threads.
+"""The one place that creates redis-py clients: a sync client whose calls run on worker threads.
 
 Every call goes through ``RedisClient.call``: the blocking function runs in a trio worker
 thread under our own ``CapacityLimiter`` (so Redis can never take more than ``threads``
 threads, and the trio loop never blocks), on a client whose sockets have connect and read
 timeouts. redis-py's own retries are off: the store's supervisor decides when to try again.
-Every redis-py and socket error becomes ``StoreUnavailable`` here and nowhere else.
+Every redis-py and socket error becomes ``StoreUnavailable`` here and nowhere else (the bus's
+subscriber thread, ``redis_bus``, catches its own).
+
+Redis Cluster (``redis+cluster://`` or ``--redis-cluster``): the client is a
+``redis.cluster.RedisCluster``, created on first use on a worker thread (it asks the
+cluster for its slots when created, so it cannot be built while the cluster is down).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import redis
+import redis.cluster
 import trio
+from redis._parsers.encoders import Encoder
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from aleatoria.errors import StoreUnavailable
+from aleatoria.store import redis_presence as presence
 from aleatoria.store import redis_scripts as lua
 
 T = TypeVar("T")
@@ -35,25 +45,49 @@ class Scripts:
     must have run on the current Redis (the store does it on every (re)connection, and a
     NOSCRIPT there means Redis restarted: the store resyncs)."""
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.set_available: Script = client.register_script(lua.SET_AVAILABLE)
-        self.user_gone: Script = client.register_script(lua.USER_GONE)
-        self.hangup: Script = client.register_script(lua.HANGUP)
-        self.request_peer: Script = client.register_script(lua.REQUEST_PEER)
-        self.sync_user: Script = client.register_script(lua.SYNC_USER)
-        self.join_room: Script = client.register_script(lua.JOIN_ROOM)
-        self.leave_room: Script = client.register_script(lua.LEAVE_ROOM)
-        self.rooms: Script = client.register_script(lua.ROOMS)
-        self.dm_append: Script = client.register_script(lua.DM_APPEND)
-        self.room_append: Script = client.register_script(lua.ROOM_APPEND)
+    def __init__(self) -> None:
+        # Scripts are always called with the client to use, so they are registered on a
+        # stand-in that only provides the encoder (the same for a cluster).
+        owner: Any = _EncoderOnly()
+        self.set_available = Script(owner, lua.SET_AVAILABLE)
+        self.hangup = Script(owner, lua.HANGUP)
+        self.request_peer = Script(owner, lua.REQUEST_PEER)
+        self.sync_user = Script(owner, lua.SYNC_USER)
+        self.join_room = Script(owner, lua.JOIN_ROOM)
+        self.leave_room = Script(owner, lua.LEAVE_ROOM)
+        self.rooms = Script(owner, lua.ROOMS)
+        self.dm_append = Script(owner, lua.DM_APPEND)
+        self.room_append = Script(owner, lua.ROOM_APPEND)
+        self.heartbeat = Script(owner, presence.HEARTBEAT)
+        self.connect = Script(owner, presence.CONNECT)
+        self.disconnect = Script(owner, presence.DISCONNECT)
+        self.reap = Script(owner, presence.REAP)
+        self.route = Script(owner, presence.ROUTE)
         self._all = list(vars(self).values())
 
-    def load(self, client: redis.Redis) -> None:
-        """SCRIPT LOAD every script (idempotent; one pipeline)."""
+    def load(self, client: Any) -> None:
+        """SCRIPT LOAD every script (idempotent; on a cluster, on every primary)."""
+        if isinstance(client, redis.cluster.RedisCluster):
+            for script in self._all:
+                client.script_load(script.script)
+            return
         pipe = client.pipeline(transaction=False)
         for script in self._all:
             pipe.script_load(script.script)
         pipe.execute()
+
+
+class _EncoderOnly:
+    def get_encoder(self) -> Encoder:
+        return Encoder("utf-8", "strict", False)  # type: ignore[no-untyped-call]
+
+
+def cluster_url(url: str) -> tuple[str, bool]:
+    """``url`` with a ``+cluster`` scheme suffix removed, and whether it had one."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.endswith("+cluster"):
+        return f"{scheme[: -len('+cluster')]}://{rest}", True
+    return url, False
 
 
 def describe_url(url: str) -> str:
@@ -67,18 +101,30 @@ def describe_url(url: str) -> str:
 class RedisClient:
     """A redis-py client used only from worker threads, through ``call``."""
 
-    def __init__(self, url: str, *, connect_timeout: float, call_timeout: float, threads: int = 8) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        connect_timeout: float,
+        call_timeout: float,
+        threads: int = 8,
+        cluster: bool = False,
+    ) -> None:
         self.url = describe_url(url)
-        self.redis = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=connect_timeout,
-            socket_timeout=call_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=_HEALTH_CHECK_SECONDS,
-            protocol=2,
-            client_name="aleatoria",
-        )
-        self.scripts = Scripts(self.redis)
+        plain_url, tagged = cluster_url(url)
+        self.cluster = cluster or tagged
+        self._options: dict[str, Any] = {
+            "socket_connect_timeout": connect_timeout,
+            "socket_timeout": call_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": _HEALTH_CHECK_SECONDS,
+            "protocol": 2,
+            "client_name": "aleatoria",
+        }
+        self._plain_url = plain_url
+        self._client: Any = None if self.cluster else redis.Redis.from_url(plain_url, **self._options)
+        self._create_lock = threading.Lock()
+        self.scripts = Scripts()
         self._limiter = trio.CapacityLimiter(threads)
         # Figures for /metrics and the logs.
         self.calls = 0
@@ -98,16 +144,15 @@ class RedisClient:
         for its own timeout). Cancellation: with ``abandon_on_cancel`` (only for reads,
         whose result may be dropped) the thread is left to finish alone; otherwise
         cancellation waits for the call, which the socket timeouts bound."""
-        client = self.redis
 
         def run() -> tuple[T, float]:
             if gate is not None and not gate():
                 raise _Skipped("skipped: the store is degraded")
             started = time.perf_counter()
             try:
-                return fn(client), time.perf_counter() - started
-            except (redis.RedisError, OSError) as exc:
-                raise StoreUnavailable(_describe(exc)) from exc
+                return fn(self.redis), time.perf_counter() - started
+            except (redis.RedisError, RedisClusterException, OSError) as exc:
+                raise StoreUnavailable(describe_error(exc)) from exc
 
         self.calls += 1
         try:
@@ -122,16 +167,39 @@ class RedisClient:
         self.call_seconds += seconds
         return result
 
+    @property
+    def redis(self) -> Any:
+        """The redis-py client (``redis.Redis`` or ``RedisCluster``). On a cluster the first
+        use connects, so use it on a worker thread; raises what redis-py raises."""
+        client = self._client
+        if client is None:
+            with self._create_lock:
+                client = self._client
+                if client is None:
+                    client = self._client = redis.cluster.RedisCluster.from_url(
+                        self._plain_url, **self._options
+                    )
+        return client
+
     def close(self) -> None:
         """Close every pooled connection (sync and quick: sockets are just closed)."""
-        self.redis.close()
-        self.redis.connection_pool.disconnect()
+        client = self._client
+        if client is None:
+            return
+        client.close()
+        if self.cluster:
+            # RedisCluster.close leaves each node's own pool connected.
+            for node in client.get_nodes():
+                if node.redis_connection is not None:
+                    node.redis_connection.connection_pool.disconnect()
+        else:
+            client.connection_pool.disconnect()
 
 
 class _Skipped(StoreUnavailable):
     """The call was not made: the store went degraded while it waited for a thread."""
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     text = str(exc).strip().replace("\n", " ")[:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,15 +1,33 @@
 """The Redis store's local mirror: this instance's live state, always current.
 
 A ``MemoryStore`` plus what recovery needs to rewrite Redis from it: which rooms each local
-user is in (the reverse of the room registry) and the role of each side of a match (the
-``Matchmaker`` keeps roles private). While Redis is healthy the mirror copies every outcome
-Redis decided; while it is degraded the mirror decides, as the memory store would.
+user is in (the reverse of the room registry), the role of each side of a match (the
+``Matchmaker`` keeps roles private) and each local user's connection id (presence). While
+Redis is healthy the mirror copies every outcome Redis decided; while it is degraded the
+mirror decides, as the memory store would. A match with a user on another instance is held
+here too (both sides), so recovery rewrites it whole; recovery never touches the state of a
+user another instance has registered.
 """
 
 from __future__ import annotations
 
+import attrs
+
 from aleatoria.matchmaking import IMPOLITE, POLITE, RequestOutcome
 from aleatoria.store.memory import MemoryStore
+
+
+@attrs.frozen
+class UserState:
+    """One user as this instance knows it (for the recovery's ``sync_user``)."""
+
+    user: str
+    in_pool: bool
+    peer: str  # '' for none
+    role: str
+    connection: str  # '' when not connected here
+    peer_here: bool  # the peer is connected to this instance
+    rooms: tuple[str, ...]
 
 
 class Mirror:
@@ -20,6 +38,7 @@ class Mirror:
         self.matchmaker = self.memory.matchmaker
         self._user_rooms: dict[str, set[str]] = {}
         self._roles: dict[str, str] = {}
+        self.online: dict[str, str] = {}  # local user -> connection id
 
     # -- rooms ----------------------------------------------------------------------------
 
@@ -28,7 +47,10 @@ class Mirror:
         self._user_rooms.setdefault(user, set()).add(room)
 
     async def leave(self, room: str, user: str) -> None:
-        await self.memory.leave_room(room, user)
+        self.leave_now(room, user)
+
+    def leave_now(self, room: str, user: str) -> None:
+        self.memory.leave_room_now(room, user)
         rooms = self._user_rooms.get(user)
         if rooms is not None:
             rooms.discard(room)
@@ -57,6 +79,49 @@ class Mirror:
         self._roles.pop(user, None)
         return self.matchmaker.disconnect(user)
 
+    def rooms_of(self, user: str) -> set[str]:
+        return set(self._user_rooms.get(user, ()))
+
+    # -- scale-out ------------------------------------------------------------------------------
+
+    def adopt(self, user: str, in_pool: bool, peer: str | None, role: str) -> None:
+        """Take over ``user``'s pool place and match from another instance (its rooms are
+        joined by the caller)."""
+        if peer:
+            if role == POLITE:
+                self.match(peer, user)
+            else:
+                self.match(user, peer)
+        elif in_pool:
+            self.matchmaker.set_available(user)
+
+    def drop(self, user: str) -> None:
+        """``user`` moved to another instance: forget it here. Its match stays recorded if
+        the peer is connected here (the match lives on, with the peer on this instance)."""
+        for room in list(self._user_rooms.get(user, ())):
+            self.leave_now(room, user)
+        self.online.pop(user, None)
+        self.matchmaker.set_unavailable(user)
+        peer = self.matchmaker.peer_of(user)
+        if peer is not None and peer not in self.online:
+            self.end(user)
+            self._roles.pop(user, None)
+            self._roles.pop(peer, None)
+
+    def end_all_matches(self) -> list[tuple[str, str]]:
+        """End every match a local user is in; (local user, peer) for each local side."""
+        matchmaker = self.matchmaker
+        pairs = []
+        for user in list(self.online):
+            peer = matchmaker.peer_of(user)
+            if peer is not None:
+                pairs.append((user, peer))
+                if peer in self.online:
+                    pairs.append((peer, user))
+        for user, _ in pairs:
+            self.end(user)
+        return list(dict.fromkeys(pairs))
+
     # -- matches, decided here (degraded) ------------------------------------------------------
 
     def request_peer(self, user: str, current_peer: str | None) -> RequestOutcome:
@@ -73,12 +138,18 @@ class Mirror:
         matchmaker = self.matchmaker
         for user in [u for u in self._roles if matchmaker.peer_of(u) is None]:
             del self._roles[user]
-        return set(self._user_rooms) | set(matchmaker.pool()) | set(self._roles)
+        return set(self._user_rooms) | set(matchmaker.pool()) | set(self._roles) | set(self.online)
 
-    def user_state(self, user: str) -> list[str]:
-        """The arguments of the ``sync_user`` script: user, in pool (0/1), peer, role, rooms."""
+    def user_state(self, user: str) -> UserState:
+        """What ``sync_user`` needs to rewrite ``user`` in Redis."""
         matchmaker = self.matchmaker
         peer = matchmaker.peer_of(user)
-        role = self._roles.get(user, IMPOLITE) if peer is not None else ""
-        in_pool = "1" if matchmaker.in_pool(user) else "0"
-        return [user, in_pool, peer or "", role, *sorted(self._user_rooms.get(user, ()))]
+        return UserState(
+            user=user,
+            in_pool=matchmaker.in_pool(user),
+            peer=peer or "",
+            role=self._roles.get(user, IMPOLITE) if peer is not None else "",
+            connection=self.online.get(user, ""),
+            peer_here=peer is not None and peer in self.online,
+            rooms=tuple(sorted(self._user_rooms.get(user, ()))),
+        )

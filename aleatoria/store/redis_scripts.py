@@ -41,7 +41,7 @@ ROOMS_KEY = "rooms:active"
 ROOM_MEMBERS_PREFIX = "room:members:"
 USER_ROOMS_PREFIX = "user:rooms:"
 
-_MATCH_HELPERS = """
+MATCH_HELPERS = """
 local POOL, MATCHES = KEYS[1], KEYS[2]
 local function partner(user)
   local v = redis.call('HGET', MATCHES, user)
@@ -59,28 +59,72 @@ local function end_match(user)
 end
 """
 
-# KEYS: pool, matches. ARGV: user. Returns the peer whose match ended, or nil.
+# Scale-out (redis_presence): each instance's channel, tagged like the pool so a script on the
+# pool's slot may look at (and publish to) it on a Redis Cluster.
+INSTANCE_CHANNEL_PREFIX = "aleatoria:instance:{available:webrtc}:"
+
+# Redis' clock in milliseconds, "instance|connection" presence values, and "is this instance
+# alive" with a per-call cache: its heartbeat has not expired and its channel has a subscriber
+# (a killed process loses its subscription at once, long before its heartbeat expires; a
+# frozen one keeps it, and is caught by the heartbeat). Sharded subscribers count on a
+# cluster; SHARDNUMSUB is tried under pcall for servers older than Redis 7.
+LIVENESS_HELPERS = (
+    """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function split(value)
+  local sep = string.find(value, '|', 1, true)
+  if not sep then return value, '' end
+  return string.sub(value, 1, sep - 1), string.sub(value, sep + 1)
+end
+local alive_cache = {}
+local clock = nil
+local function alive(instances, inst)
+  local known = alive_cache[inst]
+  if known ~= nil then return known end
+  if not clock then clock = now_ms() end
+  local score = redis.call('ZSCORE', instances, inst)
+  known = (score and tonumber(score) > clock) or false
+  if known then
+    local channel = INSTANCE_CHANNEL_PREFIX .. inst
+    local listeners = redis.call('PUBSUB', 'NUMSUB', channel)[2]
+    if listeners == 0 then
+      local ok, sharded = pcall(redis.call, 'PUBSUB', 'SHARDNUMSUB', channel)
+      if ok then listeners = sharded[2] end
+    end
+    known = listeners > 0
+  end
+  alive_cache[inst] = known
+  return known
+end
+local function online(presence, instances, user)
+  local value = redis.call('HGET', presence, user)
+  if not value then return false end
+  return alive(instances, (split(value)))
+end
+"""
+).replace("INSTANCE_CHANNEL_PREFIX", repr(INSTANCE_CHANNEL_PREFIX))
+
+# KEYS: pool, matches, presence, this instance's users. ARGV: user, instance. Returns the peer
+# whose match ended, or nil. A user pooled without presence is registered on this instance
+# (only store-level callers pool users who never connected).
 SET_AVAILABLE = (
-    _MATCH_HELPERS
+    MATCH_HELPERS
     + """
 local ended = end_match(ARGV[1])
 redis.call('SADD', POOL, ARGV[1])
+if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2] .. '|') == 1 then
+  redis.call('SADD', KEYS[4], ARGV[1])
+end
 return ended
-"""
-)
-
-# KEYS: pool, matches. ARGV: user. Returns the peer whose match ended, or nil.
-USER_GONE = (
-    _MATCH_HELPERS
-    + """
-redis.call('SREM', POOL, ARGV[1])
-return end_match(ARGV[1])
 """
 )
 
 # KEYS: pool, matches. ARGV: user, peer. Returns 1 if their match was live (and ended).
 HANGUP = (
-    _MATCH_HELPERS
+    MATCH_HELPERS
     + """
 if partner(ARGV[1]) == ARGV[2] then
   end_match(ARGV[1])
@@ -90,10 +134,14 @@ return 0
 """
 )
 
-# KEYS: pool, matches. ARGV: user, current peer ('' for none), uniform number in [0, 1).
-# Returns {outcome, peer, role, ended}: outcome 'match', 'resend' or 'none'; '' = absent.
+# KEYS: pool, matches, presence, instances. ARGV: user, current peer ('' for none), uniform
+# number in [0, 1), small-pool size. Returns {outcome, peer, role, ended}: outcome 'match',
+# 'resend' or 'none'; '' = absent. Only online users are picked: presence names an instance
+# whose heartbeat has not expired (a dead instance's users stay pooled until it is reaped,
+# but are never picked).
 REQUEST_PEER = (
-    _MATCH_HELPERS
+    MATCH_HELPERS
+    + LIVENESS_HELPERS
     + """
 if redis.replicate_commands then redis.replicate_commands() end
 local user, current, rnd = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -116,7 +164,9 @@ local function pick()
     end
     local allowed = {}
     for _, candidate in ipairs(sample) do
-      if candidate ~= user and candidate ~= current then allowed[#allowed + 1] = candidate end
+      if candidate ~= user and candidate ~= current and online(KEYS[3], KEYS[4], candidate) then
+        allowed[#allowed + 1] = candidate
+      end
     end
     if #allowed == 0 then return nil end
     local chosen = allowed[math.floor(rnd * #allowed) + 1]
@@ -134,43 +184,96 @@ return {'match', peer, 'impolite', ended}
 """
 )
 
-# KEYS: pool, matches, rooms index, user:rooms:{user}.
-# ARGV: user, in pool (0/1), peer ('' for none), role, then the user's rooms.
-# Makes Redis say exactly what this instance knows about the user (recovery).
+# KEYS: pool, matches, presence, this instance's users[, rooms index, user:rooms:{user}].
+# ARGV: user, in pool (0/1), peer ('' for none), role, instance, connection ('' when the user
+# is not connected here), instance-users prefix, peer connected here (0/1), sync rooms here
+# (1/0), then the user's rooms.
+# Makes Redis say what this instance knows about the user (recovery), with two limits:
+# - a user not connected here whom another instance registered meanwhile is left alone;
+# - a match with a user connected elsewhere is kept only if Redis agrees (that user's partner
+#   is this user): each instance decides only about its own users, so two instances that
+#   matched differently during an outage can never leave a user in two matches.
+# Returns {applied (0/1), instance to evict from, its connection, unconfirmed (0/1), then
+# pairs victim, leaver...}: a user connected here whom another instance registered during an
+# outage is taken back (the other instance must drop it); ``unconfirmed``: the peer's side
+# did not agree, the caller ends the match here; each victim lost its match with leaver here
+# and must be told. With sync rooms 0 (Redis Cluster: the room keys live in other slots)
+# the caller syncs the rooms itself.
 SYNC_USER = (
-    _MATCH_HELPERS
+    MATCH_HELPERS
+    + LIVENESS_HELPERS
     + """
-local INDEX, USER_ROOMS = KEYS[3], KEYS[4]
+local PRESENCE, MINE, INDEX, USER_ROOMS = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local user, in_pool, peer, role = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local other = 'polite'
-if role == 'polite' then other = 'impolite' end
-if partner(user) ~= (peer ~= '' and peer or nil) then end_match(user) end
+local inst, conn, prefix, peer_here = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local value = redis.call('HGET', PRESENCE, user)
+local pinst, pconn = '', ''
+if value then pinst, pconn = split(value) end
+local evict_inst, evict_conn = '', ''
+if conn == '' then
+  if pinst ~= '' and pinst ~= inst then
+    redis.call('SREM', MINE, user)
+    return {0, '', '', 0}
+  end
+  if value then redis.call('HDEL', PRESENCE, user) end
+  redis.call('SREM', MINE, user)
+else
+  redis.call('HSET', PRESENCE, user, inst .. '|' .. conn)
+  redis.call('SADD', MINE, user)
+  if pinst ~= '' and pinst ~= inst then
+    redis.call('SREM', prefix .. pinst, user)
+    evict_inst, evict_conn = pinst, pconn
+  end
+end
+local told = {}
+local unconfirmed = 0
+if peer ~= '' and peer_here ~= '1' and partner(peer) ~= user then
+  unconfirmed = 1
+  peer = ''
+end
+local current = partner(user)
+if current and current ~= peer then
+  end_match(user)
+  if current ~= ARGV[3] then
+    told[#told + 1] = current
+    told[#told + 1] = user
+  end
+end
 if peer ~= '' then
-  if partner(peer) ~= user then end_match(peer) end
+  local theirs = partner(peer)
+  if theirs and theirs ~= user then
+    end_match(peer)
+    told[#told + 1] = theirs
+    told[#told + 1] = peer
+  end
+  local other = 'polite'
+  if role == 'polite' then other = 'impolite' end
   redis.call('HSET', MATCHES, user, peer .. '|' .. role, peer, user .. '|' .. other)
   redis.call('SREM', POOL, peer)
 end
-if in_pool == '1' and peer == '' then
+if in_pool == '1' and peer == '' and unconfirmed == 0 then
   redis.call('SADD', POOL, user)
 else
   redis.call('SREM', POOL, user)
 end
-local wanted = {}
-for i = 5, #ARGV do wanted[ARGV[i]] = true end
-for _, room in ipairs(redis.call('SMEMBERS', USER_ROOMS)) do
-  if not wanted[room] then
-    local members = 'room:members:' .. room
-    redis.call('SREM', members, user)
-    redis.call('SREM', USER_ROOMS, room)
-    if redis.call('SCARD', members) == 0 then redis.call('SREM', INDEX, room) end
+if ARGV[9] == '1' then
+  local wanted = {}
+  for i = 10, #ARGV do wanted[ARGV[i]] = true end
+  for _, room in ipairs(redis.call('SMEMBERS', USER_ROOMS)) do
+    if not wanted[room] then
+      local members = 'room:members:' .. room
+      redis.call('SREM', members, user)
+      redis.call('SREM', USER_ROOMS, room)
+      if redis.call('SCARD', members) == 0 then redis.call('SREM', INDEX, room) end
+    end
+  end
+  for i = 10, #ARGV do
+    redis.call('SADD', 'room:members:' .. ARGV[i], user)
+    redis.call('SADD', USER_ROOMS, ARGV[i])
+    redis.call('SADD', INDEX, ARGV[i])
   end
 end
-for i = 5, #ARGV do
-  redis.call('SADD', 'room:members:' .. ARGV[i], user)
-  redis.call('SADD', USER_ROOMS, ARGV[i])
-  redis.call('SADD', INDEX, ARGV[i])
-end
-return 1
+return {1, evict_inst, evict_conn, unconfirmed, unpack(told)}
 """
 )
 

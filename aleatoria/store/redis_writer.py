@@ -14,6 +14,10 @@ and score); DM appends are not, so the entries of a returned batch are marked "s
 
 Reads see what is still pending: ``pending(kind, key)`` snapshots the queued and in-flight
 entries of one room or DM, to merge with what Redis returns (see ``RedisStore``).
+
+Live publishes (scale-out, ``redis_bus``) ride in the same pipelines, after the history
+writes: a message is in Redis' history before any instance receives it. They are never
+retried: a failed pipeline reports them failed and the caller delivers locally.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 import trio
@@ -37,6 +41,18 @@ DM_PREFIX = "dm:"
 
 # (kind, key, message, created_ns); key is the room name or "a:b" for a DM.
 Entry = tuple[int, str, bytes, int]
+
+
+class LiveSource(Protocol):
+    """Publishes to send with the history (the bus's outbox)."""
+
+    def pending(self) -> int: ...
+
+    def take(self, limit: int) -> list[Any]: ...
+
+    def add_to_pipeline(self, pipe: Any, items: list[Any], route_sha: str) -> None: ...
+
+    def settle(self, items: list[Any], replies: list[Any] | None) -> None: ...
 
 
 class WriteBehind:
@@ -103,29 +119,56 @@ class WriteBehind:
 
     # -- writer side ---------------------------------------------------------------------------
 
-    async def wait(self) -> None:
-        """Return once something is queued."""
-        while not self._queue:
+    def poke(self) -> None:
+        """Wake the writer (something else for its pipeline is queued: a publish)."""
+        if not self._wake.is_set():
+            self._wake.set()
+
+    async def wait(self, live: LiveSource | None = None) -> None:
+        """Return once something is queued (history, or a publish in ``live``)."""
+        while not self._queue and not (live is not None and live.pending()):
             if self._wake.is_set():
                 self._wake = trio.Event()
+                continue
             await self._wake.wait()
 
+    async def wait_for_live(self, live: LiveSource, seconds: float) -> None:
+        """Sleep ``seconds``, or less if a publish gets queued meanwhile."""
+        with trio.move_on_after(seconds):
+            while not live.pending():
+                if self._wake.is_set():
+                    self._wake = trio.Event()
+                await self._wake.wait()
+
     async def drain(
-        self, client: RedisClient, *, gate: Callable[[], bool], keep_going: Callable[[], bool]
+        self,
+        client: RedisClient,
+        *,
+        gate: Callable[[], bool],
+        keep_going: Callable[[], bool],
+        live: LiveSource | None = None,
     ) -> None:
-        """Write queued batches until the queue is empty or ``keep_going()`` is false. Call it
-        holding ``lock``. Raises StoreUnavailable (the failed batch is back at the front).
-        Cancellation: the batch in flight completes or goes back to the queue."""
-        while self._queue and keep_going():
+        """Write queued batches (and ``live`` publishes, after them) until both are empty or
+        ``keep_going()`` is false. Call it holding ``lock``. Raises StoreUnavailable (the
+        failed batch is back at the front; the publishes are reported failed). Cancellation:
+        the batch in flight completes or goes back to the queue."""
+        while (self._queue or (live is not None and live.pending())) and keep_going():
             batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
+            items = live.take(self._batch) if live is not None else []
             suspects = min(self._suspects, len(batch))
             self._suspects -= suspects
             self._inflight = batch
             try:
-                await client.call(partial(self._write, batch=batch, suspects=suspects), gate=gate)
+                replies = await client.call(
+                    partial(self._write, batch=batch, suspects=suspects, live=live, items=items), gate=gate
+                )
             except BaseException:
                 self._give_back(batch)
+                if live is not None:
+                    live.settle(items, None)
                 raise
+            if live is not None:
+                live.settle(items, replies)
             self._inflight = []
             self.written += len(batch)
             for kind, key, _, _ in batch:
@@ -133,8 +176,17 @@ class WriteBehind:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _write(self, r: redis.Redis, *, batch: list[Entry], suspects: int) -> None:
-        """One pipeline for the whole batch (runs on a worker thread)."""
+    def _write(
+        self,
+        r: redis.Redis,
+        *,
+        batch: list[Entry],
+        suspects: int,
+        live: LiveSource | None = None,
+        items: list[Any] | None = None,
+    ) -> list[Any]:
+        """One pipeline for the whole batch, then the publishes (runs on a worker thread).
+        Returns the replies of the publishes."""
         cutoff_ns = self._clock_ns() - self._ttl_ns
         rooms: dict[str, list[int | bytes]] = {}
         dms: dict[str, tuple[list[int], list[bytes]]] = {}
@@ -157,7 +209,10 @@ class WriteBehind:
         for key, (counted, messages) in dms.items():
             dm = DM_PREFIX + key
             evalsha(dm_sha, 1, dm, cutoff_s, self._cap, self._ttl_ms, counted[0], *messages)
-        pipe.execute()
+        if live is not None and items:
+            live.add_to_pipeline(pipe, items, self._scripts.route.sha)
+        replies: list[Any] = pipe.execute()
+        return replies[len(replies) - len(items) :] if items else []
 
     def _give_back(self, batch: list[Entry]) -> None:
         self._inflight = []

@@ -1,0 +1,182 @@
+"""Delivery to users and rooms, on this instance or any other (PROTOCOL.md section 9).
+
+How this works. The router sits between the sessions and the hub. Without a bus (memory
+store) it is the hub: local delivery, nothing else. With the Redis bus:
+- A frame for one user goes straight to the local socket when the user is connected here
+  (no thread hop, no Redis); otherwise it is routed through Redis to the user's instance
+  (presence lookup and publish in one script). Relayed signaling waits for the outcome, so
+  ``peer_unavailable`` is still answered when the user is offline everywhere.
+- A room message is published on the room's channel and delivered, here too, when it comes
+  back from Redis: Redis' order is the one order every member sees, on every instance. The
+  message crosses Redis once per subscribed instance, not once per member.
+- While the bus is unusable (Redis degraded, subscription down) everything is delivered
+  locally only: users on other instances miss room messages and direct frames until Redis
+  is back (history has the room messages once the write-behind queue is flushed).
+- Messages from other instances arrive in batches from the bus thread
+  (``on_bus_messages``, on the trio thread): room frames go to ``Hub.broadcast_now``; user
+  frames carry a one-line header (``U<user> <type> [<peer> [<role>]]``) read here, so the
+  JSON is never decoded or re-encoded: it is wrapped in a WebSocket frame and sent. Eviction
+  notices (``E<user> <connection>``) close a connection the user replaced elsewhere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+
+import trio
+
+from aleatoria import messages as m
+from aleatoria.codec import encode, now
+from aleatoria.hub import Client, Hub
+from aleatoria.messages import Envelope
+from aleatoria.store import Store
+from aleatoria.websocket import text_frame
+
+log = logging.getLogger("aleatoria.router")
+
+_INSTANCE = os.urandom(4).hex()
+_counter = itertools.count(1)
+_SUBSCRIBE_TIMEOUT = 2.0
+
+
+def new_message_id() -> str:
+    """A unique id: this process's random prefix and a counter (cheaper than uuid4)."""
+    return f"{_INSTANCE}-{next(_counter):x}"
+
+
+def user_envelope(user: str, kind: str, payload: bytes, *extra: str) -> bytes:
+    """The bus form of a frame for one user: a header line, then the JSON."""
+    head = " ".join((user, kind, *extra))
+    return b"U" + head.encode() + b"\n" + payload
+
+
+class Router:
+    """Local-or-remote delivery; the bus's handler and the store's event sink."""
+
+    def __init__(self, hub: Hub, store: Store) -> None:
+        self.hub = hub
+        self.store = store
+        self.bus = store.bus
+        self.instance = store.instance
+        self.dropped = 0  # frames from the bus for users no longer here
+        if self.bus is not None:
+            self.bus.handler = self
+            hub.room_opened = self.bus.subscribe_room
+            hub.room_closed = self.bus.unsubscribe_room
+        store.attach(self)
+
+    @property
+    def remote(self) -> bool:
+        """Deliver through Redis now."""
+        return self.bus is not None and self.bus.usable
+
+    # -- rooms ----------------------------------------------------------------------------
+
+    async def room_ready(self, room: str) -> None:
+        """Wait until this instance receives room ``room``'s messages (its channel is
+        subscribed), so a ``room_joined`` sent after this is followed by every message sent
+        after it. Bounded; returns at once without a usable bus."""
+        if self.bus is not None and self.remote:
+            with trio.move_on_after(_SUBSCRIBE_TIMEOUT):
+                await self.bus.room_ready(room)
+
+    async def broadcast(self, room: str, data: bytes) -> None:
+        """Deliver ``data`` (a message JSON) to every member of ``room``, everywhere."""
+        if self.bus is not None and self.remote:
+
+            def fallback(reached: int | None) -> None:
+                if reached is None:  # Redis failed before publishing it: local members only
+                    self.hub.broadcast_now(room, [text_frame(data)])
+
+            self.bus.publish_room(room, data, fallback)
+            return
+        await self.hub.broadcast(room, text_frame(data))
+
+    # -- users ------------------------------------------------------------------------------
+
+    def send(self, user: str, data: bytes, kind: str, *extra: str) -> None:
+        """Deliver ``data`` to ``user`` wherever it is connected; nothing if offline."""
+        if self.hub.deliver(user, text_frame(data), kind):
+            return
+        if self.bus is not None and self.remote:
+            self.bus.route(user, user_envelope(user, kind, data, *extra))
+
+    async def send_checked(self, user: str, data: bytes, kind: str, *extra: str) -> bool:
+        """``send``, and whether ``user`` is online (here, or on a live instance)."""
+        if self.hub.deliver(user, text_frame(data), kind):
+            return True
+        if self.bus is None or not self.remote:
+            return False
+        reached = await self.bus.route_wait(user, user_envelope(user, kind, data, *extra))
+        return bool(reached)
+
+    def peer_left(self, peer: str, leaver: str) -> None:
+        """Send ``peer`` the server's ``hangup {reason: peer_left}`` on behalf of ``leaver``."""
+        _, created = now()
+        data = encode(
+            Envelope(
+                type=m.HANGUP,
+                from_user=leaver,
+                to_user=peer,
+                payload=m.HangupNotice(reason=m.PEER_LEFT),
+                message_id=new_message_id(),
+                create_time=created,
+            )
+        )
+        self.send(peer, data, m.HANGUP, leaver)
+
+    def evict(self, instance: str, user: str, connection: str) -> None:
+        """Tell ``instance`` to close ``user``'s connection ``connection`` (replaced here)."""
+        if instance == self.instance:
+            self._evict_here(user, connection)
+        elif self.bus is not None:
+            self.bus.publish_instance(instance, f"E{user} {connection}\n".encode())
+
+    def _evict_here(self, user: str, connection: str) -> Client | None:
+        client = self.hub.evict(user, connection)
+        if client is not None:
+            self.store.user_moved(user)
+            log.info("event=replaced_elsewhere user=%s", user)
+        return client
+
+    # -- from the bus (trio thread) ----------------------------------------------------------
+
+    def on_bus_messages(self, items: list[tuple[str | None, bytes]]) -> None:
+        run_room: str | None = None
+        run: list[bytes] = []
+        for room, data in items:
+            if room is not None:
+                if room != run_room and run:
+                    self.hub.broadcast_now(run_room or "", run)
+                    run = []
+                run_room = room
+                run.append(text_frame(data))
+                continue
+            if run:
+                self.hub.broadcast_now(run_room or "", run)
+                run = []
+                run_room = None
+            self._instance_message(data)
+        if run:
+            self.hub.broadcast_now(run_room or "", run)
+
+    def _instance_message(self, data: bytes) -> None:
+        head, _, payload = data.partition(b"\n")
+        fields = head[1:].decode(errors="replace").split(" ")
+        if head[:1] == b"E" and len(fields) == 2:
+            self._evict_here(fields[0], fields[1])
+            return
+        if head[:1] != b"U" or len(fields) < 2:
+            log.warning("event=bus_message_unreadable head=%r", head[:80])
+            return
+        user, kind = fields[0], fields[1]
+        if user not in self.hub.clients:
+            self.dropped += 1
+            return
+        if kind == m.ASSIGN_ROLE and len(fields) == 4:
+            self.store.remote_match(user, fields[2], fields[3])
+        elif kind == m.HANGUP and len(fields) == 3:
+            self.store.remote_match_ended(user, fields[2])
+        self.hub.deliver(user, text_frame(payload), kind)

@@ -1,0 +1,163 @@
+"""Presence in Redis (PROTOCOL.md section 9): who is online on which instance, instance
+heartbeats, the reaping of dead instances, and routing a frame to a user's instance.
+
+How this works.
+- Every instance has a random id and heartbeats: ``heartbeat`` puts ``now + ttl`` (Redis'
+  clock, milliseconds) as its score in the sorted set of instances. An instance whose score
+  is in the past is dead. All liveness decisions use Redis' own ``TIME``, so the instances'
+  clocks never matter.
+- ``presence`` maps each connected user to ``"instance|connection"``; each instance also
+  keeps the set of users it registered, so reaping it costs its own users, not a scan.
+- ``connect`` registers a connection and returns what the user had elsewhere (previous
+  instance and connection, pool place, live match) so the new instance can take it over;
+  ``disconnect`` removes the user's presence, pool place and match only if the closing
+  connection is still the registered one (a user who moved on keeps its state).
+- ``reap`` (run by every instance every heartbeat, atomic, so only one cleaner wins per
+  dead instance) removes dead instances and, for each of their users still registered
+  there, the presence, the pool place and the live match; it returns the ended matches so
+  the caller can tell the surviving peers.
+- An instance is alive while its heartbeat has not expired and its channel has a subscriber:
+  a killed process drops its Redis connections at once, so its users are offline for
+  matchmaking and routing immediately, and reaped within ``presence_ttl`` +
+  ``heartbeat_interval``.
+- ``route`` looks a user up and publishes a frame on its instance's channel if that
+  instance is alive; it returns how many subscribers got it (0: the user is offline).
+
+Every key and channel here carries the pool's hash tag ``{available:webrtc}``, so these
+scripts and the matchmaking scripts touch one Redis Cluster slot, and ``route`` may
+SPUBLISH to an instance channel from a script on a cluster.
+"""
+
+from __future__ import annotations
+
+from aleatoria.store.redis_scripts import INSTANCE_CHANNEL_PREFIX, LIVENESS_HELPERS, MATCH_HELPERS
+
+TAG = "{available:webrtc}"
+INSTANCES_KEY = f"aleatoria:instances:{TAG}"
+PRESENCE_KEY = f"aleatoria:presence:{TAG}"
+INSTANCE_USERS_PREFIX = f"aleatoria:instance-users:{TAG}:"
+
+
+def instance_users_key(instance: str) -> str:
+    return INSTANCE_USERS_PREFIX + instance
+
+
+def instance_channel(instance: str) -> str:
+    return INSTANCE_CHANNEL_PREFIX + instance
+
+
+# KEYS: instances. ARGV: instance, ttl (ms). Returns 'ok' (was alive), 'lapsed' (expired but
+# still listed: nobody reaped it) or 'gone' (not listed: first beat, Redis emptied, or reaped).
+HEARTBEAT = (
+    LIVENESS_HELPERS
+    + """
+local now = now_ms()
+local previous = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+if not previous then return 'gone' end
+if tonumber(previous) <= now then return 'lapsed' end
+return 'ok'
+"""
+)
+
+# KEYS: pool, matches, presence, this instance's users.
+# ARGV: user, instance, connection, instance-users prefix.
+# Returns {previous instance, previous connection, in pool (0/1), peer, role}; '' = none.
+# Pool place and match are reported only when the previous registration was on another
+# instance (the caller takes them over); the previous instance forgets the user.
+CONNECT = (
+    MATCH_HELPERS
+    + LIVENESS_HELPERS
+    + """
+local PRESENCE, MINE = KEYS[3], KEYS[4]
+local user, inst, conn, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local previous = redis.call('HGET', PRESENCE, user)
+redis.call('HSET', PRESENCE, user, inst .. '|' .. conn)
+redis.call('SADD', MINE, user)
+if not previous then return {'', '', 0, '', ''} end
+local pinst, pconn = split(previous)
+if pinst == inst then return {pinst, pconn, 0, '', ''} end
+redis.call('SREM', prefix .. pinst, user)
+local peer, role = partner(user)
+return {pinst, pconn, redis.call('SISMEMBER', POOL, user), peer or '', role or ''}
+"""
+)
+
+# KEYS: pool, matches, presence, this instance's users. ARGV: user, instance, connection
+# ('' = whichever connection this instance registered). Returns {owned (0/1), ended peer or ''}.
+# Not owned (the user is registered by another instance or connection now): nothing changes
+# but this instance's own bookkeeping.
+DISCONNECT = (
+    MATCH_HELPERS
+    + LIVENESS_HELPERS
+    + """
+local PRESENCE, MINE = KEYS[3], KEYS[4]
+local user, inst, conn = ARGV[1], ARGV[2], ARGV[3]
+local value = redis.call('HGET', PRESENCE, user)
+if value then
+  local pinst, pconn = split(value)
+  if pinst ~= inst then
+    redis.call('SREM', MINE, user)
+    return {0, ''}
+  end
+  if conn ~= '' and pconn ~= conn then return {0, ''} end
+  redis.call('HDEL', PRESENCE, user)
+end
+redis.call('SREM', MINE, user)
+redis.call('SREM', POOL, user)
+return {1, end_match(user) or ''}
+"""
+)
+
+# KEYS: pool, matches, instances, presence. ARGV: this instance, instance-users prefix, at most
+# how many dead instances to reap. Returns {dead instances, users removed, ended pairs as a
+# flat list leaver1, peer1, leaver2, peer2, ...}.
+REAP = (
+    MATCH_HELPERS
+    + LIVENESS_HELPERS
+    + """
+local INSTANCES, PRESENCE = KEYS[3], KEYS[4]
+local me, prefix = ARGV[1], ARGV[2]
+local dead = redis.call('ZRANGEBYSCORE', INSTANCES, '-inf', now_ms(), 'LIMIT', 0, tonumber(ARGV[3]))
+local reaped, gone, ended = {}, {}, {}
+for _, d in ipairs(dead) do
+  if d ~= me then
+    redis.call('ZREM', INSTANCES, d)
+    local key = prefix .. d
+    for _, user in ipairs(redis.call('SMEMBERS', key)) do
+      local value = redis.call('HGET', PRESENCE, user)
+      if value and split(value) == d then
+        redis.call('HDEL', PRESENCE, user)
+        redis.call('SREM', POOL, user)
+        local peer = end_match(user)
+        gone[#gone + 1] = user
+        if peer then
+          ended[#ended + 1] = user
+          ended[#ended + 1] = peer
+        end
+      end
+    end
+    redis.call('DEL', key)
+    reaped[#reaped + 1] = d
+  end
+end
+return {reaped, gone, ended}
+"""
+)
+
+# KEYS: presence, instances. ARGV: user, message, instance channel prefix, publish command
+# (PUBLISH, or SPUBLISH on a cluster). Returns the number of subscribers that got it: 0 when
+# the user is offline, its instance's heartbeat expired, or nobody listens on its channel
+# (PUBLISH's own count stands in for the liveness check's subscriber test: this script runs
+# for every frame routed to another instance, so it is kept to three commands).
+ROUTE = """
+local value = redis.call('HGET', KEYS[1], ARGV[1])
+if not value then return 0 end
+local sep = string.find(value, '|', 1, true)
+local inst = sep and string.sub(value, 1, sep - 1) or value
+local score = redis.call('ZSCORE', KEYS[2], inst)
+if not score then return 0 end
+local t = redis.call('TIME')
+if tonumber(score) <= tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) then return 0 end
+return redis.call(ARGV[4], ARGV[3] .. inst, ARGV[2])
+"""

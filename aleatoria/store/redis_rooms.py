@@ -1,0 +1,109 @@
+"""The room registry in Redis: ``room:members:{room}``, ``user:rooms:{user}``, ``rooms:active``.
+
+On a single Redis each command is one Lua script over the three keys (atomic). On a Redis
+Cluster those keys live in different slots, so no script may touch them together; the
+cluster variant sends the same writes as separate commands in one cluster pipeline
+(idempotent set operations) and keeps ``rooms:active`` honest lazily: a leave never removes
+the room from the index (a concurrent join could be lost), and ``get_rooms`` drops listed
+rooms whose member set is empty, then re-checks each and re-adds any that gained a member
+meanwhile (a join adds to the member set before the index, so a join racing the cleanup is
+always seen by the re-check).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aleatoria.store.redis_client import Scripts
+from aleatoria.store.redis_scripts import ROOM_MEMBERS_PREFIX, ROOMS_KEY, USER_ROOMS_PREFIX
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class RoomRegistry:
+    """Room membership commands for one Redis (``cluster=False``) or a Redis Cluster.
+    Every method takes the redis-py client and runs on a worker thread."""
+
+    def __init__(self, scripts: Scripts, *, cluster: bool) -> None:
+        self._scripts = scripts
+        self.cluster = cluster
+
+    def join(self, r: Any, room: str, user: str) -> None:
+        if not self.cluster:
+            keys = [ROOM_MEMBERS_PREFIX + room, USER_ROOMS_PREFIX + user, ROOMS_KEY]
+            self._scripts.join_room(keys, [room, user], r)
+            return
+        pipe = r.pipeline(transaction=False)
+        pipe.sadd(ROOM_MEMBERS_PREFIX + room, user)
+        pipe.sadd(USER_ROOMS_PREFIX + user, room)
+        pipe.sadd(ROOMS_KEY, room)
+        pipe.execute()
+
+    def leave(self, r: Any, room: str, user: str) -> None:
+        self.leave_many(r, [(room, user)])
+
+    def leave_many(self, r: Any, pairs: list[tuple[str, str]]) -> None:
+        if not pairs:
+            return
+        pipe = r.pipeline(transaction=False)
+        for room, user in pairs:
+            if self.cluster:
+                pipe.srem(ROOM_MEMBERS_PREFIX + room, user)
+                pipe.srem(USER_ROOMS_PREFIX + user, room)
+            else:
+                keys = [ROOM_MEMBERS_PREFIX + room, USER_ROOMS_PREFIX + user, ROOMS_KEY]
+                self._scripts.leave_room(keys, [room, user], pipe)
+        pipe.execute()
+
+    def rooms(self, r: Any) -> list[str]:
+        """Rooms that have members, sorted."""
+        if not self.cluster:
+            return sorted(_text(name) for name in self._scripts.rooms([ROOMS_KEY], [], r))
+        listed = sorted(_text(name) for name in r.smembers(ROOMS_KEY))
+        if not listed:
+            return []
+        exists = self._exists(r, listed)
+        empty = [room for room, there in zip(listed, exists, strict=True) if not there]
+        if empty:
+            r.srem(ROOMS_KEY, *empty)
+            again = self._exists(r, empty)
+            back = [room for room, there in zip(empty, again, strict=True) if there]
+            if back:
+                r.sadd(ROOMS_KEY, *back)
+        return [room for room, there in zip(listed, exists, strict=True) if there]
+
+    def _exists(self, r: Any, rooms: list[str]) -> list[bool]:
+        pipe = r.pipeline(transaction=False)
+        for room in rooms:
+            pipe.exists(ROOM_MEMBERS_PREFIX + room)
+        return [bool(n) for n in pipe.execute()]
+
+    def user_rooms(self, r: Any, user: str) -> list[str]:
+        return sorted(_text(room) for room in r.smembers(USER_ROOMS_PREFIX + user))
+
+    def sync(self, r: Any, user: str, rooms: list[str]) -> None:
+        """Make Redis list exactly ``rooms`` for ``user`` (cluster recovery; the single-Redis
+        recovery does this inside ``sync_user``)."""
+        current = set(self.user_rooms(r, user))
+        wanted = set(rooms)
+        self.leave_many(r, [(room, user) for room in sorted(current - wanted)])
+        for room in sorted(wanted - current):
+            self.join(r, room, user)
+
+    def forget_users(self, r: Any, users: list[str]) -> int:
+        """Remove ``users`` (reaped: dead instance) from every room; returns how many
+        memberships were removed."""
+        if not users:
+            return 0
+        pipe = r.pipeline(transaction=False)
+        for user in users:
+            pipe.smembers(USER_ROOMS_PREFIX + user)
+        pairs = [
+            (_text(room), user)
+            for user, rooms in zip(users, pipe.execute(), strict=True)
+            for room in sorted(rooms)
+        ]
+        self.leave_many(r, pairs)
+        return len(pairs)

@@ -1,0 +1,329 @@
+"""Helpers of the scale-out tests: a Redis Cluster, several server instances (in-process or
+as real ``aleatoria serve`` processes), and WebSocket clients that collect what they get."""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+import redis.cluster
+import trio
+import trio_websocket
+
+import aleatoria.server
+from aleatoria.config import Config
+
+_START_SECONDS = 15.0
+TIMEOUT = 10.0
+
+# Scale-out timing for tests: dead instances are noticed within 1.5 + 0.3 s.
+FAST_PRESENCE = {"presence_ttl": 1.5, "heartbeat_interval": 0.3}
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    for _ in range(1000):
+        port = random.randrange(20000, 50000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
+    raise RuntimeError("no free port pair")
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` nodes without replicas, from one redis-server binary."""
+
+    def __init__(self, binary: str, directory: Path, masters: int = 3) -> None:
+        self.binary = binary
+        self.directory = directory
+        self.ports = [free_cluster_port() for _ in range(masters)]
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def start(self) -> None:
+        for port in self.ports:
+            node_dir = self.directory / str(port)
+            node_dir.mkdir()
+            args = [
+                self.binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                str(node_dir / "nodes.conf"),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(node_dir),
+                "--logfile",
+                str(node_dir / "redis.log"),
+            ]
+            self.processes.append(subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+        for port in self.ports:
+            self._wait(port, lambda r: bool(r.ping()))
+        cli = shutil.which("redis-cli") or str(Path(self.binary).with_name("redis-cli"))
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=30,
+        )
+        for port in self.ports:
+            self._wait(port, lambda r: "ok" == r.cluster("info").get("cluster_state"))
+
+    def _wait(self, port: int, ready: Any) -> None:
+        deadline = time.monotonic() + _START_SECONDS
+        with redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5) as probe:
+            while True:
+                try:
+                    if ready(probe):
+                        return
+                except redis.RedisError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"cluster node {port} did not become ready")
+                time.sleep(0.05)  # readiness poll of an external process, bounded
+
+    def flush(self) -> None:
+        """Empty every node (between tests), scripts included."""
+        for port in self.ports:
+            with redis.Redis(host="127.0.0.1", port=port, socket_timeout=5) as r:
+                r.flushall()
+                r.script_flush()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait()
+        self.processes = []
+
+
+@contextmanager
+def redis_client(url: str) -> Iterator[Any]:
+    """A plain redis-py client for checks: a cluster client for a ``+cluster`` URL."""
+    if "+cluster://" not in url:
+        with redis.Redis.from_url(url, socket_timeout=5) as plain:
+            yield plain
+        return
+    host_port = url.split("://", 1)[1].split("/", 1)[0]
+    host, port = host_port.rsplit(":", 1)
+    cluster = redis.cluster.RedisCluster(host=host, port=int(port), socket_timeout=5)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+        for node in cluster.get_nodes():
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect()
+
+
+def instance_config(url: str, **overrides: Any) -> Config:
+    values: dict[str, Any] = {"port": 0, "redis_url": url, "rate_limit": 0, **FAST_PRESENCE}
+    values.update(overrides)
+    return Config(**values)
+
+
+@asynccontextmanager
+async def instances(url: str, count: int, **overrides: Any) -> AsyncIterator[list[int]]:
+    """``count`` in-process server instances sharing ``url``; yields their ports."""
+    async with trio.open_nursery() as nursery:
+        ports = []
+        for _ in range(count):
+            ports.append(await nursery.start(aleatoria.server.serve, instance_config(url, **overrides)))
+        try:
+            yield ports
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+class Client:
+    """A WebSocket test client that keeps what it receives."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection, user: str, port: int) -> None:
+        self.ws = ws
+        self.user = user
+        self.port = port
+
+    async def send(self, **message: Any) -> None:
+        await self.ws.send_message(orjson.dumps(message).decode())
+
+    async def receive(self) -> dict[str, Any]:
+        with trio.fail_after(TIMEOUT):
+            message: dict[str, Any] = orjson.loads(await self.ws.get_message())
+        return message
+
+    async def expect(self, kind: str) -> dict[str, Any]:
+        """The next message of type ``kind`` (others are skipped)."""
+        while True:
+            message = await self.receive()
+            if message["type"] == kind:
+                return message
+
+    async def next_is(self, kind: str) -> dict[str, Any]:
+        """The next message, which must be of type ``kind``."""
+        message = await self.receive()
+        assert kind == message["type"], message
+        return message
+
+    async def request(self, reply: str, **message: Any) -> dict[str, Any]:
+        await self.send(**message)
+        return await self.expect(reply)
+
+    async def sync(self) -> None:
+        """Round trip: everything this client's earlier messages caused here has arrived."""
+        await self.request("pong", type="ping")
+
+
+@asynccontextmanager
+async def connect(
+    port: int, user: str, room: str | None = None, *, joined: bool = True
+) -> AsyncIterator[Client]:
+    """A connected client, after its ``room_joined`` for the URL room. The TCP stream is
+    owned here: trio-websocket leaves it open when the server closes first (4001)."""
+    resource = f"/ws?userId={user}" + (f"&room={room}" if room else "")
+    async with trio.open_nursery() as nursery:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        try:
+            ws = await trio_websocket.wrap_client_stream(nursery, stream, "127.0.0.1", resource)
+            try:
+                client = Client(ws, user, port)
+                if joined:
+                    await client.expect("room_joined")
+                yield client
+            finally:
+                await ws.aclose()
+        finally:
+            await stream.aclose()
+
+
+async def get_json(port: int, path: str) -> dict[str, Any]:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    _, _, body = data.partition(b"\r\n\r\n")
+    result: dict[str, Any] = orjson.loads(body)
+    return result
+
+
+async def wait_until(predicate: Any, *, timeout: float = 10.0) -> float:
+    """Wait until ``predicate()`` (a check of Redis or of a process) holds; returns how long
+    it took."""
+    start = trio.current_time()
+    with trio.fail_after(timeout):
+        while True:
+            if await trio.to_thread.run_sync(predicate):
+                return trio.current_time() - start
+            await trio.sleep(0.05)  # the observed system has no push channel to wait on
+
+
+# -- real processes ---------------------------------------------------------------------------
+
+_LISTENING = re.compile(rb"listening on ws://127\.0\.0\.1:(\d+)/ws")
+_INSTANCE = re.compile(rb"instance=([0-9a-f]+)")
+
+
+class ServerProcess:
+    """``python -m aleatoria serve ...`` as a subprocess, with its log collected."""
+
+    def __init__(self, process: trio.Process, log: bytearray) -> None:
+        self.process = process
+        self.log = log
+        self.port = 0
+        self.instance = ""
+        self._grew = trio.Event()
+
+    def text(self) -> str:
+        return self.log.decode(errors="replace")
+
+    def grew(self) -> None:
+        self._grew.set()
+        self._grew = trio.Event()
+
+    async def wait_for_log(self, predicate: Callable[[str], bool]) -> None:
+        """Wait until ``predicate(log text)`` holds (checked whenever the log grows)."""
+        while not predicate(self.text()):
+            await self._grew.wait()
+
+    def kill9(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+
+
+@asynccontextmanager
+async def serve_process(*flags: str, expect_exit: int | None = 0) -> AsyncIterator[ServerProcess]:
+    """``aleatoria serve --port 0 FLAGS`` until it logs that it listens; on exit SIGTERM and
+    (unless killed by the test) an exit code of ``expect_exit``."""
+    command = [sys.executable, "-m", "aleatoria", "serve", "--port", "0", "--rate-limit", "0", *flags]
+    process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert process.stderr is not None
+    stderr = process.stderr
+    log = bytearray()
+    server = ServerProcess(process, log)
+    listening = trio.Event()
+
+    async def read_log() -> None:
+        async for chunk in stderr:
+            log.extend(chunk)
+            server.grew()
+            found = _LISTENING.search(log)
+            if found and not listening.is_set():
+                server.port = int(found.group(1))
+                instance = _INSTANCE.search(log, found.start())
+                server.instance = instance.group(1).decode() if instance else ""
+                listening.set()
+        listening.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_log)
+            with trio.fail_after(_START_SECONDS):
+                await listening.wait()
+            assert server.port, f"server did not start: {server.text()}"
+            try:
+                yield server
+            finally:
+                if process.returncode is None:
+                    process.send_signal(signal.SIGTERM)
+                with trio.fail_after(15):
+                    code = await process.wait()
+                if expect_exit is not None and code != -signal.SIGKILL:
+                    assert expect_exit == code, f"exit {code}: {server.text()[-3000:]}"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -1,0 +1,233 @@
+"""Several instances sharing one Redis (or one Redis Cluster) behave as one server (PROTOCOL.md
+section 9): rooms, DMs, signaling, matchmaking, get_rooms, history and replacement, with the
+users spread over the instances. Every test runs on a single redis-server and on a Redis
+Cluster of 3 masters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+from scaleout_support import Client, connect, get_json, instances, redis_client, wait_until
+
+from aleatoria.store.redis_bus import room_channel
+from aleatoria.store.redis_presence import PRESENCE_KEY
+
+
+async def _collect_chat(client: Client, count: int) -> list[dict[str, Any]]:
+    out = []
+    while len(out) < count:
+        out.append(await client.expect("chat_message"))
+    return out
+
+
+async def test_room_chat_is_seen_in_one_order_everywhere(shared_redis: str) -> None:
+    """Six members on three instances all send at once: every member receives every message
+    once, in the same order as everyone else, its own included."""
+    per_user = 20
+    users = [f"u{i}" for i in range(6)]
+    async with instances(shared_redis, 3) as ports, trio.open_nursery() as nursery:
+        clients: dict[str, Client] = {}
+        received: dict[str, list[str]] = {}
+        ready = trio.Event()
+
+        async def member(i: int, user: str, *, task_status: trio.TaskStatus[None]) -> None:
+            async with connect(ports[i % 3], user, "Den") as client:
+                clients[user] = client
+                task_status.started()
+                await ready.wait()
+                async with trio.open_nursery() as inner:
+
+                    async def send_all() -> None:
+                        for n in range(per_user):
+                            await client.send(
+                                type="chat_message", room="Den", payload={"content": f"{user}:{n}"}
+                            )
+
+                    inner.start_soon(send_all)
+                    got = await _collect_chat(client, per_user * len(users))
+                received[user] = [m["payload"]["content"] for m in got]
+
+        for i, user in enumerate(users):
+            await nursery.start(member, i, user)
+        ready.set()
+    first = received[users[0]]
+    assert per_user * len(users) == len(set(first))
+    for user in users:
+        assert first == received[user], user
+        mine = [c for c in first if c.startswith(user + ":")]
+        assert [f"{user}:{n}" for n in range(per_user)] == mine  # each sender's order kept
+
+
+async def test_direct_messages_and_history_across_instances(shared_redis: str) -> None:
+    """A DM reaches the other instance (incoming true there, false for the sender); both sides
+    read the conversation from either instance; a room message is in the history of another
+    instance as soon as it was delivered there."""
+    async with instances(shared_redis, 2) as (one, two):
+        async with connect(one, "alice", "Den") as alice, connect(two, "bob", "Den") as bob:
+            await alice.send(type="chat_message", toUser="bob", payload={"content": "psst"})
+            copy = await alice.expect("chat_message")
+            delivered = await bob.expect("chat_message")
+            assert (False, True) == (copy["incoming"], delivered["incoming"])
+            assert {**copy, "incoming": True} == delivered
+            history = await bob.request(
+                "direct_messages", type="get_direct_messages", payload={"withUser": "alice"}
+            )
+            assert ["psst"] == [m["payload"]["content"] for m in history["payload"]["messages"]]
+
+            for n in range(5):
+                await alice.send(type="chat_message", room="Den", payload={"content": str(n)})
+            got = await _collect_chat(bob, 5)
+            recent = await bob.request("recent_messages", type="get_recent_messages", room="Den")
+            assert [m["messageId"] for m in reversed(got)] == [
+                m["messageId"] for m in recent["payload"]["messages"]
+            ]
+
+            # A DM to someone offline everywhere is kept for later.
+            await bob.send(type="chat_message", toUser="carol", payload={"content": "later"})
+            await bob.expect("chat_message")
+        async with connect(one, "carol") as carol:
+            later = await carol.request(
+                "direct_messages", type="get_direct_messages", payload={"withUser": "bob"}
+            )
+            assert ["later"] == [m["payload"]["content"] for m in later["payload"]["messages"]]
+
+
+async def test_signaling_relay_across_instances(shared_redis: str) -> None:
+    """offer, answer, candidate and hangup reach the other instance with the payload unchanged
+    and fromUser set; a target offline everywhere gets the sender ``peer_unavailable``."""
+    payloads = {
+        "webrtc_offer": {"sdp": "v=0\r\no=- 1 2 IN IP4 127.0.0.1", "type": "offer", "n": [1, 2.5, None]},
+        "webrtc_answer": {"sdp": "answer", "nested": {"a": {"b": [True, False]}}},
+        "webrtc_candidate": {"candidate": "candidate:1 1 udp 2122260223 10.0.0.1 54321 typ host"},
+        "hangup": {"reason": "bye"},
+    }
+    async with (
+        instances(shared_redis, 2) as (one, two),
+        connect(one, "alice") as alice,
+        connect(two, "bob") as bob,
+    ):
+        for kind, payload in payloads.items():
+            await alice.send(type=kind, toUser="bob", payload=payload)
+            got = await bob.next_is(kind)
+            assert (payload, "alice", "bob") == (got["payload"], got["fromUser"], got["toUser"])
+            await bob.send(type=kind, toUser="alice", payload=payload)
+            back = await alice.next_is(kind)
+            assert (payload, "bob") == (back["payload"], back["fromUser"])
+        await alice.send(type="webrtc_offer", toUser="nobody", payload={})
+        error = await alice.next_is("error")
+        assert "peer_unavailable" == error["payload"]["code"]
+
+
+async def test_matchmaking_across_instances(shared_redis: str) -> None:
+    """A requester on one instance is matched with a pooled user on another: both get their
+    roles; "next" ends the match and tells the peer; a disconnect tells the peer too; users
+    in a match are not picked."""
+    async with instances(shared_redis, 3) as (one, two, three):
+        async with (
+            connect(one, "alice") as alice,
+            connect(two, "bob") as bob,
+            connect(three, "carol") as carol,
+        ):
+            await bob.send(type="user_available_webrtc")
+            await bob.sync()
+            mine = await alice.request("assign_role", type="request_random_peer")
+            assert {"role": "impolite", "peerId": "bob"} == mine["payload"]
+            theirs = await bob.expect("assign_role")
+            assert {"role": "polite", "peerId": "alice"} == theirs["payload"]
+            # Nobody else is pooled; bob is in a match: carol gets nobody.
+            await carol.request("no_peer_available", type="request_random_peer")
+            await carol.send(type="user_available_webrtc")
+            await carol.sync()
+            # "next": alice leaves bob for carol; bob hears it from alice.
+            nxt = await alice.request(
+                "assign_role", type="request_random_peer", payload={"currentPeerId": "bob"}
+            )
+            assert {"role": "impolite", "peerId": "carol"} == nxt["payload"]
+            left = await bob.expect("hangup")
+            assert ("alice", {"reason": "peer_left"}) == (left["fromUser"], left["payload"])
+            assert {"role": "polite", "peerId": "alice"} == (await carol.expect("assign_role"))["payload"]
+        # alice, bob, carol disconnect: the pool and matches are empty.
+        with redis_client(shared_redis) as r:
+            await wait_until(lambda: 0 == r.scard("available:webrtc") == r.hlen(PRESENCE_KEY))
+            assert {} == r.hgetall("webrtc:matches:{available:webrtc}")
+
+
+async def test_get_rooms_and_leaving_span_instances(shared_redis: str) -> None:
+    """``get_rooms`` lists the rooms of every instance; a room is forgotten when its last
+    member anywhere leaves."""
+    async with (
+        instances(shared_redis, 2) as (one, two),
+        connect(one, "alice", "Den") as alice,
+        connect(two, "bob", "Attic") as bob,
+    ):
+        rooms = await alice.request("rooms_list", type="get_rooms")
+        assert ["Attic", "Den"] == rooms["payload"]["rooms"]
+        await bob.request("room_left", type="leave_room", room="Attic")
+        rooms = await alice.request("rooms_list", type="get_rooms")
+        assert ["Den"] == rooms["payload"]["rooms"]
+
+
+async def test_replacing_a_connection_on_another_instance(shared_redis: str) -> None:
+    """alice connects to instance 2 while connected to instance 1: the first connection is
+    closed with 4001; her rooms, pool place and match carry over; nothing is lost in Redis."""
+    async with (
+        instances(shared_redis, 2) as (one, two),
+        connect(one, "bob", "Den") as bob,
+        connect(one, "carol") as carol,
+    ):
+        async with connect(one, "alice", "Den") as alice:
+            await alice.send(type="user_available_webrtc")
+            await alice.sync()
+            async with connect(two, "alice", "Attic") as again:
+                closed = await _closed(alice)
+                assert (4001, "replaced") == closed
+                # Still in Den (carried over), and in Attic (its own URL room).
+                await bob.send(type="chat_message", room="Den", payload={"content": "still there?"})
+                assert "still there?" == (await again.expect("chat_message"))["payload"]["content"]
+                rooms = await again.request("rooms_list", type="get_rooms")
+                assert ["Attic", "Den", "Lobby"] == rooms["payload"]["rooms"]
+                # Still pooled: carol is matched with the new connection.
+                match = await carol.request("assign_role", type="request_random_peer")
+                assert "alice" == match["payload"]["peerId"]
+                assert "carol" == (await again.expect("assign_role"))["payload"]["peerId"]
+                health = await get_json(one, "/health")
+                assert 2 == health["connections"]  # bob and carol: alice is gone from 1
+            # The new connection left: carol hears it.
+            assert "alice" == (await carol.expect("hangup"))["fromUser"]
+        with redis_client(shared_redis) as r:
+            await wait_until(lambda: not r.hexists(PRESENCE_KEY, "alice"))
+            assert {b"bob"} == r.smembers("room:members:Den")
+
+
+async def test_a_room_message_crosses_redis_once_per_instance(shared_redis: str) -> None:
+    """Each instance subscribes to a room's channel once, however many members it has there,
+    and unsubscribes when its last member leaves."""
+    channel = room_channel("Den")
+
+    def subscribers(r: Any) -> int:
+        if "+cluster" in shared_redis:
+            node = r.get_node_from_key(channel)
+            [(_, count)] = r.execute_command("PUBSUB SHARDNUMSUB", channel, target_nodes=node)
+            return int(count)
+        return int(r.pubsub_numsub(channel)[0][1])
+
+    async with instances(shared_redis, 2) as (one, two):
+        with redis_client(shared_redis) as r:
+            async with connect(one, "a1", "Den"), connect(one, "a2", "Den"), connect(one, "a3", "Den"):
+                assert 1 == subscribers(r)
+                async with connect(two, "b1", "Den") as b1:
+                    assert 2 == subscribers(r)
+                    await b1.request("room_left", type="leave_room", room="Den")
+                    await wait_until(lambda: 1 == subscribers(r))
+            await wait_until(lambda: 0 == subscribers(r))
+
+
+async def _closed(client: Client) -> tuple[int, str]:
+    import trio_websocket
+
+    try:
+        while True:
+            await client.receive()
+    except trio_websocket.ConnectionClosed as exc:
+        return exc.reason.code, exc.reason.reason or ""
