@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import redis
 import redis.cluster
 import trio
+from prometheus_client import Histogram
 from redis._parsers.encoders import Encoder
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
@@ -30,12 +31,23 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from aleatoria.errors import StoreUnavailable
+from aleatoria.metrics import REGISTRY
 from aleatoria.store import redis_presence as presence
 from aleatoria.store import redis_scripts as lua
 
 T = TypeVar("T")
 
 _HEALTH_CHECK_SECONDS = 30
+
+
+# Latency of successful Redis calls, as the worker thread saw them (a thread-safe
+# prometheus-client metric is fine here: this is the slow path, never per delivery).
+CALL_DURATION = Histogram(
+    "aleatoria_redis_call_duration_seconds",
+    "Redis call latency (successful calls)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    registry=REGISTRY,
+)
 
 
 class Scripts:
@@ -165,6 +177,7 @@ class RedisClient:
             self.failures += 1
             raise
         self.call_seconds += seconds
+        CALL_DURATION.observe(seconds)
         return result
 
     @property
