@@ -226,6 +226,8 @@ def test_random_call_connects_and_next_moves_on(open_page: OpenPage) -> None:
     emil = open_page()
     sign_in(emil, "emil")
     say(dana, "Anyone up for a random call?")
+    # emil answers once its page shows dana's message: it is in the room and receiving.
+    expect(bodies(emil).last).to_have_text("Anyone up for a random call?")
     say(emil, "Sure, pressing the button now.")
     expect(bodies(dana).last).to_have_text("Sure, pressing the button now.")
 
