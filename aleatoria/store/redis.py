@@ -47,7 +47,7 @@ from aleatoria.errors import StoreUnavailable
 from aleatoria.matchmaking import IMPOLITE, RequestOutcome
 from aleatoria.store.base import Takeover
 from aleatoria.store.memory import dm_key
-from aleatoria.store.redis_client import RedisClient
+from aleatoria.store.redis_client import RedisClient, present, text, text_or_none
 from aleatoria.store.redis_history import merge_dm, merge_room, read_dm, read_room
 from aleatoria.store.redis_keeper import RedisKeeper
 from aleatoria.store.redis_presence import INSTANCE_USERS_PREFIX, INSTANCES_KEY, PRESENCE_KEY
@@ -154,9 +154,9 @@ class RedisStore(RedisKeeper):
         done = await self._run(partial(self._scripts.set_available, self._user_keys, [user, self._instance]))
         if done is None:
             ended = self._mm.set_available(user)
-            self._dirty.update(_present(user, ended))
+            self._dirty.update(present(user, ended))
             return ended
-        ended = _text_or_none(done.value)
+        ended = text_or_none(done.value)
         self._mirror.end(user)
         self._mm.set_available(user)
         self._settle(done, user, ended)
@@ -171,9 +171,9 @@ class RedisStore(RedisKeeper):
         done = await self._run(partial(self._scripts.request_peer, _PICK_KEYS, args))
         if done is None:
             outcome = self._mirror.request_peer(user, current_peer)
-            self._dirty.update(_present(user, outcome.peer, outcome.ended_peer))
+            self._dirty.update(present(user, outcome.peer, outcome.ended_peer))
             return outcome
-        kind, peer, role, ended_text = (_text(part) for part in done.value)
+        kind, peer, role, ended_text = (text(part) for part in done.value)
         ended = ended_text or None
         if ended is not None:
             self._mirror.end(user)
@@ -211,7 +211,7 @@ class RedisStore(RedisKeeper):
             self._dirty.add(user)
             return None
         previous, previous_connection, in_pool, peer, role = (
-            _text(part) if isinstance(part, bytes | str) else part for part in done.value
+            text(part) if isinstance(part, bytes | str) else part for part in done.value
         )
         if not previous or previous == self._instance:
             self._settle(done, user)
@@ -245,12 +245,12 @@ class RedisStore(RedisKeeper):
             await self._mirror.leave(room, user)
         ended = self._mirror.forget(user)
         if done is None:
-            self._dirty.update(_present(user, ended))
+            self._dirty.update(present(user, ended))
             return ended
         if rooms:
             pairs = [(room, user) for room in rooms]
             await self._write_through((user,), partial(self._rooms.leave_many, pairs=pairs))
-        redis_ended = _text_or_none(done.value[1]) or None
+        redis_ended = text_or_none(done.value[1]) or None
         self._settle(done, user, redis_ended)
         return redis_ended
 
@@ -315,19 +315,3 @@ async def _purge_forever(store: RedisStore) -> None:
 
 def _srem_pool(r: redis.Redis, *, user: str) -> object:
     return r.srem(POOL_KEY, user)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _text_or_none(value: bytes | str | None) -> str | None:
-    return None if value is None else _text(value)
-
-
-def _present(*users: str | None) -> list[str]:
-    return [user for user in users if user]
-
-
-def _always() -> bool:
-    return True

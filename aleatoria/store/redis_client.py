@@ -216,3 +216,17 @@ class _Skipped(StoreUnavailable):
 def describe_error(exc: BaseException) -> str:
     text = str(exc).strip().replace("\n", " ")[:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def text(value: bytes | str) -> str:
+    """A Redis reply as text (the clients return bytes)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def text_or_none(value: bytes | str | None) -> str | None:
+    return None if value is None else text(value)
+
+
+def present(*users: str | None) -> list[str]:
+    """The users that are set (scripts take only the ones there are)."""
+    return [user for user in users if user]

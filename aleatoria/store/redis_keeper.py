@@ -22,7 +22,7 @@ from aleatoria.errors import StoreUnavailable
 from aleatoria.store.base import Bus, Health, StoreEvents
 from aleatoria.store.memory import new_instance_id
 from aleatoria.store.redis_bus import RedisBus
-from aleatoria.store.redis_client import RedisClient
+from aleatoria.store.redis_client import RedisClient, present
 from aleatoria.store.redis_instance import InstanceRegistry, Reaped, Synced, run_id_of
 from aleatoria.store.redis_mirror import Mirror
 from aleatoria.store.redis_rooms import RoomRegistry
@@ -220,7 +220,7 @@ class RedisKeeper:
     def _settle(self, done: _Done[Any], *users: str | None) -> None:
         # Synchronously after the call: a recovery cannot slip in between.
         if done.stale:
-            self._dirty.update(_present(*users))
+            self._dirty.update(present(*users))
 
     # -- degradation and recovery -------------------------------------------------------------
 
@@ -489,18 +489,6 @@ def _tell_peer_left(events: StoreEvents, *, peer: str, leaver: str) -> None:
 
 def _tell_evict(events: StoreEvents, *, instance: str, user: str, connection: str) -> None:
     events.evict(instance, user, connection)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _text_or_none(value: bytes | str | None) -> str | None:
-    return None if value is None else _text(value)
-
-
-def _present(*users: str | None) -> list[str]:
-    return [user for user in users if user]
 
 
 def _always() -> bool:
