@@ -43,7 +43,7 @@ from wsproto.events import (
     Ping,
     TextMessage,
 )
-from wsproto.frame_protocol import CloseReason
+from wsproto.frame_protocol import CloseReason, XorMaskerSimple
 from wsproto.utilities import generate_accept_token
 
 RECV_BYTES = 65536
@@ -61,6 +61,11 @@ REPLACED = 4001
 ABNORMAL = 1006
 
 PING_FRAME = b"\x89\x00"
+
+_TEXT = 0x1
+_BINARY = 0x2
+_PONG = 0xA
+_FAST_OPCODES = frozenset((_TEXT, _BINARY, _PONG))
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -290,7 +295,11 @@ class WebSocket:
         greeting: bytes = b"",
     ) -> None:
         self._sock = sock
-        self._proto = _WsConnection(ConnectionType.SERVER, trailing_data=trailing)
+        self._proto = _WsConnection(ConnectionType.SERVER)
+        # Inbound frames go through ``_take_simple`` until one needs wsproto (see there);
+        # ``_partial`` holds the start of a frame the fast path is still receiving.
+        self._fast = True
+        self._partial = trailing
         self._max_message = max_message_bytes
         self._outbox_frames = outbox_frames
         self._close_timeout = close_timeout
@@ -344,11 +353,12 @@ class WebSocket:
 
     async def _receive_loop(self, on_message: MessageHandler) -> None:
         sock = self._sock
-        proto = self._proto
         messages: list[Frame] = []
+        if self._partial:  # bytes that came with the handshake
+            trailing, self._partial = self._partial, b""
+            self._feed(trailing, messages)
         while True:
-            # The first pass handles bytes that came with the handshake.
-            still_open = self._collect(messages)
+            still_open = self._fast or self._collect(messages)
             if len(messages) > 1:
                 # Several messages in one read (a pipelining or flooding client): what we
                 # send this socket while handling them goes out in one system call.
@@ -382,7 +392,79 @@ class WebSocket:
                 return
             self._short_read = len(data) < RECV_BYTES
             self.last_seen = trio.current_time()
-            proto.receive_data(data)
+            self._feed(data, messages)
+
+    def _feed(self, data: bytes, out: list[Frame]) -> None:
+        """Parse received bytes: the fast path while it can, wsproto from then on."""
+        if self._fast:
+            if self.close_code is None:
+                data = self._take_simple(data, out)
+                if not data:
+                    return
+            else:  # closing: wsproto runs the closing handshake
+                data, self._partial = self._partial + data, b""
+            self._fast = False
+        self._proto.receive_data(data)
+
+    def _take_simple(self, data: bytes, out: list[Frame]) -> bytes:
+        """Unwrap the frames nearly every client sends -- whole, masked, final text or binary
+        frames under 64 KiB, and pongs -- appending their payloads to ``out``. Returns the
+        bytes from the first frame that is anything else, for wsproto; b"" if none.
+
+        Why: wsproto spends about 75 Python calls (24 us on the reference VM) on each
+        frame, as much as the session spends acting on the message. Everything unusual
+        -- fragments, pings, closes, bad UTF-8 (1007), unmasked frames (1002), reserved
+        bits, oversize frames -- is left to wsproto, which then runs the connection for good,
+        so edge-case behaviour is wsproto's. tests/test_frames.py checks both paths agree.
+        """
+        if self._partial:
+            data, self._partial = self._partial + data, b""
+        end = len(data)
+        limit = min(self._max_message, 65535)
+        pos = 0
+        while end - pos >= 2:
+            first, second = data[pos], data[pos + 1]
+            opcode = first & 0x0F
+            # FIN set, no reserved bits, masked (clients must mask: RFC 6455 5.1).
+            if first & 0xF0 != 0x80 or not second & 0x80 or opcode not in _FAST_OPCODES:
+                return data[pos:]
+            size = second & 0x7F
+            head = 6
+            if size >= 126:
+                if size == 127:
+                    return data[pos:]
+                if end - pos < 4:
+                    break
+                size = (data[pos + 2] << 8) | data[pos + 3]
+                if size < 126 or opcode == _PONG:
+                    return data[pos:]  # non-minimal length, or a long control frame: 1002
+                head = 8
+            if size > limit:
+                return data[pos:]
+            start = pos + head
+            stop = start + size
+            if stop > end:
+                break
+            if opcode == _PONG:
+                pos = stop  # any traffic already counts as activity
+                continue
+            mask = data[start - 4 : start]
+            payload = data[start:stop]
+            if size <= 1024:
+                key = int.from_bytes((mask * (size // 4 + 1))[:size], "little")
+                payload = (int.from_bytes(payload, "little") ^ key).to_bytes(size, "little")
+            else:  # wsproto's masker is faster on long payloads
+                payload = bytes(XorMaskerSimple(mask).process(bytearray(payload)))
+            if opcode == _TEXT and not payload.isascii():
+                try:
+                    payload.decode()
+                except UnicodeDecodeError:
+                    return data[pos:]  # wsproto closes with 1007
+            out.append(payload)
+            pos = stop
+        if pos < end:
+            self._partial = data[pos:]  # under one frame of at most 64 KiB
+        return b""
 
     def _collect(self, out: list[Frame]) -> bool:
         """Turn wsproto events into complete messages. False when the connection is over."""
