@@ -35,6 +35,7 @@ from aleatoria.supervisor import supervise
 from aleatoria.websocket import (
     GOING_AWAY,
     Request,
+    WebSocket,
     accept_websocket,
     handshake_problem,
     read_request,
@@ -119,8 +120,17 @@ class Server:
             request = None  # stays None when the client is too slow to send its head
             with trio.move_on_after(self.config.handshake_timeout):
                 request = await read_request(sock)
-            if request is not None:
-                await self._route(sock, request, addr)
+            if request is None:
+                return
+            if request.path != "/ws":
+                await self._http(sock, request)
+                return
+            upgraded = await self._upgrade(sock, request, addr)
+            # The request head and h11's state are done with: an idle session should not
+            # carry them (~2 KB a connection) for its whole life.
+            del request
+            if upgraded is not None:
+                await self._session(*upgraded)
         except Exception:
             log.exception("event=connection_error peer=%s", addr)
         finally:
@@ -129,11 +139,9 @@ class Server:
             if self.connections == 0:
                 self._all_closed.set()
 
-    async def _route(self, sock: socket.socket, request: Request, addr: str) -> None:
+    async def _http(self, sock: socket.socket, request: Request) -> None:
         path = request.path
-        if path == "/ws":
-            await self._websocket(sock, request, addr)
-        elif request.method not in ("GET", "HEAD"):
+        if request.method not in ("GET", "HEAD"):
             await send_http(sock, 405, "Method not allowed\n", conn=request.h11_connection)
         elif path == "/health":
             await send_http(
@@ -240,7 +248,11 @@ class Server:
                 return 401, f"Unauthorized: {problem}\n"
         return None
 
-    async def _websocket(self, sock: socket.socket, request: Request, addr: str) -> None:
+    async def _upgrade(
+        self, sock: socket.socket, request: Request, addr: str
+    ) -> tuple[WebSocket, str, str, str] | None:
+        """Accept a WebSocket request: (the WebSocket, userId, room, client address), or None
+        after answering a refusal."""
         ip = self.client_ip(request, addr)
         refusal = self._refusal(request, ip)
         if refusal is not None:
@@ -248,26 +260,20 @@ class Server:
             self.stats.handshake_rejections[status] += 1
             log.info("event=handshake_rejected status=%d reason=%r", status, text.strip())
             await send_http(sock, status, text, conn=request.h11_connection)
-            return
-        self.per_ip[ip] += 1
-        try:
-            await self._session(sock, request)
-        finally:
-            self.per_ip[ip] -= 1
-            if not self.per_ip[ip]:
-                del self.per_ip[ip]
-
-    async def _session(self, sock: socket.socket, request: Request) -> None:
-        user = request.param("userId") or ""
-        room = request.param("room") or DEFAULT_ROOM
+            return None
         config = self.config
-        ws = await accept_websocket(
+        ws = accept_websocket(
             sock,
             request,
             max_message_bytes=config.max_frame_bytes,
             outbox_frames=config.outbox_frames,
             close_timeout=config.close_timeout,
         )
+        return ws, request.param("userId") or "", request.param("room") or DEFAULT_ROOM, ip
+
+    async def _session(self, ws: WebSocket, user: str, room: str, ip: str) -> None:
+        config = self.config
+        self.per_ip[ip] += 1
         client = Client(
             user=user,
             ws=ws,
@@ -295,6 +301,9 @@ class Server:
         finally:
             with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
                 await self._forget(client)
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
         self.stats.disconnects[code] += 1
         log.info("event=disconnected user=%s code=%s", user, code)
 

@@ -219,7 +219,7 @@ def handshake_problem(request: Request) -> str | None:
     return None
 
 
-async def accept_websocket(
+def accept_websocket(
     sock: socket.socket,
     request: Request,
     *,
@@ -295,7 +295,7 @@ class WebSocket:
         greeting: bytes = b"",
     ) -> None:
         self._sock = sock
-        self._proto = _WsConnection(ConnectionType.SERVER)
+        self._proto: _WsConnection | None = None  # see _wsproto
         # Inbound frames go through ``_take_simple`` until one needs wsproto (see there);
         # ``_partial`` holds the start of a frame the fast path is still receiving.
         self._fast = True
@@ -404,7 +404,14 @@ class WebSocket:
             else:  # closing: wsproto runs the closing handshake
                 data, self._partial = self._partial + data, b""
             self._fast = False
-        self._proto.receive_data(data)
+        self._wsproto().receive_data(data)
+
+    def _wsproto(self) -> _WsConnection:
+        """wsproto's side of the connection, made when first needed: most connections never
+        need it (it costs ~1.5 KB per connection)."""
+        if self._proto is None:
+            self._proto = _WsConnection(ConnectionType.SERVER)
+        return self._proto
 
     def _take_simple(self, data: bytes, out: list[Frame]) -> bytes:
         """Unwrap the frames nearly every client sends -- whole, masked, final text or binary
@@ -468,7 +475,7 @@ class WebSocket:
 
     def _collect(self, out: list[Frame]) -> bool:
         """Turn wsproto events into complete messages. False when the connection is over."""
-        proto = self._proto
+        proto = self._wsproto()
         for event in proto.events():
             if isinstance(event, (TextMessage, BytesMessage)):
                 if self.close_code is not None:
@@ -508,10 +515,11 @@ class WebSocket:
         return True
 
     def _on_close_event(self, event: CloseConnection) -> bool:
-        state = self._proto.state
+        proto = self._wsproto()
+        state = proto.state
         if state is ConnectionState.REMOTE_CLOSING:
             # The peer closes: answer, then we are done.
-            self._send_control(self._proto.send(event.response()), bounded=False)
+            self._send_control(proto.send(event.response()), bounded=False)
             self._closed(event.code, event.reason or "")
             return False
         if state is ConnectionState.CLOSED:
@@ -578,8 +586,9 @@ class WebSocket:
             self._backlog.append(head)
             self._backlog_frames.append(head_frames)
             self._queued_frames = head_frames
-        if self._proto.state is ConnectionState.OPEN:
-            self._send_control(self._proto.send(CloseConnection(code=code, reason=reason)), bounded=False)
+        proto = self._wsproto()
+        if proto.state is ConnectionState.OPEN:
+            self._send_control(proto.send(CloseConnection(code=code, reason=reason)), bounded=False)
         self._scope.deadline = min(self._scope.deadline, trio.current_time() + self._close_timeout)
 
     def _fail(self, code: int, reason: str) -> None:
