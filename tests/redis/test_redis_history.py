@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+from redis_server import RedisServer
 from redis_support import (
     Client,
-    RedisServer,
     connect,
     running_server,
     serve_process,

@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
-from redis_support import RedisServer, connect, running_server, server_config, wait_until
+from redis_server import RedisServer
+from redis_support import connect, running_server, server_config, wait_until
 
 from aleatoria.store.redis_history import created_ns_of
 

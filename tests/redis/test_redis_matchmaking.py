@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
-from redis_support import Client, RedisServer, connect, running_server, server_config
+from redis_server import RedisServer
+from redis_support import Client, connect, running_server, server_config
 
 from aleatoria.matchmaking import IMPOLITE, POLITE, Matchmaker, RequestOutcome
 from aleatoria.store.redis import RedisStore, open_redis_store

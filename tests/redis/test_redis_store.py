@@ -8,7 +8,8 @@ import time
 
 import orjson
 import pytest
-from redis_support import RedisServer, server_config, wait_until
+from redis_server import RedisServer
+from redis_support import server_config, wait_until
 
 from aleatoria.store.redis import open_redis_store
 from aleatoria.store.redis_history import created_ns_of

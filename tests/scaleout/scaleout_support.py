@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ import redis
 import redis.cluster
 import trio
 import trio_websocket
+from redis_server import spawn, wait_ready
 
 import aleatoria.server
 from aleatoria.config import Config
@@ -67,28 +67,10 @@ class RedisCluster:
         for port in self.ports:
             node_dir = self.directory / str(port)
             node_dir.mkdir()
-            args = [
-                self.binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                str(node_dir / "nodes.conf"),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(node_dir),
-                "--logfile",
-                str(node_dir / "redis.log"),
-            ]
-            self.processes.append(subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
-        for port in self.ports:
-            self._wait(port, lambda r: bool(r.ping()))
+            nodes_conf = str(node_dir / "nodes.conf")
+            extra = ["--cluster-enabled", "yes", "--cluster-config-file", nodes_conf]
+            self.processes.append(spawn(self.binary, port, node_dir, *extra))
+        self._wait(lambda r: r.ping())
         cli = shutil.which("redis-cli") or str(Path(self.binary).with_name("redis-cli"))
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
         subprocess.run(
@@ -98,22 +80,13 @@ class RedisCluster:
             stderr=subprocess.DEVNULL,
             timeout=30,
         )
-        for port in self.ports:
-            self._wait(port, lambda r: "ok" == r.cluster("info").get("cluster_state"))
+        self._wait(lambda r: "ok" == r.cluster("info").get("cluster_state"))
 
-    def _wait(self, port: int, ready: Any) -> None:
-        deadline = time.monotonic() + _START_SECONDS
-        with redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5) as probe:
-            while True:
-                try:
-                    if ready(probe):
-                        return
-                except redis.RedisError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"cluster node {port} did not become ready")
-                time.sleep(0.05)  # readiness poll of an external process, bounded
+    def _wait(self, ready: Callable[[redis.Redis], object]) -> None:
+        for process, port in zip(self.processes, self.ports, strict=True):
+            if not wait_ready(process, port, ready, seconds=_START_SECONDS):
+                self.stop()
+                raise RuntimeError(f"cluster node {port} did not become ready")
 
     def flush(self) -> None:
         """Empty every node (between tests), scripts included."""
@@ -225,20 +198,6 @@ async def connect(
                 await ws.aclose()
         finally:
             await stream.aclose()
-
-
-async def get_json(port: int, path: str) -> dict[str, Any]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
-        )
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    _, _, body = data.partition(b"\r\n\r\n")
-    result: dict[str, Any] = orjson.loads(body)
-    return result
 
 
 async def wait_until(predicate: Any, *, timeout: float = 10.0) -> float:

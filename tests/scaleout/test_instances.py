@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Any
 
 import trio
-from scaleout_support import Client, connect, get_json, instances, redis_client, wait_until
+from health import get_json
+from scaleout_support import Client, connect, instances, redis_client, wait_until
 
 from aleatoria.store.redis_bus import room_channel
 from aleatoria.store.redis_presence import PRESENCE_KEY

@@ -5,20 +5,11 @@ survive is told."""
 from __future__ import annotations
 
 import pytest
-import trio
-from redis_support import RedisServer
-from scaleout_support import connect, get_json, instances, wait_until
+from health import wait_for_health
+from redis_server import RedisServer
+from scaleout_support import connect, instances, wait_until
 
 MATCHES = "webrtc:matches:{available:webrtc}"
-
-
-async def _wait_health(port: int, redis: str, bus: str, timeout: float = 20.0) -> None:
-    with trio.fail_after(timeout):
-        while True:
-            health = await get_json(port, "/health")
-            if (redis, bus) == (health["redis"], health["bus"]):
-                return
-            await trio.sleep(0.05)  # /health is the observable; it has no push channel
 
 
 @pytest.mark.parametrize("failure", ["restart", "freeze"])
@@ -47,7 +38,7 @@ async def test_outage_never_leaves_a_user_in_two_matches(redis_server: RedisServ
         else:
             redis_server.freeze()
         for port in (one, two):
-            await _wait_health(port, "degraded", "down")
+            await wait_for_health(port, "degraded", "down")
 
         # Each instance serves its own users: bob moves on to dave (both on instance 2).
         moved = await bob.request(
@@ -64,7 +55,7 @@ async def test_outage_never_leaves_a_user_in_two_matches(redis_server: RedisServ
         else:
             redis_server.thaw()
         for port in (one, two):
-            await _wait_health(port, "ok", "ok")
+            await wait_for_health(port, "ok", "ok")
 
         # alice is told her match with bob is over (it did not survive the outage).
         hangup = await alice.expect("hangup")

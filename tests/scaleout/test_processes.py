@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import trio
-from redis_support import RedisServer
+from health import get_json
+from redis_server import RedisServer
 from scaleout_support import (
     FAST_PRESENCE,
     Client,
     ServerProcess,
     connect,
-    get_json,
     redis_client,
     serve_process,
     wait_until,

@@ -1,0 +1,34 @@
+"""The server's JSON endpoints as the Redis and scale-out tests read them, /health above all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import trio
+
+
+async def get_json(port: int, path: str) -> dict[str, Any]:
+    """GET a JSON endpoint of the server (plain HTTP/1.1 over a trio socket)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    _, _, body = data.partition(b"\r\n\r\n")
+    result: dict[str, Any] = orjson.loads(body)
+    return result
+
+
+async def wait_for_health(port: int, redis: str, bus: str | None = None, *, timeout: float = 20.0) -> None:
+    """Poll /health until ``redis`` (and ``bus``, when given) is in that state: the store and
+    the bus change state on their own, when Redis fails or comes back."""
+    with trio.fail_after(timeout):
+        while True:
+            health = await get_json(port, "/health")
+            if redis == health["redis"] and bus in (None, health["bus"]):
+                return
+            await trio.sleep(0.05)  # /health is the observable; it has no push channel
