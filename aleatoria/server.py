@@ -92,10 +92,12 @@ class Server:
         self.registry.register(_Forward(metrics.REGISTRY))
         self._all_closed = trio.Event()
         self.accept_scope = trio.CancelScope()
+        self._tasks: trio.Nursery  # set by accept_forever, before any connection exists
 
     # -- accepting -------------------------------------------------------------------------
 
     async def accept_forever(self, listener: socket.socket, nursery: trio.Nursery) -> None:
+        self._tasks = nursery  # connections, and their writer tasks when they need one
         while True:
             await trio.lowlevel.wait_readable(listener)
             for _ in range(256):  # bounded burst, then let the connections run
@@ -297,7 +299,7 @@ class Server:
                 self.router.evict(takeover.instance, user, takeover.connection)
                 await session.adopt_rooms(takeover.rooms)
             await session.join(room)
-            code = await ws.serve(session.handle)
+            code = await ws.serve(session.handle, self._tasks)
         finally:
             with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
                 await self._forget(client)

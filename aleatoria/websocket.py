@@ -25,6 +25,7 @@ a peer in the middle of a 2**40-byte frame cannot send one.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -45,6 +46,8 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason, XorMaskerSimple
 from wsproto.utilities import generate_accept_token
+
+log = logging.getLogger("aleatoria.websocket")
 
 RECV_BYTES = 65536
 MAX_HEAD_BYTES = 8192
@@ -312,7 +315,8 @@ class WebSocket:
         self._cork: list[bytes] | None = [greeting] if greeting else None
         self._cork_frames = 0
         self._drained: trio.Event | None = None  # exists while a writer task runs
-        self._nursery: trio.Nursery | None = None
+        self._writer_scope: trio.CancelScope | None = None
+        self._writers: trio.Nursery | None = None  # set while serving
         self._scope = trio.CancelScope()
         self._fragments: list[Frame] = []
         self._fragment_bytes = 0
@@ -328,26 +332,35 @@ class WebSocket:
 
     # -- receiving ------------------------------------------------------------------------
 
-    async def serve(self, on_message: MessageHandler) -> int:
+    async def serve(self, on_message: MessageHandler, writers: trio.Nursery) -> int:
         """Receive until the connection ends, calling ``on_message`` for each complete
         message in order. Returns the close code. Cancellation ends the connection at once
-        (the socket is closed; no close frame is sent). Never raises for peer behaviour."""
+        (the socket is closed; no close frame is sent). Never raises for peer behaviour.
+
+        A writer task, when a backlog needs one, runs in ``writers`` (the server's connection
+        nursery) rather than in a nursery of its own: a nursery per connection costs ~1 KB
+        and two cancel scopes per handshake, and most connections never need a writer. It
+        never outlives this call: the ``finally`` below stops it before the socket closes.
+        """
+        self._writers = writers
         try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._uncork()  # the handshake response and greeting, in one send
-                if self._backlog:
-                    self._start_writer()
-                with self._scope:
-                    await self._receive_loop(on_message)
-                    # Let the writer flush our last frames (the close answer), bounded by
-                    # the deadline that closing set.
-                    drained = self._drained
-                    if drained is not None:
-                        await drained.wait()
-                nursery.cancel_scope.cancel()
+            self._uncork()  # the handshake response and greeting, in one send
+            if self._backlog:
+                self._start_writer()
+            with self._scope:
+                await self._receive_loop(on_message)
+                # Let the writer flush our last frames (the close answer), bounded by
+                # the deadline that closing set.
+                drained = self._drained
+                if drained is not None:
+                    await drained.wait()
         finally:
-            self._nursery = None
+            self._writers = None
+            drained = self._drained
+            if drained is not None and self._writer_scope is not None:
+                self._writer_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await drained.wait()  # at once: the writer is cancelled at its next wait
             self._sock.close()
         return self.close_code if self.close_code is not None else ABNORMAL
 
@@ -661,41 +674,52 @@ class WebSocket:
         self._start_writer()
 
     def _start_writer(self) -> None:
-        if self._drained is None and self._nursery is not None:
+        if self._drained is None and self._writers is not None:
             self._drained = trio.Event()
-            self._nursery.start_soon(self._drain)
+            self._writer_scope = trio.CancelScope()
+            self._writers.start_soon(self._drain)
 
     async def _drain(self) -> None:
-        """Writer task: runs only while a backlog exists (most connections never need one)."""
-        sock = self._sock
-        backlog = self._backlog
+        """Writer task: runs only while a backlog exists (most connections never need one).
+        It runs in the server's nursery, so nothing it meets may escape: a failure here
+        ends this connection, never the server."""
+        assert self._writer_scope is not None
         try:
-            while backlog:
-                await trio.lowlevel.wait_writable(sock)
-                chunk = [backlog[i] for i in range(min(len(backlog), _WRITEV_MAX))]
-                try:
-                    sent = sock.sendmsg(chunk)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    backlog.clear()
-                    self._backlog_frames.clear()
-                    self._queued_frames = 0
-                    self.abort()
-                    return
-                while sent:
-                    head = backlog[0]
-                    if sent >= len(head):
-                        sent -= len(head)
-                        del backlog[0]
-                        self._queued_frames -= self._backlog_frames.pop(0)
-                    else:
-                        backlog[0] = memoryview(head)[sent:]
-                        sent = 0
+            with self._writer_scope:
+                await self._write_backlog()
+        except Exception:
+            log.exception("event=writer_error")
+            self.abort()
         finally:
             drained, self._drained = self._drained, None
             if drained is not None:
                 drained.set()
+
+    async def _write_backlog(self) -> None:
+        sock = self._sock
+        backlog = self._backlog
+        while backlog:
+            await trio.lowlevel.wait_writable(sock)
+            chunk = [backlog[i] for i in range(min(len(backlog), _WRITEV_MAX))]
+            try:
+                sent = sock.sendmsg(chunk)
+            except BlockingIOError:
+                continue
+            except OSError:
+                backlog.clear()
+                self._backlog_frames.clear()
+                self._queued_frames = 0
+                self.abort()
+                return
+            while sent:
+                head = backlog[0]
+                if sent >= len(head):
+                    sent -= len(head)
+                    del backlog[0]
+                    self._queued_frames -= self._backlog_frames.pop(0)
+                else:
+                    backlog[0] = memoryview(head)[sent:]
+                    sent = 0
 
 
 def websocket_close_reason(code: int) -> str:
