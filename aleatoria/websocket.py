@@ -65,6 +65,13 @@ ABNORMAL = 1006
 
 PING_FRAME = b"\x89\x00"
 
+_SWITCHING_PROTOCOLS = (
+    b"HTTP/1.1 101 Switching Protocols\r\n"
+    b"upgrade: websocket\r\n"
+    b"connection: Upgrade\r\n"
+    b"sec-websocket-accept: %s\r\n\r\n"
+)
+
 _TEXT = 0x1
 _BINARY = 0x2
 _PONG = 0xA
@@ -231,18 +238,10 @@ def accept_websocket(
     close_timeout: float,
 ) -> WebSocket:
     """Complete the upgrade of a request that passed ``handshake_problem``."""
-    conn = request.h11_connection
-    accept = generate_accept_token(request.headers[b"sec-websocket-key"])
-    response = h11.InformationalResponse(
-        status_code=101,
-        headers=[
-            (b"upgrade", b"websocket"),
-            (b"connection", b"Upgrade"),
-            (b"sec-websocket-accept", accept),
-        ],
-    )
-    head = conn.send(response) or b""
-    trailing, _closed = conn.trailing_data
+    # A fixed head with one computed value: h11 would spend ~20 us (a third of what it
+    # spends parsing the request) validating our own constant headers.
+    head = _SWITCHING_PROTOCOLS % generate_accept_token(request.headers[b"sec-websocket-key"])
+    trailing, _closed = request.h11_connection.trailing_data
     # The 101 is not sent yet: it leaves with the first frames (the server's greeting
     # reply) in one system call when ``serve`` starts.
     return WebSocket(
