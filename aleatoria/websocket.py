@@ -519,8 +519,9 @@ class WebSocket:
             elif isinstance(event, Ping):
                 if proto.state is ConnectionState.OPEN:
                     # Through the bounded outbox: a peer that floods pings and never reads
-                    # its pongs is a slow consumer like any other (1013).
-                    self._send_control(proto.send(event.response()), bounded=True)
+                    # its pongs is a slow consumer like any other (1013). Sent even while
+                    # closing, as close frames are.
+                    self._push(proto.send(event.response()), 1)
             elif isinstance(event, CloseConnection):
                 return self._on_close_event(event)
             # Pong: nothing to do; any traffic already counts as activity.
@@ -531,7 +532,7 @@ class WebSocket:
         state = proto.state
         if state is ConnectionState.REMOTE_CLOSING:
             # The peer closes: answer, then we are done.
-            self._send_control(proto.send(event.response()), bounded=False)
+            self._push(proto.send(event.response()), 1, bounded=False)
             self._closed(event.code, event.reason or "")
             return False
         if state is ConnectionState.CLOSED:
@@ -557,14 +558,25 @@ class WebSocket:
             return
         self._push(data, frames)
 
-    def _push(self, data: bytes, frames: int) -> None:
+    def _push(self, data: bytes, frames: int, *, bounded: bool = True) -> None:
+        """Write-through: hand ``data`` to the kernel at once unless a backlog exists (order),
+        and queue what the kernel did not take. ``bounded``: a backlog over ``outbox_frames``
+        closes the connection with 1013 (close frames are unbounded: they must go out)."""
         if self._backlog:
-            if self._queued_frames + frames > self._outbox_frames:
+            if bounded and self._queued_frames + frames > self._outbox_frames:
                 self.close(TRY_AGAIN_LATER, "client too slow")
                 return
             self._queue(data, frames)
             return
-        self._write_now(data, frames)
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.abort()
+            return
+        if sent < len(data):
+            self._queue(memoryview(data)[sent:] if sent else data, frames)
 
     def _uncork(self) -> None:
         cork = self._cork
@@ -600,7 +612,7 @@ class WebSocket:
             self._queued_frames = head_frames
         proto = self._wsproto()
         if proto.state is ConnectionState.OPEN:
-            self._send_control(proto.send(CloseConnection(code=code, reason=reason)), bounded=False)
+            self._push(proto.send(CloseConnection(code=code, reason=reason)), 1, bounded=False)
         self._scope.deadline = min(self._scope.deadline, trio.current_time() + self._close_timeout)
 
     def _fail(self, code: int, reason: str) -> None:
@@ -642,29 +654,6 @@ class WebSocket:
         # Give the writer a moment to flush our last frame (the close answer), then stop.
         if self._backlog:
             self._scope.deadline = min(self._scope.deadline, trio.current_time() + self._close_timeout)
-
-    def _send_control(self, data: bytes, *, bounded: bool) -> None:
-        """A pong or close frame: sent even while closing; pongs count against the outbox
-        (a peer that floods pings and never reads is a slow consumer like any other)."""
-        if self._backlog:
-            if bounded and self._queued_frames >= self._outbox_frames:
-                self.close(TRY_AGAIN_LATER, "client too slow")
-                return
-            self._queue(data, 1)
-            return
-        self._write_now(data, 1)
-
-    def _write_now(self, data: bytes, frames: int) -> None:
-        """Write-through: hand ``data`` to the kernel; queue what it did not take."""
-        try:
-            sent = self._sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.abort()
-            return
-        if sent < len(data):
-            self._queue(memoryview(data)[sent:] if sent else data, frames)
 
     def _queue(self, data: bytes | memoryview, frames: int) -> None:
         self._backlog.append(data)
