@@ -469,7 +469,7 @@ class WebSocket:
                 continue
             mask = data[start - 4 : start]
             payload = data[start:stop]
-            if size <= 1024:
+            if size <= 2048:
                 key = int.from_bytes((mask * (size // 4 + 1))[:size], "little")
                 payload = (int.from_bytes(payload, "little") ^ key).to_bytes(size, "little")
             else:  # wsproto's masker is faster on long payloads
