@@ -88,9 +88,17 @@ async def test_direct_messages_and_history_across_instances(shared_redis: str) -
             await bob.send(type="chat_message", toUser="carol", payload={"content": "later"})
             await bob.expect("chat_message")
         async with connect(one, "carol") as carol:
-            later = await carol.request(
-                "direct_messages", type="get_direct_messages", payload={"withUser": "bob"}
-            )
+            # History is written behind: instance one reads it from Redis once instance two's
+            # writer has flushed it (milliseconds; there is no signal to wait on across
+            # processes, so poll the observable, bounded).
+            with trio.fail_after(5):
+                while True:
+                    later = await carol.request(
+                        "direct_messages", type="get_direct_messages", payload={"withUser": "bob"}
+                    )
+                    if later["payload"]["messages"]:
+                        break
+                    await trio.sleep(0.02)
             assert ["later"] == [m["payload"]["content"] for m in later["payload"]["messages"]]
 
 
