@@ -125,36 +125,30 @@ class Session:
             raise ClientError(
                 TOO_LARGE, f"content is longer than {self._config.max_content_chars} characters"
             )
-        created_ns, created = now()
-        message_id = env.message_id or new_message_id()
+        room = to = None
         if env.room is not None:
             room = self._room_id(env.room)
             if room not in self.client.rooms:
                 raise ClientError(NOT_IN_ROOM, NOT_IN_ROOM_TEXT)
-            data = encode(
-                Envelope(
-                    type=m.CHAT_MESSAGE,
-                    from_user=self.user,
-                    room=room,
-                    payload=env.payload,
-                    message_id=message_id,
-                    create_time=created,
-                )
-            )
-            self._store.record_room_message(room, data, created_ns)
-            await self._router.broadcast(room, data)
-            return
-        to = check_id("toUser", env.to_user or "", self._config.max_id_chars)
+        else:
+            to = check_id("toUser", env.to_user or "", self._config.max_id_chars)
+        created_ns, created = now()
         data = encode(
             Envelope(
                 type=m.CHAT_MESSAGE,
                 from_user=self.user,
                 to_user=to,
+                room=room,
                 payload=env.payload,
-                message_id=message_id,
+                message_id=env.message_id or new_message_id(),
                 create_time=created,
             )
         )
+        if room is not None:
+            self._store.record_room_message(room, data, created_ns)
+            await self._router.broadcast(room, data)
+            return
+        assert to is not None
         self._store.record_direct_message(self.user, to, data, created_ns)
         # The stored form has no ``incoming``; each side's copy adds its own. orjson always
         # ends an object with "}", so the flag is spliced in rather than encoded twice more.
