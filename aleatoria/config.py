@@ -87,6 +87,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ping_interval", "ALEATORIA_PING_INTERVAL", float, "seconds between WebSocket pings"),
     Setting("idle_timeout", "ALEATORIA_IDLE_TIMEOUT", float, "seconds without traffic before closing"),
     Setting("outbox_frames", "ALEATORIA_OUTBOX_FRAMES", int, "frames queued per slow client before 1013"),
+    Setting(
+        "room_linger",
+        "ALEATORIA_ROOM_LINGER",
+        float,
+        "seconds a busy room waits to join messages into one send per member (0 = off)",
+    ),
     Setting("max_frame_bytes", "ALEATORIA_MAX_FRAME_BYTES", int, "largest message a client may send"),
     Setting("rate_limit", "ALEATORIA_RATE_LIMIT", float, "messages/s per connection (0 = no limit)"),
     Setting("rate_burst", "ALEATORIA_RATE_BURST", int, "burst allowance of the rate limit"),
@@ -166,6 +172,7 @@ class Config:
     ping_interval: float = 25.0
     idle_timeout: float = 60.0
     outbox_frames: int = 256
+    room_linger: float = 0.001
     handshake_timeout: float = 10.0
     close_timeout: float = 3.0
     shutdown_timeout: float = 10.0
@@ -229,6 +236,8 @@ class Config:
             raise ConfigError("ping interval and idle timeout must be positive")
         if self.outbox_frames < 1:
             raise ConfigError("ALEATORIA_OUTBOX_FRAMES must be at least 1")
+        if not 0 <= self.room_linger <= 0.1:
+            raise ConfigError("ALEATORIA_ROOM_LINGER must be 0..0.1 seconds (it delays busy rooms)")
         if self.max_frame_bytes < 1024:
             raise ConfigError("ALEATORIA_MAX_FRAME_BYTES must be at least 1024")
         if self.rate_limit < 0 or self.rate_burst < 1:

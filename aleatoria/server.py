@@ -350,7 +350,7 @@ async def serve(
     listener = open_listener(config.host, config.port, reuse_port=reuse_port)
     port = listener.getsockname()[1]
     with listener:
-        async with open_store(config) as store, open_hub() as hub:
+        async with open_store(config) as store, open_hub(config.room_linger) as hub:
             server = Server(config, store, hub)
             # The server's own tasks run under a shield, so that cancelling ``serve`` does
             # not kill connections mid-frame: the ``finally`` below closes them in order.

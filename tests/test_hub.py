@@ -1,0 +1,79 @@
+"""The room broadcaster's batching, on trio's mock clock: after a batch that joined several
+frames, the next frame waits ``linger`` for company (one send per member for all of them);
+a lone message goes out at once."""
+
+from __future__ import annotations
+
+import attrs
+import trio
+import trio.testing
+
+from aleatoria.hub import Client, Hub, open_hub
+from aleatoria.limits import RateLimiter
+
+LINGER = 0.010
+
+
+@attrs.define
+class _Recorder:
+    """Stands in for a WebSocket: records each send with the (mock) time it happened."""
+
+    sends: list[tuple[float, bytes, int]] = attrs.Factory(list)
+    close_code: int | None = None
+
+    def send(self, data: bytes, frames: int = 1) -> None:
+        self.sends.append((trio.current_time(), data, frames))
+
+
+def _join(hub: Hub, user: str, ws: _Recorder) -> None:
+    hub.join(Client(user=user, ws=ws, limiter=RateLimiter(0, 1, 1)), "Den")  # type: ignore[arg-type]
+
+
+async def test_frames_wait_for_company_only_after_a_batch_found_some(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with open_hub(LINGER) as hub:
+        members = [_Recorder() for _ in range(3)]
+        for n, ws in enumerate(members):
+            _join(hub, f"u{n}", ws)
+
+        async def broadcast(*frames: bytes) -> None:
+            for frame in frames:
+                await hub.broadcast("Den", frame)
+            await trio.testing.wait_all_tasks_blocked()
+
+        t0 = trio.current_time()
+        await broadcast(b"a")  # a lone message goes out at once
+        await broadcast(b"b", b"c")  # queued together: one send, still at once
+        assert [(t0, b"a", 1), (t0, b"bc", 2)] == members[0].sends
+
+        # That batch had company, so the next frame waits LINGER for more.
+        await broadcast(b"d")
+        assert len(members[0].sends) == 2
+        await broadcast(b"e")
+        await trio.sleep(LINGER)  # mock time
+        await trio.testing.wait_all_tasks_blocked()
+        assert (t0 + LINGER, b"de", 2) == members[0].sends[-1]
+
+        # Still busy: "f" waits too, finds no company, and so "g" goes out at once.
+        await broadcast(b"f")
+        await trio.sleep(LINGER)
+        await trio.testing.wait_all_tasks_blocked()
+        t1 = trio.current_time()
+        await broadcast(b"g")
+        assert [(t0 + 2 * LINGER, b"f", 1), (t1, b"g", 1)] == members[0].sends[-2:]
+        for ws in members:
+            assert ws.sends == members[0].sends
+        assert hub.deliveries == 7 * len(members)
+
+
+async def test_linger_zero_sends_every_frame_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_hub(0.0) as hub:
+        ws = _Recorder()
+        _join(hub, "solo", ws)
+        start = trio.current_time()
+        for frames in ((b"a", b"b"), (b"c",)):
+            for frame in frames:
+                await hub.broadcast("Den", frame)
+            await trio.testing.wait_all_tasks_blocked()
+        assert [(start, b"ab", 2), (start, b"c", 1)] == ws.sends
