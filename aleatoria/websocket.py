@@ -4,13 +4,16 @@ How this works. Every connection is a non-blocking stdlib socket; we wait on it 
 ``trio.lowlevel.wait_readable``/``wait_writable`` (trio's own primitives) and call
 ``recv``/``send`` directly, which costs a fraction of ``trio.SocketStream``'s per-call
 bookkeeping. h11 reads the request head; plain HTTP requests get one response and the
-socket closes; an upgrade hands h11's trailing bytes to ``wsproto.Connection``.
+socket closes. After an upgrade, inbound bytes go through a fast path for the frames nearly
+every client sends (``_take_simple``) until the first frame that needs wsproto; from then
+on ``wsproto.Connection`` runs the connection (created only then, or to send a close).
 
 Outbound policy, all in ``WebSocket.send``: write-through (try the kernel at once); when the
 kernel buffer is full, queue the rest in a bounded backlog drained by a writer task started
-on demand; a backlog that reaches its bound means the client is not reading: it is
-disconnected with 1013 rather than silently losing messages. Server frames are unmasked, so
-one frame's bytes (``text_frame``) can go to every member of a room.
+on demand (in the server's connection nursery; ``serve`` stops it); a backlog that reaches
+its bound means the client is not reading: it is disconnected with 1013 rather than
+silently losing messages. Server frames are unmasked, so one frame's bytes (``text_frame``)
+can go to every member of a room.
 
 Closing: ``close(code)`` sends the close frame and gives the peer ``close_timeout`` seconds
 to answer before the socket is dropped; ``serve`` returns once the connection is over.
