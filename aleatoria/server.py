@@ -275,7 +275,6 @@ class Server:
 
     async def _session(self, ws: WebSocket, user: str, room: str, ip: str) -> None:
         config = self.config
-        self.per_ip[ip] += 1
         client = Client(
             user=user,
             ws=ws,
@@ -285,6 +284,7 @@ class Server:
         self.stats.connections_opened += 1
         replaced = self.hub.attach(client)
         session = Session(client, self.router, self.store, config)
+        self.per_ip[ip] += 1
         try:
             # Presence: registered before the first room join, so this user is reachable
             # from every instance by the time it hears ``room_joined``.
