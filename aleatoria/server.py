@@ -56,11 +56,14 @@ def _load_page() -> bytes | None:
 
 
 def open_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
-    """A non-blocking listening socket (IPv6 when ``host`` is an IPv6 literal)."""
+    """A non-blocking listening socket (IPv6 when ``host`` is an IPv6 literal). Accepted
+    sockets inherit its TCP_NODELAY (Linux copies it), which saves a system call per
+    connection: small frames must leave at once, never wait for Nagle's algorithm."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
@@ -112,7 +115,6 @@ class Server:
                         break
                     raise
                 sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.connections += 1
                 nursery.start_soon(self._connection, sock, addr[0])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from functools import partial
@@ -13,6 +14,8 @@ import pytest
 import trio
 from support import RunningServer, connect, running_server
 from trio_websocket import ConnectionClosed
+
+from aleatoria.server import open_listener
 
 
 async def test_slow_consumer_is_disconnected_with_1013_and_slows_nobody() -> None:
@@ -167,3 +170,14 @@ async def test_health_reports_connections(server: RunningServer) -> None:
         assert head.startswith(b"HTTP/1.1 200")
         health = json.loads(body)
         assert ("ok", "disabled", 1) == (health["status"], health["redis"], health["connections"])
+
+
+def test_accepted_sockets_send_small_frames_at_once() -> None:
+    """TCP_NODELAY is set once on the listener and inherited by every accepted socket: a
+    reply must never wait for Nagle's algorithm (an ACK from the client)."""
+    listener = open_listener("127.0.0.1", 0)
+    with listener, socket.create_connection(listener.getsockname()[:2]):
+        listener.setblocking(True)
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
