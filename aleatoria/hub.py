@@ -162,7 +162,14 @@ class Hub:
         """Queue ``frame`` for every local member of room ``name`` (in order). Waits only when
         the room's queue is full, which slows the sender, never the other members."""
         room = self.rooms.get(name)
-        if room is not None:
+        if room is None:
+            return
+        try:
+            # Without a checkpoint while there is room in the queue: ``send`` would cost the
+            # sender a trip through trio's scheduler on every message, and the connection
+            # checkpoints anyway when it next waits for its socket.
+            room.send.send_nowait(frame)
+        except trio.WouldBlock:
             await room.send.send(frame)
 
     def broadcast_now(self, name: str, frames: list[bytes]) -> None:
@@ -217,9 +224,11 @@ class Hub:
                 # Joining frames into one send per member is what makes fan-out cheap
                 # (system calls dominate its cost): when this batch found company (several
                 # senders at once), the next frame waits ``self._linger`` for more; a lone
-                # message goes out at once, so quiet rooms and ping-pong pay no delay.
+                # message goes out at once, so quiet rooms and ping-pong pay no delay, and
+                # after a full batch the rest of the queue follows at once.
                 # Measured on 1 x 500 members: 7.7 -> 2.7-3.5 us of CPU per delivery at 1 ms.
-                linger = self._linger if count > 1 else 0.0
+                full = count == _BATCH_FRAMES or size >= _BATCH_BYTES
+                linger = self._linger if count > 1 and not full else 0.0
                 self.broadcasts += count
                 self.deliveries += count * len(members)
                 stats.messages_out["chat_message"] += count * len(members)

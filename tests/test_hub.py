@@ -8,7 +8,7 @@ import attrs
 import trio
 import trio.testing
 
-from aleatoria.hub import Client, Hub, open_hub
+from aleatoria.hub import ROOM_QUEUE_FRAMES, Client, Hub, open_hub
 from aleatoria.limits import RateLimiter
 
 LINGER = 0.010
@@ -83,3 +83,23 @@ async def test_linger_zero_sends_every_frame_at_once(autojump_clock: trio.testin
             _queue(hub, *frames)
             await trio.testing.wait_all_tasks_blocked()
         assert [(start, b"ab", 2), (start, b"c", 1)] == ws.sends
+
+
+async def test_a_full_room_queue_makes_the_sender_wait(autojump_clock: trio.testing.MockClock) -> None:
+    """``broadcast`` queues without a checkpoint while there is space; when the queue is full
+    it waits for the broadcaster, slowing the sender and losing nothing."""
+    async with open_hub(LINGER) as hub:
+        ws = _Recorder()
+        _join(hub, "solo", ws)
+        _queue(hub, b"a", b"b")
+        await trio.testing.wait_all_tasks_blocked()  # sent together: the next batch lingers
+        t0 = trio.current_time()
+        # One frame goes straight to the waiting broadcaster, the rest fill the queue.
+        _queue(hub, *(b"." for _ in range(ROOM_QUEUE_FRAMES + 1)))
+        await hub.broadcast("Den", b"z")  # the queue is full until the linger ends
+        assert trio.current_time() == t0 + LINGER
+        await trio.testing.wait_all_tasks_blocked()
+        # A full batch is followed at once by the next: the backlog drains without lingers.
+        assert trio.current_time() == t0 + LINGER
+        assert b"".join(data for _, data, _ in ws.sends) == b"ab" + b"." * (ROOM_QUEUE_FRAMES + 1) + b"z"
+        assert {t for t, _, _ in ws.sends[1:]} == {t0 + LINGER}
