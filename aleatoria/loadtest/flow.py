@@ -91,3 +91,26 @@ class Pacer:
             await stop.wait()
         self._next += self.interval
         return not stop.is_set()
+
+
+class Pending:
+    """Deliveries expected but not seen yet, and a wait until there are none (the drain)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._draining = False
+        self._drained = trio.Event()
+
+    def expect(self, count: int = 1) -> None:
+        self.count += count
+
+    def settle(self, count: int = 1) -> None:
+        self.count -= count
+        if self._draining and self.count <= 0:
+            self._drained.set()
+
+    async def drained(self) -> None:
+        """Wait until every expected delivery is settled (the caller bounds the wait)."""
+        self._draining = True
+        if self.count > 0:
+            await self._drained.wait()

@@ -21,7 +21,7 @@ from trio_websocket import WebSocketConnection
 
 from aleatoria.loadtest.client import Message, note_error, receive, run_client, send, wait_for
 from aleatoria.loadtest.context import Ready, RunContext, run_clients
-from aleatoria.loadtest.flow import Pacer, Window
+from aleatoria.loadtest.flow import Pacer, Pending, Window
 from aleatoria.loadtest.payload import decode, encode, now_ns
 from aleatoria.loadtest.tracking import Arrival, SequenceTracker
 
@@ -64,9 +64,7 @@ class DmPart:
         ]
         self.ready = Ready(2 * len(self.pairs))
         self.closing = trio.Event()
-        self.pending = 0
-        self._draining = False
-        self._drained = trio.Event()
+        self.pending = Pending()  # deliveries expected but not seen yet
 
     async def run(self) -> None:
         clients = []
@@ -77,17 +75,10 @@ class DmPart:
         await run_clients(clients, self.closing)
 
     async def drained(self) -> None:
-        self._draining = True
-        if self.pending > 0:
-            await self._drained.wait()
+        await self.pending.drained()
 
     def close(self) -> None:
         self.closing.set()
-
-    def _settle(self, count: int = 1) -> None:
-        self.pending -= count
-        if self._draining and self.pending <= 0:
-            self._drained.set()
 
     async def _client(self, pair: Pair, me: Side, peer: Side, pinger: bool) -> None:
         arrive = self.ready.token()
@@ -133,7 +124,7 @@ class DmPart:
             seq = pair.window.take()
             pair.a.sent += 1
             ctx.stats.inc("dm.sent")
-            self.pending += 2  # B's delivery and A's copy
+            self.pending.expect(2)  # B's delivery and A's copy
             content = encode(seq, now_ns(), ctx.options.size)
             await send(ws, _dm(pair.b.name, content))
 
@@ -145,7 +136,7 @@ class DmPart:
                 if note_error(ctx, message) == "rate_limited":
                     me.refused += 1
                     ctx.stats.inc("dm.refused")
-                    self._settle(2)
+                    self.pending.settle(2)
                     if pinger:
                         pair.window.forget_one()
                 continue
@@ -182,8 +173,8 @@ class DmPart:
             # while the answer is still on its way.
             me.sent += 1
             stats.inc("dm.replies")
-            self.pending += 2
-        self._settle()
+            self.pending.expect(2)
+        self.pending.settle()
         if is_copy:
             return None
         if pinger:

@@ -19,7 +19,7 @@ from trio_websocket import WebSocketConnection
 
 from aleatoria.loadtest.client import Message, note_error, receive, run_client, send, wait_for
 from aleatoria.loadtest.context import Ready, RunContext, run_clients
-from aleatoria.loadtest.flow import Pacer, Window
+from aleatoria.loadtest.flow import Pacer, Pending, Window
 from aleatoria.loadtest.payload import decode, encode, now_ns
 from aleatoria.loadtest.tracking import Arrival, SequenceTracker
 
@@ -51,9 +51,7 @@ class FanoutPart:
         ]
         self.ready = Ready(sum(len(room.members) for room in self.rooms))
         self.closing = trio.Event()
-        self.pending = 0  # deliveries expected but not seen yet
-        self._drained = trio.Event()
-        self._draining = False
+        self.pending = Pending()  # deliveries expected but not seen yet
         total_senders = opts.rooms * opts.senders
         self.interval = total_senders / opts.rate if opts.rate > 0 else 0.0
 
@@ -66,17 +64,10 @@ class FanoutPart:
         await run_clients(clients, self.closing)
 
     async def drained(self) -> None:
-        self._draining = True
-        if self.pending > 0:
-            await self._drained.wait()
+        await self.pending.drained()
 
     def close(self) -> None:
         self.closing.set()
-
-    def _settle(self, count: int = 1) -> None:
-        self.pending -= count
-        if self._draining and self.pending <= 0:
-            self._drained.set()
 
     async def _member(self, room: Room, user: str, is_sender: bool) -> None:
         arrive = self.ready.token()
@@ -126,7 +117,7 @@ class FanoutPart:
             seq = sender.window.take()
             # Counted before the await: the echo may be processed before send returns.
             ctx.stats.inc("room.sent")
-            self.pending += len(room.joined)
+            self.pending.expect(len(room.joined))
             content = encode(seq, now_ns(), size)
             await send(ws, {"type": "chat_message", "room": room.name, "payload": {"content": content}})
 
@@ -146,7 +137,7 @@ class FanoutPart:
                     sender.refused += 1
                     sender.window.forget_one()
                     stats.inc("room.refused")
-                    self._settle(len(room.joined))
+                    self.pending.settle(len(room.joined))
                 continue
             self._delivery(message, room, user, trackers, sender)
 
@@ -177,7 +168,7 @@ class FanoutPart:
             stats.inc("room.reordered")
         stats.inc("room.delivered")
         stats.observe("room.delivery", at - stamp.sent_ns, at)
-        self._settle()
+        self.pending.settle()
         if origin == user and sender is not None:
             sender.window.confirm(stamp.seq)
 
