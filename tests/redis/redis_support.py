@@ -11,9 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
 import trio
-import trio_websocket
 
 import aleatoria.server
 from aleatoria.config import Config
@@ -34,44 +32,6 @@ async def running_server(config: Config) -> AsyncIterator[int]:
             yield port
         finally:
             nursery.cancel_scope.cancel()
-
-
-class Client:
-    """A WebSocket test client that keeps what it receives, by type."""
-
-    def __init__(self, ws: trio_websocket.WebSocketConnection, user: str) -> None:
-        self.ws = ws
-        self.user = user
-
-    async def send(self, **message: Any) -> None:
-        await self.ws.send_message(orjson.dumps(message).decode())
-
-    async def receive(self) -> dict[str, Any]:
-        message: dict[str, Any] = orjson.loads(await self.ws.get_message())
-        return message
-
-    async def expect(self, kind: str) -> dict[str, Any]:
-        """The next message of type ``kind`` (others are skipped)."""
-        while True:
-            message = await self.receive()
-            if message["type"] == kind:
-                return message
-
-    async def request(self, reply: str, **message: Any) -> dict[str, Any]:
-        await self.send(**message)
-        return await self.expect(reply)
-
-
-@asynccontextmanager
-async def connect(port: int, user: str, room: str | None = None) -> AsyncIterator[Client]:
-    """A connected client, after its ``room_joined`` for the URL room."""
-    url = f"ws://127.0.0.1:{port}/ws?userId={user}"
-    if room:
-        url += f"&room={room}"
-    async with trio_websocket.open_websocket_url(url) as ws:
-        client = Client(ws, user)
-        await client.expect("room_joined")
-        yield client
 
 
 async def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0) -> None:

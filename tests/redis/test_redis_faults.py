@@ -14,7 +14,8 @@ import redis
 import trio
 from health import get_json, wait_for_health
 from redis_server import RedisServer
-from redis_support import Client, connect, running_server, server_config, wait_until
+from redis_support import running_server, server_config, wait_until
+from wsclient import Client, connect
 
 
 class Chat:

@@ -6,14 +6,8 @@ from typing import Any
 
 import trio
 from redis_server import RedisServer
-from redis_support import (
-    Client,
-    connect,
-    running_server,
-    serve_process,
-    server_config,
-    wait_until,
-)
+from redis_support import running_server, serve_process, server_config, wait_until
+from wsclient import Client, connect
 
 
 async def _say(client: Client, room: str, text: str) -> dict[str, Any]:

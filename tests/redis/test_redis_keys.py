@@ -8,7 +8,8 @@ from typing import Any
 
 import orjson
 from redis_server import RedisServer
-from redis_support import connect, running_server, server_config, wait_until
+from redis_support import running_server, server_config, wait_until
+from wsclient import connect
 
 from aleatoria.store.redis_history import created_ns_of
 

@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 
 import trio
 from redis_server import RedisServer
-from redis_support import Client, connect, running_server, server_config
+from redis_support import running_server, server_config
+from wsclient import Client, connect
 
 from aleatoria.matchmaking import IMPOLITE, POLITE, Matchmaker, RequestOutcome
 from aleatoria.store.redis import RedisStore, open_redis_store

@@ -5,7 +5,8 @@ from __future__ import annotations
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from redis_server import RedisServer
-from redis_support import connect, running_server, server_config
+from redis_support import running_server, server_config
+from wsclient import connect
 
 
 async def scrape(port: int) -> dict[str, float]:

@@ -9,7 +9,8 @@ from typing import Any
 
 import trio
 from health import get_json
-from scaleout_support import Client, connect, instances, redis_client, wait_until
+from scaleout_support import instances, redis_client, wait_until
+from wsclient import Client, connect
 
 from aleatoria.store.redis_bus import room_channel
 from aleatoria.store.redis_presence import PRESENCE_KEY

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 from health import wait_for_health
 from redis_server import RedisServer
-from scaleout_support import connect, instances, wait_until
+from scaleout_support import instances, wait_until
+from wsclient import connect
 
 MATCHES = "webrtc:matches:{available:webrtc}"
 

@@ -12,15 +12,8 @@ import pytest
 import trio
 from health import get_json
 from redis_server import RedisServer
-from scaleout_support import (
-    FAST_PRESENCE,
-    Client,
-    ServerProcess,
-    connect,
-    redis_client,
-    serve_process,
-    wait_until,
-)
+from scaleout_support import FAST_PRESENCE, ServerProcess, redis_client, serve_process, wait_until
+from wsclient import Client, connect
 
 import aleatoria.workers
 from aleatoria.cli import main

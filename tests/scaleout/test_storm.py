@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections import Counter
 
 import trio
-from scaleout_support import Client, connect, instances, redis_client
+from scaleout_support import instances, redis_client
+from wsclient import Client, connect
 
 USERS = 300
 ROUNDS = 4
