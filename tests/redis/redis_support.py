@@ -1,5 +1,5 @@
-"""Helpers of the Redis tests: the server (in-process or as a process) and clients. The
-redis-server itself is in ``redis_server.py``, /health in ``health.py``."""
+"""Helpers of the Redis tests: the server, in-process or as a process. The redis-server
+itself is in ``redis_server.py``, /health in ``health.py``, clients in ``wsclient.py``."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Helpers of the scale-out tests: a Redis Cluster, several server instances (in-process or
-as real ``aleatoria serve`` processes), and WebSocket clients that collect what they get."""
+as real ``aleatoria serve`` processes), and waits on them. Clients: ``wsclient.py``."""
 
 from __future__ import annotations
 
