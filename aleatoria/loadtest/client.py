@@ -191,3 +191,15 @@ async def wait_for(
         if accept(message):
             return message
         note_error(ctx, message)
+
+
+async def registered(ws: WebSocketConnection, ctx: RunContext) -> bool:
+    """Ping and wait for the pong, which proves the server has registered this connection
+    (a DM or match aimed at it from now on reaches it live). False, counted as
+    ``conn.ready_timeout``, when no pong comes within ``--connect-timeout``."""
+    await send(ws, {"type": "ping"})
+    with trio.move_on_after(ctx.options.connect_timeout):
+        await wait_for(ws, ctx, lambda m: m.get("type") == "pong")
+        return True
+    ctx.stats.inc("conn.ready_timeout")
+    return False

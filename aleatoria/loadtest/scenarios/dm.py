@@ -19,7 +19,7 @@ from collections.abc import Callable
 import trio
 from trio_websocket import WebSocketConnection
 
-from aleatoria.loadtest.client import Message, note_error, receive, run_client, send, wait_for
+from aleatoria.loadtest.client import Message, note_error, receive, registered, run_client, send
 from aleatoria.loadtest.context import Ready, RunContext, run_clients
 from aleatoria.loadtest.flow import Pacer, Pending, Window
 from aleatoria.loadtest.payload import decode, encode, now_ns
@@ -98,13 +98,7 @@ class DmPart:
         ws: WebSocketConnection,
     ) -> None:
         ctx = self.ctx
-        # A pong proves the server has registered this connection, so a DM sent to
-        # this user from now on is delivered live.
-        await send(ws, {"type": "ping"})
-        with trio.move_on_after(ctx.options.connect_timeout) as scope:
-            await wait_for(ws, ctx, lambda m: m.get("type") == "pong")
-        if scope.cancelled_caught:
-            ctx.stats.inc("conn.ready_timeout")
+        if not await registered(ws, ctx):
             return
         me.joined = True
         arrive()

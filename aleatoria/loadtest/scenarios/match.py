@@ -33,7 +33,7 @@ from collections.abc import Callable
 import trio
 from trio_websocket import WebSocketConnection
 
-from aleatoria.loadtest.client import Message, note_error, receive, run_client, send, wait_for
+from aleatoria.loadtest.client import Message, note_error, receive, registered, run_client, send
 from aleatoria.loadtest.context import Ready, RunContext, run_clients
 from aleatoria.loadtest.payload import now_ns
 
@@ -274,11 +274,7 @@ class MatchPart:
     ) -> None:
         ctx = self.ctx
         user.ws = ws
-        await send(ws, {"type": "ping"})
-        with trio.move_on_after(ctx.options.connect_timeout) as scope:
-            await wait_for(ws, ctx, lambda m: m.get("type") == "pong")
-        if scope.cancelled_caught:
-            ctx.stats.inc("conn.ready_timeout")
+        if not await registered(ws, ctx):
             return
         arrive()
         await ctx.go.wait()
