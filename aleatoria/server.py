@@ -1,7 +1,8 @@
 """The server: listener, HTTP routing, connection lifecycle, graceful shutdown.
 
-The nursery tree, by lifetime: store -> hub (room broadcasters) -> supervisor, listener and
-one task per connection. ``serve`` runs it until cancelled, then shuts down gracefully: stop
+The nursery tree, by lifetime: store -> hub (room broadcasters) -> flusher (writes what
+connections were sent, once per scheduler pass) -> supervisor, listener and one task per
+connection. ``serve`` runs it until cancelled, then shuts down gracefully: stop
 accepting, close every WebSocket with 1001, let the closing handshakes finish, flush the
 store, all within ``shutdown_timeout``.
 """
@@ -25,6 +26,7 @@ from prometheus_client.registry import Collector
 from aleatoria import metrics
 from aleatoria.auth import token_problem
 from aleatoria.config import Config
+from aleatoria.flusher import Flusher, open_flusher
 from aleatoria.hub import Client, Hub, open_hub
 from aleatoria.limits import RateLimiter, id_problem
 from aleatoria.origin import OriginPolicy
@@ -78,10 +80,11 @@ def open_listener(host: str, port: int, *, reuse_port: bool = False) -> socket.s
 class Server:
     """One running server process. Use ``serve`` rather than this class directly."""
 
-    def __init__(self, config: Config, store: Store, hub: Hub) -> None:
+    def __init__(self, config: Config, store: Store, hub: Hub, flusher: Flusher) -> None:
         self.config = config
         self.store = store
         self.hub = hub
+        self.flusher = flusher
         self.router = Router(hub, store)
         self.origins = OriginPolicy(config.allowed_origins, config.require_origin)
         self.page = _load_page()
@@ -272,6 +275,7 @@ class Server:
             max_message_bytes=config.max_frame_bytes,
             outbox_frames=config.outbox_frames,
             close_timeout=config.close_timeout,
+            flusher=self.flusher,
         )
         return ws, request.param("userId") or "", request.param("room") or DEFAULT_ROOM, ip
 
@@ -352,8 +356,12 @@ async def serve(
     listener = open_listener(config.host, config.port, reuse_port=reuse_port)
     port = listener.getsockname()[1]
     with listener:
-        async with open_store(config) as store, open_hub(config.room_linger) as hub:
-            server = Server(config, store, hub)
+        async with (
+            open_store(config) as store,
+            open_hub(config.room_linger) as hub,
+            open_flusher() as flusher,
+        ):
+            server = Server(config, store, hub, flusher)
             # The server's own tasks run under a shield, so that cancelling ``serve`` does
             # not kill connections mid-frame: the ``finally`` below closes them in order.
             body = trio.CancelScope(shield=True)

@@ -8,7 +8,8 @@ socket closes. After an upgrade, inbound bytes go through a fast path for the fr
 every client sends (``_take_simple``) until the first frame that needs wsproto; from then
 on ``wsproto.Connection`` runs the connection (created only then, or to send a close).
 
-Outbound policy, all in ``WebSocket.send``: write-through (try the kernel at once); when the
+Outbound policy, all in ``WebSocket.send``: frames wait in the connection until the end of
+the scheduler pass (``aleatoria.flusher``), then go to the kernel in one write; when the
 kernel buffer is full, queue the rest in a bounded backlog drained by a writer task started
 on demand (in the server's connection nursery; ``serve`` stops it); a backlog that reaches
 its bound means the client is not reading: it is disconnected with 1013 rather than
@@ -49,6 +50,8 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason, XorMaskerSimple
 from wsproto.utilities import generate_accept_token
+
+from aleatoria.flusher import Flusher
 
 log = logging.getLogger("aleatoria.websocket")
 
@@ -239,6 +242,7 @@ def accept_websocket(
     max_message_bytes: int,
     outbox_frames: int,
     close_timeout: float,
+    flusher: Flusher,
 ) -> WebSocket:
     """Complete the upgrade of a request that passed ``handshake_problem``."""
     # A fixed head with one computed value: h11 would spend ~20 us (a third of what it
@@ -253,6 +257,7 @@ def accept_websocket(
         max_message_bytes=max_message_bytes,
         outbox_frames=outbox_frames,
         close_timeout=close_timeout,
+        flusher=flusher,
         greeting=head,
     )
 
@@ -297,9 +302,11 @@ class WebSocket:
         max_message_bytes: int,
         outbox_frames: int,
         close_timeout: float,
+        flusher: Flusher,
         greeting: bytes = b"",
     ) -> None:
         self._sock = sock
+        self._flusher = flusher
         self._proto: _WsConnection | None = None  # see _wsproto
         # Inbound frames go through ``_take_simple`` until one needs wsproto (see there);
         # ``_partial`` holds the start of a frame the fast path is still receiving.
@@ -346,7 +353,7 @@ class WebSocket:
         """
         self._writers = writers
         try:
-            self._uncork()  # the handshake response and greeting, in one send
+            self.flush()  # the handshake response and greeting, in one send
             if self._backlog:
                 self._start_writer()
             with self._scope:
@@ -363,6 +370,7 @@ class WebSocket:
                 self._writer_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await drained.wait()  # at once: the writer is cancelled at its next wait
+            self._cork = None  # what the flusher has not written yet has nowhere to go
             self._sock.close()
         return self.close_code if self.close_code is not None else ABNORMAL
 
@@ -374,15 +382,10 @@ class WebSocket:
             self._feed(trailing, messages)
         while True:
             still_open = self._fast or self._collect(messages)
-            if len(messages) > 1:
-                # Several messages in one read (a pipelining or flooding client): what we
-                # send this socket while handling them goes out in one system call.
-                self._cork = []
             for message in messages:
                 if self.close_code is not None:
                     break  # closing: the rest is ignored
                 await on_message(message)
-            self._uncork()
             messages.clear()
             if self._failed:
                 await self._linger()
@@ -534,7 +537,8 @@ class WebSocket:
         proto = self._wsproto()
         state = proto.state
         if state is ConnectionState.REMOTE_CLOSING:
-            # The peer closes: answer, then we are done.
+            # The peer closes: answer (after what we sent before), then we are done.
+            self.flush()
             self._push(proto.send(event.response()), 1, bounded=False)
             self._closed(event.code, event.reason or "")
             return False
@@ -555,11 +559,14 @@ class WebSocket:
         ``outbox_frames`` is closed with 1013."""
         if self.close_code is not None:
             return
-        if self._cork is not None:
-            self._cork.append(data)
+        cork = self._cork
+        if cork is None:
+            self._cork = [data]
+            self._cork_frames = frames
+            self._flusher.mark(self)
+        else:
+            cork.append(data)
             self._cork_frames += frames
-            return
-        self._push(data, frames)
 
     def _push(self, data: bytes, frames: int, *, bounded: bool = True) -> None:
         """Write-through: hand ``data`` to the kernel at once unless a backlog exists (order),
@@ -581,7 +588,9 @@ class WebSocket:
         if sent < len(data):
             self._queue(memoryview(data)[sent:] if sent else data, frames)
 
-    def _uncork(self) -> None:
+    def flush(self) -> None:
+        """Write the frames ``send`` queued (the flusher calls this after the scheduler pass
+        in which they were sent)."""
         cork = self._cork
         if cork is None:
             return
@@ -601,7 +610,7 @@ class WebSocket:
         answer before the socket is dropped. Idempotent; never blocks."""
         if self.close_code is not None:
             return
-        self._uncork()  # what was sent before the close goes out before it
+        self.flush()  # what was sent before the close goes out before it
         self.close_code = code
         self.close_reason = reason
         if code == TRY_AGAIN_LATER and len(self._backlog) > 1:
