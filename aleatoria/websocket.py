@@ -353,7 +353,9 @@ class WebSocket:
         """
         self._writers = writers
         try:
-            self.flush()  # the handshake response and greeting, in one send
+            if self._cork is not None:
+                # The handshake response and greeting, in one send with the next burst.
+                self._flusher.mark(self)
             if self._backlog:
                 self._start_writer()
             with self._scope:
@@ -526,7 +528,9 @@ class WebSocket:
                 if proto.state is ConnectionState.OPEN:
                     # Through the bounded outbox: a peer that floods pings and never reads
                     # its pongs is a slow consumer like any other (1013). Sent even while
-                    # closing, as close frames are.
+                    # closing, as close frames are; after what is pending (the handshake
+                    # response may still be).
+                    self.flush()
                     self._push(proto.send(event.response()), 1)
             elif isinstance(event, CloseConnection):
                 return self._on_close_event(event)
