@@ -11,7 +11,10 @@ import pytest
 import trio
 import trio.testing
 
+from aleatoria import messages as m
 from aleatoria.flusher import MAX_PENDING, Flusher, open_flusher
+from aleatoria.hub import Client, open_hub
+from aleatoria.limits import RateLimiter
 from aleatoria.websocket import WebSocket, text_frame
 
 CLOSE_1000 = b"\x88\x02\x03\xe8"  # an unmasked server close frame, code 1000, no reason
@@ -159,3 +162,16 @@ async def test_frames_marked_before_the_writer_first_runs_are_written() -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert _pending(peer) == text_frame(b"early")
             nursery.cancel_scope.cancel()
+
+
+async def test_a_match_announcement_is_written_at_once_other_deliveries_wait() -> None:
+    ours, peer = _pair()
+    with ours, peer:
+        flusher = Flusher()  # never runs: only what is written at once arrives
+        ws = _websocket(ours, flusher)
+        async with open_hub() as hub:
+            hub.attach(Client(user="u1", ws=ws, limiter=RateLimiter(0, 1, 1)))
+            assert hub.deliver("u1", text_frame(b"relay"), m.WEBRTC_OFFER)
+            assert _pending(peer) == b""
+            assert hub.deliver("u1", text_frame(b"role"), m.ASSIGN_ROLE)
+            assert _pending(peer) == text_frame(b"relay") + text_frame(b"role")
