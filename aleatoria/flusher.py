@@ -6,14 +6,16 @@ were runnable with it have run. Two things make that cheaper than writing at onc
 
 - frames for the same socket (a reply and a relay, a room message and a direct message)
   join into one system call;
-- on this project's VMs a ``send`` that wakes a sleeping reader costs 50-60 us of kernel
-  time and one that finds the reader awake 3-5 us (``docs/performance.md``): sends in a
-  burst wake each client's CPU once, not once per frame.
+- on this project's VMs a ``send`` that wakes a sleeping reader costs 32-63 us of CPU, one
+  in a burst to 50 connections 7-16 us (``scripts/send_cost.py``, docs/performance.md):
+  sends in a burst wake each client's CPU once, not once per frame.
 
 A frame waits until the end of the scheduler pass (the writer is rescheduled by the first
 mark and runs in the next batch) or until ``MAX_PENDING`` connections have frames pending,
 whichever comes first. Control frames that must be ordered with data (a close) flush the
-connection's pending frames first (``WebSocket.close``).
+connection's pending frames first (``WebSocket.close``). A room's broadcaster, a burst
+already, writes at once (``WebSocket.send_now``), and so does a match announcement
+(``Hub.deliver``).
 """
 
 from __future__ import annotations

@@ -197,7 +197,7 @@ class Hub:
             count = end - start
             data = frames[start] if count == 1 else b"".join(frames[start:end])
             for ws in members:
-                ws.send(data, count)
+                ws.send_now(data, count)
             start = end
         count = len(frames)
         self.broadcasts += count
@@ -228,7 +228,7 @@ class Hub:
                 count = len(batch)
                 members = tuple(room.members.values())
                 for ws in members:
-                    ws.send(data, count)
+                    ws.send_now(data, count)
                 # Joining frames into one send per member is what makes fan-out cheap
                 # (system calls dominate its cost): when this batch found company (several
                 # senders at once), the next frame waits ``self._linger`` for more; a lone

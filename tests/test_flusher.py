@@ -93,6 +93,20 @@ async def test_a_long_pass_writes_once_max_pending_connections_wait(flusher: Flu
             peer.close()
 
 
+async def test_send_now_writes_at_once_but_never_ahead_of_pending_frames() -> None:
+    ours, peer = _pair()
+    with ours, peer:
+        flusher = Flusher()  # never runs
+        ws = _websocket(ours, flusher)
+        ws.send_now(text_frame(b"room 1"))
+        assert _pending(peer) == text_frame(b"room 1")
+        ws.send(text_frame(b"reply"))
+        ws.send_now(text_frame(b"room 2"))  # behind the reply
+        assert _pending(peer) == b""
+        flusher.flush()
+        assert _pending(peer) == text_frame(b"reply") + text_frame(b"room 2")
+
+
 async def test_a_close_goes_out_after_the_frames_sent_before_it(flusher: Flusher) -> None:
     ours, peer = _pair()
     with ours, peer:

@@ -21,7 +21,7 @@ class _Recorder:
     sends: list[tuple[float, bytes, int]] = attrs.Factory(list)
     close_code: int | None = None
 
-    def send(self, data: bytes, frames: int = 1) -> None:
+    def send_now(self, data: bytes, frames: int = 1) -> None:
         self.sends.append((trio.current_time(), data, frames))
 
 
