@@ -3,7 +3,7 @@
 How this works. Each connected user has one ``Client`` (its WebSocket and its rooms). Each
 room with local members has one broadcaster task fed by a bounded memory channel of ready
 frames: a broadcast is one channel hop, then the broadcaster hands the same frame bytes to
-every member's ``WebSocket.send`` (write-through, never awaits a client). One task per room
+every member's ``WebSocket.send_now`` (written at once, never awaits a client). One task per room
 gives every member the same order. A room with no local members is forgotten: its channel
 closes and its broadcaster finishes what was queued, then exits.
 
