@@ -1,0 +1,105 @@
+"""A bare trio WebSocket handshake server: this machine's floor for handshakes per second.
+
+One task per connection, as Aleatoria has: read the request head, answer 101 with the
+accept token, then hold the connection until the client closes it; ``GET /health`` answers
+200 (the reference load generator polls it first). Nothing else: no routing, no session, no
+store. With ``--h11`` the head is parsed by h11, as Aleatoria parses it; without it, by
+looking for the blank line and the key header. Drive it with the reference generator:
+
+    taskset -c 0 python scripts/handshake_floor.py --port 8095 [--h11] & SP=$!
+    taskset -c 1 loadgen conns --n 5000 --hold 1s --url ws://127.0.0.1:8095 --server-pid $SP
+
+and read ``srv CPU us/connect``. Usage: python scripts/handshake_floor.py --port P [--h11]
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+import h11
+import trio
+from wsproto.utilities import generate_accept_token
+
+_HEALTH = b'HTTP/1.1 200 OK\r\ncontent-length: 15\r\nconnection: close\r\n\r\n{"status":"ok"}'
+_SWITCHING = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: %s\r\n\r\n"
+)
+
+
+def _raw_head(head: bytes) -> tuple[bytes, bytes]:
+    """(target, Sec-WebSocket-Key) of a complete request head."""
+    lines = head.split(b"\r\n")
+    target = lines[0].split(b" ")[1]
+    key = b""
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"sec-websocket-key":
+            key = value.strip()
+    return target, key
+
+
+def _h11_head(head: bytes) -> tuple[bytes, bytes]:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head)
+    event = conn.next_event()
+    assert isinstance(event, h11.Request)
+    key = next((v for n, v in event.headers if n == b"sec-websocket-key"), b"")
+    return event.target, key
+
+
+async def _connection(sock: socket.socket, use_h11: bool) -> None:
+    with sock:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data = sock.recv(8192)
+            except BlockingIOError:
+                continue
+            if not data:
+                return
+            head += data
+        target, key = (_h11_head if use_h11 else _raw_head)(head)
+        if target.startswith(b"/health"):
+            sock.send(_HEALTH)
+            return
+        sock.send(_SWITCHING % generate_accept_token(key))
+        while True:  # hold until the client goes away
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                if not sock.recv(4096):
+                    return
+            except BlockingIOError:
+                continue
+            except OSError:
+                return
+
+
+async def _serve(port: int, use_h11: bool) -> None:
+    listener = socket.create_server(("127.0.0.1", port), backlog=4096)
+    listener.setblocking(False)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    async with trio.open_nursery() as nursery:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(256):
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                sock.setblocking(False)
+                nursery.start_soon(_connection, sock, use_h11)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--port", type=int, default=8095)
+    parser.add_argument("--h11", action="store_true", help="parse request heads with h11")
+    args = parser.parse_args()
+    trio.run(_serve, args.port, args.h11)
+
+
+if __name__ == "__main__":
+    main()
