@@ -572,6 +572,10 @@ class WebSocket:
         else:
             cork.append(data)
             self._cork_frames += frames
+            if self._cork_frames >= self._outbox_frames:
+                # Many senders at one client in one pass: write now, so the frames waiting
+                # here stay bounded like the backlog (which closes a client not reading).
+                self.flush()
 
     def send_now(self, data: bytes, frames: int = 1) -> None:
         """``send``, written at once unless frames are pending (then behind them): for a

@@ -107,6 +107,19 @@ async def test_send_now_writes_at_once_but_never_ahead_of_pending_frames() -> No
         assert _pending(peer) == text_frame(b"reply") + text_frame(b"room 2")
 
 
+async def test_frames_for_one_connection_wait_at_most_outbox_frames() -> None:
+    ours, peer = _pair()
+    with ours, peer:
+        ws = WebSocket(
+            ours, b"", max_message_bytes=1000, outbox_frames=3, close_timeout=1.0, flusher=Flusher()
+        )
+        ws.send(text_frame(b"1"))
+        ws.send(text_frame(b"2"))
+        assert _pending(peer) == b""
+        ws.send(text_frame(b"3"))  # as many as the backlog may hold: written now
+        assert _pending(peer) == text_frame(b"1") + text_frame(b"2") + text_frame(b"3")
+
+
 async def test_a_close_goes_out_after_the_frames_sent_before_it(flusher: Flusher) -> None:
     ours, peer = _pair()
     with ours, peer:
