@@ -8,8 +8,9 @@ socket closes. After an upgrade, inbound bytes go through a fast path for the fr
 every client sends (``_take_simple``) until the first frame that needs wsproto; from then
 on ``wsproto.Connection`` runs the connection (created only then, or to send a close).
 
-Outbound policy, all in ``WebSocket.send``: frames wait in the connection until the end of
-the scheduler pass (``aleatoria.flusher``), then go to the kernel in one write; when the
+Outbound policy, in ``WebSocket.send``: frames wait in the connection until the end of
+the scheduler pass (``aleatoria.flusher``), then go to the kernel in one write
+(``send_now``, for room broadcasts, writes at once behind anything waiting); when the
 kernel buffer is full, queue the rest in a bounded backlog drained by a writer task started
 on demand (in the server's connection nursery; ``serve`` stops it); a backlog that reaches
 its bound means the client is not reading: it is disconnected with 1013 rather than
