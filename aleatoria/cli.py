@@ -52,8 +52,7 @@ def _parser() -> argparse.ArgumentParser:
                 flag, dest=setting.name, action="store_const", const=True, default=None, help=helptext
             )
         else:
-            kind = setting.parse if setting.parse in (int, float) else str
-            serve_cmd.add_argument(flag, dest=setting.name, type=kind, default=None, help=helptext)
+            serve_cmd.add_argument(flag, dest=setting.name, type=setting.parse, default=None, help=helptext)
     serve_cmd.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
     # Internal: set by the --workers parent on each worker it starts.
     serve_cmd.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)

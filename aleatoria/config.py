@@ -32,6 +32,10 @@ def _parse_origins(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def _parse_hosts(text: str) -> tuple[str, ...]:
+    return tuple(part.strip().lower() for part in text.split(",") if part.strip())
+
+
 @attrs.frozen
 class Setting:
     """One configuration knob: its attribute, environment variable, parser and help text."""
@@ -56,6 +60,13 @@ SETTINGS: tuple[Setting, ...] = (
         "ALEATORIA_REQUIRE_ORIGIN",
         _parse_bool,
         "reject WebSocket requests that carry no Origin header",
+    ),
+    Setting(
+        "allowed_hosts",
+        "ALEATORIA_ALLOWED_HOSTS",
+        _parse_hosts,
+        "comma list of Host names that count as same-origin (default localhost, 127.0.0.1, [::1] "
+        "and the listen address); * = any; behind a proxy list its public host",
     ),
     Setting("log_level", "ALEATORIA_LOG_LEVEL", str, "debug, info, warning or error"),
     Setting("redis_url", "ALEATORIA_REDIS_URL", str, "redis:// or rediss:// URL (overrides VALKEY_*)"),
@@ -96,6 +107,43 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_frame_bytes", "ALEATORIA_MAX_FRAME_BYTES", int, "largest message a client may send"),
     Setting("rate_limit", "ALEATORIA_RATE_LIMIT", float, "messages/s per connection (0 = no limit)"),
     Setting("rate_burst", "ALEATORIA_RATE_BURST", int, "burst allowance of the rate limit"),
+    Setting(
+        "frame_rate",
+        "ALEATORIA_FRAME_RATE",
+        float,
+        "WebSocket frames/s per connection, control frames included (over it: close 1008; 0 = off)",
+    ),
+    Setting("frame_burst", "ALEATORIA_FRAME_BURST", int, "burst allowance of the frame budget"),
+    Setting(
+        "outbox_bytes",
+        "ALEATORIA_OUTBOX_BYTES",
+        int,
+        "bytes queued per slow client (behind the frame being written) before 1013",
+    ),
+    Setting(
+        "history_memory_mb",
+        "ALEATORIA_HISTORY_MEMORY_MB",
+        float,
+        "MiB of history kept in the server's memory; the oldest conversations go first",
+    ),
+    Setting(
+        "max_rooms_per_user",
+        "ALEATORIA_MAX_ROOMS_PER_USER",
+        int,
+        "rooms one user may be in at once (more: error limit_reached)",
+    ),
+    Setting(
+        "new_dm_per_hour",
+        "ALEATORIA_NEW_DM_PER_HOUR",
+        int,
+        "new DM conversations a user may open per hour (more: error limit_reached)",
+    ),
+    Setting(
+        "max_payload_bytes",
+        "ALEATORIA_MAX_PAYLOAD_BYTES",
+        int,
+        "largest chat payload, as UTF-8 JSON (more: error too_large)",
+    ),
     Setting(
         "redis_connect_timeout",
         "ALEATORIA_REDIS_CONNECT_TIMEOUT",
@@ -149,6 +197,9 @@ class Config:
     port: int = 8085
     allowed_origins: tuple[str, ...] = ()
     require_origin: bool = False
+    # Host names that count as this server for the same-origin rule (PROTOCOL.md s16); None:
+    # localhost, 127.0.0.1, [::1] and the listen address unless it is a wildcard.
+    allowed_hosts: tuple[str, ...] | None = None
     log_level: str = "info"
 
     redis_url: str | None = None
@@ -186,6 +237,15 @@ class Config:
     rate_burst: int = 60
     rate_abuse_seconds: float = 10.0
 
+    # Holding up against hostile clients (PROTOCOL.md section 16).
+    frame_rate: float = 200.0
+    frame_burst: int = 400
+    outbox_bytes: int = 1024 * 1024
+    history_memory_mb: float = 256.0
+    max_rooms_per_user: int = 100
+    new_dm_per_hour: int = 200
+    max_payload_bytes: int = 32_768
+
     # Redis store (PROTOCOL.md section 6): history writes queued while Redis is slow or down.
     redis_write_buffer: int = 10_000
     redis_cluster: bool = False
@@ -200,6 +260,21 @@ class Config:
     @property
     def message_ttl_seconds(self) -> float:
         return self.message_ttl_hours * 3600.0
+
+    @property
+    def history_memory_bytes(self) -> int:
+        return int(self.history_memory_mb * 1024 * 1024)
+
+    @property
+    def effective_allowed_hosts(self) -> tuple[str, ...]:
+        """Host names (lower case, IPv6 in brackets) the same-origin rule trusts."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        hosts = ["localhost", "127.0.0.1", "[::1]"]
+        listen = self.host.lower()
+        if listen not in ("", "0.0.0.0", "::", "[::]"):
+            hosts.append(f"[{listen}]" if ":" in listen and not listen.startswith("[") else listen)
+        return tuple(dict.fromkeys(hosts))
 
     @property
     def effective_redis_url(self) -> str | None:
@@ -242,6 +317,16 @@ class Config:
             raise ConfigError("ALEATORIA_MAX_FRAME_BYTES must be at least 1024")
         if self.rate_limit < 0 or self.rate_burst < 1:
             raise ConfigError("rate limit must be >= 0 and burst >= 1")
+        if self.frame_rate < 0 or self.frame_burst < 1:
+            raise ConfigError("ALEATORIA_FRAME_RATE must be >= 0 and ALEATORIA_FRAME_BURST >= 1")
+        if self.outbox_bytes < 64 * 1024:
+            raise ConfigError("ALEATORIA_OUTBOX_BYTES must be at least 65536 (one largest frame)")
+        if self.history_memory_mb <= 0:
+            raise ConfigError("ALEATORIA_HISTORY_MEMORY_MB must be positive")
+        if self.max_rooms_per_user < 1 or self.new_dm_per_hour < 1:
+            raise ConfigError("ALEATORIA_MAX_ROOMS_PER_USER and ALEATORIA_NEW_DM_PER_HOUR must be at least 1")
+        if self.max_payload_bytes < 1024:
+            raise ConfigError("ALEATORIA_MAX_PAYLOAD_BYTES must be at least 1024")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise ConfigError(f"unknown log level {self.log_level!r}")
         if self.workers < 1:

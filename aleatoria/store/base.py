@@ -128,8 +128,18 @@ class Store(Protocol):
         """Keep ``message`` in the room's history (trimmed to TTL and cap)."""
         ...
 
-    def record_direct_message(self, a: str, b: str, message: bytes, created_ns: int) -> None:
-        """Keep ``message`` in the history between ``a`` and ``b`` (order of a, b irrelevant)."""
+    def record_direct_message(
+        self,
+        a: str,
+        b: str,
+        message: bytes,
+        created_ns: int,
+        on_stored: Callable[[], None] | None = None,
+    ) -> None:
+        """Keep ``message`` in the history between ``a`` and ``b`` (order of a, b irrelevant).
+        ``on_stored`` is called exactly once, on the trio thread, when the message is durable
+        (Redis answered its write; at once for the memory store, and while Redis is degraded):
+        the sender's own copy waits for it (PROTOCOL.md section 16)."""
         ...
 
     async def recent_room_messages(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:

@@ -92,8 +92,17 @@ class MemoryStore:
     def record_room_message(self, room: str, message: bytes, created_ns: int) -> None:
         self._append(self._rooms, room, message, created_ns)
 
-    def record_direct_message(self, a: str, b: str, message: bytes, created_ns: int) -> None:
+    def record_direct_message(
+        self,
+        a: str,
+        b: str,
+        message: bytes,
+        created_ns: int,
+        on_stored: Callable[[], None] | None = None,
+    ) -> None:
         self._append(self._dms, dm_key(a, b), message, created_ns)
+        if on_stored is not None:
+            on_stored()
 
     async def recent_room_messages(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:
         return self.recent_room_messages_now(room, limit, before_ns)

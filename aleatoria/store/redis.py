@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import TypeVar
@@ -78,8 +78,15 @@ class RedisStore(RedisKeeper):
         self._memory.record_room_message(room, message, created_ns)
         self._enqueue(ROOM, room, message, created_ns)
 
-    def record_direct_message(self, a: str, b: str, message: bytes, created_ns: int) -> None:
-        self._memory.record_direct_message(a, b, message, created_ns)
+    def record_direct_message(
+        self,
+        a: str,
+        b: str,
+        message: bytes,
+        created_ns: int,
+        on_stored: Callable[[], None] | None = None,
+    ) -> None:
+        self._memory.record_direct_message(a, b, message, created_ns, on_stored)
         first, second = dm_key(a, b)
         self._enqueue(DM, f"{first}:{second}", message, created_ns)
 
