@@ -51,6 +51,7 @@ from redis.exceptions import RedisClusterException
 from aleatoria.store.base import BusHandler
 from aleatoria.store.redis_client import RedisClient, describe_error
 from aleatoria.store.redis_presence import INSTANCES_KEY, PRESENCE_KEY, instance_channel
+from aleatoria.store.redis_scripts import MATCHES_KEY
 from aleatoria.store.redis_writer import ROOM_MESSAGES_PREFIX
 
 log = logging.getLogger("aleatoria.store.bus")
@@ -93,6 +94,7 @@ class Outgoing:
     target: str  # channel (PUBLISH) or user (ROUTE)
     message: bytes
     done: Callable[[int | None], None] | None = None  # subscribers reached; None = failed
+    sender: str = ""  # ROUTE: refused (0) if the user is in a live match with someone else
     queued_at: float = attrs.Factory(trio.current_time)
     settled: bool = False
 
@@ -146,9 +148,10 @@ class RedisBus:
     def route(self, user: str, message: bytes, done: Callable[[int | None], None] | None = None) -> bool:
         return self._queue(Outgoing(ROUTE, user, message, done))
 
-    async def route_wait(self, user: str, message: bytes) -> int | None:
+    async def route_wait(self, user: str, message: bytes, sender: str = "") -> int | None:
         """Route ``message`` to ``user``'s instance and wait for the outcome: how many
-        subscribers got it (0: offline), None if Redis failed or the outbox is full.
+        subscribers got it (0: offline, or -- given ``sender`` -- in a live match with
+        someone else), None if Redis failed or the outbox is full.
         Cancellation: the message may still be sent."""
         result: list[int | None] = []
         arrived = trio.Event()
@@ -157,7 +160,7 @@ class RedisBus:
             result.append(value)
             arrived.set()
 
-        if not self._queue(Outgoing(ROUTE, user, message, done)):
+        if not self._queue(Outgoing(ROUTE, user, message, done, sender=sender)):
             return None
         await arrived.wait()
         return result[0]
@@ -209,13 +212,15 @@ class RedisBus:
                 pipe.execute_command(
                     "EVALSHA",
                     route_sha,
-                    2,
+                    3,
                     PRESENCE_KEY,
                     INSTANCES_KEY,
+                    MATCHES_KEY,
                     item.target,
                     item.message,
                     instance_channel(""),
                     command,
+                    item.sender,
                 )
 
     def settle(self, items: list[Outgoing], replies: list[Any] | None) -> None:

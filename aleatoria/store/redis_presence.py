@@ -145,14 +145,23 @@ return {reaped, gone, ended}
 """
 )
 
-# KEYS: presence, instances. ARGV: user, message, instance channel prefix, publish command
-# (PUBLISH, or SPUBLISH on a cluster). Returns the number of subscribers that got it: 0 when
-# the user is offline, its instance's heartbeat expired, or nobody listens on its channel
-# (PUBLISH's own count stands in for the liveness check's subscriber test: this script runs
-# for every frame routed to another instance, so it is kept to three commands).
+# KEYS: presence, instances, matches. ARGV: user, message, instance channel prefix, publish
+# command (PUBLISH, or SPUBLISH on a cluster), sender ('' = any). Returns the number of
+# subscribers that got it: 0 when the user is offline, its instance's heartbeat expired,
+# nobody listens on its channel, or -- with a sender -- the user is in a live match with
+# someone else (call signaling is not hijacked: PROTOCOL.md section 16). PUBLISH's own count
+# stands in for the liveness check's subscriber test: this script runs for every frame
+# routed to another instance, so it is kept short.
 ROUTE = """
 local value = redis.call('HGET', KEYS[1], ARGV[1])
 if not value then return 0 end
+if ARGV[5] ~= '' then
+  local match = redis.call('HGET', KEYS[3], ARGV[1])
+  if match then
+    local bar = string.find(match, '|', 1, true)
+    if (bar and string.sub(match, 1, bar - 1) or match) ~= ARGV[5] then return 0 end
+  end
+end
 local sep = string.find(value, '|', 1, true)
 local inst = sep and string.sub(value, 1, sep - 1) or value
 local score = redis.call('ZSCORE', KEYS[2], inst)
