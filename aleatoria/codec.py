@@ -9,6 +9,7 @@ json or cattrs errors.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from datetime import UTC, datetime
@@ -101,15 +102,19 @@ def _describe(exc: Exception) -> str:
     return str(exc)
 
 
-# orjson reads integers of 2**64 and more as floats; a run of 20+ digits sends the frame to
-# the standard library's parser, which keeps them exact (relayed payloads stay unchanged).
-# The run is found by mapping digits to "1" and the rest to "0" (C-speed translate and
-# substring search: a regex costs ten times more on every frame).
-# Negative integers leave int64 already at 19 digits, so "-" maps to "2" and a minus sign
-# followed by 19 digits counts too.
+# JSON stays JSON (PROTOCOL.md section 16): a frame with a non-finite number or an integer
+# beyond 64 bits is refused, so nothing the server stores or relays can make it write
+# ``Infinity``, ``NaN`` or a number a browser would read differently. orjson refuses the
+# non-finite ones itself but reads integers of 2**64 and more (and below -2**63) as floats,
+# losing them; a run of 20+ digits (19 after a minus sign) sends the frame to the standard
+# library's parser, which checks each integer exactly. The run is found by mapping digits
+# to "1", "-" to "2" and the rest to "0" (C-speed translate and substring search: a regex
+# costs ten times more on every frame).
 _DIGIT_MAP = bytes(0x31 if 0x30 <= c <= 0x39 else 0x32 if c == 0x2D else 0x30 for c in range(256))
 _TWENTY_DIGITS = b"1" * 20
 _MINUS_NINETEEN_DIGITS = b"2" + b"1" * 19
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
 
 
 def _has_long_digit_run(frame: str | bytes | bytearray) -> bool:
@@ -122,28 +127,47 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _exact_int(text: str) -> int:
+    if len(text) > 21:  # longer than any 64-bit integer: refuse before converting
+        raise ValueError("an integer beyond 64 bits")
+    value = int(text)
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise ValueError("an integer beyond 64 bits")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("a number beyond the range of a double")
+    return value
+
+
 def loads(frame: str | bytes | bytearray) -> Any:
-    """Parse JSON text. Raises InvalidMessage."""
+    """Parse JSON text. Raises InvalidMessage (also for non-finite numbers and integers
+    beyond 64 bits)."""
     try:
         if not _has_long_digit_run(frame):
             return orjson.loads(frame)
-        return json.loads(frame, parse_constant=_reject_constant)
+        return json.loads(
+            frame, parse_constant=_reject_constant, parse_int=_exact_int, parse_float=_finite_float
+        )
     except (orjson.JSONDecodeError, ValueError, RecursionError) as exc:
         raise InvalidMessage(f"not valid JSON: {exc}") from None
 
 
 def dumps(value: Any) -> bytes:
     """Serialise to compact JSON. Raises ClientError(invalid_payload) when a client's value
-    cannot be written back (deeper than the encoder allows)."""
+    cannot be written back (deeper than the encoder allows). Never writes NaN or Infinity."""
     try:
         # A right-sized copy: orjson 3.12+ hands out bytes that keep a buffer of 4 KB or more
         # (ijl/orjson, see home-assistant/core#181245), and history keeps what we encode for a
         # day -- measured: 4.1 KB instead of 0.3 KB per stored DM. The copy costs ~0.2 us.
         return bytes(memoryview(orjson.dumps(value)))
     except orjson.JSONEncodeError:
-        pass  # integers beyond 64 bits, or nesting beyond orjson's 254 levels
+        pass  # unsigned 64-bit integers orjson refuses to mix, or nesting beyond 254 levels
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
     except (RecursionError, TypeError, ValueError):
         raise ClientError(INVALID_PAYLOAD, "payload is nested too deeply to relay") from None
 

@@ -3,10 +3,17 @@ DM conversation), so it must be right-sized."""
 
 from __future__ import annotations
 
+import json
+import math
 import tracemalloc
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from aleatoria import messages as m
-from aleatoria.codec import encode
+from aleatoria.codec import dumps, encode, loads
+from aleatoria.errors import InvalidMessage
 from aleatoria.messages import Envelope
 
 
@@ -31,3 +38,70 @@ def test_encoded_messages_are_right_sized() -> None:
     # A bytes object costs its length plus ~33 bytes of header, and the list a pointer.
     # orjson 3.12+ alone retains a 4 KB buffer per result (4,098 bytes measured here).
     assert per_message < size + 100, (per_message, size)
+
+
+# -- JSON stays JSON (PROTOCOL.md section 16) ------------------------------------------------
+
+_LONG = "123456789012345678901234567890"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"chat_message","payload":{"x":1e400}}',
+        '{"type":"chat_message","payload":{"x":-1e400}}',
+        # A 30-digit integer once sent the frame to the stdlib parser, which read 1e400 as inf.
+        '{"type":"chat_message","payload":{"x":1e400,"y":' + _LONG + "}}",
+        '{"type":"chat_message","payload":{"y":' + _LONG + "}}",
+        '{"type":"chat_message","payload":{"y":18446744073709551616}}',
+        '{"type":"chat_message","payload":{"y":-9223372036854775809}}',
+        '{"type":"chat_message","payload":{"x":NaN,"y":' + _LONG + "}}",
+        '{"type":"chat_message","payload":{"x":Infinity}}',
+        '{"type":"chat_message","payload":{"x":-Infinity,"y":' + _LONG + "}}",
+        '{"x":1' + "0" * 5000 + "}",
+    ],
+)
+def test_non_finite_and_oversized_numbers_are_invalid(frame: str) -> None:
+    with pytest.raises(InvalidMessage):
+        loads(frame)
+
+
+@pytest.mark.parametrize("number", [2**64 - 1, 2**63, -(2**63), 10**19, 0, -1])
+def test_64_bit_integers_survive_exactly(number: int) -> None:
+    frame = '{"y":' + str(number) + ',"z":' + _LONG[:19] + "}"
+    assert {"y": number, "z": int(_LONG[:19])} == loads(frame)
+    assert number == loads(dumps(loads(frame)))["y"]
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _walk(value: object) -> list[object]:
+    if isinstance(value, dict):
+        return [leaf for item in value.values() for leaf in _walk(item)]
+    if isinstance(value, list):
+        return [leaf for item in value for leaf in _walk(item)]
+    return [value]
+
+
+@given(_json)
+def test_whatever_is_accepted_is_written_back_as_strict_json(value: object) -> None:
+    """Any text the stdlib can write (even with NaN, Infinity or huge integers) is either
+    refused, or read into finite values that encode to strict JSON and read back equal."""
+    try:
+        parsed = loads(json.dumps(value))
+    except InvalidMessage:
+        leaves = _walk(value)
+        assert any(
+            (isinstance(x, float) and not math.isfinite(x))
+            or (isinstance(x, int) and not isinstance(x, bool) and not -(2**63) <= x < 2**64)
+            for x in leaves
+        )
+        return
+    out = dumps(parsed)
+    json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} written"))
+    assert parsed == loads(out)
