@@ -27,18 +27,34 @@ def make_token(user: str, secret: str, ttl_seconds: float, *, now: float | None 
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
-def token_problem(token: str | None, user: str, secret: str) -> str | None:
-    """Why ``token`` does not let ``user`` in, or None if it does. Never echoes the token."""
+class TokenRefused(Exception):
+    """A token does not let its user in; the text says why and never echoes the token."""
+
+
+def token_expiry(token: str | None, user: str, secret: str) -> int:
+    """The ``exp`` (unix seconds) of a valid token for ``user``. Raises TokenRefused."""
     if not token:
-        return "missing token"
+        raise TokenRefused("missing token")
     try:
         claims = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]})
     except jwt.ExpiredSignatureError:
-        return "token expired"
+        raise TokenRefused("token expired") from None
     except jwt.InvalidSignatureError:
-        return "token signature invalid"
+        raise TokenRefused("token signature invalid") from None
     except jwt.InvalidTokenError:
-        return "token malformed"
+        raise TokenRefused("token malformed") from None
     if claims.get("sub") != user:
-        return "token is for another user"
+        raise TokenRefused("token is for another user")
+    exp = claims["exp"]
+    if type(exp) not in (int, float):
+        raise TokenRefused("token malformed")
+    return int(exp)
+
+
+def token_problem(token: str | None, user: str, secret: str) -> str | None:
+    """Why ``token`` does not let ``user`` in, or None if it does. Never echoes the token."""
+    try:
+        token_expiry(token, user, secret)
+    except TokenRefused as exc:
+        return str(exc)
     return None

@@ -84,7 +84,8 @@ SETTINGS: tuple[Setting, ...] = (
         "max_connections_per_ip",
         "ALEATORIA_MAX_CONNECTIONS_PER_IP",
         int,
-        "WebSocket sessions per client IP (0 = no limit; behind a proxy set --client-ip-header)",
+        "sockets per client IP, counted from accept (0 = no limit; behind a proxy set "
+        "--client-ip-header: then WebSocket sessions per forwarded address)",
     ),
     Setting(
         "client_ip_header",
@@ -216,7 +217,7 @@ class Config:
     history_max: int = 1000
     auth_secret: str | None = None
     max_connections: int = 20_000
-    max_connections_per_ip: int = 0
+    max_connections_per_ip: int = 1000
     client_ip_header: str | None = None
 
     # Connection behaviour (PROTOCOL.md section 5).

@@ -15,6 +15,8 @@ INVALID_PAYLOAD = "invalid_payload"
 TOO_LARGE = "too_large"
 RATE_LIMITED = "rate_limited"
 PEER_UNAVAILABLE = "peer_unavailable"
+LIMIT_REACHED = "limit_reached"
+INVALID_TOKEN = "invalid_token"
 
 NOT_IN_ROOM_TEXT = "You are not in that room. Join the room first."
 

@@ -53,6 +53,10 @@ class Client:
     rooms: set[str] = attrs.Factory(set)
     replaced: bool = False
     connection: str = ""  # unique per connection (presence tells connections apart)
+    # With auth on: when the token runs out (trio clock); the supervisor closes with 4002.
+    expires_at: float | None = None
+    # DM partners this user wrote to within the hour -> when first (new_dm_per_hour).
+    dm_partners: dict[str, float] = attrs.Factory(dict)
 
 
 class Room:
@@ -90,6 +94,7 @@ class Hub:
         old.replaced = True
         client.rooms = old.rooms
         old.rooms = set()
+        client.dm_partners = old.dm_partners
         for name in client.rooms:
             self.rooms[name].members[client.user] = client.ws
         old.ws.close(REPLACED, "replaced")
@@ -140,6 +145,10 @@ class Hub:
     # -- rooms -------------------------------------------------------------------------------
 
     def join(self, client: Client, name: str) -> None:
+        """Add ``client`` to room ``name``. A replaced client joins nothing: its socket must
+        never stand in a member list in place of its successor's."""
+        if client.replaced:
+            return
         room = self.rooms.get(name)
         if room is None:
             send, receive = trio.open_memory_channel[bytes](ROOM_QUEUE_FRAMES)

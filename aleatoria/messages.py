@@ -28,6 +28,7 @@ HANGUP = "hangup"
 GET_RECENT_MESSAGES = "get_recent_messages"
 GET_DIRECT_MESSAGES = "get_direct_messages"
 PING = "ping"
+REFRESH_TOKEN = "refresh_token"
 
 SIGNALING_TYPES = frozenset({WEBRTC_OFFER, WEBRTC_ANSWER, WEBRTC_CANDIDATE, HANGUP})
 CLIENT_TYPES = SIGNALING_TYPES | {
@@ -41,6 +42,7 @@ CLIENT_TYPES = SIGNALING_TYPES | {
     GET_RECENT_MESSAGES,
     GET_DIRECT_MESSAGES,
     PING,
+    REFRESH_TOKEN,
 }
 
 # Server -> client types.
@@ -54,6 +56,7 @@ DIRECT_MESSAGES = "direct_messages"
 ERROR = "error"
 ERROR_RESPONSE = "error_response"
 PONG = "pong"
+TOKEN_REFRESHED = "token_refreshed"
 
 NO_PEER_TEXT = "No peer available at the moment. Please try again later."
 PEER_LEFT = "peer_left"
@@ -90,6 +93,11 @@ class PeerRequest:
 class RecentMessagesRequest:
     limit: int | None = None
     before: str | None = None
+
+
+@attrs.frozen
+class TokenRefresh:
+    token: str
 
 
 @attrs.frozen
@@ -145,6 +153,11 @@ class ErrorPayload:
 class ErrorResponse:
     error: str
     details: str
+
+
+@attrs.frozen
+class TokenRefreshed:
+    exp: int
 
 
 @attrs.frozen

@@ -1,4 +1,9 @@
-"""The Origin check of the WebSocket handshake (PROTOCOL.md section 2), pure."""
+"""The Origin check of the WebSocket handshake (PROTOCOL.md sections 2 and 16), pure.
+
+Same-origin (the page was served by this host:port) is trusted only when the request's
+``Host`` is one of ours (``allowed_hosts``): otherwise DNS rebinding would let a hostile
+page, whose name now resolves to 127.0.0.1, connect as a same-origin client.
+"""
 
 from __future__ import annotations
 
@@ -36,10 +41,27 @@ def _host_port(host_header: str) -> tuple[str, int | None]:
 class OriginPolicy:
     """Decides whether a browser origin may open a WebSocket."""
 
-    def __init__(self, allowed: tuple[str, ...], require_origin: bool) -> None:
+    def __init__(
+        self,
+        allowed: tuple[str, ...],
+        require_origin: bool,
+        hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]"),
+    ) -> None:
         self.allow_any = "*" in allowed
         self.require_origin = require_origin
         self._allowed = {n for n in (normalise(a) for a in allowed if a != "*") if n is not None}
+        self.any_host = "*" in hosts
+        # Entries name a host (any port) or host:port; IPv6 literals with or without brackets.
+        self._hosts: set[tuple[str, int | None]] = set()
+        for entry in hosts:
+            if entry != "*":
+                host, port = _host_port(entry if not _bare_ipv6(entry) else f"[{entry}]")
+                if host:
+                    self._hosts.add((host, port))
+
+    def trusts_host(self, host: str, port: int | None) -> bool:
+        """Whether a request to ``host:port`` (its Host header) may count as same-origin."""
+        return self.any_host or (host, None) in self._hosts or (host, port) in self._hosts
 
     def allows(self, origin: str | None, host_header: str | None) -> bool:
         if origin is None:
@@ -51,11 +73,16 @@ class OriginPolicy:
             return False  # includes the opaque origin "null"
         if normal in self._allowed:
             return True
-        # Same origin: the page was served by this host:port (the bundled demo client).
+        # Same origin: the page was served by this host:port (the bundled demo client), and
+        # the host is one of ours (not a rebound name).
         if host_header:
             host, port = _host_port(host_header)
             scheme, origin_host, origin_port = normal
             if port is None:
                 port = _DEFAULT_PORTS.get(scheme)
-            return (origin_host, origin_port) == (host, port)
+            return (origin_host, origin_port) == (host, port) and self.trusts_host(host, port)
         return False
+
+
+def _bare_ipv6(entry: str) -> bool:
+    return entry.count(":") > 1 and not entry.startswith("[")

@@ -103,13 +103,15 @@ class Router:
         if self.bus is not None and self.remote:
             self.bus.route(user, user_envelope(user, kind, data, *extra))
 
-    async def send_checked(self, user: str, data: bytes, kind: str, *extra: str) -> bool:
-        """``send``, and whether ``user`` is online (here, or on a live instance)."""
+    async def send_checked(self, user: str, data: bytes, kind: str, *extra: str, sender: str = "") -> bool:
+        """``send``, and whether ``user`` is online (here, or on a live instance). Given a
+        ``sender``, a user on another instance who is in a live match with someone else
+        counts as offline (the Redis route checks: calls are not hijacked)."""
         if self.hub.deliver(user, text_frame(data), kind):
             return True
         if self.bus is None or not self.remote:
             return False
-        reached = await self.bus.route_wait(user, user_envelope(user, kind, data, *extra))
+        reached = await self.bus.route_wait(user, user_envelope(user, kind, data, *extra), sender)
         return bool(reached)
 
     def peer_left(self, peer: str, leaver: str) -> None:

@@ -11,27 +11,31 @@ from __future__ import annotations
 
 import errno
 import logging
+import resource
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from importlib import resources
 
+import attrs
 import orjson
 import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from aleatoria import messages as m
 from aleatoria import metrics
-from aleatoria.auth import token_problem
+from aleatoria.auth import token_expiry, token_problem
 from aleatoria.config import Config
 from aleatoria.flusher import Flusher, open_flusher
 from aleatoria.hub import Client, Hub, open_hub
 from aleatoria.limits import RateLimiter, id_problem
 from aleatoria.origin import OriginPolicy
 from aleatoria.router import Router, new_message_id
-from aleatoria.session import Session
+from aleatoria.session import Session, expires_at
 from aleatoria.store import Store, open_store
 from aleatoria.supervisor import supervise
 from aleatoria.websocket import (
@@ -48,6 +52,9 @@ log = logging.getLogger("aleatoria.server")
 
 DEFAULT_ROOM = "Lobby"
 _CLEANUP_TIMEOUT = 5.0
+# Sockets accepted beyond ``max_connections`` to answer /health and /metrics (and refuse
+# upgrades with 503) while the server is full; past these, new sockets are closed at once.
+_HTTP_RESERVE = 64
 
 
 def _load_page() -> bytes | None:
@@ -86,17 +93,25 @@ class Server:
         self.hub = hub
         self.flusher = flusher
         self.router = Router(hub, store)
-        self.origins = OriginPolicy(config.allowed_origins, config.require_origin)
+        self.origins = OriginPolicy(
+            config.allowed_origins, config.require_origin, config.effective_allowed_hosts
+        )
         self.page = _load_page()
         self.started = time.monotonic()
         self.accepting = True
         self.connections = 0  # TCP connections, handshakes included
-        self.per_ip: Counter[str] = Counter()  # WebSocket sessions by client IP
+        # The per-IP cap counts sockets from accept (half-open ones too), by peer address;
+        # behind a proxy (client_ip_header) the peer is the proxy, so sessions are counted
+        # by the header's address once the head is read.
+        self.sockets_per_ip: Counter[str] = Counter()
+        self.per_ip: Counter[str] = Counter()  # WebSocket sessions by client IP (header)
+        self.refused_at_accept = 0
         self.stats = hub.stats
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(metrics.ServerCollector(self.stats, self._counters, self._gauges))
         self.registry.register(_Forward(metrics.REGISTRY))
         self._all_closed = trio.Event()
+        self._turns: dict[str, _Turn] = {}
         self.accept_scope = trio.CancelScope()
         self._tasks: trio.Nursery  # set by accept_forever, before any connection exists
 
@@ -117,9 +132,24 @@ class Server:
                         await trio.sleep(0.1)
                         break
                     raise
+                ip = addr[0]
+                if self._over_socket_caps(ip):
+                    self.refused_at_accept += 1
+                    _refuse_now(sock)
+                    continue
                 sock.setblocking(False)
                 self.connections += 1
-                nursery.start_soon(self._connection, sock, addr[0])
+                self.sockets_per_ip[ip] += 1
+                nursery.start_soon(self._connection, sock, ip)
+
+    def _over_socket_caps(self, ip: str) -> bool:
+        """Whether a socket just accepted from ``ip`` is over the caps, counted from accept
+        (PROTOCOL.md section 16: half-open connections count)."""
+        config = self.config
+        if self.connections >= config.max_connections + _HTTP_RESERVE:
+            return True
+        per_ip = config.max_connections_per_ip
+        return bool(per_ip) and not config.client_ip_header and self.sockets_per_ip[ip] >= per_ip
 
     async def _connection(self, sock: socket.socket, addr: str) -> None:
         # Error boundary: one bad client must never take the listener down.
@@ -143,6 +173,9 @@ class Server:
         finally:
             sock.close()
             self.connections -= 1
+            self.sockets_per_ip[addr] -= 1
+            if not self.sockets_per_ip[addr]:
+                del self.sockets_per_ip[addr]
             if self.connections == 0:
                 self._all_closed.set()
 
@@ -229,9 +262,14 @@ class Server:
         if not self.accepting:
             return 503, "Server is shutting down\n"
         config = self.config
-        if len(self.hub.clients) >= config.max_connections:
+        # Sockets count from accept, this one included (half-open ones too).
+        if self.connections > config.max_connections:
             return 503, "Server is at its connection limit\n"
-        if config.max_connections_per_ip and self.per_ip[ip] >= config.max_connections_per_ip:
+        if (
+            config.max_connections_per_ip
+            and config.client_ip_header
+            and self.per_ip[ip] >= config.max_connections_per_ip
+        ):
             return 503, "Too many connections from your address\n"
         user = request.param("userId")
         if user is None:
@@ -239,6 +277,8 @@ class Server:
         problem = id_problem(user, self.config.max_id_chars)
         if problem:
             return 400, f"Invalid userId: {problem}\n"
+        if user == m.SYSTEM:
+            return 400, "Invalid userId: 'system' is reserved for the server\n"
         room = request.param("room")
         if room is not None:
             problem = id_problem(room, self.config.max_id_chars)
@@ -257,7 +297,7 @@ class Server:
 
     async def _upgrade(
         self, sock: socket.socket, request: Request, addr: str
-    ) -> tuple[WebSocket, str, str, str] | None:
+    ) -> tuple[WebSocket, str, str, str, float | None] | None:
         """Accept a WebSocket request: (the WebSocket, userId, room, client address), or None
         after answering a refusal."""
         ip = self.client_ip(request, addr)
@@ -277,43 +317,70 @@ class Server:
             close_timeout=config.close_timeout,
             flusher=self.flusher,
         )
-        return ws, request.param("userId") or "", request.param("room") or DEFAULT_ROOM, ip
+        user = request.param("userId") or ""
+        expires = None
+        if config.auth_secret:  # checked by _refusal: the token is valid
+            expires = expires_at(token_expiry(request.param("token"), user, config.auth_secret))
+        return ws, user, request.param("room") or DEFAULT_ROOM, ip, expires
 
-    async def _session(self, ws: WebSocket, user: str, room: str, ip: str) -> None:
+    async def _session(self, ws: WebSocket, user: str, room: str, ip: str, expires: float | None) -> None:
         config = self.config
         client = Client(
             user=user,
             ws=ws,
             limiter=RateLimiter(config.rate_limit, config.rate_burst, config.rate_abuse_seconds),
             connection=new_message_id(),
+            expires_at=expires,
         )
         self.stats.connections_opened += 1
-        replaced = self.hub.attach(client)
         session = Session(client, self.router, self.store, config)
         self.per_ip[ip] += 1
         try:
-            # Presence: registered before the first room join, so this user is reachable
-            # from every instance by the time it hears ``room_joined``.
-            takeover = await self.store.connect(user, client.connection)
-            log.info(
-                "event=connected user=%s room=%s replaced=%s",
-                user,
-                room,
-                "here" if replaced is not None else (takeover.instance if takeover else "no"),
-            )
-            if takeover is not None:
-                self.router.evict(takeover.instance, user, takeover.connection)
-                await session.adopt_rooms(takeover.rooms)
-            await session.join(room)
+            # One user's connections set up and tear down one at a time on this instance, so
+            # the order in which the hub replaces them is the order in which the store
+            # registers them: the last one to connect is the one presence names, and the
+            # one every other instance evicts toward (PROTOCOL.md section 16).
+            async with self._user_turn(user):
+                replaced = self.hub.attach(client)
+                # Presence: registered before the first room join, so this user is reachable
+                # from every instance by the time it hears ``room_joined``.
+                takeover = await self.store.connect(user, client.connection)
+                log.info(
+                    "event=connected user=%s room=%s replaced=%s",
+                    user,
+                    room,
+                    "here" if replaced is not None else (takeover.instance if takeover else "no"),
+                )
+                if takeover is not None:
+                    self.router.evict(takeover.instance, user, takeover.connection)
+                    await session.adopt_rooms(takeover.rooms)
+                await session.join(room)
             code = await ws.serve(session.handle, self._tasks)
         finally:
             with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-                await self._forget(client)
+                async with self._user_turn(user):
+                    await self._forget(client)
             self.per_ip[ip] -= 1
             if not self.per_ip[ip]:
                 del self.per_ip[ip]
         self.stats.disconnects[code] += 1
         log.info("event=disconnected user=%s code=%s", user, code)
+
+    @asynccontextmanager
+    async def _user_turn(self, user: str) -> AsyncIterator[None]:
+        """Hold ``user``'s turn: connection set-up and clean-up of one user never interleave
+        on this instance. The lock exists while anyone holds or awaits it."""
+        turn = self._turns.get(user)
+        if turn is None:
+            turn = self._turns[user] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[user]
 
     async def _forget(self, client: Client) -> None:
         if client.replaced:
@@ -355,6 +422,14 @@ async def serve(
     """
     listener = open_listener(config.host, config.port, reuse_port=reuse_port)
     port = listener.getsockname()[1]
+    _raise_fd_limit(config)
+    if config.allowed_hosts is None and config.host in ("0.0.0.0", "::", "") and worker in (None, 0):
+        log.warning(
+            "event=allowed_hosts_default hosts=%s: pages served under another name (a proxy's "
+            "public host, a LAN address) are refused as same-origin; list them in "
+            "ALEATORIA_ALLOWED_HOSTS or their origins in ALEATORIA_ALLOWED_ORIGINS",
+            ",".join(config.effective_allowed_hosts),
+        )
     with listener:
         async with (
             open_store(config) as store,
@@ -406,6 +481,12 @@ async def _run_body(server: Server, listener: socket.socket, body: trio.CancelSc
             await trio.sleep_forever()
 
 
+@attrs.define(eq=False)
+class _Turn:
+    lock: trio.Lock = attrs.Factory(trio.Lock)
+    users: int = 0
+
+
 class _Forward(Collector):
     """Exposes another registry's metrics (those of the Redis adapter) in this one."""
 
@@ -414,6 +495,44 @@ class _Forward(Collector):
 
     def collect(self) -> Iterator[Metric]:
         yield from self._registry.collect()
+
+
+def _raise_fd_limit(config: Config) -> None:
+    """Raise the soft limit on open files to the hard limit: each connection is a file, and
+    at the common default of 1,024 a few idle sockets would starve accept (and /health)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < config.max_connections + _HTTP_RESERVE + 100:
+        log.warning(
+            "event=fd_limit_low limit=%d max_connections=%d: raise the open-files limit "
+            "(ulimit -n, systemd LimitNOFILE)",
+            soft,
+            config.max_connections,
+        )
+
+
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 39\r\nconnection: close\r\n\r\nToo many connections from your address\n"
+)
+
+
+def _refuse_now(sock: socket.socket) -> None:
+    """Answer 503 without reading or waiting (best effort: the kernel takes it or not) and
+    close: a socket over the caps must cost no task and no time."""
+    try:
+        sock.setblocking(False)
+        sock.send(_BUSY)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 def _display_host(host: str) -> str:

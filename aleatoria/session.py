@@ -10,17 +10,21 @@ Client mistakes raise ``ClientError``/``InvalidMessage`` and are answered in one
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import orjson
 import trio
 
 from aleatoria import messages as m
-from aleatoria.codec import decode, encode, now, parse_time_ns, payload_as
+from aleatoria.auth import TokenRefused, token_expiry
+from aleatoria.codec import decode, dumps, encode, now, parse_time_ns, payload_as
 from aleatoria.config import Config
 from aleatoria.errors import (
     INVALID_PAYLOAD,
     INVALID_TARGET,
+    INVALID_TOKEN,
+    LIMIT_REACHED,
     NOT_IN_ROOM,
     NOT_IN_ROOM_TEXT,
     PEER_UNAVAILABLE,
@@ -36,6 +40,8 @@ from aleatoria.messages import Envelope
 from aleatoria.router import Router, new_message_id
 from aleatoria.store import Store
 from aleatoria.websocket import POLICY_VIOLATION, text_frame
+
+_HOUR = 3600.0
 
 __all__ = ["Session", "new_message_id"]
 
@@ -59,6 +65,8 @@ class Session:
     async def handle(self, frame: str | bytes | bytearray) -> None:
         """Act on one client frame. Never raises for anything the client sent."""
         stats = self._stats
+        if self.client.replaced:
+            return  # a successor owns the user's state now: this socket is closing (4001)
         try:
             self.client.limiter.check(trio.current_time())
             envelope = decode(frame)
@@ -112,6 +120,8 @@ class Session:
             await self._direct_history(env)
         elif kind == m.PING:
             self.reply(m.PONG, None)
+        elif kind == m.REFRESH_TOKEN:
+            self._refresh_token(env)
         else:
             raise ClientError(UNKNOWN_TYPE, f"Unknown message type: {kind[:64]!r}")
 
@@ -120,18 +130,18 @@ class Session:
     async def _chat(self, env: Envelope) -> None:
         if (env.room is None) == (env.to_user is None):
             raise ClientError(INVALID_TARGET, "A chat message needs either room or toUser (not both).")
+        config = self._config
         content = payload_as(env.payload, m.ChatPayload).content
-        if len(content) > self._config.max_content_chars:
-            raise ClientError(
-                TOO_LARGE, f"content is longer than {self._config.max_content_chars} characters"
-            )
+        if len(content) > config.max_content_chars:
+            raise ClientError(TOO_LARGE, f"content is longer than {config.max_content_chars} characters")
         room = to = None
         if env.room is not None:
             room = self._room_id(env.room)
             if room not in self.client.rooms:
                 raise ClientError(NOT_IN_ROOM, NOT_IN_ROOM_TEXT)
         else:
-            to = check_id("toUser", env.to_user or "", self._config.max_id_chars)
+            to = check_id("toUser", env.to_user or "", config.max_id_chars)
+            self._count_conversation(to)
         created_ns, created = now()
         data = encode(
             Envelope(
@@ -144,17 +154,42 @@ class Session:
                 create_time=created,
             )
         )
+        # The whole message bounds its payload: encode the payload alone only when needed.
+        if len(data) > config.max_payload_bytes and len(dumps(env.payload)) > config.max_payload_bytes:
+            raise ClientError(TOO_LARGE, f"payload is larger than {config.max_payload_bytes} bytes")
         if room is not None:
             self._store.record_room_message(room, data, created_ns)
             await self._router.broadcast(room, data)
             return
         assert to is not None
-        self._store.record_direct_message(self.user, to, data, created_ns)
         # The stored form has no ``incoming``; each side's copy adds its own. orjson always
         # ends an object with "}", so the flag is spliced in rather than encoded twice more.
+        # The sender's copy is its acknowledgement: it leaves once the store has the message
+        # (PROTOCOL.md section 16: what the sender saw acknowledged survives a crash).
+        own = text_frame(data[:-1] + b',"incoming":false}')
+        ws, stats = self.client.ws, self._stats
+
+        def stored() -> None:
+            ws.send(own)
+            stats.messages_out[m.CHAT_MESSAGE] += 1
+
+        self._store.record_direct_message(self.user, to, data, created_ns, stored)
         self._router.send(to, data[:-1] + b',"incoming":true}', m.CHAT_MESSAGE)
-        self.client.ws.send(text_frame(data[:-1] + b',"incoming":false}'))
-        self._stats.messages_out[m.CHAT_MESSAGE] += 1
+
+    def _count_conversation(self, to: str) -> None:
+        """At most ``new_dm_per_hour`` new DM partners an hour (PROTOCOL.md section 16)."""
+        partners = self.client.dm_partners
+        moment = trio.current_time()
+        if to in partners and moment - partners[to] < _HOUR:
+            return
+        for partner in [p for p, first in partners.items() if moment - first >= _HOUR]:
+            del partners[partner]
+        limit = self._config.new_dm_per_hour
+        if len(partners) >= limit:
+            raise ClientError(
+                LIMIT_REACHED, f"You can start at most {limit} new conversations an hour. Try again later."
+            )
+        partners[to] = moment
 
     # -- signaling -------------------------------------------------------------------------
 
@@ -162,6 +197,12 @@ class Session:
         if env.to_user is None:
             raise ClientError(INVALID_TARGET, f"{env.type} needs toUser.")
         to = check_id("toUser", env.to_user, self._config.max_id_chars)
+        # A user in a live match hears call signaling from its match peer only (no hijack:
+        # PROTOCOL.md section 16). The store knows the matches of this instance's users; the
+        # route to another instance checks in Redis (``sender`` below).
+        peer = self._store.match_peer(to)
+        if peer is not None and peer != self.user:
+            raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
         if env.type == m.HANGUP:
             await self._store.hangup(self.user, to)
         _, created = now()
@@ -177,7 +218,7 @@ class Session:
         )
         # A hangup's header names the sender: the peer's instance ends the match it mirrors.
         extra = (self.user,) if env.type == m.HANGUP else ()
-        if not await self._router.send_checked(to, data, env.type, *extra):
+        if not await self._router.send_checked(to, data, env.type, *extra, sender=self.user):
             raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
 
     async def _request_peer(self, env: Envelope) -> None:
@@ -220,6 +261,9 @@ class Session:
 
     async def _join(self, env: Envelope) -> None:
         room = self._room_id(env.room)
+        limit = self._config.max_rooms_per_user
+        if room not in self.client.rooms and len(self.client.rooms) >= limit:
+            raise ClientError(LIMIT_REACHED, f"You are in {limit} rooms already. Leave one first.")
         await self.join(room)
 
     async def join(self, room: str) -> None:
@@ -227,6 +271,9 @@ class Session:
         receives the room's messages."""
         self._hub.join(self.client, room)
         await self._router.room_ready(room)
+        live = self._hub.clients.get(self.user)
+        if live is None or room not in live.rooms:
+            return  # evicted while waiting (the user is another instance's now): no ghost
         await self._store.join_room(room, self.user)
         self.reply(m.ROOM_JOINED, m.RoomAction(room=room, action="joined"), room=room)
 
@@ -269,6 +316,20 @@ class Session:
             m.DirectMessages(with_user=other, messages=[orjson.Fragment(s) for s in stored]),
         )
 
+    # -- tokens --------------------------------------------------------------------------------
+
+    def _refresh_token(self, env: Envelope) -> None:
+        secret = self._config.auth_secret
+        token = payload_as(env.payload, m.TokenRefresh).token
+        if not secret:
+            raise ClientError(INVALID_TOKEN, "This server does not use tokens.")
+        try:
+            exp = token_expiry(token, self.user, secret)
+        except TokenRefused as exc:
+            raise ClientError(INVALID_TOKEN, f"Token refused: {exc}.") from None
+        self.client.expires_at = expires_at(exp)
+        self.reply(m.TOKEN_REFRESHED, m.TokenRefreshed(exp=exp))
+
     # -- replies -----------------------------------------------------------------------------
 
     def reply(self, kind: str, payload: Any, *, room: str | None = None) -> None:
@@ -280,6 +341,11 @@ class Session:
     def _send(self, env: Envelope) -> None:
         self.client.ws.send(text_frame(encode(env)))
         self._stats.messages_out[env.type] += 1
+
+
+def expires_at(exp: int) -> float:
+    """A token's ``exp`` (unix seconds) on trio's clock."""
+    return trio.current_time() + (exp - time.time())
 
 
 def _other_role(role: str) -> str:

@@ -292,9 +292,13 @@ async def test_random_fragmentation_is_reassembled(
 # -- relayed payloads ---------------------------------------------------------------------------
 
 # Valid JSON only (no NaN/Infinity) and valid Unicode (no lone surrogates): what a browser's
-# JSON.stringify can produce.
+# JSON.stringify can produce; integers within 64 bits (PROTOCOL.md section 16 refuses others).
 relayable = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
     ),
@@ -344,9 +348,12 @@ async def test_payload_too_deep_to_write_is_refused_not_fatal(server: RunningSer
         await peer.request({"type": "ping"}, "pong")
 
 
-async def test_relayed_payload_keeps_big_integers(server: RunningServer) -> None:
-    """Integers beyond 64 bits are relayed exactly (orjson alone would turn them into floats)."""
-    payload = {"n": 2**64, "m": -(2**63) - 1, "big": 10**40}
+async def test_relayed_payload_keeps_64_bit_integers(server: RunningServer) -> None:
+    """Integers up to 64 bits are relayed exactly (orjson alone would turn 20-digit ones into
+    floats); beyond 64 bits the frame is refused (PROTOCOL.md section 16), never rounded."""
+    payload = {"n": 2**64 - 1, "m": -(2**63), "big": 10**19}
     async with connect(server, USER) as peer:
         await peer.send({"type": m.WEBRTC_OFFER, "toUser": USER, "payload": payload})
         assert payload == (await peer.expect(m.WEBRTC_OFFER))["payload"]
+        await peer.send({"type": m.WEBRTC_OFFER, "toUser": USER, "payload": {"n": 2**64}})
+        await peer.expect(m.ERROR_RESPONSE)

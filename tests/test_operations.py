@@ -12,7 +12,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from support import RunningServer, connect, running_server
-from trio_websocket import ConnectionRejected
+from trio_websocket import ConnectionRejected, HandshakeError
 
 from aleatoria.auth import make_token
 from aleatoria.cli import main
@@ -74,20 +74,24 @@ def test_token_command_prints_a_valid_token(capsys: pytest.CaptureFixture[str]) 
 
 
 async def test_connection_caps() -> None:
-    """Beyond max_connections, or max_connections_per_ip from one address: 503."""
+    """Beyond max_connections: 503 to the upgrade. Beyond max_connections_per_ip sockets from
+    one address (counted from accept): 503 at once, without reading the request."""
     async with running_server(max_connections=2) as srv, connect(srv, "a"), connect(srv, "b"):
         assert 503 == await rejected_status(srv, "c")
     async with running_server(max_connections_per_ip=1) as srv:
         async with connect(srv, "a"):
-            assert 503 == await rejected_status(srv, "b")
-        # The cap counts live sessions: once "a" has gone, "b" gets in.
+            with trio.socket.socket() as sock:
+                await sock.connect(("127.0.0.1", srv.port))
+                with trio.fail_after(5):
+                    assert (await sock.recv(4096)).startswith(b"HTTP/1.1 503 ")
+        # The cap counts live sockets: once "a" has gone, "b" gets in.
         with trio.fail_after(5):
             while True:
                 try:
                     async with connect(srv, "b") as b:
                         await b.request({"type": "ping"}, "pong")
                         break
-                except* ConnectionRejected:
+                except* (ConnectionRejected, HandshakeError, OSError):
                     await trio.sleep(0.01)  # "a" is still closing; retry until it has
 
 

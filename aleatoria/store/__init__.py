@@ -30,7 +30,11 @@ async def open_store(config: Config) -> AsyncIterator[Store]:
         async with open_redis_store(config, url) as store:
             yield store
         return
-    memory = MemoryStore(ttl_seconds=config.message_ttl_seconds, history_max=config.history_max)
+    memory = MemoryStore(
+        ttl_seconds=config.message_ttl_seconds,
+        history_max=config.history_max,
+        budget_bytes=config.history_memory_bytes,
+    )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_purge_forever, memory)
         try:

@@ -171,6 +171,11 @@ class Store(Protocol):
 
     async def request_peer(self, user: str, current_peer: str | None) -> RequestOutcome: ...
 
+    def match_peer(self, user: str) -> str | None:
+        """``user``'s peer in a live match, as far as this instance knows (its own users'
+        matches; None for a user on another instance). Synchronous and cheap."""
+        ...
+
     async def hangup(self, user: str, peer: str) -> bool:
         """End the match of ``user`` and ``peer`` if it is live; True if it was."""
         ...

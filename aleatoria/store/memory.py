@@ -3,15 +3,20 @@
 The default when no Redis is configured, and the fallback the Redis store serves from while
 Redis is failing. Everything here is synchronous and runs on the trio thread; the async
 methods exist to satisfy the ``Store`` protocol and never suspend.
+
+History has a total budget in bytes (PROTOCOL.md section 16: memory is bounded by
+configuration, not by traffic). Each kept message costs its length plus a fixed estimate of
+the objects holding it; past the budget, whole conversations (rooms and DMs alike) are
+evicted, the one written to least recently first.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aleatoria.matchmaking import Matchmaker, RequestOutcome
 from aleatoria.store.base import Bus, Health, StoreEvents, Takeover
@@ -19,17 +24,18 @@ from aleatoria.store.base import Bus, Health, StoreEvents, Takeover
 _History = deque[tuple[int, bytes]]
 _K = TypeVar("_K", str, tuple[str, str])
 
+# What one kept message costs beyond its bytes: the bytes object's header (33), the tuple
+# (56), its int (32) and the deque's slot (8), rounded up.
+ENTRY_OVERHEAD = 136
+# What one conversation costs beyond its messages: the deque and its first block, the key,
+# two dict slots and the eviction order's entry (measured with tracemalloc: ~950).
+CONVERSATION_OVERHEAD = 960
+_ROOM = 0
+_DM = 1
 
-def _purge(table: dict[_K, _History], cutoff: int) -> int:
-    dropped = 0
-    for key in list(table):
-        history = table[key]
-        while history and history[0][0] <= cutoff:
-            history.popleft()
-            dropped += 1
-        if not history:
-            del table[key]
-    return dropped
+
+def _cost(message: bytes) -> int:
+    return len(message) + ENTRY_OVERHEAD
 
 
 def new_instance_id() -> str:
@@ -53,6 +59,7 @@ class MemoryStore:
         clock_ns: Callable[[], int] = time.time_ns,
         matchmaker: Matchmaker | None = None,
         instance: str | None = None,
+        budget_bytes: int | None = None,
     ) -> None:
         self._instance = instance or new_instance_id()
         self._ttl_ns = int(ttl_seconds * 1e9)
@@ -60,6 +67,12 @@ class MemoryStore:
         self._clock_ns = clock_ns
         self._rooms: dict[str, _History] = {}
         self._dms: dict[tuple[str, str], _History] = {}
+        # Every conversation, least recently written first (for eviction), and the bytes
+        # all of them hold (``_cost`` each).
+        self._order: OrderedDict[tuple[int, str | tuple[str, str]], None] = OrderedDict()
+        self.history_bytes = 0
+        self.budget_bytes = budget_bytes
+        self.evicted_conversations = 0
         self._members: dict[str, set[str]] = {}
         self.matchmaker = matchmaker or Matchmaker()
 
@@ -85,12 +98,13 @@ class MemoryStore:
         return {
             "aleatoria_pool_size": ("users waiting in the matchmaking pool", self.matchmaker.pool_size()),
             "aleatoria_live_matches": ("matches in progress", self.matchmaker.matches()),
+            "aleatoria_history_memory_bytes": ("bytes of history held in memory", self.history_bytes),
         }
 
     # -- history ----------------------------------------------------------------------------
 
     def record_room_message(self, room: str, message: bytes, created_ns: int) -> None:
-        self._append(self._rooms, room, message, created_ns)
+        self._append(_ROOM, self._rooms, room, message, created_ns)
 
     def record_direct_message(
         self,
@@ -100,7 +114,7 @@ class MemoryStore:
         created_ns: int,
         on_stored: Callable[[], None] | None = None,
     ) -> None:
-        self._append(self._dms, dm_key(a, b), message, created_ns)
+        self._append(_DM, self._dms, dm_key(a, b), message, created_ns)
         if on_stored is not None:
             on_stored()
 
@@ -139,17 +153,50 @@ class MemoryStore:
     def purge_expired(self) -> int:
         """Drop expired messages everywhere (and empty histories); returns how many."""
         cutoff = self._clock_ns() - self._ttl_ns
-        return _purge(self._rooms, cutoff) + _purge(self._dms, cutoff)
+        return self._purge(_ROOM, self._rooms, cutoff) + self._purge(_DM, self._dms, cutoff)
 
-    def _append(self, table: dict[_K, _History], key: _K, message: bytes, created_ns: int) -> None:
+    def _purge(self, kind: int, table: dict[_K, _History], cutoff: int) -> int:
+        dropped = 0
+        for key in list(table):
+            history = table[key]
+            while history and history[0][0] <= cutoff:
+                self.history_bytes -= _cost(history.popleft()[1])
+                dropped += 1
+            if not history:
+                del table[key]
+                del self._order[(kind, key)]
+                self.history_bytes -= CONVERSATION_OVERHEAD
+        return dropped
+
+    def _append(self, kind: int, table: dict[_K, _History], key: _K, message: bytes, created_ns: int) -> None:
         history = table.get(key)
+        order_key = (kind, key)
         if history is None:
             history = table[key] = deque(maxlen=self._history_max)
+            self._order[order_key] = None
+            self.history_bytes += CONVERSATION_OVERHEAD
+        else:
+            self._order.move_to_end(order_key)
+        if len(history) == self._history_max:
+            self.history_bytes -= _cost(history[0][1])  # the deque drops it
         history.append((created_ns, message))
+        self.history_bytes += _cost(message)
         # Trim on write, so a busy room never keeps expired messages (PROTOCOL.md s6).
         cutoff = created_ns - self._ttl_ns
         while history[0][0] <= cutoff:
-            history.popleft()
+            self.history_bytes -= _cost(history.popleft()[1])
+        if self.budget_bytes is not None and self.history_bytes > self.budget_bytes:
+            self._evict(self.budget_bytes)
+
+    def _evict(self, budget: int) -> None:
+        """Drop whole conversations, least recently written first, until within ``budget``
+        (the one just written goes last: it is the most recent)."""
+        while self.history_bytes > budget and self._order:
+            kind, key = self._order.popitem(last=False)[0]
+            table: dict[Any, _History] = self._rooms if kind == _ROOM else self._dms
+            history = table.pop(key)
+            self.history_bytes -= CONVERSATION_OVERHEAD + sum(_cost(message) for _, message in history)
+            self.evicted_conversations += 1
 
     # -- room registry ----------------------------------------------------------------------
 
@@ -179,6 +226,9 @@ class MemoryStore:
 
     async def request_peer(self, user: str, current_peer: str | None) -> RequestOutcome:
         return self.matchmaker.request_peer(user, current_peer)
+
+    def match_peer(self, user: str) -> str | None:
+        return self.matchmaker.peer_of(user)
 
     async def hangup(self, user: str, peer: str) -> bool:
         return self.matchmaker.hangup(user, peer)

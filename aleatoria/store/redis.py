@@ -164,8 +164,9 @@ class RedisStore(RedisKeeper):
             self._dirty.update(present(user, ended))
             return ended
         ended = text_or_none(done.value)
-        self._mirror.end(user)
-        self._mm.set_available(user)
+        if user in self._mirror.online:  # not if it moved to another instance meanwhile
+            self._mirror.end(user)
+            self._mm.set_available(user)
         self._settle(done, user, ended)
         return ended
 
@@ -198,6 +199,9 @@ class RedisStore(RedisKeeper):
         self._settle(done, user, outcome.peer, ended)
         return outcome
 
+    def match_peer(self, user: str) -> str | None:
+        return self._mm.peer_of(user)
+
     async def hangup(self, user: str, peer: str) -> bool:
         done = await self._run(partial(self._scripts.hangup, _MATCH_KEYS, [user, peer]))
         ended = self._mm.hangup(user, peer)
@@ -220,6 +224,8 @@ class RedisStore(RedisKeeper):
         previous, previous_connection, in_pool, peer, role = (
             text(part) if isinstance(part, bytes | str) else part for part in done.value
         )
+        if self._mirror.online.get(user) == connection:
+            self._owned[user] = connection  # registered: the heartbeat checks it stays so
         if not previous or previous == self._instance:
             self._settle(done, user)
             return None
@@ -242,6 +248,8 @@ class RedisStore(RedisKeeper):
         rooms = list(rooms)
         if connection is None or self._mirror.online.get(user) == connection:
             self._mirror.online.pop(user, None)
+        if connection is None or self._owned.get(user) == connection:
+            self._owned.pop(user, None)
         args = [user, self._instance, connection or ""]
         done = await self._run(partial(self._scripts.disconnect, self._user_keys, args))
         if done is not None and not done.value[0]:
@@ -262,6 +270,7 @@ class RedisStore(RedisKeeper):
         return redis_ended
 
     def user_moved(self, user: str) -> None:
+        self._owned.pop(user, None)
         self._mirror.drop(user)
 
     # -- matches changed by another instance (the router sees their notices) ---------------------

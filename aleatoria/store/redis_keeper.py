@@ -22,9 +22,10 @@ from aleatoria.errors import StoreUnavailable
 from aleatoria.store.base import Bus, Health, StoreEvents
 from aleatoria.store.memory import new_instance_id
 from aleatoria.store.redis_bus import RedisBus
-from aleatoria.store.redis_client import RedisClient, present
+from aleatoria.store.redis_client import RedisClient, present, text
 from aleatoria.store.redis_instance import InstanceRegistry, Reaped, Synced, run_id_of
 from aleatoria.store.redis_mirror import Mirror
+from aleatoria.store.redis_presence import PRESENCE_KEY
 from aleatoria.store.redis_rooms import RoomRegistry
 from aleatoria.store.redis_writer import WriteBehind
 
@@ -122,6 +123,10 @@ class RedisKeeper:
         self._bus.on_queued = self._writer.poke
         self.reaped_instances = 0
         self.reaped_users = 0
+        # Local users whose connection this instance registered in presence (CONNECT
+        # answered): user -> connection. The heartbeat checks presence still names them.
+        self._owned: dict[str, str] = {}
+        self.stale_evictions = 0
 
     @property
     def kind(self) -> str:
@@ -455,6 +460,7 @@ class RedisKeeper:
                         raise StoreUnavailable("Redis restarted (new run_id)")
                     self._was_reaped = True
                     raise StoreUnavailable("this instance was declared dead (heartbeat lapsed)")
+                await self._check_owners(epoch)
                 if trio.current_time() < self._reap_after:
                     continue
                 reaped = await self._client.call(self._registry.reap, gate=self._same_epoch(epoch))
@@ -462,6 +468,28 @@ class RedisKeeper:
                     await self._after_reap(reaped)
             except StoreUnavailable as exc:
                 self._degrade(exc)
+
+    async def _check_owners(self, epoch: int) -> None:
+        """Close local connections that presence no longer names (PROTOCOL.md section 16:
+        exactly one live session per user). The eviction notice another instance publishes
+        when a user connects there is the fast path; it can be lost (a stalled bus fails its
+        queue), so every heartbeat compares presence with the connections this instance
+        registered, and evicts the ones replaced elsewhere (or replaced and then gone)."""
+        owned = dict(self._owned)  # as registered before the read: a later CONNECT may win
+        if not owned or self._events is None:
+            return
+        users = list(owned)
+        values = await self._client.call(partial(_presence_of, users=users), gate=self._same_epoch(epoch))
+        for user, value in zip(users, values, strict=True):
+            connection = owned[user]
+            if self._owned.get(user) != connection:
+                continue  # gone or reconnected here since the read
+            if value is not None and text(value) == f"{self._instance}|{connection}":
+                continue
+            del self._owned[user]
+            self.stale_evictions += 1
+            log.info("event=stale_session_evicted user=%s presence=%s", user, text(value) if value else "")
+            self._events.evict(self._instance, user, connection)
 
     async def _after_reap(self, reaped: Reaped) -> None:
         """Dead instances were reaped by this one: clean their users' rooms, tell the peers."""
@@ -489,6 +517,13 @@ def _tell_peer_left(events: StoreEvents, *, peer: str, leaver: str) -> None:
 
 def _tell_evict(events: StoreEvents, *, instance: str, user: str, connection: str) -> None:
     events.evict(instance, user, connection)
+
+
+def _presence_of(r: redis.Redis, *, users: list[str]) -> list[Any]:
+    values: list[Any] = []
+    for start in range(0, len(users), 1000):
+        values.extend(r.hmget(PRESENCE_KEY, users[start : start + 1000]))
+    return values
 
 
 def _always() -> bool:

@@ -1,0 +1,278 @@
+"""Holding up against hostile clients (PROTOCOL.md section 16), at the message level and at
+the handshake: every finding of the attack review, reproduced against a real server over real
+sockets, and refused."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+import pytest
+import trio
+from rawws import health, open_tcp, read_response_head, upgrade_request
+from support import Peer, RunningServer, connect, running_server
+from trio_websocket import ConnectionClosed
+
+from aleatoria.auth import make_token
+
+_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+async def still_works(*peers: Peer) -> None:
+    for peer in peers:
+        await peer.request({"type": "ping"}, "pong")
+
+
+async def error_code(peer: Peer, message: dict[str, object]) -> str:
+    reply = await peer.request(message, "error")
+    code: str = reply["payload"]["code"]
+    return code
+
+
+# -- memory bounds per user -------------------------------------------------------------------
+
+
+async def test_rooms_per_user_are_limited() -> None:
+    """Past max_rooms_per_user: limit_reached; rejoining a room one is in, or joining after
+    leaving one, still works."""
+    async with running_server(max_rooms_per_user=3) as srv, connect(srv, "alice") as alice:
+        for room in ("r1", "r2"):  # Lobby is the first
+            await alice.request({"type": "join_room", "room": room}, "room_joined")
+        assert "limit_reached" == await error_code(alice, {"type": "join_room", "room": "r3"})
+        await alice.request({"type": "join_room", "room": "r1"}, "room_joined")  # idempotent
+        await alice.request({"type": "leave_room", "room": "r1"}, "room_left")
+        await alice.request({"type": "join_room", "room": "r3"}, "room_joined")
+        listed = await alice.request({"type": "get_rooms"}, "rooms_list")
+        assert {"Lobby", "r2", "r3"} <= set(listed["payload"]["rooms"])
+        assert "r1" not in listed["payload"]["rooms"]
+
+
+async def test_new_dm_conversations_per_hour_are_limited() -> None:
+    """Past new_dm_per_hour new partners: limit_reached, nothing stored; writing again to a
+    partner of this hour is not a new conversation."""
+    async with running_server(new_dm_per_hour=2) as srv, connect(srv, "alice") as alice:
+        for to in ("ghost1", "ghost2"):
+            await alice.request(
+                {"type": "chat_message", "toUser": to, "payload": {"content": "hi"}}, "chat_message"
+            )
+        message = {"type": "chat_message", "toUser": "ghost3", "payload": {"content": "hi"}}
+        assert "limit_reached" == await error_code(alice, message)
+        again = {"type": "chat_message", "toUser": "ghost1", "payload": {"content": "again"}}
+        assert "again" == (await alice.request(again, "chat_message"))["payload"]["content"]
+        history = await alice.request(
+            {"type": "get_direct_messages", "payload": {"withUser": "ghost3"}}, "direct_messages"
+        )
+        assert [] == history["payload"]["messages"]
+
+
+async def test_payload_fields_beyond_content_count_toward_the_payload_limit() -> None:
+    """A 60,000-character extra field (content itself short) is too_large: neither stored
+    nor relayed."""
+    async with running_server() as srv, connect(srv, "alice") as alice, connect(srv, "bob") as bob:
+        payload = {"content": "hi", "extra": "x" * 60_000}
+        for target in ({"toUser": "bob"}, {"room": "Lobby"}):
+            message = {"type": "chat_message", **target, "payload": payload}
+            assert "too_large" == await error_code(alice, message)
+        await still_works(bob)  # the pong is bob's next frame: nothing was relayed to him
+        dms = await bob.request(
+            {"type": "get_direct_messages", "payload": {"withUser": "alice"}}, "direct_messages"
+        )
+        assert [] == dms["payload"]["messages"]
+        room = await bob.request({"type": "get_recent_messages", "room": "Lobby"}, "recent_messages")
+        assert [] == room["payload"]["messages"]
+        # Just under the limit goes through, 4,000 characters of any script with room to spare.
+        fine = {
+            "type": "chat_message",
+            "toUser": "bob",
+            "payload": {"content": "é" * 4000, "extra": "y" * 20_000},
+        }
+        await alice.request(fine, "chat_message")
+        assert "é" * 4000 == (await bob.expect("chat_message"))["payload"]["content"]
+
+
+# -- JSON stays JSON ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "number",
+    ["1e400", "-1e400", "123456789012345678901234567890", "18446744073709551616"],
+)
+async def test_non_finite_and_oversized_numbers_are_refused_and_never_stored(number: str) -> None:
+    async with running_server() as srv, connect(srv, "alice") as alice, connect(srv, "bob") as bob:
+        frame = (
+            '{"type":"chat_message","room":"Lobby","payload":{"content":"x","n":' + number + ',"big":'
+            "123456789012345678901234567890}}"
+        )
+        await alice.send(frame)
+        reply = await alice.expect("error_response")
+        assert "Invalid message structure" == reply["payload"]["error"]
+        await still_works(bob)
+        stored = await bob.request({"type": "get_recent_messages", "room": "Lobby"}, "recent_messages")
+        assert [] == stored["payload"]["messages"]
+
+
+# -- calls and identities ----------------------------------------------------------------------------
+
+
+async def test_signaling_into_someone_elses_call_is_refused() -> None:
+    """While A and B are matched, C's offer, candidate or hangup to A is peer_unavailable and
+    the call goes on; B's signaling still reaches A."""
+    async with (
+        running_server() as srv,
+        connect(srv, "alice") as alice,
+        connect(srv, "bob") as bob,
+        connect(srv, "carol") as carol,
+    ):
+        await bob.send({"type": "user_available_webrtc"})
+        await still_works(bob)
+        assigned = await alice.request({"type": "request_random_peer"}, "assign_role")
+        assert "bob" == assigned["payload"]["peerId"]
+        await bob.expect("assign_role")
+        for kind, payload in (
+            ("webrtc_offer", {"sdp": "v=0"}),
+            ("webrtc_candidate", {"candidate": "candidate:1 1 udp 1 1.2.3.4 5 typ host"}),
+            ("hangup", {"reason": "peer_left"}),
+        ):
+            message = {"type": kind, "toUser": "alice", "payload": payload}
+            assert "peer_unavailable" == await error_code(carol, message)
+        await bob.send({"type": "webrtc_offer", "toUser": "alice", "payload": {"sdp": "v=0 bob"}})
+        offer = await alice.expect("webrtc_offer")
+        assert ("bob", {"sdp": "v=0 bob"}) == (offer["fromUser"], offer["payload"])
+        # Bob is in the call too; once it ends, anyone may reach him (the original behaviour).
+        await carol.send({"type": "webrtc_offer", "toUser": "bob", "payload": {}})
+        assert "peer_unavailable" == (await carol.expect("error"))["payload"]["code"]
+        await alice.send({"type": "hangup", "toUser": "bob", "payload": {}})
+        await bob.expect("hangup")
+        await carol.send({"type": "webrtc_offer", "toUser": "bob", "payload": {}})
+        assert "carol" == (await bob.expect("webrtc_offer"))["fromUser"]
+
+
+async def upgrade_with_host(port: int, target: str, host: str, origin: str | None) -> int:
+    lines = [
+        f"GET {target} HTTP/1.1",
+        f"Host: {host}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {_KEY}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if origin is not None:
+        lines.append(f"Origin: {origin}")
+    async with open_tcp(port) as conn:
+        await conn.send(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return (await read_response_head(conn)).status
+
+
+async def test_the_user_id_system_is_reserved(server: RunningServer) -> None:
+    assert 400 == await upgrade_with_host(server.port, "/ws?userId=system", f"127.0.0.1:{server.port}", None)
+    assert 101 == await upgrade_with_host(server.port, "/ws?userId=systems", f"127.0.0.1:{server.port}", None)
+
+
+async def test_dns_rebinding_is_refused_and_the_local_demo_page_still_works(server: RunningServer) -> None:
+    """A page at http://evil.example:PORT whose name now resolves to 127.0.0.1 sends Host and
+    Origin both naming evil.example: same-origin, but not one of our hosts: 403."""
+    port = server.port
+    target = "/ws?userId=alice"
+    assert 403 == await upgrade_with_host(port, target, f"evil.example:{port}", f"http://evil.example:{port}")
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        origin = f"http://{host}"
+        assert 101 == await upgrade_with_host(port, target, host, origin), host
+    assert 101 == await upgrade_with_host(port, target, f"evil.example:{port}", None)  # not a browser
+
+
+async def test_allowed_hosts_lists_a_proxy_public_name() -> None:
+    async with running_server(allowed_hosts=("chat.example.com",)) as srv:
+        port = srv.port
+        target = "/ws?userId=alice"
+        ok = await upgrade_with_host(port, target, "chat.example.com", "https://chat.example.com")
+        assert 101 == ok
+        assert 403 == await upgrade_with_host(port, target, f"localhost:{port}", f"http://localhost:{port}")
+    async with running_server(allowed_hosts=("*",)) as srv:
+        origin = f"http://evil.example:{srv.port}"
+        assert 101 == await upgrade_with_host(srv.port, target, f"evil.example:{srv.port}", origin)
+
+
+# -- tokens on live connections ----------------------------------------------------------------------
+
+SECRET = "a-test-secret-that-is-long-enough-for-hs256"
+
+
+def _token(user: str, seconds: float) -> str:
+    now = time.time()
+    return jwt.encode({"sub": user, "iat": int(now), "exp": now + seconds}, SECRET, algorithm="HS256")
+
+
+async def test_a_token_that_expires_closes_the_connection_with_4002() -> None:
+    token = _token("alice", 1.5)
+    async with running_server(auth_secret=SECRET) as srv, connect(srv, f"alice&token={token}") as alice:
+        started = trio.current_time()
+        with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await alice.ws.get_message()
+        assert 4002 == closed.value.reason.code
+        assert "token expired" == closed.value.reason.reason
+        assert 0.5 < trio.current_time() - started < 4
+
+
+async def test_refresh_token_keeps_the_connection_open() -> None:
+    """A valid refresh for the same user moves the deadline; a refused one changes nothing."""
+    token = _token("alice", 1.5)
+    async with running_server(auth_secret=SECRET) as srv, connect(srv, f"alice&token={token}") as alice:
+        for bad in (_token("bob", 60), "nonsense", make_token("alice", "other-secret" * 4, 60)):
+            reply = await alice.request({"type": "refresh_token", "payload": {"token": bad}}, "error")
+            assert "invalid_token" == reply["payload"]["code"]
+        fresh = _token("alice", 60)
+        reply = await alice.request({"type": "refresh_token", "payload": {"token": fresh}}, "token_refreshed")
+        assert jwt.decode(fresh, SECRET, algorithms=["HS256"])["exp"] // 1 == reply["payload"]["exp"]
+        # Past the first token's expiry (and two supervisor ticks) the connection works.
+        with trio.move_on_after(3.5):
+            message = await alice.ws.get_message()
+            pytest.fail(f"unexpected {message}")
+        await still_works(alice)
+
+
+# -- half-open connections ---------------------------------------------------------------------------
+
+
+async def test_idle_sockets_from_one_address_are_capped_from_accept() -> None:
+    """An attacker's address holds at most max_connections_per_ip sockets, upgraded or not;
+    past that it gets 503 at once. /health and other addresses are served meanwhile."""
+    async with running_server(max_connections_per_ip=20, handshake_timeout=30.0) as srv:
+        idle: list[trio.socket.SocketType] = []
+        try:
+            for _ in range(20):
+                sock = trio.socket.socket()
+                await sock.bind(("127.0.0.2", 0))  # the attacker's own address
+                await sock.connect(("127.0.0.1", srv.port))
+                idle.append(sock)
+            with trio.fail_after(2):
+                for _ in range(5):
+                    with trio.socket.socket() as sock:
+                        await sock.bind(("127.0.0.2", 0))
+                        await sock.connect(("127.0.0.1", srv.port))
+                        assert (await sock.recv(4096)).startswith(b"HTTP/1.1 503 ")
+                assert "ok" == (await health(srv.port))["status"]
+                async with connect(srv, "calm") as calm:
+                    await still_works(calm)
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+async def test_health_answers_while_the_server_is_full() -> None:
+    """At max_connections (half-open sockets count), upgrades get 503 and /health answers."""
+    async with running_server(max_connections=10, handshake_timeout=30.0) as srv:
+        idle = []
+        try:
+            for _ in range(10):
+                sock = trio.socket.socket()
+                await sock.connect(("127.0.0.1", srv.port))
+                idle.append(sock)
+            with trio.fail_after(2):
+                assert "ok" == (await health(srv.port))["status"]
+                async with open_tcp(srv.port) as conn:
+                    await conn.send(upgrade_request(srv.port, "/ws?userId=late"))
+                    assert 503 == (await read_response_head(conn)).status
+        finally:
+            for sock in idle:
+                sock.close()
