@@ -12,8 +12,11 @@ were runnable with it have run. Two things make that cheaper than writing at onc
 
 A frame waits until the end of the scheduler pass (the writer is rescheduled by the first
 mark and runs in the next batch) or until ``MAX_PENDING`` connections have frames pending,
-whichever comes first. Control frames that must be ordered with data (a close) flush the
-connection's pending frames first (``WebSocket.close``). A room's broadcaster, a burst
+whichever comes first, or until the connection's pending frames reach its outbox bound
+(``outbox_frames`` frames or ``outbox_bytes`` bytes: ``WebSocket.send`` then writes them at
+once, and a client not reading meets the backlog's bound, 1013). Control frames that must be
+ordered with data (a close) flush the connection's pending frames first
+(``WebSocket.close``); pongs wait with the data, in order. A room's broadcaster, a burst
 already, writes at once (``WebSocket.send_now``), and so does a match announcement
 (``Hub.deliver``).
 """

@@ -316,6 +316,9 @@ class Server:
             outbox_frames=config.outbox_frames,
             close_timeout=config.close_timeout,
             flusher=self.flusher,
+            outbox_bytes=config.outbox_bytes,
+            frame_rate=config.frame_rate,
+            frame_burst=config.frame_burst,
         )
         user = request.param("userId") or ""
         expires = None

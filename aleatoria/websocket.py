@@ -8,14 +8,26 @@ socket closes. After an upgrade, inbound bytes go through a fast path for the fr
 every client sends (``_take_simple``) until the first frame that needs wsproto; from then
 on ``wsproto.Connection`` runs the connection (created only then, or to send a close).
 
+Every frame counts (PROTOCOL.md section 16): pings, pongs, a peer's close and every frame of
+a fragmented message -- empty continuations included -- take a token from a per-connection
+bucket (``frame_rate`` per second, ``frame_burst`` at most; refilled from the time of the
+last ``recv``, so no clock is read per frame). A connection over it is failed with 1008 and
+nothing more it sent is parsed (so a ping flood gets at most ``frame_burst`` pongs). A data
+frame that is a whole message costs nothing here: the message rate limit (section 4) counts
+it as a message, and benchmarks that turn that limit off expect thousands of messages a
+second on one connection.
+
 Outbound policy, in ``WebSocket.send``: frames wait in the connection until the end of
 the scheduler pass (``aleatoria.flusher``), then go to the kernel in one write
 (``send_now``, for room broadcasts, writes at once behind anything waiting); when the
 kernel buffer is full, queue the rest in a bounded backlog drained by a writer task started
 on demand (in the server's connection nursery; ``serve`` stops it); a backlog that reaches
-its bound means the client is not reading: it is disconnected with 1013 rather than
-silently losing messages. Server frames are unmasked, so one frame's bytes (``text_frame``)
-can go to every member of a room.
+its bound -- ``outbox_frames`` frames, or ``outbox_bytes`` bytes behind the entry being
+written (so one large history reply to a client that reads is fine) -- means the client is
+not reading: it is disconnected with 1013 rather than silently losing messages. Frames
+waiting for the flusher are bounded the same way (written at once when they reach either
+bound). Server frames are unmasked, so one frame's bytes (``text_frame``) can go to every
+member of a room.
 
 Closing: ``close(code)`` sends the close frame and gives the peer ``close_timeout`` seconds
 to answer before the socket is dropped; ``serve`` returns once the connection is over.
@@ -30,7 +42,9 @@ a peer in the middle of a 2**40-byte frame cannot send one.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -47,6 +61,7 @@ from wsproto.events import (
     BytesMessage,
     CloseConnection,
     Ping,
+    Pong,
     TextMessage,
 )
 from wsproto.frame_protocol import CloseReason, XorMaskerSimple
@@ -57,6 +72,9 @@ from aleatoria.flusher import Flusher
 log = logging.getLogger("aleatoria.websocket")
 
 RECV_BYTES = 65536
+# wsproto events handled before other tasks may run: 64 small frames take ~1 ms of wsproto,
+# where a recv of 64 KiB holds 10,000 empty frames (and a frame budget's burst, 400 of them).
+_COLLECT_EVENTS = 64
 MAX_HEAD_BYTES = 8192
 _WRITEV_MAX = 512  # buffers per sendmsg call, well under IOV_MAX
 
@@ -82,8 +100,10 @@ _SWITCHING_PROTOCOLS = (
 
 _TEXT = 0x1
 _BINARY = 0x2
+_PING = 0x9
 _PONG = 0xA
-_FAST_OPCODES = frozenset((_TEXT, _BINARY, _PONG))
+_FAST_OPCODES = frozenset((_TEXT, _BINARY, _PING, _PONG))
+TOO_MANY_FRAMES = "too many frames"
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -245,6 +265,9 @@ def accept_websocket(
     outbox_frames: int,
     close_timeout: float,
     flusher: Flusher,
+    outbox_bytes: int = 1024 * 1024,
+    frame_rate: float = 200.0,
+    frame_burst: int = 400,
 ) -> WebSocket:
     """Complete the upgrade of a request that passed ``handshake_problem``."""
     # A fixed head with one computed value: h11 would spend ~20 us (a third of what it
@@ -261,6 +284,9 @@ def accept_websocket(
         close_timeout=close_timeout,
         flusher=flusher,
         greeting=head,
+        outbox_bytes=outbox_bytes,
+        frame_rate=frame_rate,
+        frame_burst=frame_burst,
     )
 
 
@@ -306,6 +332,9 @@ class WebSocket:
         close_timeout: float,
         flusher: Flusher,
         greeting: bytes = b"",
+        outbox_bytes: int = 1024 * 1024,
+        frame_rate: float = 200.0,
+        frame_burst: int = 400,
     ) -> None:
         self._sock = sock
         self._flusher = flusher
@@ -316,6 +345,7 @@ class WebSocket:
         self._partial = trailing
         self._max_message = max_message_bytes
         self._outbox_frames = outbox_frames
+        self._outbox_bytes = outbox_bytes
         self._close_timeout = close_timeout
         # Unsent bytes, and how many frames each entry holds (an entry may join several).
         # Lists, not deques: at most outbox_frames entries, and an empty deque costs 760
@@ -323,19 +353,29 @@ class WebSocket:
         self._backlog: list[bytes | memoryview] = []
         self._backlog_frames: list[int] = []
         self._queued_frames = 0
+        self._queued_bytes = 0  # in the backlog, the entry being written included
         self._cork: list[bytes] | None = [greeting] if greeting else None
         self._cork_frames = 0
+        self._cork_bytes = len(greeting)
         self._drained: trio.Event | None = None  # exists while a writer task runs
         self._writer_scope: trio.CancelScope | None = None
         self._writers: trio.Nursery | None = None  # set while serving
         self._scope = trio.CancelScope()
         self._fragments: list[Frame] = []
         self._fragment_bytes = 0
+        self._fragmented = False  # a frame of the message being received has ended
+        self._unparsed = False  # _collect stopped with input left (after _COLLECT_EVENTS)
         self._short_read = bool(not trailing)
         self._failed = False  # an inbound stream error: stop parsing, linger, close
         self.close_code: int | None = None  # set once closing starts (ours or theirs)
         self.close_reason = ""
-        self.last_seen = trio.current_time()
+        self.last_seen = trio.current_time()  # of the last recv: the frame budget's clock
+        # The frame budget, a token bucket; off (rate 0) is a bucket that never empties.
+        on = frame_rate > 0
+        self._frame_rate = frame_rate if on else 0.0
+        self._frame_burst = float(frame_burst) if on else math.inf
+        self._frame_tokens = self._frame_burst
+        self._frame_stamp = self.last_seen
 
     @property
     def closing(self) -> bool:
@@ -396,6 +436,9 @@ class WebSocket:
                 return
             if not still_open:
                 return
+            if self._unparsed:
+                await trio.lowlevel.checkpoint()
+                continue
             if self._short_read:
                 # The kernel had no more: wait for it rather than fail a recv (measured:
                 # retrying at once tripled fan-out p99).
@@ -437,14 +480,17 @@ class WebSocket:
 
     def _take_simple(self, data: bytes, out: list[Frame]) -> bytes:
         """Unwrap the frames nearly every client sends -- whole, masked, final text or binary
-        frames under 64 KiB, and pongs -- appending their payloads to ``out``. Returns the
-        bytes from the first frame that is anything else, for wsproto; b"" if none.
+        frames under 64 KiB, and pings and pongs -- appending their payloads to ``out`` (and
+        answering pings). Returns the bytes from the first frame that is anything else, for
+        wsproto; b"" if none, or once the frame budget is spent (the connection failed).
 
         Why: wsproto spends about 75 Python calls (24 us on the reference VM) on each
         frame, as much as the session spends acting on the message. Everything unusual
-        -- fragments, pings, closes, bad UTF-8 (1007), unmasked frames (1002), reserved
-        bits, oversize frames -- is left to wsproto, which then runs the connection for good,
-        so edge-case behaviour is wsproto's. tests/test_frames.py checks both paths agree.
+        -- fragments, closes, bad UTF-8 (1007), unmasked frames (1002), reserved bits,
+        oversize frames -- is left to wsproto, which then runs the connection for good, so
+        edge-case behaviour is wsproto's. tests/test_frames.py checks both paths agree. Pings
+        stay here so that a flood of them costs ~1 us a frame up to the budget, not wsproto's
+        24 us plus a send each.
         """
         if self._partial:
             data, self._partial = self._partial + data, b""
@@ -465,7 +511,7 @@ class WebSocket:
                 if end - pos < 4:
                     break
                 size = (data[pos + 2] << 8) | data[pos + 3]
-                if size < 126 or opcode == _PONG:
+                if size < 126 or opcode > _BINARY:
                     return data[pos:]  # non-minimal length, or a long control frame: 1002
                 head = 8
             if size > limit:
@@ -474,8 +520,16 @@ class WebSocket:
             stop = start + size
             if stop > end:
                 break
-            if opcode == _PONG:
-                pos = stop  # any traffic already counts as activity
+            if opcode > _BINARY:  # a ping or pong: it counts (any traffic counts as activity)
+                if not self._take_frame():
+                    self._fail(POLICY_VIOLATION, TOO_MANY_FRAMES)
+                    return b""
+                if opcode == _PING:
+                    mask = data[start - 4 : start]
+                    key = int.from_bytes((mask * (size // 4 + 1))[:size], "little")
+                    payload = (int.from_bytes(data[start:stop], "little") ^ key).to_bytes(size, "little")
+                    self.send(bytes((0x8A, size)) + payload)  # the pong, with what is pending
+                pos = stop
                 continue
             mask = data[start - 4 : start]
             payload = data[start:stop]
@@ -495,11 +549,32 @@ class WebSocket:
             self._partial = data[pos:]  # under one frame of at most 64 KiB
         return b""
 
+    def _take_frame(self) -> bool:
+        """Take one frame from the frame budget; False when it is spent."""
+        now = self.last_seen
+        tokens = self._frame_tokens + (now - self._frame_stamp) * self._frame_rate
+        self._frame_stamp = now
+        if tokens > self._frame_burst:
+            tokens = self._frame_burst
+        self._frame_tokens = tokens = tokens - 1.0
+        return tokens >= 0.0
+
     def _collect(self, out: list[Frame]) -> bool:
-        """Turn wsproto events into complete messages. False when the connection is over."""
+        """Turn wsproto events into complete messages. False when the connection is over.
+        Stops after ``_COLLECT_EVENTS`` events, setting ``_unparsed``: call again (after a
+        checkpoint) for the rest."""
         proto = self._wsproto()
-        for event in proto.events():
+        events = 0
+        for event in itertools.islice(proto.events(), _COLLECT_EVENTS):
+            events += 1
             if isinstance(event, (TextMessage, BytesMessage)):
+                if event.frame_finished and (self._fragmented or not event.message_finished):
+                    # A fragment ends (an event may carry part of a frame): it counts. A
+                    # whole message in one frame is left to the message rate limit.
+                    self._fragmented = not event.message_finished
+                    if not self._take_frame():
+                        self._fail(POLICY_VIOLATION, TOO_MANY_FRAMES)
+                        return False
                 if self.close_code is not None:
                     continue  # closing: the rest is ignored
                 data = event.data
@@ -527,23 +602,30 @@ class WebSocket:
                     self._fragment_bytes = 0
                     out.append(joined)
             elif isinstance(event, Ping):
+                if not self._take_frame():
+                    self._fail(POLICY_VIOLATION, TOO_MANY_FRAMES)
+                    return False
                 if proto.state is ConnectionState.OPEN:
-                    # Through the bounded outbox: a peer that floods pings and never reads
-                    # its pongs is a slow consumer like any other (1013). Sent even while
-                    # closing, as close frames are; after what is pending (the handshake
-                    # response may still be).
-                    self.flush()
-                    self._push(proto.send(event.response()), 1)
+                    # Through the bounded outbox, after what is pending (the handshake
+                    # response may still be): a peer that floods pings and never reads its
+                    # pongs is a slow consumer like any other (1013).
+                    self.send(bytes((0x8A, len(event.payload))) + event.payload)
             elif isinstance(event, CloseConnection):
                 return self._on_close_event(event)
-            # Pong: nothing to do; any traffic already counts as activity.
+            elif isinstance(event, Pong) and not self._take_frame():
+                self._fail(POLICY_VIOLATION, TOO_MANY_FRAMES)  # (any traffic is activity)
+                return False
+        self._unparsed = events == _COLLECT_EVENTS
         return True
 
     def _on_close_event(self, event: CloseConnection) -> bool:
         proto = self._wsproto()
         state = proto.state
         if state is ConnectionState.REMOTE_CLOSING:
-            # The peer closes: answer (after what we sent before), then we are done.
+            # The peer closes: answer (after what we sent before), then we are done. Its
+            # close counts too: over the budget, the answer is 1008.
+            if not self._take_frame():
+                event = CloseConnection(code=POLICY_VIOLATION, reason=TOO_MANY_FRAMES)
             self.flush()
             self._push(proto.send(event.response()), 1, bounded=False)
             self._closed(event.code, event.reason or "")
@@ -563,20 +645,23 @@ class WebSocket:
         """Send ``data``: ``frames`` pre-built frames, possibly joined into one buffer. It
         waits in the connection, and the flusher writes it after this scheduler pass with
         whatever else the connection was sent. Never blocks; ignored once the connection is
-        closing. A client whose backlog would pass ``outbox_frames`` is closed with 1013."""
+        closing. A client whose backlog would pass ``outbox_frames`` or ``outbox_bytes`` is
+        closed with 1013."""
         if self.close_code is not None:
             return
         cork = self._cork
         if cork is None:
             self._cork = [data]
             self._cork_frames = frames
+            self._cork_bytes = len(data)
             self._flusher.mark(self)
         else:
             cork.append(data)
             self._cork_frames += frames
-            if self._cork_frames >= self._outbox_frames:
-                # Many senders at one client in one pass: write now, so the frames waiting
-                # here stay bounded like the backlog (which closes a client not reading).
+            self._cork_bytes += len(data)
+            if self._cork_frames >= self._outbox_frames or self._cork_bytes >= self._outbox_bytes:
+                # Many senders at one client in one pass: write now, so what waits here
+                # stays bounded like the backlog (which closes a client not reading).
                 self.flush()
 
     def send_now(self, data: bytes, frames: int = 1) -> None:
@@ -591,9 +676,14 @@ class WebSocket:
     def _push(self, data: bytes, frames: int, *, bounded: bool = True) -> None:
         """Write-through: hand ``data`` to the kernel at once unless a backlog exists (order),
         and queue what the kernel did not take. ``bounded``: a backlog over ``outbox_frames``
-        closes the connection with 1013 (close frames are unbounded: they must go out)."""
-        if self._backlog:
-            if bounded and self._queued_frames + frames > self._outbox_frames:
+        frames, or over ``outbox_bytes`` bytes behind the entry being written, closes the
+        connection with 1013 (close frames are unbounded: they must go out)."""
+        backlog = self._backlog
+        if backlog:
+            if bounded and (
+                self._queued_frames + frames > self._outbox_frames
+                or self._queued_bytes - len(backlog[0]) + len(data) > self._outbox_bytes
+            ):
                 self.close(TRY_AGAIN_LATER, "client too slow")
                 return
             self._queue(data, frames)
@@ -642,6 +732,7 @@ class WebSocket:
             self._backlog.append(head)
             self._backlog_frames.append(head_frames)
             self._queued_frames = head_frames
+            self._queued_bytes = len(head)
         proto = self._wsproto()
         if proto.state is ConnectionState.OPEN:
             self._push(proto.send(CloseConnection(code=code, reason=reason)), 1, bounded=False)
@@ -691,6 +782,7 @@ class WebSocket:
         self._backlog.append(data)
         self._backlog_frames.append(frames)
         self._queued_frames += frames
+        self._queued_bytes += len(data)
         self._start_writer()
 
     def _start_writer(self) -> None:
@@ -729,8 +821,10 @@ class WebSocket:
                 backlog.clear()
                 self._backlog_frames.clear()
                 self._queued_frames = 0
+                self._queued_bytes = 0
                 self.abort()
                 return
+            self._queued_bytes -= sent
             while sent:
                 head = backlog[0]
                 if sent >= len(head):
