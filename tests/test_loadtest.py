@@ -535,7 +535,7 @@ async def start_real(nursery: trio.Nursery, **config: Any) -> str:
     from aleatoria.config import Config
     from aleatoria.server import serve
 
-    port = await nursery.start(serve, Config(port=0, **{"rate_limit": 0, **config}))
+    port = await nursery.start(serve, Config(port=0, **{"rate_limit": 0, "frame_rate": 0, **config}))
     return f"ws://127.0.0.1:{port}"
 
 
