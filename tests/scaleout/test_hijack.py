@@ -1,0 +1,35 @@
+"""Calls are not hijacked across instances (PROTOCOL.md section 16): while alice (instance A)
+and bob (instance B) are in a live match, carol on a third instance cannot signal into it --
+her instance knows nothing of the match, so the Redis route refuses -- and the call goes on."""
+
+from __future__ import annotations
+
+from redis_server import RedisServer
+from scaleout_support import instances
+from wsclient import connect
+
+
+async def test_signaling_into_a_call_on_other_instances_is_refused(redis_server: RedisServer) -> None:
+    async with (
+        instances(redis_server.url, 3) as (port_a, port_b, port_c),
+        connect(port_a, "alice") as alice,
+        connect(port_b, "bob") as bob,
+        connect(port_c, "carol") as carol,
+    ):
+        await bob.send(type="user_available_webrtc")
+        await bob.sync()
+        assigned = await alice.request("assign_role", type="request_random_peer")
+        assert "bob" == assigned["payload"]["peerId"]
+        await bob.expect("assign_role")
+        for target in ("alice", "bob"):
+            for kind in ("webrtc_offer", "webrtc_candidate", "hangup"):
+                reply = await carol.request("error", type=kind, toUser=target, payload={"x": 1})
+                assert "peer_unavailable" == reply["payload"]["code"], (target, kind)
+        await alice.send(type="webrtc_offer", toUser="bob", payload={"sdp": "from alice"})
+        offer = await bob.expect("webrtc_offer")
+        assert ("alice", {"sdp": "from alice"}) == (offer["fromUser"], offer["payload"])
+        await bob.send(type="hangup", toUser="alice", payload={})
+        await alice.expect("hangup")
+        # The call is over: carol reaches them again.
+        await carol.send(type="webrtc_offer", toUser="alice", payload={"sdp": "from carol"})
+        assert "carol" == (await alice.expect("webrtc_offer"))["fromUser"]
