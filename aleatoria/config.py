@@ -112,7 +112,7 @@ SETTINGS: tuple[Setting, ...] = (
         "frame_rate",
         "ALEATORIA_FRAME_RATE",
         float,
-        "WebSocket frames/s per connection, control frames included (over it: close 1008; 0 = off)",
+        "control frames and fragments/s per connection (over it: close 1008; 0 = off)",
     ),
     Setting("frame_burst", "ALEATORIA_FRAME_BURST", int, "burst allowance of the frame budget"),
     Setting(

@@ -108,7 +108,7 @@ async def test_ping_payload_is_echoed_in_pong(server: RunningServer) -> None:
 
 async def test_empty_continuation_frames_are_not_stored() -> None:
     """Empty continuation frames are legal and cost no memory: 20,000 of them store nothing."""
-    async with running_server() as server, open_raw_ws(server.port, "empties") as ws:
+    async with running_server(frame_rate=0.0) as server, open_raw_ws(server.port, "empties") as ws:
         await ws.send_frame(frame(TEXT, b'{"type":', fin=False))
         await ws.send_frame(frame(CONT, b"", fin=False) * 20_000)
         await ws.send_frame(frame(PING, b"sync"))  # answered once all of the above is parsed
@@ -124,7 +124,7 @@ async def test_ping_flood_without_reading_is_a_slow_consumer() -> None:
     """A client flooding pings without reading the pongs gets close 1013, not an unbounded pong queue."""
     flood = 60_000  # ~3x what the kernel buffers hold at rcvbuf=4096 (about 22,000 pongs)
     async with (
-        running_server(outbox_frames=16, close_timeout=5.0) as server,
+        running_server(outbox_frames=16, close_timeout=5.0, frame_rate=0.0) as server,
         open_raw_ws(server.port, "pingflood", rcvbuf=4096) as ws,
     ):
         with trio.fail_after(10):

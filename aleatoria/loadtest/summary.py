@@ -171,7 +171,7 @@ def warnings(figures: dict[str, Any], stats: Stats) -> list[str]:
     if refused:
         out.append(
             f"{refused} messages were refused by the server's rate limit: benchmarks need "
-            "the server started with --rate-limit 0 --frame-rate 0"
+            "the server started with --rate-limit 0"
         )
     connections = figures["connections"]
     if connections["failed"]:
