@@ -1,23 +1,35 @@
 """The Redis/Valkey store (PROTOCOL.md section 6): persistence that live traffic never waits on.
 
 How this works.
-- A ``MemoryStore`` inside is the always-current mirror of this instance's state: its users'
-  rooms, pool places and matches, and the recent history. Every command updates it, so when
-  Redis fails nothing needs fetching: the store just serves from it.
+- A ``MemoryStore`` inside is the always-current mirror of this instance's live state: its
+  users' rooms, pool places and matches. Every command updates it, so when Redis fails
+  nothing needs fetching: the store just serves from it. It holds no history.
+- History. The server keeps no second copy of what Redis holds (PROTOCOL.md section 16):
+  while Redis is healthy a message goes only to the write-behind queue (``redis_writer``,
+  bounded in entries and bytes), and reads ask Redis and merge what is still queued, so a
+  message is readable the moment it was delivered (merging beats flushing first: a read
+  never waits for the writer). A direct message's ``on_stored`` (its sender's own copy) is
+  called once the pipeline holding it succeeded: what the sender saw is in Redis.
 - Healthy (``ok``): matchmaking runs in Redis (one Lua script per command, atomic across
   instances) and its outcome is copied into the mirror; room joins and leaves go to the
-  mirror and then to Redis. History goes to the write-behind queue (``redis_writer``).
-  Reads ask Redis and merge what is still queued, so a message is readable the moment it
-  was delivered (merging beats flushing first: a read never waits for the writer).
+  mirror and then to Redis.
 - Any Redis failure (down, timeout, auth, ...) flips the store to ``degraded`` (one warning)
   and that call, and every later one, is served from the mirror. Users whose state changes
-  meanwhile are noted as dirty; history keeps queueing (bounded, oldest dropped, counted).
+  meanwhile are noted as dirty. History keeps queueing (bounded, oldest dropped, counted),
+  every ``on_stored`` still waiting is called, and new ones are called at once.
+- Reads while degraded. An outage history store (a ``MemoryStore`` under the history memory
+  budget) is started with every message Redis has not confirmed (in flight or queued), and
+  takes every message accepted until Redis is back; reads are served from it alone. So a
+  read during an outage returns what this instance accepted and Redis may not have -- the
+  recent conversation, including everything said since the outage began -- but not what
+  Redis already held: that is the price of holding no second copy, and it comes back with
+  Redis. (From the start until Redis is first reached, the store is degraded the same way.)
 - The supervisor task retries with exponential backoff and jitter. On success it rewrites
   the state of every user this instance knows (all of them: Redis may have restarted
   empty, and the dirty ones, who may have left) so Redis matches the mirror, then flushes
   the queue in order, and flips back to ``ok`` (one info line) only when nothing is dirty,
-  queued or in flight. While ``ok`` it pings every few seconds, so ``/health`` notices an
-  idle Redis dying.
+  queued or in flight; the outage history is then dropped (Redis holds all of it). While
+  ``ok`` it pings every few seconds, so ``/health`` notices an idle Redis dying.
 - Calls that change state run shielded from cancellation (bounded by the socket timeouts),
   so the outcome of every command is known and the mirror never disagrees with Redis
   silently; a call whose store went degraded while it waited for a thread is skipped.
@@ -56,7 +68,7 @@ from aleatoria.store.redis_scripts import (
     POOL_KEY,
     SMALL_POOL,
 )
-from aleatoria.store.redis_writer import DM, DM_PREFIX, ROOM, ROOM_MESSAGES_PREFIX
+from aleatoria.store.redis_writer import DM, DM_PREFIX, ROOM, ROOM_MESSAGES_PREFIX, OnStored
 
 log = logging.getLogger("aleatoria.store.redis")
 
@@ -75,7 +87,9 @@ class RedisStore(RedisKeeper):
     # -- history --------------------------------------------------------------------------
 
     def record_room_message(self, room: str, message: bytes, created_ns: int) -> None:
-        self._memory.record_room_message(room, message, created_ns)
+        outage = self._outage
+        if outage is not None:
+            outage.record_room_message(room, message, created_ns)
         self._enqueue(ROOM, room, message, created_ns)
 
     def record_direct_message(
@@ -86,17 +100,26 @@ class RedisStore(RedisKeeper):
         created_ns: int,
         on_stored: Callable[[], None] | None = None,
     ) -> None:
-        self._memory.record_direct_message(a, b, message, created_ns, on_stored)
         first, second = dm_key(a, b)
+        outage = self._outage
+        if outage is None:
+            self._enqueue(DM, f"{first}:{second}", message, created_ns, on_stored)
+            return
+        outage.record_direct_message(a, b, message, created_ns)
         self._enqueue(DM, f"{first}:{second}", message, created_ns)
+        if on_stored is not None:
+            on_stored()  # degraded: served from memory now, written later
 
-    def _enqueue(self, kind: int, key: str, message: bytes, created_ns: int) -> None:
-        if self._writer.add(kind, key, message, created_ns) and not self._drop_logged:
+    def _enqueue(
+        self, kind: int, key: str, message: bytes, created_ns: int, on_stored: OnStored | None = None
+    ) -> None:
+        if self._writer.add(kind, key, message, created_ns, on_stored) and not self._drop_logged:
             self._drop_logged = True
             log.warning(
-                "event=redis_buffer_full capacity=%d action=dropping_oldest "
+                "event=redis_buffer_full capacity=%d capacity_bytes=%s action=dropping_oldest "
                 "(counted; logged once until Redis is written again)",
                 self._writer.capacity,
+                self._writer.capacity_bytes,
             )
 
     async def recent_room_messages(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:
@@ -119,7 +142,8 @@ class RedisStore(RedisKeeper):
                 if not pending:
                     return [member for member, _ in rows]
                 return merge_room(rows, newer, pending, limit, self._cap, before_ns, cutoff_ns)
-        return self._memory.recent_room_messages_now(room, limit, before_ns)
+        outage = self._outage
+        return [] if outage is None else outage.recent_room_messages_now(room, limit, before_ns)
 
     async def direct_messages(self, a: str, b: str, limit: int) -> list[bytes]:
         if self._state == "ok":
@@ -135,7 +159,8 @@ class RedisStore(RedisKeeper):
                 self._degrade(exc)
             else:
                 return merge_dm(rows, pending, min(limit, self._cap), cutoff_ns)
-        return self._memory.direct_messages_now(a, b, limit)
+        outage = self._outage
+        return [] if outage is None else outage.direct_messages_now(a, b, limit)
 
     # -- room registry ----------------------------------------------------------------------
 

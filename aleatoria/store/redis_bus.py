@@ -17,18 +17,24 @@ How this works.
   (and disconnects us past ``client-output-buffer-limit pubsub``: we reconnect, and say so).
 - Sending. Publishes are not made here: they queue in ``outbox`` and the Redis store's
   writer sends them in the same pipeline as the pending history writes, after them (so a
-  message is in Redis' history before anyone receives it). ``route`` is the ``route`` script:
-  presence lookup, liveness check and publish in one step; its result (subscribers reached)
-  comes back through ``Outgoing.done``.
+  message is in Redis' history before anyone receives it: a publish waits for the history
+  queued before it, ``Outgoing.after``). ``route`` is the ``route`` script: presence lookup,
+  liveness check and publish in one step; its result (subscribers reached) comes back
+  through ``Outgoing.done``.
 - Up/down. ``up`` is true once the instance channel is subscribed on the current
   connection; a failed connection makes it false until the thread has reconnected (with
   backoff) and resubscribed everything. Callers deliver locally while it is down.
 - Stalls. Redis that hangs (no error, no reply) is noticed by the store only after a call
   timeout (2 s by default); live chat must not wait that long. A watchdog declares the bus
   stalled when a publish has waited ``STALL_SECONDS``: queued and in-flight publishes are
-  reported failed (callers deliver locally) and new ones are not made until the pipeline in
-  flight returns or the store recovers. A room message delivered locally that Redis
-  publishes after all is recognised when it comes back (same bytes) and not delivered twice.
+  reported failed (callers deliver locally) and new ones are not made until a pipeline
+  returns or the store recovers.
+- Delivered once. This instance's own room messages are followed from publish to delivery
+  (``redis_echo``): whichever comes first -- the pub/sub copy, or giving up on the publish
+  (a stall, a failed pipeline, the subscription lost) -- delivers it to the local members,
+  and the other is dropped; so a copy that arrived before a late reply is not delivered
+  again by the fallback, and a message delivered by the fallback that Redis publishes after
+  all is not delivered twice. The bookkeeping ends with each message (time-bounded).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from redis.exceptions import RedisClusterException
 
 from aleatoria.store.base import BusHandler
 from aleatoria.store.redis_client import RedisClient, describe_error
+from aleatoria.store.redis_echo import Echo, Echoes
 from aleatoria.store.redis_presence import INSTANCES_KEY, PRESENCE_KEY, instance_channel
 from aleatoria.store.redis_scripts import MATCHES_KEY
 from aleatoria.store.redis_writer import ROOM_MESSAGES_PREFIX
@@ -64,7 +71,10 @@ _BACKOFF_MAX = 5.0
 _OUTBOX_MAX = 10_000
 STALL_SECONDS = 0.25
 _WATCH_EVERY = 0.05
-_SUPPRESS_MAX = 10_000
+# How long a room message delivered here by the fallback is still recognised when Redis
+# publishes it after all (see ``redis_echo``); and how many such messages at most.
+ECHO_GRACE = 5.0
+_ECHO_LIMIT = 10_000
 
 # Outgoing kinds.
 PUBLISH = 0  # to a channel (room or instance)
@@ -95,7 +105,9 @@ class Outgoing:
     message: bytes
     done: Callable[[int | None], None] | None = None  # subscribers reached; None = failed
     sender: str = ""  # ROUTE: refused (0) if the user is in a live match with someone else
+    echo: Echo | None = None  # a room message of this instance (then ``done`` is in it)
     queued_at: float = attrs.Factory(trio.current_time)
+    after: int = 0  # the writer's history mark when queued: those entries go first
     settled: bool = False
 
 
@@ -113,6 +125,7 @@ class RedisBus:
         self.handler: BusHandler | None = None
         self.outbox: deque[Outgoing] = deque()
         self.on_queued: Callable[[], None] = _nothing  # the writer's wake-up
+        self.history_mark: Callable[[], int] = _zero  # the writer's count of entries queued
         self.store_ok = False  # set by the store: publishing needs the store healthy too
         self.refused = 0  # publishes refused because the outbox was full
         self.received = 0
@@ -121,7 +134,7 @@ class RedisBus:
         self.stalled = False
         self._inflight: list[Outgoing] = []
         self._inflight_since: float | None = None
-        self._suppress: dict[bytes, int] = {}  # delivered locally in a stall, maybe published
+        self.echoes = Echoes(grace=ECHO_GRACE, limit=_ECHO_LIMIT)
         # Subscription bookkeeping (trio thread only). ``_pending`` counts commands sent or
         # queued per channel whose confirmation has not arrived; a channel is confirmed
         # when it is wanted and nothing is pending.
@@ -140,7 +153,16 @@ class RedisBus:
     def publish_room(
         self, room: str, message: bytes, done: Callable[[int | None], None] | None = None
     ) -> bool:
-        return self._queue(Outgoing(PUBLISH, room_channel(room), message, done))
+        """Publish a room message of this instance. With ``done`` (the caller's local
+        delivery), its local members get it exactly once: from its pub/sub copy, or from the
+        caller -- ``done(None)`` -- when the bus gives up on it first (``redis_echo``).
+        Otherwise ``done`` gets the subscribers reached (1 if only its copy is known)."""
+        channel = room_channel(room)
+        if done is None:
+            return self._queue(Outgoing(PUBLISH, channel, message))
+        sure = self.up and channel in self._confirmed
+        echo = self.echoes.expect(message, channel, done, sure=sure)
+        return self._queue(Outgoing(PUBLISH, channel, message, echo=echo))
 
     def publish_instance(self, instance: str, message: bytes) -> bool:
         return self._queue(Outgoing(PUBLISH, instance_channel(instance), message))
@@ -168,9 +190,9 @@ class RedisBus:
     def _queue(self, item: Outgoing) -> bool:
         if len(self.outbox) >= _OUTBOX_MAX:
             self.refused += 1
-            if item.done is not None:
-                item.done(None)
+            self._give_up(item, sent=False)
             return False
+        item.after = self.history_mark()
         self.outbox.append(item)
         self.on_queued()
         return True
@@ -190,13 +212,28 @@ class RedisBus:
             "aleatoria_bus_refused": ("publishes refused: outbox full", self.refused),
             "aleatoria_bus_reconnects": ("subscription connections lost", self.reconnects),
             "aleatoria_bus_stalls": ("times Redis stalled and delivery went local", self.stalls),
+            "aleatoria_bus_echoes": (
+                "own room messages whose local delivery is still followed",
+                len(self.echoes),
+            ),
+            "aleatoria_bus_echoes_dropped": (
+                "pub/sub copies not delivered: the fallback had delivered them",
+                self.echoes.dropped,
+            ),
+            "aleatoria_bus_echoes_forgotten": (
+                "own room messages no longer followed to keep the table bounded",
+                self.echoes.forgotten,
+            ),
         }
 
-    def take(self, limit: int) -> list[Outgoing]:
-        """Up to ``limit`` queued publishes, oldest first (for the writer's pipeline); they
-        are in flight until ``settle``."""
-        count = min(limit, len(self.outbox))
-        items = [self.outbox.popleft() for _ in range(count)]
+    def take(self, limit: int, upto: int) -> list[Outgoing]:
+        """Up to ``limit`` queued publishes, oldest first, that wait for no history entry past
+        ``upto`` (the writer's mark of its batch): for the writer's pipeline. They are in
+        flight until ``settle``."""
+        outbox = self.outbox
+        items: list[Outgoing] = []
+        while outbox and len(items) < limit and outbox[0].after <= upto:
+            items.append(outbox.popleft())
         if items:
             self._inflight = items
             self._inflight_since = trio.current_time()
@@ -224,35 +261,51 @@ class RedisBus:
                 )
 
     def settle(self, items: list[Outgoing], replies: list[Any] | None) -> None:
-        """Report each item's outcome (trio thread): a count, or None for all on failure."""
+        """The writer's pipeline returned (trio thread): report each item's outcome, a count,
+        or None for all when the pipeline failed. A pipeline that returned ends a stall."""
         if items and items is self._inflight:
             self._inflight = []
             self._inflight_since = None
-            if replies is not None and self.stalled:
-                self.stalled = False
-                log.info("event=bus_stall_over instance=%s", self.instance)
+        if replies is not None and self.stalled:
+            self.stalled = False
+            log.info("event=bus_stall_over instance=%s", self.instance)
+        now = trio.current_time()
         for index, item in enumerate(items):
-            if item.settled:
-                continue
-            item.settled = True
-            if item.done is not None:
-                reply = None if replies is None else replies[index]
-                item.done(reply if isinstance(reply, int) else None)
+            reply = None if replies is None else replies[index]
+            count = reply if isinstance(reply, int) else None
+            if item.echo is not None:
+                self.echoes.returned(item.echo, count, now)  # also after a stall gave up
+            self._report(item, count)
+
+    def _report(self, item: Outgoing, count: int | None) -> None:
+        if item.settled:
+            return
+        item.settled = True
+        if item.done is not None:
+            item.done(count)
+
+    def _give_up(self, item: Outgoing, *, sent: bool) -> None:
+        """Stop waiting for ``item`` (its caller falls back to local delivery)."""
+        if item.echo is not None:
+            self.echoes.give_up(item.echo, sent=sent)
+        self._report(item, None)
 
     def fail_all(self) -> None:
         """Redis went away: every queued publish fails (callers fall back to local)."""
-        count = len(self.outbox)
-        self.settle([self.outbox.popleft() for _ in range(count)], None)
+        outbox = self.outbox
+        while outbox:
+            self._give_up(outbox.popleft(), sent=False)
 
     def store_recovered(self) -> None:
         self.store_ok = True
         self.stalled = False
-        self._suppress.clear()
 
     async def watch_forever(self) -> None:
-        """The stall watchdog (see the module doc). Cancel to stop."""
+        """The stall watchdog (see the module doc), and the expiry of ``echoes``. Cancel to
+        stop."""
         while True:
             await trio.sleep(_WATCH_EVERY)
+            self.echoes.expire(trio.current_time())
             oldest = self._inflight_since
             if self.outbox:
                 first = self.outbox[0].queued_at
@@ -268,10 +321,8 @@ class RedisBus:
             self.instance,
             STALL_SECONDS,
         )
-        for item in self._inflight:
-            if not item.settled and item.kind == PUBLISH and len(self._suppress) < _SUPPRESS_MAX:
-                self._suppress[item.message] = self._suppress.get(item.message, 0) + 1
-        self.settle(list(self._inflight), None)
+        for item in self._inflight:  # still in flight: the pipeline's outcome comes later
+            self._give_up(item, sent=True)
         self.fail_all()
 
     # -- subscriptions (trio thread) ------------------------------------------------------
@@ -290,6 +341,7 @@ class RedisBus:
         self._wanted.discard(channel)
         self._confirmed.discard(channel)
         self._command(_UNSUBSCRIBE, channel)
+        self.echoes.channel_dropped(channel)
 
     async def wait_up(self) -> None:
         """Return once the subscription is live. The caller bounds the wait."""
@@ -342,16 +394,6 @@ class RedisBus:
         if event is not None:
             event.set()
 
-    def _suppressed(self, data: bytes) -> bool:
-        count = self._suppress.get(data)
-        if count is None:
-            return False
-        if count > 1:
-            self._suppress[data] = count - 1
-        else:
-            del self._suppress[data]
-        return True
-
     def _went_down(self, reason: str) -> None:
         self.reconnects += 1
         if self.up:
@@ -368,6 +410,7 @@ class RedisBus:
         for event in self._waiters.values():
             event.set()
         self._waiters.clear()
+        self.echoes.connection_lost()
 
     def _dispatch(self, batch: list[dict[str, Any]]) -> None:
         """A batch from the thread (trio thread): confirmations and messages, in order."""
@@ -385,7 +428,7 @@ class RedisBus:
                     items.append((None, data))
                 else:
                     room = _room_of(channel)
-                    if room is not None and not (self._suppress and self._suppressed(data)):
+                    if room is not None and (not self.echoes or self.echoes.on_echo(data)):
                         items.append((room, data))
             elif kind in ("subscribe", "ssubscribe", "unsubscribe", "sunsubscribe"):
                 self._confirmation(channel)
@@ -482,6 +525,10 @@ class RedisBus:
 
 def _nothing() -> None:
     pass
+
+
+def _zero() -> int:
+    return 0
 
 
 class _Subscription:

@@ -20,14 +20,14 @@ import trio
 from aleatoria.config import Config
 from aleatoria.errors import StoreUnavailable
 from aleatoria.store.base import Bus, Health, StoreEvents
-from aleatoria.store.memory import new_instance_id
+from aleatoria.store.memory import MemoryStore, new_instance_id
 from aleatoria.store.redis_bus import RedisBus
 from aleatoria.store.redis_client import RedisClient, present, text
 from aleatoria.store.redis_instance import InstanceRegistry, Reaped, Synced, run_id_of
 from aleatoria.store.redis_mirror import Mirror
 from aleatoria.store.redis_presence import PRESENCE_KEY
 from aleatoria.store.redis_rooms import RoomRegistry
-from aleatoria.store.redis_writer import WriteBehind
+from aleatoria.store.redis_writer import DM, ROOM, WriteBehind
 
 log = logging.getLogger("aleatoria.store.redis")
 
@@ -98,12 +98,18 @@ class RedisKeeper:
         self._mm = self._mirror.matchmaker
         self._writer = WriteBehind(
             capacity=config.redis_write_buffer,
+            capacity_bytes=config.history_memory_bytes,
             batch=_BATCH,
             ttl_ns=self._ttl_ns,
             history_max=config.history_max,
             scripts=client.scripts,
         )
         self._cap = config.history_max
+        self._history_max = config.history_max
+        self._history_budget = config.history_memory_bytes
+        # History served from memory while degraded (from the start: not connected yet);
+        # None while Redis is healthy (see the "How this works" of ``redis``).
+        self._outage: MemoryStore | None = self._new_outage()
         self._rng = rng or random.Random()
         self._state: Health = "degraded"
         self._epoch = 0
@@ -121,6 +127,7 @@ class RedisKeeper:
         self._idle: trio.Event | None = None
         self._bus = RedisBus(client, self._instance, cluster=client.cluster)
         self._bus.on_queued = self._writer.poke
+        self._bus.history_mark = self._history_mark
         self.reaped_instances = 0
         self.reaped_users = 0
         # Local users whose connection this instance registered in presence (CONNECT
@@ -155,6 +162,11 @@ class RedisKeeper:
         ones only grow, except the queue length (the Store protocol has gauges only)."""
         figures = self.metrics()
         gauges = self._memory.gauges()
+        outage = self._outage
+        gauges["aleatoria_history_memory_bytes"] = (
+            "bytes of history held in memory (Redis mode: only while degraded; see also the write queue)",
+            0 if outage is None else outage.history_bytes,
+        )
         gauges.update(
             {
                 "aleatoria_redis_calls": ("Redis calls made", figures.calls),
@@ -229,10 +241,28 @@ class RedisKeeper:
 
     # -- degradation and recovery -------------------------------------------------------------
 
+    def _history_mark(self) -> int:
+        return self._writer.added
+
+    def _new_outage(self) -> MemoryStore:
+        """History for the outage: whatever Redis has not confirmed yet, then every message
+        accepted until Redis is back (a read while degraded returns just that)."""
+        outage = MemoryStore(
+            ttl_seconds=self._ttl_ns / 1e9, history_max=self._history_max, budget_bytes=self._history_budget
+        )
+        for kind, key, message, created_ns, _ in self._writer.entries():
+            if kind == ROOM:
+                outage.record_room_message(key, message, created_ns)
+            elif kind == DM:
+                first, _, second = key.partition(":")  # ids never hold ":"
+                outage.record_direct_message(first, second, message, created_ns)
+        return outage
+
     def _degrade(self, exc: StoreUnavailable) -> None:
         if self._state != "ok":
             return
         self._state = "degraded"
+        self._outage = self._new_outage()
         self._epoch += 1
         self._degraded_periods += 1
         self._reason = str(exc)
@@ -249,9 +279,13 @@ class RedisKeeper:
             self._reason,
             len(self._writer),
         )
+        # Degraded mode serves from memory and writes later: the senders waiting for their
+        # messages to be stored get their copies now (section 6's rules, PROTOCOL.md s16).
+        self._writer.acknowledge_all()
 
     def _set_ok(self, *, first: bool, synced: int) -> None:
         self._state = "ok"
+        self._outage = None  # Redis holds all of it now
         self._drop_logged = False
         self._healthy.set()
         self._bus.store_recovered()
@@ -401,7 +435,7 @@ class RedisKeeper:
                 bus.fail_all()
                 await self._healthy.wait()
                 continue
-            if not bus.pending() and writer.queued < _BATCH:
+            if not bus.pending() and not writer.urgent and writer.queued < _BATCH:
                 await writer.wait_for_live(bus, _COALESCE)
             epoch = self._epoch
             async with writer.lock:
@@ -440,7 +474,8 @@ class RedisKeeper:
                 )
 
     def purge_memory(self) -> int:
-        return self._memory.purge_expired()
+        outage = self._outage
+        return self._memory.purge_expired() + (0 if outage is None else outage.purge_expired())
 
     # -- heartbeat and reaping -------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ user is in (the reverse of the room registry), the role of each side of a match 
 Redis is healthy the mirror copies every outcome Redis decided; while it is degraded the
 mirror decides, as the memory store would. A match with a user on another instance is held
 here too (both sides), so recovery rewrites it whole; recovery never touches the state of a
-user another instance has registered.
+user another instance has registered. It holds no history: the store keeps that in Redis
+(and, only while Redis fails, in a separate outage store; see ``redis``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class UserState:
 
 
 class Mirror:
-    """This instance's rooms, pool places, matches and recent history."""
+    """This instance's rooms, pool places and matches (no history: see ``redis``)."""
 
     def __init__(self, *, ttl_seconds: float, history_max: int) -> None:
         self.memory = MemoryStore(ttl_seconds=ttl_seconds, history_max=history_max)

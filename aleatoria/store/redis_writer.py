@@ -6,7 +6,9 @@ writes them in one pipeline (per room: one ``room_append`` script: ZADD, trim by
 the TTL and by rank to the cap, PEXPIRE; per DM: one ``dm_append`` script). An entry stays
 "pending" until its pipeline succeeded; a failed batch goes back to the front of the queue,
 so the order is kept and nothing is lost but what the bound forces out (the oldest first,
-counted in ``dropped``).
+counted in ``dropped``). The bound is ``capacity`` entries and, when given, ``capacity_bytes``
+of queued messages (the server's history memory budget, PROTOCOL.md section 16): in Redis
+mode this queue is the only history the server holds while Redis is healthy.
 
 A failed pipeline may have run in part. Room writes are idempotent (ZADD of the same member
 and score); DM appends are not, so the entries of a returned batch are marked "suspect" and
@@ -15,16 +17,25 @@ and score); DM appends are not, so the entries of a returned batch are marked "s
 Reads see what is still pending: ``pending(kind, key)`` snapshots the queued and in-flight
 entries of one room or DM, to merge with what Redis returns (see ``RedisStore``).
 
+An entry may carry an acknowledgement (``on_stored``, for the sender's own copy of a DM):
+it is called once, on the trio thread, when the pipeline holding the entry succeeded --
+or when the entry is dropped to make room, or, through ``acknowledge_all``, when the store
+degrades (degraded mode acknowledges at once and writes later). Such an entry does not
+wait for company: the writer starts a pipeline at once (``urgent``).
+
 Live publishes (scale-out, ``redis_bus``) ride in the same pipelines, after the history
-writes: a message is in Redis' history before any instance receives it. They are never
-retried: a failed pipeline reports them failed and the caller delivers locally.
+writes: a message is in Redis' history before any instance receives it (a publish carries
+the history mark of when it was queued, and goes in no pipeline before the entries queued
+before it). They are never retried: a failed pipeline reports them failed and the caller
+delivers locally.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, Protocol
 
@@ -33,14 +44,39 @@ import trio
 
 from aleatoria.store.redis_client import RedisClient, Scripts
 
+log = logging.getLogger("aleatoria.store.redis")
+
 ROOM = 0
 DM = 1
 
 ROOM_MESSAGES_PREFIX = "room:messages:"
 DM_PREFIX = "dm:"
 
-# (kind, key, message, created_ns); key is the room name or "a:b" for a DM.
-Entry = tuple[int, str, bytes, int]
+
+OnStored = Callable[[], None]
+
+
+class Ack:
+    """An entry's acknowledgement: a callback called at most once."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: OnStored) -> None:
+        self._fn: OnStored | None = fn
+
+    def fire(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is None:
+            return
+        try:
+            fn()
+        except Exception:
+            # Someone else's callback must not take the writer (and the store) down.
+            log.exception("event=on_stored_failed")
+
+
+# (kind, key, message, created_ns, ack); key is the room name or "a:b" for a DM.
+Entry = tuple[int, str, bytes, int, Ack | None]
 
 
 class LiveSource(Protocol):
@@ -48,7 +84,7 @@ class LiveSource(Protocol):
 
     def pending(self) -> int: ...
 
-    def take(self, limit: int) -> list[Any]: ...
+    def take(self, limit: int, upto: int) -> list[Any]: ...
 
     def add_to_pipeline(self, pipe: Any, items: list[Any], route_sha: str) -> None: ...
 
@@ -62,6 +98,7 @@ class WriteBehind:
         self,
         *,
         capacity: int,
+        capacity_bytes: int | None = None,
         batch: int,
         ttl_ns: int,
         history_max: int,
@@ -69,6 +106,8 @@ class WriteBehind:
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.capacity = max(1, capacity)
+        self.capacity_bytes = capacity_bytes
+        self.queued_bytes = 0  # of the messages in the queue (a batch in flight is not counted)
         self._batch = max(1, batch)
         self._ttl_ns = ttl_ns
         self._ttl_ms = max(1, ttl_ns // 1_000_000)
@@ -80,6 +119,12 @@ class WriteBehind:
         self._pending: dict[tuple[int, str], int] = {}
         self._suspects = 0
         self._wake = trio.Event()
+        # Entries are numbered in the order they were added: ``added`` is the next number,
+        # ``_head`` the number of the queue's first entry (publishes wait for it, see
+        # ``LiveSource.take``).
+        self.added = 0
+        self._head = 0
+        self.urgent = False  # an entry waits for its acknowledgement: write at once
         # Held by whoever writes (the writer task, a recovery, the final flush): one at a
         # time, so batches reach Redis in queue order.
         self.lock = trio.Lock()
@@ -96,9 +141,18 @@ class WriteBehind:
 
     # -- producer side (trio thread, never blocks) ------------------------------------------
 
-    def add(self, kind: int, key: str, message: bytes, created_ns: int) -> int:
-        """Queue one message; returns how many old entries were dropped to make room."""
-        self._queue.append((kind, key, message, created_ns))
+    def add(
+        self, kind: int, key: str, message: bytes, created_ns: int, on_stored: OnStored | None = None
+    ) -> int:
+        """Queue one message; returns how many old entries were dropped to make room.
+        ``on_stored``: see the module doc."""
+        ack = None
+        if on_stored is not None:
+            ack = Ack(on_stored)
+            self.urgent = True
+        self._queue.append((kind, key, message, created_ns, ack))
+        self.queued_bytes += len(message)
+        self.added += 1
         slot = (kind, key)
         self._pending[slot] = self._pending.get(slot, 0) + 1
         dropped = self._enforce_capacity()
@@ -112,10 +166,24 @@ class WriteBehind:
             return []
         out: list[tuple[int, bytes]] = []
         for source in (self._inflight, self._queue):
-            for entry_kind, entry_key, message, created_ns in source:
+            for entry_kind, entry_key, message, created_ns, _ in source:
                 if entry_kind == kind and entry_key == key:
                     out.append((created_ns, message))
         return out
+
+    def entries(self) -> Iterator[Entry]:
+        """Every entry not yet confirmed (in flight, then queued), oldest first."""
+        yield from self._inflight
+        yield from self._queue
+
+    def acknowledge_all(self) -> None:
+        """Acknowledge every entry now (the store degraded: it serves from memory and
+        writes later). Entries stay queued."""
+        self.urgent = False
+        for entry in list(self.entries()):
+            ack = entry[4]
+            if ack is not None:
+                ack.fire()
 
     # -- writer side ---------------------------------------------------------------------------
 
@@ -133,9 +201,10 @@ class WriteBehind:
             await self._wake.wait()
 
     async def wait_for_live(self, live: LiveSource, seconds: float) -> None:
-        """Sleep ``seconds``, or less if a publish gets queued meanwhile."""
+        """Sleep ``seconds``, or less if a publish (or an entry waiting for its
+        acknowledgement) gets queued meanwhile."""
         with trio.move_on_after(seconds):
-            while not live.pending():
+            while not live.pending() and not self.urgent:
                 if self._wake.is_set():
                     self._wake = trio.Event()
                 await self._wake.wait()
@@ -153,8 +222,11 @@ class WriteBehind:
         failed batch is back at the front; the publishes are reported failed). Cancellation:
         the batch in flight completes or goes back to the queue."""
         while (self._queue or (live is not None and live.pending())) and keep_going():
+            self.urgent = False
             batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
-            items = live.take(self._batch) if live is not None else []
+            self._head += len(batch)
+            self.queued_bytes -= sum(len(entry[2]) for entry in batch)
+            items = live.take(self._batch, self._head) if live is not None else []
             suspects = min(self._suspects, len(batch))
             self._suspects -= suspects
             self._inflight = batch
@@ -167,12 +239,14 @@ class WriteBehind:
                 if live is not None:
                     live.settle(items, None)
                 raise
-            if live is not None:
-                live.settle(items, replies)
             self._inflight = []
             self.written += len(batch)
-            for kind, key, _, _ in batch:
+            for kind, key, _, _, ack in batch:
                 self._release((kind, key))
+                if ack is not None:
+                    ack.fire()
+            if live is not None:
+                live.settle(items, replies)
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -190,7 +264,8 @@ class WriteBehind:
         cutoff_ns = self._clock_ns() - self._ttl_ns
         rooms: dict[str, list[int | bytes]] = {}
         dms: dict[str, tuple[list[int], list[bytes]]] = {}
-        for index, (kind, key, message, created_ns) in enumerate(batch):
+        for index, entry in enumerate(batch):
+            kind, key, message, created_ns = entry[:4]
             if kind == ROOM:
                 rooms.setdefault(key, []).extend((created_ns, message))
             else:
@@ -217,16 +292,28 @@ class WriteBehind:
     def _give_back(self, batch: list[Entry]) -> None:
         self._inflight = []
         self._queue.extendleft(reversed(batch))
+        self._head -= len(batch)
+        self.queued_bytes += sum(len(entry[2]) for entry in batch)
         self._suspects += len(batch)
         self._enforce_capacity()
 
+    def _over_capacity(self) -> bool:
+        if len(self._queue) > self.capacity:
+            return True
+        limit = self.capacity_bytes
+        return limit is not None and self.queued_bytes > limit and len(self._queue) > 1
+
     def _enforce_capacity(self) -> int:
         dropped = 0
-        while len(self._queue) > self.capacity:
-            kind, key, _, _ = self._queue.popleft()
+        while self._over_capacity():
+            kind, key, message, _, ack = self._queue.popleft()
+            self._head += 1
+            self.queued_bytes -= len(message)
             self._release((kind, key))
             if self._suspects:
                 self._suspects -= 1
+            if ack is not None:
+                ack.fire()  # lost (counted): its sender is not kept waiting forever
             dropped += 1
         self.dropped += dropped
         return dropped
