@@ -56,7 +56,7 @@ class Client:
     # With auth on: when the token runs out (trio clock); the supervisor closes with 4002.
     expires_at: float | None = None
     # DM partners this user wrote to within the hour -> when first (new_dm_per_hour).
-    dm_partners: dict[str, float] = attrs.Factory(dict)
+    dm_partners: dict[str, float] | None = None  # made on the first DM
 
 
 class Room:

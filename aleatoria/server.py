@@ -15,11 +15,9 @@ import resource
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from importlib import resources
 
-import attrs
 import orjson
 import trio
 from prometheus_client import CollectorRegistry
@@ -369,21 +367,13 @@ class Server:
         self.stats.disconnects[code] += 1
         log.info("event=disconnected user=%s code=%s", user, code)
 
-    @asynccontextmanager
-    async def _user_turn(self, user: str) -> AsyncIterator[None]:
-        """Hold ``user``'s turn: connection set-up and clean-up of one user never interleave
-        on this instance. The lock exists while anyone holds or awaits it."""
+    def _user_turn(self, user: str) -> _Turn:
+        """``user``'s turn (``async with``): connection set-up and clean-up of one user never
+        interleave on this instance. It exists while anyone holds or awaits it."""
         turn = self._turns.get(user)
         if turn is None:
-            turn = self._turns[user] = _Turn()
-        turn.users += 1
-        try:
-            async with turn.lock:
-                yield
-        finally:
-            turn.users -= 1
-            if not turn.users:
-                del self._turns[user]
+            turn = self._turns[user] = _Turn(user, self._turns)
+        return turn
 
     async def _forget(self, client: Client) -> None:
         if client.replaced:
@@ -484,10 +474,37 @@ async def _run_body(server: Server, listener: socket.socket, body: trio.CancelSc
             await trio.sleep_forever()
 
 
-@attrs.define(eq=False)
 class _Turn:
-    lock: trio.Lock = attrs.Factory(trio.Lock)
-    users: int = 0
+    """One user's turn: a lock that costs no scheduler round trip when nobody else holds it
+    (every connection takes it twice; trio's ``Lock`` always checkpoints)."""
+
+    __slots__ = ("_lock", "_table", "_user", "_users")
+
+    def __init__(self, user: str, table: dict[str, _Turn]) -> None:
+        self._lock = trio.Lock()
+        self._table = table
+        self._user = user
+        self._users = 0
+
+    async def __aenter__(self) -> None:
+        self._users += 1
+        try:
+            self._lock.acquire_nowait()
+        except trio.WouldBlock:
+            try:
+                await self._lock.acquire()
+            except BaseException:
+                self._leave()
+                raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        self._users -= 1
+        if not self._users:
+            del self._table[self._user]
 
 
 class _Forward(Collector):

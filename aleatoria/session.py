@@ -179,6 +179,8 @@ class Session:
     def _count_conversation(self, to: str) -> None:
         """At most ``new_dm_per_hour`` new DM partners an hour (PROTOCOL.md section 16)."""
         partners = self.client.dm_partners
+        if partners is None:
+            partners = self.client.dm_partners = {}
         moment = trio.current_time()
         if to in partners and moment - partners[to] < _HOUR:
             return

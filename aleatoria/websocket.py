@@ -322,6 +322,45 @@ MessageHandler = Callable[[Frame], Awaitable[None]]
 class WebSocket:
     """One server-side WebSocket. ``serve`` runs its receive loop; ``send`` is synchronous."""
 
+    # Slots: an idle connection is mostly this object, and a dict of ~35 attributes costs
+    # ~1.2 KB more than slots (measured: 8.2 -> 6.x KB per idle connection).
+    __slots__ = (
+        "__weakref__",
+        "_backlog",
+        "_backlog_frames",
+        "_close_timeout",
+        "_cork",
+        "_cork_bytes",
+        "_cork_frames",
+        "_drained",
+        "_failed",
+        "_fast",
+        "_flusher",
+        "_fragment_bytes",
+        "_fragmented",
+        "_fragments",
+        "_frame_burst",
+        "_frame_rate",
+        "_frame_stamp",
+        "_frame_tokens",
+        "_max_message",
+        "_outbox_bytes",
+        "_outbox_frames",
+        "_partial",
+        "_proto",
+        "_queued_bytes",
+        "_queued_frames",
+        "_scope",
+        "_short_read",
+        "_sock",
+        "_unparsed",
+        "_writer_scope",
+        "_writers",
+        "close_code",
+        "close_reason",
+        "last_seen",
+    )
+
     def __init__(
         self,
         sock: socket.socket,
