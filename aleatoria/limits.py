@@ -6,7 +6,7 @@ import re
 
 import attrs
 
-from aleatoria.errors import INVALID_PAYLOAD, RATE_LIMITED, TOO_LARGE, ClientError
+from aleatoria.errors import INVALID_PAYLOAD, RATE_LIMITED, TOO_LARGE, AbuseDetected, ClientError
 
 _ID = re.compile(r"[A-Za-z0-9_\-.@]+")
 
@@ -92,7 +92,3 @@ class RateLimiter:
         if not self._strikes.take(now):
             raise AbuseDetected()
         raise ClientError(RATE_LIMITED, "Too many messages: slow down.")
-
-
-class AbuseDetected(Exception):
-    """A client kept exceeding the rate limit: close it with 1008."""

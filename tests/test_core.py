@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 
 from aleatoria.codec import decode, encode, now, parse_time_ns, payload_as
-from aleatoria.errors import ClientError, InvalidMessage
-from aleatoria.limits import AbuseDetected, RateLimiter, clamp_limit, id_problem
+from aleatoria.errors import AbuseDetected, ClientError, InvalidMessage
+from aleatoria.limits import RateLimiter, clamp_limit, id_problem
 from aleatoria.messages import ChatPayload, Envelope, RecentMessagesRequest
 from aleatoria.origin import OriginPolicy
 
@@ -82,9 +80,15 @@ def test_rate_limiter_limits_then_detects_abuse() -> None:
         limiter.check(0.0)
     with pytest.raises(ClientError):
         limiter.check(0.0)
+    refused = []
     with pytest.raises(AbuseDetected):
         for _ in range(20):
-            with contextlib.suppress(ClientError):
+            try:
                 limiter.check(0.0)
+            except AbuseDetected:
+                raise
+            except ClientError as exc:
+                refused.append(exc.close_code)
+    assert refused and {None} == set(refused)  # refusals answer; only abuse closes
     # After a pause the client is welcome again.
     limiter.check(10.0)

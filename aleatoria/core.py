@@ -1,0 +1,532 @@
+"""The protocol core (pure, in the manner of h11): what each client request does.
+
+How this works. ``handle(request, facts)`` decides; it performs no I/O and imports neither
+trio nor redis nor sockets. It returns a ``Step``: frozen ``effects`` for the session to
+apply now, and optionally one store ``call`` to await, whose outcome is handed to ``then``
+for the next step. A request is done when a step has no call. So every rule of PROTOCOL.md
+sections 3-5 and 16 is a plain function of its inputs, and a test drives it by choosing the
+facts and the outcomes of the store calls::
+
+    step = handle(JoinRoom("r"), facts)          # -> effects (JoinLocal), call RoomReady
+    step = step.then(True)                       # -> call StoreJoin
+    step = step.then(None)                       # -> effects (Reply room_joined), done
+
+The session (``aleatoria.session``) is the shell: it parses frames into requests
+(``aleatoria.requests``), gathers ``Facts``, applies effects (sockets, hub, router, store)
+and performs calls. Client mistakes are raised as ``ClientError`` from here and answered by
+the session in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, assert_never
+
+import attrs
+import orjson
+
+from aleatoria import messages as m
+from aleatoria.auth import TokenRefused, token_expiry
+from aleatoria.codec import dumps, encode
+from aleatoria.errors import (
+    INVALID_TOKEN,
+    LIMIT_REACHED,
+    NOT_IN_ROOM,
+    NOT_IN_ROOM_TEXT,
+    PEER_UNAVAILABLE,
+    TOO_LARGE,
+    ClientError,
+)
+from aleatoria.matchmaking import IMPOLITE, POLITE, RequestOutcome
+from aleatoria.messages import Envelope
+from aleatoria.requests import (
+    ChatToRoom,
+    ChatToUser,
+    ClientMessage,
+    GetDirectMessages,
+    GetRecentMessages,
+    GetRooms,
+    JoinRoom,
+    LeaveRoom,
+    Ping,
+    RefreshToken,
+    RequestRandomPeer,
+    Signal,
+    UserAvailable,
+    UserUnavailable,
+)
+
+HOUR = 3600.0
+
+
+@attrs.frozen
+class Rules:
+    """The per-user limits and secrets the core applies (from ``Config``)."""
+
+    max_rooms_per_user: int = 100
+    new_dm_per_hour: int = 200
+    max_payload_bytes: int = 32_768
+    auth_secret: str | None = None
+
+
+@attrs.frozen
+class Facts:
+    """What the core needs to know besides the request. ``match_peer`` reads the store's
+    view of a user's live match (synchronous and cheap)."""
+
+    user: str
+    rooms: frozenset[str] | set[str]
+    dm_partners: Mapping[str, float]  # partner -> when first written to, this hour
+    now_ns: int  # wall clock, for createTime and history
+    now_text: str  # the same moment, RFC 3339
+    monotonic: float  # for the per-hour windows
+    new_id: Callable[[], str]  # a fresh messageId
+    match_peer: Callable[[str], str | None]
+    rules: Rules = Rules()
+
+
+# -- effects: what the session applies ---------------------------------------------------------
+
+
+@attrs.frozen
+class Reply:
+    """A server message to the requester (``fromUser`` system)."""
+
+    kind: str
+    payload: Any
+    room: str | None = None
+
+
+@attrs.frozen
+class Deliver:
+    """A message (JSON) to ``user`` wherever it is connected; ``extra`` goes in the bus
+    header (the peer's instance mirrors matches from it)."""
+
+    user: str
+    data: bytes
+    kind: str
+    extra: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class RecordRoom:
+    room: str
+    data: bytes
+    created_ns: int
+
+
+@attrs.frozen
+class RecordDirect:
+    """Store a DM, then (once durable) send the sender ``own`` (PROTOCOL.md section 16)."""
+
+    to: str
+    data: bytes
+    created_ns: int
+    own: bytes
+
+
+@attrs.frozen
+class PeerLeft:
+    """Tell ``peer`` this user left their match (``hangup {reason: peer_left}``)."""
+
+    peer: str
+
+
+@attrs.frozen
+class RememberPartner:
+    partner: str
+    since: float
+
+
+@attrs.frozen
+class JoinLocal:
+    room: str
+
+
+@attrs.frozen
+class LeaveLocal:
+    room: str
+
+
+@attrs.frozen
+class SetExpiry:
+    """The connection's token now runs out at ``exp`` (unix seconds)."""
+
+    exp: int
+
+
+@attrs.frozen
+class CountMatch:
+    pass
+
+
+Effect = (
+    Reply
+    | Deliver
+    | RecordRoom
+    | RecordDirect
+    | PeerLeft
+    | RememberPartner
+    | JoinLocal
+    | LeaveLocal
+    | SetExpiry
+    | CountMatch
+)
+
+
+# -- calls: what the session awaits, and the outcome each gives -----------------------------------
+
+
+@attrs.frozen
+class Broadcast:
+    """Deliver ``data`` to every member of ``room``, everywhere. Outcome: None."""
+
+    room: str
+    data: bytes
+
+
+@attrs.frozen
+class RoomReady:
+    """Wait until this instance receives ``room``'s messages. Outcome: whether the room is
+    still the user's here (False: the user moved to another instance meanwhile)."""
+
+    room: str
+
+
+@attrs.frozen
+class StoreJoin:
+    room: str
+
+
+@attrs.frozen
+class StoreLeave:
+    room: str
+
+
+@attrs.frozen
+class ListRooms:
+    """Outcome: the rooms' names."""
+
+
+@attrs.frozen
+class SetAvailable:
+    """Outcome: the peer whose match this ended, or None."""
+
+
+@attrs.frozen
+class SetUnavailable:
+    pass
+
+
+@attrs.frozen
+class RequestPeer:
+    """Outcome: a ``RequestOutcome``."""
+
+    current_peer: str | None
+
+
+@attrs.frozen
+class Hangup:
+    peer: str
+
+
+@attrs.frozen
+class Relay:
+    """Deliver to ``to`` if online (not to a user in someone else's call, on another
+    instance). Outcome: whether it was delivered."""
+
+    to: str
+    data: bytes
+    kind: str
+    extra: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class RecentHistory:
+    """Outcome: stored messages (JSON bytes), newest first."""
+
+    room: str
+    limit: int
+    before_ns: int | None
+
+
+@attrs.frozen
+class DirectHistory:
+    """Outcome: stored messages (JSON bytes), oldest first."""
+
+    other: str
+    limit: int
+
+
+Call = (
+    Broadcast
+    | RoomReady
+    | StoreJoin
+    | StoreLeave
+    | ListRooms
+    | SetAvailable
+    | SetUnavailable
+    | RequestPeer
+    | Hangup
+    | Relay
+    | RecentHistory
+    | DirectHistory
+)
+
+
+@attrs.frozen
+class Step:
+    """Apply ``effects``; then, if there is a ``call``, await it and continue with
+    ``then(outcome)``."""
+
+    effects: tuple[Effect, ...] = ()
+    call: Call | None = None
+    then: Callable[[Any], Step] | None = None
+
+
+DONE = Step()
+
+
+def _done(*effects: Effect) -> Step:
+    return Step(effects)
+
+
+def _after(call: Call, then: Callable[[Any], Step], *effects: Effect) -> Step:
+    return Step(effects, call, then)
+
+
+# -- the rules -----------------------------------------------------------------------------------
+
+
+def handle(request: ClientMessage, facts: Facts) -> Step:
+    """The first step of ``request``. Raises ClientError for a request that is refused."""
+    match request:
+        case ChatToRoom():
+            return _chat_to_room(request, facts)
+        case ChatToUser():
+            return _chat_to_user(request, facts)
+        case Signal():
+            return _signal(request, facts)
+        case JoinRoom():
+            return _join(request, facts)
+        case LeaveRoom():
+            return _leave(request)
+        case GetRooms():
+            return _after(ListRooms(), lambda rooms: _done(Reply(m.ROOMS_LIST, m.RoomsList(rooms=rooms))))
+        case UserAvailable():
+            return _after(SetAvailable(), _peer_left)
+        case UserUnavailable():
+            return _after(SetUnavailable(), _nothing)
+        case RequestRandomPeer():
+            return _after(RequestPeer(request.current_peer_id), lambda outcome: _matched(outcome, facts))
+        case GetRecentMessages():
+            return _recent(request, facts)
+        case GetDirectMessages():
+            return _after(
+                DirectHistory(request.with_user, request.limit),
+                lambda stored: _done(
+                    Reply(
+                        m.DIRECT_MESSAGES,
+                        m.DirectMessages(with_user=request.with_user, messages=_fragments(stored)),
+                    )
+                ),
+            )
+        case Ping():
+            return _done(Reply(m.PONG, None))
+        case RefreshToken():
+            return _refresh(request, facts)
+        case _:
+            assert_never(request)
+
+
+def _nothing(_: object) -> Step:
+    return DONE
+
+
+def _peer_left(ended: str | None) -> Step:
+    return DONE if ended is None else _done(PeerLeft(ended))
+
+
+def _fragments(stored: list[bytes]) -> list[Any]:
+    return [orjson.Fragment(message) for message in stored]
+
+
+# chat
+
+
+def _chat_message(
+    facts: Facts, payload: Any, message_id: str | None, room: str | None, to: str | None
+) -> bytes:
+    data = encode(
+        Envelope(
+            type=m.CHAT_MESSAGE,
+            from_user=facts.user,
+            to_user=to,
+            room=room,
+            payload=payload,
+            message_id=message_id or facts.new_id(),
+            create_time=facts.now_text,
+        )
+    )
+    # The whole message bounds its payload: encode the payload alone only when needed.
+    limit = facts.rules.max_payload_bytes
+    if len(data) > limit and len(dumps(payload)) > limit:
+        raise ClientError(TOO_LARGE, f"payload is larger than {limit} bytes")
+    return data
+
+
+def _chat_to_room(request: ChatToRoom, facts: Facts) -> Step:
+    if request.room not in facts.rooms:
+        raise ClientError(NOT_IN_ROOM, NOT_IN_ROOM_TEXT)
+    data = _chat_message(facts, request.payload, request.message_id, request.room, None)
+    return _after(Broadcast(request.room, data), _nothing, RecordRoom(request.room, data, facts.now_ns))
+
+
+def _chat_to_user(request: ChatToUser, facts: Facts) -> Step:
+    to = request.to_user
+    remember = new_partner(to, facts)
+    data = _chat_message(facts, request.payload, request.message_id, None, to)
+    # The stored form has no ``incoming``; each side's copy adds its own. orjson always ends
+    # an object with "}", so the flag is spliced in rather than encoded twice more.
+    effects: list[Effect] = [
+        RecordDirect(to, data, facts.now_ns, data[:-1] + b',"incoming":false}'),
+        Deliver(to, data[:-1] + b',"incoming":true}', m.CHAT_MESSAGE),
+    ]
+    if remember is not None:
+        effects.insert(0, remember)
+    return Step(tuple(effects))
+
+
+def new_partner(to: str, facts: Facts) -> RememberPartner | None:
+    """At most ``new_dm_per_hour`` new DM partners an hour (PROTOCOL.md section 16): the
+    partner to remember, None if ``to`` is one of this hour's already. Raises ClientError."""
+    partners = facts.dm_partners
+    since = partners.get(to)
+    if since is not None and facts.monotonic - since < HOUR:
+        return None
+    limit = facts.rules.new_dm_per_hour
+    current = sum(1 for first in partners.values() if facts.monotonic - first < HOUR)
+    if current >= limit:
+        raise ClientError(
+            LIMIT_REACHED, f"You can start at most {limit} new conversations an hour. Try again later."
+        )
+    return RememberPartner(to, facts.monotonic)
+
+
+# signaling and matches
+
+
+def _signal(request: Signal, facts: Facts) -> Step:
+    to = request.to_user
+    # A user in a live match hears call signaling from its match peer only (no hijack:
+    # PROTOCOL.md section 16). The store knows the matches of this instance's users; the
+    # route to another instance checks in Redis.
+    peer = facts.match_peer(to)
+    if peer is not None and peer != facts.user:
+        raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
+    data = encode(
+        Envelope(
+            type=request.kind,
+            from_user=facts.user,
+            to_user=to,
+            payload=request.payload,
+            message_id=request.message_id or facts.new_id(),
+            create_time=facts.now_text,
+        )
+    )
+    # A hangup's header names the sender: the peer's instance ends the match it mirrors.
+    extra = (facts.user,) if request.kind == m.HANGUP else ()
+    relay = _after(Relay(to, data, request.kind, extra), lambda reached: _delivered(reached, to))
+    if request.kind == m.HANGUP:
+        return _after(Hangup(to), lambda _: relay)
+    return relay
+
+
+def _delivered(reached: bool, to: str) -> Step:
+    if not reached:
+        raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
+    return DONE
+
+
+def _matched(outcome: RequestOutcome, facts: Facts) -> Step:
+    effects: list[Effect] = []
+    if outcome.ended_peer is not None:
+        effects.append(PeerLeft(outcome.ended_peer))
+    if outcome.peer is None:
+        effects.append(Reply(m.NO_PEER_AVAILABLE, m.NoPeer(message=m.NO_PEER_TEXT)))
+        return Step(tuple(effects))
+    effects.append(Reply(m.ASSIGN_ROLE, m.AssignRole(role=outcome.role, peer_id=outcome.peer)))
+    if not outcome.resend:
+        role = other_role(outcome.role)
+        data = encode(
+            Envelope(
+                type=m.ASSIGN_ROLE,
+                from_user=m.SYSTEM,
+                to_user=outcome.peer,
+                payload=m.AssignRole(role=role, peer_id=facts.user),
+            )
+        )
+        # The header carries peer and role: the peer's instance mirrors the match.
+        effects += [CountMatch(), Deliver(outcome.peer, data, m.ASSIGN_ROLE, (facts.user, role))]
+    return Step(tuple(effects))
+
+
+def other_role(role: str) -> str:
+    return POLITE if role == IMPOLITE else IMPOLITE
+
+
+# rooms and history
+
+
+def _join(request: JoinRoom, facts: Facts) -> Step:
+    room = request.room
+    limit = facts.rules.max_rooms_per_user
+    if room not in facts.rooms and len(facts.rooms) >= limit:
+        raise ClientError(LIMIT_REACHED, f"You are in {limit} rooms already. Leave one first.")
+    return join(room)
+
+
+def join(room: str) -> Step:
+    """Join ``room`` (idempotent) and confirm with ``room_joined`` once this instance
+    receives the room's messages (also the URL's room at connect time)."""
+
+    def stored(_: object) -> Step:
+        return _done(Reply(m.ROOM_JOINED, m.RoomAction(room=room, action="joined"), room=room))
+
+    def ready(still_ours: bool) -> Step:
+        # Evicted while waiting (the user is another instance's now): leave no ghost.
+        return _after(StoreJoin(room), stored) if still_ours else DONE
+
+    return _after(RoomReady(room), ready, JoinLocal(room))
+
+
+def _leave(request: LeaveRoom) -> Step:
+    room = request.room
+    reply = _done(Reply(m.ROOM_LEFT, m.RoomAction(room=room, action="left"), room=room))
+    return _after(StoreLeave(room), lambda _: reply, LeaveLocal(room))
+
+
+def _recent(request: GetRecentMessages, facts: Facts) -> Step:
+    room = request.room
+    if room not in facts.rooms:
+        raise ClientError(NOT_IN_ROOM, NOT_IN_ROOM_TEXT)
+    return _after(
+        RecentHistory(room, request.limit, request.before_ns),
+        lambda stored: _done(
+            Reply(m.RECENT_MESSAGES, m.RecentMessages(room=room, messages=_fragments(stored)), room=room)
+        ),
+    )
+
+
+# tokens
+
+
+def _refresh(request: RefreshToken, facts: Facts) -> Step:
+    secret = facts.rules.auth_secret
+    if not secret:
+        raise ClientError(INVALID_TOKEN, "This server does not use tokens.")
+    try:
+        exp = token_expiry(request.token, facts.user, secret)
+    except TokenRefused as exc:
+        raise ClientError(INVALID_TOKEN, f"Token refused: {exc}.") from None
+    return _done(SetExpiry(exp), Reply(m.TOKEN_REFRESHED, m.TokenRefreshed(exp=exp)))

@@ -1,0 +1,191 @@
+"""Typed client messages (pure): one frozen class per client message type, and ``parse``,
+which turns a decoded ``Envelope`` into one of them or raises ``ClientError``.
+
+Everything a request needs from its envelope and payload is checked here, once, in the
+order the protocol's error codes imply (PROTOCOL.md sections 3 and 4): a wrong target
+(``invalid_target``), a payload of the wrong shape (``invalid_payload``), a value over a
+limit (``too_large``), an id with forbidden characters. Rules that need facts beyond the
+message (membership, matches, limits per user) are the core's (``aleatoria.core``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from aleatoria import messages as m
+from aleatoria.codec import parse_time_ns, payload_as
+from aleatoria.errors import INVALID_PAYLOAD, INVALID_TARGET, TOO_LARGE, UNKNOWN_TYPE, ClientError
+from aleatoria.limits import check_id, clamp_limit
+from aleatoria.messages import Envelope
+
+
+@attrs.frozen
+class Limits:
+    """The input limits a request is checked against (from ``Config``)."""
+
+    max_id_chars: int = 64
+    max_content_chars: int = 4000
+    max_message_id_chars: int = 128
+
+
+@attrs.frozen
+class ChatToRoom:
+    room: str
+    payload: Any  # relayed and stored as the client sent it
+    message_id: str | None = None
+
+
+@attrs.frozen
+class ChatToUser:
+    to_user: str
+    payload: Any
+    message_id: str | None = None
+
+
+@attrs.frozen
+class Signal:
+    """``webrtc_offer``, ``webrtc_answer``, ``webrtc_candidate`` or ``hangup``."""
+
+    kind: str
+    to_user: str
+    payload: Any
+    message_id: str | None = None
+
+
+@attrs.frozen
+class JoinRoom:
+    room: str
+
+
+@attrs.frozen
+class LeaveRoom:
+    room: str
+
+
+@attrs.frozen
+class GetRooms:
+    pass
+
+
+@attrs.frozen
+class UserAvailable:
+    pass
+
+
+@attrs.frozen
+class UserUnavailable:
+    pass
+
+
+@attrs.frozen
+class RequestRandomPeer:
+    current_peer_id: str | None = None
+
+
+@attrs.frozen
+class GetRecentMessages:
+    room: str
+    limit: int
+    before_ns: int | None = None
+
+
+@attrs.frozen
+class GetDirectMessages:
+    with_user: str
+    limit: int
+
+
+@attrs.frozen
+class Ping:
+    pass
+
+
+@attrs.frozen
+class RefreshToken:
+    token: str
+
+
+ClientMessage = (
+    ChatToRoom
+    | ChatToUser
+    | Signal
+    | JoinRoom
+    | LeaveRoom
+    | GetRooms
+    | UserAvailable
+    | UserUnavailable
+    | RequestRandomPeer
+    | GetRecentMessages
+    | GetDirectMessages
+    | Ping
+    | RefreshToken
+)
+
+_GET_ROOMS = GetRooms()
+_AVAILABLE = UserAvailable()
+_UNAVAILABLE = UserUnavailable()
+_PING = Ping()
+
+
+def parse(env: Envelope, limits: Limits) -> ClientMessage:
+    """The typed request an envelope carries. Raises ClientError (the reply says why)."""
+    kind = env.type
+    if env.message_id is not None and len(env.message_id) > limits.max_message_id_chars:
+        raise ClientError(TOO_LARGE, f"messageId is longer than {limits.max_message_id_chars} characters")
+    if kind == m.CHAT_MESSAGE:
+        return _chat(env, limits)
+    if kind in m.SIGNALING_TYPES:
+        if env.to_user is None:
+            raise ClientError(INVALID_TARGET, f"{kind} needs toUser.")
+        to = check_id("toUser", env.to_user, limits.max_id_chars)
+        return Signal(kind, to, env.payload, env.message_id)
+    if kind == m.JOIN_ROOM:
+        return JoinRoom(_room(env, limits))
+    if kind == m.LEAVE_ROOM:
+        return LeaveRoom(_room(env, limits))
+    if kind == m.GET_ROOMS:
+        return _GET_ROOMS
+    if kind == m.USER_AVAILABLE:
+        return _AVAILABLE
+    if kind == m.USER_UNAVAILABLE:
+        return _UNAVAILABLE
+    if kind == m.REQUEST_RANDOM_PEER:
+        current = payload_as(env.payload, m.PeerRequest, optional=True).current_peer_id
+        if current is not None:
+            check_id("currentPeerId", current, limits.max_id_chars)
+        return RequestRandomPeer(current)
+    if kind == m.GET_RECENT_MESSAGES:
+        room = _room(env, limits)
+        recent = payload_as(env.payload, m.RecentMessagesRequest, optional=True)
+        before = None if recent.before is None else parse_time_ns(recent.before)
+        return GetRecentMessages(room, clamp_limit(recent.limit), before)
+    if kind == m.GET_DIRECT_MESSAGES:
+        direct = payload_as(env.payload, m.DirectMessagesRequest, optional=True)
+        if direct.with_user is None:
+            raise ClientError(INVALID_PAYLOAD, "payload.withUser is required.")
+        other = check_id("withUser", direct.with_user, limits.max_id_chars)
+        return GetDirectMessages(other, clamp_limit(direct.limit))
+    if kind == m.PING:
+        return _PING
+    if kind == m.REFRESH_TOKEN:
+        return RefreshToken(payload_as(env.payload, m.TokenRefresh).token)
+    raise ClientError(UNKNOWN_TYPE, f"Unknown message type: {kind[:64]!r}")
+
+
+def _room(env: Envelope, limits: Limits) -> str:
+    if env.room is None:
+        raise ClientError(INVALID_TARGET, "room is required.")
+    return check_id("room", env.room, limits.max_id_chars)
+
+
+def _chat(env: Envelope, limits: Limits) -> ChatToRoom | ChatToUser:
+    if (env.room is None) == (env.to_user is None):
+        raise ClientError(INVALID_TARGET, "A chat message needs either room or toUser (not both).")
+    content = payload_as(env.payload, m.ChatPayload).content
+    if len(content) > limits.max_content_chars:
+        raise ClientError(TOO_LARGE, f"content is longer than {limits.max_content_chars} characters")
+    if env.room is not None:
+        return ChatToRoom(check_id("room", env.room, limits.max_id_chars), env.payload, env.message_id)
+    return ChatToUser(check_id("toUser", env.to_user or "", limits.max_id_chars), env.payload, env.message_id)
