@@ -1,0 +1,360 @@
+"""The protocol core, tested pure (no server, no socket, no trio): each rule of PROTOCOL.md
+sections 3-5 and 16 as the core decides it, driving ``core.handle`` step by step with chosen
+facts and store outcomes."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jwt
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from aleatoria import core
+from aleatoria import messages as m
+from aleatoria.codec import decode
+from aleatoria.core import Facts, Rules, Step
+from aleatoria.errors import ClientError, InvalidMessage
+from aleatoria.matchmaking import RequestOutcome
+from aleatoria.requests import (
+    ChatToRoom,
+    ChatToUser,
+    GetDirectMessages,
+    GetRecentMessages,
+    JoinRoom,
+    Limits,
+    RequestRandomPeer,
+    Signal,
+    parse,
+)
+
+CORE_MODULES = [
+    "aleatoria.core",
+    "aleatoria.requests",
+    "aleatoria.codec",
+    "aleatoria.messages",
+    "aleatoria.errors",
+    "aleatoria.limits",
+    "aleatoria.matchmaking",
+    "aleatoria.origin",
+    "aleatoria.auth",
+]
+PACKAGE = Path(__file__).resolve().parent.parent / "aleatoria"
+
+
+def test_core_modules_import_no_io() -> None:
+    """No core module imports trio, redis or a socket module itself, and importing them all
+    in a fresh interpreter loads neither trio nor redis. (pyjwt, which the token rule uses,
+    loads ``socket`` for its key-set client; the core never touches it.)"""
+    for name in CORE_MODULES:
+        tree = ast.parse((PACKAGE / (name.split(".")[1] + ".py")).read_text())
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for imported in names:
+                top = imported.split(".")[0]
+                assert top not in {"trio", "redis", "socket", "select", "selectors", "asyncio"}, (
+                    name,
+                    imported,
+                )
+    code = "import sys; " + "; ".join(f"import {name}" for name in CORE_MODULES)
+    code += "; print(sorted(m for m in sys.modules if m.split('.')[0] in ('trio', 'redis')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "[]" == out.stdout.strip()
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+LIMITS = Limits()
+
+
+def facts(
+    user: str = "alice",
+    rooms: set[str] | None = None,
+    partners: dict[str, float] | None = None,
+    matches: dict[str, str] | None = None,
+    rules: Rules | None = None,
+    monotonic: float = 1000.0,
+) -> Facts:
+    ids = iter(range(1, 1_000_000))
+    known = matches or {}
+    return Facts(
+        user=user,
+        rooms=rooms if rooms is not None else {"Lobby"},
+        dm_partners=partners or {},
+        now_ns=1_764_000_000_000_000_000,
+        now_text="2025-11-24T16:00:00.000000Z",
+        monotonic=monotonic,
+        new_id=lambda: f"id-{next(ids)}",
+        match_peer=known.get,
+        rules=rules or Rules(),
+    )
+
+
+def request(message: dict[str, Any]) -> Any:
+    return parse(decode(orjson.dumps(message)), LIMITS)
+
+
+def run(step: Step, *outcomes: Any) -> list[Any]:
+    """Every effect of ``step`` and its successors, feeding ``outcomes`` to the calls in
+    order; also records the calls."""
+    seen: list[Any] = []
+    pending = list(outcomes)
+    while True:
+        seen.extend(step.effects)
+        if step.call is None or step.then is None:
+            return seen
+        seen.append(step.call)
+        step = step.then(pending.pop(0))
+
+
+def refused(message: dict[str, Any], the_facts: Facts | None = None) -> str:
+    with pytest.raises(ClientError) as caught:
+        core.handle(request(message), the_facts or facts())
+    return caught.value.code
+
+
+def payload_of(data: bytes) -> Any:
+    return orjson.loads(data)
+
+
+# -- section 3: the envelope --------------------------------------------------------------------
+
+
+def test_the_server_sets_from_user_and_create_time_and_keeps_a_message_id() -> None:
+    message = {
+        "type": "chat_message",
+        "room": "Lobby",
+        "fromUser": "mallory",
+        "createTime": "1999-01-01T00:00:00Z",
+        "messageId": "mine",
+        "payload": {"content": "hi"},
+    }
+    effects = run(core.handle(request(message), facts()), None)
+    record = next(e for e in effects if isinstance(e, core.RecordRoom))
+    sent = payload_of(record.data)
+    assert ("alice", "2025-11-24T16:00:00.000000Z", "mine") == (
+        sent["fromUser"],
+        sent["createTime"],
+        sent["messageId"],
+    )
+    del message["messageId"]
+    effects = run(core.handle(request(message), facts()), None)
+    assert payload_of(effects[0].data)["messageId"] == "id-1"
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [
+        (
+            {"type": "chat_message", "room": "Lobby", "messageId": "x" * 129, "payload": {"content": "a"}},
+            "too_large",
+        ),
+        ({"type": "chat_message", "payload": {"content": "a"}}, "invalid_target"),
+        (
+            {"type": "chat_message", "room": "Lobby", "toUser": "bob", "payload": {"content": "a"}},
+            "invalid_target",
+        ),
+        ({"type": "chat_message", "room": "Lobby", "payload": {"content": 5}}, "invalid_payload"),
+        ({"type": "chat_message", "room": "Lobby", "payload": {"content": "a" * 4001}}, "too_large"),
+        ({"type": "chat_message", "room": "bad room", "payload": {"content": "a"}}, "invalid_payload"),
+        ({"type": "chat_message", "room": "r" * 65, "payload": {"content": "a"}}, "too_large"),
+        ({"type": "webrtc_offer", "payload": {}}, "invalid_target"),
+        ({"type": "join_room"}, "invalid_target"),
+        ({"type": "get_recent_messages", "room": "Lobby", "payload": {"limit": "5"}}, "invalid_payload"),
+        (
+            {"type": "get_recent_messages", "room": "Lobby", "payload": {"before": "yesterday"}},
+            "invalid_payload",
+        ),
+        ({"type": "get_direct_messages", "payload": {}}, "invalid_payload"),
+        ({"type": "request_random_peer", "payload": {"currentPeerId": "a b"}}, "invalid_payload"),
+        ({"type": "no_such_type"}, "unknown_type"),
+    ],
+)
+def test_bad_requests_are_refused_with_their_code(message: dict[str, Any], code: str) -> None:
+    with pytest.raises(ClientError) as caught:
+        parse(decode(orjson.dumps(message)), LIMITS)
+    assert code == caught.value.code
+    assert caught.value.close_code is None
+
+
+def test_invalid_structure_is_a_kind_of_client_error() -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        decode(b"[1]")
+    assert isinstance(caught.value, ClientError)
+    assert ("invalid_message", None) == (caught.value.code, caught.value.close_code)
+
+
+@given(st.integers(-(10**6), 10**6))
+def test_limit_is_clamped_to_1_200(limit: int) -> None:
+    parsed = request({"type": "get_recent_messages", "room": "Lobby", "payload": {"limit": limit}})
+    assert isinstance(parsed, GetRecentMessages)
+    assert max(1, min(200, limit)) == parsed.limit
+    assert 50 == request({"type": "get_direct_messages", "payload": {"withUser": "bob"}}).limit
+
+
+# -- section 4: chat -------------------------------------------------------------------------------
+
+
+def test_a_room_message_is_recorded_then_broadcast_to_members_only() -> None:
+    step = core.handle(ChatToRoom("Lobby", {"content": "hi"}), facts())
+    assert isinstance(step.effects[0], core.RecordRoom)
+    assert isinstance(step.call, core.Broadcast) and "Lobby" == step.call.room
+    assert step.effects[0].data == step.call.data  # history holds exactly what was delivered
+    assert "not_in_room" == refused({"type": "chat_message", "room": "Other", "payload": {"content": "x"}})
+
+
+def test_a_dm_goes_to_the_recipient_incoming_and_to_the_sender_once_stored() -> None:
+    effects = run(core.handle(ChatToUser("bob", {"content": "hi"}), facts()))
+    remember, record, deliver = effects
+    assert isinstance(remember, core.RememberPartner) and "bob" == remember.partner
+    assert isinstance(record, core.RecordDirect) and isinstance(deliver, core.Deliver)
+    assert "bob" == deliver.user
+    assert payload_of(deliver.data)["incoming"] is True
+    assert payload_of(record.own)["incoming"] is False
+    assert "incoming" not in payload_of(record.data)  # the stored form has neither flag
+
+
+def test_new_dm_partners_an_hour_are_limited() -> None:
+    rules = Rules(new_dm_per_hour=2)
+    full = facts(partners={"b1": 900.0, "b2": 950.0}, rules=rules, monotonic=1000.0)
+    assert "limit_reached" == refused(
+        {"type": "chat_message", "toUser": "b3", "payload": {"content": "x"}}, full
+    )
+    # A partner of this hour is not new; one from over an hour ago no longer counts.
+    assert 2 == len(run(core.handle(ChatToUser("b1", {"content": "x"}), full)))
+    later = facts(partners={"b1": 900.0, "b2": 950.0}, rules=rules, monotonic=900.0 + core.HOUR)
+    assert isinstance(run(core.handle(ChatToUser("b3", {"content": "x"}), later))[0], core.RememberPartner)
+
+
+def test_payload_bytes_count_every_field() -> None:
+    small = Rules(max_payload_bytes=2048)
+    message = {"type": "chat_message", "room": "Lobby", "payload": {"content": "hi", "extra": "x" * 3000}}
+    assert "too_large" == refused(message, facts(rules=small))
+    message["payload"] = {"content": "é" * 500}  # 1,000 bytes of UTF-8
+    assert run(core.handle(request(message), facts(rules=small)), None)
+
+
+# -- section 4: rooms and history ----------------------------------------------------------------------
+
+
+def test_join_is_local_first_then_ready_then_stored_then_confirmed() -> None:
+    step = core.handle(JoinRoom("r"), facts())
+    assert [core.JoinLocal("r")] == list(step.effects)
+    assert core.RoomReady("r") == step.call
+    assert step.then is not None
+    stored = step.then(True)
+    assert core.StoreJoin("r") == stored.call
+    assert stored.then is not None
+    done = stored.then(None)
+    assert [core.Reply(m.ROOM_JOINED, m.RoomAction(room="r", action="joined"), room="r")] == list(
+        done.effects
+    )
+    # Evicted while waiting: nothing stored, nothing confirmed.
+    assert step.then(False) == core.DONE
+
+
+def test_rooms_per_user_are_limited_but_rejoining_is_not() -> None:
+    many = facts(rooms={"a", "b"}, rules=Rules(max_rooms_per_user=2))
+    assert "limit_reached" == refused({"type": "join_room", "room": "c"}, many)
+    assert core.RoomReady("a") == core.handle(JoinRoom("a"), many).call
+
+
+def test_leave_is_idempotent_and_confirmed() -> None:
+    effects = run(core.handle(request({"type": "leave_room", "room": "nowhere"}), facts()), None)
+    assert core.LeaveLocal("nowhere") == effects[0]
+    assert m.ROOM_LEFT == effects[-1].kind
+
+
+def test_history_needs_membership_and_passes_limits() -> None:
+    assert "not_in_room" == refused({"type": "get_recent_messages", "room": "Other"})
+    step = core.handle(GetRecentMessages("Lobby", 7, None), facts())
+    assert core.RecentHistory("Lobby", 7, None) == step.call
+    effects = run(step, [b'{"a":1}'])
+    assert b'{"a":1}' == orjson.dumps(effects[-1].payload.messages[0])
+    step = core.handle(GetDirectMessages("bob", 3), facts())
+    assert core.DirectHistory("bob", 3) == step.call
+
+
+# -- section 4: matches and signaling ----------------------------------------------------------------------
+
+
+def test_a_match_assigns_complementary_roles() -> None:
+    effects = run(core.handle(RequestRandomPeer(), facts()), RequestOutcome(peer="bob"))
+    reply = next(e for e in effects if isinstance(e, core.Reply))
+    deliver = next(e for e in effects if isinstance(e, core.Deliver))
+    assert ("impolite", "bob") == (reply.payload.role, reply.payload.peer_id)
+    sent = payload_of(deliver.data)["payload"]
+    assert {"role": "polite", "peerId": "alice"} == sent
+    assert ("alice", "polite") == deliver.extra
+    assert any(isinstance(e, core.CountMatch) for e in effects)
+
+
+def test_next_ends_the_old_match_and_a_crossed_request_resends() -> None:
+    effects = run(
+        core.handle(RequestRandomPeer("bob"), facts()), RequestOutcome(peer="carol", ended_peer="bob")
+    )
+    assert core.PeerLeft("bob") in effects
+    resend = run(
+        core.handle(RequestRandomPeer(), facts()), RequestOutcome(peer="bob", role="polite", resend=True)
+    )
+    assert not any(isinstance(e, (core.Deliver, core.CountMatch)) for e in resend)
+    assert "polite" == resend[-1].payload.role
+    none = run(core.handle(RequestRandomPeer(), facts()), RequestOutcome())
+    assert m.NO_PEER_AVAILABLE == none[-1].kind
+
+
+def test_signaling_is_relayed_unchanged_or_refused() -> None:
+    payload = {"sdp": {"type": "offer", "sdp": "v=0\r\n"}, "n": [1, 2.5, None]}
+    step = core.handle(Signal("webrtc_offer", "bob", payload), facts())
+    assert isinstance(step.call, core.Relay)
+    assert payload == payload_of(step.call.data)["payload"]
+    with pytest.raises(ClientError) as caught:
+        run(step, False)
+    assert "peer_unavailable" == caught.value.code
+    # A hangup ends the match in the store first.
+    hangup = core.handle(Signal("hangup", "bob", {}), facts())
+    assert core.Hangup("bob") == hangup.call
+
+
+def test_signaling_into_someone_elses_call_is_refused() -> None:
+    busy = facts(user="carol", matches={"alice": "bob", "bob": "alice"})
+    for kind in ("webrtc_offer", "webrtc_answer", "webrtc_candidate", "hangup"):
+        assert "peer_unavailable" == refused({"type": kind, "toUser": "alice", "payload": {}}, busy)
+    mine = facts(user="bob", matches={"alice": "bob", "bob": "alice"})
+    assert isinstance(core.handle(Signal("webrtc_offer", "alice", {}), mine).call, core.Relay)
+
+
+def test_availability_ends_a_live_match() -> None:
+    assert [core.SetAvailable(), core.PeerLeft("bob")] == run(
+        core.handle(request({"type": "user_available_webrtc"}), facts()), "bob"
+    )
+    assert [core.SetAvailable()] == run(
+        core.handle(request({"type": "user_available_webrtc"}), facts()), None
+    )
+
+
+def test_ping_and_tokens() -> None:
+    assert [core.Reply(m.PONG, None)] == run(core.handle(request({"type": "ping"}), facts()))
+    assert "invalid_token" == refused({"type": "refresh_token", "payload": {"token": "t"}})
+    secret = "s" * 40
+    token = jwt.encode({"sub": "alice", "exp": 4_000_000_000}, secret, algorithm="HS256")
+    effects = run(
+        core.handle(
+            request({"type": "refresh_token", "payload": {"token": token}}),
+            facts(rules=Rules(auth_secret=secret)),
+        )
+    )
+    assert core.SetExpiry(4_000_000_000) == effects[0]
+    other = jwt.encode({"sub": "bob", "exp": 4_000_000_000}, secret, algorithm="HS256")
+    message = {"type": "refresh_token", "payload": {"token": other}}
+    assert "invalid_token" == refused(message, facts(rules=Rules(auth_secret=secret)))
