@@ -325,6 +325,22 @@ class Server:
         return ws, user, request.param("room") or DEFAULT_ROOM, ip, expires
 
     async def _session(self, ws: WebSocket, user: str, room: str, ip: str, expires: float | None) -> None:
+        session = self.new_session(ws, user, expires)
+        self.per_ip[ip] += 1
+        try:
+            await self.start_session(session, room)
+            code = await ws.serve(session.handle, self._tasks)
+        finally:
+            with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+                await self.end_session(session)
+            self.per_ip[ip] -= 1
+            if not self.per_ip[ip]:
+                del self.per_ip[ip]
+        self.stats.disconnects[code] += 1
+        log.info("event=disconnected user=%s code=%s", user, code)
+
+    def new_session(self, ws: WebSocket, user: str, expires: float | None = None) -> Session:
+        """A session for ``user`` on ``ws`` (a connection, or a test's recording socket)."""
         config = self.config
         client = Client(
             user=user,
@@ -334,38 +350,37 @@ class Server:
             expires_at=expires,
         )
         self.stats.connections_opened += 1
-        session = Session(client, self.router, self.store, config)
-        self.per_ip[ip] += 1
-        try:
-            # One user's connections set up and tear down one at a time on this instance, so
-            # the order in which the hub replaces them is the order in which the store
-            # registers them: the last one to connect is the one presence names, and the
-            # one every other instance evicts toward (PROTOCOL.md section 16).
-            async with self._user_turn(user):
-                replaced = self.hub.attach(client)
-                # Presence: registered before the first room join, so this user is reachable
-                # from every instance by the time it hears ``room_joined``.
-                takeover = await self.store.connect(user, client.connection)
-                log.info(
-                    "event=connected user=%s room=%s replaced=%s",
-                    user,
-                    room,
-                    "here" if replaced is not None else (takeover.instance if takeover else "no"),
-                )
-                if takeover is not None:
-                    self.router.evict(takeover.instance, user, takeover.connection)
-                    await session.adopt_rooms(takeover.rooms)
-                await session.join(room)
-            code = await ws.serve(session.handle, self._tasks)
-        finally:
-            with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-                async with self._user_turn(user):
-                    await self._forget(client)
-            self.per_ip[ip] -= 1
-            if not self.per_ip[ip]:
-                del self.per_ip[ip]
-        self.stats.disconnects[code] += 1
-        log.info("event=disconnected user=%s code=%s", user, code)
+        return Session(client, self.router, self.store, config)
+
+    async def start_session(self, session: Session, room: str) -> None:
+        """Attach ``session`` (replacing the user's previous connection, here or on another
+        instance), register it, and join ``room``. Cancellation: call ``end_session``."""
+        client, user = session.client, session.user
+        # One user's connections set up and tear down one at a time on this instance, so the
+        # order in which the hub replaces them is the order in which the store registers
+        # them: the last one to connect is the one presence names, and the one every other
+        # instance evicts toward (PROTOCOL.md section 16).
+        async with self._user_turn(user):
+            replaced = self.hub.attach(client)
+            # Presence: registered before the first room join, so this user is reachable
+            # from every instance by the time it hears ``room_joined``.
+            takeover = await self.store.connect(user, client.connection)
+            log.info(
+                "event=connected user=%s room=%s replaced=%s",
+                user,
+                room,
+                "here" if replaced is not None else (takeover.instance if takeover else "no"),
+            )
+            if takeover is not None:
+                self.router.evict(takeover.instance, user, takeover.connection)
+                await session.adopt_rooms(takeover.rooms)
+            await session.join(room)
+
+    async def end_session(self, session: Session) -> None:
+        """The connection of ``session`` is over: unless a successor took the user over,
+        leave its rooms, pool place and match (its peer is told)."""
+        async with self._user_turn(session.user):
+            await self._forget(session.client)
 
     def _user_turn(self, user: str) -> _Turn:
         """``user``'s turn (``async with``): connection set-up and clean-up of one user never

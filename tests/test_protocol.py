@@ -1,11 +1,25 @@
-"""Every row of PROTOCOL.md section 4, with the exact reply shapes, over real sockets."""
+"""Every row of PROTOCOL.md section 4, with the exact reply shapes: the in-memory tier (the
+real store, hub, router and sessions with a recording socket, on trio's mock clock; see
+tests/inmemory.py). What only real sockets show is in test_websocket_edge.py, test_http.py
+and test_hostile.py."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import trio
-from support import Peer, RunningServer, connect
+from inmemory import FakePeer as Peer
+from inmemory import InMemoryServer as RunningServer
+from inmemory import connect, inmemory_server
+from trio.testing import MockClock
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RunningServer]:
+    async with inmemory_server() as running:
+        yield running
 
 
 def system_reply(kind: str, to: str, payload: Any, **extra: Any) -> dict[str, Any]:
@@ -16,7 +30,7 @@ def error(to: str, code: str, text: str) -> dict[str, Any]:
     return system_reply("error", to, {"error": text, "code": code})
 
 
-async def test_connect_joins_the_url_room(server: RunningServer) -> None:
+async def test_connect_joins_the_url_room(server: RunningServer, autojump_clock: MockClock) -> None:
     """The room in the URL (default Lobby) is joined and confirmed with room_joined."""
     async with connect(server, "alice", joined=False) as alice:
         assert (
@@ -27,7 +41,7 @@ async def test_connect_joins_the_url_room(server: RunningServer) -> None:
         assert "Games" == (await bob.expect("room_joined"))["room"]
 
 
-async def test_room_chat_shape(server: RunningServer) -> None:
+async def test_room_chat_shape(server: RunningServer, autojump_clock: MockClock) -> None:
     """Room chat: fromUser overwritten, server createTime, messageId kept or assigned."""
     async with connect(server, "alice") as alice, connect(server, "bob") as bob:
         await alice.send(
@@ -50,7 +64,7 @@ async def test_room_chat_shape(server: RunningServer) -> None:
         assert (await bob.expect("chat_message"))["messageId"]
 
 
-async def test_room_chat_requires_membership(server: RunningServer) -> None:
+async def test_room_chat_requires_membership(server: RunningServer, autojump_clock: MockClock) -> None:
     """Chat to a room one has not joined is refused with not_in_room."""
     async with connect(server, "alice") as alice:
         await alice.send({"type": "chat_message", "room": "Other", "payload": {"content": "x"}})
@@ -60,7 +74,7 @@ async def test_room_chat_requires_membership(server: RunningServer) -> None:
         )
 
 
-async def test_chat_needs_exactly_one_target(server: RunningServer) -> None:
+async def test_chat_needs_exactly_one_target(server: RunningServer, autojump_clock: MockClock) -> None:
     """Neither or both of room and toUser: invalid_target."""
     async with connect(server, "alice") as alice:
         for target in ({}, {"room": "Lobby", "toUser": "bob"}):
@@ -68,7 +82,9 @@ async def test_chat_needs_exactly_one_target(server: RunningServer) -> None:
             assert "invalid_target" == (await alice.expect("error"))["payload"]["code"]
 
 
-async def test_direct_message_both_copies_and_offline_persistence(server: RunningServer) -> None:
+async def test_direct_message_both_copies_and_offline_persistence(
+    server: RunningServer, autojump_clock: MockClock
+) -> None:
     """DM: recipient gets incoming:true, sender a copy with incoming:false; an offline
     recipient reads it later with get_direct_messages."""
     async with connect(server, "alice") as alice:
@@ -89,7 +105,7 @@ async def test_direct_message_both_copies_and_offline_persistence(server: Runnin
         assert ["later"] == [m["payload"]["content"] for m in reply["payload"]["messages"]]
 
 
-async def test_join_and_leave_are_idempotent(server: RunningServer) -> None:
+async def test_join_and_leave_are_idempotent(server: RunningServer, autojump_clock: MockClock) -> None:
     """join_room and leave_room always confirm, also when repeated."""
     async with connect(server, "alice") as alice:
         for _ in range(2):
@@ -102,7 +118,9 @@ async def test_join_and_leave_are_idempotent(server: RunningServer) -> None:
             ) == await alice.request({"type": "leave_room", "room": "R1"}, "room_left")
 
 
-async def test_get_rooms_is_sorted_and_forgets_empty_rooms(server: RunningServer) -> None:
+async def test_get_rooms_is_sorted_and_forgets_empty_rooms(
+    server: RunningServer, autojump_clock: MockClock
+) -> None:
     """rooms_list is sorted; a room is forgotten when its last member leaves."""
     async with connect(server, "alice") as alice:
         for room in ("zeta", "alpha"):
@@ -114,7 +132,7 @@ async def test_get_rooms_is_sorted_and_forgets_empty_rooms(server: RunningServer
         assert ["Lobby", "alpha"] == reply["payload"]["rooms"]
 
 
-async def test_leaving_stops_delivery(server: RunningServer) -> None:
+async def test_leaving_stops_delivery(server: RunningServer, autojump_clock: MockClock) -> None:
     """After leave_room, room messages no longer arrive."""
     async with connect(server, "alice") as alice, connect(server, "bob") as bob:
         await bob.request({"type": "leave_room", "room": "Lobby"}, "room_left")
@@ -123,7 +141,9 @@ async def test_leaving_stops_delivery(server: RunningServer) -> None:
         assert "pong" == (await bob.request({"type": "ping"}, "pong"))["type"]
 
 
-async def test_recent_messages_newest_first_with_limit_and_before(server: RunningServer) -> None:
+async def test_recent_messages_newest_first_with_limit_and_before(
+    server: RunningServer, autojump_clock: MockClock
+) -> None:
     """get_recent_messages: newest first, at most limit, strictly older than before."""
     async with connect(server, "alice") as alice:
         sent = []
@@ -146,14 +166,14 @@ async def test_recent_messages_newest_first_with_limit_and_before(server: Runnin
         assert [sent[1], sent[0]] == reply["payload"]["messages"]
 
 
-async def test_recent_messages_requires_membership(server: RunningServer) -> None:
+async def test_recent_messages_requires_membership(server: RunningServer, autojump_clock: MockClock) -> None:
     """History of a room one is not in is refused with not_in_room."""
     async with connect(server, "alice") as alice:
         await alice.send({"type": "get_recent_messages", "room": "Secret"})
         assert "not_in_room" == (await alice.expect("error"))["payload"]["code"]
 
 
-async def test_limit_values(server: RunningServer) -> None:
+async def test_limit_values(server: RunningServer, autojump_clock: MockClock) -> None:
     """limit -1 and 10**9 are clamped; "x" is invalid_payload."""
     async with connect(server, "alice") as alice:
         for i in range(3):
@@ -169,7 +189,9 @@ async def test_limit_values(server: RunningServer) -> None:
         assert "invalid_payload" == (await alice.expect("error"))["payload"]["code"]
 
 
-async def test_direct_messages_oldest_first_and_limit(server: RunningServer) -> None:
+async def test_direct_messages_oldest_first_and_limit(
+    server: RunningServer, autojump_clock: MockClock
+) -> None:
     """get_direct_messages: the last limit messages, oldest first; withUser required."""
     async with connect(server, "alice") as alice:
         for i in range(4):
@@ -191,7 +213,7 @@ async def matched(server: RunningServer, a: Peer, b: Peer) -> None:
     assert system_reply("assign_role", b.user, {"role": "polite", "peerId": a.user}) == await b.recv()
 
 
-async def test_matchmaking_roles_and_no_peer(server: RunningServer) -> None:
+async def test_matchmaking_roles_and_no_peer(server: RunningServer, autojump_clock: MockClock) -> None:
     """request_random_peer pairs with a pooled user (roles) or answers no_peer_available."""
     async with connect(server, "alice") as alice, connect(server, "bob") as bob:
         reply = await alice.request({"type": "request_random_peer"}, "no_peer_available")
@@ -206,7 +228,7 @@ async def test_matchmaking_roles_and_no_peer(server: RunningServer) -> None:
         await matched(server, alice, bob)
 
 
-async def test_unavailable_leaves_the_pool(server: RunningServer) -> None:
+async def test_unavailable_leaves_the_pool(server: RunningServer, autojump_clock: MockClock) -> None:
     """user_unavailable_webrtc removes the user from the pool."""
     async with connect(server, "alice") as alice, connect(server, "bob") as bob:
         await bob.send({"type": "user_available_webrtc"})
@@ -215,7 +237,7 @@ async def test_unavailable_leaves_the_pool(server: RunningServer) -> None:
         await alice.request({"type": "request_random_peer"}, "no_peer_available")
 
 
-async def test_signaling_relay_is_unchanged(server: RunningServer) -> None:
+async def test_signaling_relay_is_unchanged(server: RunningServer, autojump_clock: MockClock) -> None:
     """Offer/answer/candidate/hangup reach toUser with fromUser set and the payload as sent."""
     payload = {"sdp": "v=0\r\n", "nested": {"a": [1, 2.5, None, True]}, "unicode": "é🙂"}
     async with connect(server, "alice") as alice, connect(server, "bob") as bob:
@@ -225,7 +247,7 @@ async def test_signaling_relay_is_unchanged(server: RunningServer) -> None:
             assert ("alice", "bob", payload) == (got["fromUser"], got["toUser"], got["payload"])
 
 
-async def test_relay_errors(server: RunningServer) -> None:
+async def test_relay_errors(server: RunningServer, autojump_clock: MockClock) -> None:
     """Relay without toUser: invalid_target; to an offline user: peer_unavailable."""
     async with connect(server, "alice") as alice:
         await alice.send({"type": "webrtc_offer", "payload": {}})
@@ -234,7 +256,7 @@ async def test_relay_errors(server: RunningServer) -> None:
         assert error("alice", "peer_unavailable", "User ghost is not online.") == await alice.recv()
 
 
-async def test_next_and_disconnect_send_peer_left(server: RunningServer) -> None:
+async def test_next_and_disconnect_send_peer_left(server: RunningServer, autojump_clock: MockClock) -> None:
     """ "Next" and a disconnect end the match and tell the peer hangup{reason: peer_left}."""
     async with connect(server, "alice") as alice, connect(server, "bob") as bob:
         await matched(server, alice, bob)
@@ -250,7 +272,9 @@ async def test_next_and_disconnect_send_peer_left(server: RunningServer) -> None
         assert ("carol", {"reason": "peer_left"}) == (left["fromUser"], left["payload"])
 
 
-async def test_crossed_request_resends_current_assignment(server: RunningServer) -> None:
+async def test_crossed_request_resends_current_assignment(
+    server: RunningServer, autojump_clock: MockClock
+) -> None:
     """A request from a user already in a match re-sends its assign_role; no second match."""
     async with connect(server, "alice") as alice, connect(server, "bob") as bob:
         await matched(server, alice, bob)
@@ -267,7 +291,9 @@ async def test_crossed_request_resends_current_assignment(server: RunningServer)
             assert "carol" == (await alice.expect("assign_role"))["payload"]["peerId"]
 
 
-async def test_hangup_by_a_peer_is_relayed_and_ends_the_match(server: RunningServer) -> None:
+async def test_hangup_by_a_peer_is_relayed_and_ends_the_match(
+    server: RunningServer, autojump_clock: MockClock
+) -> None:
     """A hangup the client sends is relayed as sent; both may then match again."""
     async with connect(server, "alice") as alice, connect(server, "bob") as bob:
         await matched(server, alice, bob)
@@ -276,14 +302,14 @@ async def test_hangup_by_a_peer_is_relayed_and_ends_the_match(server: RunningSer
         await matched(server, bob, alice)
 
 
-async def test_ping_pong(server: RunningServer) -> None:
+async def test_ping_pong(server: RunningServer, autojump_clock: MockClock) -> None:
     """Application ping is answered with pong from system (no payload)."""
     async with connect(server, "alice") as alice:
         await alice.send({"type": "ping"})
         assert {"type": "pong", "fromUser": "system", "toUser": "alice"} == await alice.recv()
 
 
-async def test_room_order_is_identical_for_everyone(server: RunningServer) -> None:
+async def test_room_order_is_identical_for_everyone(server: RunningServer, autojump_clock: MockClock) -> None:
     """50 clients in one room, 3 senders × 100 messages: everyone receives every message,
     each sender's messages in order, and all receivers see the same total order."""
     users = [f"u{i}" for i in range(50)]
