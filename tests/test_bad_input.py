@@ -1,10 +1,22 @@
-"""Bad input at the message level: always answered, never fatal, nobody else affected."""
+"""Bad input at the message level: always answered, never fatal, nobody else affected. The
+in-memory tier (tests/inmemory.py); bad bytes and frames are test_fuzz.py's and
+test_websocket_edge.py's, over real sockets."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
-from support import Peer, RunningServer, connect, running_server
-from trio_websocket import ConnectionClosed
+from inmemory import Closed, connect, inmemory_server
+from inmemory import FakePeer as Peer
+from inmemory import InMemoryServer as RunningServer
+from trio.testing import MockClock
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RunningServer]:
+    async with inmemory_server() as running:
+        yield running
 
 
 async def still_works(*peers: Peer) -> None:
@@ -29,7 +41,9 @@ async def still_works(*peers: Peer) -> None:
         ('{"type": "chat_message", "incoming": "yes"}', "$.incoming"),
     ],
 )
-async def test_malformed_frames_get_error_response(server: RunningServer, frame: str, details: str) -> None:
+async def test_malformed_frames_get_error_response(
+    server: RunningServer, autojump_clock: MockClock, frame: str, details: str
+) -> None:
     """Invalid structure: error_response with details and an err- messageId; the connection
     and other connections keep working."""
     async with connect(server, "alice") as alice, connect(server, "bob") as bob:
@@ -66,7 +80,7 @@ async def test_malformed_frames_get_error_response(server: RunningServer, frame:
     ],
 )
 async def test_bad_requests_get_error_codes(
-    server: RunningServer, message: dict[str, object], code: str
+    server: RunningServer, autojump_clock: MockClock, message: dict[str, object], code: str
 ) -> None:
     """Each refused request gets an error with the right code; nothing else happens."""
     async with connect(server, "alice") as alice, connect(server, "bob") as bob:
@@ -77,14 +91,14 @@ async def test_bad_requests_get_error_codes(
         await still_works(alice, bob)
 
 
-async def test_content_limit_counts_code_points(server: RunningServer) -> None:
+async def test_content_limit_counts_code_points(server: RunningServer, autojump_clock: MockClock) -> None:
     """4,000 emoji are 4,000 characters (not 16,000 bytes): accepted."""
     async with connect(server, "alice") as alice:
         await alice.send({"type": "chat_message", "room": "Lobby", "payload": {"content": "🙂" * 4000}})
         assert len((await alice.expect("chat_message"))["payload"]["content"]) == 4000
 
 
-async def test_message_id_of_128_chars_is_kept(server: RunningServer) -> None:
+async def test_message_id_of_128_chars_is_kept(server: RunningServer, autojump_clock: MockClock) -> None:
     """A client messageId up to 128 characters is kept as sent."""
     async with connect(server, "alice") as alice:
         await alice.send(
@@ -93,11 +107,11 @@ async def test_message_id_of_128_chars_is_kept(server: RunningServer) -> None:
         assert (await alice.expect("chat_message"))["messageId"] == "m" * 128
 
 
-async def test_rate_limit_refuses_then_closes_abusers() -> None:
+async def test_rate_limit_refuses_then_closes_abusers(autojump_clock: MockClock) -> None:
     """Over the rate: rate_limited errors and the message is not processed; sustained abuse
     closes with 1008; a well-behaved client in the same room is unaffected."""
     async with (
-        running_server(rate_limit=5.0, rate_burst=5, rate_abuse_seconds=2.0) as srv,
+        inmemory_server(rate_limit=5.0, rate_burst=5, rate_abuse_seconds=2.0) as srv,
         connect(srv, "flood") as flood,
         connect(srv, "calm") as calm,
     ):
@@ -120,10 +134,10 @@ async def test_rate_limit_refuses_then_closes_abusers() -> None:
             "3",
             "4",
         ]
-        for _ in range(100):
-            await flood.send('{"type":"ping"}')
-        with pytest.raises(ConnectionClosed) as closed:
+        with pytest.raises(Closed) as closed:
+            for _ in range(100):
+                await flood.send('{"type":"ping"}')
             while True:
                 await flood.recv()
-        assert closed.value.reason.code == 1008
+        assert closed.value.code == 1008
         await calm.request({"type": "ping"}, "pong")
