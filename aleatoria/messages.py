@@ -29,6 +29,10 @@ GET_RECENT_MESSAGES = "get_recent_messages"
 GET_DIRECT_MESSAGES = "get_direct_messages"
 PING = "ping"
 REFRESH_TOKEN = "refresh_token"
+# The rooms directory and figures (PROTOCOL.md section 11): requests any client may send.
+LIST_ROOMS = "list_rooms"
+GET_ROOM_MEMBERS = "get_room_members"
+GET_STATS = "get_stats"
 
 SIGNALING_TYPES = frozenset({WEBRTC_OFFER, WEBRTC_ANSWER, WEBRTC_CANDIDATE, HANGUP})
 CLIENT_TYPES = SIGNALING_TYPES | {
@@ -43,6 +47,9 @@ CLIENT_TYPES = SIGNALING_TYPES | {
     GET_DIRECT_MESSAGES,
     PING,
     REFRESH_TOKEN,
+    LIST_ROOMS,
+    GET_ROOM_MEMBERS,
+    GET_STATS,
 }
 
 # Server -> client types.
@@ -57,9 +64,14 @@ ERROR = "error"
 ERROR_RESPONSE = "error_response"
 PONG = "pong"
 TOKEN_REFRESHED = "token_refreshed"
+ROOMS_DIRECTORY = "rooms_directory"
+ROOM_MEMBERS = "room_members"
+STATS = "stats"
 
 NO_PEER_TEXT = "No peer available at the moment. Please try again later."
 PEER_LEFT = "peer_left"
+# ``room_members`` lists at most this many members; its ``count`` is exact (PROTOCOL.md s11).
+MAX_MEMBERS_LISTED = 1000
 
 
 @attrs.frozen
@@ -106,6 +118,12 @@ class DirectMessagesRequest:
     limit: int | None = None
 
 
+@attrs.frozen
+class ListRoomsRequest:
+    limit: int | None = None
+    prefix: str | None = None
+
+
 # -- server payloads ---------------------------------------------------------------------
 
 
@@ -118,6 +136,35 @@ class RoomAction:
 @attrs.frozen
 class RoomsList:
     rooms: list[str]
+
+
+@attrs.frozen
+class DirectoryEntry:
+    room: str
+    members: int
+
+
+@attrs.frozen
+class RoomsDirectory:
+    rooms: list[DirectoryEntry]
+
+
+@attrs.frozen
+class RoomMembers:
+    room: str
+    count: int
+    members: list[str]
+
+
+@attrs.frozen
+class Stats:
+    """Figures across all instances: users connected, users pooled or searching for a call,
+    users in a live match, rooms with members."""
+
+    online: int
+    searching: int
+    in_calls: int
+    rooms: int
 
 
 @attrs.frozen

@@ -42,6 +42,18 @@ class Takeover:
     role: str = ""
 
 
+@attrs.frozen
+class Counts:
+    """What ``get_stats`` reports (PROTOCOL.md section 11), across every instance the store
+    sees: users connected, users pooled or searching for a call, users in a live match (both
+    sides count), rooms with at least one member."""
+
+    online: int
+    searching: int
+    in_calls: int
+    rooms: int
+
+
 class StoreEvents(Protocol):
     """What the store tells the server (implemented by the router)."""
 
@@ -159,6 +171,21 @@ class Store(Protocol):
 
     async def rooms(self) -> list[str]:
         """Names of rooms that have members (on any instance), sorted."""
+        ...
+
+    # -- directory (PROTOCOL.md section 11; reads, served from memory while degraded) ---------
+
+    async def list_rooms(self, limit: int, prefix: str = "") -> list[tuple[str, int]]:
+        """Up to ``limit`` rooms that have members (on any instance) and whose names start
+        with ``prefix``, as (room, member count): most members first, then by name."""
+        ...
+
+    async def room_members(self, room: str, limit: int) -> tuple[int, list[str]]:
+        """How many members ``room`` has (exact), and up to ``limit`` of them, sorted."""
+        ...
+
+    async def stats(self) -> Counts:
+        """The ``get_stats`` figures."""
         ...
 
     # -- matchmaking -------------------------------------------------------------------------

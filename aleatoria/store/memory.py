@@ -12,6 +12,7 @@ evicted, the one written to least recently first.
 
 from __future__ import annotations
 
+import heapq
 import os
 import time
 from collections import OrderedDict, deque
@@ -19,7 +20,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from aleatoria.matchmaking import Matchmaker, RequestOutcome
-from aleatoria.store.base import Bus, Health, StoreEvents, Takeover
+from aleatoria.store.base import Bus, Counts, Health, StoreEvents, Takeover
 
 _History = deque[tuple[int, bytes]]
 _K = TypeVar("_K", str, tuple[str, str])
@@ -74,6 +75,7 @@ class MemoryStore:
         self.budget_bytes = budget_bytes
         self.evicted_conversations = 0
         self._members: dict[str, set[str]] = {}
+        self._online: dict[str, str] = {}  # connected user -> its connection id (get_stats)
         self.matchmaker = matchmaker or Matchmaker()
 
     @property
@@ -216,6 +218,37 @@ class MemoryStore:
     async def rooms(self) -> list[str]:
         return sorted(self._members)
 
+    # -- directory ------------------------------------------------------------------------------
+    # Cost: ``list_rooms`` walks every room (O(rooms * log limit), on the trio thread: about
+    # 0.2 ms per 1,000 rooms); ``room_members`` walks the room's members. Nothing is kept
+    # sorted, so joins and leaves cost nothing extra.
+
+    async def list_rooms(self, limit: int, prefix: str = "") -> list[tuple[str, int]]:
+        return self.list_rooms_now(limit, prefix)
+
+    def list_rooms_now(self, limit: int, prefix: str = "") -> list[tuple[str, int]]:
+        rows = ((-len(members), room) for room, members in self._members.items() if room.startswith(prefix))
+        return [(room, -negative) for negative, room in heapq.nsmallest(limit, rows)]
+
+    async def room_members(self, room: str, limit: int) -> tuple[int, list[str]]:
+        return self.room_members_now(room, limit)
+
+    def room_members_now(self, room: str, limit: int) -> tuple[int, list[str]]:
+        members = self._members.get(room, set())
+        return len(members), heapq.nsmallest(limit, members)
+
+    async def stats(self) -> Counts:
+        return self.stats_now()
+
+    def stats_now(self) -> Counts:
+        matchmaker = self.matchmaker
+        return Counts(
+            online=len(self._online),
+            searching=matchmaker.pool_size(),
+            in_calls=2 * matchmaker.matches(),
+            rooms=len(self._members),
+        )
+
     # -- matchmaking --------------------------------------------------------------------------
 
     async def set_available(self, user: str) -> str | None:
@@ -234,11 +267,14 @@ class MemoryStore:
         return self.matchmaker.hangup(user, peer)
 
     async def connect(self, user: str, connection: str) -> Takeover | None:
+        self._online[user] = connection
         return None
 
     async def user_gone(
         self, user: str, connection: str | None = None, rooms: Iterable[str] = ()
     ) -> str | None:
+        if connection is None or self._online.get(user) == connection:
+            self._online.pop(user, None)
         for room in rooms:
             await self.leave_room(room, user)
         return self.matchmaker.disconnect(user)

@@ -48,25 +48,29 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
+import attrs
 import redis
 import redis.cluster
 import trio
+from redis.commands.core import Script
 
 from aleatoria.config import Config
 from aleatoria.errors import StoreUnavailable
 from aleatoria.matchmaking import IMPOLITE, RequestOutcome
-from aleatoria.store.base import Takeover
+from aleatoria.store.base import Counts, Takeover
 from aleatoria.store.memory import dm_key
 from aleatoria.store.redis_client import RedisClient, present, text, text_or_none
 from aleatoria.store.redis_history import merge_dm, merge_room, read_dm, read_room
 from aleatoria.store.redis_keeper import RedisKeeper
 from aleatoria.store.redis_presence import INSTANCE_USERS_PREFIX, INSTANCES_KEY, PRESENCE_KEY
+from aleatoria.store.redis_rooms import RoomRegistry
 from aleatoria.store.redis_scripts import (
     MATCHES_KEY,
     POOL_KEY,
     SMALL_POOL,
+    STATS,
 )
 from aleatoria.store.redis_writer import DM, DM_PREFIX, ROOM, ROOM_MESSAGES_PREFIX, OnStored
 
@@ -179,6 +183,35 @@ class RedisStore(RedisKeeper):
             except StoreUnavailable as exc:
                 self._degrade(exc)
         return await self._memory.rooms()
+
+    # -- directory (reads: this instance's rooms and users alone while degraded) -----------------
+
+    async def list_rooms(self, limit: int, prefix: str = "") -> list[tuple[str, int]]:
+        if self._state == "ok":
+            read = partial(self._rooms.directory, limit=limit, prefix=prefix)
+            try:
+                return await self._client.call(read, abandon_on_cancel=True)
+            except StoreUnavailable as exc:
+                self._degrade(exc)
+        return self._memory.list_rooms_now(limit, prefix)
+
+    async def room_members(self, room: str, limit: int) -> tuple[int, list[str]]:
+        if self._state == "ok":
+            read = partial(self._rooms.members, room=room, limit=limit)
+            try:
+                return await self._client.call(read, abandon_on_cancel=True)
+            except StoreUnavailable as exc:
+                self._degrade(exc)
+        return self._memory.room_members_now(room, limit)
+
+    async def stats(self) -> Counts:
+        if self._state == "ok":
+            try:
+                return await self._client.call(partial(_census, rooms=self._rooms), abandon_on_cancel=True)
+            except StoreUnavailable as exc:
+                self._degrade(exc)
+        # The mirror's memory store is not told of connections: the mirror knows them.
+        return attrs.evolve(self._memory.stats_now(), online=len(self._mirror.online))
 
     # -- matchmaking --------------------------------------------------------------------------
 
@@ -356,3 +389,13 @@ async def _purge_forever(store: RedisStore) -> None:
 
 def _srem_pool(r: redis.Redis, *, user: str) -> object:
     return r.srem(POOL_KEY, user)
+
+
+_STATS = Script(cast(Any, None), STATS.encode())  # bytes: no client needed (see redis_rooms)
+
+
+def _census(r: redis.Redis, *, rooms: RoomRegistry) -> Counts:
+    # Two calls: the rooms live in other cluster slots than presence, pool and matches.
+    keys = [PRESENCE_KEY, INSTANCES_KEY, POOL_KEY, MATCHES_KEY]
+    online, searching, in_calls = _STATS(keys, [INSTANCE_USERS_PREFIX], r)
+    return Counts(online=int(online), searching=int(searching), in_calls=int(in_calls), rooms=rooms.count(r))

@@ -8,14 +8,29 @@ the room from the index (a concurrent join could be lost), and ``get_rooms`` dro
 rooms whose member set is empty, then re-checks each and re-adds any that gained a member
 meanwhile (a join adds to the member set before the index, so a join racing the cleanup is
 always seen by the re-check).
+
+The rooms directory (``list_rooms``, ``room_members``, the rooms figure of ``get_stats``): on
+a single Redis, the sorted set ``rooms:directory`` kept by the same join and leave scripts
+(see ``redis_scripts``); on a cluster, ``rooms`` (with its clean-up) and one ``SCARD`` per
+listed room, pipelined: O(rooms) per request.
 """
 
 from __future__ import annotations
 
+import heapq
 from typing import Any
 
+from redis.commands.core import Script
+
+from aleatoria.store import redis_scripts as lua
 from aleatoria.store.redis_client import Scripts
-from aleatoria.store.redis_scripts import ROOM_MEMBERS_PREFIX, ROOMS_KEY, USER_ROOMS_PREFIX
+from aleatoria.store.redis_scripts import DIRECTORY_KEY, ROOM_MEMBERS_PREFIX, ROOMS_KEY, USER_ROOMS_PREFIX
+
+# The directory's read scripts. Given as bytes, a Script needs no client to compute its SHA;
+# they are always called with the client to use, and redis-py loads them on NOSCRIPT.
+_NO_CLIENT: Any = None
+_LIST_ROOMS = Script(_NO_CLIENT, lua.LIST_ROOMS.encode())
+_ROOM_MEMBERS = Script(_NO_CLIENT, lua.ROOM_MEMBERS.encode())
 
 
 def _text(value: bytes | str) -> str:
@@ -32,7 +47,7 @@ class RoomRegistry:
 
     def join(self, r: Any, room: str, user: str) -> None:
         if not self.cluster:
-            keys = [ROOM_MEMBERS_PREFIX + room, USER_ROOMS_PREFIX + user, ROOMS_KEY]
+            keys = [ROOM_MEMBERS_PREFIX + room, USER_ROOMS_PREFIX + user, ROOMS_KEY, DIRECTORY_KEY]
             self._scripts.join_room(keys, [room, user], r)
             return
         pipe = r.pipeline(transaction=False)
@@ -53,7 +68,7 @@ class RoomRegistry:
                 pipe.srem(ROOM_MEMBERS_PREFIX + room, user)
                 pipe.srem(USER_ROOMS_PREFIX + user, room)
             else:
-                keys = [ROOM_MEMBERS_PREFIX + room, USER_ROOMS_PREFIX + user, ROOMS_KEY]
+                keys = [ROOM_MEMBERS_PREFIX + room, USER_ROOMS_PREFIX + user, ROOMS_KEY, DIRECTORY_KEY]
                 self._scripts.leave_room(keys, [room, user], pipe)
         pipe.execute()
 
@@ -73,6 +88,34 @@ class RoomRegistry:
             if back:
                 r.sadd(ROOMS_KEY, *back)
         return [room for room, there in zip(listed, exists, strict=True) if there]
+
+    def directory(self, r: Any, limit: int, prefix: str = "") -> list[tuple[str, int]]:
+        """Up to ``limit`` rooms with members whose names start with ``prefix``, as (room,
+        member count): most members first, then by name."""
+        if not self.cluster:
+            rows = _LIST_ROOMS([DIRECTORY_KEY, ROOMS_KEY], [limit, prefix, lua.DIRECTORY_SCAN], r)
+            return [(_text(rows[i]), -int(float(rows[i + 1]))) for i in range(0, len(rows), 2)]
+        listed = [room for room in self.rooms(r) if room.startswith(prefix)]
+        counted = zip(listed, self._counts(r, listed), strict=True)
+        best = heapq.nsmallest(limit, ((-count, room) for room, count in counted if count))
+        return [(room, -negative) for negative, room in best]
+
+    def members(self, r: Any, room: str, limit: int) -> tuple[int, list[str]]:
+        """How many members ``room`` has, and up to ``limit`` of them, sorted."""
+        count, members = _ROOM_MEMBERS([ROOM_MEMBERS_PREFIX + room], [limit], r)
+        return int(count), sorted(_text(member) for member in members)
+
+    def count(self, r: Any) -> int:
+        """How many rooms have members."""
+        if not self.cluster:
+            return int(r.scard(ROOMS_KEY))
+        return len(self.rooms(r))
+
+    def _counts(self, r: Any, rooms: list[str]) -> list[int]:
+        pipe = r.pipeline(transaction=False)
+        for room in rooms:
+            pipe.scard(ROOM_MEMBERS_PREFIX + room)
+        return [int(n) for n in pipe.execute()]
 
     def _exists(self, r: Any, rooms: list[str]) -> list[bool]:
         pipe = r.pipeline(transaction=False)

@@ -45,6 +45,21 @@ always listed; ``rooms`` also drops any listed room whose member set is gone (se
 e.g. after members were written by the original server, which kept no such set). These
 scripts build member keys from names (fine on one Redis; Redis Cluster would need them split).
 
+Rooms directory (``list_rooms``, PROTOCOL.md section 11). On one Redis, the sorted set
+``rooms:directory`` holds every room of ``rooms:active`` scored by minus its member count, so
+``ZRANGE`` reads it most members first and, among equal counts, by name (Redis orders equal
+scores by name): the first page costs O(log rooms + limit) whatever the number of rooms.
+Join and leave set the score from ``SCARD`` (not an increment: any drift heals at the room's
+next join or leave), in the same scripts that keep ``rooms:active``, so the two list the same
+rooms; ``list_rooms`` rebuilds the directory from ``rooms:active`` (O(rooms), once) when
+their sizes differ (first use on data written before the directory existed, or by an older
+version). A ``prefix`` filters while walking the directory in order, chunk by chunk, at most
+``DIRECTORY_SCAN`` rooms: a rare prefix costs up to that many entries (measured: under 2 ms of
+Redis time for 5,000; the first page without a prefix, 0.04 ms), and a matching room beyond
+the ``DIRECTORY_SCAN`` biggest is not found. On a Redis Cluster the member sets live in
+other slots than the directory, so no script could keep it exact: there ``list_rooms``
+counts every listed room instead (``redis_rooms``), O(rooms).
+
 History writes. ``room_append`` adds a batch of a room's messages, trims by score to the TTL
 and by rank to the cap and sets the expiry, in one call per room and batch.
 ``dm:{a}:{b}`` is a list, oldest first. ``dm_append`` pushes a batch, caps it,
@@ -56,6 +71,9 @@ holds them: a retry after a half-executed pipeline never duplicates a DM.
 
 from __future__ import annotations
 
+# How many rooms ``list_rooms`` with a prefix walks at most (see "Rooms directory" above).
+DIRECTORY_SCAN = 5_000
+
 # How many candidates ``request_peer`` reads one by one before it reads the pool's index at
 # once (see "Random pick" above). ``RedisStore`` passes it as ARGV[4] under its old name.
 PICK_DRAWS = 16
@@ -65,6 +83,7 @@ POOL_KEY = "available:webrtc"
 MATCHES_KEY = "webrtc:matches:{available:webrtc}"
 POOL_INDEX_KEY = "webrtc:pool-index:{available:webrtc}"
 ROOMS_KEY = "rooms:active"
+DIRECTORY_KEY = "rooms:directory"
 ROOM_MEMBERS_PREFIX = "room:members:"
 USER_ROOMS_PREFIX = "user:rooms:"
 
@@ -341,6 +360,7 @@ else
   pool_remove(user)
 end
 if ARGV[9] == '1' then
+  local DIRECTORY = DIRECTORY_KEY
   local wanted = {}
   for i = 10, #ARGV do wanted[ARGV[i]] = true end
   for _, room in ipairs(redis.call('SMEMBERS', USER_ROOMS)) do
@@ -348,36 +368,52 @@ if ARGV[9] == '1' then
       local members = 'room:members:' .. room
       redis.call('SREM', members, user)
       redis.call('SREM', USER_ROOMS, room)
-      if redis.call('SCARD', members) == 0 then redis.call('SREM', INDEX, room) end
+      local left = redis.call('SCARD', members)
+      if left == 0 then
+        redis.call('SREM', INDEX, room)
+        redis.call('ZREM', DIRECTORY, room)
+      else
+        redis.call('ZADD', DIRECTORY, -left, room)
+      end
     end
   end
   for i = 10, #ARGV do
-    redis.call('SADD', 'room:members:' .. ARGV[i], user)
+    local members = 'room:members:' .. ARGV[i]
+    redis.call('SADD', members, user)
     redis.call('SADD', USER_ROOMS, ARGV[i])
     redis.call('SADD', INDEX, ARGV[i])
+    redis.call('ZADD', DIRECTORY, -redis.call('SCARD', members), ARGV[i])
   end
 end
 return {1, evict_inst, evict_conn, unconfirmed, unpack(told)}
-"""
+""".replace("DIRECTORY_KEY", repr(DIRECTORY_KEY))
 )
 
-# KEYS: room:members:{room}, user:rooms:{user}, rooms index. ARGV: room, user.
+# KEYS: room:members:{room}, user:rooms:{user}, rooms index, rooms directory. ARGV: room, user.
 JOIN_ROOM = """
 redis.call('SADD', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('ZADD', KEYS[4], -redis.call('SCARD', KEYS[1]), ARGV[1])
 return 1
 """
 
-# KEYS: room:members:{room}, user:rooms:{user}, rooms index. ARGV: room, user.
+# KEYS: room:members:{room}, user:rooms:{user}, rooms index, rooms directory. ARGV: room, user.
 LEAVE_ROOM = """
 redis.call('SREM', KEYS[1], ARGV[2])
 redis.call('SREM', KEYS[2], ARGV[1])
-if redis.call('SCARD', KEYS[1]) == 0 then redis.call('SREM', KEYS[3], ARGV[1]) end
+local left = redis.call('SCARD', KEYS[1])
+if left == 0 then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+else
+  redis.call('ZADD', KEYS[4], -left, ARGV[1])
+end
 return 1
 """
 
-# KEYS: rooms index. Returns the listed rooms that have members (drops the others).
+# KEYS: rooms index. Returns the listed rooms that have members (drops the others, from the
+# directory too).
 ROOMS = """
 local out = {}
 for _, room in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -385,10 +421,88 @@ for _, room in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     out[#out + 1] = room
   else
     redis.call('SREM', KEYS[1], room)
+    redis.call('ZREM', DIRECTORY_KEY, room)
   end
 end
 return out
+""".replace("DIRECTORY_KEY", repr(DIRECTORY_KEY))
+
+# KEYS: rooms directory, rooms index. ARGV: limit, prefix ('' for none), DIRECTORY_SCAN.
+# Returns room, score pairs (score = minus the member count), most members first, then by name.
+# See "Rooms directory" above.
+LIST_ROOMS = """
+local DIRECTORY, INDEX = KEYS[1], KEYS[2]
+local limit, prefix, bound = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+if redis.call('ZCARD', DIRECTORY) ~= redis.call('SCARD', INDEX) then
+  redis.call('DEL', DIRECTORY)
+  for _, room in ipairs(redis.call('SMEMBERS', INDEX)) do
+    local count = redis.call('SCARD', 'room:members:' .. room)
+    if count > 0 then
+      redis.call('ZADD', DIRECTORY, -count, room)
+    else
+      redis.call('SREM', INDEX, room)
+    end
+  end
+end
+if prefix == '' then return redis.call('ZRANGE', DIRECTORY, 0, limit - 1, 'WITHSCORES') end
+-- Names only, compared in place (string.find, plain): a third of the cost of reading scores
+-- and cutting a string per room; the few scores wanted are read at the end.
+local found, find, start, chunk = {}, string.find, 0, 500
+while start < bound and #found < limit do
+  local names = redis.call('ZRANGE', DIRECTORY, start, math.min(start + chunk, bound) - 1)
+  for i = 1, #names do
+    if find(names[i], prefix, 1, true) == 1 then
+      found[#found + 1] = names[i]
+      if #found == limit then break end
+    end
+  end
+  if #names < chunk then break end
+  start = start + chunk
+end
+local out = {}
+for i, room in ipairs(found) do
+  out[2 * i - 1] = room
+  out[2 * i] = redis.call('ZSCORE', DIRECTORY, room)
+end
+return out
 """
+
+# KEYS: room:members:{room}. ARGV: limit. Returns {count, {up to limit members}}. A room of
+# more than ``limit`` members is read with SSCAN until ``limit`` are found (bounded work
+# whatever its size; which members that lists is up to the set's layout; SSCAN may repeat a
+# member, hence ``seen``), a smaller one whole.
+ROOM_MEMBERS = """
+local count, limit = redis.call('SCARD', KEYS[1]), tonumber(ARGV[1])
+if count <= limit then return {count, redis.call('SMEMBERS', KEYS[1])} end
+local out, seen, cursor = {}, {}, '0'
+repeat
+  local page = redis.call('SSCAN', KEYS[1], cursor, 'COUNT', limit)
+  cursor = page[1]
+  for _, member in ipairs(page[2]) do
+    if #out < limit and not seen[member] then
+      seen[member] = true
+      out[#out + 1] = member
+    end
+  end
+until cursor == '0' or #out >= limit
+return {count, out}
+"""
+
+# KEYS: presence, instances, pool, matches. ARGV: instance-users prefix. Returns {online,
+# searching, in calls}: connected users (presence, less those of instances that are not alive
+# and not reaped yet: they are offline for everyone already), pooled users, and users in a
+# live match (the hash holds both sides). O(instances). A dead instance's pooled and matched
+# users count until it is reaped (presence_ttl + heartbeat_interval at most).
+STATS = (
+    LIVENESS_HELPERS
+    + """
+local online = redis.call('HLEN', KEYS[1])
+for _, inst in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if not alive(KEYS[2], inst) then online = online - redis.call('SCARD', ARGV[1] .. inst) end
+end
+return {math.max(online, 0), redis.call('SCARD', KEYS[3]), redis.call('HLEN', KEYS[4])}
+"""
+)
 
 # KEYS: room:messages:{room}. ARGV: cutoff (epoch ns), cap, ttl (ms), then score/message
 # pairs. One call per room and batch: cheaper to send and parse than four commands.

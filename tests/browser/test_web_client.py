@@ -112,9 +112,15 @@ def test_room_and_direct_chat_survive_a_reload(open_page: OpenPage) -> None:
     expect(alice.locator("#chat-title")).to_have_text("# garden")
     say(alice, "The roses are out.")
     expect(bodies(alice)).to_have_text(["The roses are out."])
-    bob.fill("#join-input", "garden")
-    bob.click("#join-form button[type=submit]")
+    # bob's list of the server's rooms (list_rooms) shows the room alice created, with its
+    # one member; he joins it from there, and it moves to his own rooms.
+    bob.click("#rooms-refresh")
+    garden = bob.locator("#other-rooms button[data-room='garden']")
+    expect(garden.locator(".count")).to_have_text("1")
+    garden.click()
     expect(bodies(bob)).to_have_text(["The roses are out."])
+    expect(garden).to_have_count(0)
+    expect(bob.locator("#room-list button.open[data-name='garden']")).to_be_visible()
 
     # Reload: still signed in (same tab), rooms re-joined, every thread reloaded from history.
     bob.reload()

@@ -1,0 +1,231 @@
+"""``get_rooms`` (the requester's rooms, PROTOCOL.md section 4) and the level-1-safe requests
+of section 11 -- ``list_rooms``, ``get_room_members``, ``get_stats`` -- on one server in
+memory mode, over real sockets. tests/scaleout/test_directory.py runs them across instances."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio_websocket
+from support import Peer, RunningServer, connect, running_server
+
+from aleatoria.store import MemoryStore
+
+DIRECTORY_REPLIES = {"rooms_directory", "room_members", "stats"}
+
+
+def system_reply(kind: str, to: str, payload: Any, **extra: Any) -> dict[str, Any]:
+    return {"type": kind, "fromUser": "system", "toUser": to, **extra, "payload": payload}
+
+
+async def join(peer: Peer, *rooms: str) -> None:
+    for room in rooms:
+        await peer.request({"type": "join_room", "room": room}, "room_joined")
+
+
+async def directory(peer: Peer, **payload: Any) -> list[dict[str, Any]]:
+    reply = await peer.request({"type": "list_rooms", "payload": payload}, "rooms_directory")
+    rooms: list[dict[str, Any]] = reply["payload"]["rooms"]
+    return rooms
+
+
+async def error_code(peer: Peer, message: dict[str, Any]) -> str:
+    reply = await peer.request(message, "error")
+    code: str = reply["payload"]["code"]
+    return code
+
+
+async def test_get_rooms_lists_the_requesters_rooms_only(server: RunningServer) -> None:
+    """get_rooms answers the rooms the requester is in, sorted (as the original server did),
+    not every room of the server."""
+    async with connect(server, "alice") as alice, connect(server, "bob", "zoo") as bob:
+        await join(alice, "zeta", "alpha")
+        await join(bob, "beta")
+        reply = await alice.request({"type": "get_rooms"}, "rooms_list")
+        assert system_reply("rooms_list", "alice", {"rooms": ["Lobby", "alpha", "zeta"]}) == reply
+        assert ["beta", "zoo"] == (await bob.request({"type": "get_rooms"}, "rooms_list"))["payload"]["rooms"]
+
+
+async def test_list_rooms_is_the_directory_most_members_first(server: RunningServer) -> None:
+    """list_rooms: every room with members, with its member count, most members first and by
+    name among equals; the reply carries no room of its own."""
+    async with (
+        connect(server, "alice") as alice,
+        connect(server, "bob") as bob,
+        connect(server, "carol", "Den") as carol,
+    ):
+        await join(alice, "Den", "attic")
+        await join(bob, "Den", "cellar")
+        reply = await carol.request({"type": "list_rooms"}, "rooms_directory")
+        expected = [
+            {"room": "Den", "members": 3},
+            {"room": "Lobby", "members": 2},
+            {"room": "attic", "members": 1},
+            {"room": "cellar", "members": 1},
+        ]
+        assert system_reply("rooms_directory", "carol", {"rooms": expected}) == reply
+
+
+async def test_list_rooms_limit_and_prefix(server: RunningServer) -> None:
+    """``limit`` keeps the first rooms of the order; ``prefix`` keeps the names that start with
+    it (case matters); an empty prefix is no filter."""
+    async with connect(server, "alice") as alice, connect(server, "bob") as bob:
+        await join(alice, "game-1", "game-2", "garden", "Games")
+        await join(bob, "game-2", "talk")
+        assert [("Lobby", 2), ("game-2", 2)] == [
+            (row["room"], row["members"]) for row in await directory(alice, limit=2)
+        ]
+        rows = await directory(alice, prefix="game")
+        assert [("game-2", 2), ("game-1", 1)] == [(row["room"], row["members"]) for row in rows]
+        assert ["game-2"] == [row["room"] for row in await directory(alice, prefix="game", limit=1)]
+        assert ["Games"] == [row["room"] for row in await directory(alice, prefix="G")]
+        assert [] == await directory(alice, prefix="nothing")
+        assert 6 == len(await directory(alice, prefix=""))
+
+
+async def test_list_rooms_limit_is_clamped() -> None:
+    """``limit`` is clamped to 1..200 like every limit of the protocol; absent means 50."""
+    async with running_server(max_rooms_per_user=250) as server, connect(server, "alice") as alice:
+        await join(alice, *(f"r{n:03d}" for n in range(204)))  # and Lobby: 205 rooms
+        assert 50 == len(await directory(alice))
+        assert 200 == len(await directory(alice, limit=1000))
+        assert ["Lobby"] == [row["room"] for row in await directory(alice, limit=0)]
+        assert ["Lobby"] == [row["room"] for row in await directory(alice, limit=-3)]
+
+
+async def test_list_rooms_follows_joins_leaves_and_disconnects(server: RunningServer) -> None:
+    """Counts follow joins and leaves; a room whose last member left or disconnected is gone."""
+    async with connect(server, "alice") as alice:
+        async with connect(server, "bob", "Den") as bob:
+            await join(alice, "Den")
+            assert [("Den", 2), ("Lobby", 1)] == [(r["room"], r["members"]) for r in await directory(alice)]
+            await alice.request({"type": "leave_room", "room": "Den"}, "room_left")
+            assert [("Den", 1), ("Lobby", 1)] == [(r["room"], r["members"]) for r in await directory(bob)]
+            # A call with bob, so that alice hears when the server is done with his disconnect.
+            await alice.send({"type": "user_available_webrtc"})
+            await alice.request({"type": "ping"}, "pong")
+            await bob.request({"type": "request_random_peer"}, "assign_role")
+            await alice.expect("assign_role")
+        await alice.expect("hangup")
+        assert [{"room": "Lobby", "members": 1}] == await directory(alice)
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        ([], "invalid_payload"),
+        ("x", "invalid_payload"),
+        ({"limit": "5"}, "invalid_payload"),
+        ({"limit": 1.5}, "invalid_payload"),
+        ({"limit": True}, "invalid_payload"),
+        ({"prefix": 5}, "invalid_payload"),
+        ({"prefix": None, "limit": []}, "invalid_payload"),
+        ({"prefix": "a b"}, "invalid_payload"),
+        ({"prefix": "a:"}, "invalid_payload"),
+        ({"prefix": "r" * 65}, "too_large"),
+    ],
+)
+async def test_list_rooms_refuses_bad_input(server: RunningServer, payload: Any, code: str) -> None:
+    """A payload of the wrong shape is invalid_payload, a prefix over 64 characters too_large;
+    the connection stays usable."""
+    async with connect(server, "alice") as alice:
+        assert code == await error_code(alice, {"type": "list_rooms", "payload": payload})
+        assert [{"room": "Lobby", "members": 1}] == await directory(alice, prefix="Lob")
+
+
+async def test_get_room_members(server: RunningServer) -> None:
+    """get_room_members: the exact count and the members, sorted, with the room set; only a
+    member may ask (not_in_room, with the usual text); the room is required and checked."""
+    async with (
+        connect(server, "carol", "Den") as carol,
+        connect(server, "alice", "Den") as alice,
+        connect(server, "Bob") as bob,
+    ):
+        reply = await alice.request({"type": "get_room_members", "room": "Den"}, "room_members")
+        payload = {"room": "Den", "count": 2, "members": ["alice", "carol"]}
+        assert system_reply("room_members", "alice", payload, room="Den") == reply
+        await join(bob, "Den")
+        reply = await carol.request({"type": "get_room_members", "room": "Den"}, "room_members")
+        assert {"room": "Den", "count": 3, "members": ["Bob", "alice", "carol"]} == reply["payload"]
+
+        refused = await alice.request({"type": "get_room_members", "room": "Lobby"}, "error")
+        text = "You are not in that room. Join the room first."
+        assert system_reply("error", "alice", {"error": text, "code": "not_in_room"}) == refused
+        assert "not_in_room" == await error_code(alice, {"type": "get_room_members", "room": "Nowhere"})
+        assert "invalid_target" == await error_code(alice, {"type": "get_room_members"})
+        assert "invalid_payload" == await error_code(alice, {"type": "get_room_members", "room": "a b"})
+        assert "too_large" == await error_code(alice, {"type": "get_room_members", "room": "r" * 65})
+
+
+async def test_room_members_lists_at_most_1000_sorted() -> None:
+    """A room of 1,500 members: the count is exact and the first 1,000 names are listed, sorted
+    (the memory store; the session asks for 1,000, the Redis version is tested across
+    instances)."""
+    store = MemoryStore(ttl_seconds=60, history_max=10)
+    users = [f"user{n:04d}" for n in range(1500)]
+    for user in reversed(users):
+        await store.join_room("Big", user)
+    count, members = await store.room_members("Big", 1000)
+    assert (1500, users[:1000]) == (count, members)
+    assert (0, []) == await store.room_members("Nowhere", 1000)
+
+
+async def test_get_stats(server: RunningServer) -> None:
+    """get_stats: users connected, users pooled for a call, users in a live match (both sides)
+    and rooms with members; the figures follow matches and disconnects."""
+    async with (
+        connect(server, "alice") as alice,
+        connect(server, "bob", "Den") as bob,
+        connect(server, "carol") as carol,
+    ):
+        reply = await alice.request({"type": "get_stats"}, "stats")
+        payload = {"online": 3, "searching": 0, "inCalls": 0, "rooms": 2}
+        assert system_reply("stats", "alice", payload) == reply
+        await bob.send({"type": "user_available_webrtc"})
+        await carol.send({"type": "user_available_webrtc"})
+        await carol.request({"type": "ping"}, "pong")
+        await bob.request({"type": "ping"}, "pong")
+        stats = (await alice.request({"type": "get_stats", "payload": {"ignored": 1}}, "stats"))["payload"]
+        assert {"online": 3, "searching": 2, "inCalls": 0, "rooms": 2} == stats
+        matched = await alice.request({"type": "request_random_peer"}, "assign_role")
+        stats = (await alice.request({"type": "get_stats"}, "stats"))["payload"]
+        assert {"online": 3, "searching": 1, "inCalls": 2, "rooms": 2} == stats
+        async with connect(server, "dave", "Attic"):
+            stats = (await alice.request({"type": "get_stats"}, "stats"))["payload"]
+            assert {"online": 4, "searching": 1, "inCalls": 2, "rooms": 3} == stats
+        peer = bob if "bob" == matched["payload"]["peerId"] else carol
+        await peer.ws.aclose()
+        await alice.expect("hangup")
+        stats = (await alice.request({"type": "get_stats"}, "stats"))["payload"]
+        assert 0 == stats["inCalls"] and 2 == stats["online"]
+
+
+async def test_a_replaced_connection_counts_once(server: RunningServer) -> None:
+    """A user who connects again (the first connection is replaced, 4001) is online once,
+    also once the replaced connection is gone."""
+    async with connect(server, "alice") as first, connect(server, "alice") as second:
+        with pytest.raises(trio_websocket.ConnectionClosed):
+            await first.recv()
+        assert 1 == (await second.request({"type": "get_stats"}, "stats"))["payload"]["online"]
+        async with connect(server, "erin") as erin:
+            assert 2 == (await erin.request({"type": "get_stats"}, "stats"))["payload"]["online"]
+
+
+async def test_a_level_1_client_gets_none_of_these_unless_it_asks(server: RunningServer) -> None:
+    """A level-1 client (no ``v``) is never sent rooms_directory, room_members or stats on
+    account of what others do or ask; it gets each only as the answer to its own request."""
+    async with connect(server, "watcher") as watcher:
+        async with connect(server, "alice") as alice, connect(server, "bob") as bob:
+            await join(alice, "Den")
+            await join(bob, "Den")
+            await directory(alice)
+            await alice.request({"type": "get_room_members", "room": "Lobby"}, "room_members")
+            await bob.request({"type": "get_stats"}, "stats")
+            await bob.request({"type": "leave_room", "room": "Den"}, "room_left")
+        await watcher.send({"type": "ping"})
+        seen = []
+        while (message := await watcher.recv())["type"] != "pong":
+            seen.append(message["type"])
+        assert set() == DIRECTORY_REPLIES & set(seen)
+        assert "rooms_directory" == (await watcher.request({"type": "list_rooms"}, "rooms_directory"))["type"]
