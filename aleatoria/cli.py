@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -19,7 +21,7 @@ from aleatoria.auth import make_token, parse_duration
 from aleatoria.config import SETTINGS, Config, ConfigError, from_environment
 from aleatoria.limits import id_problem
 from aleatoria.server import serve
-from aleatoria.workers import exit_when_parent_dies, run_workers
+from aleatoria.workers import exit_when_parent_dies, reserve_port, run_workers
 
 log = logging.getLogger("aleatoria.cli")
 
@@ -27,7 +29,8 @@ log = logging.getLogger("aleatoria.cli")
 _FLAG_NAMES = {"allowed_origins": "--allowed-origin"}
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``aleatoria`` parser and its sub-commands' parsers, by name."""
     parser = argparse.ArgumentParser(
         prog="aleatoria",
         description="Real-time server for random video-chat apps (rooms, DMs, matching, signaling).",
@@ -65,12 +68,17 @@ def _parser() -> argparse.ArgumentParser:
     token_cmd.add_argument("user", metavar="USERID")
     token_cmd.add_argument("--ttl", default="1h", help="validity, e.g. 90s, 15m, 1h, 2d (default 1h)")
     token_cmd.add_argument("--secret", help="signing secret [env ALEATORIA_AUTH_SECRET]")
-    return parser
+    return parser, {"serve": serve_cmd, "token": token_cmd}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(raw)
+    parser, commands = _parser()
+    args, unknown = parser.parse_known_args(raw)
+    if unknown:
+        # argparse would answer a sub-command's unknown flag (``serve --prot 9000``) with the
+        # top-level usage, which lists none of the sub-command's flags: show the right one.
+        commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "serve":
         return _serve(args, raw[raw.index("serve") + 1 :])
     if args.command == "token":
@@ -114,15 +122,66 @@ def _serve(args: argparse.Namespace, serve_args: Sequence[str]) -> int:
         log.warning("event=auth_disabled detail=%r", "no ALEATORIA_AUTH_SECRET: userIds are trusted")
     elif len(config.auth_secret) < 32:
         log.warning("event=auth_weak_secret detail=%r", "ALEATORIA_AUTH_SECRET is shorter than 32 bytes")
-    try:
-        if config.workers > 1 and args.worker is None:
-            return run_workers(config, serve_args)
-        _tune_garbage_collector()
-        trio.run(_run, config, args.worker)
-    except OSError as exc:
-        log.error("event=start_failed error=%r", exc)
-        return 1
+    if config.workers > 1 and args.worker is None:
+        try:
+            reserved = reserve_port(config.host, config.port)
+        except OSError as exc:
+            return _start_failed(config, [exc], worker=None)
+        with reserved:
+            return run_workers(config, serve_args, reserved)
+    _tune_garbage_collector()
+    failed = trio.run(_run, config, args.worker)
+    if failed:
+        return _start_failed(config, failed, worker=args.worker)
     return 0
+
+
+# Why the server could not listen, for the ``start_failed`` line (exit status 1: the
+# configuration was valid, the machine refused it; a setting no machine accepts is a
+# ConfigError, exit status 2, found before anything starts).
+_REASONS = {
+    errno.EADDRINUSE: "port_in_use",
+    errno.EADDRNOTAVAIL: "address_not_available",
+    errno.EAFNOSUPPORT: "address_not_available",
+    errno.EACCES: "permission_denied",
+}
+
+
+def _start_failed(config: Config, errors: Sequence[OSError], *, worker: int | None) -> int:
+    """Report what kept the server from starting in one ``event=start_failed`` line; the
+    exit status (1). A worker hands the line to its parent instead (workers.py), which
+    logs it once for the whole server."""
+    reasons = ",".join(dict.fromkeys(_reason(exc) for exc in errors))
+    where = f"[{config.host}]" if ":" in config.host else config.host
+    line = f"reason={reasons} address={where}:{config.port} error={'; '.join(map(str, errors))!r}"
+    if worker is None:
+        log.error("event=start_failed %s", line)
+    else:
+        _tell_parent(f"start_failed {line}")
+    return 1
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, socket.gaierror):
+        return "unknown_host"
+    return _REASONS.get(exc.errno or 0, "os_error")
+
+
+def _leaves(group: BaseExceptionGroup[OSError]) -> list[OSError]:
+    """The OSErrors of a (possibly nested) group, in order."""
+    found: list[OSError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found.extend(_leaves(exc))
+        else:
+            found.append(exc)
+    return found
+
+
+def _tell_parent(line: str) -> None:
+    # A worker's stdout is a pipe its parent reads line by line (workers.py).
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def _tune_garbage_collector() -> None:
@@ -151,16 +210,23 @@ def _start_error_reporting() -> None:
     log.info("event=sentry_enabled")
 
 
-async def _run(config: Config, worker: int | None) -> None:
+async def _run(config: Config, worker: int | None) -> list[OSError]:
+    """Serve until SIGINT or SIGTERM (or, in a worker, until the parent is gone). Returns the
+    errors that kept the server from starting (trio raises them in a group, hence
+    ``except*``), or [] once it ran. An error after start-up is a bug: it propagates."""
+    failed: list[OSError] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-        if worker is None:
-            await nursery.start(serve, config)
-            return
-        await nursery.start(partial(serve, config, reuse_port=True, worker=worker))
-        nursery.start_soon(exit_when_parent_dies, nursery.cancel_scope)
-        sys.stdout.write("ready\n")
-        sys.stdout.flush()
+        try:
+            await nursery.start(partial(serve, config, reuse_port=worker is not None, worker=worker))
+        except* OSError as group:
+            failed = _leaves(group)
+        if failed:
+            nursery.cancel_scope.cancel()
+        elif worker is not None:
+            nursery.start_soon(exit_when_parent_dies, nursery.cancel_scope)
+            _tell_parent("ready")
+    return failed
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

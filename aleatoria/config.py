@@ -8,9 +8,10 @@ The table in ``SETTINGS`` is the single source for both, and for the docs.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import attrs
 
@@ -342,7 +343,74 @@ class Config:
                 "ALEATORIA_HEARTBEAT_INTERVAL must be positive and ALEATORIA_PRESENCE_TTL at "
                 "least twice as long"
             )
+        url = self.effective_redis_url
+        if url:
+            problem = redis_url_problem(url, cluster=self.uses_redis_cluster)
+            if problem:
+                shown = repr(redacted_url(url))
+                if self.redis_url:
+                    where = f"ALEATORIA_REDIS_URL (--redis-url) {shown}"
+                else:
+                    where = f"the Redis URL made from VALKEY_HOST and VALKEY_PORT, {shown},"
+                raise ConfigError(f"{where} is not usable: {problem}")
         return self
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_DB_PATH = re.compile(r"(/\d*)?")  # redis-py reads the path as the database number
+
+
+def redis_url_problem(url: str, *, cluster: bool) -> str | None:
+    """Why the server could not use ``url`` for Redis, or None if it can.
+
+    redis-py judges it first, since redis-py is what reads it at run time (the two cannot
+    disagree): ``parse_url`` refuses a wrong scheme, a port that is not a number or is out
+    of range, an unclosed ``[`` and a query option of the wrong type; building one
+    connection object (unconnected) refuses unknown query options, which would otherwise
+    raise TypeError at the first connect, on a worker thread. Then what redis-py lets
+    through but would fail later, inside a running server: a path that is not a database
+    number (redis-py silently takes database 0 for ``/abc``), a negative database, a
+    ``unix://`` URL without a path and, on a Redis Cluster, a unix socket or a database
+    other than 0.
+    """
+    # Imported here: the in-memory mode never loads redis-py (nor does the protocol core).
+    from redis.connection import ConnectionPool
+    from redis.exceptions import RedisError
+
+    scheme, sep, rest = url.partition("://")
+    base = scheme.removesuffix("+cluster")
+    tagged = base != scheme
+    if not sep or base not in _REDIS_SCHEMES or (tagged and base == "unix"):
+        return "the scheme must be redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://"
+    plain = f"{base}://{rest}"
+    try:
+        pool = ConnectionPool.from_url(plain)
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:  # an option the connection does not take, or of the wrong kind
+        return f"redis-py refuses its query options: {exc}"
+    except (ValueError, RedisError) as exc:
+        return str(exc) or type(exc).__name__
+    options = pool.connection_kwargs
+    db = options.get("db", 0)
+    if base == "unix":
+        if not options.get("path"):
+            return "a unix:// URL needs the socket's path, e.g. unix:///run/redis/redis.sock"
+        if cluster or tagged:
+            return "a Redis Cluster is reached over TCP, not through a unix socket"
+    elif not _DB_PATH.fullmatch(path := urlsplit(plain).path):
+        return f"the path must be a database number such as /0, got {path!r}"
+    if db < 0:
+        return f"the database number must be 0 or more, got {db}"
+    if (cluster or tagged) and db != 0:
+        return f"a Redis Cluster has only database 0, got {db}"
+    return None
+
+
+def redacted_url(url: str) -> str:
+    """``url`` with its password (user info, or a ``password=`` query option) masked, for
+    messages; works on URLs too malformed to parse."""
+    url = re.sub(r"^([^:/?#]*://)[^/?#]*@", r"\1***@", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
 
 
 def from_environment(environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:

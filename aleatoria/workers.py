@@ -9,13 +9,21 @@ kernel spreads new connections over the listening workers. Workers need Redis: i
 makes them one server (presence, pub/sub, shared pool).
 
 A worker's stdin is a pipe from the parent: a worker whose parent died (even ``kill -9``)
-reads EOF and shuts down gracefully. A worker writes ``ready`` on its stdout once it
-listens; the parent logs ``listening on ws://HOST:PORT/ws`` once, when every worker is
-ready. A worker that exits while the parent is not shutting down is restarted after a
-backoff (0.5 s, doubling to 10 s; back to 0.5 s after it ran for 30 s); one that dies five
-times in a row before it was ready (it cannot start: a port taken by a program without
-SO_REUSEPORT, a broken environment) stops everything, exit 1. SIGTERM or SIGINT:
-every worker gets SIGTERM (and shuts down gracefully: 1001 to its clients, history flushed,
+reads EOF and shuts down gracefully. A worker's stdout is a pipe to the parent, one report
+per line: ``ready`` once it listens, or ``start_failed reason=... error=...`` when it could
+not (then it exits 1). The parent logs ``listening on ws://HOST:PORT/ws`` once, when every
+worker is ready.
+
+Start-up failure: a worker that exits before its first ``ready`` (it cannot listen, or it
+crashed while starting) would fail the same way again, so the parent does not restart it:
+it logs one ``event=start_failed worker=I`` line with the worker's reason, stops the other
+workers and exits with the worker's status (1 if a signal killed it).
+
+A worker that exits after it was ready, while the parent is not shutting down, is restarted
+after a backoff (0.5 s, doubling to 10 s; back to 0.5 s after it ran for 30 s); if its
+replacements die five times in a row before they are ready (the port was taken meanwhile, a
+broken environment), everything stops as for a start-up failure. SIGTERM or SIGINT: every
+worker gets SIGTERM (and shuts down gracefully: 1001 to its clients, history flushed,
 presence removed); one still running after ``shutdown_timeout`` + 5 s is killed. The parent
 exits 0 when every worker exited 0.
 
@@ -43,7 +51,8 @@ _BACKOFF_FIRST = 0.5
 _BACKOFF_MAX = 10.0
 _HEALTHY_AFTER = 30.0
 _KILL_GRACE = 5.0
-_GIVE_UP_AFTER = 5  # a worker that dies this many times in a row before ready: stop all
+_GIVE_UP_AFTER = 5  # a restarted worker that dies this many times in a row before ready: stop all
+_REPORT_MAX = 4096  # bytes of a worker's report line kept (a report is one short line)
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -73,7 +82,10 @@ class Supervisor:
         self.exit_codes: dict[int, int] = {}
         self.restarts = 0
         self.gave_up = False
+        # The exit status of the worker whose start-up failure stopped everything.
+        self.start_failure: int | None = None
         self._ready: set[int] = set()
+        self._failure_reports: dict[int, str] = {}
         self._stopped = trio.Event()
         self._announced = False
 
@@ -104,6 +116,8 @@ class Supervisor:
                     await self._stopped.wait()
                     slots.start_soon(self._stop_all)
                 outer.cancel_scope.cancel()
+        if self.start_failure is not None:
+            return self.start_failure  # its start_failed line is the one to read
         failed = {index: code for index, code in self.exit_codes.items() if code != 0}
         if failed or self.gave_up:
             log.error("event=workers_stopped failed=%s gave_up=%s", failed, self.gave_up)
@@ -138,15 +152,17 @@ class Supervisor:
     async def _slot(self, index: int) -> None:
         backoff = _BACKOFF_FIRST
         early = 0  # consecutive deaths before the worker was ready
+        first = True  # the slot's first worker: exiting before ready is a start-up failure
         while not self.stopping:
             started = trio.current_time()
+            self._failure_reports.pop(index, None)  # a report is about the worker that sent it
             process = await trio.lowlevel.open_process(
                 self.command(index), stdin=subprocess.PIPE, stdout=subprocess.PIPE
             )
             self.processes[index] = process
             log.info("event=worker_started worker=%d pid=%d port=%d", index, process.pid, self.port)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_ready, index, process)
+                nursery.start_soon(self._read_reports, index, process)
                 code = await process.wait()
             for stream in (process.stdin, process.stdout):
                 if stream is not None:
@@ -158,15 +174,13 @@ class Supervisor:
                 self.exit_codes[index] = 0 if code == -signal.SIGTERM and not was_ready else code
                 return
             early = 0 if was_ready else early + 1
+            if first and not was_ready:
+                self._start_failed(index, process.pid, code, "")
+                return
+            first = False
             if early >= _GIVE_UP_AFTER:
-                log.error(
-                    "event=worker_keeps_failing worker=%d code=%d deaths_before_ready=%d action=stopping",
-                    index,
-                    code,
-                    early,
-                )
                 self.gave_up = True
-                self._stop()
+                self._start_failed(index, process.pid, code, f"deaths_before_ready={early} ")
                 return
             if trio.current_time() - started > _HEALTHY_AFTER:
                 backoff = _BACKOFF_FIRST
@@ -182,29 +196,50 @@ class Supervisor:
                 await self._stopped.wait()  # the backoff, cut short by a shutdown
             backoff = min(backoff * 2, _BACKOFF_MAX)
 
-    async def _read_ready(self, index: int, process: trio.Process) -> None:
+    def _start_failed(self, index: int, pid: int, code: int, extra: str) -> None:
+        """Stop everything because worker ``index`` cannot start; its report, if it sent one,
+        says why (else it crashed: its traceback is on stderr, which it shares with us)."""
+        self.start_failure = code if code > 0 else 1
+        report = self._failure_reports.pop(index, "reason=exited_before_ready")
+        log.error(
+            "event=start_failed worker=%d pid=%d code=%d %s%s action=stopping_workers",
+            index,
+            pid,
+            code,
+            extra,
+            report,
+        )
+        self._stop()
+
+    async def _read_reports(self, index: int, process: trio.Process) -> None:
+        """Read worker ``index``'s report lines until its stdout closes (it exited)."""
         assert process.stdout is not None
         buffer = b""
         async for chunk in process.stdout:
-            buffer += chunk
-            if b"ready" in buffer and index not in self._ready:
-                self._ready.add(index)
-                log.info("event=worker_ready worker=%d pid=%d", index, process.pid)
-                if len(self._ready) == self.count and not self._announced:
-                    self._announced = True
-                    where = f"{_display_host(self.config.host)}:{self.port}"
-                    log.info(
-                        "listening on ws://%s/ws workers=%d health=http://%s/health", where, self.count, where
-                    )
-            buffer = buffer[-16:]
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            buffer = buffer[-_REPORT_MAX:]
+            for line in lines:
+                self._report(index, process.pid, line.decode(errors="replace").strip())
+
+    def _report(self, index: int, pid: int, line: str) -> None:
+        if line.startswith("start_failed "):
+            self._failure_reports[index] = line.removeprefix("start_failed ")[:_REPORT_MAX]
+        elif line == "ready" and index not in self._ready:
+            self._ready.add(index)
+            log.info("event=worker_ready worker=%d pid=%d", index, pid)
+            if len(self._ready) == self.count and not self._announced:
+                self._announced = True
+                where = f"{_display_host(self.config.host)}:{self.port}"
+                log.info(
+                    "listening on ws://%s/ws workers=%d health=http://%s/health", where, self.count, where
+                )
 
 
-def run_workers(config: Config, serve_args: Sequence[str]) -> int:
-    """Run ``config.workers`` workers until a signal; the parent's exit code. Raises OSError
-    if the port cannot be bound."""
-    with reserve_port(config.host, config.port) as reserved:
-        port = reserved.getsockname()[1]
-        return trio.run(Supervisor(config, serve_args, port).run)
+def run_workers(config: Config, serve_args: Sequence[str], reserved: socket.socket) -> int:
+    """Run ``config.workers`` workers on the port ``reserved`` holds (``reserve_port``) until a
+    signal or a worker's start-up failure; returns the parent's exit status."""
+    port: int = reserved.getsockname()[1]
+    return trio.run(Supervisor(config, serve_args, port).run)
 
 
 async def exit_when_parent_dies(scope: trio.CancelScope) -> None:

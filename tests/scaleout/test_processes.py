@@ -196,16 +196,37 @@ def test_workers_need_redis(capsys: pytest.CaptureFixture[str], monkeypatch: pyt
     assert "ALEATORIA_REDIS_URL" in error
 
 
-async def test_a_worker_that_cannot_start_stops_the_parent(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A worker that dies five times in a row before it is ready is not restarted forever:
-    the parent stops and exits 1."""
+async def test_a_worker_that_cannot_start_stops_the_parent() -> None:
+    """A worker that exits before it is ever ready is not restarted: the parent stops at
+    once with the worker's status. (The same through ``aleatoria serve``: test_startup.py.)"""
 
     class Failing(Supervisor):
         def command(self, index: int) -> list[str]:
             return [sys.executable, "-c", "raise SystemExit(3)"]
 
-    monkeypatch.setattr(aleatoria.workers, "_BACKOFF_FIRST", 0.01)
     supervisor = Failing(Config(workers=2, redis_url="redis://127.0.0.1:1/0"), [], 1)
     with trio.fail_after(10):
-        assert 1 == await supervisor.run()
+        assert 3 == await supervisor.run()
+    assert 0 == supervisor.restarts
+    assert not supervisor.gave_up
+
+
+async def test_a_replacement_that_keeps_failing_stops_the_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that was ready and died is restarted; if its replacements die five times in
+    a row before they are ready, the parent is not restarting them forever: it stops with
+    the worker's status."""
+
+    class ReadyOnce(Supervisor):
+        started = 0
+
+        def command(self, index: int) -> list[str]:
+            self.started += 1
+            ready = "print('ready', flush=True); " if self.started == 1 else ""
+            return [sys.executable, "-c", ready + "raise SystemExit(3)"]
+
+    monkeypatch.setattr(aleatoria.workers, "_BACKOFF_FIRST", 0.01)
+    supervisor = ReadyOnce(Config(workers=1), [], 1)
+    with trio.fail_after(15):
+        assert 3 == await supervisor.run()
     assert supervisor.gave_up
+    assert 5 == supervisor.restarts

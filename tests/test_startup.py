@@ -1,0 +1,239 @@
+"""Start-up failures a user meets, each run as a real ``python -m aleatoria serve`` process:
+a port in use or an address not on this machine end in one ``event=start_failed`` line and
+exit status 1; a malformed Redis URL is refused before anything starts (exit status 2);
+under ``--workers 2`` a worker that cannot start stops the parent with its reason and
+status instead of being restarted forever."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import trio
+
+from aleatoria.config import Config, ConfigError
+
+# A Redis URL for --workers (which needs one); these cases fail before Redis is used.
+NO_REDIS = "redis://127.0.0.1:1/0"
+# TEST-NET-1 (RFC 5737): documentation addresses, never assigned to a machine.
+FOREIGN_ADDRESS = "192.0.2.1"
+# How long a start-up failure may take to be reported, workers included (a worker takes
+# about half a second to start; the parent gives up at its first failure).
+REPORTED_WITHIN = 20.0
+
+
+def _environment() -> dict[str, str]:
+    """This environment without settings of the server (a developer's shell may set some)."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("ALEATORIA_", "VALKEY_", "REDIS_", "MESSAGE_TTL"))
+    }
+
+
+async def _serve(*flags: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run ``aleatoria serve FLAGS`` to its end; its exit status and its stderr."""
+    command = [sys.executable, "-m", "aleatoria", "serve", *flags]
+    with trio.fail_after(REPORTED_WITHIN):
+        done = await trio.run_process(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env={**_environment(), **(env or {})},
+        )
+    return done.returncode, done.stderr.decode(errors="replace")
+
+
+def _lines(text: str, marker: str) -> list[str]:
+    return [line for line in text.splitlines() if marker in line]
+
+
+@contextmanager
+def _listening() -> Iterator[int]:
+    """A port another program listens on (no SO_REUSEPORT, as most programs)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+async def test_a_busy_port_is_one_line_and_exit_1() -> None:
+    """A port in use: exit status 1, exactly one ``event=start_failed`` line naming the
+    reason and the address, and no traceback."""
+    with _listening() as port:
+        code, err = await _serve("--port", str(port))
+    assert 1 == code, err
+    failed = _lines(err, "event=start_failed")
+    assert 1 == len(failed), err
+    assert "reason=port_in_use" in failed[0]
+    assert f"address=127.0.0.1:{port}" in failed[0]
+    assert "Traceback" not in err
+    assert "listening on" not in err
+
+
+async def test_an_address_not_on_this_machine_is_exit_1() -> None:
+    """``--host`` an address this machine does not have: exit 1, one start_failed line."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((FOREIGN_ADDRESS, 0))
+        except OSError:
+            pass
+        else:  # pragma: no cover - net.ipv4.ip_nonlocal_bind=1 lets any address be bound
+            pytest.skip("this machine lets a program bind addresses it does not have")
+    code, err = await _serve("--host", FOREIGN_ADDRESS, "--port", "0")
+    assert 1 == code, err
+    failed = _lines(err, "event=start_failed")
+    assert 1 == len(failed), err
+    assert "reason=address_not_available" in failed[0]
+    assert "Traceback" not in err
+
+
+MALFORMED_URLS = [
+    ("redis://127.0.0.1:notaport", "'notaport'"),
+    ("http://127.0.0.1:6379", "the scheme must be redis://"),
+    ("redis://:bad@[::1", "Invalid IPv6 URL"),
+    ("redis://127.0.0.1:6379/abc", "the path must be a database number"),
+    ("redis://127.0.0.1:6379/0?socket_timout=1", "'socket_timout'"),
+    ("redis+cluster://127.0.0.1:7000/2", "a Redis Cluster has only database 0"),
+]
+
+
+@pytest.mark.parametrize(("url", "why"), MALFORMED_URLS)
+async def test_a_malformed_redis_url_is_a_configuration_error(url: str, why: str) -> None:
+    """A Redis URL redis-py cannot use is refused before anything starts: exit status 2, one
+    message naming the setting and what is wrong, no traceback, no password shown."""
+    code, err = await _serve("--redis-url", url, "--port", "0")
+    assert 2 == code, err
+    assert err.startswith("aleatoria: configuration error: ALEATORIA_REDIS_URL (--redis-url) "), err
+    assert why in err
+    assert 1 == len(err.splitlines()), err  # nothing else started, nothing else logged
+    assert ":bad@" not in err
+
+
+async def test_a_malformed_redis_url_from_the_environment_names_its_variable() -> None:
+    """The same check for ALEATORIA_REDIS_URL and for the URL made from VALKEY_HOST."""
+    code, err = await _serve("--port", "0", env={"ALEATORIA_REDIS_URL": "redis://127.0.0.1:notaport"})
+    assert 2 == code, err
+    assert "ALEATORIA_REDIS_URL" in err and "'notaport'" in err
+    code, err = await _serve("--port", "0", env={"VALKEY_HOST": "bad[host"})
+    assert 2 == code, err
+    assert "made from VALKEY_HOST and VALKEY_PORT" in err
+    assert "Traceback" not in err
+
+
+def test_redis_urls_the_server_can_use_are_accepted() -> None:
+    """Validation refuses nothing redis-py (and the cluster client) would use as meant."""
+    for url in [
+        "redis://127.0.0.1:6379/0",
+        "redis://127.0.0.1",
+        "rediss://user:p%40ss@redis.example.com:6380/2",
+        "redis://[::1]:6379/1",
+        "redis://127.0.0.1:6379/0?socket_keepalive=true&client_name=x",
+        "unix:///run/redis/redis.sock?db=3",
+        "redis+cluster://127.0.0.1:7000",
+        "rediss+cluster://127.0.0.1:7000/0",
+    ]:
+        assert Config(redis_url=url).validate().redis_url == url
+    with pytest.raises(ConfigError, match="unix socket"):
+        Config(redis_url="unix:///run/redis/redis.sock", redis_cluster=True).validate()
+    with pytest.raises(ConfigError, match="needs the socket's path"):
+        Config(redis_url="unix://").validate()
+    with pytest.raises(ConfigError, match="0 or more"):
+        Config(redis_url="redis://127.0.0.1?db=-1").validate()
+
+
+async def test_a_mistyped_flag_shows_the_serve_usage() -> None:
+    """``serve --prot 9000`` answers with the serve command's usage (its flags), exit 2."""
+    code, err = await _serve("--prot", "9000")
+    assert 2 == code, err
+    assert err.startswith("usage: aleatoria serve ")
+    assert "--port PORT" in err
+    assert "aleatoria serve: error: unrecognized arguments: --prot 9000" in err
+
+
+async def test_workers_on_a_busy_port_stop_before_starting_any() -> None:
+    """``--workers 2`` on a port in use: the parent cannot reserve it, so it starts no
+    worker and exits 1 with one start_failed line."""
+    with _listening() as port:
+        code, err = await _serve("--workers", "2", "--redis-url", NO_REDIS, "--port", str(port))
+    assert 1 == code, err
+    failed = _lines(err, "event=start_failed")
+    assert 1 == len(failed) and "reason=port_in_use" in failed[0], err
+    assert "worker_started" not in err
+    assert "Traceback" not in err
+
+
+async def test_workers_with_a_malformed_redis_url_start_none() -> None:
+    """``--workers 2`` with a malformed Redis URL: exit 2 at once, no worker started (they
+    used to crash and be restarted forever)."""
+    code, err = await _serve("--workers", "2", "--redis-url", "redis://127.0.0.1:notaport")
+    assert 2 == code, err
+    assert "configuration error: ALEATORIA_REDIS_URL" in err
+    assert "worker_started" not in err
+
+
+async def test_a_worker_that_cannot_start_stops_the_parent_with_its_reason() -> None:
+    """A worker that fails during start-up (here: another program started listening on the
+    port after the parent reserved it) is not restarted: the parent logs one start_failed
+    line with the worker's reason, stops the other worker and exits with its status (1)."""
+    for _attempt in range(3):
+        outcome = await _workers_lose_their_port()
+        if outcome is not None:
+            break
+    else:  # pragma: no cover - three times in a row a worker listened within milliseconds
+        pytest.fail("a worker kept listening before the port could be taken")
+    code, err = outcome
+    assert 1 == code, err
+    failed = _lines(err, "event=start_failed")
+    assert 1 == len(failed), err
+    assert "worker=" in failed[0] and "reason=port_in_use" in failed[0], err
+    assert 2 == len(_lines(err, "event=worker_started")), err  # neither worker restarted
+    assert "worker_died" not in err
+    assert "listening on" not in err
+    assert "Traceback" not in err
+
+
+async def _workers_lose_their_port() -> tuple[int, str] | None:
+    """Run ``--workers 2`` on a port that a plain listener takes as soon as the parent has
+    reserved it (the parent's socket does not listen, so the kernel lets that listener in,
+    and then refuses the workers). None if a worker listened first (the kernel then refuses
+    the listener): the caller tries again."""
+    with socket.socket() as thief:
+        # SO_REUSEADDR on both sides (and nobody listening yet) lets both bind the port.
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        thief.bind(("127.0.0.1", 0))
+        port = thief.getsockname()[1]
+        command = [sys.executable, "-m", "aleatoria", "serve", "--workers", "2", "--port", str(port)]
+        command += ["--redis-url", NO_REDIS]
+        process = await trio.lowlevel.open_process(
+            command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_environment()
+        )
+        assert process.stderr is not None
+        log = bytearray()
+        try:
+            with trio.fail_after(REPORTED_WITHIN):
+                # The parent reserved the port before it started the first worker, and a
+                # worker needs far longer to start than this reaction takes.
+                async for chunk in process.stderr:
+                    log.extend(chunk)
+                    if b"event=worker_started" in log:
+                        break
+                try:
+                    thief.listen()
+                except OSError:  # pragma: no cover - a worker was faster
+                    return None
+                async for chunk in process.stderr:
+                    log.extend(chunk)
+                code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    return code, log.decode(errors="replace")
