@@ -293,7 +293,10 @@ class Config:
             if self.valkey_password:
                 auth += ":" + quote(self.valkey_password, safe="")
             auth += "@"
-        return f"{scheme}://{auth}{self.valkey_host}:{self.valkey_port}/{self.redis_db}"
+        host = self.valkey_host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address
+        return f"{scheme}://{auth}{host}:{self.valkey_port}/{self.redis_db}"
 
     @property
     def uses_redis_cluster(self) -> bool:

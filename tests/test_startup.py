@@ -237,3 +237,10 @@ async def _workers_lose_their_port() -> tuple[int, str] | None:
                 process.kill()
                 await process.wait()
     return code, log.decode(errors="replace")
+
+
+def test_an_ipv6_valkey_host_is_bracketed_in_the_url() -> None:
+    from aleatoria.config import Config
+
+    config = Config(valkey_host="::1", valkey_port=6380).validate()
+    assert "redis://[::1]:6380/0" == config.effective_redis_url
