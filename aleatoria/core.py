@@ -45,9 +45,12 @@ from aleatoria.requests import (
     ClientMessage,
     GetDirectMessages,
     GetRecentMessages,
+    GetRoomMembers,
     GetRooms,
+    GetStats,
     JoinRoom,
     LeaveRoom,
+    ListRooms,
     Ping,
     RefreshToken,
     RequestRandomPeer,
@@ -204,8 +207,24 @@ class StoreLeave:
 
 
 @attrs.frozen
-class ListRooms:
-    """Outcome: the rooms' names."""
+class RoomDirectory:
+    """Outcome: (room, member count) pairs across instances, most members first."""
+
+    limit: int
+    prefix: str
+
+
+@attrs.frozen
+class RoomMembers:
+    """Outcome: (exact member count, up to ``limit`` members sorted)."""
+
+    room: str
+    limit: int
+
+
+@attrs.frozen
+class Counts:
+    """Outcome: the ``get_stats`` figures across instances (a ``store.Counts``)."""
 
 
 @attrs.frozen
@@ -263,7 +282,9 @@ Call = (
     | RoomReady
     | StoreJoin
     | StoreLeave
-    | ListRooms
+    | RoomDirectory
+    | RoomMembers
+    | Counts
     | SetAvailable
     | SetUnavailable
     | RequestPeer
@@ -311,8 +332,14 @@ def handle(request: ClientMessage, facts: Facts) -> Step:
             return _join(request, facts)
         case LeaveRoom():
             return _leave(request)
-        case GetRooms():
-            return _after(ListRooms(), lambda rooms: _done(Reply(m.ROOMS_LIST, m.RoomsList(rooms=rooms))))
+        case GetRooms():  # the requester's rooms, as the original server answers
+            return _done(Reply(m.ROOMS_LIST, m.RoomsList(rooms=sorted(facts.rooms))))
+        case ListRooms():
+            return _after(RoomDirectory(request.limit, request.prefix), _directory)
+        case GetRoomMembers():
+            return _members(request, facts)
+        case GetStats():
+            return _after(Counts(), _stats)
         case UserAvailable():
             return _after(SetAvailable(), _peer_left)
         case UserUnavailable():
@@ -516,6 +543,33 @@ def _recent(request: GetRecentMessages, facts: Facts) -> Step:
             Reply(m.RECENT_MESSAGES, m.RecentMessages(room=room, messages=_fragments(stored)), room=room)
         ),
     )
+
+
+# the rooms directory (PROTOCOL.md section 11): answered to every client, so safe for level 1
+
+
+def _directory(rooms: list[tuple[str, int]]) -> Step:
+    entries = [m.DirectoryEntry(room=room, members=count) for room, count in rooms]
+    return _done(Reply(m.ROOMS_DIRECTORY, m.RoomsDirectory(rooms=entries)))
+
+
+def _members(request: GetRoomMembers, facts: Facts) -> Step:
+    room = request.room
+    if room not in facts.rooms:
+        raise ClientError(NOT_IN_ROOM, NOT_IN_ROOM_TEXT)
+
+    def listed(outcome: tuple[int, list[str]]) -> Step:
+        count, members = outcome
+        return _done(Reply(m.ROOM_MEMBERS, m.RoomMembers(room=room, count=count, members=members), room=room))
+
+    return _after(RoomMembers(room, m.MAX_MEMBERS_LISTED), listed)
+
+
+def _stats(counts: Any) -> Step:
+    stats = m.Stats(
+        online=counts.online, searching=counts.searching, in_calls=counts.in_calls, rooms=counts.rooms
+    )
+    return _done(Reply(m.STATS, stats))
 
 
 # tokens

@@ -98,6 +98,24 @@ class GetDirectMessages:
 
 
 @attrs.frozen
+class ListRooms:
+    """The rooms directory (PROTOCOL.md section 11)."""
+
+    limit: int
+    prefix: str = ""
+
+
+@attrs.frozen
+class GetRoomMembers:
+    room: str
+
+
+@attrs.frozen
+class GetStats:
+    pass
+
+
+@attrs.frozen
 class Ping:
     pass
 
@@ -119,6 +137,9 @@ ClientMessage = (
     | RequestRandomPeer
     | GetRecentMessages
     | GetDirectMessages
+    | ListRooms
+    | GetRoomMembers
+    | GetStats
     | Ping
     | RefreshToken
 )
@@ -127,6 +148,7 @@ _GET_ROOMS = GetRooms()
 _AVAILABLE = UserAvailable()
 _UNAVAILABLE = UserUnavailable()
 _PING = Ping()
+_STATS = GetStats()
 
 
 def parse(env: Envelope, limits: Limits) -> ClientMessage:
@@ -167,6 +189,16 @@ def parse(env: Envelope, limits: Limits) -> ClientMessage:
             raise ClientError(INVALID_PAYLOAD, "payload.withUser is required.")
         other = check_id("withUser", direct.with_user, limits.max_id_chars)
         return GetDirectMessages(other, clamp_limit(direct.limit))
+    if kind == m.LIST_ROOMS:
+        directory = payload_as(env.payload, m.ListRoomsRequest, optional=True)
+        prefix = directory.prefix or ""
+        if prefix:  # the beginning of a room name: its characters and length
+            check_id("prefix", prefix, limits.max_id_chars)
+        return ListRooms(clamp_limit(directory.limit), prefix)
+    if kind == m.GET_ROOM_MEMBERS:
+        return GetRoomMembers(_room(env, limits))
+    if kind == m.GET_STATS:
+        return _STATS
     if kind == m.PING:
         return _PING
     if kind == m.REFRESH_TOKEN:

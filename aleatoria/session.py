@@ -18,19 +18,11 @@ import trio
 
 from aleatoria import core
 from aleatoria import messages as m
-from aleatoria.codec import decode, encode, now, payload_as
+from aleatoria.codec import decode, encode, now
 from aleatoria.config import Config
 from aleatoria.core import Call, Effect, Facts, Rules, Step
-from aleatoria.errors import (
-    INVALID_TARGET,
-    NOT_IN_ROOM,
-    NOT_IN_ROOM_TEXT,
-    UNKNOWN_TYPE,
-    ClientError,
-    InvalidMessage,
-)
+from aleatoria.errors import ClientError, InvalidMessage
 from aleatoria.hub import Client
-from aleatoria.limits import check_id, clamp_limit
 from aleatoria.messages import Envelope
 from aleatoria.requests import Limits, parse
 from aleatoria.router import Router, new_message_id
@@ -38,8 +30,6 @@ from aleatoria.store import Store
 from aleatoria.websocket import text_frame
 
 __all__ = ["Session", "expires_at", "new_message_id"]
-
-_DIRECTORY_REQUESTS = frozenset({m.LIST_ROOMS, m.GET_ROOM_MEMBERS, m.GET_STATS})
 
 log = logging.getLogger("aleatoria.session")
 
@@ -78,16 +68,7 @@ class Session:
             envelope = decode(frame)
             # Hostile clients choose ``type``: unknown ones share one label.
             stats.messages_in[envelope.type if envelope.type in m.CLIENT_TYPES else "unknown"] += 1
-            try:
-                request = parse(envelope, self._limits)
-            except ClientError as exc:
-                # The directory requests are not typed requests of the core: they take the
-                # path of an unknown type, so no other message pays for them.
-                if exc.code != UNKNOWN_TYPE or envelope.type not in _DIRECTORY_REQUESTS:
-                    raise
-                await self._directory(envelope)
-                return
-            await self.run(core.handle(request, self.facts()))
+            await self.run(core.handle(parse(envelope, self._limits), self.facts()))
         except ClientError as exc:
             self._refused(exc)
 
@@ -211,8 +192,12 @@ class Session:
             case core.StoreLeave(room):
                 await store.leave_room(room, user)
                 return None
-            case core.ListRooms():
-                return sorted(self.client.rooms)  # get_rooms: the requester's rooms, as the original
+            case core.RoomDirectory(limit, prefix):
+                return await store.list_rooms(limit, prefix)
+            case core.RoomMembers(room, limit):
+                return await store.room_members(room, limit)
+            case core.Counts():
+                return await store.stats()
             case core.SetAvailable():
                 return await store.set_available(user)
             case core.SetUnavailable():
@@ -230,43 +215,6 @@ class Session:
                 return await store.direct_messages(user, other, limit)
             case _:
                 assert_never(call)
-
-    # -- the rooms directory (PROTOCOL.md section 11) ---------------------------------------------
-    # Requests any client may send, each answered (so safe for level 1): validation, one store
-    # read (across instances; this instance alone while Redis is degraded), one reply.
-
-    async def _directory(self, env: Envelope) -> None:
-        if env.type == m.LIST_ROOMS:
-            await self._list_rooms(env)
-        elif env.type == m.GET_ROOM_MEMBERS:
-            await self._room_members(env)
-        else:
-            await self._stats_reply()
-
-    async def _list_rooms(self, env: Envelope) -> None:
-        request = payload_as(env.payload, m.ListRoomsRequest, optional=True)
-        prefix = request.prefix or ""
-        if prefix:  # the beginning of a room name: its characters and length
-            check_id("prefix", prefix, self._limits.max_id_chars)
-        rooms = await self._store.list_rooms(clamp_limit(request.limit), prefix)
-        entries = [m.DirectoryEntry(room=room, members=count) for room, count in rooms]
-        self._reply(m.ROOMS_DIRECTORY, m.RoomsDirectory(rooms=entries))
-
-    async def _room_members(self, env: Envelope) -> None:
-        if env.room is None:
-            raise ClientError(INVALID_TARGET, "room is required.")
-        room = check_id("room", env.room, self._limits.max_id_chars)
-        if room not in self.client.rooms:
-            raise ClientError(NOT_IN_ROOM, NOT_IN_ROOM_TEXT)
-        count, members = await self._store.room_members(room, m.MAX_MEMBERS_LISTED)
-        self._reply(m.ROOM_MEMBERS, m.RoomMembers(room=room, count=count, members=members), room=room)
-
-    async def _stats_reply(self) -> None:
-        counts = await self._store.stats()
-        stats = m.Stats(
-            online=counts.online, searching=counts.searching, in_calls=counts.in_calls, rooms=counts.rooms
-        )
-        self._reply(m.STATS, stats)
 
     # -- replies -----------------------------------------------------------------------------
 
