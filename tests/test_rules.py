@@ -358,3 +358,26 @@ def test_ping_and_tokens() -> None:
     other = jwt.encode({"sub": "bob", "exp": 4_000_000_000}, secret, algorithm="HS256")
     message = {"type": "refresh_token", "payload": {"token": other}}
     assert "invalid_token" == refused(message, facts(rules=Rules(auth_secret=secret)))
+
+
+# -- the rooms directory (section 11, safe for level 1) ----------------------------------------------
+
+
+def test_get_rooms_answers_the_requesters_rooms_sorted_without_a_store_call() -> None:
+    step = core.handle(request({"type": "get_rooms"}), facts(rooms={"b", "Lobby", "a"}))
+    assert step.call is None
+    assert [core.Reply(m.ROOMS_LIST, m.RoomsList(rooms=["Lobby", "a", "b"]))] == list(step.effects)
+
+
+def test_directory_requests() -> None:
+    step = core.handle(request({"type": "list_rooms", "payload": {"limit": 500, "prefix": "Lo"}}), facts())
+    assert core.RoomDirectory(200, "Lo") == step.call
+    listed = run(step, [("Lobby", 3)])
+    assert m.RoomsDirectory(rooms=[m.DirectoryEntry(room="Lobby", members=3)]) == listed[-1].payload
+    assert "invalid_payload" == refused({"type": "list_rooms", "payload": {"prefix": "a:b"}})
+    assert "not_in_room" == refused({"type": "get_room_members", "room": "Other"})
+    members = run(
+        core.handle(request({"type": "get_room_members", "room": "Lobby"}), facts()), (2, ["a", "b"])
+    )
+    assert m.RoomMembers(room="Lobby", count=2, members=["a", "b"]) == members[-1].payload
+    assert core.Counts() == core.handle(request({"type": "get_stats"}), facts()).call
