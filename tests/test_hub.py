@@ -8,7 +8,7 @@ import attrs
 import trio
 import trio.testing
 
-from aleatoria.hub import ROOM_QUEUE_FRAMES, Client, Hub, open_hub
+from aleatoria.hub import _BATCH_BYTES, _BATCH_FRAMES, ROOM_QUEUE_FRAMES, Client, Hub, open_hub
 from aleatoria.limits import RateLimiter
 
 LINGER = 0.010
@@ -103,3 +103,26 @@ async def test_a_full_room_queue_makes_the_sender_wait(autojump_clock: trio.test
         assert trio.current_time() == t0 + LINGER
         assert b"".join(data for _, data, _ in ws.sends) == b"ab" + b"." * (ROOM_QUEUE_FRAMES + 1) + b"z"
         assert {t for t, _, _ in ws.sends[1:]} == {t0 + LINGER}
+
+
+async def test_broadcast_now_batches_as_the_broadcaster_and_can_leave_out_one_member() -> None:
+    """``broadcast_now`` (Redis' copies, the bus's fallback) joins frames into the same
+    batches as the broadcaster (at most ``_BATCH_FRAMES`` frames, ``_BATCH_BYTES`` bytes a
+    send); ``exclude`` leaves one user out (a room message's sender while its copy waits for
+    Redis), and the counters count what was handed over."""
+    async with open_hub(0.0) as hub:
+        members = {user: _Recorder() for user in ("u0", "u1", "u2")}
+        for user, ws in members.items():
+            _join(hub, user, ws)
+        frames = [b"%03d" % n for n in range(_BATCH_FRAMES + 1)]
+        hub.broadcast_now("Den", frames, exclude="u1")
+        expected = [b"".join(frames[:_BATCH_FRAMES]), frames[-1]]
+        assert expected == [data for _, data, _ in members["u0"].sends]
+        assert [_BATCH_FRAMES, 1] == [count for _, _, count in members["u0"].sends]
+        assert [data for _, data, _ in members["u2"].sends] == expected
+        assert [] == members["u1"].sends
+        big = [b"x" * (_BATCH_BYTES // 2)] * 3
+        hub.broadcast_now("Den", big)
+        sizes = [len(data) for _, data, _ in members["u1"].sends]
+        assert [_BATCH_BYTES, _BATCH_BYTES // 2] == sizes
+        assert (len(frames) + 3, 2 * len(frames) + 3 * 3) == (hub.broadcasts, hub.deliveries)

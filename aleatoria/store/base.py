@@ -154,6 +154,13 @@ class Store(Protocol):
         the sender's own copy waits for it (PROTOCOL.md section 16)."""
         ...
 
+    def after_stored(self, fn: Callable[[], None]) -> None:
+        """Call ``fn`` exactly once, on the trio thread, when every message recorded so far is
+        durable, as ``on_stored`` (at once for the memory store and while Redis is degraded).
+        For a room message delivered to the other members before Redis had it (the bus gave
+        up on publishing it): its sender's own copy waits for this (PROTOCOL.md section 16)."""
+        ...
+
     async def recent_room_messages(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:
         """Up to ``limit`` messages of ``room`` newer than the TTL, newest first, strictly
         older than ``before_ns`` when given."""

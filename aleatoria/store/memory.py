@@ -120,6 +120,9 @@ class MemoryStore:
         if on_stored is not None:
             on_stored()
 
+    def after_stored(self, fn: Callable[[], None]) -> None:
+        fn()  # what is in memory is all there is
+
     async def recent_room_messages(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:
         return self.recent_room_messages_now(room, limit, before_ns)
 

@@ -126,6 +126,12 @@ class RedisStore(RedisKeeper):
                 self._writer.capacity_bytes,
             )
 
+    def after_stored(self, fn: OnStored) -> None:
+        if self._state != "ok":
+            fn()  # degraded: served from memory now, written later
+            return
+        self._writer.when_written(fn)
+
     async def recent_room_messages(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:
         if self._state == "ok":
             pending = self._writer.pending(ROOM, room)

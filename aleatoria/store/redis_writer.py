@@ -21,7 +21,10 @@ An entry may carry an acknowledgement (``on_stored``, for the sender's own copy 
 it is called once, on the trio thread, when the pipeline holding the entry succeeded --
 or when the entry is dropped to make room, or, through ``acknowledge_all``, when the store
 degrades (degraded mode acknowledges at once and writes later). Such an entry does not
-wait for company: the writer starts a pipeline at once (``urgent``).
+wait for company: the writer starts a pipeline at once (``urgent``). ``when_written`` is the
+same promise for everything queued so far, asked for after the fact (a room message's
+sender's copy, when the bus gave up publishing it and delivered it locally): it is kept
+until every entry added before it has been written or dropped.
 
 Live publishes (scale-out, ``redis_bus``) ride in the same pipelines, after the history
 writes: a message is in Redis' history before any instance receives it (a publish carries
@@ -125,6 +128,10 @@ class WriteBehind:
         self.added = 0
         self._head = 0
         self.urgent = False  # an entry waits for its acknowledgement: write at once
+        # ``when_written`` promises: (``added`` when asked, ack), in that order. An entry is
+        # settled (written or dropped) once its number is below ``_settled``.
+        self._waiters: deque[tuple[int, Ack]] = deque()
+        self._inflight_from = 0  # number of the first entry in flight
         # Held by whoever writes (the writer task, a recovery, the final flush): one at a
         # time, so batches reach Redis in queue order.
         self.lock = trio.Lock()
@@ -177,13 +184,42 @@ class WriteBehind:
         yield from self._queue
 
     def acknowledge_all(self) -> None:
-        """Acknowledge every entry now (the store degraded: it serves from memory and
-        writes later). Entries stay queued."""
+        """Acknowledge every entry (and ``when_written`` promise) now (the store degraded: it
+        serves from memory and writes later). Entries stay queued."""
         self.urgent = False
         for entry in list(self.entries()):
             ack = entry[4]
             if ack is not None:
                 ack.fire()
+        waiters, self._waiters = self._waiters, deque()
+        for _, ack in waiters:
+            ack.fire()
+
+    def when_written(self, fn: OnStored) -> None:
+        """Call ``fn`` once, on the trio thread, when every entry added so far has been
+        written (its pipeline succeeded) or dropped to make room -- at once if there is none
+        -- or when ``acknowledge_all`` runs. Cheap: an entry in a list, checked after each
+        pipeline."""
+        mark = self.added
+        if mark <= self._settled:
+            Ack(fn).fire()
+            return
+        self._waiters.append((mark, Ack(fn)))
+        self.urgent = True  # someone is waiting: no reason to let the batch gather
+        if not self._wake.is_set():
+            self._wake.set()
+
+    @property
+    def _settled(self) -> int:
+        """Entries numbered below this are written or dropped (pipelines run in queue order;
+        while one is in flight, its entries are not settled yet)."""
+        return self._inflight_from if self._inflight else self._head
+
+    def _fire_waiters(self) -> None:
+        waiters = self._waiters
+        settled = self._settled
+        while waiters and waiters[0][0] <= settled:
+            waiters.popleft()[1].fire()
 
     # -- writer side ---------------------------------------------------------------------------
 
@@ -224,6 +260,7 @@ class WriteBehind:
         while (self._queue or (live is not None and live.pending())) and keep_going():
             self.urgent = False
             batch = [self._queue.popleft() for _ in range(min(self._batch, len(self._queue)))]
+            self._inflight_from = self._head
             self._head += len(batch)
             self.queued_bytes -= sum(len(entry[2]) for entry in batch)
             items = live.take(self._batch, self._head) if live is not None else []
@@ -245,6 +282,8 @@ class WriteBehind:
                 self._release((kind, key))
                 if ack is not None:
                     ack.fire()
+            if self._waiters:
+                self._fire_waiters()
             if live is not None:
                 live.settle(items, replies)
 
@@ -316,6 +355,8 @@ class WriteBehind:
                 ack.fire()  # lost (counted): its sender is not kept waiting forever
             dropped += 1
         self.dropped += dropped
+        if dropped and self._waiters:
+            self._fire_waiters()
         return dropped
 
     def _release(self, slot: tuple[int, str]) -> None:

@@ -93,6 +93,8 @@ class _Link:
                     await trio.sleep_until(due)  # the delay being simulated, not synchronisation
                     await sink.send_all(chunk)
 
+        # A peer that goes away (a server killed with SIGKILL resets its connections) ends
+        # the link; the nursery wraps the error in a group.
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(forward)
@@ -101,6 +103,6 @@ class _Link:
                         if to_redis and not self.is_pubsub and any(s in chunk for s in _SUBSCRIBE):
                             self.is_pubsub = True
                         send.send_nowait((trio.current_time() + self.delay(to_redis), chunk))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except* (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         self.scope.cancel()

@@ -85,4 +85,37 @@ async def serve_process(url: str, *flags: str) -> AsyncIterator[int]:
             await process.wait()
 
 
+@asynccontextmanager
+async def killable_server(url: str, *flags: str) -> AsyncIterator[tuple[int, trio.Process]]:
+    """``python -m aleatoria serve`` on ``url``; yields its port and process once it listens.
+    The test kills it (``kill -9`` tests); whatever is left running is killed on exit."""
+    command = [sys.executable, "-m", "aleatoria", "serve", "--port", "0", "--redis-url", url]
+    command += ["--rate-limit", "0", *flags]
+    process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert process.stderr is not None
+    stderr = process.stderr
+    log = bytearray()
+    listening = trio.Event()
+
+    async def read_log() -> None:
+        async for chunk in stderr:
+            log.extend(chunk)
+            if _LISTENING.search(log):
+                listening.set()
+        listening.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_log)
+            with trio.fail_after(15):
+                await listening.wait()
+            found = _LISTENING.search(log)
+            assert found, f"server did not start: {log.decode(errors='replace')}"
+            yield int(found.group(1)), process
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
 _LISTENING = re.compile(rb"listening on ws://127\.0\.0\.1:(\d+)/ws")

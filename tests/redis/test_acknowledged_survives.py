@@ -4,17 +4,12 @@ so ``kill -9`` of the server loses none of the messages whose senders got that c
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 import orjson
 import trio
 import trio_websocket
 from delay_proxy import Delays, open_delay_proxy
 from redis_server import RedisServer
+from redis_support import killable_server
 from wsclient import Client, connect
 
 PAIRS = 4
@@ -82,7 +77,7 @@ async def test_acknowledged_direct_messages_survive_kill_9(redis_server: RedisSe
     storm = Storm()
     async with open_delay_proxy(redis_server.port) as proxy:
         proxy.set(commands=Delays(to_redis=SLOW))
-        async with _killable_server(proxy.url, "--frame-rate", "0") as (port, process):
+        async with killable_server(proxy.url, "--frame-rate", "0") as (port, process):
             with trio.fail_after(60):
                 async with trio.open_nursery() as nursery:
                     for a, b in pairs:
@@ -111,39 +106,3 @@ async def _pair(
         nursery.start_soon(storm.send, first, b)
         nursery.start_soon(storm.send, second, a)
         task_status.started()
-
-
-_LISTENING = re.compile(rb"listening on ws://127\.0\.0\.1:(\d+)/ws")
-
-
-@asynccontextmanager
-async def _killable_server(url: str, *flags: str) -> AsyncIterator[tuple[int, trio.Process]]:
-    """``python -m aleatoria serve`` on ``url``; yields its port and process once it listens.
-    The test kills it; whatever is left running is killed on exit."""
-    command = [sys.executable, "-m", "aleatoria", "serve", "--port", "0", "--redis-url", url]
-    command += ["--rate-limit", "0", *flags]
-    process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    assert process.stderr is not None
-    stderr = process.stderr
-    log = bytearray()
-    listening = trio.Event()
-
-    async def read_log() -> None:
-        async for chunk in stderr:
-            log.extend(chunk)
-            if _LISTENING.search(log):
-                listening.set()
-        listening.set()
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_log)
-            with trio.fail_after(15):
-                await listening.wait()
-            found = _LISTENING.search(log)
-            assert found, f"server did not start: {log.decode(errors='replace')}"
-            yield int(found.group(1)), process
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()

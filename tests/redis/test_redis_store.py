@@ -8,6 +8,8 @@ import time
 
 import orjson
 import pytest
+import trio
+import trio.testing
 from redis_server import RedisServer
 from redis_support import server_config, wait_until
 
@@ -45,6 +47,62 @@ async def test_reads_see_messages_still_queued(redis_server: RedisServer) -> Non
             assert [b"4", b"5"] == [_content(m) for m in direct]
         with redis_server.client() as r:
             await wait_until(lambda: r.zcard("room:messages:Den") == 6 and r.llen("dm:a:b") == 3)
+
+
+async def test_after_stored_waits_until_redis_has_everything_recorded_before(
+    redis_server: RedisServer,
+) -> None:
+    """``after_stored`` (a room message's sender's copy when the bus fell back) is called at
+    once when nothing is queued, and otherwise only once the pipeline holding every message
+    recorded before it succeeded: when it runs, Redis has them."""
+    async with open_redis_store(server_config(redis_server.url), redis_server.url) as store:
+        called: list[str] = []
+        store.after_stored(lambda: called.append("at once"))
+        assert ["at once"] == called
+        base = time.time_ns()
+        stored = trio.Event()
+        with redis_server.client() as r:
+
+            def check() -> None:
+                called.append(f"{r.zcard('room:messages:Den')} in Redis")
+                stored.set()
+
+            async with store._writer.lock:  # hold the writer: what follows stays queued
+                for n in range(3):
+                    created = base + n * 1000
+                    store.record_room_message("Den", _message(n, created, room="Den"), created)
+                store.after_stored(check)
+                await trio.testing.wait_all_tasks_blocked()
+                assert ["at once"] == called
+            with trio.fail_after(10):
+                await stored.wait()
+        assert ["at once", "3 in Redis"] == called
+
+
+async def test_after_stored_is_called_when_the_store_degrades(redis_server: RedisServer) -> None:
+    """A sender waiting for Redis is not kept waiting by an outage: degraded mode serves from
+    memory and writes later, so a pending ``after_stored`` is called when Redis fails."""
+    async with open_redis_store(server_config(redis_server.url), redis_server.url) as store:
+        called = trio.Event()
+        async with store._writer.lock:
+            created = time.time_ns()
+            store.record_room_message("Den", _message(0, created, room="Den"), created)
+            store.after_stored(called.set)
+            redis_server.kill9()
+        with trio.fail_after(10):
+            await called.wait()
+        assert "degraded" == store.health()
+
+
+async def test_after_stored_is_immediate_while_degraded(redis_down: RedisServer) -> None:
+    """While Redis is down the store serves from memory: ``after_stored`` does not wait."""
+    async with open_redis_store(server_config(redis_down.url), redis_down.url) as store:
+        assert "degraded" == store.health()
+        created = time.time_ns()
+        store.record_room_message("Den", _message(0, created, room="Den"), created)
+        called: list[bool] = []
+        store.after_stored(lambda: called.append(True))
+        assert [True] == called
 
 
 async def test_buffer_is_bounded_drops_are_counted_and_logged_once(
