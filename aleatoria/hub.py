@@ -27,9 +27,10 @@ import attrs
 import trio
 
 from aleatoria import messages as m
+from aleatoria.connection import WebSocket
+from aleatoria.frames import REPLACED
 from aleatoria.limits import RateLimiter
 from aleatoria.metrics import Stats
-from aleatoria.websocket import REPLACED, WebSocket
 
 log = logging.getLogger("aleatoria.hub")
 

@@ -31,10 +31,10 @@ import trio
 
 from aleatoria import messages as m
 from aleatoria.codec import encode, now
+from aleatoria.frames import text_frame
 from aleatoria.hub import Client, Hub
 from aleatoria.messages import Envelope
 from aleatoria.store import Store
-from aleatoria.websocket import text_frame
 
 log = logging.getLogger("aleatoria.router")
 

@@ -18,7 +18,6 @@ from collections import Counter
 from collections.abc import Iterator
 from importlib import resources
 
-import orjson
 import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
@@ -28,7 +27,10 @@ from aleatoria import messages as m
 from aleatoria import metrics
 from aleatoria.auth import token_expiry, token_problem
 from aleatoria.config import Config
+from aleatoria.connection import WebSocket
 from aleatoria.flusher import Flusher, open_flusher
+from aleatoria.frames import GOING_AWAY
+from aleatoria.http import Request, accept_websocket, answer_http, handshake_problem, read_request, send_http
 from aleatoria.hub import Client, Hub, open_hub
 from aleatoria.limits import RateLimiter, id_problem
 from aleatoria.origin import OriginPolicy
@@ -36,15 +38,6 @@ from aleatoria.router import Router, new_message_id
 from aleatoria.session import Session, expires_at
 from aleatoria.store import Store, open_store
 from aleatoria.supervisor import supervise
-from aleatoria.websocket import (
-    GOING_AWAY,
-    Request,
-    WebSocket,
-    accept_websocket,
-    handshake_problem,
-    read_request,
-    send_http,
-)
 
 log = logging.getLogger("aleatoria.server")
 
@@ -178,31 +171,7 @@ class Server:
                 self._all_closed.set()
 
     async def _http(self, sock: socket.socket, request: Request) -> None:
-        path = request.path
-        if request.method not in ("GET", "HEAD"):
-            await send_http(sock, 405, "Method not allowed\n", conn=request.h11_connection)
-        elif path == "/health":
-            await send_http(
-                sock,
-                200,
-                orjson.dumps(self.health()),
-                content_type="application/json",
-                conn=request.h11_connection,
-            )
-        elif path == "/metrics":
-            await send_http(
-                sock,
-                200,
-                metrics.render(self.registry),
-                content_type=metrics.CONTENT_TYPE,
-                conn=request.h11_connection,
-            )
-        elif path == "/" and self.page is not None:
-            await send_http(
-                sock, 200, self.page, content_type="text/html; charset=utf-8", conn=request.h11_connection
-            )
-        else:
-            await send_http(sock, 404, "Not found\n", conn=request.h11_connection)
+        await answer_http(sock, request, health=self.health, registry=self.registry, page=self.page)
 
     def health(self) -> dict[str, object]:
         return {

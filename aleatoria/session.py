@@ -22,12 +22,12 @@ from aleatoria.codec import decode, encode, now
 from aleatoria.config import Config
 from aleatoria.core import Call, Effect, Facts, Rules, Step
 from aleatoria.errors import ClientError, InvalidMessage
+from aleatoria.frames import text_frame
 from aleatoria.hub import Client
 from aleatoria.messages import Envelope
 from aleatoria.requests import Limits, parse
 from aleatoria.router import Router, new_message_id
 from aleatoria.store import Store
-from aleatoria.websocket import text_frame
 
 __all__ = ["Session", "expires_at", "new_message_id"]
 

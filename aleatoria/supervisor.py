@@ -13,8 +13,8 @@ import logging
 import trio
 
 from aleatoria.config import Config
+from aleatoria.frames import GOING_AWAY, TOKEN_EXPIRED
 from aleatoria.hub import Hub
-from aleatoria.websocket import GOING_AWAY, TOKEN_EXPIRED
 
 log = logging.getLogger("aleatoria.supervisor")
 

@@ -12,10 +12,11 @@ import trio
 import trio.testing
 
 from aleatoria import messages as m
+from aleatoria.connection import WebSocket
 from aleatoria.flusher import MAX_PENDING, Flusher, open_flusher
+from aleatoria.frames import text_frame
 from aleatoria.hub import Client, open_hub
 from aleatoria.limits import RateLimiter
-from aleatoria.websocket import WebSocket, text_frame
 
 CLOSE_1000 = b"\x88\x02\x03\xe8"  # an unmasked server close frame, code 1000, no reason
 CLIENT_CLOSE_1000 = b"\x88\x82" + b"\x00\x00\x00\x00" + b"\x03\xe8"  # masked with a zero key

@@ -1,4 +1,5 @@
-"""The inbound fast path (``WebSocket._take_simple``) against wsproto alone.
+"""The inbound fast path (``aleatoria.frames.FrameReader``, as a connection drives it) against
+wsproto alone.
 
 The fast path unwraps common frames itself and hands everything else to wsproto. These
 tests feed the same bytes, cut at arbitrary points, to a WebSocket using the fast path and to
@@ -20,8 +21,9 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 from rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, frame
 
+from aleatoria.connection import WebSocket
 from aleatoria.flusher import Flusher
-from aleatoria.websocket import WebSocket
+from aleatoria.frames import Message
 
 MAX_MESSAGE = 3000
 
@@ -78,10 +80,11 @@ def _run(
     """Feed ``chunks`` as ``_receive_loop`` does; the messages as bytes, the close code,
     whether the connection failed, and the bytes it sent back."""
     ws, peer = pair
-    messages: list[str | bytes | bytearray] = []
+    messages: list[Message] = []
+    pongs: list[bytes] = []
     open_ = True
     for chunk in chunks:
-        ws._feed(chunk, messages)
+        ws._feed(chunk, messages, pongs)
         while open_ and not ws._fast and not ws._failed:
             open_ = ws._collect(messages)
             if not ws._unparsed:

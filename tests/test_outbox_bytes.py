@@ -17,8 +17,9 @@ import trio
 from rawws import CLOSE, TEXT, open_raw_ws
 from support import connect, running_server
 
+from aleatoria.connection import WebSocket
 from aleatoria.flusher import Flusher
-from aleatoria.websocket import WebSocket, text_frame
+from aleatoria.frames import text_frame
 
 BOUND = 64 * 1024
 FRAME = text_frame(b"x" * 4000)

@@ -30,7 +30,7 @@ from rawws import (
 )
 from support import RunningServer, connect, running_server
 
-from aleatoria.websocket import WebSocket
+from aleatoria.connection import WebSocket
 
 # A server that would wait this long for a close answer: a test that sees TCP closed well
 # within it proves the server did not wait.

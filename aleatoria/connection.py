@@ -1,58 +1,52 @@
-"""The HTTP/WebSocket edge: h11 parses request heads, wsproto runs frames, on raw sockets.
+"""One WebSocket connection's I/O: its receive loop, wsproto when needed, and its outbox.
 
 How this works. Every connection is a non-blocking stdlib socket; we wait on it with
 ``trio.lowlevel.wait_readable``/``wait_writable`` (trio's own primitives) and call
 ``recv``/``send`` directly, which costs a fraction of ``trio.SocketStream``'s per-call
-bookkeeping. h11 reads the request head; plain HTTP requests get one response and the
-socket closes. After an upgrade, inbound bytes go through a fast path for the frames nearly
-every client sends (``_take_simple``) until the first frame that needs wsproto; from then
-on ``wsproto.Connection`` runs the connection (created only then, or to send a close).
+bookkeeping. Inbound bytes go through the frame codec's fast path
+(``aleatoria.frames.FrameReader``) until the first frame that needs wsproto; from then on
+``wsproto.Connection`` runs the connection (created only then, or to send a close). Both
+paths spend the same frame budget: a connection over it is failed with 1008 and nothing
+more it sent is parsed (so a ping flood gets at most ``frame_burst`` pongs).
 
-Every frame counts (PROTOCOL.md section 16): pings, pongs, a peer's close and every frame of
-a fragmented message -- empty continuations included -- take a token from a per-connection
-bucket (``frame_rate`` per second, ``frame_burst`` at most; refilled from the time of the
-last ``recv``, so no clock is read per frame). A connection over it is failed with 1008 and
-nothing more it sent is parsed (so a ping flood gets at most ``frame_burst`` pongs). A data
-frame that is a whole message costs nothing here: the message rate limit (section 4) counts
-it as a message, and benchmarks that turn that limit off expect thousands of messages a
-second on one connection.
+Outbound vocabulary -- which verb to use when:
 
-Outbound policy, in ``WebSocket.send``: frames wait in the connection until the end of
-the scheduler pass (``aleatoria.flusher``), then go to the kernel in one write
-(``send_now``, for room broadcasts, writes at once behind anything waiting); when the
-kernel buffer is full, queue the rest in a bounded backlog drained by a writer task started
-on demand (in the server's connection nursery; ``serve`` stops it); a backlog that reaches
-its bound -- ``outbox_frames`` frames, or ``outbox_bytes`` bytes behind the entry being
-written (so one large history reply to a client that reads is fine) -- means the client is
-not reading: it is disconnected with 1013 rather than silently losing messages. Frames
-waiting for the flusher are bounded the same way (written at once when they reach either
-bound). Server frames are unmasked, so one frame's bytes (``text_frame``) can go to every
-member of a room.
+- ``send(data, frames)``: the default. The frames wait in the connection until the end of
+  the scheduler pass, then the flusher (``aleatoria.flusher``) writes everything the
+  connection was sent in that pass in one system call (a reply and a relay join).
+- ``send_now(data, frames)``: for a caller that is a burst already, writing to many
+  connections in one loop (a room's broadcaster, a match announcement): written at once,
+  behind any frames pending for the flusher so order holds.
+- ``flush()``: write what ``send`` left pending now; the flusher calls it after the pass
+  (and ``send`` itself once the pending frames reach the outbox bound).
+- ``close(code, reason)``: flush, then the closing handshake (``abort()`` drops the socket
+  without one). ``send_text`` and ``ping`` are ``send`` of one frame built here.
+
+Every verb is synchronous and never blocks. When the kernel buffer is full the rest waits
+in a bounded backlog drained by a writer task started on demand (in the server's
+connection nursery; ``serve`` stops it); a backlog that reaches its bound --
+``outbox_frames`` frames, or ``outbox_bytes`` bytes behind the entry being written (so one
+large history reply to a client that reads is fine) -- means the client is not reading: it
+is disconnected with 1013 rather than silently losing messages. Frames waiting for the
+flusher are bounded the same way (written at once when they reach either bound).
 
 Closing: ``close(code)`` sends the close frame and gives the peer ``close_timeout`` seconds
 to answer before the socket is dropped; ``serve`` returns once the connection is over.
-Inbound stream errors (bad framing 1002, bad UTF-8 1007, a message over the limit 1009)
-*fail* the connection instead (RFC 6455 7.1.7): after the close frame nothing more is
-parsed; we send FIN and discard input until the peer's EOF (a "lingering close", bounded by
-the same deadline), since closing with unread input would reset the connection and could
-destroy the close frame in flight. Waiting for a close answer would be pointless there:
-a peer in the middle of a 2**40-byte frame cannot send one.
+Inbound stream errors (bad framing 1002, bad UTF-8 1007, a message over the limit 1009, the
+frame budget 1008) *fail* the connection instead (RFC 6455 7.1.7): after the close frame
+nothing more is parsed; we send FIN and discard input until the peer's EOF (a "lingering
+close", bounded by the same deadline), since closing with unread input would reset the
+connection and could destroy the close frame in flight. Waiting for a close answer would be
+pointless there: a peer in the middle of a 2**40-byte frame cannot send one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
-import math
 import socket
-import struct
 from collections.abc import Awaitable, Callable
-from http import HTTPStatus
-from urllib.parse import parse_qs, urlsplit
 
-import attrs
-import h11
 import trio
 from wsproto import ConnectionType
 from wsproto.connection import Connection as _WsConnection
@@ -64,263 +58,36 @@ from wsproto.events import (
     Pong,
     TextMessage,
 )
-from wsproto.frame_protocol import CloseReason, XorMaskerSimple
-from wsproto.utilities import generate_accept_token
 
 from aleatoria.flusher import Flusher
+from aleatoria.frames import (
+    ABNORMAL,
+    MESSAGE_TOO_BIG,
+    PING_FRAME,
+    POLICY_VIOLATION,
+    TOO_MANY_FRAMES,
+    TRY_AGAIN_LATER,
+    FrameReader,
+    Message,
+    text_frame,
+)
 
-log = logging.getLogger("aleatoria.websocket")
+__all__ = ["MessageHandler", "WebSocket"]
+
+log = logging.getLogger("aleatoria.connection")
 
 RECV_BYTES = 65536
 # wsproto events handled before other tasks may run: 64 small frames take ~1 ms of wsproto,
 # where a recv of 64 KiB holds 10,000 empty frames (and a frame budget's burst, 400 of them).
 _COLLECT_EVENTS = 64
-MAX_HEAD_BYTES = 8192
 _WRITEV_MAX = 512  # buffers per sendmsg call, well under IOV_MAX
 
-# Close codes used by the server (RFC 6455 and PROTOCOL.md section 5).
-GOING_AWAY = 1001
-PROTOCOL_ERROR = 1002
-INVALID_DATA = 1007
-POLICY_VIOLATION = 1008
-MESSAGE_TOO_BIG = 1009
-TRY_AGAIN_LATER = 1013
-REPLACED = 4001
-TOKEN_EXPIRED = 4002
-ABNORMAL = 1006
-
-PING_FRAME = b"\x89\x00"
-
-_SWITCHING_PROTOCOLS = (
-    b"HTTP/1.1 101 Switching Protocols\r\n"
-    b"upgrade: websocket\r\n"
-    b"connection: Upgrade\r\n"
-    b"sec-websocket-accept: %s\r\n\r\n"
-)
-
-_TEXT = 0x1
-_BINARY = 0x2
-_PING = 0x9
-_PONG = 0xA
-_FAST_OPCODES = frozenset((_TEXT, _BINARY, _PING, _PONG))
-TOO_MANY_FRAMES = "too many frames"
-
-
-def text_frame(payload: bytes) -> bytes:
-    """One unmasked, final text frame carrying ``payload`` (UTF-8 JSON).
-
-    Built here rather than by wsproto because wsproto encodes text frames from ``str``
-    only: the JSON is already UTF-8 bytes, and one frame serves every recipient.
-    """
-    length = len(payload)
-    if length < 126:
-        return bytes((0x81, length)) + payload
-    if length < 65536:
-        return struct.pack("!BBH", 0x81, 126, length) + payload
-    return struct.pack("!BBQ", 0x81, 127, length) + payload
-
-
-class ConnectionClosed(Exception):
-    """The WebSocket is closed; ``code`` is the close code (1006 when the TCP link broke)."""
-
-    def __init__(self, code: int, reason: str = "") -> None:
-        super().__init__(f"{code} {reason}".strip())
-        self.code = code
-        self.reason = reason
-
-
-# -- HTTP ---------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Request:
-    """The parsed head of one HTTP request."""
-
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[bytes, bytes]  # lower-cased names; repeated headers joined with ", "
-    h11_connection: h11.Connection = attrs.field(repr=False, eq=False)
-
-    def param(self, name: str) -> str | None:
-        values = self.query.get(name)
-        return values[0] if values else None
-
-    def header(self, name: bytes) -> str | None:
-        value = self.headers.get(name)
-        return None if value is None else value.decode("latin-1")
-
-
-class _HttpConnection(h11.Connection):
-    """h11's server side, remembering the request method (h11 keeps its copy private):
-    the answer to HEAD carries headers only."""
-
-    request_method = b""
-
-
-async def read_request(sock: socket.socket) -> Request | None:
-    """Read one request head of at most ``MAX_HEAD_BYTES``. Returns None after answering
-    malformed requests (400; 431 for an oversize head), or silently if the peer went away.
-    The caller bounds the wait with a timeout."""
-    # h11 measures only an *incomplete* head, so a head completed by one large read would
-    # slip past its limit: never hand it more than MAX_HEAD_BYTES before the head is done.
-    conn = _HttpConnection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES - 1)
-    received = 0
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            # OSError: the peer is gone (it may have left mid-head), nobody to answer.
-            with contextlib.suppress(OSError):
-                await send_http(sock, exc.error_status_hint, f"Bad request: {exc}\n", conn=conn)
-            return None
-        if isinstance(event, h11.Request):
-            break
-        if event is h11.NEED_DATA:
-            data = await _recv_some(sock, max(1, MAX_HEAD_BYTES - received))
-            received += len(data)
-            conn.receive_data(data)
-            continue
-        return None  # ConnectionClosed or PAUSED before a request: nothing to answer
-    conn.request_method = event.method
-    target = event.target.decode("latin-1")
-    parts = urlsplit(target)
-    headers: dict[bytes, bytes] = {}
-    for name, value in event.headers:
-        headers[name] = headers[name] + b", " + value if name in headers else value
-    return Request(
-        method=event.method.decode("latin-1"),
-        path=parts.path,
-        query=parse_qs(parts.query, keep_blank_values=True),
-        headers=headers,
-        h11_connection=conn,
-    )
-
-
-async def send_http(
-    sock: socket.socket,
-    status: int,
-    body: str | bytes,
-    *,
-    content_type: str = "text/plain; charset=utf-8",
-    conn: h11.Connection | None = None,
-    extra_headers: list[tuple[str, str]] | None = None,
-) -> None:
-    """Answer a plain HTTP request and let the caller close the socket."""
-    conn = conn or h11.Connection(h11.SERVER)
-    data = body.encode() if isinstance(body, str) else body
-    headers = [
-        ("content-type", content_type),
-        ("content-length", str(len(data))),
-        ("connection", "close"),
-        ("cache-control", "no-store"),
-        *(extra_headers or []),
-    ]
-    if isinstance(conn, _HttpConnection) and conn.request_method == b"HEAD":
-        data = b""  # same headers as GET (content-length included), no body
-    try:
-        out = conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
-        out = (out or b"") + (conn.send(h11.Data(data=data)) or b"") if data else out
-        out = (out or b"") + (conn.send(h11.EndOfMessage()) or b"")
-    except h11.LocalProtocolError:
-        # h11 refuses to answer when the request state does not allow it (e.g. a broken
-        # head it already rejected): build the minimal answer from a fresh state machine.
-        fresh = h11.Connection(h11.SERVER)
-        fresh.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        fresh.next_event()
-        out = fresh.send(h11.Response(status_code=status, headers=headers, reason=_reason(status))) or b""
-        out += fresh.send(h11.Data(data=data)) or b""
-    await send_all(sock, out)
-
-
-def _reason(status: int) -> bytes:
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
-
-
-def handshake_problem(request: Request) -> str | None:
-    """Why ``request`` is not a valid WebSocket upgrade, or None if it is."""
-    if request.method != "GET":
-        return "WebSocket upgrade needs GET"
-    if b"websocket" not in request.headers.get(b"upgrade", b"").lower():
-        return "expected an 'Upgrade: websocket' header"
-    connection_tokens = {t.strip() for t in request.headers.get(b"connection", b"").lower().split(b",")}
-    if b"upgrade" not in connection_tokens:
-        return "expected a 'Connection: Upgrade' header"
-    if request.headers.get(b"sec-websocket-version") != b"13":
-        return "unsupported Sec-WebSocket-Version (need 13)"
-    key = request.headers.get(b"sec-websocket-key", b"")
-    if len(key) != 24:
-        return "missing or malformed Sec-WebSocket-Key"
-    return None
-
-
-def accept_websocket(
-    sock: socket.socket,
-    request: Request,
-    *,
-    max_message_bytes: int,
-    outbox_frames: int,
-    close_timeout: float,
-    flusher: Flusher,
-    outbox_bytes: int = 1024 * 1024,
-    frame_rate: float = 200.0,
-    frame_burst: int = 400,
-) -> WebSocket:
-    """Complete the upgrade of a request that passed ``handshake_problem``."""
-    # A fixed head with one computed value: h11 would spend ~20 us (a third of what it
-    # spends parsing the request) validating our own constant headers.
-    head = _SWITCHING_PROTOCOLS % generate_accept_token(request.headers[b"sec-websocket-key"])
-    trailing, _closed = request.h11_connection.trailing_data
-    # The 101 is not sent yet: it leaves with the first frames (the server's greeting
-    # reply) in one system call when ``serve`` starts.
-    return WebSocket(
-        sock,
-        trailing,
-        max_message_bytes=max_message_bytes,
-        outbox_frames=outbox_frames,
-        close_timeout=close_timeout,
-        flusher=flusher,
-        greeting=head,
-        outbox_bytes=outbox_bytes,
-        frame_rate=frame_rate,
-        frame_burst=frame_burst,
-    )
-
-
-async def send_all(sock: socket.socket, data: bytes) -> None:
-    """Send everything, waiting for the socket as needed. Raises OSError if the peer is gone."""
-    view = memoryview(data)
-    while view:
-        try:
-            sent = sock.send(view)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
-        view = view[sent:]
-    await trio.lowlevel.checkpoint()
-
-
-async def _recv_some(sock: socket.socket, size: int) -> bytes:
-    while True:
-        try:
-            return sock.recv(size)
-        except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
-        except OSError:
-            return b""
-
-
-# -- WebSocket ------------------------------------------------------------------------------
-
-Frame = str | bytes | bytearray
-MessageHandler = Callable[[Frame], Awaitable[None]]
+MessageHandler = Callable[[Message], Awaitable[None]]
 
 
 class WebSocket:
-    """One server-side WebSocket. ``serve`` runs its receive loop; ``send`` is synchronous."""
+    """One server-side WebSocket. ``serve`` runs its receive loop; the outbound verbs
+    (module docstring) are synchronous."""
 
     # Slots: an idle connection is mostly this object, and a dict of ~35 attributes costs
     # ~1.2 KB more than slots (measured: 8.2 -> 6.x KB per idle connection).
@@ -339,17 +106,13 @@ class WebSocket:
         "_fragment_bytes",
         "_fragmented",
         "_fragments",
-        "_frame_burst",
-        "_frame_rate",
-        "_frame_stamp",
-        "_frame_tokens",
         "_max_message",
         "_outbox_bytes",
         "_outbox_frames",
-        "_partial",
         "_proto",
         "_queued_bytes",
         "_queued_frames",
+        "_reader",
         "_scope",
         "_short_read",
         "_sock",
@@ -378,10 +141,18 @@ class WebSocket:
         self._sock = sock
         self._flusher = flusher
         self._proto: _WsConnection | None = None  # see _wsproto
-        # Inbound frames go through ``_take_simple`` until one needs wsproto (see there);
-        # ``_partial`` holds the start of a frame the fast path is still receiving.
+        # Inbound frames go through the reader's fast path until one needs wsproto; the
+        # reader keeps the frame budget for both paths, and holds the bytes that came with
+        # the handshake until the receive loop starts.
         self._fast = True
-        self._partial = trailing
+        self.last_seen = trio.current_time()  # of the last recv: the frame budget's clock
+        self._reader = FrameReader(
+            max_message_bytes=max_message_bytes,
+            frame_rate=frame_rate,
+            frame_burst=frame_burst,
+            now=self.last_seen,
+            partial=trailing,
+        )
         self._max_message = max_message_bytes
         self._outbox_frames = outbox_frames
         self._outbox_bytes = outbox_bytes
@@ -400,7 +171,7 @@ class WebSocket:
         self._writer_scope: trio.CancelScope | None = None
         self._writers: trio.Nursery | None = None  # set while serving
         self._scope = trio.CancelScope()
-        self._fragments: list[Frame] = []
+        self._fragments: list[Message] = []
         self._fragment_bytes = 0
         self._fragmented = False  # a frame of the message being received has ended
         self._unparsed = False  # _collect stopped with input left (after _COLLECT_EVENTS)
@@ -408,13 +179,6 @@ class WebSocket:
         self._failed = False  # an inbound stream error: stop parsing, linger, close
         self.close_code: int | None = None  # set once closing starts (ours or theirs)
         self.close_reason = ""
-        self.last_seen = trio.current_time()  # of the last recv: the frame budget's clock
-        # The frame budget, a token bucket; off (rate 0) is a bucket that never empties.
-        on = frame_rate > 0
-        self._frame_rate = frame_rate if on else 0.0
-        self._frame_burst = float(frame_burst) if on else math.inf
-        self._frame_tokens = self._frame_burst
-        self._frame_stamp = self.last_seen
 
     @property
     def closing(self) -> bool:
@@ -459,10 +223,11 @@ class WebSocket:
 
     async def _receive_loop(self, on_message: MessageHandler) -> None:
         sock = self._sock
-        messages: list[Frame] = []
-        if self._partial:  # bytes that came with the handshake
-            trailing, self._partial = self._partial, b""
-            self._feed(trailing, messages)
+        # Both lists live as long as the loop, reused for every recv.
+        messages: list[Message] = []
+        pongs: list[bytes] = []
+        if self._reader.partial:  # bytes that came with the handshake
+            self._feed(self._reader.take_partial(), messages, pongs)
         while True:
             still_open = self._fast or self._collect(messages)
             for message in messages:
@@ -496,17 +261,27 @@ class WebSocket:
                 return
             self._short_read = len(data) < RECV_BYTES
             self.last_seen = trio.current_time()
-            self._feed(data, messages)
+            self._feed(data, messages, pongs)
 
-    def _feed(self, data: bytes, out: list[Frame]) -> None:
-        """Parse received bytes: the fast path while it can, wsproto from then on."""
+    def _feed(self, data: bytes, out: list[Message], pongs: list[bytes]) -> None:
+        """Parse received bytes: the fast path while it can, wsproto from then on. Pings the
+        fast path took are answered here, through the bounded outbox after what is pending:
+        a peer that floods pings and never reads its pongs is a slow consumer (1013)."""
         if self._fast:
             if self.close_code is None:
-                data = self._take_simple(data, out)
-                if not data:
+                rest = self._reader.parse(data, self.last_seen, out, pongs)
+                if pongs:
+                    for pong in pongs:
+                        self.send(pong)
+                    pongs.clear()
+                if not rest:
                     return
+                if isinstance(rest, int):  # the frame budget is spent: the only code it returns
+                    self._fail(rest, TOO_MANY_FRAMES)
+                    return
+                data = rest
             else:  # closing: wsproto runs the closing handshake
-                data, self._partial = self._partial + data, b""
+                data = self._reader.take_partial() + data
             self._fast = False
         self._wsproto().receive_data(data)
 
@@ -517,88 +292,7 @@ class WebSocket:
             self._proto = _WsConnection(ConnectionType.SERVER)
         return self._proto
 
-    def _take_simple(self, data: bytes, out: list[Frame]) -> bytes:
-        """Unwrap the frames nearly every client sends -- whole, masked, final text or binary
-        frames under 64 KiB, and pings and pongs -- appending their payloads to ``out`` (and
-        answering pings). Returns the bytes from the first frame that is anything else, for
-        wsproto; b"" if none, or once the frame budget is spent (the connection failed).
-
-        Why: wsproto spends about 75 Python calls (24 us on the reference VM) on each
-        frame, as much as the session spends acting on the message. Everything unusual
-        -- fragments, closes, bad UTF-8 (1007), unmasked frames (1002), reserved bits,
-        oversize frames -- is left to wsproto, which then runs the connection for good, so
-        edge-case behaviour is wsproto's. tests/test_frames.py checks both paths agree. Pings
-        stay here so that a flood of them costs ~1 us a frame up to the budget, not wsproto's
-        24 us plus a send each.
-        """
-        if self._partial:
-            data, self._partial = self._partial + data, b""
-        end = len(data)
-        limit = min(self._max_message, 65535)
-        pos = 0
-        while end - pos >= 2:
-            first, second = data[pos], data[pos + 1]
-            opcode = first & 0x0F
-            # FIN set, no reserved bits, masked (clients must mask: RFC 6455 5.1).
-            if first & 0xF0 != 0x80 or not second & 0x80 or opcode not in _FAST_OPCODES:
-                return data[pos:]
-            size = second & 0x7F
-            head = 6
-            if size >= 126:
-                if size == 127:
-                    return data[pos:]
-                if end - pos < 4:
-                    break
-                size = (data[pos + 2] << 8) | data[pos + 3]
-                if size < 126 or opcode > _BINARY:
-                    return data[pos:]  # non-minimal length, or a long control frame: 1002
-                head = 8
-            if size > limit:
-                return data[pos:]
-            start = pos + head
-            stop = start + size
-            if stop > end:
-                break
-            if opcode > _BINARY:  # a ping or pong: it counts (any traffic counts as activity)
-                if not self._take_frame():
-                    self._fail(POLICY_VIOLATION, TOO_MANY_FRAMES)
-                    return b""
-                if opcode == _PING:
-                    mask = data[start - 4 : start]
-                    key = int.from_bytes((mask * (size // 4 + 1))[:size], "little")
-                    payload = (int.from_bytes(data[start:stop], "little") ^ key).to_bytes(size, "little")
-                    self.send(bytes((0x8A, size)) + payload)  # the pong, with what is pending
-                pos = stop
-                continue
-            mask = data[start - 4 : start]
-            payload = data[start:stop]
-            if size <= 2048:
-                key = int.from_bytes((mask * (size // 4 + 1))[:size], "little")
-                payload = (int.from_bytes(payload, "little") ^ key).to_bytes(size, "little")
-            else:  # wsproto's masker is faster on long payloads
-                payload = bytes(XorMaskerSimple(mask).process(bytearray(payload)))
-            if opcode == _TEXT and not payload.isascii():
-                try:
-                    payload.decode()
-                except UnicodeDecodeError:
-                    return data[pos:]  # wsproto closes with 1007
-            out.append(payload)
-            pos = stop
-        if pos < end:
-            self._partial = data[pos:]  # under one frame of at most 64 KiB
-        return b""
-
-    def _take_frame(self) -> bool:
-        """Take one frame from the frame budget; False when it is spent."""
-        now = self.last_seen
-        tokens = self._frame_tokens + (now - self._frame_stamp) * self._frame_rate
-        self._frame_stamp = now
-        if tokens > self._frame_burst:
-            tokens = self._frame_burst
-        self._frame_tokens = tokens = tokens - 1.0
-        return tokens >= 0.0
-
-    def _collect(self, out: list[Frame]) -> bool:
+    def _collect(self, out: list[Message]) -> bool:
         """Turn wsproto events into complete messages. False when the connection is over.
         Stops after ``_COLLECT_EVENTS`` events, setting ``_unparsed``: call again (after a
         checkpoint) for the rest."""
@@ -611,7 +305,7 @@ class WebSocket:
                     # A fragment ends (an event may carry part of a frame): it counts. A
                     # whole message in one frame is left to the message rate limit.
                     self._fragmented = not event.message_finished
-                    if not self._take_frame():
+                    if not self._reader.take_frame(self.last_seen):
                         self._fail(POLICY_VIOLATION, TOO_MANY_FRAMES)
                         return False
                 if self.close_code is not None:
@@ -641,7 +335,7 @@ class WebSocket:
                     self._fragment_bytes = 0
                     out.append(joined)
             elif isinstance(event, Ping):
-                if not self._take_frame():
+                if not self._reader.take_frame(self.last_seen):
                     self._fail(POLICY_VIOLATION, TOO_MANY_FRAMES)
                     return False
                 if proto.state is ConnectionState.OPEN:
@@ -651,7 +345,7 @@ class WebSocket:
                     self.send(bytes((0x8A, len(event.payload))) + event.payload)
             elif isinstance(event, CloseConnection):
                 return self._on_close_event(event)
-            elif isinstance(event, Pong) and not self._take_frame():
+            elif isinstance(event, Pong) and not self._reader.take_frame(self.last_seen):
                 self._fail(POLICY_VIOLATION, TOO_MANY_FRAMES)  # (any traffic is activity)
                 return False
         self._unparsed = events == _COLLECT_EVENTS
@@ -663,7 +357,7 @@ class WebSocket:
         if state is ConnectionState.REMOTE_CLOSING:
             # The peer closes: answer (after what we sent before), then we are done. Its
             # close counts too: over the budget, the answer is 1008.
-            if not self._take_frame():
+            if not self._reader.take_frame(self.last_seen):
                 event = CloseConnection(code=POLICY_VIOLATION, reason=TOO_MANY_FRAMES)
             self.flush()
             self._push(proto.send(event.response()), 1, bounded=False)
@@ -873,10 +567,3 @@ class WebSocket:
                 else:
                     backlog[0] = memoryview(head)[sent:]
                     sent = 0
-
-
-def websocket_close_reason(code: int) -> str:
-    try:
-        return CloseReason(code).name.lower()
-    except ValueError:
-        return str(code)
