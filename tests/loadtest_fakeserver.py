@@ -193,9 +193,9 @@ class FakeServer:
                 for member in sorted(self.rooms[room]):
                     self.deliver(member, out)
             else:
-                target = message.get("toUser")
-                self.deliver(target, {**out, "toUser": target, "incoming": True})
-                self.deliver(user, {**out, "toUser": target, "incoming": False})
+                recipient = str(message.get("toUser"))
+                self.deliver(recipient, {**out, "toUser": recipient, "incoming": True})
+                self.deliver(user, {**out, "toUser": recipient, "incoming": False})
         elif kind == "join_room":
             self.rooms.setdefault(message["room"], set()).add(user)
             self.system(

@@ -9,7 +9,7 @@ from typing import Any
 
 import attrs
 import trio
-from trio_websocket import WebSocketConnection, wrap_client_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from aleatoria.config import Config
 from aleatoria.server import serve
@@ -47,6 +47,12 @@ async def running_server(**overrides: Any) -> AsyncIterator[RunningServer]:
         port = await nursery.start(serve, config)
         yield RunningServer(port, config, nursery.cancel_scope)
         nursery.cancel_scope.cancel()
+
+
+def close_of(exc: ConnectionClosed) -> tuple[int, str]:
+    """The close code and reason a client saw (1006 when the connection just broke)."""
+    reason = exc.reason
+    return (1006, "") if reason is None else (reason.code, reason.reason or "")
 
 
 class Peer:

@@ -117,8 +117,8 @@ async def test_rate_limit_refuses_then_closes_abusers(autojump_clock: MockClock)
     ):
         for i in range(6):
             await flood.send({"type": "chat_message", "room": "Lobby", "payload": {"content": str(i)}})
-        codes = []
-        delivered = []
+        codes: list[str] = []
+        delivered: list[str] = []
         while len(codes) + len(delivered) < 6:
             message = await flood.recv()
             if message["type"] == "error":

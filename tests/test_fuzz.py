@@ -99,7 +99,9 @@ def live_tasks() -> int:
     def count(task: trio.lowlevel.Task) -> int:
         return 1 + sum(count(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
 
-    return count(trio.lowlevel.current_root_task())
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return count(root)
 
 
 async def quiet_task_count() -> int:
@@ -124,7 +126,7 @@ def server_errors() -> Iterator[list[logging.LogRecord]]:
     connection's error boundary: the server survives it, the test must not)."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.ERROR)
-    handler.emit = records.append  # type: ignore[method-assign]
+    handler.emit = records.append  # type: ignore[method-assign,assignment]
     logger = logging.getLogger("aleatoria")
     logger.addHandler(handler)
     try:

@@ -484,15 +484,6 @@ def _sending(stderr: bytes) -> bool:
     """Whether a complete progress line shows the load phase with messages going out."""
     for line in stderr.decode().splitlines(keepends=True):
         fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
-        if line.endswith("\n") and fields.get("phase") == "load" and fields.get("out/s", "0") != "0":
-            return True
-    return False
-
-
-def _sending(stderr: bytes) -> bool:
-    """Whether a complete progress line shows the load phase with messages going out."""
-    for line in stderr.decode().splitlines(keepends=True):
-        fields = dict(f.split("=", 1) for f in line.split()[1:] if "=" in f)
         sending = fields.get("out/s", "0") != "0"
         if line.endswith("\n") and fields.get("phase") == "load" and sending:
             return True

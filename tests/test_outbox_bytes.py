@@ -72,7 +72,7 @@ async def test_backlog_over_outbox_bytes_behind_the_entry_being_written_closes_1
         # close frame behind it is still parseable.
         assert 2 == len(ws._backlog)
         assert head == len(ws._backlog[0])
-        assert ws._backlog[1].startswith(b"\x88")
+        assert bytes(ws._backlog[1]).startswith(b"\x88")
         assert head + len(ws._backlog[1]) == ws._queued_bytes
 
 
