@@ -112,12 +112,21 @@ class FakePeer:
     user: str
     socket: RecordingSocket
     session: Session
+    server: Server
+    ended: bool = False
 
     async def send(self, message: dict[str, Any] | str) -> None:
         """Hand one frame to the session, as the connection's receive loop does."""
         if self.socket.close_code is not None:
             raise Closed(self.socket.close_code, self.socket.close_reason)
         await self.session.handle(message if isinstance(message, str) else json.dumps(message))
+
+    async def disconnect(self) -> None:
+        """The client goes away (as a dropped connection would)."""
+        if not self.ended:
+            self.ended = True
+            self.socket.close(1006, "gone")
+            await self.server.end_session(self.session)
 
     async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         return await self.socket.next(timeout)
@@ -152,13 +161,12 @@ async def connect(
     connection ends as a dropped one would (``end_session``)."""
     socket = RecordingSocket()
     session = server.server.new_session(socket, user)  # type: ignore[arg-type]
+    peer = FakePeer(user, socket, session, server.server)
     try:
         await server.server.start_session(session, room or "Lobby")
-        peer = FakePeer(user, socket, session)
         if joined:
             await peer.expect("room_joined")
         yield peer
     finally:
-        socket.close(1000, "done")
         with trio.CancelScope(shield=True):
-            await server.server.end_session(session)
+            await peer.disconnect()

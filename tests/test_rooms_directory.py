@@ -1,18 +1,28 @@
 """``get_rooms`` (the requester's rooms, PROTOCOL.md section 4) and the level-1-safe requests
 of section 11 -- ``list_rooms``, ``get_room_members``, ``get_stats`` -- on one server in
-memory mode, over real sockets. tests/scaleout/test_directory.py runs them across instances."""
+memory mode, in the in-memory tier (tests/inmemory.py). tests/scaleout/test_directory.py runs
+them across instances over real sockets."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import trio_websocket
-from support import Peer, RunningServer, connect, running_server
+from inmemory import Closed, connect, inmemory_server
+from inmemory import FakePeer as Peer
+from inmemory import InMemoryServer as RunningServer
+from trio.testing import MockClock
 
 from aleatoria.store import MemoryStore
 
 DIRECTORY_REPLIES = {"rooms_directory", "room_members", "stats"}
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RunningServer]:
+    async with inmemory_server() as running:
+        yield running
 
 
 def system_reply(kind: str, to: str, payload: Any, **extra: Any) -> dict[str, Any]:
@@ -36,7 +46,9 @@ async def error_code(peer: Peer, message: dict[str, Any]) -> str:
     return code
 
 
-async def test_get_rooms_lists_the_requesters_rooms_only(server: RunningServer) -> None:
+async def test_get_rooms_lists_the_requesters_rooms_only(
+    server: RunningServer, autojump_clock: MockClock
+) -> None:
     """get_rooms answers the rooms the requester is in, sorted (as the original server did),
     not every room of the server."""
     async with connect(server, "alice") as alice, connect(server, "bob", "zoo") as bob:
@@ -47,7 +59,9 @@ async def test_get_rooms_lists_the_requesters_rooms_only(server: RunningServer) 
         assert ["beta", "zoo"] == (await bob.request({"type": "get_rooms"}, "rooms_list"))["payload"]["rooms"]
 
 
-async def test_list_rooms_is_the_directory_most_members_first(server: RunningServer) -> None:
+async def test_list_rooms_is_the_directory_most_members_first(
+    server: RunningServer, autojump_clock: MockClock
+) -> None:
     """list_rooms: every room with members, with its member count, most members first and by
     name among equals; the reply carries no room of its own."""
     async with (
@@ -67,7 +81,7 @@ async def test_list_rooms_is_the_directory_most_members_first(server: RunningSer
         assert system_reply("rooms_directory", "carol", {"rooms": expected}) == reply
 
 
-async def test_list_rooms_limit_and_prefix(server: RunningServer) -> None:
+async def test_list_rooms_limit_and_prefix(server: RunningServer, autojump_clock: MockClock) -> None:
     """``limit`` keeps the first rooms of the order; ``prefix`` keeps the names that start with
     it (case matters); an empty prefix is no filter."""
     async with connect(server, "alice") as alice, connect(server, "bob") as bob:
@@ -84,9 +98,9 @@ async def test_list_rooms_limit_and_prefix(server: RunningServer) -> None:
         assert 6 == len(await directory(alice, prefix=""))
 
 
-async def test_list_rooms_limit_is_clamped() -> None:
+async def test_list_rooms_limit_is_clamped(autojump_clock: MockClock) -> None:
     """``limit`` is clamped to 1..200 like every limit of the protocol; absent means 50."""
-    async with running_server(max_rooms_per_user=250) as server, connect(server, "alice") as alice:
+    async with inmemory_server(max_rooms_per_user=250) as server, connect(server, "alice") as alice:
         await join(alice, *(f"r{n:03d}" for n in range(204)))  # and Lobby: 205 rooms
         assert 50 == len(await directory(alice))
         assert 200 == len(await directory(alice, limit=1000))
@@ -94,7 +108,9 @@ async def test_list_rooms_limit_is_clamped() -> None:
         assert ["Lobby"] == [row["room"] for row in await directory(alice, limit=-3)]
 
 
-async def test_list_rooms_follows_joins_leaves_and_disconnects(server: RunningServer) -> None:
+async def test_list_rooms_follows_joins_leaves_and_disconnects(
+    server: RunningServer, autojump_clock: MockClock
+) -> None:
     """Counts follow joins and leaves; a room whose last member left or disconnected is gone."""
     async with connect(server, "alice") as alice:
         async with connect(server, "bob", "Den") as bob:
@@ -126,7 +142,9 @@ async def test_list_rooms_follows_joins_leaves_and_disconnects(server: RunningSe
         ({"prefix": "r" * 65}, "too_large"),
     ],
 )
-async def test_list_rooms_refuses_bad_input(server: RunningServer, payload: Any, code: str) -> None:
+async def test_list_rooms_refuses_bad_input(
+    server: RunningServer, autojump_clock: MockClock, payload: Any, code: str
+) -> None:
     """A payload of the wrong shape is invalid_payload, a prefix over 64 characters too_large;
     the connection stays usable."""
     async with connect(server, "alice") as alice:
@@ -134,7 +152,7 @@ async def test_list_rooms_refuses_bad_input(server: RunningServer, payload: Any,
         assert [{"room": "Lobby", "members": 1}] == await directory(alice, prefix="Lob")
 
 
-async def test_get_room_members(server: RunningServer) -> None:
+async def test_get_room_members(server: RunningServer, autojump_clock: MockClock) -> None:
     """get_room_members: the exact count and the members, sorted, with the room set; only a
     member may ask (not_in_room, with the usual text); the room is required and checked."""
     async with (
@@ -171,7 +189,7 @@ async def test_room_members_lists_at_most_1000_sorted() -> None:
     assert (0, []) == await store.room_members("Nowhere", 1000)
 
 
-async def test_get_stats(server: RunningServer) -> None:
+async def test_get_stats(server: RunningServer, autojump_clock: MockClock) -> None:
     """get_stats: users connected, users pooled for a call, users in a live match (both sides)
     and rooms with members; the figures follow matches and disconnects."""
     async with (
@@ -195,24 +213,26 @@ async def test_get_stats(server: RunningServer) -> None:
             stats = (await alice.request({"type": "get_stats"}, "stats"))["payload"]
             assert {"online": 4, "searching": 1, "inCalls": 2, "rooms": 3} == stats
         peer = bob if "bob" == matched["payload"]["peerId"] else carol
-        await peer.ws.aclose()
+        await peer.disconnect()
         await alice.expect("hangup")
         stats = (await alice.request({"type": "get_stats"}, "stats"))["payload"]
         assert 0 == stats["inCalls"] and 2 == stats["online"]
 
 
-async def test_a_replaced_connection_counts_once(server: RunningServer) -> None:
+async def test_a_replaced_connection_counts_once(server: RunningServer, autojump_clock: MockClock) -> None:
     """A user who connects again (the first connection is replaced, 4001) is online once,
     also once the replaced connection is gone."""
     async with connect(server, "alice") as first, connect(server, "alice") as second:
-        with pytest.raises(trio_websocket.ConnectionClosed):
+        with pytest.raises(Closed):
             await first.recv()
         assert 1 == (await second.request({"type": "get_stats"}, "stats"))["payload"]["online"]
         async with connect(server, "erin") as erin:
             assert 2 == (await erin.request({"type": "get_stats"}, "stats"))["payload"]["online"]
 
 
-async def test_a_level_1_client_gets_none_of_these_unless_it_asks(server: RunningServer) -> None:
+async def test_a_level_1_client_gets_none_of_these_unless_it_asks(
+    server: RunningServer, autojump_clock: MockClock
+) -> None:
     """A level-1 client (no ``v``) is never sent rooms_directory, room_members or stats on
     account of what others do or ask; it gets each only as the answer to its own request."""
     async with connect(server, "watcher") as watcher:
