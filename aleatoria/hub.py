@@ -10,18 +10,20 @@ closes and its broadcaster finishes what was queued, then exits.
 Replacing a connection (same userId again) moves the user's rooms to the new WebSocket, so
 the user's state carries over; the old socket is closed with 4001.
 
-Scale-out (Redis mode): the router hears of a room's first and last local member through
-``room_opened``/``room_closed`` (it subscribes to the room's channel), and room messages
-arrive from Redis in batches that ``broadcast_now`` hands to the members at once, in the
-order Redis gave them (the broadcaster tasks then only serve local delivery while Redis is
-down). ``evict`` drops a user who connected to another instance.
+Scale-out (Redis mode): the hub is given the bus's room channels when it is opened, and
+subscribes a room's channel on its first local member and unsubscribes it after its last
+(``RoomChannels``); room messages arrive from Redis in batches that ``broadcast_now`` hands
+to the members at once, in the order Redis gave them (the broadcaster tasks then only serve
+local delivery while Redis is down). ``evict`` drops a user who connected to another
+instance.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 import attrs
 import trio
@@ -42,6 +44,15 @@ _BATCH_BYTES = 256 * 1024
 # waits widens the window in which that request crosses it and is answered with a re-sent
 # assign_role (PROTOCOL.md). Measured, 200 users: 47-81 re-sends per 4 s -> 2-5.
 _AT_ONCE = frozenset({m.ASSIGN_ROLE})
+
+
+class RoomChannels(Protocol):
+    """Where a room's messages come from when they cross instances (the Redis bus): told of
+    the first local member of a room and of its last."""
+
+    def subscribe_room(self, room: str) -> None: ...
+
+    def unsubscribe_room(self, room: str) -> None: ...
 
 
 @attrs.define(eq=False)
@@ -72,16 +83,17 @@ class Room:
 class Hub:
     """Local connections and rooms. Create it with ``open_hub``."""
 
-    def __init__(self, nursery: trio.Nursery, linger: float = 0.0) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, linger: float = 0.0, channels: RoomChannels | None = None
+    ) -> None:
         self._nursery = nursery
         self._linger = linger
+        self._channels = channels
         self.stats = Stats()
         self.clients: dict[str, Client] = {}
         self.rooms: dict[str, Room] = {}
         self.broadcasts = 0
         self.deliveries = 0
-        self.room_opened: Callable[[str], None] | None = None
-        self.room_closed: Callable[[str], None] | None = None
 
     # -- connections --------------------------------------------------------------------
 
@@ -155,8 +167,8 @@ class Hub:
             send, receive = trio.open_memory_channel[bytes](ROOM_QUEUE_FRAMES)
             room = self.rooms[name] = Room(name, send)
             self._nursery.start_soon(self._broadcaster, room, receive, name=f"room:{name}")
-            if self.room_opened is not None:
-                self.room_opened(name)
+            if self._channels is not None:
+                self._channels.subscribe_room(name)
         room.members[client.user] = client.ws
         client.rooms.add(name)
 
@@ -173,8 +185,8 @@ class Hub:
         if not room.members:
             del self.rooms[name]
             room.send.close()
-            if self.room_closed is not None:
-                self.room_closed(name)
+            if self._channels is not None:
+                self._channels.unsubscribe_room(name)
 
     async def broadcast(self, name: str, frame: bytes) -> None:
         """Queue ``frame`` for every local member of room ``name`` (in order). Waits only when
@@ -250,6 +262,13 @@ class Hub:
                 # Measured on 1 x 500 members: 7.7 -> 2.7-3.5 us of CPU per delivery at 1 ms.
                 linger = self._linger if len(batch) > 1 and not full else 0.0
 
+    def follow(self, channels: RoomChannels) -> None:
+        """Adapter for a hub opened without its room channels (``open_hub(linger)`` before
+        ``channels`` was passed there): take them now, before the first member joins."""
+        if self._channels is None:
+            assert not self.rooms, "a hub follows its room channels from its first room"
+            self._channels = channels
+
     # -- shutdown ----------------------------------------------------------------------------
 
     def close_all(self, code: int, reason: str) -> None:
@@ -258,12 +277,13 @@ class Hub:
 
 
 @asynccontextmanager
-async def open_hub(linger: float = 0.0) -> AsyncIterator[Hub]:
+async def open_hub(linger: float = 0.0, channels: RoomChannels | None = None) -> AsyncIterator[Hub]:
     """A hub whose broadcaster tasks live in a nursery owned here. On exit the broadcasters
     are cancelled. ``linger``: see ``Hub._broadcaster`` (seconds; 0 sends every frame at
-    once)."""
+    once). ``channels``: the store's bus in Redis mode (``store.bus``), so rooms with local
+    members are subscribed; None in memory mode."""
     async with trio.open_nursery() as nursery:
-        hub = Hub(nursery, linger)
+        hub = Hub(nursery, linger, channels)
         try:
             yield hub
         finally:

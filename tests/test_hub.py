@@ -126,3 +126,32 @@ async def test_broadcast_now_batches_as_the_broadcaster_and_can_leave_out_one_me
         sizes = [len(data) for _, data, _ in members["u1"].sends]
         assert [_BATCH_BYTES, _BATCH_BYTES // 2] == sizes
         assert (len(frames) + 3, 2 * len(frames) + 3 * 3) == (hub.broadcasts, hub.deliveries)
+
+
+@attrs.define
+class _Channels:
+    """Stands in for the bus's room channels: records what the hub asks for."""
+
+    calls: list[tuple[str, str]] = attrs.Factory(list)
+
+    def subscribe_room(self, room: str) -> None:
+        self.calls.append(("subscribe", room))
+
+    def unsubscribe_room(self, room: str) -> None:
+        self.calls.append(("unsubscribe", room))
+
+
+async def test_the_hub_subscribes_a_room_from_its_first_local_member_to_its_last() -> None:
+    """A hub opened with the bus's room channels subscribes a room's channel when its first
+    local member joins and unsubscribes it after its last leaves, once each."""
+    channels = _Channels()
+    async with open_hub(0.0, channels) as hub:
+        clients = [Client(user=f"u{n}", ws=_Recorder(), limiter=RateLimiter(0, 1, 1)) for n in range(2)]  # type: ignore[arg-type]
+        for client in clients:
+            hub.attach(client)
+            hub.join(client, "Den")
+        assert [("subscribe", "Den")] == channels.calls
+        hub.leave(clients[0], "Den")
+        assert [("subscribe", "Den")] == channels.calls
+        assert ["Den"] == hub.detach(clients[1])
+        assert [("subscribe", "Den"), ("unsubscribe", "Den")] == channels.calls

@@ -54,8 +54,23 @@ class Counts:
     rooms: int
 
 
-class StoreEvents(Protocol):
-    """What the store tells the server (implemented by the router)."""
+class BusHandler(Protocol):
+    """The trio side that receives what the bus brings (the router; runs on the trio thread)."""
+
+    def on_bus_messages(self, items: list[tuple[str | None, bytes]]) -> None:
+        """``items`` in arrival order: (room, message JSON) from room channels, (None, bus
+        message) from this instance's channel."""
+        ...
+
+
+class StoreEvents(BusHandler, Protocol):
+    """What the store tells the server (implemented by the router): what arrives on the bus,
+    and what other instances did to this one's users.
+
+    Handed over with ``Store.attach`` once, after construction, not to the store's
+    constructor: the router is built on the store (it delivers through the store's bus), so
+    the store -- whose bus thread and heartbeat run from start-up -- exists first. Before
+    ``attach`` nobody is connected, so what arrives has nobody to reach."""
 
     def peer_left(self, peer: str, leaver: str) -> None:
         """``leaver``'s match with ``peer`` ended without a hangup from ``leaver`` (its
@@ -67,21 +82,11 @@ class StoreEvents(Protocol):
         ...
 
 
-class BusHandler(Protocol):
-    """The trio side that receives what the bus brings (the router; runs on the trio thread)."""
-
-    def on_bus_messages(self, items: list[tuple[str | None, bytes]]) -> None:
-        """``items`` in arrival order: (room, message JSON) from room channels, (None, bus
-        message) from this instance's channel."""
-        ...
-
-
 class Bus(Protocol):
     """Cross-instance delivery (the Redis bus). ``done`` callbacks get the number of
     subscribers reached, or None when the publish failed; each is called exactly once."""
 
     instance: str
-    handler: BusHandler | None
 
     @property
     def usable(self) -> bool: ...
@@ -123,7 +128,8 @@ class Store(Protocol):
         ...
 
     def attach(self, events: StoreEvents) -> None:
-        """Where to report what other instances did to this one's users."""
+        """Where to report what arrives on the bus and what other instances did to this
+        one's users (once, before the first connection; see ``StoreEvents``)."""
         ...
 
     def health(self) -> Health:

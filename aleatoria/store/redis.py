@@ -33,8 +33,10 @@ How this works.
 - Calls that change state run shielded from cancellation (bounded by the socket timeouts),
   so the outcome of every command is known and the mirror never disagrees with Redis
   silently; a call whose store went degraded while it waited for a thread is skipped.
+  (The state machine, the supervisor and the writer task are ``redis_keeper``'s.)
 - Scale-out (PROTOCOL.md section 9, ``redis_presence``, ``redis_bus``): connections are
-  registered in presence; a heartbeat task keeps this instance alive in Redis and reaps
+  registered in presence; a heartbeat task (``redis_heartbeat``) keeps this instance alive
+  in Redis and reaps
   dead instances (their users leave pool, presence and rooms; their peers are told through
   ``StoreEvents``); the writer's pipelines also carry the bus's publishes. Recovery
   heartbeats first: an instance that finds it was declared dead meanwhile ends its local
@@ -44,6 +46,7 @@ How this works.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -59,11 +62,15 @@ from redis.commands.core import Script
 from aleatoria.config import Config
 from aleatoria.errors import StoreUnavailable
 from aleatoria.matchmaking import IMPOLITE, RequestOutcome
-from aleatoria.store.base import Counts, Takeover
-from aleatoria.store.memory import dm_key
+from aleatoria.store.base import Bus, Counts, Health, StoreEvents, Takeover
+from aleatoria.store.memory import dm_key, new_instance_id
+from aleatoria.store.redis_bus import RedisBus
 from aleatoria.store.redis_client import RedisClient, present, text, text_or_none
+from aleatoria.store.redis_heartbeat import Heartbeat
 from aleatoria.store.redis_history import merge_dm, merge_room, read_dm, read_room
-from aleatoria.store.redis_keeper import RedisKeeper
+from aleatoria.store.redis_instance import InstanceRegistry
+from aleatoria.store.redis_keeper import WRITE_BATCH, RedisKeeper, RedisMetrics
+from aleatoria.store.redis_mirror import Mirror
 from aleatoria.store.redis_presence import INSTANCE_USERS_PREFIX, INSTANCES_KEY, PRESENCE_KEY
 from aleatoria.store.redis_rooms import RoomRegistry
 from aleatoria.store.redis_scripts import (
@@ -72,7 +79,7 @@ from aleatoria.store.redis_scripts import (
     SMALL_POOL,
     STATS,
 )
-from aleatoria.store.redis_writer import DM, DM_PREFIX, ROOM, ROOM_MESSAGES_PREFIX, OnStored
+from aleatoria.store.redis_writer import DM, DM_PREFIX, ROOM, ROOM_MESSAGES_PREFIX, OnStored, WriteBehind
 
 log = logging.getLogger("aleatoria.store.redis")
 
@@ -85,16 +92,147 @@ _FLUSH_SECONDS = 5.0
 _PURGE_EVERY = 60.0
 
 
-class RedisStore(RedisKeeper):
-    """The ``Store`` on Redis, with the memory mirror as fallback. Use ``open_redis_store``."""
+class RedisStore:
+    """The ``Store`` on Redis, with the memory mirror as fallback. Use ``open_redis_store``.
+
+    It holds its parts rather than inheriting them: the ``RedisKeeper`` (ok or degraded,
+    recovery, the writer task), the ``Heartbeat``, the ``RedisBus``, the mirror and the
+    write-behind queue; the commands below decide, per call, what goes to Redis and what the
+    mirror keeps."""
+
+    def __init__(
+        self,
+        config: Config,
+        client: RedisClient,
+        *,
+        rng: random.Random | None = None,
+        instance: str | None = None,
+    ) -> None:
+        self._client = client
+        self._scripts = client.scripts
+        self._instance = instance or new_instance_id()
+        self._rng = rng or random.Random()
+        self._rooms = RoomRegistry(client.scripts, cluster=client.cluster)
+        registry = InstanceRegistry(
+            client.scripts, self._rooms, self._instance, ttl_ms=int(config.presence_ttl * 1000)
+        )
+        self._user_keys = registry.user_keys
+        self._ttl_ns = int(config.message_ttl_seconds * 1e9)
+        self._cap = config.history_max
+        self._mirror = Mirror(ttl_seconds=config.message_ttl_seconds, history_max=config.history_max)
+        self._memory = self._mirror.memory
+        self._mm = self._mirror.matchmaker
+        self._writer = WriteBehind(
+            capacity=config.redis_write_buffer,
+            capacity_bytes=config.history_memory_bytes,
+            batch=WRITE_BATCH,
+            ttl_ns=self._ttl_ns,
+            history_max=config.history_max,
+            scripts=client.scripts,
+        )
+        self._bus = RedisBus(
+            client,
+            self._instance,
+            cluster=client.cluster,
+            on_queued=self._writer.poke,
+            history_mark=self._writer.mark,
+        )
+        self._keeper = RedisKeeper(
+            config,
+            client,
+            mirror=self._mirror,
+            writer=self._writer,
+            bus=self._bus,
+            registry=registry,
+            rng=self._rng,
+        )
+        self._heartbeat = Heartbeat(
+            self._keeper,
+            registry,
+            self._mirror,
+            instance=self._instance,
+            interval=config.heartbeat_interval,
+            rng=self._rng,
+        )
+
+    @property
+    def kind(self) -> str:
+        return "redis"
+
+    @property
+    def instance(self) -> str:
+        return self._instance
+
+    @property
+    def bus(self) -> Bus:
+        return self._bus
+
+    @property
+    def redis_bus(self) -> RedisBus:
+        return self._bus
+
+    @property
+    def keeper(self) -> RedisKeeper:
+        return self._keeper
+
+    @property
+    def heartbeat(self) -> Heartbeat:
+        return self._heartbeat
+
+    def attach(self, events: StoreEvents) -> None:
+        # The one hand-over after construction (see ``StoreEvents``): the keeper and the
+        # heartbeat report to ``events``, the bus hands it what arrives.
+        self._keeper.events = events
+        self._bus.handler = events
+
+    def health(self) -> Health:
+        return self._keeper.state
+
+    def metrics(self) -> RedisMetrics:
+        return self._keeper.metrics()
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """This instance's pool and matches (the mirror), and the Redis figures. The Redis
+        ones only grow, except the queue length (the Store protocol has gauges only)."""
+        figures = self._keeper.metrics()
+        gauges = self._memory.gauges()
+        outage = self._keeper.outage
+        gauges["aleatoria_history_memory_bytes"] = (
+            "bytes of history held in memory (Redis mode: only while degraded; see also the write queue)",
+            0 if outage is None else outage.history_bytes,
+        )
+        gauges.update(
+            {
+                "aleatoria_redis_calls": ("Redis calls made", figures.calls),
+                "aleatoria_redis_call_failures": ("Redis calls that failed", figures.failures),
+                "aleatoria_redis_call_seconds": ("seconds spent in Redis calls", figures.call_seconds),
+                "aleatoria_redis_write_queue": ("history writes waiting for Redis", figures.queued),
+                "aleatoria_redis_writes": ("history writes confirmed by Redis", figures.written),
+                "aleatoria_redis_write_drops": (
+                    "history writes dropped (buffer full while Redis failed)",
+                    figures.dropped,
+                ),
+                "aleatoria_redis_degraded_periods": (
+                    "times the store went degraded",
+                    figures.degraded_periods,
+                ),
+            }
+        )
+        gauges.update(self._bus.gauges())
+        gauges.update(self._heartbeat.gauges())
+        return gauges
+
+    def purge_memory(self) -> int:
+        outage = self._keeper.outage
+        return self._memory.purge_expired() + (0 if outage is None else outage.purge_expired())
 
     # -- history --------------------------------------------------------------------------
 
     def record_room_message(self, room: str, message: bytes, created_ns: int) -> None:
-        outage = self._outage
+        outage = self._keeper.outage
         if outage is not None:
             outage.record_room_message(room, message, created_ns)
-        self._enqueue(ROOM, room, message, created_ns)
+        self._keeper.enqueue(ROOM, room, message, created_ns)
 
     def record_direct_message(
         self,
@@ -105,35 +243,23 @@ class RedisStore(RedisKeeper):
         on_stored: Callable[[], None] | None = None,
     ) -> None:
         first, second = dm_key(a, b)
-        outage = self._outage
+        outage = self._keeper.outage
         if outage is None:
-            self._enqueue(DM, f"{first}:{second}", message, created_ns, on_stored)
+            self._keeper.enqueue(DM, f"{first}:{second}", message, created_ns, on_stored)
             return
         outage.record_direct_message(a, b, message, created_ns)
-        self._enqueue(DM, f"{first}:{second}", message, created_ns)
+        self._keeper.enqueue(DM, f"{first}:{second}", message, created_ns)
         if on_stored is not None:
             on_stored()  # degraded: served from memory now, written later
 
-    def _enqueue(
-        self, kind: int, key: str, message: bytes, created_ns: int, on_stored: OnStored | None = None
-    ) -> None:
-        if self._writer.add(kind, key, message, created_ns, on_stored) and not self._drop_logged:
-            self._drop_logged = True
-            log.warning(
-                "event=redis_buffer_full capacity=%d capacity_bytes=%s action=dropping_oldest "
-                "(counted; logged once until Redis is written again)",
-                self._writer.capacity,
-                self._writer.capacity_bytes,
-            )
-
     def after_stored(self, fn: OnStored) -> None:
-        if self._state != "ok":
+        if self._keeper.state != "ok":
             fn()  # degraded: served from memory now, written later
             return
         self._writer.when_written(fn)
 
     async def recent_room_messages(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:
-        if self._state == "ok":
+        if self._keeper.state == "ok":
             pending = self._writer.pending(ROOM, room)
             cutoff_ns = time.time_ns() - self._ttl_ns
             fetch = partial(
@@ -144,106 +270,85 @@ class RedisStore(RedisKeeper):
                 cutoff_ns=cutoff_ns,
                 count_newer=bool(pending) and before_ns is not None,
             )
-            try:
-                rows, newer = await self._client.call(fetch, abandon_on_cancel=True)
-            except StoreUnavailable as exc:
-                self._degrade(exc)
-            else:
+            found = await self._keeper.read(fetch)
+            if found is not None:
+                rows, newer = found
                 if not pending:
                     return [member for member, _ in rows]
                 return merge_room(rows, newer, pending, limit, self._cap, before_ns, cutoff_ns)
-        outage = self._outage
+        outage = self._keeper.outage
         return [] if outage is None else outage.recent_room_messages_now(room, limit, before_ns)
 
     async def direct_messages(self, a: str, b: str, limit: int) -> list[bytes]:
-        if self._state == "ok":
+        if self._keeper.state == "ok":
             first, second = dm_key(a, b)
             key = f"{first}:{second}"
             pending = self._writer.pending(DM, key)
             cutoff_ns = time.time_ns() - self._ttl_ns
-            try:
-                rows = await self._client.call(
-                    partial(read_dm, key=DM_PREFIX + key, limit=limit), abandon_on_cancel=True
-                )
-            except StoreUnavailable as exc:
-                self._degrade(exc)
-            else:
+            rows = await self._keeper.read(partial(read_dm, key=DM_PREFIX + key, limit=limit))
+            if rows is not None:
                 return merge_dm(rows, pending, min(limit, self._cap), cutoff_ns)
-        outage = self._outage
+        outage = self._keeper.outage
         return [] if outage is None else outage.direct_messages_now(a, b, limit)
 
     # -- room registry ----------------------------------------------------------------------
 
     async def join_room(self, room: str, user: str) -> None:
         await self._mirror.join(room, user)
-        await self._write_through((user,), partial(self._rooms.join, room=room, user=user))
+        await self._keeper.write_through((user,), partial(self._rooms.join, room=room, user=user))
 
     async def leave_room(self, room: str, user: str) -> None:
         await self._mirror.leave(room, user)
-        await self._write_through((user,), partial(self._rooms.leave, room=room, user=user))
+        await self._keeper.write_through((user,), partial(self._rooms.leave, room=room, user=user))
 
     async def rooms(self) -> list[str]:
-        if self._state == "ok":
-            try:
-                return await self._client.call(self._rooms.rooms, abandon_on_cancel=True)
-            except StoreUnavailable as exc:
-                self._degrade(exc)
-        return await self._memory.rooms()
+        rooms = await self._keeper.read(self._rooms.rooms)
+        return await self._memory.rooms() if rooms is None else rooms
 
     # -- directory (reads: this instance's rooms and users alone while degraded) -----------------
 
     async def list_rooms(self, limit: int, prefix: str = "") -> list[tuple[str, int]]:
-        if self._state == "ok":
-            read = partial(self._rooms.directory, limit=limit, prefix=prefix)
-            try:
-                return await self._client.call(read, abandon_on_cancel=True)
-            except StoreUnavailable as exc:
-                self._degrade(exc)
-        return self._memory.list_rooms_now(limit, prefix)
+        rows = await self._keeper.read(partial(self._rooms.directory, limit=limit, prefix=prefix))
+        return self._memory.list_rooms_now(limit, prefix) if rows is None else rows
 
     async def room_members(self, room: str, limit: int) -> tuple[int, list[str]]:
-        if self._state == "ok":
-            read = partial(self._rooms.members, room=room, limit=limit)
-            try:
-                return await self._client.call(read, abandon_on_cancel=True)
-            except StoreUnavailable as exc:
-                self._degrade(exc)
-        return self._memory.room_members_now(room, limit)
+        found = await self._keeper.read(partial(self._rooms.members, room=room, limit=limit))
+        return self._memory.room_members_now(room, limit) if found is None else found
 
     async def stats(self) -> Counts:
-        if self._state == "ok":
-            try:
-                return await self._client.call(partial(_census, rooms=self._rooms), abandon_on_cancel=True)
-            except StoreUnavailable as exc:
-                self._degrade(exc)
+        counts = await self._keeper.read(partial(_census, rooms=self._rooms))
+        if counts is not None:
+            return counts
         # The mirror's memory store is not told of connections: the mirror knows them.
         return attrs.evolve(self._memory.stats_now(), online=len(self._mirror.online))
 
     # -- matchmaking --------------------------------------------------------------------------
 
     async def set_available(self, user: str) -> str | None:
-        done = await self._run(partial(self._scripts.set_available, self._user_keys, [user, self._instance]))
+        done = await self._keeper.run(
+            partial(self._scripts.set_available, self._user_keys, [user, self._instance])
+        )
         if done is None:
             ended = self._mm.set_available(user)
-            self._dirty.update(present(user, ended))
+            self._keeper.dirty.update(present(user, ended))
             return ended
         ended = text_or_none(done.value)
         if user in self._mirror.online:  # not if it moved to another instance meanwhile
             self._mirror.end(user)
             self._mm.set_available(user)
-        self._settle(done, user, ended)
+        self._keeper.settle(done, user, ended)
         return ended
 
     async def set_unavailable(self, user: str) -> None:
         self._mm.set_unavailable(user)
-        await self._write_through((user,), partial(_srem_pool, user=user))
+        await self._keeper.write_through((user,), partial(_srem_pool, user=user))
 
     async def request_peer(self, user: str, current_peer: str | None) -> RequestOutcome:
         args: list[str | int] = [user, current_peer or "", repr(self._rng.random()), SMALL_POOL]
-        done = await self._run(partial(self._scripts.request_peer, _PICK_KEYS, args))
+        done = await self._keeper.run(partial(self._scripts.request_peer, _PICK_KEYS, args))
         if done is None:
             outcome = self._mirror.request_peer(user, current_peer)
-            self._dirty.update(present(user, outcome.peer, outcome.ended_peer))
+            self._keeper.dirty.update(present(user, outcome.peer, outcome.ended_peer))
             return outcome
         kind, peer, role, ended_text = (text(part) for part in done.value)
         ended = ended_text or None
@@ -260,20 +365,20 @@ class RedisStore(RedisKeeper):
             outcome = RequestOutcome(peer=peer, role=IMPOLITE, ended_peer=ended)
         else:
             outcome = RequestOutcome(ended_peer=ended)
-        self._settle(done, user, outcome.peer, ended)
+        self._keeper.settle(done, user, outcome.peer, ended)
         return outcome
 
     def match_peer(self, user: str) -> str | None:
         return self._mm.peer_of(user)
 
     async def hangup(self, user: str, peer: str) -> bool:
-        done = await self._run(partial(self._scripts.hangup, _MATCH_KEYS, [user, peer]))
+        done = await self._keeper.run(partial(self._scripts.hangup, _MATCH_KEYS, [user, peer]))
         ended = self._mm.hangup(user, peer)
         if done is None:
             if ended:
-                self._dirty.update((user, peer))
+                self._keeper.dirty.update((user, peer))
             return ended
-        self._settle(done, user, peer)
+        self._keeper.settle(done, user, peer)
         return bool(done.value)
 
     # -- presence ------------------------------------------------------------------------------
@@ -281,28 +386,28 @@ class RedisStore(RedisKeeper):
     async def connect(self, user: str, connection: str) -> Takeover | None:
         self._mirror.online[user] = connection
         args = [user, self._instance, connection, INSTANCE_USERS_PREFIX]
-        done = await self._run(partial(self._scripts.connect, self._user_keys, args))
+        done = await self._keeper.run(partial(self._scripts.connect, self._user_keys, args))
         if done is None:
-            self._dirty.add(user)
+            self._keeper.dirty.add(user)
             return None
         previous, previous_connection, in_pool, peer, role = (
             text(part) if isinstance(part, bytes | str) else part for part in done.value
         )
         if self._mirror.online.get(user) == connection:
-            self._owned[user] = connection  # registered: the heartbeat checks it stays so
+            self._heartbeat.owned[user] = connection  # registered: the heartbeat checks it stays so
         if not previous or previous == self._instance:
-            self._settle(done, user)
+            self._keeper.settle(done, user)
             return None
         rooms: list[str] = []
         try:
             rooms = await self._client.call(partial(self._rooms.user_rooms, user=user))
         except StoreUnavailable as exc:
-            self._degrade(exc)
-            self._dirty.add(user)
+            self._keeper.degrade(exc)
+            self._keeper.dirty.add(user)
         for room in rooms:
             await self._mirror.join(room, user)
         self._mirror.adopt(user, bool(in_pool), peer or None, role)
-        self._settle(done, user, peer or None)
+        self._keeper.settle(done, user, peer or None)
         log.info("event=user_taken_over user=%s from_instance=%s rooms=%d", user, previous, len(rooms))
         return Takeover(previous, previous_connection, tuple(rooms), bool(in_pool), peer or None, role)
 
@@ -312,10 +417,10 @@ class RedisStore(RedisKeeper):
         rooms = list(rooms)
         if connection is None or self._mirror.online.get(user) == connection:
             self._mirror.online.pop(user, None)
-        if connection is None or self._owned.get(user) == connection:
-            self._owned.pop(user, None)
+        if connection is None or self._heartbeat.owned.get(user) == connection:
+            self._heartbeat.owned.pop(user, None)
         args = [user, self._instance, connection or ""]
-        done = await self._run(partial(self._scripts.disconnect, self._user_keys, args))
+        done = await self._keeper.run(partial(self._scripts.disconnect, self._user_keys, args))
         if done is not None and not done.value[0]:
             # Registered elsewhere now: the state moved with the user; only forget it here.
             self._mirror.drop(user)
@@ -324,17 +429,17 @@ class RedisStore(RedisKeeper):
             await self._mirror.leave(room, user)
         ended = self._mirror.forget(user)
         if done is None:
-            self._dirty.update(present(user, ended))
+            self._keeper.dirty.update(present(user, ended))
             return ended
         if rooms:
             pairs = [(room, user) for room in rooms]
-            await self._write_through((user,), partial(self._rooms.leave_many, pairs=pairs))
+            await self._keeper.write_through((user,), partial(self._rooms.leave_many, pairs=pairs))
         redis_ended = text_or_none(done.value[1]) or None
-        self._settle(done, user, redis_ended)
+        self._keeper.settle(done, user, redis_ended)
         return redis_ended
 
     def user_moved(self, user: str) -> None:
-        self._owned.pop(user, None)
+        self._heartbeat.owned.pop(user, None)
         self._mirror.drop(user)
 
     # -- matches changed by another instance (the router sees their notices) ---------------------
@@ -364,13 +469,13 @@ async def open_redis_store(config: Config, url: str) -> AsyncIterator[RedisStore
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(store.redis_bus.run)
-                await nursery.start(store.supervise)
+                await nursery.start(store.keeper.supervise)
                 if store.health() == "ok":
                     # Users connecting now are reachable from other instances at once.
                     with trio.move_on_after(config.redis_connect_timeout):
                         await store.redis_bus.wait_up()
-                nursery.start_soon(store.write_forever)
-                nursery.start_soon(store.presence_forever)
+                nursery.start_soon(store.keeper.write_forever)
+                nursery.start_soon(store.heartbeat.run_forever)
                 nursery.start_soon(store.redis_bus.watch_forever)
                 nursery.start_soon(_purge_forever, store)
                 try:
@@ -379,7 +484,7 @@ async def open_redis_store(config: Config, url: str) -> AsyncIterator[RedisStore
                     nursery.cancel_scope.cancel()
         finally:
             with trio.move_on_after(_FLUSH_SECONDS, shield=True):
-                await store.flush()
+                await store.keeper.flush()
     finally:
         client.close()
 

@@ -7,14 +7,10 @@ How this works.
   key as hash tag (``aleatoria:room:{room:messages:R}``), so on a Redis Cluster the message
   and its history write go to the same shard, in order; instance channels carry the pool's
   tag (see ``redis_presence``). On a cluster every channel is sharded (SSUBSCRIBE/SPUBLISH).
-- Receiving. One thread owns the redis-py PubSub object (it is not thread-safe). It loops:
-  apply queued (un)subscribe commands, drain what is readable without blocking, hand the
-  batch to trio with one ``trio.from_thread.run_sync`` call (the handler runs on the trio
-  thread and sends to sockets synchronously), then wait in ``select`` on the subscription
-  socket(s) and a wake-up pipe (written when a command is queued or on cancellation). The
-  hand-off blocks the thread until trio has delivered the batch: no second queue, no drop
-  and no reordering; if trio falls behind, Redis holds the backlog in its output buffer
-  (and disconnects us past ``client-output-buffer-limit pubsub``: we reconnect, and say so).
+- Receiving. A thread owns the subscription (``redis_subscriber``) and hands what it reads
+  to the trio thread in batches, in order; here they are sorted (room and instance
+  messages for the handler, subscription confirmations for the bookkeeping below). The
+  handler (the router, given through the store's ``attach``) sends to sockets synchronously.
 - Sending. Publishes are not made here: they queue in ``outbox`` and the Redis store's
   writer sends them in the same pipeline as the pending history writes, after them (so a
   message is in Redis' history before anyone receives it: a publish waits for the history
@@ -39,35 +35,25 @@ How this works.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import random
-import select
-import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import attrs
-import redis
 import trio
-from redis.exceptions import RedisClusterException
 
 from aleatoria.store.base import BusHandler
-from aleatoria.store.redis_client import RedisClient, describe_error
+from aleatoria.store.redis_client import RedisClient
 from aleatoria.store.redis_echo import Echo, Echoes
 from aleatoria.store.redis_presence import INSTANCES_KEY, PRESENCE_KEY, instance_channel
 from aleatoria.store.redis_scripts import MATCHES_KEY
+from aleatoria.store.redis_subscriber import Message, Subscriber
 from aleatoria.store.redis_writer import ROOM_MESSAGES_PREFIX
 
 log = logging.getLogger("aleatoria.store.bus")
 
 ROOM_CHANNEL_PREFIX = "aleatoria:room:"
-_BATCH = 512
-_POLL_SECONDS = 1.0
-_BACKOFF_FIRST = 0.1
-_BACKOFF_MAX = 5.0
 _OUTBOX_MAX = 10_000
 STALL_SECONDS = 0.25
 _WATCH_EVERY = 0.05
@@ -79,9 +65,6 @@ _ECHO_LIMIT = 10_000
 # Outgoing kinds.
 PUBLISH = 0  # to a channel (room or instance)
 ROUTE = 1  # to a user, through presence
-
-_SUBSCRIBE = "s"
-_UNSUBSCRIBE = "u"
 
 
 def room_channel(room: str) -> str:
@@ -112,20 +95,32 @@ class Outgoing:
 
 
 class RedisBus:
-    """Subscriptions, the subscriber thread and the outbox. Created by the Redis store."""
+    """Subscriptions, the outbox and the room messages' echoes. Created by the Redis store,
+    with its writer's wake-up (``on_queued``) and count of history entries queued
+    (``history_mark``: a publish goes in no pipeline before the entries queued before it)."""
 
-    def __init__(self, client: RedisClient, instance: str, *, cluster: bool) -> None:
-        self._client = client
+    def __init__(
+        self,
+        client: RedisClient,
+        instance: str,
+        *,
+        cluster: bool,
+        on_queued: Callable[[], None],
+        history_mark: Callable[[], int],
+    ) -> None:
         self.instance = instance
         self.cluster = cluster
         self.own_channel = instance_channel(instance)
         self._publish_command = "SPUBLISH" if cluster else "PUBLISH"
         self.up = False
         self._up_event = trio.Event()
+        # Who gets what arrives (the router). It cannot be given here: the router is built
+        # on the store, so the store hands it over once it exists (``RedisStore.attach``);
+        # until then nobody is connected and nothing that arrives has anyone to reach.
         self.handler: BusHandler | None = None
         self.outbox: deque[Outgoing] = deque()
-        self.on_queued: Callable[[], None] = _nothing  # the writer's wake-up
-        self.history_mark: Callable[[], int] = _zero  # the writer's count of entries queued
+        self._on_queued = on_queued
+        self._history_mark = history_mark
         self.store_ok = False  # set by the store: publishing needs the store healthy too
         self.refused = 0  # publishes refused because the outbox was full
         self.received = 0
@@ -142,11 +137,10 @@ class RedisBus:
         self._confirmed: set[str] = set()
         self._pending: dict[str, int] = {}
         self._waiters: dict[str, trio.Event] = {}
-        # Thread hand-over: commands for the thread (deque ops are atomic) and a wake pipe.
-        self._commands: deque[tuple[str, str]] = deque()
-        self._wake_r = -1
-        self._wake_w = -1
         self._down_reason = ""
+        self._subscriber = Subscriber(
+            client, cluster=cluster, channels=self._snapshot, on_batch=self._dispatch, on_down=self._went_down
+        )
 
     # -- publishing (trio thread) ---------------------------------------------------------
 
@@ -192,9 +186,9 @@ class RedisBus:
             self.refused += 1
             self._give_up(item, sent=False)
             return False
-        item.after = self.history_mark()
+        item.after = self._history_mark()
         self.outbox.append(item)
-        self.on_queued()
+        self._on_queued()
         return True
 
     @property
@@ -332,7 +326,8 @@ class RedisBus:
         if channel in self._wanted:
             return
         self._wanted.add(channel)
-        self._command(_SUBSCRIBE, channel)
+        self._count_pending(channel)
+        self._subscriber.subscribe(channel)
 
     def unsubscribe_room(self, room: str) -> None:
         channel = room_channel(room)
@@ -340,7 +335,8 @@ class RedisBus:
             return
         self._wanted.discard(channel)
         self._confirmed.discard(channel)
-        self._command(_UNSUBSCRIBE, channel)
+        self._count_pending(channel)
+        self._subscriber.unsubscribe(channel)
         self.echoes.channel_dropped(channel)
 
     async def wait_up(self) -> None:
@@ -358,20 +354,11 @@ class RedisBus:
             await event.wait()
         return self.up and channel in self._confirmed
 
-    def _command(self, op: str, channel: str) -> None:
+    def _count_pending(self, channel: str) -> None:
         self._pending[channel] = self._pending.get(channel, 0) + 1
-        self._commands.append((op, channel))
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._wake_w >= 0:
-            # A full pipe means the thread will wake anyway.
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(self._wake_w, b"\0")
 
     def _snapshot(self) -> list[str]:
         """A (re)connection starts: everything wanted is subscribed afresh (trio thread)."""
-        self._commands.clear()
         self._confirmed.clear()
         channels = [self.own_channel, *sorted(self._wanted)]
         self._pending = dict.fromkeys(channels, 1)
@@ -412,7 +399,7 @@ class RedisBus:
         self._waiters.clear()
         self.echoes.connection_lost()
 
-    def _dispatch(self, batch: list[dict[str, Any]]) -> None:
+    def _dispatch(self, batch: list[Message]) -> None:
         """A batch from the thread (trio thread): confirmations and messages, in order."""
         items: list[tuple[str | None, bytes]] = []
         for message in batch:
@@ -440,148 +427,9 @@ class RedisBus:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the subscriber thread until cancelled. Reports started at once; ``up`` turns
-        true when the subscription is live. Cancellation wakes the thread, which exits."""
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        true when the subscription is live. Cancellation stops the thread; this returns once
+        it has."""
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._wake_on_cancel)
-                task_status.started()
-                await trio.to_thread.run_sync(self._thread_main, limiter=trio.CapacityLimiter(1))
+            await self._subscriber.run(task_status=task_status)
         finally:
             self.up = False
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self._wake_r = self._wake_w = -1
-
-    async def _wake_on_cancel(self) -> None:
-        try:
-            await trio.sleep_forever()
-        finally:
-            self._wake()
-
-    def _thread_main(self) -> None:
-        backoff = _BACKOFF_FIRST
-        while True:
-            trio.from_thread.check_cancelled()
-            subscription: _Subscription | None = None
-            try:
-                channels = trio.from_thread.run_sync(self._snapshot)
-                subscription = _Subscription(self._client.redis, cluster=self.cluster)
-                subscription.subscribe(channels)
-                backoff = _BACKOFF_FIRST
-                self._pump(subscription)
-            except (redis.RedisError, RedisClusterException, OSError) as exc:
-                trio.from_thread.run_sync(self._went_down, describe_error(exc))
-            except Exception as exc:
-                # The thread is an error boundary: anything else (redis-py finding its
-                # connection gone mid-read, a bug) costs a reconnection, never the server.
-                log.exception("event=bus_error action=reconnecting")
-                trio.from_thread.run_sync(self._went_down, describe_error(exc))
-            finally:
-                if subscription is not None:
-                    subscription.close()
-            self._sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, _BACKOFF_MAX)
-
-    def _pump(self, subscription: _Subscription) -> None:
-        commands = self._commands
-        while True:
-            trio.from_thread.check_cancelled()
-            while commands:
-                op, channel = commands.popleft()
-                if op == _SUBSCRIBE:
-                    subscription.subscribe([channel])
-                else:
-                    subscription.unsubscribe(channel)
-            batch = subscription.drain(_BATCH)
-            if batch:
-                trio.from_thread.run_sync(self._dispatch, batch)
-                continue
-            readable, _, _ = select.select([self._wake_r, *subscription.sockets()], [], [], _POLL_SECONDS)
-            if self._wake_r in readable:
-                self._drain_wake_pipe()
-
-    def _sleep(self, seconds: float) -> None:
-        """Back off, but wake for cancellation (the wake pipe)."""
-        deadline = time.monotonic() + seconds
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            readable, _, _ = select.select([self._wake_r], [], [], left)
-            if readable:
-                self._drain_wake_pipe()
-                trio.from_thread.check_cancelled()
-
-    def _drain_wake_pipe(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-
-def _nothing() -> None:
-    pass
-
-
-def _zero() -> int:
-    return 0
-
-
-class _Subscription:
-    """One PubSub (plain Redis) or ClusterPubSub (sharded channels), used by one thread."""
-
-    def __init__(self, client: Any, *, cluster: bool) -> None:
-        self._cluster = cluster
-        self._client = client
-        self._pubsub: Any = client.pubsub(ignore_subscribe_messages=False)
-
-    def subscribe(self, channels: list[str]) -> None:
-        if self._cluster:
-            for channel in channels:
-                self._pubsub.ssubscribe(channel)
-        else:
-            self._pubsub.subscribe(*channels)
-
-    def unsubscribe(self, channel: str) -> None:
-        if self._cluster:
-            self._pubsub.sunsubscribe(channel)
-        else:
-            self._pubsub.unsubscribe(channel)
-
-    def drain(self, limit: int) -> list[dict[str, Any]]:
-        """What can be read without blocking, up to ``limit`` messages."""
-        out: list[dict[str, Any]] = []
-        if not self._cluster:
-            while len(out) < limit:
-                message = self._pubsub.get_message(timeout=0)
-                if message is None:
-                    break
-                out.append(message)
-            return out
-        for name in list(self._pubsub.node_pubsub_mapping):
-            node = self._client.get_node(node_name=name)
-            while len(out) < limit:
-                message = self._pubsub.get_sharded_message(timeout=0, target_node=node)
-                if message is None:
-                    break
-                out.append(message)
-        return out
-
-    def sockets(self) -> list[Any]:
-        pubsubs = self._pubsub.node_pubsub_mapping.values() if self._cluster else [self._pubsub]
-        out = []
-        for pubsub in pubsubs:
-            connection = pubsub.connection
-            sock = None if connection is None else connection._sock  # redis-py keeps it private
-            if sock is None:
-                raise redis.ConnectionError("subscription connection closed")
-            out.append(sock)
-        return out
-
-    def close(self) -> None:
-        with contextlib.suppress(redis.RedisError, OSError):
-            self._pubsub.close()

@@ -141,6 +141,10 @@ class WriteBehind:
     def __len__(self) -> int:
         return len(self._queue) + len(self._inflight)
 
+    def mark(self) -> int:
+        """How many entries were ever added (a publish waits for those added before it)."""
+        return self.added
+
     @property
     def queued(self) -> int:
         """Entries waiting for a batch (not counting the one in flight)."""

@@ -32,7 +32,7 @@ def _memory_history(store: RedisStore) -> int:
     """Messages of ROOMS and PAIRS that the store holds in memory: in its mirror, and in its
     outage history (only while degraded)."""
     held = 0
-    for memory in (store._memory, store._outage):
+    for memory in (store._memory, store.keeper.outage):
         if memory is not None:
             held += sum(len(memory.recent_room_messages_now(room, 10_000)) for room in ROOMS)
             held += sum(len(memory.direct_messages_now(a, b, 10_000)) for a, b in PAIRS)
@@ -67,7 +67,7 @@ async def _rounds(store: RedisStore, acks: Acks, first: int, rounds: int) -> Non
         for a, b in PAIRS:
             store.record_direct_message(a, b, _message(n, created, toUser=b), created, acks)
         assert len(store._writer) <= BUFFER + len(ROOMS) + len(PAIRS)
-        assert None is store._outage
+        assert None is store.keeper.outage
         assert 0 == _memory_history(store)
         await acks.wait_for((n + 1) * len(PAIRS))
 
@@ -120,7 +120,7 @@ async def test_history_in_memory_only_while_degraded(redis_server: RedisServer) 
         assert store.gauges()["aleatoria_history_memory_bytes"][1] > 0
         await redis_server.restart()
         await wait_until(lambda: "ok" == store.health(), timeout=20)
-        assert None is store._outage
+        assert None is store.keeper.outage
         assert 0 == store.gauges()["aleatoria_history_memory_bytes"][1]
         with redis_server.client() as r:  # restarted empty: just what the outage took
             assert all(1 == r.zcard(f"room:messages:{room}") for room in ROOMS)

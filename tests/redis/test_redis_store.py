@@ -166,7 +166,7 @@ def test_a_retried_batch_never_duplicates_a_dm(redis_server: RedisServer) -> Non
     """A batch that failed after Redis ran it is written again as "suspect": room writes
     are idempotent, and DM entries already in the list are skipped, order kept."""
     from aleatoria.store.redis_client import RedisClient
-    from aleatoria.store.redis_writer import DM, ROOM, WriteBehind
+    from aleatoria.store.redis_writer import DM, ROOM, Entry, WriteBehind
 
     client = RedisClient(redis_server.url, connect_timeout=2, call_timeout=2)
     try:
@@ -175,10 +175,14 @@ def test_a_retried_batch_never_duplicates_a_dm(redis_server: RedisServer) -> Non
             capacity=100, batch=100, ttl_ns=3600 * 10**9, history_max=50, scripts=client.scripts
         )
         base = time.time_ns()
-        first = [(DM, "a:b", _message(n, base + n, toUser="b"), base + n) for n in range(3)]
-        first.append((ROOM, "Den", _message(9, base + 9, room="Den"), base + 9))
+        first: list[Entry] = [
+            (DM, "a:b", _message(n, base + n, toUser="b"), base + n, None) for n in range(3)
+        ]
+        first.append((ROOM, "Den", _message(9, base + 9, room="Den"), base + 9, None))
         writer._write(client.redis, batch=first, suspects=0)
-        later = [(DM, "a:b", _message(n, base + n, toUser="b"), base + n) for n in range(3, 5)]
+        later: list[Entry] = [
+            (DM, "a:b", _message(n, base + n, toUser="b"), base + n, None) for n in range(3, 5)
+        ]
         writer._write(client.redis, batch=first + later, suspects=len(first))
         with redis_server.client() as r:
             assert [str(n).encode() for n in range(5)] == [_content(m) for m in r.lrange("dm:a:b", 0, -1)]
