@@ -262,13 +262,6 @@ class Hub:
                 # Measured on 1 x 500 members: 7.7 -> 2.7-3.5 us of CPU per delivery at 1 ms.
                 linger = self._linger if len(batch) > 1 and not full else 0.0
 
-    def follow(self, channels: RoomChannels) -> None:
-        """Adapter for a hub opened without its room channels (``open_hub(linger)`` before
-        ``channels`` was passed there): take them now, before the first member joins."""
-        if self._channels is None:
-            assert not self.rooms, "a hub follows its room channels from its first room"
-            self._channels = channels
-
     # -- shutdown ----------------------------------------------------------------------------
 
     def close_all(self, code: int, reason: str) -> None:

@@ -69,10 +69,6 @@ class Router:
         self.bus = store.bus
         self.instance = store.instance
         self.dropped = 0  # frames from the bus for users no longer here
-        if self.bus is not None:
-            # Adapter: a hub opened without the bus (``open_hub(linger)``) takes it now; one
-            # opened with ``open_hub(linger, store.bus)`` has it already.
-            hub.follow(self.bus)
         # What the store and its bus hear is for the router; the store exists before the
         # router (which is built on it), so this is handed over here (``StoreEvents``).
         store.attach(self)

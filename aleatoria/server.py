@@ -410,7 +410,7 @@ async def serve(
     with listener:
         async with (
             open_store(config) as store,
-            open_hub(config.room_linger) as hub,
+            open_hub(config.room_linger, store.bus) as hub,
             open_flusher() as flusher,
         ):
             server = Server(config, store, hub, flusher)

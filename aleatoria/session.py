@@ -180,7 +180,7 @@ class Session:
         store, user = self._store, self.user
         match call:
             case core.Broadcast(room, data):
-                await self._router.broadcast(room, data)
+                await self._router.broadcast(room, data, user)
                 return None
             case core.RoomReady(room):
                 await self._router.room_ready(room)

@@ -149,7 +149,11 @@ class InMemoryServer:
 @asynccontextmanager
 async def inmemory_server(**overrides: Any) -> AsyncIterator[InMemoryServer]:
     config = make_config(**overrides)
-    async with open_store(config) as store, open_hub(config.room_linger) as hub, open_flusher() as flusher:
+    async with (
+        open_store(config) as store,
+        open_hub(config.room_linger, store.bus) as hub,
+        open_flusher() as flusher,
+    ):
         yield InMemoryServer(Server(config, store, hub, flusher))
 
 
