@@ -25,5 +25,11 @@ echo "== ruff"
 .venv/bin/ruff format --check aleatoria tests scripts
 echo "== mypy"
 .venv/bin/mypy aleatoria
+# The tests too, strict. One run per suite: each has its own conftest and support modules,
+# found on its own path (as pytest's rootdir conftests find them).
+MYPYPATH=tests .venv/bin/mypy --strict --explicit-package-bases tests/*.py tests/browser
+for suite in redis scaleout; do
+    MYPYPATH="tests:tests/$suite" .venv/bin/mypy --strict --explicit-package-bases "tests/$suite"
+done
 echo "== pytest"
 .venv/bin/pytest "$@"

@@ -50,7 +50,7 @@ async def _pool_online(store: RedisStore, r: redis.Redis, pool: list[str]) -> No
 
 def _request(r: redis.Redis, requester: str, current: str | None, rnd: float) -> tuple[str, str, str]:
     """The script, called as ``RedisStore.request_peer`` calls it: (outcome, peer, role)."""
-    args = [requester, current or "", repr(rnd), SMALL_POOL]
+    args: list[str | int] = [requester, current or "", repr(rnd), SMALL_POOL]
     kind, peer, role, _ended = (part.decode() for part in _REQUEST_PEER(PICK_KEYS, args, r))
     return kind, peer, role
 

@@ -61,6 +61,7 @@ class Chat:
 def _numbers(r: redis.Redis, room: str) -> set[int]:
     out = set()
     for member in r.zrange(f"room:messages:{room}", 0, -1):
+        assert isinstance(member, bytes)
         out.add(orjson.loads(orjson.loads(member)["payload"]["content"])["n"])
     return out
 

@@ -43,6 +43,7 @@ async def test_key_layout_matches_the_original(redis_server: RedisServer) -> Non
                 await wait_until(lambda: r.exists("room:messages:Den", "dm:alice:bob") == 2)
                 assert b"zset" == r.type("room:messages:Den")
                 [(member, score)] = r.zrange("room:messages:Den", 0, -1, withscores=True)
+                assert isinstance(raw, str)
                 assert raw.encode() == member  # the exact bytes delivered
                 created = created_ns_of(member)
                 assert created is not None

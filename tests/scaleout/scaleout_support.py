@@ -113,7 +113,7 @@ def redis_client(url: str) -> Iterator[Any]:
         yield cluster
     finally:
         cluster.close()
-        for node in cluster.get_nodes():
+        for node in cluster.get_nodes():  # type: ignore[no-untyped-call]
             if node.redis_connection is not None:
                 node.redis_connection.connection_pool.disconnect()
 

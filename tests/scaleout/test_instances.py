@@ -10,6 +10,7 @@ from typing import Any
 import trio
 from health import get_json
 from scaleout_support import instances, redis_client, wait_until
+from support import close_of
 from wsclient import Client, connect
 
 from aleatoria.store.redis_bus import room_channel
@@ -17,7 +18,7 @@ from aleatoria.store.redis_presence import PRESENCE_KEY
 
 
 async def _collect_chat(client: Client, count: int) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     while len(out) < count:
         out.append(await client.expect("chat_message"))
     return out
@@ -243,4 +244,4 @@ async def _closed(client: Client) -> tuple[int, str]:
         while True:
             await client.receive()
     except trio_websocket.ConnectionClosed as exc:
-        return exc.reason.code, exc.reason.reason or ""
+        return close_of(exc)

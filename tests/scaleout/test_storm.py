@@ -5,6 +5,7 @@ identically by both sides (roles complementary), on a single Redis and on a Redi
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 import trio
 from scaleout_support import instances, redis_client
@@ -42,7 +43,7 @@ class Storm:
                 self.seen[client.user].append((payload["role"], payload["peerId"]))
 
 
-async def _barrier(users: list[str], step: object) -> None:
+async def _barrier(users: list[str], step: Callable[[str], Awaitable[object]]) -> None:
     async with trio.open_nursery() as nursery:
         for user in users:
             nursery.start_soon(step, user)
