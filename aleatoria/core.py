@@ -72,17 +72,19 @@ class Rules:
     auth_secret: str | None = None
 
 
-@attrs.frozen
+@attrs.define
 class Facts:
-    """What the core needs to know besides the request. ``match_peer`` reads the store's
-    view of a user's live match (synchronous and cheap)."""
+    """What the core needs to know besides the request, read-only to it. The clocks and
+    ``new_id`` are called only by the rules that need them (most requests read no clock);
+    ``match_peer`` reads the store's view of a user's live match (synchronous and cheap).
+    The session keeps one per connection and refreshes ``dm_partners`` (not frozen: a
+    request must not pay for building it)."""
 
     user: str
     rooms: frozenset[str] | set[str]
     dm_partners: Mapping[str, float]  # partner -> when first written to, this hour
-    now_ns: int  # wall clock, for createTime and history
-    now_text: str  # the same moment, RFC 3339
-    monotonic: float  # for the per-hour windows
+    clock: Callable[[], tuple[int, str]]  # wall clock: (epoch ns, RFC 3339), for createTime
+    monotonic: Callable[[], float]  # for the per-hour windows
     new_id: Callable[[], str]  # a fresh messageId
     match_peer: Callable[[str], str | None]
     rules: Rules = Rules()
@@ -383,7 +385,8 @@ def _fragments(stored: list[bytes]) -> list[Any]:
 
 def _chat_message(
     facts: Facts, payload: Any, message_id: str | None, room: str | None, to: str | None
-) -> bytes:
+) -> tuple[bytes, int]:
+    created_ns, created = facts.clock()
     data = encode(
         Envelope(
             type=m.CHAT_MESSAGE,
@@ -392,31 +395,31 @@ def _chat_message(
             room=room,
             payload=payload,
             message_id=message_id or facts.new_id(),
-            create_time=facts.now_text,
+            create_time=created,
         )
     )
     # The whole message bounds its payload: encode the payload alone only when needed.
     limit = facts.rules.max_payload_bytes
     if len(data) > limit and len(dumps(payload)) > limit:
         raise ClientError(TOO_LARGE, f"payload is larger than {limit} bytes")
-    return data
+    return data, created_ns
 
 
 def _chat_to_room(request: ChatToRoom, facts: Facts) -> Step:
     if request.room not in facts.rooms:
         raise ClientError(NOT_IN_ROOM, NOT_IN_ROOM_TEXT)
-    data = _chat_message(facts, request.payload, request.message_id, request.room, None)
-    return _after(Broadcast(request.room, data), _nothing, RecordRoom(request.room, data, facts.now_ns))
+    data, created_ns = _chat_message(facts, request.payload, request.message_id, request.room, None)
+    return _after(Broadcast(request.room, data), _nothing, RecordRoom(request.room, data, created_ns))
 
 
 def _chat_to_user(request: ChatToUser, facts: Facts) -> Step:
     to = request.to_user
     remember = new_partner(to, facts)
-    data = _chat_message(facts, request.payload, request.message_id, None, to)
+    data, created_ns = _chat_message(facts, request.payload, request.message_id, None, to)
     # The stored form has no ``incoming``; each side's copy adds its own. orjson always ends
     # an object with "}", so the flag is spliced in rather than encoded twice more.
     effects: list[Effect] = [
-        RecordDirect(to, data, facts.now_ns, data[:-1] + b',"incoming":false}'),
+        RecordDirect(to, data, created_ns, data[:-1] + b',"incoming":false}'),
         Deliver(to, data[:-1] + b',"incoming":true}', m.CHAT_MESSAGE),
     ]
     if remember is not None:
@@ -428,16 +431,18 @@ def new_partner(to: str, facts: Facts) -> RememberPartner | None:
     """At most ``new_dm_per_hour`` new DM partners an hour (PROTOCOL.md section 16): the
     partner to remember, None if ``to`` is one of this hour's already. Raises ClientError."""
     partners = facts.dm_partners
+    moment = facts.monotonic()
     since = partners.get(to)
-    if since is not None and facts.monotonic - since < HOUR:
+    if since is not None and moment - since < HOUR:
         return None
     limit = facts.rules.new_dm_per_hour
-    current = sum(1 for first in partners.values() if facts.monotonic - first < HOUR)
-    if current >= limit:
+    # The session prunes partners older than an hour when it adds one, so the count of
+    # entries bounds this hour's: count exactly only when it could matter.
+    if len(partners) >= limit and sum(1 for first in partners.values() if moment - first < HOUR) >= limit:
         raise ClientError(
             LIMIT_REACHED, f"You can start at most {limit} new conversations an hour. Try again later."
         )
-    return RememberPartner(to, facts.monotonic)
+    return RememberPartner(to, moment)
 
 
 # signaling and matches
@@ -458,7 +463,7 @@ def _signal(request: Signal, facts: Facts) -> Step:
             to_user=to,
             payload=request.payload,
             message_id=request.message_id or facts.new_id(),
-            create_time=facts.now_text,
+            create_time=facts.clock()[1],
         )
     )
     # A hangup's header names the sender: the peer's instance ends the match it mirrors.

@@ -10,6 +10,7 @@ answered in one place, ``handle``; the connection stays open unless the error sa
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, assert_never
@@ -44,16 +45,16 @@ class Session:
         self._hub = router.hub
         self._store = store
         self._stats = router.hub.stats
-        self._limits = Limits(
-            max_id_chars=config.max_id_chars,
-            max_content_chars=config.max_content_chars,
-            max_message_id_chars=config.max_message_id_chars,
-        )
-        self._rules = Rules(
-            max_rooms_per_user=config.max_rooms_per_user,
-            new_dm_per_hour=config.new_dm_per_hour,
-            max_payload_bytes=config.max_payload_bytes,
-            auth_secret=config.auth_secret,
+        self._limits, rules = _limits_and_rules(config)
+        self._facts = Facts(
+            user=self.user,
+            rooms=client.rooms,
+            dm_partners=_NO_PARTNERS,
+            clock=now,
+            monotonic=trio.current_time,
+            new_id=new_message_id,
+            match_peer=store.match_peer,
+            rules=rules,
         )
 
     # -- entry point ---------------------------------------------------------------------
@@ -93,20 +94,12 @@ class Session:
             self._reply(m.ERROR, m.ErrorPayload(error=exc.text, code=exc.code))
 
     def facts(self) -> Facts:
-        """What the core needs to know about this user now."""
-        created_ns, created = now()
-        client = self.client
-        return Facts(
-            user=self.user,
-            rooms=client.rooms,
-            dm_partners=client.dm_partners or {},
-            now_ns=created_ns,
-            now_text=created,
-            monotonic=trio.current_time(),
-            new_id=new_message_id,
-            match_peer=self._store.match_peer,
-            rules=self._rules,
-        )
+        """What the core needs to know about this user now (one object per session: a
+        replaced connection's rooms move to this client, so they are read each time)."""
+        facts, client = self._facts, self.client
+        facts.rooms = client.rooms
+        facts.dm_partners = client.dm_partners or _NO_PARTNERS
+        return facts
 
     async def run(self, step: Step) -> None:
         """Carry out ``step`` and every step after it. Raises ClientError (the core's)."""
@@ -224,6 +217,26 @@ class Session:
     def _send(self, env: Envelope) -> None:
         self.client.ws.send(text_frame(encode(env)))
         self._stats.messages_out[env.type] += 1
+
+
+_NO_PARTNERS: dict[str, float] = {}
+
+
+@functools.cache
+def _limits_and_rules(config: Config) -> tuple[Limits, Rules]:
+    """The request limits and the core's rules, once per configuration (not per session)."""
+    limits = Limits(
+        max_id_chars=config.max_id_chars,
+        max_content_chars=config.max_content_chars,
+        max_message_id_chars=config.max_message_id_chars,
+    )
+    rules = Rules(
+        max_rooms_per_user=config.max_rooms_per_user,
+        new_dm_per_hour=config.new_dm_per_hour,
+        max_payload_bytes=config.max_payload_bytes,
+        auth_secret=config.auth_secret,
+    )
+    return limits, rules
 
 
 def expires_at(exp: int) -> float:
