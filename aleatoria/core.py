@@ -20,7 +20,7 @@ the session in one place.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, assert_never
+from typing import Any, NamedTuple, assert_never
 
 import attrs
 import orjson
@@ -84,7 +84,7 @@ class Facts:
     rooms: frozenset[str] | set[str]
     dm_partners: Mapping[str, float]  # partner -> when first written to, this hour
     clock: Callable[[], tuple[int, str]]  # wall clock: (epoch ns, RFC 3339), for createTime
-    monotonic: Callable[[], float]  # for the per-hour windows
+    monotonic: float  # trio's clock as the request arrived, for the per-hour windows
     new_id: Callable[[], str]  # a fresh messageId
     match_peer: Callable[[str], str | None]
     rules: Rules = Rules()
@@ -93,8 +93,7 @@ class Facts:
 # -- effects: what the session applies ---------------------------------------------------------
 
 
-@attrs.frozen
-class Reply:
+class Reply(NamedTuple):
     """A server message to the requester (``fromUser`` system)."""
 
     kind: str
@@ -102,8 +101,7 @@ class Reply:
     room: str | None = None
 
 
-@attrs.frozen
-class Deliver:
+class Deliver(NamedTuple):
     """A message (JSON) to ``user`` wherever it is connected; ``extra`` goes in the bus
     header (the peer's instance mirrors matches from it)."""
 
@@ -113,15 +111,13 @@ class Deliver:
     extra: tuple[str, ...] = ()
 
 
-@attrs.frozen
-class RecordRoom:
+class RecordRoom(NamedTuple):
     room: str
     data: bytes
     created_ns: int
 
 
-@attrs.frozen
-class RecordDirect:
+class RecordDirect(NamedTuple):
     """Store a DM, then (once durable) send the sender ``own`` (PROTOCOL.md section 16)."""
 
     to: str
@@ -130,38 +126,32 @@ class RecordDirect:
     own: bytes
 
 
-@attrs.frozen
-class PeerLeft:
+class PeerLeft(NamedTuple):
     """Tell ``peer`` this user left their match (``hangup {reason: peer_left}``)."""
 
     peer: str
 
 
-@attrs.frozen
-class RememberPartner:
+class RememberPartner(NamedTuple):
     partner: str
     since: float
 
 
-@attrs.frozen
-class JoinLocal:
+class JoinLocal(NamedTuple):
     room: str
 
 
-@attrs.frozen
-class LeaveLocal:
+class LeaveLocal(NamedTuple):
     room: str
 
 
-@attrs.frozen
-class SetExpiry:
+class SetExpiry(NamedTuple):
     """The connection's token now runs out at ``exp`` (unix seconds)."""
 
     exp: int
 
 
-@attrs.frozen
-class CountMatch:
+class CountMatch(NamedTuple):
     pass
 
 
@@ -182,77 +172,65 @@ Effect = (
 # -- calls: what the session awaits, and the outcome each gives -----------------------------------
 
 
-@attrs.frozen
-class Broadcast:
+class Broadcast(NamedTuple):
     """Deliver ``data`` to every member of ``room``, everywhere. Outcome: None."""
 
     room: str
     data: bytes
 
 
-@attrs.frozen
-class RoomReady:
+class RoomReady(NamedTuple):
     """Wait until this instance receives ``room``'s messages. Outcome: whether the room is
     still the user's here (False: the user moved to another instance meanwhile)."""
 
     room: str
 
 
-@attrs.frozen
-class StoreJoin:
+class StoreJoin(NamedTuple):
     room: str
 
 
-@attrs.frozen
-class StoreLeave:
+class StoreLeave(NamedTuple):
     room: str
 
 
-@attrs.frozen
-class RoomDirectory:
+class RoomDirectory(NamedTuple):
     """Outcome: (room, member count) pairs across instances, most members first."""
 
     limit: int
     prefix: str
 
 
-@attrs.frozen
-class RoomMembers:
+class RoomMembers(NamedTuple):
     """Outcome: (exact member count, up to ``limit`` members sorted)."""
 
     room: str
     limit: int
 
 
-@attrs.frozen
-class Counts:
+class Counts(NamedTuple):
     """Outcome: the ``get_stats`` figures across instances (a ``store.Counts``)."""
 
 
-@attrs.frozen
-class SetAvailable:
+class SetAvailable(NamedTuple):
     """Outcome: the peer whose match this ended, or None."""
 
 
-@attrs.frozen
-class SetUnavailable:
+class SetUnavailable(NamedTuple):
     pass
 
 
-@attrs.frozen
-class RequestPeer:
+class RequestPeer(NamedTuple):
     """Outcome: a ``RequestOutcome``."""
 
     current_peer: str | None
 
 
-@attrs.frozen
-class Hangup:
+class Hangup(NamedTuple):
     peer: str
 
 
-@attrs.frozen
-class Relay:
+class Relay(NamedTuple):
     """Deliver to ``to`` if online (not to a user in someone else's call, on another
     instance). Outcome: whether it was delivered."""
 
@@ -262,8 +240,7 @@ class Relay:
     extra: tuple[str, ...] = ()
 
 
-@attrs.frozen
-class RecentHistory:
+class RecentHistory(NamedTuple):
     """Outcome: stored messages (JSON bytes), newest first."""
 
     room: str
@@ -271,8 +248,7 @@ class RecentHistory:
     before_ns: int | None
 
 
-@attrs.frozen
-class DirectHistory:
+class DirectHistory(NamedTuple):
     """Outcome: stored messages (JSON bytes), oldest first."""
 
     other: str
@@ -297,8 +273,7 @@ Call = (
 )
 
 
-@attrs.frozen
-class Step:
+class Step(NamedTuple):
     """Apply ``effects``; then, if there is a ``call``, await it and continue with
     ``then(outcome)``."""
 
@@ -431,7 +406,7 @@ def new_partner(to: str, facts: Facts) -> RememberPartner | None:
     """At most ``new_dm_per_hour`` new DM partners an hour (PROTOCOL.md section 16): the
     partner to remember, None if ``to`` is one of this hour's already. Raises ClientError."""
     partners = facts.dm_partners
-    moment = facts.monotonic()
+    moment = facts.monotonic
     since = partners.get(to)
     if since is not None and moment - since < HOUR:
         return None

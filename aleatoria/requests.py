@@ -10,7 +10,7 @@ message (membership, matches, limits per user) are the core's (``aleatoria.core`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -30,22 +30,19 @@ class Limits:
     max_message_id_chars: int = 128
 
 
-@attrs.frozen
-class ChatToRoom:
+class ChatToRoom(NamedTuple):
     room: str
     payload: Any  # relayed and stored as the client sent it
     message_id: str | None = None
 
 
-@attrs.frozen
-class ChatToUser:
+class ChatToUser(NamedTuple):
     to_user: str
     payload: Any
     message_id: str | None = None
 
 
-@attrs.frozen
-class Signal:
+class Signal(NamedTuple):
     """``webrtc_offer``, ``webrtc_answer``, ``webrtc_candidate`` or ``hangup``."""
 
     kind: str
@@ -54,74 +51,61 @@ class Signal:
     message_id: str | None = None
 
 
-@attrs.frozen
-class JoinRoom:
+class JoinRoom(NamedTuple):
     room: str
 
 
-@attrs.frozen
-class LeaveRoom:
+class LeaveRoom(NamedTuple):
     room: str
 
 
-@attrs.frozen
-class GetRooms:
+class GetRooms(NamedTuple):
     pass
 
 
-@attrs.frozen
-class UserAvailable:
+class UserAvailable(NamedTuple):
     pass
 
 
-@attrs.frozen
-class UserUnavailable:
+class UserUnavailable(NamedTuple):
     pass
 
 
-@attrs.frozen
-class RequestRandomPeer:
+class RequestRandomPeer(NamedTuple):
     current_peer_id: str | None = None
 
 
-@attrs.frozen
-class GetRecentMessages:
+class GetRecentMessages(NamedTuple):
     room: str
     limit: int
     before_ns: int | None = None
 
 
-@attrs.frozen
-class GetDirectMessages:
+class GetDirectMessages(NamedTuple):
     with_user: str
     limit: int
 
 
-@attrs.frozen
-class ListRooms:
+class ListRooms(NamedTuple):
     """The rooms directory (PROTOCOL.md section 11)."""
 
     limit: int
     prefix: str = ""
 
 
-@attrs.frozen
-class GetRoomMembers:
+class GetRoomMembers(NamedTuple):
     room: str
 
 
-@attrs.frozen
-class GetStats:
+class GetStats(NamedTuple):
     pass
 
 
-@attrs.frozen
-class Ping:
+class Ping(NamedTuple):
     pass
 
 
-@attrs.frozen
-class RefreshToken:
+class RefreshToken(NamedTuple):
     token: str
 
 

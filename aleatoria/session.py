@@ -51,7 +51,7 @@ class Session:
             rooms=client.rooms,
             dm_partners=_NO_PARTNERS,
             clock=now,
-            monotonic=trio.current_time,
+            monotonic=0.0,
             new_id=new_message_id,
             match_peer=store.match_peer,
             rules=rules,
@@ -65,11 +65,18 @@ class Session:
         if self.client.replaced:
             return  # a successor owns the user's state now: this socket is closing (4001)
         try:
-            self.client.limiter.check(trio.current_time())
+            moment = trio.current_time()
+            self.client.limiter.check(moment)
             envelope = decode(frame)
             # Hostile clients choose ``type``: unknown ones share one label.
             stats.messages_in[envelope.type if envelope.type in m.CLIENT_TYPES else "unknown"] += 1
-            await self.run(core.handle(parse(envelope, self._limits), self.facts()))
+            step = core.handle(parse(envelope, self._limits), self.facts(moment))
+            while True:  # ``run``, inline: this is every message's path
+                for effect in step.effects:
+                    self._apply(effect)
+                if step.call is None or step.then is None:
+                    break
+                step = step.then(await self._perform(step.call))
         except ClientError as exc:
             self._refused(exc)
 
@@ -93,10 +100,12 @@ class Session:
         else:
             self._reply(m.ERROR, m.ErrorPayload(error=exc.text, code=exc.code))
 
-    def facts(self) -> Facts:
-        """What the core needs to know about this user now (one object per session: a
-        replaced connection's rooms move to this client, so they are read each time)."""
+    def facts(self, moment: float) -> Facts:
+        """What the core needs to know about this user at ``moment`` (trio's clock). One
+        object per session: a replaced connection's rooms move to this client, so they are
+        read each time."""
         facts, client = self._facts, self.client
+        facts.monotonic = moment
         facts.rooms = client.rooms
         facts.dm_partners = client.dm_partners or _NO_PARTNERS
         return facts

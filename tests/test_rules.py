@@ -92,7 +92,7 @@ def facts(
         rooms=rooms if rooms is not None else {"Lobby"},
         dm_partners=partners or {},
         clock=lambda: (1_764_000_000_000_000_000, "2025-11-24T16:00:00.000000Z"),
-        monotonic=lambda: monotonic,
+        monotonic=monotonic,
         new_id=lambda: f"id-{next(ids)}",
         match_peer=known.get,
         rules=rules or Rules(),

@@ -183,13 +183,13 @@ class MemoryStore:
         else:
             self._order.move_to_end(order_key)
         if len(history) == self._history_max:
-            self.history_bytes -= _cost(history[0][1])  # the deque drops it
+            self.history_bytes -= len(history[0][1]) + ENTRY_OVERHEAD  # the deque drops it
         history.append((created_ns, message))
-        self.history_bytes += _cost(message)
+        self.history_bytes += len(message) + ENTRY_OVERHEAD
         # Trim on write, so a busy room never keeps expired messages (PROTOCOL.md s6).
         cutoff = created_ns - self._ttl_ns
         while history[0][0] <= cutoff:
-            self.history_bytes -= _cost(history.popleft()[1])
+            self.history_bytes -= len(history.popleft()[1]) + ENTRY_OVERHEAD
         if self.budget_bytes is not None and self.history_bytes > self.budget_bytes:
             self._evict(self.budget_bytes)
 
