@@ -26,7 +26,6 @@ import logging
 import os
 from functools import partial
 
-import orjson
 import trio
 
 from aleatoria import messages as m
@@ -52,12 +51,6 @@ def user_envelope(user: str, kind: str, payload: bytes, *extra: str) -> bytes:
     """The bus form of a frame for one user: a header line, then the JSON."""
     head = " ".join((user, kind, *extra))
     return b"U" + head.encode() + b"\n" + payload
-
-
-def _sender_of(data: bytes) -> str:
-    """The ``fromUser`` of a message JSON (off the hot path: only when the bus fell back)."""
-    sender = orjson.loads(data).get("fromUser")
-    return sender if isinstance(sender, str) else ""
 
 
 class Router:
@@ -88,12 +81,11 @@ class Router:
             with trio.move_on_after(_SUBSCRIBE_TIMEOUT):
                 await self.bus.room_ready(room)
 
-    async def broadcast(self, room: str, data: bytes, sender: str | None = None) -> None:
+    async def broadcast(self, room: str, data: bytes, sender: str) -> None:
         """Deliver ``data`` (a message JSON, already recorded in the store) to every member
-        of ``room``, everywhere. ``sender``: the local user who sent it (found in ``data``
-        when not given, only if needed). Its own copy is its acknowledgement: in Redis mode
-        it leaves only once Redis has the message (PROTOCOL.md section 16), see
-        ``_deliver_here``."""
+        of ``room``, everywhere. ``sender``: the local user who sent it. Its own copy is its
+        acknowledgement: in Redis mode it leaves only once Redis has the message
+        (PROTOCOL.md section 16), see ``_deliver_here``."""
         bus = self.bus
         if bus is None:
             await self.hub.broadcast(room, text_frame(data))
@@ -110,17 +102,15 @@ class Router:
         else:
             await self.hub.broadcast(room, text_frame(data))  # degraded: memory is the truth
 
-    def _deliver_here(self, room: str, data: bytes, sender: str | None) -> None:
+    def _deliver_here(self, room: str, data: bytes, sender: str) -> None:
         """A room message the bus cannot carry now (stalled, subscription down) while Redis
         still answers: the local members get it at once, but its sender's copy waits until
         the store has it (a ``kill -9`` must not lose a message its sender saw). The sender
         therefore sees its own message after messages others sent later; everyone else
         sees one order."""
         frame = text_frame(data)
-        user = sender if sender is not None else _sender_of(data)
-        self.hub.broadcast_now(room, [frame], exclude=user)
-        if user:
-            self.store.after_stored(partial(self._own_copy, user, frame))
+        self.hub.broadcast_now(room, [frame], exclude=sender)
+        self.store.after_stored(partial(self._own_copy, sender, frame))
 
     def _own_copy(self, user: str, frame: bytes) -> None:
         self.hub.deliver(user, frame, m.CHAT_MESSAGE)  # gone meanwhile: nobody to tell
