@@ -120,11 +120,19 @@ async def test_empty_continuation_frames_are_not_stored() -> None:
         await ws.expect("pong")
 
 
-async def test_ping_flood_without_reading_is_a_slow_consumer() -> None:
-    """A client flooding pings without reading the pongs gets close 1013, not an unbounded pong queue."""
+@pytest.mark.parametrize(
+    "bound",
+    [
+        {"outbox_frames": 16},  # the bound in frames
+        {"outbox_frames": 1_000_000, "outbox_bytes": 64 * 1024},  # the bound in bytes
+    ],
+)
+async def test_ping_flood_without_reading_is_a_slow_consumer(bound: dict[str, int]) -> None:
+    """A client flooding pings (frame budget off) without reading the pongs meets the outbox
+    bound, in frames or in bytes: close 1013, not an unbounded pong queue."""
     flood = 60_000  # ~3x what the kernel buffers hold at rcvbuf=4096 (about 22,000 pongs)
     async with (
-        running_server(outbox_frames=16, close_timeout=5.0, frame_rate=0.0) as server,
+        running_server(close_timeout=5.0, frame_rate=0.0, **bound) as server,
         open_raw_ws(server.port, "pingflood", rcvbuf=4096) as ws,
     ):
         with trio.fail_after(10):
