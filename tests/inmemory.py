@@ -18,7 +18,7 @@ from typing import Any
 
 import attrs
 import trio
-from support import TIMEOUT, make_config
+from support import TIMEOUT, Exchanges, make_config
 
 from aleatoria.flusher import open_flusher
 from aleatoria.hub import open_hub
@@ -106,7 +106,7 @@ def _frames(data: bytes) -> list[bytes]:
 
 
 @attrs.define
-class FakePeer:
+class FakePeer(Exchanges):
     """A connected user of the in-memory tier; the API of ``support.Peer``."""
 
     user: str
@@ -130,15 +130,6 @@ class FakePeer:
 
     async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         return await self.socket.next(timeout)
-
-    async def expect(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
-        message = await self.recv(timeout)
-        assert kind == message["type"], message
-        return message
-
-    async def request(self, message: dict[str, Any], reply: str) -> dict[str, Any]:
-        await self.send(message)
-        return await self.expect(reply)
 
 
 @attrs.define

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -55,7 +56,28 @@ def close_of(exc: ConnectionClosed) -> tuple[int, str]:
     return (1006, "") if reason is None else (reason.code, reason.reason or "")
 
 
-class Peer:
+class Exchanges(abc.ABC):
+    """``expect`` and ``request`` over a client's ``send`` and ``recv``: one protocol-level
+    API for the socket tier (``Peer``) and the in-memory tier (``inmemory.FakePeer``)."""
+
+    @abc.abstractmethod
+    async def send(self, message: dict[str, Any] | str) -> None: ...
+
+    @abc.abstractmethod
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]: ...
+
+    async def expect(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next message, which must be of type ``kind``."""
+        message = await self.recv(timeout)
+        assert kind == message["type"], message
+        return message
+
+    async def request(self, message: dict[str, Any], reply: str) -> dict[str, Any]:
+        await self.send(message)
+        return await self.expect(reply)
+
+
+class Peer(Exchanges):
     """A test client: a trio-websocket connection plus JSON helpers."""
 
     def __init__(self, ws: WebSocketConnection, user: str) -> None:
@@ -70,16 +92,6 @@ class Peer:
             data = await self.ws.get_message()
         parsed: dict[str, Any] = json.loads(data)
         return parsed
-
-    async def expect(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
-        """The next message, which must be of type ``kind``."""
-        message = await self.recv(timeout)
-        assert kind == message["type"], message
-        return message
-
-    async def request(self, message: dict[str, Any], reply: str) -> dict[str, Any]:
-        await self.send(message)
-        return await self.expect(reply)
 
 
 @asynccontextmanager
