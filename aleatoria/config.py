@@ -188,6 +188,39 @@ SETTINGS: tuple[Setting, ...] = (
         float,
         "seconds between an instance's heartbeats and its checks for dead instances",
     ),
+    # Safety (PROTOCOL.md section 13).
+    Setting(
+        "match_rate",
+        "ALEATORIA_MATCH_RATE",
+        float,
+        "request_random_peer per second per user (over it: rate_limited; 0 = no limit)",
+    ),
+    Setting("match_burst", "ALEATORIA_MATCH_BURST", int, "burst allowance of the peer-request limit"),
+    Setting(
+        "admin_token",
+        "ALEATORIA_ADMIN_TOKEN",
+        str,
+        "Bearer token of the operator API under /admin (unset: /admin is 404); also signs webhooks",
+    ),
+    Setting(
+        "report_webhook",
+        "ALEATORIA_REPORT_WEBHOOK",
+        str,
+        "http(s) URL each report is POSTed to as JSON, signed with HMAC-SHA256 (X-Aleatoria-Signature)",
+    ),
+    Setting(
+        "auto_shadow_reports",
+        "ALEATORIA_AUTO_SHADOW_REPORTS",
+        int,
+        "shadow-ban for a day a user reported by this many distinct users within an hour (0 = off)",
+    ),
+    Setting("report_cap", "ALEATORIA_REPORT_CAP", int, "reports kept (the oldest are dropped)"),
+    Setting(
+        "webhook_queue",
+        "ALEATORIA_WEBHOOK_QUEUE",
+        int,
+        "reports waiting for the webhook (beyond it the oldest waiting is dropped and counted)",
+    ),
 )
 
 
@@ -259,6 +292,15 @@ class Config:
     presence_ttl: float = 10.0
     heartbeat_interval: float = 3.0
 
+    # Safety (PROTOCOL.md section 13).
+    match_rate: float = 2.0
+    match_burst: int = 30
+    admin_token: str | None = None
+    report_webhook: str | None = None
+    auto_shadow_reports: int = 0
+    report_cap: int = 10_000
+    webhook_queue: int = 1000
+
     @property
     def message_ttl_seconds(self) -> float:
         return self.message_ttl_hours * 3600.0
@@ -328,6 +370,16 @@ class Config:
             raise ConfigError("ALEATORIA_OUTBOX_BYTES must be at least 65536 (one largest frame)")
         if self.history_memory_mb <= 0:
             raise ConfigError("ALEATORIA_HISTORY_MEMORY_MB must be positive")
+        if self.match_rate < 0 or self.match_burst < 1:
+            raise ConfigError("ALEATORIA_MATCH_RATE must be >= 0 and ALEATORIA_MATCH_BURST >= 1")
+        if self.auto_shadow_reports < 0:
+            raise ConfigError("ALEATORIA_AUTO_SHADOW_REPORTS must be >= 0")
+        if self.report_cap < 1 or self.webhook_queue < 1:
+            raise ConfigError("ALEATORIA_REPORT_CAP and ALEATORIA_WEBHOOK_QUEUE must be at least 1")
+        if self.report_webhook and not self.report_webhook.startswith(("http://", "https://")):
+            raise ConfigError("ALEATORIA_REPORT_WEBHOOK must be an http:// or https:// URL")
+        if self.report_webhook and not self.admin_token:
+            raise ConfigError("ALEATORIA_REPORT_WEBHOOK needs ALEATORIA_ADMIN_TOKEN (it signs the reports)")
         if self.max_rooms_per_user < 1 or self.new_dm_per_hour < 1:
             raise ConfigError("ALEATORIA_MAX_ROOMS_PER_USER and ALEATORIA_NEW_DM_PER_HOUR must be at least 1")
         if self.max_payload_bytes < 1024:

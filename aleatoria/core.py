@@ -29,20 +29,25 @@ from aleatoria import messages as m
 from aleatoria.auth import TokenRefused, token_expiry
 from aleatoria.codec import dumps, encode
 from aleatoria.errors import (
+    INVALID_PAYLOAD,
     INVALID_TOKEN,
     LIMIT_REACHED,
     NOT_IN_ROOM,
     NOT_IN_ROOM_TEXT,
     PEER_UNAVAILABLE,
+    RATE_LIMITED,
     TOO_LARGE,
     ClientError,
 )
+from aleatoria.limits import TokenBucket
 from aleatoria.matchmaking import IMPOLITE, POLITE, RequestOutcome
 from aleatoria.messages import Envelope
 from aleatoria.requests import (
+    BlockUser,
     ChatToRoom,
     ChatToUser,
     ClientMessage,
+    GetBlocked,
     GetDirectMessages,
     GetRecentMessages,
     GetRoomMembers,
@@ -53,11 +58,14 @@ from aleatoria.requests import (
     ListRooms,
     Ping,
     RefreshToken,
+    ReportUser,
     RequestRandomPeer,
     Signal,
+    UnblockUser,
     UserAvailable,
     UserUnavailable,
 )
+from aleatoria.safety import AUTO_SHADOW_SECONDS, EVIDENCE_MESSAGES, EVIDENCE_ROOMS
 
 HOUR = 3600.0
 
@@ -70,6 +78,9 @@ class Rules:
     new_dm_per_hour: int = 200
     max_payload_bytes: int = 32_768
     auth_secret: str | None = None
+    # A user reported by this many distinct users within an hour is shadow-banned for a day
+    # (0: never).
+    auto_shadow_reports: int = 0
 
 
 @attrs.define
@@ -88,6 +99,11 @@ class Facts:
     new_id: Callable[[], str]  # a fresh messageId
     match_peer: Callable[[str], str | None]
     rules: Rules = Rules()
+    # Safety (PROTOCOL.md section 13): the users who blocked this one (it may not write to
+    # them), whether it is shadow-banned, and its budget of peer requests (None: no limit).
+    blocked_by: frozenset[str] | set[str] = frozenset()
+    shadow: bool = False
+    match_budget: TokenBucket | None = None
 
 
 # -- effects: what the session applies ---------------------------------------------------------
@@ -155,6 +171,21 @@ class CountMatch(NamedTuple):
     pass
 
 
+class NotifyBlock(NamedTuple):
+    """Tell ``user``'s connection (wherever it is) that this user blocks it now, or no
+    longer (``on``): it may not write to this user while blocked."""
+
+    user: str
+    on: bool
+
+
+class ReportFiled(NamedTuple):
+    """A report was stored as ``report_id``: count it, hand it to the webhook."""
+
+    report_id: str
+    report: dict[str, Any]
+
+
 Effect = (
     Reply
     | Deliver
@@ -166,6 +197,8 @@ Effect = (
     | LeaveLocal
     | SetExpiry
     | CountMatch
+    | NotifyBlock
+    | ReportFiled
 )
 
 
@@ -255,6 +288,42 @@ class DirectHistory(NamedTuple):
     limit: int
 
 
+class StoreBlock(NamedTuple):
+    """Outcome: False when the requester has blocked the most users it may already."""
+
+    user: str
+
+
+class StoreUnblock(NamedTuple):
+    user: str
+
+
+class BlockedList(NamedTuple):
+    """Outcome: the users the requester blocked, sorted."""
+
+
+class RoomHistories(NamedTuple):
+    """Outcome: the last ``limit`` messages (JSON bytes) of each of ``rooms``, together."""
+
+    rooms: tuple[str, ...]
+    limit: int
+
+
+class StoreReport(NamedTuple):
+    """Outcome: (report id, distinct users who reported ``report['reported']`` within the
+    hour). The session adds the instance."""
+
+    report: dict[str, Any]
+
+
+class ShadowBan(NamedTuple):
+    """Shadow-ban ``user`` for ``seconds`` (automatic, after reports). Outcome: None."""
+
+    user: str
+    seconds: float
+    reason: str
+
+
 Call = (
     Broadcast
     | RoomReady
@@ -270,6 +339,12 @@ Call = (
     | Relay
     | RecentHistory
     | DirectHistory
+    | StoreBlock
+    | StoreUnblock
+    | BlockedList
+    | RoomHistories
+    | StoreReport
+    | ShadowBan
 )
 
 
@@ -322,6 +397,9 @@ def handle(request: ClientMessage, facts: Facts) -> Step:
         case UserUnavailable():
             return _after(SetUnavailable(), _nothing)
         case RequestRandomPeer():
+            budget = facts.match_budget
+            if budget is not None and not budget.take(facts.monotonic):
+                raise ClientError(RATE_LIMITED, "Too many peer requests: slow down.")
             return _after(RequestPeer(request.current_peer_id), lambda outcome: _matched(outcome, facts))
         case GetRecentMessages():
             return _recent(request, facts)
@@ -339,6 +417,18 @@ def handle(request: ClientMessage, facts: Facts) -> Step:
             return _done(Reply(m.PONG, None))
         case RefreshToken():
             return _refresh(request, facts)
+        case BlockUser():
+            return _block(request.user, facts, _done(_blocked_reply(request.user)))
+        case UnblockUser():
+            other = request.user
+            reply = _done(NotifyBlock(other, False), Reply(m.USER_UNBLOCKED, m.UserTarget(user=other)))
+            return _after(StoreUnblock(other), lambda _: reply)
+        case GetBlocked():
+            return _after(
+                BlockedList(), lambda users: _done(Reply(m.BLOCKED_USERS, m.BlockedUsers(users=users)))
+            )
+        case ReportUser():
+            return _report(request, facts)
         case _:
             assert_never(request)
 
@@ -384,13 +474,20 @@ def _chat_to_room(request: ChatToRoom, facts: Facts) -> Step:
     if request.room not in facts.rooms:
         raise ClientError(NOT_IN_ROOM, NOT_IN_ROOM_TEXT)
     data, created_ns = _chat_message(facts, request.payload, request.message_id, request.room, None)
+    if facts.shadow:  # a shadow-banned user's room messages reach only itself, unstored
+        return _done(Deliver(facts.user, data, m.CHAT_MESSAGE))
     return _after(Broadcast(request.room, data), _nothing, RecordRoom(request.room, data, created_ns))
 
 
 def _chat_to_user(request: ChatToUser, facts: Facts) -> Step:
     to = request.to_user
+    if to in facts.blocked_by:
+        raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
     remember = new_partner(to, facts)
     data, created_ns = _chat_message(facts, request.payload, request.message_id, None, to)
+    if facts.shadow:  # its own copy alone, as if delivered; nothing stored
+        own = Deliver(facts.user, data[:-1] + b',"incoming":false}', m.CHAT_MESSAGE)
+        return _done(own) if remember is None else _done(remember, own)
     # The stored form has no ``incoming``; each side's copy adds its own. orjson always ends
     # an object with "}", so the flag is spliced in rather than encoded twice more.
     effects: list[Effect] = [
@@ -429,8 +526,10 @@ def _signal(request: Signal, facts: Facts) -> Step:
     # PROTOCOL.md section 16). The store knows the matches of this instance's users; the
     # route to another instance checks in Redis.
     peer = facts.match_peer(to)
-    if peer is not None and peer != facts.user:
+    if (peer is not None and peer != facts.user) or to in facts.blocked_by:
         raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
+    if facts.shadow and peer != facts.user:
+        return DONE  # a shadow-banned user reaches its match peer alone; the rest is dropped
     data = encode(
         Envelope(
             type=request.kind,
@@ -564,3 +663,89 @@ def _refresh(request: RefreshToken, facts: Facts) -> Step:
     except TokenRefused as exc:
         raise ClientError(INVALID_TOKEN, f"Token refused: {exc}.") from None
     return _done(SetExpiry(exp), Reply(m.TOKEN_REFRESHED, m.TokenRefreshed(exp=exp)))
+
+
+# safety (PROTOCOL.md section 13)
+
+
+def _blocked_reply(other: str) -> Reply:
+    return Reply(m.USER_BLOCKED, m.UserTarget(user=other))
+
+
+def _block(other: str, facts: Facts, after: Step, *, required: bool = True) -> Step:
+    """Block ``other``, end a live match between the two (``other`` hears ``peer_left``),
+    then ``after``. ``required``: a full block list is an error (else the block is skipped:
+    a report stands without it)."""
+    if other == facts.user:
+        raise ClientError(INVALID_PAYLOAD, "You cannot block yourself.")
+
+    def stored(ok: bool) -> Step:
+        if not ok:
+            if required:
+                raise ClientError(
+                    LIMIT_REACHED, "You have blocked the most users you can. Unblock one first."
+                )
+            return after
+        notify = NotifyBlock(other, True)
+        if facts.match_peer(facts.user) == other:
+            return _after(
+                Hangup(other),
+                lambda _: Step((notify, PeerLeft(other), *after.effects), after.call, after.then),
+            )
+        return Step((notify, *after.effects), after.call, after.then)
+
+    return _after(StoreBlock(other), stored)
+
+
+def _report(request: ReportUser, facts: Facts) -> Step:
+    other = request.user
+    if other == facts.user:
+        raise ClientError(INVALID_PAYLOAD, "You cannot report yourself.")
+    created = facts.clock()[1]
+    current = facts.match_peer(facts.user) == other
+    rooms = tuple(sorted(facts.rooms))[:EVIDENCE_ROOMS]
+
+    def with_dms(dms: list[bytes]) -> Step:
+        return _after(RoomHistories(rooms, 100), lambda stored: with_rooms(dms, stored))
+
+    def with_rooms(dms: list[bytes], stored: list[bytes]) -> Step:
+        report: dict[str, Any] = {
+            "reporter": facts.user,
+            "reported": other,
+            "reason": request.reason,
+            "details": request.details or "",
+            "time": created,
+            "match": {"matchId": request.match_id, "peer": other, "current": current},
+            "evidence": {
+                "directMessages": _fragments(dms[-EVIDENCE_MESSAGES:]),
+                "roomMessages": _fragments(messages_by(other, stored, EVIDENCE_MESSAGES)),
+            },
+        }
+        return _after(StoreReport(report), lambda outcome: filed(report, *outcome))
+
+    def filed(report: dict[str, Any], report_id: str, reporters: int) -> Step:
+        received = _done(
+            ReportFiled(report_id, report), Reply(m.REPORT_RECEIVED, m.ReportReceived(report_id=report_id))
+        )
+        blocked = _block(other, facts, received, required=False)
+        threshold = facts.rules.auto_shadow_reports
+        if threshold and reporters >= threshold:
+            reason = f"auto: reported by {reporters} users within an hour"
+            return _after(ShadowBan(other, AUTO_SHADOW_SECONDS, reason), lambda _: blocked)
+        return blocked
+
+    return _after(DirectHistory(other, EVIDENCE_MESSAGES), with_dms)
+
+
+def messages_by(user: str, stored: list[bytes], limit: int) -> list[bytes]:
+    """The newest ``limit`` of ``stored`` (message JSON) sent by ``user``, oldest first."""
+    found: list[tuple[str, bytes]] = []
+    for data in stored:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(message, dict) and message.get("fromUser") == user:
+            found.append((str(message.get("createTime") or ""), data))
+    found.sort(key=lambda pair: pair[0])
+    return [data for _, data in found[-limit:]]

@@ -55,6 +55,7 @@ MESSAGE_TOO_BIG = 1009
 TRY_AGAIN_LATER = 1013
 REPLACED = 4001
 TOKEN_EXPIRED = 4002
+BANNED = 4003  # banned or kicked by an operator (PROTOCOL.md section 13)
 ABNORMAL = 1006  # never sent: the code a connection ends with when TCP broke
 
 TOO_MANY_FRAMES = "too many frames"  # the close reason with POLICY_VIOLATION for the budget

@@ -29,10 +29,12 @@ from aleatoria.flusher import Flusher
 
 __all__ = [
     "MAX_HEAD_BYTES",
+    "BodyTooLarge",
     "Request",
     "accept_websocket",
     "answer_http",
     "handshake_problem",
+    "read_body",
     "read_request",
     "send_all",
     "send_http",
@@ -233,6 +235,39 @@ def accept_websocket(
         frame_rate=frame_rate,
         frame_burst=frame_burst,
     )
+
+
+class BodyTooLarge(Exception):
+    """A request body over the limit ``read_body`` was given."""
+
+
+async def read_body(sock: socket.socket, request: Request, limit: int) -> bytes | None:
+    """The body of ``request`` (after its head), at most ``limit`` bytes. Raises
+    BodyTooLarge past the limit (a declared content-length too); None if the peer went away
+    or sent a broken body. The caller bounds the wait with a timeout."""
+    length = request.header(b"content-length")
+    if length is not None and length.strip().isdigit() and int(length) > limit:
+        raise BodyTooLarge()
+    conn = request.h11_connection
+    body = bytearray()
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError:
+            return None
+        if isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > limit:
+                raise BodyTooLarge()
+        elif isinstance(event, h11.EndOfMessage):
+            return bytes(body)
+        elif event is h11.NEED_DATA:
+            data = await _recv_some(sock, 65536)
+            if not data:
+                return None
+            conn.receive_data(data)
+        else:
+            return None
 
 
 async def send_all(sock: socket.socket, data: bytes) -> None:

@@ -69,6 +69,10 @@ class Client:
     expires_at: float | None = None
     # DM partners this user wrote to within the hour -> when first (new_dm_per_hour).
     dm_partners: dict[str, float] | None = None  # made on the first DM
+    # Safety (PROTOCOL.md section 13): who blocked this user (loaded at the handshake, kept
+    # current by the router's notices) and whether it is shadow-banned.
+    blocked_by: set[str] = attrs.Factory(set)
+    shadow: bool = False
 
 
 class Room:

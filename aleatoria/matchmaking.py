@@ -8,8 +8,10 @@ the same rules as one Lua script):
 1. the requester is in a match with P: if ``current_peer == P`` ("next") the match ends and P
    is told (``ended_peer``); otherwise nothing new happens and the requester's own
    ``assign_role`` is sent again (``resend``);
-2. one pooled user who is not the requester, not ``current_peer`` and not in a match is picked
-   uniformly at random; both leave the pool and the match starts (requester impolite);
+2. one pooled user who is not the requester, not ``current_peer``, not in a match, not blocked
+   by or blocking the requester, and shadow-banned exactly when the requester is (PROTOCOL.md
+   section 13; the ``MatchFilter``) is picked uniformly at random; both leave the pool and the
+   match starts (requester impolite);
 3. nobody suitable: ``no_peer``.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from typing import Protocol
 
 import attrs
 
@@ -43,11 +46,26 @@ class RequestOutcome:
         return self.peer is None
 
 
+class MatchFilter(Protocol):
+    """Who may be matched with whom, besides the pool's own rules (blocks, shadow bans)."""
+
+    def barred(self, user: str) -> set[str] | None:
+        """Users ``user`` must never be matched with, or None."""
+        ...
+
+    def shadowed(self, user: str) -> bool:
+        """Whether ``user`` is shadow-banned (matched only with other shadow-banned users)."""
+        ...
+
+
 class Matchmaker:
     """The pool and the live matches of one server (or of one Redis, mirrored by Lua)."""
 
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None, match_filter: MatchFilter | None = None) -> None:
         self._rng = rng or random.Random()
+        self.filter = match_filter
+        # Pooled users who were shadow-banned when pooled (``reclassify`` on a ban).
+        self._shadow_pooled: set[str] = set()
         # A list plus an index gives O(1) uniform picks and O(1) removal.
         self._pool: list[str] = []
         self._pool_index: dict[str, int] = {}
@@ -102,7 +120,9 @@ class Matchmaker:
                 return RequestOutcome(peer=partner, role=self._role_of[user], resend=True)
             ended = self._end_match(user)
         excluded = {user} if current_peer is None else {user, current_peer}
-        peer = self._pick(excluded)
+        peer = (
+            self._pick(excluded) if self.filter is None else self._pick_filtered(user, excluded, self.filter)
+        )
         if peer is None:
             return RequestOutcome(ended_peer=ended)
         self._pool_remove(user)
@@ -139,15 +159,34 @@ class Matchmaker:
                 position += 1
         return self._pool[position]
 
+    def _pick_filtered(self, user: str, excluded: set[str], match_filter: MatchFilter) -> str | None:
+        barred = match_filter.barred(user)
+        if barred:
+            excluded |= barred
+        if match_filter.shadowed(user):
+            # Shadow-banned users are few: pick among them directly.
+            allowed = sorted(u for u in self._shadow_pooled if u not in excluded)
+            return self._rng.choice(allowed) if allowed else None
+        return self._pick(excluded | self._shadow_pooled)
+
+    def reclassify(self, user: str) -> None:
+        """``user``'s shadow ban began or ended: a pooled user changes sides."""
+        if user in self._pool_index:
+            self._pool_remove(user)
+            self._pool_add(user)
+
     def _pool_add(self, user: str) -> None:
         if user not in self._pool_index:
             self._pool_index[user] = len(self._pool)
             self._pool.append(user)
+            if self.filter is not None and self.filter.shadowed(user):
+                self._shadow_pooled.add(user)
 
     def _pool_remove(self, user: str) -> None:
         index = self._pool_index.pop(user, None)
         if index is None:
             return
+        self._shadow_pooled.discard(user)
         last = self._pool.pop()
         if index < len(self._pool):
             self._pool[index] = last

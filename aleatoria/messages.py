@@ -33,6 +33,11 @@ REFRESH_TOKEN = "refresh_token"
 LIST_ROOMS = "list_rooms"
 GET_ROOM_MEMBERS = "get_room_members"
 GET_STATS = "get_stats"
+# Safety (PROTOCOL.md section 13).
+BLOCK_USER = "block_user"
+UNBLOCK_USER = "unblock_user"
+GET_BLOCKED = "get_blocked"
+REPORT_USER = "report_user"
 
 SIGNALING_TYPES = frozenset({WEBRTC_OFFER, WEBRTC_ANSWER, WEBRTC_CANDIDATE, HANGUP})
 CLIENT_TYPES = SIGNALING_TYPES | {
@@ -50,6 +55,10 @@ CLIENT_TYPES = SIGNALING_TYPES | {
     LIST_ROOMS,
     GET_ROOM_MEMBERS,
     GET_STATS,
+    BLOCK_USER,
+    UNBLOCK_USER,
+    GET_BLOCKED,
+    REPORT_USER,
 }
 
 # Server -> client types.
@@ -67,6 +76,10 @@ TOKEN_REFRESHED = "token_refreshed"
 ROOMS_DIRECTORY = "rooms_directory"
 ROOM_MEMBERS = "room_members"
 STATS = "stats"
+USER_BLOCKED = "user_blocked"
+USER_UNBLOCKED = "user_unblocked"
+BLOCKED_USERS = "blocked_users"
+REPORT_RECEIVED = "report_received"
 
 NO_PEER_TEXT = "No peer available at the moment. Please try again later."
 PEER_LEFT = "peer_left"
@@ -122,6 +135,21 @@ class DirectMessagesRequest:
 class ListRoomsRequest:
     limit: int | None = None
     prefix: str | None = None
+
+
+@attrs.frozen
+class UserTarget:
+    """``block_user`` and ``unblock_user``; and their replies."""
+
+    user: str
+
+
+@attrs.frozen
+class ReportRequest:
+    user: str
+    reason: str
+    details: str | None = None
+    match_id: str | None = None
 
 
 # -- server payloads ---------------------------------------------------------------------
@@ -210,3 +238,13 @@ class TokenRefreshed:
 @attrs.frozen
 class HangupNotice:
     reason: str
+
+
+@attrs.frozen
+class BlockedUsers:
+    users: list[str]
+
+
+@attrs.frozen
+class ReportReceived:
+    report_id: str

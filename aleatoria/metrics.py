@@ -34,6 +34,13 @@ class Stats:
     messages_out: Counter[str] = attrs.Factory(Counter)
     errors: Counter[str] = attrs.Factory(Counter)
     matches: int = 0
+    # Safety (PROTOCOL.md section 13).
+    reports: Counter[str] = attrs.Factory(Counter)  # by reason
+    blocks: int = 0
+    bans: int = 0
+    kicks: int = 0
+    webhook_deliveries: int = 0
+    webhook_failures: int = 0
 
 
 class ServerCollector(Collector):
@@ -78,6 +85,18 @@ class ServerCollector(Collector):
         )
         yield _labelled(CounterMetricFamily, "aleatoria_errors", "error replies by code", "code", s.errors)
         yield _counter("aleatoria_matches", "random matches made by this process", s.matches)
+        yield _labelled(
+            CounterMetricFamily, "aleatoria_reports", "user reports filed, by reason", "reason", s.reports
+        )
+        yield _counter("aleatoria_blocks", "blocks made by users (reports included)", s.blocks)
+        yield _counter("aleatoria_bans", "bans issued (operator and automatic)", s.bans)
+        yield _counter("aleatoria_kicks", "users closed with 4003 (bans and kicks)", s.kicks)
+        yield _counter(
+            "aleatoria_webhook_deliveries", "reports delivered to the webhook", s.webhook_deliveries
+        )
+        yield _counter(
+            "aleatoria_webhook_failures", "failed webhook attempts (each retry counts)", s.webhook_failures
+        )
         for name, (helptext, value) in self._counters().items():
             yield _counter(name, helptext, value)
         for name, (helptext, value) in self._gauges().items():

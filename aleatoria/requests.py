@@ -19,6 +19,7 @@ from aleatoria.codec import parse_time_ns, payload_as
 from aleatoria.errors import INVALID_PAYLOAD, INVALID_TARGET, TOO_LARGE, UNKNOWN_TYPE, ClientError
 from aleatoria.limits import check_id, clamp_limit
 from aleatoria.messages import Envelope
+from aleatoria.safety import MAX_DETAILS_CHARS, report_problem
 
 
 @attrs.frozen
@@ -105,6 +106,25 @@ class Ping(NamedTuple):
     pass
 
 
+class BlockUser(NamedTuple):
+    user: str
+
+
+class UnblockUser(NamedTuple):
+    user: str
+
+
+class GetBlocked(NamedTuple):
+    pass
+
+
+class ReportUser(NamedTuple):
+    user: str
+    reason: str
+    details: str | None = None
+    match_id: str | None = None
+
+
 class RefreshToken(NamedTuple):
     token: str
 
@@ -126,6 +146,10 @@ ClientMessage = (
     | GetStats
     | Ping
     | RefreshToken
+    | BlockUser
+    | UnblockUser
+    | GetBlocked
+    | ReportUser
 )
 
 _GET_ROOMS = GetRooms()
@@ -133,6 +157,7 @@ _AVAILABLE = UserAvailable()
 _UNAVAILABLE = UserUnavailable()
 _PING = Ping()
 _STATS = GetStats()
+_GET_BLOCKED = GetBlocked()
 
 
 def parse(env: Envelope, limits: Limits) -> ClientMessage:
@@ -187,7 +212,32 @@ def parse(env: Envelope, limits: Limits) -> ClientMessage:
         return _PING
     if kind == m.REFRESH_TOKEN:
         return RefreshToken(payload_as(env.payload, m.TokenRefresh).token)
+    if kind == m.BLOCK_USER:
+        return BlockUser(check_id("user", payload_as(env.payload, m.UserTarget).user, limits.max_id_chars))
+    if kind == m.UNBLOCK_USER:
+        return UnblockUser(check_id("user", payload_as(env.payload, m.UserTarget).user, limits.max_id_chars))
+    if kind == m.GET_BLOCKED:
+        return _GET_BLOCKED
+    if kind == m.REPORT_USER:
+        return _report(env, limits)
     raise ClientError(UNKNOWN_TYPE, f"Unknown message type: {kind[:64]!r}")
+
+
+def _report(env: Envelope, limits: Limits) -> ReportUser:
+    report = payload_as(env.payload, m.ReportRequest)
+    user = check_id("user", report.user, limits.max_id_chars)
+    problem = report_problem(report.reason, report.details)
+    if problem is not None:
+        code = (
+            TOO_LARGE
+            if report.details is not None and len(report.details) > MAX_DETAILS_CHARS
+            else INVALID_PAYLOAD
+        )
+        raise ClientError(code, f"payload.{problem}.")
+    match_id = report.match_id
+    if match_id is not None and len(match_id) > limits.max_message_id_chars:
+        raise ClientError(TOO_LARGE, f"matchId is longer than {limits.max_message_id_chars} characters")
+    return ReportUser(user, report.reason, report.details, match_id)
 
 
 def _room(env: Envelope, limits: Limits) -> str:

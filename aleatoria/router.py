@@ -17,6 +17,11 @@ store) it is the hub: local delivery, nothing else. With the Redis bus:
   frames carry a one-line header (``U<user> <type> [<peer> [<role>]]``) read here, so the
   JSON is never decoded or re-encoded: it is wrapped in a WebSocket frame and sent. Eviction
   notices (``E<user> <connection>``) close a connection the user replaced elsewhere.
+- Safety notices (PROTOCOL.md section 13) are routed to a user's instance like its frames:
+  ``B<user> <blocker> <1|0>`` (``blocker`` blocks ``user`` now, or no longer),
+  ``S<user> <1|0>`` (a shadow ban began or ended), ``K<user>`` (close with 4003: banned or
+  kicked). They are best effort like every bus message; a user who connects later reads
+  its blocks and ban from the store at the handshake.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import trio
 
 from aleatoria import messages as m
 from aleatoria.codec import encode, now
-from aleatoria.frames import text_frame
+from aleatoria.frames import BANNED, text_frame
 from aleatoria.hub import Client, Hub
 from aleatoria.messages import Envelope
 from aleatoria.store import Store
@@ -164,6 +169,35 @@ class Router:
             log.info("event=replaced_elsewhere user=%s", user)
         return client
 
+    # -- safety notices (PROTOCOL.md section 13) --------------------------------------------------
+
+    def notify_block(self, user: str, blocker: str, on: bool) -> None:
+        """``blocker`` blocks ``user`` now (``on``) or no longer: ``user``'s connection may
+        not write to ``blocker`` while blocked."""
+        client = self.hub.clients.get(user)
+        if client is not None:
+            _set_block(client, blocker, on)
+        elif self.bus is not None and self.remote:
+            self.bus.route(user, f"B{user} {blocker} {int(on)}\n".encode())
+
+    def notify_shadow(self, user: str, on: bool) -> None:
+        client = self.hub.clients.get(user)
+        if client is not None:
+            client.shadow = on
+        elif self.bus is not None and self.remote:
+            self.bus.route(user, f"S{user} {int(on)}\n".encode())
+
+    def kick(self, user: str) -> bool:
+        """Close ``user``'s connection with 4003 wherever it is; whether it was found here
+        (a notice to another instance is not confirmed)."""
+        client = self.hub.clients.get(user)
+        if client is not None:
+            client.ws.close(BANNED, "banned")
+            return True
+        if self.bus is not None and self.remote:
+            self.bus.route(user, f"K{user}\n".encode())
+        return False
+
     # -- from the bus (trio thread) ----------------------------------------------------------
 
     def on_bus_messages(self, items: list[tuple[str | None, bytes]]) -> None:
@@ -191,6 +225,9 @@ class Router:
         if head[:1] == b"E" and len(fields) == 2:
             self._evict_here(fields[0], fields[1])
             return
+        if head[:1] in (b"B", b"S", b"K") and not payload:
+            self._safety_notice(head[:1], fields)
+            return
         if head[:1] != b"U" or len(fields) < 2:
             log.warning("event=bus_message_unreadable head=%r", head[:80])
             return
@@ -203,3 +240,24 @@ class Router:
         elif kind == m.HANGUP and len(fields) == 3:
             self.store.remote_match_ended(user, fields[2])
         self.hub.deliver(user, text_frame(payload), kind)
+
+    def _safety_notice(self, kind: bytes, fields: list[str]) -> None:
+        client = self.hub.clients.get(fields[0])
+        if client is None:
+            self.dropped += 1
+            return
+        if kind == b"B" and len(fields) == 3:
+            _set_block(client, fields[1], fields[2] == "1")
+        elif kind == b"S" and len(fields) == 2:
+            client.shadow = fields[1] == "1"
+        elif kind == b"K" and len(fields) == 1:
+            client.ws.close(BANNED, "banned")
+        else:
+            log.warning("event=bus_message_unreadable head=%r", b" ".join(f.encode() for f in fields)[:80])
+
+
+def _set_block(client: Client, blocker: str, on: bool) -> None:
+    if on:
+        client.blocked_by.add(blocker)
+    else:
+        client.blocked_by.discard(blocker)

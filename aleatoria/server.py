@@ -23,8 +23,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from aleatoria import admin, metrics
 from aleatoria import messages as m
-from aleatoria import metrics
 from aleatoria.auth import token_expiry, token_problem
 from aleatoria.config import Config
 from aleatoria.connection import WebSocket
@@ -33,11 +33,14 @@ from aleatoria.frames import GOING_AWAY
 from aleatoria.http import Request, accept_websocket, answer_http, handshake_problem, read_request, send_http
 from aleatoria.hub import Client, Hub, open_hub
 from aleatoria.limits import RateLimiter, id_problem
+from aleatoria.moderation import Moderation
 from aleatoria.origin import OriginPolicy
 from aleatoria.router import Router, new_message_id
+from aleatoria.safety import Admission
 from aleatoria.session import Session, expires_at
 from aleatoria.store import Store, open_store
 from aleatoria.supervisor import supervise
+from aleatoria.webhook import Webhook
 
 log = logging.getLogger("aleatoria.server")
 
@@ -98,6 +101,12 @@ class Server:
         self.per_ip: Counter[str] = Counter()  # WebSocket sessions by client IP (header)
         self.refused_at_accept = 0
         self.stats = hub.stats
+        webhook = None
+        if config.report_webhook and config.admin_token:
+            webhook = Webhook(
+                config.report_webhook, config.admin_token, self.stats, capacity=config.webhook_queue
+            )
+        self.moderation = Moderation(store, self.router, self.stats, webhook)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(metrics.ServerCollector(self.stats, self._counters, self._gauges))
         self.registry.register(_Forward(metrics.REGISTRY))
@@ -171,6 +180,15 @@ class Server:
                 self._all_closed.set()
 
     async def _http(self, sock: socket.socket, request: Request) -> None:
+        if request.path == admin.PREFIX or request.path.startswith(admin.PREFIX + "/"):
+            await admin.answer(
+                sock,
+                request,
+                self.moderation,
+                token=self.config.admin_token,
+                body_timeout=self.config.handshake_timeout,
+            )
+            return
         await answer_http(sock, request, health=self.health, registry=self.registry, page=self.page)
 
     def health(self) -> dict[str, object]:
@@ -264,7 +282,7 @@ class Server:
 
     async def _upgrade(
         self, sock: socket.socket, request: Request, addr: str
-    ) -> tuple[WebSocket, str, str, str, float | None] | None:
+    ) -> tuple[WebSocket, str, str, str, float | None, Admission] | None:
         """Accept a WebSocket request: (the WebSocket, userId, room, client address), or None
         after answering a refusal."""
         ip = self.client_ip(request, addr)
@@ -274,6 +292,15 @@ class Server:
             self.stats.handshake_rejections[status] += 1
             log.info("event=handshake_rejected status=%d reason=%r", status, text.strip())
             await send_http(sock, status, text, conn=request.h11_connection)
+            return None
+        user = request.param("userId") or ""
+        # A ban keeps a user out on every instance (PROTOCOL.md section 13); the same read
+        # brings who blocked it. Memory store: no suspension.
+        admission = await self.store.safety.admit(user, time.time())
+        if admission.refused:
+            self.stats.handshake_rejections[403] += 1
+            log.info("event=handshake_rejected status=403 reason='banned' user=%s", user)
+            await send_http(sock, 403, "banned\n", conn=request.h11_connection)
             return None
         config = self.config
         ws = accept_websocket(
@@ -287,14 +314,15 @@ class Server:
             frame_rate=config.frame_rate,
             frame_burst=config.frame_burst,
         )
-        user = request.param("userId") or ""
         expires = None
         if config.auth_secret:  # checked by _refusal: the token is valid
             expires = expires_at(token_expiry(request.param("token"), user, config.auth_secret))
-        return ws, user, request.param("room") or DEFAULT_ROOM, ip, expires
+        return ws, user, request.param("room") or DEFAULT_ROOM, ip, expires, admission
 
-    async def _session(self, ws: WebSocket, user: str, room: str, ip: str, expires: float | None) -> None:
-        session = self.new_session(ws, user, expires)
+    async def _session(
+        self, ws: WebSocket, user: str, room: str, ip: str, expires: float | None, admission: Admission
+    ) -> None:
+        session = self.new_session(ws, user, expires, admission)
         self.per_ip[ip] += 1
         try:
             await self.start_session(session, room)
@@ -308,8 +336,11 @@ class Server:
         self.stats.disconnects[code] += 1
         log.info("event=disconnected user=%s code=%s", user, code)
 
-    def new_session(self, ws: WebSocket, user: str, expires: float | None = None) -> Session:
-        """A session for ``user`` on ``ws`` (a connection, or a test's recording socket)."""
+    def new_session(
+        self, ws: WebSocket, user: str, expires: float | None = None, admission: Admission | None = None
+    ) -> Session:
+        """A session for ``user`` on ``ws`` (a connection, or a test's recording socket).
+        ``admission``: what the store said at the handshake (blocks, shadow ban)."""
         config = self.config
         client = Client(
             user=user,
@@ -318,8 +349,11 @@ class Server:
             connection=new_message_id(),
             expires_at=expires,
         )
+        if admission is not None:
+            client.blocked_by.update(admission.blocked_by)
+            client.shadow = admission.shadow
         self.stats.connections_opened += 1
-        return Session(client, self.router, self.store, config)
+        return Session(client, self.router, self.store, config, self.moderation)
 
     async def start_session(self, session: Session, room: str) -> None:
         """Attach ``session`` (replacing the user's previous connection, here or on another
@@ -452,6 +486,9 @@ async def _run_body(server: Server, listener: socket.socket, body: trio.CancelSc
     with body:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(supervise, server.hub, server.config)
+            webhook = server.moderation.webhook
+            if webhook is not None:
+                nursery.start_soon(webhook.run)
             with server.accept_scope:
                 await server.accept_forever(listener, nursery)
             # Not accepting any more; connections finish under the shutdown deadline.

@@ -25,9 +25,12 @@ from aleatoria.core import Call, Effect, Facts, Rules, Step
 from aleatoria.errors import ClientError, InvalidMessage
 from aleatoria.frames import text_frame
 from aleatoria.hub import Client
+from aleatoria.limits import TokenBucket
 from aleatoria.messages import Envelope
+from aleatoria.moderation import Moderation
 from aleatoria.requests import Limits, parse
 from aleatoria.router import Router, new_message_id
+from aleatoria.safety import Ban
 from aleatoria.store import Store
 
 __all__ = ["Session", "expires_at", "new_message_id"]
@@ -38,13 +41,22 @@ log = logging.getLogger("aleatoria.session")
 class Session:
     """Carries out the requests of one connected client."""
 
-    def __init__(self, client: Client, router: Router, store: Store, config: Config) -> None:
+    def __init__(
+        self,
+        client: Client,
+        router: Router,
+        store: Store,
+        config: Config,
+        moderation: Moderation,
+    ) -> None:
         self.client = client
         self.user = client.user
         self._router = router
         self._hub = router.hub
         self._store = store
+        self._safety = store.safety
         self._stats = router.hub.stats
+        self._moderation = moderation  # a stored report goes on to the webhook
         self._limits, rules = _limits_and_rules(config)
         self._facts = Facts(
             user=self.user,
@@ -55,6 +67,10 @@ class Session:
             new_id=new_message_id,
             match_peer=store.match_peer,
             rules=rules,
+            blocked_by=client.blocked_by,
+            match_budget=TokenBucket(config.match_rate, config.match_burst)
+            if config.match_rate > 0
+            else None,
         )
 
     # -- entry point ---------------------------------------------------------------------
@@ -108,6 +124,7 @@ class Session:
         facts.monotonic = moment
         facts.rooms = client.rooms
         facts.dm_partners = client.dm_partners or _NO_PARTNERS
+        facts.shadow = client.shadow
         return facts
 
     async def run(self, step: Step) -> None:
@@ -154,6 +171,20 @@ class Session:
                 self.client.expires_at = expires_at(exp)
             case core.CountMatch():
                 self._stats.matches += 1
+            case core.NotifyBlock(other, on):
+                if on:
+                    self._stats.blocks += 1
+                self._router.notify_block(other, self.user, on)
+            case core.ReportFiled(report_id, report):
+                self._stats.reports[report["reason"]] += 1
+                log.info(
+                    "event=report_filed id=%s reporter=%s reported=%s reason=%s",
+                    report_id,
+                    self.user,
+                    report["reported"],
+                    report["reason"],
+                )
+                self._moderation.report_filed(report_id, report)
             case _:
                 assert_never(effect)
 
@@ -215,6 +246,25 @@ class Session:
                 return await store.recent_room_messages(room, limit, before_ns)
             case core.DirectHistory(other, limit):
                 return await store.direct_messages(user, other, limit)
+            case core.StoreBlock(other):
+                return await self._safety.block(user, other)
+            case core.StoreUnblock(other):
+                await self._safety.unblock(user, other)
+                return None
+            case core.BlockedList():
+                return await self._safety.blocked(user)
+            case core.RoomHistories(rooms, limit):
+                found: list[bytes] = []
+                for room in rooms:
+                    found += await store.recent_room_messages(room, limit)
+                return found
+            case core.StoreReport(report):
+                report["instance"] = store.instance
+                return await self._safety.add_report(report, time.time())
+            case core.ShadowBan(other, seconds, reason):
+                now = time.time()
+                await self._moderation.apply(Ban(other, now + seconds, reason, shadow=True, created=now))
+                return None
             case _:
                 assert_never(call)
 
@@ -244,6 +294,7 @@ def _limits_and_rules(config: Config) -> tuple[Limits, Rules]:
         new_dm_per_hour=config.new_dm_per_hour,
         max_payload_bytes=config.max_payload_bytes,
         auth_secret=config.auth_secret,
+        auto_shadow_reports=config.auto_shadow_reports,
     )
     return limits, rules
 

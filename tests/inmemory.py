@@ -12,6 +12,7 @@ milliseconds and a missing reply fails at once (the clock jumps to the timeout).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -155,7 +156,11 @@ async def connect(
     """Connect ``user`` (by default waiting for the ``room_joined`` of its room); on exit the
     connection ends as a dropped one would (``end_session``)."""
     socket = RecordingSocket()
-    session = server.server.new_session(socket, user)  # type: ignore[arg-type]
+    # The handshake's read of the user's ban and blocks (a ban refuses it with 403).
+    admission = await server.server.store.safety.admit(user, time.time())
+    if admission.refused:
+        raise Closed(403, "banned")
+    session = server.server.new_session(socket, user, admission=admission)  # type: ignore[arg-type]
     peer = FakePeer(user, socket, session, server.server)
     try:
         await server.server.start_session(session, room or "Lobby")

@@ -19,8 +19,9 @@ TIMEOUT = 10.0
 
 
 def make_config(**overrides: Any) -> Config:
-    """A test configuration: port 0, no rate limit unless a test asks for one."""
-    values: dict[str, Any] = {"port": 0, "rate_limit": 0.0}
+    """A test configuration: port 0, no rate limits (messages, peer requests) unless a test
+    asks for one."""
+    values: dict[str, Any] = {"port": 0, "rate_limit": 0.0, "match_rate": 0.0}
     values.update(overrides)
     return Config(**values)
 

@@ -27,8 +27,8 @@ from aleatoria.loadtest.summary import exit_code, summarize
 
 DESCRIPTION = """\
 Load-test a server that speaks the Aleatoria protocol (docs/loadtest.md has the details).
-Targets loopback only unless --allow-remote. Benchmarks need the server's rate limit off:
-`aleatoria serve --rate-limit 0`."""
+Targets loopback only unless --allow-remote. Benchmarks need the server's rate limits off:
+`aleatoria serve --rate-limit 0 --match-rate 0`."""
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -170,8 +170,8 @@ def warnings(figures: dict[str, Any], stats: Stats) -> list[str]:
     refused = stats.total("error.rate_limited")
     if refused:
         out.append(
-            f"{refused} messages were refused by the server's rate limit: benchmarks need "
-            "the server started with --rate-limit 0"
+            f"{refused} messages were refused by the server's rate limits: benchmarks need "
+            "the server started with --rate-limit 0 --match-rate 0"
         )
     connections = figures["connections"]
     if connections["failed"]:

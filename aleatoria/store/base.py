@@ -26,6 +26,7 @@ from typing import Literal, Protocol
 import attrs
 
 from aleatoria.matchmaking import RequestOutcome
+from aleatoria.safety import Safety
 
 Health = Literal["ok", "degraded", "disabled"]
 
@@ -52,6 +53,16 @@ class Counts:
     searching: int
     in_calls: int
     rooms: int
+
+
+@attrs.frozen
+class Whereabouts:
+    """Where one user is, for operators (``GET /admin/users/{user}``)."""
+
+    online: bool
+    instance: str | None = None
+    rooms: list[str] = attrs.Factory(list)
+    peer: str | None = None
 
 
 class BusHandler(Protocol):
@@ -134,6 +145,15 @@ class Store(Protocol):
 
     def health(self) -> Health:
         """'disabled' (memory store), 'ok' or 'degraded' (Redis configured but failing)."""
+        ...
+
+    @property
+    def safety(self) -> Safety:
+        """Blocks, reports and bans (PROTOCOL.md section 13), shared like the rest."""
+        ...
+
+    async def whereabouts(self, user: str) -> Whereabouts:
+        """Whether ``user`` is online, where, its rooms and its live match (for operators)."""
         ...
 
     def gauges(self) -> dict[str, tuple[str, float]]:

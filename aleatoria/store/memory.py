@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from aleatoria.matchmaking import Matchmaker, RequestOutcome
-from aleatoria.store.base import Bus, Counts, Health, StoreEvents, Takeover
+from aleatoria.store.base import Bus, Counts, Health, StoreEvents, Takeover, Whereabouts
+from aleatoria.store.memory_safety import DEFAULT_REPORT_CAP, MemorySafety
 
 _History = deque[tuple[int, bytes]]
 _K = TypeVar("_K", str, tuple[str, str])
@@ -61,6 +62,7 @@ class MemoryStore:
         matchmaker: Matchmaker | None = None,
         instance: str | None = None,
         budget_bytes: int | None = None,
+        report_cap: int = DEFAULT_REPORT_CAP,
     ) -> None:
         self._instance = instance or new_instance_id()
         self._ttl_ns = int(ttl_seconds * 1e9)
@@ -77,6 +79,21 @@ class MemoryStore:
         self._members: dict[str, set[str]] = {}
         self._online: dict[str, str] = {}  # connected user -> its connection id (get_stats)
         self.matchmaker = matchmaker or Matchmaker()
+        self._safety = MemorySafety(report_cap, on_shadow=self.matchmaker.reclassify)
+        if self.matchmaker.filter is None:
+            self.matchmaker.filter = self._safety
+
+    @property
+    def safety(self) -> MemorySafety:
+        return self._safety
+
+    async def whereabouts(self, user: str) -> Whereabouts:
+        return self.whereabouts_now(user)
+
+    def whereabouts_now(self, user: str) -> Whereabouts:
+        online = user in self._online
+        rooms = sorted(room for room, members in self._members.items() if user in members)
+        return Whereabouts(online, self._instance if online else None, rooms, self.matchmaker.peer_of(user))
 
     @property
     def kind(self) -> str:

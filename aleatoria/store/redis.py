@@ -62,7 +62,7 @@ from redis.commands.core import Script
 from aleatoria.config import Config
 from aleatoria.errors import StoreUnavailable
 from aleatoria.matchmaking import IMPOLITE, RequestOutcome
-from aleatoria.store.base import Bus, Counts, Health, StoreEvents, Takeover
+from aleatoria.store.base import Bus, Counts, Health, StoreEvents, Takeover, Whereabouts
 from aleatoria.store.memory import dm_key, new_instance_id
 from aleatoria.store.redis_bus import RedisBus
 from aleatoria.store.redis_client import RedisClient, present, text, text_or_none
@@ -73,11 +73,13 @@ from aleatoria.store.redis_keeper import WRITE_BATCH, RedisKeeper, RedisMetrics
 from aleatoria.store.redis_mirror import Mirror
 from aleatoria.store.redis_presence import INSTANCE_USERS_PREFIX, INSTANCES_KEY, PRESENCE_KEY
 from aleatoria.store.redis_rooms import RoomRegistry
+from aleatoria.store.redis_safety import RedisSafety
 from aleatoria.store.redis_scripts import (
     MATCHES_KEY,
     POOL_KEY,
     SMALL_POOL,
     STATS,
+    USER_ROOMS_PREFIX,
 )
 from aleatoria.store.redis_writer import DM, DM_PREFIX, ROOM, ROOM_MESSAGES_PREFIX, OnStored, WriteBehind
 
@@ -146,6 +148,7 @@ class RedisStore:
             registry=registry,
             rng=self._rng,
         )
+        self._safety = RedisSafety(self._keeper, self._memory.safety, report_cap=config.report_cap)
         self._heartbeat = Heartbeat(
             self._keeper,
             registry,
@@ -158,6 +161,19 @@ class RedisStore:
     @property
     def kind(self) -> str:
         return "redis"
+
+    @property
+    def safety(self) -> RedisSafety:
+        return self._safety
+
+    async def whereabouts(self, user: str) -> Whereabouts:
+        found = await self._keeper.read(partial(_whereabouts, user=user))
+        if found is None:
+            return self._memory.whereabouts_now(user)
+        presence_value, rooms, match = found
+        instance = text(presence_value).split("|", 1)[0] if presence_value else None
+        peer = text(match).split("|", 1)[0] if match else None
+        return Whereabouts(instance is not None, instance, sorted(text(room) for room in rooms), peer)
 
     @property
     def instance(self) -> str:
@@ -344,7 +360,13 @@ class RedisStore:
         await self._keeper.write_through((user,), partial(_srem_pool, user=user))
 
     async def request_peer(self, user: str, current_peer: str | None) -> RequestOutcome:
-        args: list[str | int] = [user, current_peer or "", repr(self._rng.random()), SMALL_POOL]
+        args: list[str | int] = [
+            user,
+            current_peer or "",
+            repr(self._rng.random()),
+            SMALL_POOL,
+            repr(time.time()),
+        ]
         done = await self._keeper.run(partial(self._scripts.request_peer, _PICK_KEYS, args))
         if done is None:
             outcome = self._mirror.request_peer(user, current_peer)
@@ -510,3 +532,12 @@ def _census(r: redis.Redis, *, rooms: RoomRegistry) -> Counts:
     keys = [PRESENCE_KEY, INSTANCES_KEY, POOL_KEY, MATCHES_KEY]
     online, searching, in_calls = _STATS(keys, [INSTANCE_USERS_PREFIX], r)
     return Counts(online=int(online), searching=int(searching), in_calls=int(in_calls), rooms=rooms.count(r))
+
+
+def _whereabouts(r: redis.Redis, *, user: str) -> tuple[Any, Any, Any]:
+    pipe = r.pipeline(transaction=False)
+    pipe.hget(PRESENCE_KEY, user)
+    pipe.smembers(USER_ROOMS_PREFIX + user)
+    pipe.hget(MATCHES_KEY, user)
+    presence_value, rooms, match = pipe.execute()
+    return presence_value, rooms, match

@@ -75,6 +75,7 @@ class Scripts:
         self.disconnect = Script(owner, presence.DISCONNECT)
         self.reap = Script(owner, presence.REAP)
         self.route = Script(owner, presence.ROUTE)
+        self.block = Script(owner, lua.BLOCK)
         self._all = list(vars(self).values())
 
     def load(self, client: Any) -> None:

@@ -86,6 +86,12 @@ ROOMS_KEY = "rooms:active"
 DIRECTORY_KEY = "rooms:directory"
 ROOM_MEMBERS_PREFIX = "room:members:"
 USER_ROOMS_PREFIX = "user:rooms:"
+# Safety (PROTOCOL.md section 13, ``redis_safety``): tagged like the pool, so the pick reads
+# them in its own cluster slot.
+BLOCKS_PREFIX = "aleatoria:blocks:{available:webrtc}:"
+BLOCKED_BY_PREFIX = "aleatoria:blocked-by:{available:webrtc}:"
+SHADOW_KEY = "aleatoria:shadow:{available:webrtc}"
+BANS_KEY = "aleatoria:bans:{available:webrtc}"
 
 MATCH_HELPERS = """
 local POOL, MATCHES = KEYS[1], KEYS[2]
@@ -202,13 +208,31 @@ return 0
 # stay pooled until it is reaped, but are never picked). The pick is uniform over the
 # suitable users: see "Random pick" above for how and why.
 REQUEST_PEER = (
-    MATCH_HELPERS
-    + POOL_HELPERS
-    + LIVENESS_HELPERS
-    + """
+    (
+        MATCH_HELPERS
+        + POOL_HELPERS
+        + LIVENESS_HELPERS
+        + """
 if redis.replicate_commands then redis.replicate_commands() end
 local user, current, rnd = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ended = ''
+-- Safety (PROTOCOL.md section 13): never a user blocked either way; shadow-banned users
+-- only with each other. ARGV[5]: the caller's clock (shadow bans end by it).
+local now_s = tonumber(ARGV[5]) or 0
+local any_shadow = redis.call('ZCARD', SHADOW_KEY) > 0
+local function shadowed(u)
+  if not any_shadow then return false end
+  local until_s = redis.call('ZSCORE', SHADOW_KEY, u)
+  return until_s ~= false and tonumber(until_s) > now_s
+end
+local my_shadow = shadowed(user)
+local my_blocks = {}
+for _, b in ipairs(redis.call('SMEMBERS', BLOCKS_PREFIX .. user)) do my_blocks[b] = true end
+local function allowed(c)
+  if my_blocks[c] then return false end
+  if redis.call('SISMEMBER', BLOCKS_PREFIX .. c, user) == 1 then return false end
+  return shadowed(c) == my_shadow
+end
 local mine, role = partner(user)
 if mine then
   if mine ~= current then return {'resend', mine, role, ''} end
@@ -260,7 +284,7 @@ local function pick()
       elseif redis.call('HEXISTS', MATCHES, candidate) == 1 then
         -- A pooled user is never in a match; repair the pool if it ever is.
         damaged[#damaged + 1] = candidate
-      elseif online(KEYS[3], KEYS[4], candidate) then
+      elseif allowed(candidate) and online(KEYS[3], KEYS[4], candidate) then
         return candidate, stale, damaged
       end
     end
@@ -284,6 +308,9 @@ pool_remove(user, peer)
 redis.call('HSET', MATCHES, user, peer .. '|impolite', peer, user .. '|polite')
 return {'match', peer, 'impolite', ended}
 """
+    )
+    .replace("SHADOW_KEY", repr(SHADOW_KEY))
+    .replace("BLOCKS_PREFIX", repr(BLOCKS_PREFIX))
 )
 
 # KEYS: pool, matches, presence, this instance's users[, rooms index, user:rooms:{user}].
@@ -561,5 +588,15 @@ while true do
   redis.call('LPOP', key)
 end
 if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ttl) end
+return 1
+"""
+
+# Safety (``redis_safety``): KEYS blocks:<blocker>, blocked-by:<blocked>; ARGV blocker,
+# blocked, the most blocks a user may have. 1: blocked (or was already), 0: at the limit.
+BLOCK = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[2]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """

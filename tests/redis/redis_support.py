@@ -18,7 +18,7 @@ from aleatoria.config import Config
 
 
 def server_config(url: str, **overrides: Any) -> Config:
-    values: dict[str, Any] = {"port": 0, "redis_url": url, "rate_limit": 0}
+    values: dict[str, Any] = {"port": 0, "redis_url": url, "rate_limit": 0, "match_rate": 0}
     values.update(overrides)
     return Config(**values)
 
@@ -48,7 +48,7 @@ async def serve_process(url: str, *flags: str) -> AsyncIterator[int]:
     """``python -m aleatoria serve`` as a subprocess; yields its port once it listens. On exit
     it gets SIGTERM and must exit 0."""
     command = [sys.executable, "-m", "aleatoria", "serve", "--port", "0", "--redis-url", url]
-    command += ["--rate-limit", "0", *flags]
+    command += ["--rate-limit", "0", "--match-rate", "0", *flags]
     process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE)
     assert process.stderr is not None
     stderr = process.stderr
@@ -90,7 +90,7 @@ async def killable_server(url: str, *flags: str) -> AsyncIterator[tuple[int, tri
     """``python -m aleatoria serve`` on ``url``; yields its port and process once it listens.
     The test kills it (``kill -9`` tests); whatever is left running is killed on exit."""
     command = [sys.executable, "-m", "aleatoria", "serve", "--port", "0", "--redis-url", url]
-    command += ["--rate-limit", "0", *flags]
+    command += ["--rate-limit", "0", "--match-rate", "0", *flags]
     process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     assert process.stderr is not None
     stderr = process.stderr

@@ -1,0 +1,150 @@
+"""Safety data (PROTOCOL.md section 13): blocks, reports and bans — the values and the store
+interface, pure. The rules that use them are the core's (``aleatoria.core``); the operator
+API is ``aleatoria.admin``; the two stores are ``store.memory_safety`` and
+``store.redis_safety``.
+
+What each holds:
+- a block is one user's decision about another: kept as ``blocks[blocker]`` (what
+  ``get_blocked`` lists, at most ``MAX_BLOCKS``) and ``blocked_by[blocked]`` (what a
+  connection loads at its handshake: the users it may not write to, checked without a
+  store call on every DM and signal);
+- a report is a JSON object (reporter, reported, reason, details, time, match, instance,
+  evidence) with an id that sorts by time; the store keeps the newest ``report_cap``;
+- a ban is a user, an end (None: permanent), a reason and whether it is a shadow ban.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+import attrs
+
+REPORT_REASONS = ("spam", "harassment", "nudity", "underage", "hate", "other")
+MAX_BLOCKS = 1000
+MAX_DETAILS_CHARS = 500
+EVIDENCE_MESSAGES = 20
+# A reported user's room messages are looked for in at most this many of the reporter's rooms.
+EVIDENCE_ROOMS = 20
+AUTO_SHADOW_WINDOW = 3600.0
+AUTO_SHADOW_SECONDS = 86400.0
+# A permanent ban's end where a number is needed (Redis scores): year 33658.
+FOREVER = 1e12
+
+
+@attrs.frozen
+class Ban:
+    """A ban on ``user`` from ``created`` until ``until`` (unix seconds; None: permanent)."""
+
+    user: str
+    until: float | None
+    reason: str = ""
+    shadow: bool = False
+    created: float = 0.0
+
+    def active(self, now: float) -> bool:
+        return self.until is None or self.until > now
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "user": self.user,
+            "until": self.until,
+            "reason": self.reason,
+            "shadow": self.shadow,
+            "created": self.created,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Ban:
+        until = data.get("until")
+        return cls(
+            user=str(data["user"]),
+            until=None if until is None else float(until),
+            reason=str(data.get("reason") or ""),
+            shadow=bool(data.get("shadow")),
+            created=float(data.get("created") or 0.0),
+        )
+
+
+@attrs.frozen
+class Admission:
+    """What a connecting user brings from the store: its ban (None if none is active) and
+    the users who blocked it."""
+
+    ban: Ban | None = None
+    blocked_by: frozenset[str] = frozenset()
+
+    @property
+    def refused(self) -> bool:
+        """A ban that keeps the user out (a shadow ban lets it in)."""
+        return self.ban is not None and not self.ban.shadow
+
+    @property
+    def shadow(self) -> bool:
+        return self.ban is not None and self.ban.shadow
+
+
+class Safety(Protocol):
+    """Blocks, reports and bans, shared by every instance (Redis) or this process (memory).
+    Like the ``Store``, no method raises because Redis is down: each falls back to memory."""
+
+    async def admit(self, user: str, now: float) -> Admission:
+        """``user``'s active ban and the users who blocked it (at its handshake)."""
+        ...
+
+    async def block(self, blocker: str, blocked: str) -> bool:
+        """Record the block; False if ``blocker`` has ``MAX_BLOCKS`` already (idempotent: a
+        block that exists is True)."""
+        ...
+
+    async def unblock(self, blocker: str, blocked: str) -> None: ...
+
+    async def blocked(self, user: str) -> list[str]:
+        """The users ``user`` blocked, sorted."""
+        ...
+
+    async def add_report(self, report: dict[str, Any], now: float) -> tuple[str, int]:
+        """Keep ``report`` (its ``reporter`` and ``reported`` fields are read); returns its
+        id and how many distinct users reported ``reported`` within ``AUTO_SHADOW_WINDOW``."""
+        ...
+
+    async def reports(
+        self, limit: int, after: str | None = None, user: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` reports, newest first, older than report ``after`` when given,
+        about ``user`` when given; each with its ``id``."""
+        ...
+
+    async def ban(self, ban: Ban) -> None:
+        """Keep ``ban`` (replacing any ban of the same user)."""
+        ...
+
+    async def unban(self, user: str) -> bool:
+        """End ``user``'s ban; whether there was one."""
+        ...
+
+    async def bans(self, now: float) -> list[Ban]:
+        """The active bans, newest first."""
+        ...
+
+
+def report_problem(reason: object, details: object) -> str | None:
+    """Why a report's reason or details are refused, or None (PROTOCOL.md section 13)."""
+    if reason not in REPORT_REASONS:
+        return f"reason must be one of {', '.join(REPORT_REASONS)}"
+    if details is not None and (not isinstance(details, str) or len(details) > MAX_DETAILS_CHARS):
+        return f"details must be text of at most {MAX_DETAILS_CHARS} characters"
+    return None
+
+
+def newest_first(reports: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(reports, key=lambda report: report_sort_key(str(report["id"])), reverse=True)
+
+
+def report_sort_key(report_id: str) -> tuple[int, int]:
+    """Report ids are ``<ms>-<seq>`` (Redis stream ids): order by both numbers."""
+    ms, _, seq = report_id.partition("-")
+    try:
+        return int(ms), int(seq or 0)
+    except ValueError:
+        return 0, 0

@@ -1,0 +1,234 @@
+"""Blocks, reports and bans in Redis (PROTOCOL.md section 13), shared by every instance.
+
+Keys (the first four tagged like the pool, ``{available:webrtc}``, so the matchmaking script
+reads them in its own cluster slot):
+- ``aleatoria:blocks:{available:webrtc}:<user>``: set, whom ``user`` blocked (at most
+  ``MAX_BLOCKS``, enforced by the ``BLOCK`` script, which also writes the next key);
+- ``aleatoria:blocked-by:{available:webrtc}:<user>``: set, who blocked ``user`` (read once
+  per handshake, with the ban, in one round trip);
+- ``aleatoria:bans:{available:webrtc}``: hash, user -> the ban's JSON; an ended ban is
+  removed when next read;
+- ``aleatoria:shadow:{available:webrtc}``: sorted set, shadow-banned user -> end (unix
+  seconds; ``FOREVER`` for a permanent one), read by the pick;
+- ``aleatoria:reports``: a stream of reports (``report`` field: the JSON), capped near
+  ``report_cap`` (``MAXLEN ~``); its entry ids are the report ids;
+- ``aleatoria:reporters:<user>``: sorted set, who reported ``user`` -> when, trimmed to the
+  auto-shadow window and expiring with it.
+
+While Redis fails, each call falls back to this instance's ``MemorySafety`` (what it writes
+there stays on this instance; a ban or block made during an outage must be made again once
+Redis is back — the admin API answers from the fallback meanwhile).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
+
+import orjson
+import redis
+
+from aleatoria.safety import AUTO_SHADOW_WINDOW, FOREVER, MAX_BLOCKS, Admission, Ban
+from aleatoria.store.memory_safety import MemorySafety
+from aleatoria.store.redis_keeper import RedisKeeper
+from aleatoria.store.redis_scripts import BANS_KEY, BLOCKED_BY_PREFIX, BLOCKS_PREFIX, SHADOW_KEY
+
+log = logging.getLogger("aleatoria.store.safety")
+
+T = TypeVar("T")
+
+REPORTS_KEY = "aleatoria:reports"
+REPORTERS_PREFIX = "aleatoria:reporters:"
+_SCAN_CHUNK = 200
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisSafety:
+    def __init__(self, keeper: RedisKeeper, fallback: MemorySafety, *, report_cap: int) -> None:
+        self._keeper = keeper
+        self._fallback = fallback
+        self._report_cap = report_cap
+        self._block = keeper.client.scripts.block
+
+    async def _read(self, fn: Callable[[Any], T]) -> T | None:
+        return await self._keeper.read(fn)
+
+    async def _write(self, fn: Callable[[Any], T]) -> T | None:
+        done = await self._keeper.run(fn)
+        return None if done is None else done.value
+
+    # -- admission -----------------------------------------------------------------------------
+
+    async def admit(self, user: str, now: float) -> Admission:
+        found = await self._read(partial(_admission, user=user))
+        if found is None:
+            return self._fallback.admit_now(user, now)
+        ban_json, blocked_by = found
+        ban = None
+        if ban_json is not None:
+            ban = Ban.from_json(orjson.loads(ban_json))
+            if not ban.active(now):
+                await self._write(partial(_forget_ban, user=user))
+                ban = None
+        return Admission(ban, frozenset(_text(who) for who in blocked_by))
+
+    # -- blocks --------------------------------------------------------------------------------
+
+    async def block(self, blocker: str, blocked: str) -> bool:
+        keys = [BLOCKS_PREFIX + blocker, BLOCKED_BY_PREFIX + blocked]
+        done = await self._write(partial(self._run_block, keys, [blocker, blocked, MAX_BLOCKS]))
+        if done is None:
+            return self._fallback.block_now(blocker, blocked)
+        return bool(done)
+
+    def _run_block(self, keys: list[str], args: list[Any], r: Any) -> Any:
+        return self._block(keys, args, client=r)
+
+    async def unblock(self, blocker: str, blocked: str) -> None:
+        done = await self._write(partial(_unblock, blocker=blocker, blocked=blocked))
+        if done is None:
+            self._fallback.unblock_now(blocker, blocked)
+
+    async def blocked(self, user: str) -> list[str]:
+        found = await self._read(lambda r: r.smembers(BLOCKS_PREFIX + user))
+        if found is None:
+            return await self._fallback.blocked(user)
+        return sorted(_text(who) for who in found)
+
+    # -- reports -------------------------------------------------------------------------------
+
+    async def add_report(self, report: dict[str, Any], now: float) -> tuple[str, int]:
+        data = orjson.dumps(report)
+        fn = partial(
+            _add_report,
+            data=data,
+            reported=str(report["reported"]),
+            reporter=str(report["reporter"]),
+            now=now,
+            cap=self._report_cap,
+        )
+        done = await self._write(fn)
+        if done is None:
+            return self._fallback.add_report_now(orjson.loads(data), now)
+        return done
+
+    async def reports(
+        self, limit: int, after: str | None = None, user: str | None = None
+    ) -> list[dict[str, Any]]:
+        found = await self._read(
+            partial(_reports, limit=limit, after=after, user=user, scan=self._report_cap)
+        )
+        if found is None:
+            return await self._fallback.reports(limit, after, user)
+        return found
+
+    # -- bans ----------------------------------------------------------------------------------
+
+    async def ban(self, ban: Ban) -> None:
+        done = await self._write(partial(_ban, ban=ban))
+        if done is None:
+            self._fallback.ban_now(ban)
+
+    async def unban(self, user: str) -> bool:
+        done = await self._write(partial(_forget_ban, user=user))
+        if done is None:
+            return await self._fallback.unban(user)
+        return bool(done)
+
+    async def bans(self, now: float) -> list[Ban]:
+        found = await self._read(lambda r: r.hgetall(BANS_KEY))
+        if found is None:
+            return await self._fallback.bans(now)
+        bans = [Ban.from_json(orjson.loads(value)) for value in found.values()]
+        ended = [ban.user for ban in bans if not ban.active(now)]
+        if ended:
+            await self._write(partial(_forget_bans, users=ended))
+        return sorted((ban for ban in bans if ban.active(now)), key=lambda ban: ban.created, reverse=True)
+
+
+# -- the calls (worker threads) ------------------------------------------------------------------
+
+
+def _admission(r: redis.Redis, *, user: str) -> tuple[bytes | None, set[bytes]]:
+    pipe = r.pipeline(transaction=False)
+    pipe.hget(BANS_KEY, user)
+    pipe.smembers(BLOCKED_BY_PREFIX + user)
+    ban_json, blocked_by = pipe.execute()
+    return ban_json, blocked_by
+
+
+def _unblock(r: redis.Redis, *, blocker: str, blocked: str) -> bool:
+    pipe = r.pipeline(transaction=False)
+    pipe.srem(BLOCKS_PREFIX + blocker, blocked)
+    pipe.srem(BLOCKED_BY_PREFIX + blocked, blocker)
+    pipe.execute()
+    return True
+
+
+def _add_report(
+    r: redis.Redis, *, data: bytes, reported: str, reporter: str, now: float, cap: int
+) -> tuple[str, int]:
+    report_id = r.xadd(REPORTS_KEY, {"report": data}, maxlen=cap, approximate=True)
+    key = REPORTERS_PREFIX + reported
+    pipe = r.pipeline(transaction=False)
+    pipe.zadd(key, {reporter: now})
+    pipe.zremrangebyscore(key, "-inf", now - AUTO_SHADOW_WINDOW)
+    pipe.zcard(key)
+    pipe.expire(key, int(AUTO_SHADOW_WINDOW) + 60)
+    _, _, reporters, _ = pipe.execute()
+    return _text(report_id), int(reporters)
+
+
+def _reports(
+    r: redis.Redis, *, limit: int, after: str | None, user: str | None, scan: int
+) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    upper = "+" if after is None else "(" + after
+    scanned = 0
+    while len(found) < limit and scanned < scan:
+        chunk = r.xrevrange(REPORTS_KEY, max=upper, min="-", count=_SCAN_CHUNK if user else limit)
+        if not chunk:
+            break
+        for entry_id, fields in chunk:
+            scanned += 1
+            raw = (fields or {}).get(b"report") or b"{}"
+            report = orjson.loads(raw)
+            report["id"] = _text(entry_id)
+            if user is None or report.get("reported") == user:
+                found.append(report)
+                if len(found) >= limit:
+                    break
+        upper = "(" + _text(chunk[-1][0])
+    return found
+
+
+def _ban(r: redis.Redis, *, ban: Ban) -> bool:
+    pipe = r.pipeline(transaction=False)
+    pipe.hset(BANS_KEY, ban.user, orjson.dumps(ban.to_json()))
+    if ban.shadow:
+        pipe.zadd(SHADOW_KEY, {ban.user: FOREVER if ban.until is None else ban.until})
+    else:
+        pipe.zrem(SHADOW_KEY, ban.user)
+    pipe.execute()
+    return True
+
+
+def _forget_ban(r: redis.Redis, *, user: str) -> int:
+    pipe = r.pipeline(transaction=False)
+    pipe.hdel(BANS_KEY, user)
+    pipe.zrem(SHADOW_KEY, user)
+    removed, _ = pipe.execute()
+    return int(removed)
+
+
+def _forget_bans(r: redis.Redis, *, users: list[str]) -> bool:
+    pipe = r.pipeline(transaction=False)
+    pipe.hdel(BANS_KEY, *users)
+    pipe.zrem(SHADOW_KEY, *users)
+    pipe.execute()
+    return True
