@@ -13,6 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import orjson
+
 from aleatoria.safety import AUTO_SHADOW_WINDOW, MAX_BLOCKS, Admission, Ban, report_sort_key
 
 DEFAULT_REPORT_CAP = 10_000
@@ -87,7 +89,8 @@ class MemorySafety:
             self._seq = itertools.count()
             self._last_ms = ms
         report_id = f"{ms}-{next(self._seq)}"
-        self._reports.append({**report, "id": report_id})
+        # Kept as plain JSON data, as Redis gives it back (evidence arrives as fragments).
+        self._reports.append({**orjson.loads(orjson.dumps(report)), "id": report_id})
         reported, reporter = str(report["reported"]), str(report["reporter"])
         recent = self._reporters.setdefault(reported, {})
         for old in [who for who, when in recent.items() if now - when >= AUTO_SHADOW_WINDOW]:

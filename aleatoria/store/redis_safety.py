@@ -10,8 +10,8 @@ reads them in its own cluster slot):
   removed when next read;
 - ``aleatoria:shadow:{available:webrtc}``: sorted set, shadow-banned user -> end (unix
   seconds; ``FOREVER`` for a permanent one), read by the pick;
-- ``aleatoria:reports``: a stream of reports (``report`` field: the JSON), capped near
-  ``report_cap`` (``MAXLEN ~``); its entry ids are the report ids;
+- ``aleatoria:reports``: a stream of reports (``report`` field: the JSON), capped at
+  ``report_cap`` (exact ``MAXLEN``: reports are rare); its entry ids are the report ids;
 - ``aleatoria:reporters:<user>``: sorted set, who reported ``user`` -> when, trimmed to the
   auto-shadow window and expiring with it.
 
@@ -173,7 +173,7 @@ def _unblock(r: redis.Redis, *, blocker: str, blocked: str) -> bool:
 def _add_report(
     r: redis.Redis, *, data: bytes, reported: str, reporter: str, now: float, cap: int
 ) -> tuple[str, int]:
-    report_id = r.xadd(REPORTS_KEY, {"report": data}, maxlen=cap, approximate=True)
+    report_id = r.xadd(REPORTS_KEY, {"report": data}, maxlen=cap, approximate=False)
     key = REPORTERS_PREFIX + reported
     pipe = r.pipeline(transaction=False)
     pipe.zadd(key, {reporter: now})

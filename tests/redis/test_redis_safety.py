@@ -1,0 +1,106 @@
+"""Safety in Redis (PROTOCOL.md section 13): blocks, bans and reports live in Redis and
+survive a server restart; the Redis pick keeps blocked pairs and shadow-banned users apart;
+reports are a capped stream, read newest first with paging; while Redis is down the store
+answers from memory."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import trio
+from redis_server import RedisServer
+from redis_support import running_server, server_config
+from wsclient import connect
+
+from aleatoria.safety import Ban
+from aleatoria.store.redis import open_redis_store
+
+
+async def test_blocks_and_bans_survive_a_restart(redis_server: RedisServer) -> None:
+    config = server_config(redis_server.url, admin_token="t")
+    async with running_server(config) as port, connect(port, "alice") as alice:
+        await alice.request("user_blocked", type="block_user", payload={"user": "bob"})
+    async with open_redis_store(config, redis_server.url) as store:
+        await store.safety.ban(Ban("carol", None, "spam", created=time.time()))
+    # A new server process on the same Redis (the first one is gone).
+    async with running_server(config) as port:
+        async with connect(port, "bob") as bob:
+            await bob.send(type="chat_message", toUser="alice", payload={"content": "hi"})
+            assert "peer_unavailable" == (await bob.expect("error"))["payload"]["code"]
+        async with connect(port, "alice") as alice:
+            assert {"users": ["bob"]} == (await alice.request("blocked_users", type="get_blocked"))["payload"]
+        async with httpx.AsyncClient() as http:
+            upgrade = {
+                "connection": "upgrade",
+                "upgrade": "websocket",
+                "sec-websocket-version": "13",
+                "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+            }
+            refused = await http.get(f"http://127.0.0.1:{port}/ws?userId=carol", headers=upgrade)
+            assert (403, "banned\n") == (refused.status_code, refused.text)
+
+
+async def test_redis_pick_respects_blocks_and_shadow_bans(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    async with open_redis_store(server_config(url), url) as store:
+        for user in ("alice", "bob", "mallory", "eve"):
+            await store.connect(user, f"c-{user}")
+        assert await store.safety.block("alice", "bob")
+        await store.set_available("bob")
+        assert (await store.request_peer("alice", None)).no_peer  # alice blocked bob
+        await store.set_available("alice")
+        assert (await store.request_peer("bob", None)).no_peer  # and the other way round
+        await store.safety.unblock("alice", "bob")
+        assert "alice" == (await store.request_peer("bob", None)).peer
+        # Shadow bans: apart from everyone else, together with each other.
+        now = time.time()
+        await store.safety.ban(Ban("mallory", None, shadow=True, created=now))
+        await store.safety.ban(Ban("eve", now + 60, shadow=True, created=now))
+        await store.set_available("mallory")
+        await store.hangup("alice", "bob")
+        await store.hangup("bob", "alice")
+        assert (await store.request_peer("alice", None)).no_peer
+        assert "mallory" == (await store.request_peer("eve", None)).peer
+        # A shadow ban that ended no longer separates (its end is the caller's clock).
+        await store.safety.ban(Ban("eve", now - 1, shadow=True, created=now - 61))
+        await store.hangup("eve", "mallory")
+        await store.set_available("eve")
+        assert "eve" == (await store.request_peer("alice", None)).peer
+
+
+async def test_reports_stream_newest_first_with_paging(redis_server: RedisServer) -> None:
+    url = redis_server.url
+    async with open_redis_store(server_config(url, report_cap=50), url) as store:
+        ids = []
+        for i in range(120):
+            report_id, count = await store.safety.add_report(
+                {"reporter": f"r{i % 3}", "reported": "bob" if i % 2 else "zed", "n": i}, time.time()
+            )
+            ids.append(report_id)
+        assert 3 == count  # distinct reporters of zed within the hour
+        newest = await store.safety.reports(10)
+        assert [119 - i for i in range(10)] == [r["n"] for r in newest]
+        assert ids[-1] == newest[0]["id"]
+        page = await store.safety.reports(5, after=newest[-1]["id"])
+        assert [109 - i for i in range(5)] == [r["n"] for r in page]
+        about_bob = await store.safety.reports(4, user="bob")
+        assert [119, 117, 115, 113] == [r["n"] for r in about_bob]
+        # Capped at report_cap: the newest are kept.
+        kept = await store.safety.reports(200)
+        assert [119 - i for i in range(50)] == [r["n"] for r in kept]
+
+
+async def test_safety_answers_from_memory_while_redis_is_down(redis_down: RedisServer) -> None:
+    url = redis_down.url
+    async with open_redis_store(server_config(url, redis_connect_timeout=0.2), url) as store:
+        assert "degraded" == store.health()
+        assert await store.safety.block("alice", "bob")
+        assert ["bob"] == await store.safety.blocked("alice")
+        admission = await store.safety.admit("bob", time.time())
+        assert frozenset({"alice"}) == admission.blocked_by
+        report_id, _ = await store.safety.add_report({"reporter": "alice", "reported": "bob"}, time.time())
+        assert [report_id] == [r["id"] for r in await store.safety.reports(5)]
+        with trio.fail_after(5):
+            await store.safety.ban(Ban("bob", None, created=time.time()))
+        assert (await store.safety.admit("bob", time.time())).refused
