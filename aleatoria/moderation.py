@@ -10,6 +10,8 @@ import logging
 import time
 from typing import Any
 
+import trio
+
 from aleatoria.metrics import Stats
 from aleatoria.router import Router
 from aleatoria.safety import Ban
@@ -17,6 +19,8 @@ from aleatoria.store import Store
 from aleatoria.webhook import Webhook
 
 log = logging.getLogger("aleatoria.moderation")
+
+BANS_COUNTED_EVERY = 30.0
 
 
 class Moderation:
@@ -26,6 +30,14 @@ class Moderation:
         self.router = router
         self.stats = stats
         self.webhook = webhook
+        self.bans_active = 0  # as last counted (``count_bans_forever``), for /metrics
+
+    async def count_bans_forever(self, every: float = BANS_COUNTED_EVERY) -> None:
+        """Keep ``bans_active`` current (bans end by themselves, and other instances make
+        them): a store read every ``every`` seconds."""
+        while True:
+            self.bans_active = len(await self.safety.bans(time.time()))
+            await trio.sleep(every)
 
     async def ban(self, user: str, *, duration: float | None, reason: str = "", shadow: bool = False) -> Ban:
         """Ban ``user`` for ``duration`` seconds (None: for good). A ban closes its
@@ -38,6 +50,7 @@ class Moderation:
     async def apply(self, ban: Ban) -> None:
         await self.safety.ban(ban)
         self.stats.bans += 1
+        self.bans_active = len(await self.safety.bans(time.time()))
         log.info(
             "event=banned user=%s shadow=%s until=%s reason=%r",
             ban.user,
@@ -51,6 +64,7 @@ class Moderation:
 
     async def unban(self, user: str) -> bool:
         found = await self.safety.unban(user)
+        self.bans_active = len(await self.safety.bans(time.time()))
         if found:
             log.info("event=unbanned user=%s", user)
             self.router.notify_shadow(user, False)

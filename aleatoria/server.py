@@ -227,6 +227,7 @@ class Server:
                 "1 when Redis is configured but failing",
                 1.0 if self.store.health() == "degraded" else 0.0,
             ),
+            "aleatoria_bans_active": ("bans in force, shadow bans included", self.moderation.bans_active),
             "aleatoria_bus_up": (
                 "1 while cross-instance delivery goes through Redis (scale-out)",
                 1.0 if self._bus_state() == "ok" else 0.0,
@@ -486,6 +487,7 @@ async def _run_body(server: Server, listener: socket.socket, body: trio.CancelSc
     with body:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(supervise, server.hub, server.config)
+            nursery.start_soon(server.moderation.count_bans_forever)
             webhook = server.moderation.webhook
             if webhook is not None:
                 nursery.start_soon(webhook.run)

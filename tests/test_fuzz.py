@@ -33,11 +33,15 @@ USER = "fuzzer"
 SYSTEM_REPLIES = {
     m.ROOM_JOINED, m.ROOM_LEFT, m.ROOMS_LIST, m.ASSIGN_ROLE, m.NO_PEER_AVAILABLE,
     m.RECENT_MESSAGES, m.DIRECT_MESSAGES, m.ERROR, m.ERROR_RESPONSE, m.PONG,
+    m.ROOMS_DIRECTORY, m.ROOM_MEMBERS, m.STATS, m.TOKEN_REFRESHED,
+    m.USER_BLOCKED, m.USER_UNBLOCKED, m.BLOCKED_USERS, m.REPORT_RECEIVED,
 }  # fmt: skip
 CLIENT_TYPES = [
     m.CHAT_MESSAGE, m.JOIN_ROOM, m.LEAVE_ROOM, m.GET_ROOMS, m.USER_AVAILABLE, m.USER_UNAVAILABLE,
     m.REQUEST_RANDOM_PEER, m.WEBRTC_OFFER, m.WEBRTC_ANSWER, m.WEBRTC_CANDIDATE, m.HANGUP,
     m.GET_RECENT_MESSAGES, m.GET_DIRECT_MESSAGES, m.PING,
+    m.LIST_ROOMS, m.GET_ROOM_MEMBERS, m.GET_STATS, m.REFRESH_TOKEN,
+    m.BLOCK_USER, m.UNBLOCK_USER, m.GET_BLOCKED, m.REPORT_USER,
 ]  # fmt: skip
 
 # -- strategies -------------------------------------------------------------------------------
@@ -68,6 +72,11 @@ payloads = json_values | st.fixed_dictionaries(
         | json_values,
         "withUser": id_like,
         "currentPeerId": id_like,
+        # Safety (block_user, unblock_user, report_user).
+        "user": id_like,
+        "reason": st.sampled_from(["spam", "hate", "boring", ""]) | json_values,
+        "details": st.sampled_from(["", "d" * 501]) | json_values,
+        "matchId": st.sampled_from(["m-1", "m" * 129]) | json_values,
     },
 )
 envelopes = st.fixed_dictionaries(

@@ -21,6 +21,7 @@ from aleatoria import messages as m
 from aleatoria.codec import decode
 from aleatoria.core import Facts, Rules, Step
 from aleatoria.errors import ClientError, InvalidMessage
+from aleatoria.limits import TokenBucket
 from aleatoria.matchmaking import RequestOutcome
 from aleatoria.requests import (
     ChatToRoom,
@@ -44,6 +45,7 @@ CORE_MODULES = [
     "aleatoria.matchmaking",
     "aleatoria.origin",
     "aleatoria.auth",
+    "aleatoria.safety",
 ]
 PACKAGE = Path(__file__).resolve().parent.parent / "aleatoria"
 
@@ -84,6 +86,9 @@ def facts(
     matches: dict[str, str] | None = None,
     rules: Rules | None = None,
     monotonic: float = 1000.0,
+    blocked_by: set[str] | None = None,
+    shadow: bool = False,
+    match_budget: TokenBucket | None = None,
 ) -> Facts:
     ids = iter(range(1, 1_000_000))
     known = matches or {}
@@ -96,6 +101,9 @@ def facts(
         new_id=lambda: f"id-{next(ids)}",
         match_peer=known.get,
         rules=rules or Rules(),
+        blocked_by=blocked_by or set(),
+        shadow=shadow,
+        match_budget=match_budget,
     )
 
 
@@ -380,3 +388,126 @@ def test_directory_requests() -> None:
     )
     assert m.RoomMembers(room="Lobby", count=2, members=["a", "b"]) == members[-1].payload
     assert core.Counts() == core.handle(request({"type": "get_stats"}), facts()).call
+
+
+# -- section 13: safety --------------------------------------------------------------------------
+
+
+def test_block_stores_then_tells_the_blocked_user() -> None:
+    effects = run(core.handle(request({"type": "block_user", "payload": {"user": "bob"}}), facts()), True)
+    assert [
+        core.StoreBlock("bob"),
+        core.NotifyBlock("bob", True),
+        core.Reply(m.USER_BLOCKED, m.UserTarget(user="bob")),
+    ] == effects
+
+
+def test_block_ends_a_live_match_with_peer_left() -> None:
+    matched = facts(matches={"alice": "bob", "bob": "alice"})
+    effects = run(
+        core.handle(request({"type": "block_user", "payload": {"user": "bob"}}), matched), True, True
+    )
+    assert [
+        core.StoreBlock("bob"),
+        core.Hangup("bob"),
+        core.NotifyBlock("bob", True),
+        core.PeerLeft("bob"),
+        core.Reply(m.USER_BLOCKED, m.UserTarget(user="bob")),
+    ] == effects
+
+
+def test_block_refusals() -> None:
+    assert "invalid_payload" == refused({"type": "block_user", "payload": {"user": "alice"}})
+    step = core.handle(request({"type": "block_user", "payload": {"user": "bob"}}), facts())
+    with pytest.raises(ClientError) as full:
+        run(step, False)
+    assert "limit_reached" == full.value.code
+
+
+@pytest.mark.parametrize("kind", ["chat", *sorted(m.SIGNALING_TYPES)])
+def test_the_blocked_may_not_write_to_the_blocker(kind: str) -> None:
+    message: dict[str, Any] = {"type": kind, "toUser": "bob", "payload": {"content": "x"}}
+    if kind == "chat":
+        message["type"] = m.CHAT_MESSAGE
+    assert "peer_unavailable" == refused(message, facts(blocked_by={"bob"}))
+    # Anyone else is reachable.
+    core.handle(request({**message, "toUser": "carol"}), facts(blocked_by={"bob"}))
+
+
+def test_a_shadow_banned_user_reaches_only_itself() -> None:
+    shadow = facts(shadow=True)
+    room = run(
+        core.handle(request({"type": "chat_message", "room": "Lobby", "payload": {"content": "x"}}), shadow)
+    )
+    assert [(core.Deliver, "alice")] == [(type(e), e.user) for e in room]
+    dm = run(
+        core.handle(request({"type": "chat_message", "toUser": "bob", "payload": {"content": "x"}}), shadow)
+    )
+    delivered = [e for e in dm if isinstance(e, core.Deliver)]
+    assert ["alice"] == [e.user for e in delivered]
+    assert payload_of(delivered[0].data)["incoming"] is False
+    assert not [e for e in dm if isinstance(e, core.RecordDirect | core.RecordRoom)]
+    # Signaling: to its match peer as usual, to anyone else dropped without a word.
+    offer = {"type": "webrtc_offer", "toUser": "bob", "payload": {}}
+    assert [] == run(core.handle(request(offer), shadow))
+    paired = facts(shadow=True, matches={"alice": "bob", "bob": "alice"})
+    assert [core.Relay] == [type(e) for e in run(core.handle(request(offer), paired), True)]
+
+
+def test_report_gathers_evidence_stores_blocks_and_replies() -> None:
+    def chat(sender: str, content: str, at: str) -> bytes:
+        return orjson.dumps(
+            {"type": "chat_message", "fromUser": sender, "createTime": at, "payload": {"content": content}}
+        )
+
+    dms = [chat("bob", "dm", "2025-01-01T00:00:00Z")]
+    rooms = [
+        chat("bob", "b2", "2025-01-01T00:00:02Z"),
+        chat("carol", "c", "2025-01-01T00:00:01Z"),
+        chat("bob", "b1", "2025-01-01T00:00:01Z"),
+    ]
+    message = {"type": "report_user", "payload": {"user": "bob", "reason": "spam", "details": "d"}}
+    step = core.handle(request(message), facts(rooms={"Lobby", "Games"}))
+    effects = run(step, dms, rooms, ("7-0", 1), True)
+    calls = [type(e) for e in effects if not isinstance(e, core.Reply | core.NotifyBlock | core.ReportFiled)]
+    assert [core.DirectHistory, core.RoomHistories, core.StoreReport, core.StoreBlock] == calls
+    assert core.RoomHistories(("Games", "Lobby"), 100) in effects
+    (filed,) = [e for e in effects if isinstance(e, core.ReportFiled)]
+    report = orjson.loads(orjson.dumps(filed.report))
+    assert ("7-0", "alice", "bob", "spam", "d") == (
+        filed.report_id,
+        report["reporter"],
+        report["reported"],
+        report["reason"],
+        report["details"],
+    )
+    assert ["dm"] == [r["payload"]["content"] for r in report["evidence"]["directMessages"]]
+    assert ["b1", "b2"] == [r["payload"]["content"] for r in report["evidence"]["roomMessages"]]
+    assert core.Reply(m.REPORT_RECEIVED, m.ReportReceived(report_id="7-0")) == effects[-1]
+
+
+def test_report_with_a_full_block_list_still_files() -> None:
+    message = {"type": "report_user", "payload": {"user": "bob", "reason": "hate"}}
+    effects = run(core.handle(request(message), facts()), [], [], ("1-0", 1), False)
+    assert isinstance(effects[-1], core.Reply) and m.REPORT_RECEIVED == effects[-1].kind
+    assert not [e for e in effects if isinstance(e, core.NotifyBlock)]
+
+
+def test_enough_distinct_reporters_shadow_ban_for_a_day() -> None:
+    message = {"type": "report_user", "payload": {"user": "bob", "reason": "spam"}}
+    rules = Rules(auto_shadow_reports=3)
+    below = run(core.handle(request(message), facts(rules=rules)), [], [], ("1-0", 2), True)
+    assert not [e for e in below if isinstance(e, core.ShadowBan)]
+    at = run(core.handle(request(message), facts(rules=rules)), [], [], ("1-1", 3), None, True)
+    (ban,) = [e for e in at if isinstance(e, core.ShadowBan)]
+    assert ("bob", 86400.0) == (ban.user, ban.seconds)
+
+
+def test_skip_limit_refuses_peer_requests_over_the_rate() -> None:
+    budget = TokenBucket(2.0, 2)
+    the_facts = facts(match_budget=budget, monotonic=0.0)
+    for _ in range(2):
+        core.handle(request({"type": "request_random_peer"}), the_facts)
+    assert "rate_limited" == refused({"type": "request_random_peer"}, the_facts)
+    the_facts.monotonic = 0.5
+    core.handle(request({"type": "request_random_peer"}), the_facts)

@@ -217,6 +217,8 @@ async def test_ban_refuses_and_closes_with_4003(server: InMemoryServer, autojump
     async with connect(server, "bob") as bob:
         await moderation.ban("bob", duration=60, reason="spam")
         assert (4003, "banned") == (bob.socket.close_code, bob.socket.close_reason)
+        stats = server.server.stats
+        assert (1, 1, 1) == (stats.bans, stats.kicks, moderation.bans_active)
     with pytest.raises(Closed) as refused:
         async with connect(server, "bob"):
             pass
