@@ -39,9 +39,11 @@ from aleatoria.errors import (
     TOO_LARGE,
     ClientError,
 )
+from aleatoria.ice import IcePolicy, ice_servers
 from aleatoria.limits import TokenBucket
 from aleatoria.matchmaking import IMPOLITE, POLITE, RequestOutcome
 from aleatoria.messages import Envelope
+from aleatoria.privacy import scrub_signal
 from aleatoria.requests import (
     BlockUser,
     ChatToRoom,
@@ -49,6 +51,7 @@ from aleatoria.requests import (
     ClientMessage,
     GetBlocked,
     GetDirectMessages,
+    GetIceServers,
     GetRecentMessages,
     GetRoomMembers,
     GetRooms,
@@ -81,6 +84,7 @@ class Rules:
     # A user reported by this many distinct users within an hour is shadow-banned for a day
     # (0: never).
     auto_shadow_reports: int = 0
+    ice: IcePolicy = attrs.Factory(IcePolicy)
 
 
 @attrs.define
@@ -429,6 +433,8 @@ def handle(request: ClientMessage, facts: Facts) -> Step:
             )
         case ReportUser():
             return _report(request, facts)
+        case GetIceServers():
+            return _done(Reply(m.ICE_SERVERS, _ice_servers(facts)))
         case _:
             assert_never(request)
 
@@ -530,12 +536,20 @@ def _signal(request: Signal, facts: Facts) -> Step:
         raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
     if facts.shadow and peer != facts.user:
         return DONE  # a shadow-banned user reaches its match peer alone; the rest is dropped
+    payload = request.payload
+    if facts.rules.ice.relay_only:
+        # Privacy mode (PROTOCOL.md section 14): no address but a TURN server's reaches the
+        # peer. A dropped candidate is not an error: the sender's client did nothing wrong.
+        scrubbed = scrub_signal(request.kind, payload)
+        if not scrubbed.keep:
+            return DONE
+        payload = scrubbed.payload
     data = encode(
         Envelope(
             type=request.kind,
             from_user=facts.user,
             to_user=to,
-            payload=request.payload,
+            payload=payload,
             message_id=request.message_id or facts.new_id(),
             create_time=facts.clock()[1],
         )
@@ -561,7 +575,7 @@ def _matched(outcome: RequestOutcome, facts: Facts) -> Step:
     if outcome.peer is None:
         effects.append(Reply(m.NO_PEER_AVAILABLE, m.NoPeer(message=m.NO_PEER_TEXT)))
         return Step(tuple(effects))
-    effects.append(Reply(m.ASSIGN_ROLE, m.AssignRole(role=outcome.role, peer_id=outcome.peer)))
+    effects.append(Reply(m.ASSIGN_ROLE, _assign_role(outcome.role, outcome.peer, facts.user, facts)))
     if not outcome.resend:
         role = other_role(outcome.role)
         data = encode(
@@ -569,7 +583,7 @@ def _matched(outcome: RequestOutcome, facts: Facts) -> Step:
                 type=m.ASSIGN_ROLE,
                 from_user=m.SYSTEM,
                 to_user=outcome.peer,
-                payload=m.AssignRole(role=role, peer_id=facts.user),
+                payload=_assign_role(role, facts.user, outcome.peer, facts),
             )
         )
         # The header carries peer and role: the peer's instance mirrors the match.
@@ -579,6 +593,31 @@ def _matched(outcome: RequestOutcome, facts: Facts) -> Step:
 
 def other_role(role: str) -> str:
     return POLITE if role == IMPOLITE else IMPOLITE
+
+
+# ICE servers (PROTOCOL.md section 14)
+
+
+def _unix_now(facts: Facts) -> int:
+    return facts.clock()[0] // 1_000_000_000
+
+
+def _ice_servers(facts: Facts) -> m.IceServers:
+    ice = facts.rules.ice
+    servers = ice_servers(ice, facts.user, _unix_now(facts))
+    return m.IceServers(ice_servers=servers, ice_transport_policy=ice.transport_policy, ttl=ice.ttl)
+
+
+def _assign_role(role: str, peer: str, user: str, facts: Facts) -> m.AssignRole:
+    """``assign_role`` for ``user``, with ICE servers and credentials of its own when the
+    server has any (without, the payload is the original server's, byte for byte)."""
+    ice = facts.rules.ice
+    if not ice.configured:
+        return m.AssignRole(role=role, peer_id=peer)
+    servers = ice_servers(ice, user, _unix_now(facts))
+    return m.AssignRole(
+        role=role, peer_id=peer, ice_servers=servers, ice_transport_policy=ice.transport_policy
+    )
 
 
 # rooms and history

@@ -38,6 +38,7 @@ BLOCK_USER = "block_user"
 UNBLOCK_USER = "unblock_user"
 GET_BLOCKED = "get_blocked"
 REPORT_USER = "report_user"
+GET_ICE_SERVERS = "get_ice_servers"  # PROTOCOL.md section 14
 
 SIGNALING_TYPES = frozenset({WEBRTC_OFFER, WEBRTC_ANSWER, WEBRTC_CANDIDATE, HANGUP})
 CLIENT_TYPES = SIGNALING_TYPES | {
@@ -59,6 +60,7 @@ CLIENT_TYPES = SIGNALING_TYPES | {
     UNBLOCK_USER,
     GET_BLOCKED,
     REPORT_USER,
+    GET_ICE_SERVERS,
 }
 
 # Server -> client types.
@@ -80,6 +82,7 @@ USER_BLOCKED = "user_blocked"
 USER_UNBLOCKED = "user_unblocked"
 BLOCKED_USERS = "blocked_users"
 REPORT_RECEIVED = "report_received"
+ICE_SERVERS = "ice_servers"
 
 NO_PEER_TEXT = "No peer available at the moment. Please try again later."
 PEER_LEFT = "peer_left"
@@ -199,6 +202,19 @@ class Stats:
 class AssignRole:
     role: str
     peer_id: str
+    # PROTOCOL.md section 14: present when the server has ICE servers to hand out.
+    ice_servers: list[Any] | None = None
+    ice_transport_policy: str | None = None
+
+
+@attrs.frozen
+class IceServers:
+    """``iceServers`` as ``RTCPeerConnection`` takes it, ``all`` or ``relay``, and how many
+    seconds the TURN credentials in it stay valid."""
+
+    ice_servers: list[Any]
+    ice_transport_policy: str
+    ttl: int
 
 
 @attrs.frozen

@@ -125,6 +125,10 @@ class ReportUser(NamedTuple):
     match_id: str | None = None
 
 
+class GetIceServers(NamedTuple):
+    pass
+
+
 class RefreshToken(NamedTuple):
     token: str
 
@@ -150,6 +154,7 @@ ClientMessage = (
     | UnblockUser
     | GetBlocked
     | ReportUser
+    | GetIceServers
 )
 
 _GET_ROOMS = GetRooms()
@@ -158,6 +163,7 @@ _UNAVAILABLE = UserUnavailable()
 _PING = Ping()
 _STATS = GetStats()
 _GET_BLOCKED = GetBlocked()
+_ICE = GetIceServers()
 
 
 def parse(env: Envelope, limits: Limits) -> ClientMessage:
@@ -210,6 +216,8 @@ def parse(env: Envelope, limits: Limits) -> ClientMessage:
         return _STATS
     if kind == m.PING:
         return _PING
+    if kind == m.GET_ICE_SERVERS:
+        return _ICE
     if kind == m.REFRESH_TOKEN:
         return RefreshToken(payload_as(env.payload, m.TokenRefresh).token)
     if kind == m.BLOCK_USER:

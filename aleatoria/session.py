@@ -295,6 +295,7 @@ def _limits_and_rules(config: Config) -> tuple[Limits, Rules]:
         max_payload_bytes=config.max_payload_bytes,
         auth_secret=config.auth_secret,
         auto_shadow_reports=config.auto_shadow_reports,
+        ice=config.ice,
     )
     return limits, rules
 

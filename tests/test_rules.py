@@ -46,6 +46,8 @@ CORE_MODULES = [
     "aleatoria.origin",
     "aleatoria.auth",
     "aleatoria.safety",
+    "aleatoria.ice",
+    "aleatoria.privacy",
 ]
 PACKAGE = Path(__file__).resolve().parent.parent / "aleatoria"
 
