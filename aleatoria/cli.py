@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import logging
@@ -20,6 +21,7 @@ from aleatoria import __version__, logs
 from aleatoria.auth import make_token, parse_duration
 from aleatoria.config import SETTINGS, Config, ConfigError, from_environment
 from aleatoria.limits import id_problem
+from aleatoria.portlock import lock_port
 from aleatoria.server import serve
 from aleatoria.workers import ignore_stop_signals, reserve_port, run_workers, stop_when_parent_says
 
@@ -118,17 +120,20 @@ def _serve(args: argparse.Namespace, serve_args: Sequence[str]) -> int:
         return 2
     logs.configure(config.log_level, args.log_format)
     _start_error_reporting()
-    if not config.auth_secret:
-        log.warning("event=auth_disabled detail=%r", "no ALEATORIA_AUTH_SECRET: userIds are trusted")
-    elif len(config.auth_secret) < 32:
-        log.warning("event=auth_weak_secret detail=%r", "ALEATORIA_AUTH_SECRET is shorter than 32 bytes")
+    if args.worker is None:  # once per deployment: a --workers parent speaks for its workers
+        _warn_about_auth(config)
     if config.workers > 1 and args.worker is None:
         try:
             reserved = reserve_port(config.host, config.port)
         except OSError as exc:
             return _start_failed(config, [exc], worker=None)
         with reserved:
-            return run_workers(config, serve_args, reserved)
+            try:
+                lock = lock_port(reserved.getsockname()[1])
+            except OSError as exc:  # another deployment shares the port (SO_REUSEPORT)
+                return _start_failed(config, [exc], worker=None)
+            with contextlib.closing(lock) if lock else contextlib.nullcontext():
+                return run_workers(config, serve_args, reserved)
     _tune_garbage_collector()
     if args.worker is not None:
         ignore_stop_signals()  # the drain's signal handlers are _run's; see there
@@ -136,6 +141,13 @@ def _serve(args: argparse.Namespace, serve_args: Sequence[str]) -> int:
     if failed:
         return _start_failed(config, failed, worker=args.worker)
     return 0
+
+
+def _warn_about_auth(config: Config) -> None:
+    if not config.auth_secret:
+        log.warning("event=auth_disabled detail=%r", "no ALEATORIA_AUTH_SECRET: userIds are trusted")
+    elif len(config.auth_secret) < 32:
+        log.warning("event=auth_weak_secret detail=%r", "ALEATORIA_AUTH_SECRET is shorter than 32 bytes")
 
 
 # Why the server could not listen, for the ``start_failed`` line (exit status 1: the

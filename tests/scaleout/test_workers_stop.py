@@ -40,8 +40,9 @@ async def _close_code(client: Client) -> int:
 async def test_workers_drain_and_exit_0_on_a_signal(redis_server: RedisServer, signum: int, to: str) -> None:
     """Eight users on two workers (in a room, one waiting in the pool) and a room message
     just sent; one signal to the parent or to its group: every user is closed with 1001, the
-    parent exits 0 with ``event=workers_stopped``, and Redis holds the message in the room's
-    history but no presence, no instance, no one in the pool."""
+    parent exits 0 with ``event=workers_stopped`` (and warned once that auth is off), and
+    Redis holds the message in the room's history but no presence, no instance, no one in
+    the pool."""
     url = redis_server.url
     async with serve_process("--redis-url", url, "--workers", "2", *FAST, own_group=True) as server:
         codes: dict[str, int] = {}
@@ -81,6 +82,7 @@ async def test_workers_drain_and_exit_0_on_a_signal(redis_server: RedisServer, s
     assert dict.fromkeys(USERS, 1001) == codes
     assert "event=workers_stopped" in server.text()
     assert "failed=" not in server.text()
+    assert 1 == server.text().count("event=auth_disabled")  # once for the deployment
     with redis_client(url) as r:
         assert [] == r.hkeys(PRESENCE_KEY)
         assert 0 == r.zcard(INSTANCES_KEY)
