@@ -21,6 +21,7 @@ from aleatoria import __version__, logs
 from aleatoria.auth import make_token, parse_duration
 from aleatoria.config import SETTINGS, Config, ConfigError, from_environment
 from aleatoria.limits import id_problem
+from aleatoria.overview import open_view_listener
 from aleatoria.portlock import lock_port
 from aleatoria.server import serve
 from aleatoria.workers import ignore_stop_signals, reserve_port, run_workers, stop_when_parent_says
@@ -127,13 +128,18 @@ def _serve(args: argparse.Namespace, serve_args: Sequence[str]) -> int:
             reserved = reserve_port(config.host, config.port)
         except OSError as exc:
             return _start_failed(config, [exc], worker=None)
-        with reserved:
+        with reserved, contextlib.ExitStack() as held:
             try:
+                # Another deployment may share the port (SO_REUSEPORT): the lock says so.
                 lock = lock_port(reserved.getsockname()[1])
-            except OSError as exc:  # another deployment shares the port (SO_REUSEPORT)
+                if lock is not None:
+                    held.enter_context(lock)
+                view = _open_metrics_port(config)
+                if view is not None:
+                    held.enter_context(view)
+            except OSError as exc:
                 return _start_failed(config, [exc], worker=None)
-            with contextlib.closing(lock) if lock else contextlib.nullcontext():
-                return run_workers(config, serve_args, reserved)
+            return run_workers(config, serve_args, reserved, view)
     _tune_garbage_collector()
     if args.worker is not None:
         ignore_stop_signals()  # the drain's signal handlers are _run's; see there
@@ -141,6 +147,16 @@ def _serve(args: argparse.Namespace, serve_args: Sequence[str]) -> int:
     if failed:
         return _start_failed(config, failed, worker=args.worker)
     return 0
+
+
+def _open_metrics_port(config: Config) -> socket.socket | None:
+    """The --workers parent's listener on ``metrics_port`` (None when unset)."""
+    if config.metrics_port is None:
+        return None
+    try:
+        return open_view_listener((config.host, config.metrics_port))
+    except OSError as exc:
+        raise OSError(exc.errno, f"metrics port {config.metrics_port}: {exc.strerror}") from None
 
 
 def _warn_about_auth(config: Config) -> None:

@@ -52,6 +52,7 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from aleatoria.config import Config
+from aleatoria.overview import TreeView, answer_forever
 
 log = logging.getLogger("aleatoria.workers")
 
@@ -80,8 +81,11 @@ def reserve_port(host: str, port: int) -> socket.socket:
 class Supervisor:
     """The parent: starts, restarts and stops the workers."""
 
-    def __init__(self, config: Config, serve_args: Sequence[str], port: int) -> None:
+    def __init__(
+        self, config: Config, serve_args: Sequence[str], port: int, view: socket.socket | None = None
+    ) -> None:
         self.config = config
+        self.view = view  # metrics_port's listener: the tree's /health and /metrics
         self.count = config.workers
         self.port = port
         self.serve_args = list(serve_args)
@@ -118,6 +122,8 @@ class Supervisor:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._stop_on_signal, signals)
+                if self.view is not None:
+                    outer.start_soon(answer_forever, self.view, TreeView(self, os.getpid()).answer)
                 async with trio.open_nursery() as slots:
                     for index in range(self.count):
                         slots.start_soon(self._slot, index)
@@ -132,6 +138,10 @@ class Supervisor:
             return 1
         log.info("event=workers_stopped")
         return 0
+
+    def ready_workers(self) -> dict[int, int]:
+        """Worker index -> pid, of the workers that are ready (for the tree's view)."""
+        return {index: self.processes[index].pid for index in sorted(self._ready)}
 
     def _stop(self) -> None:
         self.stopping = True
@@ -241,16 +251,26 @@ class Supervisor:
             if len(self._ready) == self.count and not self._announced:
                 self._announced = True
                 where = f"{_display_host(self.config.host)}:{self.port}"
+                view = where
+                if self.view is not None:
+                    view = f"{_display_host(self.config.host)}:{self.view.getsockname()[1]}"
                 log.info(
-                    "listening on ws://%s/ws workers=%d health=http://%s/health", where, self.count, where
+                    "listening on ws://%s/ws workers=%d health=http://%s/health metrics=http://%s/metrics",
+                    where,
+                    self.count,
+                    view,
+                    view,
                 )
 
 
-def run_workers(config: Config, serve_args: Sequence[str], reserved: socket.socket) -> int:
+def run_workers(
+    config: Config, serve_args: Sequence[str], reserved: socket.socket, view: socket.socket | None = None
+) -> int:
     """Run ``config.workers`` workers on the port ``reserved`` holds (``reserve_port``) until a
-    signal or a worker's start-up failure; returns the parent's exit status."""
+    signal or a worker's start-up failure; returns the parent's exit status. ``view``: the
+    listener of ``metrics_port``, on which the parent answers for the whole tree."""
     port: int = reserved.getsockname()[1]
-    return trio.run(Supervisor(config, serve_args, port).run)
+    return trio.run(Supervisor(config, serve_args, port, view).run)
 
 
 STOP = b"stop\n"  # the parent's stop request, on a worker's stdin
