@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import gc
 import logging
@@ -10,7 +11,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -20,8 +21,10 @@ from aleatoria import __version__, logs
 from aleatoria.auth import make_token, parse_duration
 from aleatoria.config import SETTINGS, Config, ConfigError, from_environment
 from aleatoria.limits import id_problem
+from aleatoria.overview import open_view_listener
+from aleatoria.portlock import lock_port
 from aleatoria.server import serve
-from aleatoria.workers import exit_when_parent_dies, reserve_port, run_workers
+from aleatoria.workers import ignore_stop_signals, reserve_port, run_workers, stop_when_parent_says
 
 log = logging.getLogger("aleatoria.cli")
 
@@ -123,22 +126,49 @@ def _serve(args: argparse.Namespace, serve_args: Sequence[str]) -> int:
         return 2
     logs.configure(config.log_level, args.log_format)
     _start_error_reporting()
-    if not config.auth_secret:
-        log.warning("event=auth_disabled detail=%r", "no ALEATORIA_AUTH_SECRET: userIds are trusted")
-    elif len(config.auth_secret) < 32:
-        log.warning("event=auth_weak_secret detail=%r", "ALEATORIA_AUTH_SECRET is shorter than 32 bytes")
+    if args.worker is None:  # once per deployment: a --workers parent speaks for its workers
+        _warn_about_auth(config)
     if config.workers > 1 and args.worker is None:
         try:
             reserved = reserve_port(config.host, config.port)
         except OSError as exc:
             return _start_failed(config, [exc], worker=None)
-        with reserved:
-            return run_workers(config, serve_args, reserved)
+        with reserved, contextlib.ExitStack() as held:
+            try:
+                # Another deployment may share the port (SO_REUSEPORT): the lock says so.
+                lock = lock_port(reserved.getsockname()[1])
+                if lock is not None:
+                    held.enter_context(lock)
+                view = _open_metrics_port(config)
+                if view is not None:
+                    held.enter_context(view)
+            except OSError as exc:
+                return _start_failed(config, [exc], worker=None)
+            return run_workers(config, serve_args, reserved, view)
     _tune_garbage_collector()
+    if args.worker is not None:
+        ignore_stop_signals()  # the drain's signal handlers are _run's; see there
     failed = trio.run(_run, config, args.worker)
     if failed:
         return _start_failed(config, failed, worker=args.worker)
     return 0
+
+
+def _open_metrics_port(config: Config) -> socket.socket | None:
+    """The --workers parent's listener on ``metrics_port`` (None when unset)."""
+    if config.metrics_port is None:
+        return None
+    try:
+        return open_view_listener((config.host, config.metrics_port))
+    except OSError as exc:
+        raise OSError(exc.errno, f"metrics port {config.metrics_port}: {exc.strerror}") from None
+
+
+def _warn_about_auth(config: Config) -> None:
+    if not config.auth_secret:
+        log.warning("event=auth_disabled detail=%r", "no ALEATORIA_AUTH_SECRET: userIds are trusted")
+    elif len(config.auth_secret) < 32:
+        log.warning("event=auth_weak_secret detail=%r", "ALEATORIA_AUTH_SECRET is shorter than 32 bytes")
 
 
 # Why the server could not listen, for the ``start_failed`` line (exit status 1: the
@@ -216,27 +246,33 @@ def _start_error_reporting() -> None:
 
 
 async def _run(config: Config, worker: int | None) -> list[OSError]:
-    """Serve until SIGINT or SIGTERM (or, in a worker, until the parent is gone). Returns the
+    """Serve until SIGINT or SIGTERM (or, in a worker, until the parent says stop or is gone). Returns the
     errors that kept the server from starting (trio raises them in a group, hence
     ``except*``), or [] once it ran. An error after start-up is a bug: it propagates."""
     failed: list[OSError] = []
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-        try:
-            await nursery.start(partial(serve, config, reuse_port=worker is not None, worker=worker))
-        except* OSError as group:
-            failed = _leaves(group)
-        if failed:
-            nursery.cancel_scope.cancel()
-        elif worker is not None:
-            nursery.start_soon(exit_when_parent_dies, nursery.cancel_scope)
-            _tell_parent("ready")
+    # The handlers stay ours until the shutdown is over: a second signal (a worker gets the
+    # terminal's SIGINT, or systemd's SIGTERM to the group, and then its parent's SIGTERM)
+    # must not kill a draining server. The drain is bounded by shutdown_timeout. A worker
+    # ignores both signals outside this block (``ignore_stop_signals``): its parent's stop
+    # request also comes on stdin, which it watches from the start.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
+            if worker is not None:
+                nursery.start_soon(stop_when_parent_says, nursery.cancel_scope)
+            try:
+                await nursery.start(partial(serve, config, reuse_port=worker is not None, worker=worker))
+            except* OSError as group:
+                failed = _leaves(group)
+            if failed:
+                nursery.cancel_scope.cancel()
+            elif worker is not None:
+                _tell_parent("ready")
     return failed
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("event=signal signal=%s", signal.Signals(signum).name)
-            scope.cancel()
-            return
+async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+    async for signum in signals:
+        log.info("event=signal signal=%s", signal.Signals(signum).name)
+        scope.cancel()
+        return

@@ -202,6 +202,13 @@ SETTINGS: tuple[Setting, ...] = (
         "worker processes sharing the port (SO_REUSEPORT); more than 1 needs Redis",
     ),
     Setting(
+        "metrics_port",
+        "ALEATORIA_METRICS_PORT",
+        int,
+        "port for /health and /metrics of the whole process tree (with --workers: the parent "
+        "serves them, merged; 0 picks a free one; unset = only on the main port)",
+    ),
+    Setting(
         "presence_ttl",
         "ALEATORIA_PRESENCE_TTL",
         float,
@@ -320,6 +327,8 @@ class Config:
     # ``presence_ttl`` is dead: its users leave pool and presence at the next check, so
     # within presence_ttl + heartbeat_interval (13 s by default).
     workers: int = 1
+    # /health and /metrics on a port of their own (with --workers: the whole tree, merged).
+    metrics_port: int | None = None
     presence_ttl: float = 10.0
     heartbeat_interval: float = 3.0
 
@@ -386,6 +395,10 @@ class Config:
         """Raise ConfigError for values that cannot work; return self for chaining."""
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"ALEATORIA_METRICS_PORT must be 0..65535, got {self.metrics_port}")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError("ALEATORIA_METRICS_PORT must differ from ALEATORIA_PORT")
         if self.message_ttl_hours <= 0:
             raise ConfigError("MESSAGE_TTL_HOURS must be positive")
         if self.history_max < 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
 import socket
 import time
@@ -23,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from aleatoria import admin, metrics
+from aleatoria import admin, metrics, overview
 from aleatoria import messages as m
 from aleatoria.auth import token_expiry, token_problem
 from aleatoria.config import Config
@@ -216,6 +217,7 @@ class Server:
         return {
             "aleatoria_deliveries": ("frames handed to client sockets", self.hub.deliveries),
             "aleatoria_broadcasts": ("room broadcasts", self.hub.broadcasts),
+            **self.store.counters(),
         }
 
     def _gauges(self) -> dict[str, tuple[str, float]]:
@@ -461,6 +463,8 @@ async def serve(
             # not kill connections mid-frame: the ``finally`` below closes them in order.
             body = trio.CancelScope(shield=True)
             async with trio.open_nursery() as nursery:
+                # First: an OSError here must leave no shielded task behind (metrics_port).
+                view = await nursery.start(serve_operator_view, server, worker)
                 nursery.start_soon(_run_body, server, listener, body)
                 where = f"{_display_host(config.host)}:{port}"
                 if worker is None:
@@ -469,7 +473,7 @@ async def serve(
                         where,
                         store.kind,
                         store.instance,
-                        where,
+                        view or where,
                     )
                 else:
                     log.info(
@@ -489,6 +493,32 @@ async def serve(
                         await server.close_connections()
                     body.cancel()
                     log.info("event=shutdown_done")
+
+
+async def serve_operator_view(
+    server: Server, worker: int | None, *, task_status: trio.TaskStatus[str | None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """With ``metrics_port`` set: /health and /metrics of this process on that port, or, in a
+    ``--workers`` worker, on its private socket for the parent (overview.py). Reports the
+    operator address (``host:port``, None for none or a worker's). Raises OSError if the
+    port cannot be bound."""
+    config = server.config
+    if config.metrics_port is None:
+        task_status.started(None)
+        return
+    address: str | tuple[str, int]
+    if worker is None:
+        address = (config.host, config.metrics_port)
+    else:
+        address = overview.worker_view_name(os.getppid(), worker)
+    try:
+        listener = overview.open_view_listener(address)
+    except OSError as exc:
+        raise OSError(exc.errno, f"metrics port {config.metrics_port}: {exc.strerror}") from None
+    with listener:
+        shown = None if worker is not None else f"{_display_host(config.host)}:{listener.getsockname()[1]}"
+        task_status.started(shown)
+        await overview.answer_forever(listener, overview.local_answer(server.health, server.registry))
 
 
 async def _run_body(server: Server, listener: socket.socket, body: trio.CancelScope) -> None:

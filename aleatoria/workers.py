@@ -9,10 +9,10 @@ kernel spreads new connections over the listening workers. Workers need Redis: i
 makes them one server (presence, pub/sub, shared pool).
 
 A worker's stdin is a pipe from the parent: a worker whose parent died (even ``kill -9``)
-reads EOF and shuts down gracefully. A worker's stdout is a pipe to the parent, one report
-per line: ``ready`` once it listens, or ``start_failed reason=... error=...`` when it could
-not (then it exits 1). The parent logs ``listening on ws://HOST:PORT/ws`` once, when every
-worker is ready.
+reads EOF and shuts down gracefully; the parent writes ``stop`` on it to stop a worker. A
+worker's stdout is a pipe to the parent, one report per line: ``ready`` once it listens, or
+``start_failed reason=... error=...`` when it could not (then it exits 1). The parent logs
+``listening on ws://HOST:PORT/ws`` once, when every worker is ready.
 
 Start-up failure: a worker that exits before its first ``ready`` (it cannot listen, or it
 crashed while starting) would fail the same way again, so the parent does not restart it:
@@ -22,10 +22,17 @@ workers and exits with the worker's status (1 if a signal killed it).
 A worker that exits after it was ready, while the parent is not shutting down, is restarted
 after a backoff (0.5 s, doubling to 10 s; back to 0.5 s after it ran for 30 s); if its
 replacements die five times in a row before they are ready (the port was taken meanwhile, a
-broken environment), everything stops as for a start-up failure. SIGTERM or SIGINT: every
-worker gets SIGTERM (and shuts down gracefully: 1001 to its clients, history flushed,
-presence removed); one still running after ``shutdown_timeout`` + 5 s is killed. The parent
-exits 0 when every worker exited 0.
+broken environment), everything stops as for a start-up failure. SIGTERM or SIGINT to the
+parent: every worker gets SIGTERM and ``stop`` on its stdin (and shuts down gracefully: 1001
+to its clients, history flushed, presence removed); one still running after
+``shutdown_timeout`` + 5 s is killed. The parent exits 0 when every worker exited 0.
+
+The same signal sent to the whole process group (Ctrl-C in a terminal, systemd's default
+``KillMode=control-group``) reaches every worker directly and then again from the parent. A
+worker therefore ignores SIGINT and SIGTERM except while its server's handlers are installed
+(``ignore_stop_signals``; ``cli._run`` keeps them until the drain is over): a second signal
+must not kill a draining worker, nor one that is exiting. A worker that has no handlers yet
+(still starting) learns of the stop from its stdin, which it watches from the start.
 
 No trio in the workers' hot path: the parent only supervises (it runs trio for process and
 signal handling).
@@ -33,6 +40,7 @@ signal handling).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -44,6 +52,7 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from aleatoria.config import Config
+from aleatoria.overview import TreeView, answer_forever
 
 log = logging.getLogger("aleatoria.workers")
 
@@ -72,8 +81,11 @@ def reserve_port(host: str, port: int) -> socket.socket:
 class Supervisor:
     """The parent: starts, restarts and stops the workers."""
 
-    def __init__(self, config: Config, serve_args: Sequence[str], port: int) -> None:
+    def __init__(
+        self, config: Config, serve_args: Sequence[str], port: int, view: socket.socket | None = None
+    ) -> None:
         self.config = config
+        self.view = view  # metrics_port's listener: the tree's /health and /metrics
         self.count = config.workers
         self.port = port
         self.serve_args = list(serve_args)
@@ -110,6 +122,8 @@ class Supervisor:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as outer:
                 outer.start_soon(self._stop_on_signal, signals)
+                if self.view is not None:
+                    outer.start_soon(answer_forever, self.view, TreeView(self, os.getpid()).answer)
                 async with trio.open_nursery() as slots:
                     for index in range(self.count):
                         slots.start_soon(self._slot, index)
@@ -125,6 +139,10 @@ class Supervisor:
         log.info("event=workers_stopped")
         return 0
 
+    def ready_workers(self) -> dict[int, int]:
+        """Worker index -> pid, of the workers that are ready (for the tree's view)."""
+        return {index: self.processes[index].pid for index in sorted(self._ready)}
+
     def _stop(self) -> None:
         self.stopping = True
         self._stopped.set()
@@ -139,6 +157,7 @@ class Supervisor:
         for process in self.processes.values():
             if process.returncode is None:
                 process.send_signal(signal.SIGTERM)
+                await _ask_to_stop(process)
         with trio.move_on_after(self.config.shutdown_timeout + _KILL_GRACE):
             for process in list(self.processes.values()):
                 await process.wait()
@@ -170,8 +189,10 @@ class Supervisor:
             was_ready = index in self._ready
             self._ready.discard(index)
             if self.stopping:
-                # SIGTERM before the worker set up its handlers (still starting): a clean stop.
-                self.exit_codes[index] = 0 if code == -signal.SIGTERM and not was_ready else code
+                # A signal to the group before the worker set up its handlers (Python still
+                # starting): a clean stop.
+                early_signal = code in (-signal.SIGTERM, -signal.SIGINT) and not was_ready
+                self.exit_codes[index] = 0 if early_signal else code
                 return
             early = 0 if was_ready else early + 1
             if first and not was_ready:
@@ -230,26 +251,64 @@ class Supervisor:
             if len(self._ready) == self.count and not self._announced:
                 self._announced = True
                 where = f"{_display_host(self.config.host)}:{self.port}"
+                view = where
+                if self.view is not None:
+                    view = f"{_display_host(self.config.host)}:{self.view.getsockname()[1]}"
                 log.info(
-                    "listening on ws://%s/ws workers=%d health=http://%s/health", where, self.count, where
+                    "listening on ws://%s/ws workers=%d health=http://%s/health metrics=http://%s/metrics",
+                    where,
+                    self.count,
+                    view,
+                    view,
                 )
 
 
-def run_workers(config: Config, serve_args: Sequence[str], reserved: socket.socket) -> int:
+def run_workers(
+    config: Config, serve_args: Sequence[str], reserved: socket.socket, view: socket.socket | None = None
+) -> int:
     """Run ``config.workers`` workers on the port ``reserved`` holds (``reserve_port``) until a
-    signal or a worker's start-up failure; returns the parent's exit status."""
+    signal or a worker's start-up failure; returns the parent's exit status. ``view``: the
+    listener of ``metrics_port``, on which the parent answers for the whole tree."""
     port: int = reserved.getsockname()[1]
-    return trio.run(Supervisor(config, serve_args, port).run)
+    return trio.run(Supervisor(config, serve_args, port, view).run)
 
 
-async def exit_when_parent_dies(scope: trio.CancelScope) -> None:
-    """In a worker: cancel ``scope`` when stdin (the parent's pipe) reaches EOF."""
+STOP = b"stop\n"  # the parent's stop request, on a worker's stdin
+
+
+def ignore_stop_signals() -> None:
+    """In a worker, before its server runs: SIGINT and SIGTERM are ignored except while the
+    server's own handlers are installed (cli._run saves and restores this disposition). So a
+    signal that comes after the drain (the group's signal first, then the parent's) cannot
+    kill the worker while it exits, and one that comes while it starts is not lost: the
+    parent also asks on stdin (``STOP``), which the worker watches from the start."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+async def stop_when_parent_says(scope: trio.CancelScope) -> None:
+    """In a worker: cancel ``scope`` when the parent writes ``STOP`` on stdin, or when stdin
+    (the parent's pipe) reaches EOF: the parent died, even by ``kill -9``."""
     stream = trio.lowlevel.FdStream(os.dup(0))
+    received = b""
     async with stream:
-        while await stream.receive_some(1024):
-            pass
+        while chunk := await stream.receive_some(1024):
+            received = (received + chunk)[-len(STOP) :]
+            if received == STOP:
+                log.info("event=stop_requested by=parent")
+                scope.cancel()
+                return
     log.warning("event=parent_gone action=shutting_down")
     scope.cancel()
+
+
+async def _ask_to_stop(process: trio.Process) -> None:
+    """Write ``STOP`` on a worker's stdin: a worker still starting has no signal handlers yet
+    (it ignores signals until then), but it reads its stdin from the start."""
+    if process.stdin is None:
+        return
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):  # it exited
+        await process.stdin.send_all(STOP)
 
 
 def _display_host(host: str) -> str:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import orjson
 import trio
+
+OPERATIONS = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
+
+
+def documented_health_bodies() -> list[dict[str, Any]]:
+    """The JSON examples of docs/operations.md's /health section, in order: one process's
+    body, then the --workers parent's."""
+    section = OPERATIONS.read_text().split("### /health", 1)[1].split("### /metrics", 1)[0]
+    return [json.loads(block.split("```", 1)[0]) for block in section.split("```json")[1:]]
 
 
 async def get_json(port: int, path: str) -> dict[str, Any]:

@@ -160,6 +160,11 @@ class Store(Protocol):
         """Gauges for ``/metrics``: name -> (help, value). Cheap and synchronous."""
         ...
 
+    def counters(self) -> dict[str, tuple[str, float]]:
+        """Counters for ``/metrics`` (running totals; exported with ``_total``): name without
+        the suffix -> (help, value). Cheap and synchronous."""
+        ...
+
     # -- history --------------------------------------------------------------------------
 
     def record_room_message(self, room: str, message: bytes, created_ns: int) -> None:

@@ -120,6 +120,9 @@ class MemoryStore:
             "aleatoria_history_memory_bytes": ("bytes of history held in memory", self.history_bytes),
         }
 
+    def counters(self) -> dict[str, tuple[str, float]]:
+        return {}
+
     # -- history ----------------------------------------------------------------------------
 
     def record_room_message(self, room: str, message: bytes, created_ns: int) -> None:

@@ -208,8 +208,8 @@ class RedisStore:
         return self._keeper.metrics()
 
     def gauges(self) -> dict[str, tuple[str, float]]:
-        """This instance's pool and matches (the mirror), and the Redis figures. The Redis
-        ones only grow, except the queue length (the Store protocol has gauges only)."""
+        """This instance's pool and matches (the mirror), and the Redis figures that go up
+        and down (the running totals are ``counters``)."""
         figures = self._keeper.metrics()
         gauges = self._memory.gauges()
         outage = self._keeper.outage
@@ -217,26 +217,27 @@ class RedisStore:
             "bytes of history held in memory (Redis mode: only while degraded; see also the write queue)",
             0 if outage is None else outage.history_bytes,
         )
-        gauges.update(
-            {
-                "aleatoria_redis_calls": ("Redis calls made", figures.calls),
-                "aleatoria_redis_call_failures": ("Redis calls that failed", figures.failures),
-                "aleatoria_redis_call_seconds": ("seconds spent in Redis calls", figures.call_seconds),
-                "aleatoria_redis_write_queue": ("history writes waiting for Redis", figures.queued),
-                "aleatoria_redis_writes": ("history writes confirmed by Redis", figures.written),
-                "aleatoria_redis_write_drops": (
-                    "history writes dropped (buffer full while Redis failed)",
-                    figures.dropped,
-                ),
-                "aleatoria_redis_degraded_periods": (
-                    "times the store went degraded",
-                    figures.degraded_periods,
-                ),
-            }
-        )
+        gauges["aleatoria_redis_write_queue"] = ("history writes waiting for Redis", figures.queued)
         gauges.update(self._bus.gauges())
-        gauges.update(self._heartbeat.gauges())
         return gauges
+
+    def counters(self) -> dict[str, tuple[str, float]]:
+        """The Redis figures that only grow (exported with ``_total``)."""
+        figures = self._keeper.metrics()
+        counters = {
+            "aleatoria_redis_calls": ("Redis calls made", figures.calls),
+            "aleatoria_redis_call_failures": ("Redis calls that failed", figures.failures),
+            "aleatoria_redis_call_seconds": ("seconds spent in Redis calls", figures.call_seconds),
+            "aleatoria_redis_writes": ("history writes confirmed by Redis", figures.written),
+            "aleatoria_redis_write_drops": (
+                "history writes dropped (buffer full while Redis failed)",
+                figures.dropped,
+            ),
+            "aleatoria_redis_degraded_periods": ("times the store went degraded", figures.degraded_periods),
+        }
+        counters.update(self._bus.counters())
+        counters.update(self._heartbeat.counters())
+        return counters
 
     def purge_memory(self) -> int:
         outage = self._keeper.outage

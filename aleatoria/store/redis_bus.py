@@ -201,15 +201,20 @@ class RedisBus:
 
     def gauges(self) -> dict[str, tuple[str, float]]:
         return {
-            "aleatoria_bus_received": ("messages received from other instances' channels", self.received),
             "aleatoria_bus_outbox": ("publishes waiting for the writer", len(self.outbox)),
-            "aleatoria_bus_refused": ("publishes refused: outbox full", self.refused),
-            "aleatoria_bus_reconnects": ("subscription connections lost", self.reconnects),
-            "aleatoria_bus_stalls": ("times Redis stalled and delivery went local", self.stalls),
             "aleatoria_bus_echoes": (
                 "own room messages whose local delivery is still followed",
                 len(self.echoes),
             ),
+        }
+
+    def counters(self) -> dict[str, tuple[str, float]]:
+        """Running totals (exported with ``_total``)."""
+        return {
+            "aleatoria_bus_received": ("messages received from other instances' channels", self.received),
+            "aleatoria_bus_refused": ("publishes refused: outbox full", self.refused),
+            "aleatoria_bus_reconnects": ("subscription connections lost", self.reconnects),
+            "aleatoria_bus_stalls": ("times Redis stalled and delivery went local", self.stalls),
             "aleatoria_bus_echoes_dropped": (
                 "pub/sub copies not delivered: the fallback had delivered them",
                 self.echoes.dropped,

@@ -57,7 +57,8 @@ class Heartbeat:
         self.reaped_users = 0
         self.stale_evictions = 0
 
-    def gauges(self) -> dict[str, tuple[str, float]]:
+    def counters(self) -> dict[str, tuple[str, float]]:
+        """Running totals (exported with ``_total``)."""
         return {
             "aleatoria_reaped_instances": ("dead instances this one reaped", self.reaped_instances),
             "aleatoria_reaped_users": ("users of dead instances this one reaped", self.reaped_users),

@@ -130,4 +130,4 @@ async def _run_phases(proxy: DelayProxy, port: int, observer: Member) -> float:
     for commands, pubsub in PHASES:
         proxy.set(commands=commands, pubsub=pubsub)
         await observer.wait_for(len(observer.seen) + STEP)
-    return (await scrape(port))["aleatoria_bus_stalls"]
+    return (await scrape(port))["aleatoria_bus_stalls_total"]

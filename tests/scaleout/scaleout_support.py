@@ -181,9 +181,13 @@ class ServerProcess:
 
 
 @asynccontextmanager
-async def serve_process(*flags: str, expect_exit: int | None = 0) -> AsyncIterator[ServerProcess]:
+async def serve_process(
+    *flags: str, expect_exit: int | None = 0, own_group: bool = False
+) -> AsyncIterator[ServerProcess]:
     """``aleatoria serve --port 0 FLAGS`` until it logs that it listens; on exit SIGTERM and
-    (unless killed by the test) an exit code of ``expect_exit``."""
+    (unless killed by the test) an exit code of ``expect_exit``. ``own_group``: the server
+    leads a process group of its own (its pid is the group's id), as under a terminal or
+    systemd, so a test can signal the whole group."""
     command = [
         sys.executable,
         "-m",
@@ -197,7 +201,9 @@ async def serve_process(*flags: str, expect_exit: int | None = 0) -> AsyncIterat
         "0",
         *flags,
     ]
-    process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    process = await trio.lowlevel.open_process(
+        command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=own_group
+    )
     assert process.stderr is not None
     stderr = process.stderr
     log = bytearray()
