@@ -496,13 +496,10 @@ def _chat_to_user(request: ChatToUser, facts: Facts) -> Step:
         return _done(own) if remember is None else _done(remember, own)
     # The stored form has no ``incoming``; each side's copy adds its own. orjson always ends
     # an object with "}", so the flag is spliced in rather than encoded twice more.
-    effects: list[Effect] = [
-        RecordDirect(to, data, created_ns, data[:-1] + b',"incoming":false}'),
-        Deliver(to, data[:-1] + b',"incoming":true}', m.CHAT_MESSAGE),
-    ]
-    if remember is not None:
-        effects.insert(0, remember)
-    return Step(tuple(effects))
+    head = data[:-1]
+    record = RecordDirect(to, data, created_ns, head + b',"incoming":false}')
+    deliver = Deliver(to, head + b',"incoming":true}', m.CHAT_MESSAGE)
+    return Step((record, deliver) if remember is None else (remember, record, deliver))
 
 
 def new_partner(to: str, facts: Facts) -> RememberPartner | None:

@@ -150,15 +150,15 @@ class Session:
     # -- effects -------------------------------------------------------------------------------
 
     def _apply(self, effect: Effect) -> None:
-        match effect:
-            case core.Reply(kind, payload, room):
-                self._reply(kind, payload, room=room)
+        match effect:  # the cases of every chat message first
             case core.Deliver(user, data, kind, extra):
                 self._router.send(user, data, kind, *extra)
-            case core.RecordRoom(room, data, created_ns):
-                self._store.record_room_message(room, data, created_ns)
             case core.RecordDirect(to, data, created_ns, own):
                 self._store.record_direct_message(self.user, to, data, created_ns, self._on_stored(own))
+            case core.RecordRoom(room, data, created_ns):
+                self._store.record_room_message(room, data, created_ns)
+            case core.Reply(kind, payload, room):
+                self._reply(kind, payload, room=room)
             case core.PeerLeft(peer):
                 self._router.peer_left(peer, self.user)
             case core.RememberPartner(partner, since):
