@@ -83,6 +83,8 @@ _COLLECT_EVENTS = 64
 _WRITEV_MAX = 512  # buffers per sendmsg call, well under IOV_MAX
 
 MessageHandler = Callable[[Message], Awaitable[None]]
+# Called after the messages of one read, before waiting for more (see ``serve``).
+IdleHandler = Callable[[], Awaitable[None]]
 
 
 class WebSocket:
@@ -186,10 +188,14 @@ class WebSocket:
 
     # -- receiving ------------------------------------------------------------------------
 
-    async def serve(self, on_message: MessageHandler, writers: trio.Nursery) -> int:
+    async def serve(
+        self, on_message: MessageHandler, writers: trio.Nursery, on_idle: IdleHandler | None = None
+    ) -> int:
         """Receive until the connection ends, calling ``on_message`` for each complete
-        message in order. Returns the close code. Cancellation ends the connection at once
-        (the socket is closed; no close frame is sent). Never raises for peer behaviour.
+        message in order, and ``on_idle`` once the messages of one read are handled (a
+        session may hold a request back to join it with the next one). Returns the close
+        code. Cancellation ends the connection at once (the socket is closed; no close frame
+        is sent). Never raises for peer behaviour.
 
         A writer task, when a backlog needs one, runs in ``writers`` (the server's connection
         nursery) rather than in a nursery of its own: a nursery per connection costs ~1 KB
@@ -204,7 +210,7 @@ class WebSocket:
             if self._backlog:
                 self._start_writer()
             with self._scope:
-                await self._receive_loop(on_message)
+                await self._receive_loop(on_message, on_idle)
                 # Let the writer flush our last frames (the close answer), bounded by
                 # the deadline that closing set.
                 drained = self._drained
@@ -221,7 +227,7 @@ class WebSocket:
             self._sock.close()
         return self.close_code if self.close_code is not None else ABNORMAL
 
-    async def _receive_loop(self, on_message: MessageHandler) -> None:
+    async def _receive_loop(self, on_message: MessageHandler, on_idle: IdleHandler | None) -> None:
         sock = self._sock
         # Both lists live as long as the loop, reused for every recv.
         messages: list[Message] = []
@@ -230,11 +236,14 @@ class WebSocket:
             self._feed(self._reader.take_partial(), messages, pongs)
         while True:
             still_open = self._fast or self._collect(messages)
-            for message in messages:
-                if self.close_code is not None:
-                    break  # closing: the rest is ignored
-                await on_message(message)
-            messages.clear()
+            if messages:
+                for message in messages:
+                    if self.close_code is not None:
+                        break  # closing: the rest is ignored
+                    await on_message(message)
+                messages.clear()
+                if on_idle is not None:
+                    await on_idle()
             if self._failed:
                 await self._linger()
                 return

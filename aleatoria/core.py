@@ -60,6 +60,7 @@ from aleatoria.requests import (
     LeaveRoom,
     ListRooms,
     Ping,
+    PoolThenRequest,
     RefreshToken,
     ReportUser,
     RequestRandomPeer,
@@ -257,6 +258,13 @@ class SetUnavailable(NamedTuple):
     pass
 
 
+class PoolThenRequestPeer(NamedTuple):
+    """``SetAvailable`` then ``RequestPeer``, in one store step. Outcome: (the peer whose
+    match pooling ended or None, a ``RequestOutcome``)."""
+
+    current_peer: str | None
+
+
 class RequestPeer(NamedTuple):
     """Outcome: a ``RequestOutcome``."""
 
@@ -338,6 +346,7 @@ Call = (
     | Counts
     | SetAvailable
     | SetUnavailable
+    | PoolThenRequestPeer
     | RequestPeer
     | Hangup
     | Relay
@@ -401,10 +410,13 @@ def handle(request: ClientMessage, facts: Facts) -> Step:
         case UserUnavailable():
             return _after(SetUnavailable(), _nothing)
         case RequestRandomPeer():
-            budget = facts.match_budget
-            if budget is not None and not budget.take(facts.monotonic):
-                raise ClientError(RATE_LIMITED, "Too many peer requests: slow down.")
+            _skip_budget(facts)
             return _after(RequestPeer(request.current_peer_id), lambda outcome: _matched(outcome, facts))
+        case PoolThenRequest():
+            _skip_budget(facts)
+            return _after(
+                PoolThenRequestPeer(request.current_peer_id), lambda both: _pooled_then_matched(both, facts)
+            )
         case GetRecentMessages():
             return _recent(request, facts)
         case GetDirectMessages():
@@ -563,6 +575,18 @@ def _delivered(reached: bool, to: str) -> Step:
     if not reached:
         raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
     return DONE
+
+
+def _skip_budget(facts: Facts) -> None:
+    budget = facts.match_budget
+    if budget is not None and not budget.take(facts.monotonic):
+        raise ClientError(RATE_LIMITED, "Too many peer requests: slow down.")
+
+
+def _pooled_then_matched(both: tuple[str | None, RequestOutcome], facts: Facts) -> Step:
+    ended, outcome = both
+    matched = _matched(outcome, facts)
+    return matched if ended is None else Step((PeerLeft(ended), *matched.effects))
 
 
 def _matched(outcome: RequestOutcome, facts: Facts) -> Step:

@@ -76,6 +76,13 @@ class RequestRandomPeer(NamedTuple):
     current_peer_id: str | None = None
 
 
+class PoolThenRequest(NamedTuple):
+    """``user_available_webrtc`` and the ``request_random_peer`` right after it, as one step
+    (never parsed from the wire: the session joins the two; see ``Session._join_held``)."""
+
+    current_peer_id: str | None = None
+
+
 class GetRecentMessages(NamedTuple):
     room: str
     limit: int
@@ -143,6 +150,7 @@ ClientMessage = (
     | UserAvailable
     | UserUnavailable
     | RequestRandomPeer
+    | PoolThenRequest
     | GetRecentMessages
     | GetDirectMessages
     | ListRooms

@@ -329,7 +329,7 @@ class Server:
         self.per_ip[ip] += 1
         try:
             await self.start_session(session, room)
-            code = await ws.serve(session.handle, self._tasks)
+            code = await ws.serve(session.handle, self._tasks, session.flush)
         finally:
             with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
                 await self.end_session(session)

@@ -148,6 +148,12 @@ class Store(Protocol):
         ...
 
     @property
+    def round_trips(self) -> bool:
+        """Whether its calls wait on another process (Redis): then a session joins a
+        ``user_available_webrtc`` with the ``request_random_peer`` right after it."""
+        ...
+
+    @property
     def safety(self) -> Safety:
         """Blocks, reports and bans (PROTOCOL.md section 13), shared like the rest."""
         ...
@@ -235,6 +241,12 @@ class Store(Protocol):
     async def set_unavailable(self, user: str) -> None: ...
 
     async def request_peer(self, user: str, current_peer: str | None) -> RequestOutcome: ...
+
+    async def pool_then_request_peer(
+        self, user: str, current_peer: str | None
+    ) -> tuple[str | None, RequestOutcome]:
+        """``set_available`` then ``request_peer``, with nothing in between (atomic)."""
+        ...
 
     def match_peer(self, user: str) -> str | None:
         """``user``'s peer in a live match, as far as this instance knows (its own users'

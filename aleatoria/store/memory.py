@@ -84,6 +84,16 @@ class MemoryStore:
             self.matchmaker.filter = self._safety
 
     @property
+    def round_trips(self) -> bool:
+        return False
+
+    async def pool_then_request_peer(
+        self, user: str, current_peer: str | None
+    ) -> tuple[str | None, RequestOutcome]:
+        ended = self.matchmaker.set_available(user)
+        return ended, self.matchmaker.request_peer(user, current_peer)
+
+    @property
     def safety(self) -> MemorySafety:
         return self._safety
 

@@ -69,7 +69,7 @@ from aleatoria.store.redis_client import RedisClient, present, text, text_or_non
 from aleatoria.store.redis_heartbeat import Heartbeat
 from aleatoria.store.redis_history import merge_dm, merge_room, read_dm, read_room
 from aleatoria.store.redis_instance import InstanceRegistry
-from aleatoria.store.redis_keeper import WRITE_BATCH, RedisKeeper, RedisMetrics
+from aleatoria.store.redis_keeper import WRITE_BATCH, Done, RedisKeeper, RedisMetrics
 from aleatoria.store.redis_mirror import Mirror
 from aleatoria.store.redis_presence import INSTANCE_USERS_PREFIX, INSTANCES_KEY, PRESENCE_KEY
 from aleatoria.store.redis_rooms import RoomRegistry
@@ -161,6 +161,10 @@ class RedisStore:
     @property
     def kind(self) -> str:
         return "redis"
+
+    @property
+    def round_trips(self) -> bool:
+        return True
 
     @property
     def safety(self) -> RedisSafety:
@@ -346,34 +350,65 @@ class RedisStore:
             partial(self._scripts.set_available, self._user_keys, [user, self._instance])
         )
         if done is None:
-            ended = self._mm.set_available(user)
-            self._keeper.dirty.update(present(user, ended))
-            return ended
-        ended = text_or_none(done.value)
+            return self._pooled_in_memory(user)
+        return self._pooled(user, done, done.value)
+
+    def _pooled_in_memory(self, user: str) -> str | None:
+        ended = self._mm.set_available(user)
+        self._keeper.dirty.update(present(user, ended))
+        return ended
+
+    def _pooled(self, user: str, done: Done[Any], value: Any) -> str | None:
+        ended = text_or_none(value)
         if user in self._mirror.online:  # not if it moved to another instance meanwhile
             self._mirror.end(user)
             self._mm.set_available(user)
         self._keeper.settle(done, user, ended)
         return ended
 
+    async def pool_then_request_peer(
+        self, user: str, current_peer: str | None
+    ) -> tuple[str | None, RequestOutcome]:
+        # Both scripts in one pipeline: Redis runs them back to back, so no other requester
+        # can take the user from the pool in between (see ``Session._join_held``).
+        pool_args = [user, self._instance]
+        pick_args = self._pick_args(user, current_peer)
+        scripts = self._scripts
+
+        def both(r: Any) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            pipe.evalsha(scripts.set_available.sha, len(self._user_keys), *self._user_keys, *pool_args)
+            pipe.evalsha(scripts.request_peer.sha, len(_PICK_KEYS), *_PICK_KEYS, *pick_args)
+            return cast(list[Any], pipe.execute())
+
+        done = await self._keeper.run(both)
+        if done is None:
+            ended = self._pooled_in_memory(user)
+            return ended, self._requested_in_memory(user, current_peer)
+        pooled, picked = done.value
+        return self._pooled(user, done, pooled), self._requested(user, done, picked)
+
     async def set_unavailable(self, user: str) -> None:
         self._mm.set_unavailable(user)
         await self._keeper.write_through((user,), partial(_srem_pool, user=user))
 
     async def request_peer(self, user: str, current_peer: str | None) -> RequestOutcome:
-        args: list[str | int] = [
-            user,
-            current_peer or "",
-            repr(self._rng.random()),
-            SMALL_POOL,
-            repr(time.time()),
-        ]
+        args = self._pick_args(user, current_peer)
         done = await self._keeper.run(partial(self._scripts.request_peer, _PICK_KEYS, args))
         if done is None:
-            outcome = self._mirror.request_peer(user, current_peer)
-            self._keeper.dirty.update(present(user, outcome.peer, outcome.ended_peer))
-            return outcome
-        kind, peer, role, ended_text = (text(part) for part in done.value)
+            return self._requested_in_memory(user, current_peer)
+        return self._requested(user, done, done.value)
+
+    def _pick_args(self, user: str, current_peer: str | None) -> list[str | int]:
+        return [user, current_peer or "", repr(self._rng.random()), SMALL_POOL, repr(time.time())]
+
+    def _requested_in_memory(self, user: str, current_peer: str | None) -> RequestOutcome:
+        outcome = self._mirror.request_peer(user, current_peer)
+        self._keeper.dirty.update(present(user, outcome.peer, outcome.ended_peer))
+        return outcome
+
+    def _requested(self, user: str, done: Done[Any], value: Any) -> RequestOutcome:
+        kind, peer, role, ended_text = (text(part) for part in value)
         ended = ended_text or None
         if ended is not None:
             self._mirror.end(user)
