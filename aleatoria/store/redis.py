@@ -64,6 +64,7 @@ from aleatoria.errors import StoreUnavailable
 from aleatoria.matchmaking import IMPOLITE, RequestOutcome
 from aleatoria.store.base import Bus, Counts, Health, StoreEvents, Takeover, Whereabouts
 from aleatoria.store.memory import dm_key, new_instance_id
+from aleatoria.store.redis_batch import Scripted, scripted
 from aleatoria.store.redis_bus import RedisBus
 from aleatoria.store.redis_client import RedisClient, present, text, text_or_none
 from aleatoria.store.redis_heartbeat import Heartbeat
@@ -347,7 +348,7 @@ class RedisStore:
 
     async def set_available(self, user: str) -> str | None:
         done = await self._keeper.run(
-            partial(self._scripts.set_available, self._user_keys, [user, self._instance])
+            scripted(self._scripts.set_available, self._user_keys, [user, self._instance])
         )
         if done is None:
             return self._pooled_in_memory(user)
@@ -373,14 +374,12 @@ class RedisStore:
         # can take the user from the pool in between (see ``Session._join_held``).
         pool_args = [user, self._instance]
         pick_args = self._pick_args(user, current_peer)
-        scripts = self._scripts
-
-        def both(r: Any) -> list[Any]:
-            pipe = r.pipeline(transaction=False)
-            pipe.evalsha(scripts.set_available.sha, len(self._user_keys), *self._user_keys, *pool_args)
-            pipe.evalsha(scripts.request_peer.sha, len(_PICK_KEYS), *_PICK_KEYS, *pick_args)
-            return cast(list[Any], pipe.execute())
-
+        both = Scripted(
+            (
+                (self._scripts.set_available, self._user_keys, pool_args),
+                (self._scripts.request_peer, _PICK_KEYS, pick_args),
+            )
+        )
         done = await self._keeper.run(both)
         if done is None:
             ended = self._pooled_in_memory(user)
@@ -394,7 +393,7 @@ class RedisStore:
 
     async def request_peer(self, user: str, current_peer: str | None) -> RequestOutcome:
         args = self._pick_args(user, current_peer)
-        done = await self._keeper.run(partial(self._scripts.request_peer, _PICK_KEYS, args))
+        done = await self._keeper.run(scripted(self._scripts.request_peer, _PICK_KEYS, args))
         if done is None:
             return self._requested_in_memory(user, current_peer)
         return self._requested(user, done, done.value)
@@ -430,7 +429,7 @@ class RedisStore:
         return self._mm.peer_of(user)
 
     async def hangup(self, user: str, peer: str) -> bool:
-        done = await self._keeper.run(partial(self._scripts.hangup, _MATCH_KEYS, [user, peer]))
+        done = await self._keeper.run(scripted(self._scripts.hangup, _MATCH_KEYS, [user, peer]))
         ended = self._mm.hangup(user, peer)
         if done is None:
             if ended:
@@ -444,7 +443,7 @@ class RedisStore:
     async def connect(self, user: str, connection: str) -> Takeover | None:
         self._mirror.online[user] = connection
         args = [user, self._instance, connection, INSTANCE_USERS_PREFIX]
-        done = await self._keeper.run(partial(self._scripts.connect, self._user_keys, args))
+        done = await self._keeper.run(scripted(self._scripts.connect, self._user_keys, args))
         if done is None:
             self._keeper.dirty.add(user)
             return None
@@ -478,7 +477,7 @@ class RedisStore:
         if connection is None or self._heartbeat.owned.get(user) == connection:
             self._heartbeat.owned.pop(user, None)
         args = [user, self._instance, connection or ""]
-        done = await self._keeper.run(partial(self._scripts.disconnect, self._user_keys, args))
+        done = await self._keeper.run(scripted(self._scripts.disconnect, self._user_keys, args))
         if done is not None and not done.value[0]:
             # Registered elsewhere now: the state moved with the user; only forget it here.
             self._mirror.drop(user)

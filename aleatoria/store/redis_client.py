@@ -34,6 +34,7 @@ from aleatoria.errors import StoreUnavailable
 from aleatoria.metrics import REGISTRY
 from aleatoria.store import redis_presence as presence
 from aleatoria.store import redis_scripts as lua
+from aleatoria.store.redis_batch import Batch, Job, Scripted, Skipped, run_batch
 
 T = TypeVar("T")
 
@@ -139,6 +140,7 @@ class RedisClient:
         self._create_lock = threading.Lock()
         self.scripts = Scripts()
         self._limiter = trio.CapacityLimiter(threads)
+        self._batch: Batch | None = None  # the script calls of this scheduler pass
         # Figures for /metrics and the logs.
         self.calls = 0
         self.failures = 0
@@ -157,6 +159,10 @@ class RedisClient:
         for its own timeout). Cancellation: with ``abandon_on_cancel`` (only for reads,
         whose result may be dropped) the thread is left to finish alone; otherwise
         cancellation waits for the call, which the socket timeouts bound."""
+
+        if isinstance(fn, Scripted) and not abandon_on_cancel:
+            value: T = await self._batched(fn, gate)
+            return value
 
         def run() -> tuple[T, float]:
             if gate is not None and not gate():
@@ -180,6 +186,37 @@ class RedisClient:
         self.call_seconds += seconds
         CALL_DURATION.observe(seconds)
         return result
+
+    async def _batched(self, fn: Scripted, gate: Callable[[], bool] | None) -> Any:
+        """``fn`` in this scheduler pass's batch (see ``redis_batch``). Cancellation waits
+        for the batch (it is the answer of every task in it), bounded by the socket timeouts."""
+        job = Job(fn, gate)
+        batch = self._batch
+        if batch is not None:
+            batch.jobs.append(job)
+            with trio.CancelScope(shield=True):
+                await batch.done.wait()
+        else:
+            batch = self._batch = Batch([job])
+            try:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # the pass's other calls join
+            finally:
+                self._batch = None
+            try:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(
+                        run_batch, lambda: self.redis, batch, describe_error, limiter=self._limiter
+                    )
+            finally:
+                batch.done.set()
+            self.calls += len(batch.jobs)
+            self.call_seconds += batch.seconds
+            CALL_DURATION.observe(batch.seconds)
+        if job.error is not None:
+            if not isinstance(job.error, Skipped):
+                self.failures += 1
+            raise job.error
+        return job.value
 
     @property
     def redis(self) -> Any:
@@ -210,8 +247,7 @@ class RedisClient:
             client.connection_pool.disconnect()
 
 
-class _Skipped(StoreUnavailable):
-    """The call was not made: the store went degraded while it waited for a thread."""
+_Skipped = Skipped  # the call was not made: the store went degraded while it waited
 
 
 def describe_error(exc: BaseException) -> str:
