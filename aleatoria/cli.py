@@ -50,7 +50,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
             serve_cmd.add_argument(
                 flag, dest="allowed_origins", action="append", metavar="ORIGIN", help=helptext
             )
-        elif setting.parse is bool or setting.name in {"require_origin", "valkey_use_tls", "redis_cluster"}:
+        elif setting.parse is bool or setting.name in {
+            "require_origin",
+            "valkey_use_tls",
+            "redis_cluster",
+            "relay_only",
+        }:
             serve_cmd.add_argument(
                 flag, dest=setting.name, action="store_const", const=True, default=None, help=helptext
             )

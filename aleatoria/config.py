@@ -15,6 +15,8 @@ from urllib.parse import quote, urlsplit
 
 import attrs
 
+from aleatoria.ice import IcePolicy, policy_problem
+
 
 class ConfigError(ValueError):
     """A setting has a value the server cannot use; the message names the setting."""
@@ -30,6 +32,10 @@ def _parse_bool(text: str) -> bool:
 
 
 def _parse_origins(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _parse_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
@@ -171,6 +177,25 @@ SETTINGS: tuple[Setting, ...] = (
         "the Redis URL names a Redis Cluster node (same as a redis+cluster:// URL)",
     ),
     Setting(
+        "ice_urls",
+        "ALEATORIA_ICE_URLS",
+        _parse_list,
+        "comma list of stun:, turn: and turns: URLs handed to browsers for calls (docs/turn.md)",
+    ),
+    Setting(
+        "turn_secret",
+        "ALEATORIA_TURN_SECRET",
+        _parse_list,
+        "the TURN server's shared secret (coturn static-auth-secret); comma list to rotate, the first signs",
+    ),
+    Setting("turn_ttl", "ALEATORIA_TURN_TTL", int, "seconds a TURN credential stays valid (60..604800)"),
+    Setting(
+        "relay_only",
+        "ALEATORIA_RELAY_ONLY",
+        _parse_bool,
+        "privacy mode: calls only through TURN, and the server relays no candidate but relay ones",
+    ),
+    Setting(
         "workers",
         "ALEATORIA_WORKERS",
         int,
@@ -252,6 +277,12 @@ class Config:
     redis_write_buffer: int = 10_000
     redis_cluster: bool = False
 
+    # ICE servers and IP privacy (PROTOCOL.md section 14; docs/turn.md).
+    ice_urls: tuple[str, ...] = ()
+    turn_secret: tuple[str, ...] = attrs.field(default=(), repr=False)
+    turn_ttl: int = 3600
+    relay_only: bool = False
+
     # Scale-out (PROTOCOL.md section 9). An instance whose heartbeat is older than
     # ``presence_ttl`` is dead: its users leave pool and presence at the next check, so
     # within presence_ttl + heartbeat_interval (13 s by default).
@@ -266,6 +297,11 @@ class Config:
     @property
     def history_memory_bytes(self) -> int:
         return int(self.history_memory_mb * 1024 * 1024)
+
+    @property
+    def ice(self) -> IcePolicy:
+        """What the server tells clients about ICE servers and privacy mode."""
+        return IcePolicy(self.ice_urls, self.turn_secret, self.turn_ttl, self.relay_only)
 
     @property
     def effective_allowed_hosts(self) -> tuple[str, ...]:
@@ -346,6 +382,9 @@ class Config:
                 "ALEATORIA_HEARTBEAT_INTERVAL must be positive and ALEATORIA_PRESENCE_TTL at "
                 "least twice as long"
             )
+        ice_problem = policy_problem(self.ice)
+        if ice_problem:
+            raise ConfigError(ice_problem)
         url = self.effective_redis_url
         if url:
             problem = redis_url_problem(url, cluster=self.uses_redis_cluster)

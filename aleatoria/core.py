@@ -37,13 +37,16 @@ from aleatoria.errors import (
     TOO_LARGE,
     ClientError,
 )
+from aleatoria.ice import IcePolicy, ice_servers
 from aleatoria.matchmaking import IMPOLITE, POLITE, RequestOutcome
 from aleatoria.messages import Envelope
+from aleatoria.privacy import scrub_signal
 from aleatoria.requests import (
     ChatToRoom,
     ChatToUser,
     ClientMessage,
     GetDirectMessages,
+    GetIceServers,
     GetRecentMessages,
     GetRoomMembers,
     GetRooms,
@@ -70,6 +73,7 @@ class Rules:
     new_dm_per_hour: int = 200
     max_payload_bytes: int = 32_768
     auth_secret: str | None = None
+    ice: IcePolicy = attrs.Factory(IcePolicy)
 
 
 @attrs.define
@@ -339,6 +343,8 @@ def handle(request: ClientMessage, facts: Facts) -> Step:
             return _done(Reply(m.PONG, None))
         case RefreshToken():
             return _refresh(request, facts)
+        case GetIceServers():
+            return _done(Reply(m.ICE_SERVERS, _ice_servers(facts)))
         case _:
             assert_never(request)
 
@@ -431,12 +437,20 @@ def _signal(request: Signal, facts: Facts) -> Step:
     peer = facts.match_peer(to)
     if peer is not None and peer != facts.user:
         raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
+    payload = request.payload
+    if facts.rules.ice.relay_only:
+        # Privacy mode (PROTOCOL.md section 14): no address but a TURN server's reaches the
+        # peer. A dropped candidate is not an error: the sender's client did nothing wrong.
+        scrubbed = scrub_signal(request.kind, payload)
+        if not scrubbed.keep:
+            return DONE
+        payload = scrubbed.payload
     data = encode(
         Envelope(
             type=request.kind,
             from_user=facts.user,
             to_user=to,
-            payload=request.payload,
+            payload=payload,
             message_id=request.message_id or facts.new_id(),
             create_time=facts.clock()[1],
         )
@@ -462,7 +476,7 @@ def _matched(outcome: RequestOutcome, facts: Facts) -> Step:
     if outcome.peer is None:
         effects.append(Reply(m.NO_PEER_AVAILABLE, m.NoPeer(message=m.NO_PEER_TEXT)))
         return Step(tuple(effects))
-    effects.append(Reply(m.ASSIGN_ROLE, m.AssignRole(role=outcome.role, peer_id=outcome.peer)))
+    effects.append(Reply(m.ASSIGN_ROLE, _assign_role(outcome.role, outcome.peer, facts.user, facts)))
     if not outcome.resend:
         role = other_role(outcome.role)
         data = encode(
@@ -470,7 +484,7 @@ def _matched(outcome: RequestOutcome, facts: Facts) -> Step:
                 type=m.ASSIGN_ROLE,
                 from_user=m.SYSTEM,
                 to_user=outcome.peer,
-                payload=m.AssignRole(role=role, peer_id=facts.user),
+                payload=_assign_role(role, facts.user, outcome.peer, facts),
             )
         )
         # The header carries peer and role: the peer's instance mirrors the match.
@@ -480,6 +494,31 @@ def _matched(outcome: RequestOutcome, facts: Facts) -> Step:
 
 def other_role(role: str) -> str:
     return POLITE if role == IMPOLITE else IMPOLITE
+
+
+# ICE servers (PROTOCOL.md section 14)
+
+
+def _unix_now(facts: Facts) -> int:
+    return facts.clock()[0] // 1_000_000_000
+
+
+def _ice_servers(facts: Facts) -> m.IceServers:
+    ice = facts.rules.ice
+    servers = ice_servers(ice, facts.user, _unix_now(facts))
+    return m.IceServers(ice_servers=servers, ice_transport_policy=ice.transport_policy, ttl=ice.ttl)
+
+
+def _assign_role(role: str, peer: str, user: str, facts: Facts) -> m.AssignRole:
+    """``assign_role`` for ``user``, with ICE servers and credentials of its own when the
+    server has any (without, the payload is the original server's, byte for byte)."""
+    ice = facts.rules.ice
+    if not ice.configured:
+        return m.AssignRole(role=role, peer_id=peer)
+    servers = ice_servers(ice, user, _unix_now(facts))
+    return m.AssignRole(
+        role=role, peer_id=peer, ice_servers=servers, ice_transport_policy=ice.transport_policy
+    )
 
 
 # rooms and history

@@ -33,6 +33,7 @@ REFRESH_TOKEN = "refresh_token"
 LIST_ROOMS = "list_rooms"
 GET_ROOM_MEMBERS = "get_room_members"
 GET_STATS = "get_stats"
+GET_ICE_SERVERS = "get_ice_servers"  # PROTOCOL.md section 14
 
 SIGNALING_TYPES = frozenset({WEBRTC_OFFER, WEBRTC_ANSWER, WEBRTC_CANDIDATE, HANGUP})
 CLIENT_TYPES = SIGNALING_TYPES | {
@@ -50,6 +51,7 @@ CLIENT_TYPES = SIGNALING_TYPES | {
     LIST_ROOMS,
     GET_ROOM_MEMBERS,
     GET_STATS,
+    GET_ICE_SERVERS,
 }
 
 # Server -> client types.
@@ -67,6 +69,7 @@ TOKEN_REFRESHED = "token_refreshed"
 ROOMS_DIRECTORY = "rooms_directory"
 ROOM_MEMBERS = "room_members"
 STATS = "stats"
+ICE_SERVERS = "ice_servers"
 
 NO_PEER_TEXT = "No peer available at the moment. Please try again later."
 PEER_LEFT = "peer_left"
@@ -171,6 +174,19 @@ class Stats:
 class AssignRole:
     role: str
     peer_id: str
+    # PROTOCOL.md section 14: present when the server has ICE servers to hand out.
+    ice_servers: list[Any] | None = None
+    ice_transport_policy: str | None = None
+
+
+@attrs.frozen
+class IceServers:
+    """``iceServers`` as ``RTCPeerConnection`` takes it, ``all`` or ``relay``, and how many
+    seconds the TURN credentials in it stay valid."""
+
+    ice_servers: list[Any]
+    ice_transport_policy: str
+    ttl: int
 
 
 @attrs.frozen

@@ -105,6 +105,10 @@ class Ping(NamedTuple):
     pass
 
 
+class GetIceServers(NamedTuple):
+    pass
+
+
 class RefreshToken(NamedTuple):
     token: str
 
@@ -126,6 +130,7 @@ ClientMessage = (
     | GetStats
     | Ping
     | RefreshToken
+    | GetIceServers
 )
 
 _GET_ROOMS = GetRooms()
@@ -133,6 +138,7 @@ _AVAILABLE = UserAvailable()
 _UNAVAILABLE = UserUnavailable()
 _PING = Ping()
 _STATS = GetStats()
+_ICE = GetIceServers()
 
 
 def parse(env: Envelope, limits: Limits) -> ClientMessage:
@@ -185,6 +191,8 @@ def parse(env: Envelope, limits: Limits) -> ClientMessage:
         return _STATS
     if kind == m.PING:
         return _PING
+    if kind == m.GET_ICE_SERVERS:
+        return _ICE
     if kind == m.REFRESH_TOKEN:
         return RefreshToken(payload_as(env.payload, m.TokenRefresh).token)
     raise ClientError(UNKNOWN_TYPE, f"Unknown message type: {kind[:64]!r}")

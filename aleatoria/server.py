@@ -407,6 +407,14 @@ async def serve(
             "ALEATORIA_ALLOWED_HOSTS or their origins in ALEATORIA_ALLOWED_ORIGINS",
             ",".join(config.effective_allowed_hosts),
         )
+    if config.ice.configured and worker in (None, 0):
+        log.info(
+            "event=ice_servers urls=%s turn_secrets=%d turn_ttl=%d relay_only=%s",
+            ",".join(config.ice_urls),
+            len(config.turn_secret),
+            config.turn_ttl,
+            "on" if config.relay_only else "off",
+        )
     with listener:
         async with (
             open_store(config) as store,

@@ -244,6 +244,7 @@ def _limits_and_rules(config: Config) -> tuple[Limits, Rules]:
         new_dm_per_hour=config.new_dm_per_hour,
         max_payload_bytes=config.max_payload_bytes,
         auth_secret=config.auth_secret,
+        ice=config.ice,
     )
     return limits, rules
 

@@ -44,6 +44,8 @@ CORE_MODULES = [
     "aleatoria.matchmaking",
     "aleatoria.origin",
     "aleatoria.auth",
+    "aleatoria.ice",
+    "aleatoria.privacy",
 ]
 PACKAGE = Path(__file__).resolve().parent.parent / "aleatoria"
 
