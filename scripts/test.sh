@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install everything the tests need (venv, Python packages, redis-server, Chromium) and run
+# Install everything the tests need (venv, Python packages, redis-server, coturn, Chromium) and run
 # the whole suite: lint, types, tests. Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ echo "== installing aleatoria with test extras"
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
 
-for installer in scripts/install-redis.sh scripts/install-browser.sh; do
+for installer in scripts/install-redis.sh scripts/install-coturn.sh scripts/install-browser.sh; do
     if [ -f "$installer" ]; then
         echo "== $installer"
         VENV="$PWD/.venv" bash "$installer"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Make sure coturn's turnserver and turnutils_uclient are available for the TURN tests
+# (tests/test_turn.py and the relay-only browser test). Does nothing when both are on PATH;
+# otherwise installs Debian's coturn package. Idempotent; needs root (CI runs as root).
+# The tests start their own turnserver on free loopback ports; the package's own service is
+# stopped and left disabled, as a fresh Debian install leaves it.
+set -euo pipefail
+
+if command -v turnserver >/dev/null 2>&1 && command -v turnutils_uclient >/dev/null 2>&1; then
+    exit 0
+fi
+
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-coturn: no turnserver on PATH and no apt-get to install it" >&2
+    exit 1
+fi
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+# `apt-get update` first only when the package is unknown (a fresh container).
+if ! apt-cache show coturn >/dev/null 2>&1; then
+    $SUDO apt-get update -qq
+fi
+$SUDO apt-get install -y -qq --no-install-recommends coturn >/dev/null
+if command -v systemctl >/dev/null 2>&1; then
+    $SUDO systemctl stop coturn >/dev/null 2>&1 || true
+fi
+command -v turnserver >/dev/null
+command -v turnutils_uclient >/dev/null
+turnserver --version 2>/dev/null || true
