@@ -207,6 +207,19 @@ def test_relay_only_call_through_coturn_and_no_address_reaches_the_peer(
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     jade.screenshot(path=str(ARTIFACTS / "call-relayed.png"))
 
+    # Fresh credentials (as the page asks before an ICE restart) go into the live connection.
+    ivan.evaluate("window.aleatoria.state.conn.ws.send(JSON.stringify({type: 'get_ice_servers'}))")
+    ivan.wait_for_function(
+        """() => {
+            const replies = window.__received.map(JSON.parse).filter((m) => m.type === 'ice_servers');
+            const given = replies.length && replies[replies.length - 1].payload.iceServers;
+            const used = window.aleatoria.pc.getConfiguration().iceServers;
+            return given && used.length === 1 && used[0].username === given[0].username
+                && used[0].credential === given[0].credential;
+        }"""
+    )
+    assert "connected" == ivan.evaluate("window.aleatoria.pc.connectionState")
+
     # The machine's own addresses, as Chromium finds them (IPv4 and IPv6 here).
     real = ivan.evaluate(GATHER_REAL_CANDIDATES)
     own = {candidate["candidate"].split()[4] for candidate in real["candidates"]}
