@@ -93,11 +93,12 @@ def browser() -> Iterator[Browser]:
 class ServerProcess:
     """``python -m aleatoria serve --port N`` with its log collected in the background."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, settings: dict[str, str] | None = None) -> None:
         env = dict(os.environ, ALEATORIA_LOG_LEVEL="INFO")
         # Only the in-memory store: a developer's Redis settings must not leak into the test.
         for name in ("ALEATORIA_REDIS_URL", "VALKEY_HOST", "ALEATORIA_AUTH_SECRET"):
             env.pop(name, None)
+        env.update(settings or {})  # a test's own settings (e.g. ICE servers)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aleatoria", "serve", "--port", str(port)],
             cwd=REPO,
@@ -154,6 +155,21 @@ def server_url(browser: Browser) -> Iterator[str]:
     try:
         yield server.wait_ready()
     finally:
+        server.stop()
+
+
+@pytest.fixture
+def start_server(browser: Browser) -> Iterator[Callable[[dict[str, str]], str]]:
+    """``start_server(settings)``: the base URL of a server of its own started with these
+    extra environment settings (e.g. ICE servers); stopped after the test."""
+    servers: list[ServerProcess] = []
+
+    def _start(settings: dict[str, str]) -> str:
+        servers.append(ServerProcess(settings=settings))
+        return servers[-1].wait_ready()
+
+    yield _start
+    for server in servers:
         server.stop()
 
 

@@ -248,6 +248,9 @@ def test_random_call_connects_and_next_moves_on(open_page: OpenPage) -> None:
     wait_in_call_with(emil, "dana", dana)
     wait_in_call_with(dana, "emil", emil)
     assert [True, False] == [p.evaluate("window.aleatoria.state.call.polite") for p in (dana, emil)]
+    # No ICE servers on this server: the call is direct, and the page says so (getStats).
+    expect(emil.locator("body")).to_have_attribute("data-call-path", "direct")
+    expect(emil.locator("#call-path")).to_contain_text("Direct connection")
     expect(emil.locator("#peer-tag")).to_have_text("dana")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     emil.screenshot(path=str(SCREENSHOTS / "call.png"))
