@@ -240,7 +240,9 @@ def _show_user(state: dict[str, Any], console: Console) -> None:
 
 def _reports_table(reports: list[dict[str, Any]], title: str | None = None) -> Table:
     table = Table(title=title)
-    for column in ("id", "time", "reporter", "reported", "reason", "details", "evidence"):
+    table.add_column("id", no_wrap=True)
+    table.add_column("time (UTC)", no_wrap=True)
+    for column in ("reporter", "reported", "reason", "details", "evidence"):
         table.add_column(column, overflow="fold")
     for report in reports:
         evidence = report.get("evidence") or {}
@@ -249,26 +251,22 @@ def _reports_table(reports: list[dict[str, Any]], title: str | None = None) -> T
             details = details[: DETAILS_SHOWN - 1] + "…"
         table.add_row(
             str(report.get("id", "")),
-            _time(report.get("time")),
+            _time(report.get("time"), zone=False),
             str(report.get("reporter", "")),
             str(report.get("reported", "")),
             str(report.get("reason", "")),
             details or "-",
-            _count(len(evidence.get("directMessages") or []), "DM")
-            + ", "
-            + _count(len(evidence.get("roomMessages") or []), "room message"),
+            f"{len(evidence.get('directMessages') or [])} DM, {len(evidence.get('roomMessages') or [])} room",
         )
     return table
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" + ("" if n == 1 else "s")
-
-
 def _bans_table(bans: list[dict[str, Any]]) -> Table:
     table = Table()
-    for column in ("user", "kind", "until", "reason", "since"):
-        table.add_column(column, overflow="fold")
+    for column in ("user", "kind", "until"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("reason", overflow="fold", min_width=10)
+    table.add_column("since", no_wrap=True)
     for ban in bans:
         until = ban["until"]
         table.add_row(
@@ -285,8 +283,9 @@ def _until(until: float | None) -> str:
     return "permanently" if until is None else f"until {_time(until)}"
 
 
-def _time(value: object) -> str:
-    """A report's RFC 3339 time or a ban's unix seconds, as ``YYYY-MM-DD HH:MM:SS UTC``."""
+def _time(value: object, *, zone: bool = True) -> str:
+    """A report's RFC 3339 time or a ban's unix seconds, as ``YYYY-MM-DD HH:MM:SS UTC``
+    (``YYYY-MM-DD HH:MM`` for a column that says it is UTC)."""
     if isinstance(value, int | float) and not isinstance(value, bool):
         moment = datetime.datetime.fromtimestamp(value, datetime.UTC)
     elif isinstance(value, str):
@@ -296,4 +295,4 @@ def _time(value: object) -> str:
             return value
     else:
         return "-"
-    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return moment.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC" if zone else "%Y-%m-%d %H:%M")
