@@ -93,11 +93,12 @@ def browser() -> Iterator[Browser]:
 class ServerProcess:
     """``python -m aleatoria serve --port N`` with its log collected in the background."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, settings: dict[str, str] | None = None) -> None:
         env = dict(os.environ, ALEATORIA_LOG_LEVEL="INFO")
         # Only the in-memory store: a developer's Redis settings must not leak into the test.
-        for name in ("ALEATORIA_REDIS_URL", "VALKEY_HOST", "ALEATORIA_AUTH_SECRET"):
+        for name in ("ALEATORIA_REDIS_URL", "VALKEY_HOST", "ALEATORIA_AUTH_SECRET", "ALEATORIA_ADMIN_TOKEN"):
             env.pop(name, None)
+        env.update(settings or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aleatoria", "serve", "--port", str(port)],
             cwd=REPO,
@@ -153,6 +154,19 @@ def server_url(browser: Browser) -> Iterator[str]:
     server = ServerProcess()
     try:
         yield server.wait_ready()
+    finally:
+        server.stop()
+
+
+MODERATION_TOKEN = "browser-test-operator-token"
+
+
+@pytest.fixture(scope="session")
+def moderated_server_url(browser: Browser) -> Iterator[tuple[str, str]]:
+    """Base URL and operator token of a server with the /admin API on (docs/moderation.md)."""
+    server = ServerProcess(settings={"ALEATORIA_ADMIN_TOKEN": MODERATION_TOKEN})
+    try:
+        yield server.wait_ready(), MODERATION_TOKEN
     finally:
         server.stop()
 
