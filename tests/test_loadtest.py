@@ -526,7 +526,9 @@ async def start_real(nursery: trio.Nursery, **config: Any) -> str:
     from aleatoria.config import Config
     from aleatoria.server import serve
 
-    port = await nursery.start(serve, Config(port=0, **{"rate_limit": 0, "match_rate": 0, "frame_rate": 0, **config}))
+    port = await nursery.start(
+        serve, Config(port=0, **{"rate_limit": 0, "match_rate": 0, "frame_rate": 0, **config})
+    )
     return f"ws://127.0.0.1:{port}"
 
 
@@ -572,7 +574,18 @@ async def test_real_server_subprocess_with_worker_processes(nursery: trio.Nurser
     server = await nursery.start(
         functools.partial(
             trio.run_process,
-            [sys.executable, "-m", "aleatoria", "serve", "--port", "0", "--rate-limit", "0", "--match-rate", "0"],
+            [
+                sys.executable,
+                "-m",
+                "aleatoria",
+                "serve",
+                "--port",
+                "0",
+                "--rate-limit",
+                "0",
+                "--match-rate",
+                "0",
+            ],
             stderr=subprocess.PIPE,
             check=False,
             cwd=REPO,

@@ -184,7 +184,19 @@ class ServerProcess:
 async def serve_process(*flags: str, expect_exit: int | None = 0) -> AsyncIterator[ServerProcess]:
     """``aleatoria serve --port 0 FLAGS`` until it logs that it listens; on exit SIGTERM and
     (unless killed by the test) an exit code of ``expect_exit``."""
-    command = [sys.executable, "-m", "aleatoria", "serve", "--port", "0", "--rate-limit", "0", "--match-rate", "0", *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "aleatoria",
+        "serve",
+        "--port",
+        "0",
+        "--rate-limit",
+        "0",
+        "--match-rate",
+        "0",
+        *flags,
+    ]
     process = await trio.lowlevel.open_process(command, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     assert process.stderr is not None
     stderr = process.stderr
