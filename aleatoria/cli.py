@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from aleatoria import __version__, logs
+from aleatoria import __version__, admin_cli, logs
 from aleatoria.auth import make_token, parse_duration
 from aleatoria.config import SETTINGS, Config, ConfigError, from_environment
 from aleatoria.limits import id_problem
@@ -76,7 +76,8 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     token_cmd.add_argument("user", metavar="USERID")
     token_cmd.add_argument("--ttl", default="1h", help="validity, e.g. 90s, 15m, 1h, 2d (default 1h)")
     token_cmd.add_argument("--secret", help="signing secret [env ALEATORIA_AUTH_SECRET]")
-    return parser, {"serve": serve_cmd, "token": token_cmd}
+    admin_cmd = admin_cli.add_parser(commands)
+    return parser, {"serve": serve_cmd, "token": token_cmd, "admin": admin_cmd}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _serve(args, raw[raw.index("serve") + 1 :])
     if args.command == "token":
         return _token(args)
+    if args.command == "admin":
+        return admin_cli.run(args)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 

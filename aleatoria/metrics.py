@@ -41,6 +41,7 @@ class Stats:
     kicks: int = 0
     webhook_deliveries: int = 0
     webhook_failures: int = 0
+    webhook_dropped: int = 0
 
 
 class ServerCollector(Collector):
@@ -96,6 +97,11 @@ class ServerCollector(Collector):
         )
         yield _counter(
             "aleatoria_webhook_failures", "failed webhook attempts (each retry counts)", s.webhook_failures
+        )
+        yield _counter(
+            "aleatoria_webhook_dropped",
+            "reports dropped unsent from a full webhook queue (the oldest waiting goes first)",
+            s.webhook_dropped,
         )
         for name, (helptext, value) in self._counters().items():
             yield _counter(name, helptext, value)

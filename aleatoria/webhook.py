@@ -60,6 +60,7 @@ class Webhook:
         if len(self._queue) >= self._capacity:
             old_id, _ = self._queue.popleft()
             self.dropped += 1
+            self._stats.webhook_dropped += 1
             log.warning("event=webhook_dropped id=%s reason=queue_full capacity=%d", old_id, self._capacity)
         self._queue.append((report_id, orjson.dumps({**report, "id": report_id})))
         self._wakeup.set()

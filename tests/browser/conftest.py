@@ -96,9 +96,9 @@ class ServerProcess:
     def __init__(self, port: int = 0, settings: dict[str, str] | None = None) -> None:
         env = dict(os.environ, ALEATORIA_LOG_LEVEL="INFO")
         # Only the in-memory store: a developer's Redis settings must not leak into the test.
-        for name in ("ALEATORIA_REDIS_URL", "VALKEY_HOST", "ALEATORIA_AUTH_SECRET"):
+        for name in ("ALEATORIA_REDIS_URL", "VALKEY_HOST", "ALEATORIA_AUTH_SECRET", "ALEATORIA_ADMIN_TOKEN"):
             env.pop(name, None)
-        env.update(settings or {})  # a test's own settings (e.g. ICE servers)
+        env.update(settings or {})  # a test's own settings (e.g. ICE servers, an admin token)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aleatoria", "serve", "--port", str(port)],
             cwd=REPO,
@@ -170,6 +170,19 @@ def start_server(browser: Browser) -> Iterator[Callable[[dict[str, str]], str]]:
 
     yield _start
     for server in servers:
+        server.stop()
+
+
+MODERATION_TOKEN = "browser-test-operator-token"
+
+
+@pytest.fixture(scope="session")
+def moderated_server_url(browser: Browser) -> Iterator[tuple[str, str]]:
+    """Base URL and operator token of a server with the /admin API on (docs/moderation.md)."""
+    server = ServerProcess(settings={"ALEATORIA_ADMIN_TOKEN": MODERATION_TOKEN})
+    try:
+        yield server.wait_ready(), MODERATION_TOKEN
+    finally:
         server.stop()
 
 
