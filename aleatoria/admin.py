@@ -141,7 +141,7 @@ async def _reports(request: Request, moderation: Moderation) -> list[dict[str, A
 async def _ban(data: dict[str, Any], moderation: Moderation) -> Any:
     user = _user(_field(data, "user", str, required=True))
     duration = _field(data, "duration", (int, float))
-    if duration is not None and (isinstance(duration, bool) or not 0 < duration <= MAX_DURATION):
+    if duration is not None and (isinstance(duration, bool) or not 1 <= duration <= MAX_DURATION):
         raise _Refused(400, f"duration must be a number of seconds, 1 to {int(MAX_DURATION)}")
     reason = _field(data, "reason", str) or ""
     if len(reason) > MAX_REASON_CHARS:

@@ -49,6 +49,7 @@ class Webhook:
         self._queue: deque[tuple[str, bytes]] = deque()
         self._capacity = capacity
         self._wakeup = trio.Event()
+        self._sending: str | None = None  # the report being posted (never dropped)
         self.dropped = 0
 
     @property
@@ -58,7 +59,10 @@ class Webhook:
     def submit(self, report_id: str, report: dict[str, Any]) -> None:
         """Queue ``report`` for delivery (never blocks)."""
         if len(self._queue) >= self._capacity:
-            old_id, _ = self._queue.popleft()
+            # The oldest waiting report goes; not the one being posted (it may arrive).
+            index = 1 if self._sending is not None and len(self._queue) > 1 else 0
+            old_id, _ = self._queue[index]
+            del self._queue[index]
             self.dropped += 1
             self._stats.webhook_dropped += 1
             log.warning("event=webhook_dropped id=%s reason=queue_full capacity=%d", old_id, self._capacity)
@@ -74,7 +78,11 @@ class Webhook:
                     await self._wakeup.wait()
                     continue
                 report_id, body = self._queue[0]
-                await self._deliver(client, report_id, body)
+                self._sending = report_id
+                try:
+                    await self._deliver(client, report_id, body)
+                finally:
+                    self._sending = None
                 if self._queue and self._queue[0][0] == report_id:
                     self._queue.popleft()
 

@@ -310,6 +310,7 @@ BAD_BANS: list[tuple[Any, str]] = [
     ({"user": "x" * 65}, "user is longer than 64"),
     ({"user": "m", "duration": -1}, "duration must be"),
     ({"user": "m", "duration": 0}, "duration must be"),
+    ({"user": "m", "duration": 0.5}, "duration must be"),
     ({"user": "m", "duration": 1e12}, "duration must be"),
     ({"user": "m", "duration": 10**30}, "duration must be"),
     ({"user": "m", "duration": "60"}, "duration has the wrong type"),
