@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from aleatoria import __version__, logs
-from aleatoria.auth import make_token, parse_duration
+from aleatoria.auth import MIN_SECRET_BYTES, make_token, parse_duration
 from aleatoria.config import SETTINGS, Config, ConfigError, from_environment
 from aleatoria.limits import id_problem
 from aleatoria.overview import open_view_listener
@@ -118,6 +118,12 @@ def _token(args: argparse.Namespace) -> int:
     if problem:
         print(f"aleatoria: userId {problem}", file=sys.stderr)
         return 2
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        print(
+            f"aleatoria: warning: the secret is {len(secret.encode())} bytes; use at least "
+            f"{MIN_SECRET_BYTES} random bytes outside development (the server warns too)",
+            file=sys.stderr,
+        )
     print(make_token(args.user, secret, ttl))
     return 0
 
@@ -176,7 +182,7 @@ def _open_metrics_port(config: Config) -> socket.socket | None:
 def _warn_about_auth(config: Config) -> None:
     if not config.auth_secret:
         log.warning("event=auth_disabled detail=%r", "no ALEATORIA_AUTH_SECRET: userIds are trusted")
-    elif len(config.auth_secret) < 32:
+    elif len(config.auth_secret.encode()) < MIN_SECRET_BYTES:
         log.warning("event=auth_weak_secret detail=%r", "ALEATORIA_AUTH_SECRET is shorter than 32 bytes")
 
 
