@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
+import warnings
+from collections.abc import Iterator
 
 import jwt
 
 ALGORITHM = "HS256"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# HS256 keys shorter than this are weak (RFC 7518 section 3.2). The server and the token
+# command say so in their own words, once; PyJWT would warn on every token it handles.
+MIN_SECRET_BYTES = 32
+
+
+@contextlib.contextmanager
+def _quiet_about(secret: str) -> Iterator[None]:
+    """PyJWT's InsecureKeyLengthWarning silenced for a short ``secret`` (a long one costs
+    nothing: the warning cannot come, and the filters are left alone)."""
+    if len(secret.encode()) >= MIN_SECRET_BYTES:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"The HMAC key is \d+ bytes long")
+        yield
 
 
 def parse_duration(text: str) -> float:
@@ -24,7 +42,8 @@ def make_token(user: str, secret: str, ttl_seconds: float, *, now: float | None 
     """A token for ``user`` valid for ``ttl_seconds``."""
     issued = int(time.time() if now is None else now)
     claims = {"sub": user, "iat": issued, "exp": issued + int(ttl_seconds)}
-    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+    with _quiet_about(secret):
+        return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
 class TokenRefused(Exception):
@@ -36,7 +55,8 @@ def token_expiry(token: str | None, user: str, secret: str) -> int:
     if not token:
         raise TokenRefused("missing token")
     try:
-        claims = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]})
+        with _quiet_about(secret):
+            claims = jwt.decode(token, secret, algorithms=[ALGORITHM], options={"require": ["exp", "sub"]})
     except jwt.ExpiredSignatureError:
         raise TokenRefused("token expired") from None
     except jwt.InvalidSignatureError:

@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from aleatoria import __version__, admin_cli, logs
-from aleatoria.auth import make_token, parse_duration
+from aleatoria.auth import MIN_SECRET_BYTES, make_token, parse_duration
 from aleatoria.config import SETTINGS, Config, ConfigError, from_environment
 from aleatoria.limits import id_problem
 from aleatoria.overview import open_view_listener
@@ -27,9 +27,6 @@ from aleatoria.server import serve
 from aleatoria.workers import ignore_stop_signals, reserve_port, run_workers, stop_when_parent_says
 
 log = logging.getLogger("aleatoria.cli")
-
-# Flags whose spelling differs from the setting name, or that take repeated values.
-_FLAG_NAMES = {"allowed_origins": "--allowed-origin"}
 
 
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -44,27 +41,25 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     serve_cmd = commands.add_parser(
         "serve",
         help="run the server",
-        description="Run the server. Every flag has an environment variable; flags win.",
+        description="Run the server. Every flag has an environment variable; flags win, and a "
+        "variable set to the empty string counts as unset.",
     )
     for setting in SETTINGS:
-        flag = _FLAG_NAMES.get(setting.name, "--" + setting.name.replace("_", "-"))
-        helptext = f"{setting.help} [env {setting.env}]"
-        if setting.name == "allowed_origins":
+        helptext = f"{setting.help} (default: {setting.shown_default}) [env {setting.env}]"
+        # argparse expands % in help texts
+        helptext = helptext.replace("%", "%%")
+        if setting.repeatable:
             serve_cmd.add_argument(
-                flag, dest="allowed_origins", action="append", metavar="ORIGIN", help=helptext
+                setting.flag, dest=setting.name, action="append", metavar="LIST", help=helptext
             )
-        elif setting.parse is bool or setting.name in {
-            "require_origin",
-            "valkey_use_tls",
-            "redis_cluster",
-            "relay_only",
-        }:
+        elif setting.switch:
             serve_cmd.add_argument(
-                flag, dest=setting.name, action="store_const", const=True, default=None, help=helptext
+                setting.flag, dest=setting.name, action="store_const", const=True, default=None, help=helptext
             )
         else:
-            serve_cmd.add_argument(flag, dest=setting.name, type=setting.parse, default=None, help=helptext)
-    serve_cmd.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+            serve_cmd.add_argument(
+                setting.flag, dest=setting.name, type=_flag_type(setting.parse), default=None, help=helptext
+            )
     # Internal: set by the --workers parent on each worker it starts.
     serve_cmd.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -78,6 +73,21 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     token_cmd.add_argument("--secret", help="signing secret [env ALEATORIA_AUTH_SECRET]")
     admin_cmd = admin_cli.add_parser(commands)
     return parser, {"serve": serve_cmd, "token": token_cmd, "admin": admin_cmd}
+
+
+def _flag_type(parse: Any) -> Any:
+    """``parse`` for argparse: our parsers' own message on a bad value (argparse would say
+    "invalid _parse_log_format value"); int, float and str keep argparse's."""
+    if parse in (int, float, str):
+        return parse
+
+    def flag_value(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return flag_value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,24 +121,29 @@ def _token(args: argparse.Namespace) -> int:
     if problem:
         print(f"aleatoria: userId {problem}", file=sys.stderr)
         return 2
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        print(
+            f"aleatoria: warning: the secret is {len(secret.encode())} bytes; use at least "
+            f"{MIN_SECRET_BYTES} random bytes outside development (the server warns too)",
+            file=sys.stderr,
+        )
     print(make_token(args.user, secret, ttl))
     return 0
 
 
 def _serve(args: argparse.Namespace, serve_args: Sequence[str]) -> int:
     overrides: dict[str, Any] = {s.name: getattr(args, s.name, None) for s in SETTINGS}
-    if overrides.get("allowed_origins") is not None:
-        origins: list[str] = []
-        for value in overrides["allowed_origins"]:
-            origins.extend(part.strip() for part in value.split(",") if part.strip())
-        overrides["allowed_origins"] = tuple(origins)
+    for setting in SETTINGS:
+        values = overrides[setting.name]
+        if setting.repeatable and values is not None:  # each value parsed, then added up
+            overrides[setting.name] = tuple(item for value in values for item in setting.parse(value))
     try:
         config = from_environment(**overrides)
     except ConfigError as exc:
         print(f"aleatoria: configuration error: {exc}", file=sys.stderr)
         return 2
-    logs.configure(config.log_level, args.log_format)
-    _start_error_reporting()
+    logs.configure(config.log_level, config.log_format)
+    _start_error_reporting(config)
     if args.worker is None:  # once per deployment: a --workers parent speaks for its workers
         _warn_about_auth(config)
     if config.workers > 1 and args.worker is None:
@@ -170,7 +185,7 @@ def _open_metrics_port(config: Config) -> socket.socket | None:
 def _warn_about_auth(config: Config) -> None:
     if not config.auth_secret:
         log.warning("event=auth_disabled detail=%r", "no ALEATORIA_AUTH_SECRET: userIds are trusted")
-    elif len(config.auth_secret) < 32:
+    elif len(config.auth_secret.encode()) < MIN_SECRET_BYTES:
         log.warning("event=auth_weak_secret detail=%r", "ALEATORIA_AUTH_SECRET is shorter than 32 bytes")
 
 
@@ -234,9 +249,9 @@ def _tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
-def _start_error_reporting() -> None:
+def _start_error_reporting(config: Config) -> None:
     """Report errors to Sentry when SENTRY_DSN is set (the original server did)."""
-    dsn = os.environ.get("SENTRY_DSN", "")
+    dsn = config.sentry_dsn
     if not dsn:
         return
     try:

@@ -43,14 +43,57 @@ def _parse_hosts(text: str) -> tuple[str, ...]:
     return tuple(part.strip().lower() for part in text.split(",") if part.strip())
 
 
+def _parse_log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError(f"expected text or json, got {text!r}")
+    return value
+
+
 @attrs.frozen
 class Setting:
-    """One configuration knob: its attribute, environment variable, parser and help text."""
+    """One configuration knob, defined once: its ``Config`` attribute, environment variable,
+    parser and meaning; its flag (``--`` and the name with dashes unless given) and its
+    default (the ``Config`` field's, shown as ``shown_default``). ``aleatoria serve --help``,
+    the README's table and docs/operations.md's are all made from ``SETTINGS``
+    (``scripts/settings_table.py`` writes the docs; a test fails when they drift)."""
 
     name: str
     env: str
     parse: Any
     help: str
+    flag: str = attrs.field(
+        default=attrs.Factory(lambda self: "--" + self.name.replace("_", "-"), takes_self=True)
+    )
+    # How to show the default, when the value alone would not say it (None, a computed set).
+    default_text: str | None = None
+    repeatable: bool = False  # the flag may be given again (values add up)
+
+    @property
+    def default(self) -> Any:
+        """The default value: the ``Config`` field's."""
+        return attrs.fields_dict(Config)[self.name].default
+
+    @property
+    def switch(self) -> bool:
+        """A flag without a value (on when given); its variable takes 1/0, true/false."""
+        return bool(self.parse is _parse_bool)
+
+    @property
+    def shown_default(self) -> str:
+        """The default as --help and the docs show it."""
+        if self.default_text is not None:
+            return self.default_text
+        value = self.default
+        if value is None:
+            return "unset"
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, tuple):
+            return ",".join(value) if value else "empty"
+        if isinstance(value, float):
+            return f"{value:g}"
+        return str(value)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -60,33 +103,53 @@ SETTINGS: tuple[Setting, ...] = (
         "allowed_origins",
         "ALEATORIA_ALLOWED_ORIGINS",
         _parse_origins,
-        "comma list of browser origins allowed to connect; * allows any; empty = same-origin only",
+        "comma list of browser origins allowed to connect (the flag may be repeated); * allows any",
+        flag="--allowed-origin",
+        default_text="empty = same-origin only",
+        repeatable=True,
     ),
     Setting(
         "require_origin",
         "ALEATORIA_REQUIRE_ORIGIN",
         _parse_bool,
-        "reject WebSocket requests that carry no Origin header",
+        "refuse WebSocket requests that carry no Origin header",
     ),
     Setting(
         "allowed_hosts",
         "ALEATORIA_ALLOWED_HOSTS",
         _parse_hosts,
-        "comma list of Host names that count as same-origin (default localhost, 127.0.0.1, [::1] "
-        "and the listen address); * = any; behind a proxy list its public host",
+        "comma list of Host names that count as this server for same-origin pages (stops DNS "
+        "rebinding); * = any; behind a proxy list its public host",
+        default_text="localhost,127.0.0.1,[::1] and the listen address",
     ),
     Setting("log_level", "ALEATORIA_LOG_LEVEL", str, "debug, info, warning or error"),
+    Setting(
+        "log_format",
+        "ALEATORIA_LOG_FORMAT",
+        _parse_log_format,
+        "text (key=value) or json, one line per event on stderr",
+    ),
     Setting("redis_url", "ALEATORIA_REDIS_URL", str, "redis:// or rediss:// URL (overrides VALKEY_*)"),
-    Setting("valkey_host", "VALKEY_HOST", str, "Redis/Valkey host (enables the Redis store)"),
+    Setting("valkey_host", "VALKEY_HOST", str, "Redis/Valkey host (setting it turns the Redis store on)"),
     Setting("valkey_port", "VALKEY_PORT", int, "Redis/Valkey port"),
     Setting("valkey_username", "VALKEY_USERNAME", str, "Redis/Valkey ACL user name"),
     Setting("valkey_password", "VALKEY_PASSWORD", str, "Redis/Valkey password"),
     Setting("valkey_use_tls", "VALKEY_USE_TLS", _parse_bool, "connect to Redis/Valkey over TLS"),
     Setting("redis_db", "REDIS_DB", int, "Redis database number"),
-    Setting("message_ttl_hours", "MESSAGE_TTL_HOURS", float, "history retention in hours"),
-    Setting("history_max", "ALEATORIA_HISTORY_MAX", int, "messages kept per room and per DM"),
-    Setting("auth_secret", "ALEATORIA_AUTH_SECRET", str, "HS256 secret; when set /ws needs a JWT"),
-    Setting("max_connections", "ALEATORIA_MAX_CONNECTIONS", int, "WebSocket sessions at once (then 503)"),
+    Setting("message_ttl_hours", "MESSAGE_TTL_HOURS", float, "history retention in hours (decimals allowed)"),
+    Setting("history_max", "ALEATORIA_HISTORY_MAX", int, "messages kept per room and per DM conversation"),
+    Setting(
+        "auth_secret",
+        "ALEATORIA_AUTH_SECRET",
+        str,
+        "HS256 secret (32 bytes or more); when set, /ws requires a JWT; unset: userIds are trusted",
+    ),
+    Setting(
+        "max_connections",
+        "ALEATORIA_MAX_CONNECTIONS",
+        int,
+        "sockets at once, counted from accept (then 503; /health still answers)",
+    ),
     Setting(
         "max_connections_per_ip",
         "ALEATORIA_MAX_CONNECTIONS_PER_IP",
@@ -101,19 +164,43 @@ SETTINGS: tuple[Setting, ...] = (
         "header carrying the client IP, set by your reverse proxy (e.g. X-Real-IP)",
     ),
     Setting(
-        "handshake_timeout", "ALEATORIA_HANDSHAKE_TIMEOUT", float, "seconds a client has to send its request"
+        "handshake_timeout",
+        "ALEATORIA_HANDSHAKE_TIMEOUT",
+        float,
+        "seconds a client has to send its request head",
     ),
     Setting("ping_interval", "ALEATORIA_PING_INTERVAL", float, "seconds between WebSocket pings"),
-    Setting("idle_timeout", "ALEATORIA_IDLE_TIMEOUT", float, "seconds without traffic before closing"),
-    Setting("outbox_frames", "ALEATORIA_OUTBOX_FRAMES", int, "frames queued per slow client before 1013"),
+    Setting(
+        "idle_timeout",
+        "ALEATORIA_IDLE_TIMEOUT",
+        float,
+        "seconds without traffic before a connection is closed",
+    ),
+    Setting(
+        "outbox_frames",
+        "ALEATORIA_OUTBOX_FRAMES",
+        int,
+        "frames queued for a slow client before it is closed with 1013",
+    ),
     Setting(
         "room_linger",
         "ALEATORIA_ROOM_LINGER",
         float,
-        "seconds a busy room waits to join messages into one send per member (0 = off)",
+        "seconds a busy room's next message waits for others, so members get them in one send "
+        "(a lone message never waits; 0 = off; at most 0.1)",
     ),
-    Setting("max_frame_bytes", "ALEATORIA_MAX_FRAME_BYTES", int, "largest message a client may send"),
-    Setting("rate_limit", "ALEATORIA_RATE_LIMIT", float, "messages/s per connection (0 = no limit)"),
+    Setting(
+        "max_frame_bytes",
+        "ALEATORIA_MAX_FRAME_BYTES",
+        int,
+        "largest message a client may send (larger: close 1009)",
+    ),
+    Setting(
+        "rate_limit",
+        "ALEATORIA_RATE_LIMIT",
+        float,
+        "messages/s per connection (0 = no limit; over it: error rate_limited)",
+    ),
     Setting("rate_burst", "ALEATORIA_RATE_BURST", int, "burst allowance of the rate limit"),
     Setting(
         "frame_rate",
@@ -126,13 +213,13 @@ SETTINGS: tuple[Setting, ...] = (
         "outbox_bytes",
         "ALEATORIA_OUTBOX_BYTES",
         int,
-        "bytes queued per slow client (behind the frame being written) before 1013",
+        "bytes queued for a slow client (behind the frame being written) before it is closed with 1013",
     ),
     Setting(
         "history_memory_mb",
         "ALEATORIA_HISTORY_MEMORY_MB",
         float,
-        "MiB of history kept in the server's memory; the oldest conversations go first",
+        "MiB of history kept in the server's memory; the least recently written conversations go first",
     ),
     Setting(
         "max_rooms_per_user",
@@ -144,13 +231,13 @@ SETTINGS: tuple[Setting, ...] = (
         "new_dm_per_hour",
         "ALEATORIA_NEW_DM_PER_HOUR",
         int,
-        "new DM conversations a user may open per hour (more: error limit_reached)",
+        "new DM partners a user may write to per hour (more: error limit_reached)",
     ),
     Setting(
         "max_payload_bytes",
         "ALEATORIA_MAX_PAYLOAD_BYTES",
         int,
-        "largest chat payload, as UTF-8 JSON (more: error too_large)",
+        "largest chat payload, as UTF-8 JSON with every field counted (more: error too_large)",
     ),
     Setting(
         "redis_connect_timeout",
@@ -199,26 +286,27 @@ SETTINGS: tuple[Setting, ...] = (
         "workers",
         "ALEATORIA_WORKERS",
         int,
-        "worker processes sharing the port (SO_REUSEPORT); more than 1 needs Redis",
+        "worker processes sharing the port (SO_REUSEPORT), restarted if they die; more than 1 needs Redis",
     ),
     Setting(
         "metrics_port",
         "ALEATORIA_METRICS_PORT",
         int,
-        "port for /health and /metrics of the whole process tree (with --workers: the parent "
-        "serves them, merged; 0 picks a free one; unset = only on the main port)",
+        "port for /health and /metrics (with --workers: the parent answers for every worker; "
+        "0 picks a free one; unset = only on the main port)",
     ),
     Setting(
         "presence_ttl",
         "ALEATORIA_PRESENCE_TTL",
         float,
-        "seconds after its last heartbeat an instance counts as dead (scale-out)",
+        "seconds after its last heartbeat an instance counts as dead (its users leave pool and presence)",
     ),
     Setting(
         "heartbeat_interval",
         "ALEATORIA_HEARTBEAT_INTERVAL",
         float,
-        "seconds between an instance's heartbeats and its checks for dead instances",
+        "seconds between an instance's heartbeats and its checks for dead instances (at most half "
+        "the presence TTL)",
     ),
     # Safety (PROTOCOL.md section 13).
     Setting(
@@ -253,6 +341,25 @@ SETTINGS: tuple[Setting, ...] = (
         int,
         "reports waiting for the webhook (beyond it the oldest waiting is dropped and counted)",
     ),
+    Setting(
+        "shutdown_timeout",
+        "ALEATORIA_SHUTDOWN_TIMEOUT",
+        float,
+        "seconds a graceful stop may take (1001 to clients, history flushed); a --workers "
+        "worker still running 5 s later is killed",
+    ),
+    Setting(
+        "sentry_dsn",
+        "SENTRY_DSN",
+        str,
+        "report errors to Sentry (needs pip install 'aleatoria[sentry]')",
+    ),
+)
+
+# Config fields that are not settings: the protocol's own limits (PROTOCOL.md sections 3, 4
+# and 5), the same for every deployment.
+FIXED = frozenset(
+    {"max_id_chars", "max_content_chars", "max_message_id_chars", "close_timeout", "rate_abuse_seconds"}
 )
 
 
@@ -268,6 +375,7 @@ class Config:
     # localhost, 127.0.0.1, [::1] and the listen address unless it is a wildcard.
     allowed_hosts: tuple[str, ...] | None = None
     log_level: str = "info"
+    log_format: str = "text"
 
     redis_url: str | None = None
     valkey_host: str | None = None
@@ -329,6 +437,7 @@ class Config:
     workers: int = 1
     # /health and /metrics on a port of their own (with --workers: the whole tree, merged).
     metrics_port: int | None = None
+    sentry_dsn: str | None = None
     presence_ttl: float = 10.0
     heartbeat_interval: float = 3.0
 
@@ -435,6 +544,10 @@ class Config:
             raise ConfigError("ALEATORIA_MAX_PAYLOAD_BYTES must be at least 1024")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
             raise ConfigError(f"unknown log level {self.log_level!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"ALEATORIA_LOG_FORMAT must be text or json, got {self.log_format!r}")
+        if self.shutdown_timeout < 2:
+            raise ConfigError("ALEATORIA_SHUTDOWN_TIMEOUT must be at least 2 seconds")
         if self.workers < 1:
             raise ConfigError("ALEATORIA_WORKERS must be at least 1")
         if self.workers > 1 and not self.effective_redis_url:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aleatoria.loadtest.cli import main
+from aleatoria.loadtest.launch import main
 
 if __name__ == "__main__":  # spawned worker processes import this module too
     raise SystemExit(main())

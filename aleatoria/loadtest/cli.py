@@ -189,10 +189,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             write_plot(result.stats, args.plot, f"aleatoria load test: {options.scenario}")
             figures["plot"] = str(args.plot)
+        except ImportError as exc:  # matplotlib, an extra needed only for --plot
+            figures["warnings"].append(
+                f"could not write the plot ({exc.name} is not installed): pip install 'aleatoria[loadtest]'"
+            )
         except (OSError, ValueError) as exc:
             figures["warnings"].append(f"could not write the plot: {exc}")
     if args.json:
         write_json(figures, sys.stdout)
     else:
         render(figures, Console())
+    if "plot" in figures:  # on stderr: with --json, stdout holds the JSON object alone
+        print(f"aleatoria-loadtest: plot written to {args.plot.resolve()}", file=sys.stderr)
     return exit_code(figures)

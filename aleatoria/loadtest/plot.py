@@ -7,6 +7,7 @@ backend, so the tool works without a display and without matplotlib for other ru
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from aleatoria.loadtest.stats import Stats
 
@@ -30,7 +31,17 @@ def _range_ms(stats: Stats, metrics: list[str]) -> tuple[float, float]:
 
 
 def write_plot(stats: Stats, path: Path, title: str) -> None:
-    """Write a two-panel PNG to ``path``. Raises OSError if it cannot be written."""
+    """Write a two-panel PNG to ``path``. Raises OSError if it cannot be written, ImportError
+    without matplotlib."""
+    import matplotlib.pyplot as plt
+
+    figure = draw(stats, title)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def draw(stats: Stats, title: str) -> Any:
+    """The two-panel figure (a matplotlib ``Figure``; the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,22 +57,26 @@ def write_plot(stats: Stats, path: Path, title: str) -> None:
     for index, name in enumerate(metrics):
         colour = f"C{index % 10}"
         points = stats.timelines[name].points()
-        times = [t for t, _ in points]
-        p50 = [h.percentile(50) / 1000 for _, h in points]
-        p99 = [h.percentile(99) / 1000 for _, h in points]
-        over_time.plot(times, p50, color=colour, label=f"{name} p50")
-        over_time.plot(times, p99, color=colour, linestyle="--", label=f"{name} p99")
-        middles, counts = [], []
+        if points:  # a metric seen in one time slot only (connect, often) is a dot, not a line
+            times = [t for t, _ in points]
+            p50 = [h.percentile(50) / 1000 for _, h in points]
+            p99 = [h.percentile(99) / 1000 for _, h in points]
+            marker = "o" if len(points) == 1 else None
+            over_time.plot(times, p50, color=colour, marker=marker, label=f"{name} p50")
+            over_time.plot(times, p99, color=colour, marker=marker, linestyle="--", label=f"{name} p99")
+        middles, shares = [], []
+        total = stats.histograms[name].count
         for low, high, count in stats.histograms[name].buckets():
             middles.append(min(max((low + high) / 2000, low_ms), high_ms))
-            counts.append(count)
-        histogram.hist(middles, bins=edges, weights=counts, histtype="step", color=colour, label=name)
+            shares.append(count / total)
+        # Shares, not counts: 200 connects and 150,000 deliveries are both visible.
+        histogram.hist(middles, bins=edges, weights=shares, histtype="step", color=colour, label=name)
     over_time.set_xlabel("time since start (s)")
     over_time.set_ylabel("latency (ms)")
     over_time.set_yscale("log")
     over_time.set_title("latency over time (solid p50, dashed p99)")
     histogram.set_xlabel("latency (ms)")
-    histogram.set_ylabel("samples")
+    histogram.set_ylabel("share of the metric's samples")
     histogram.set_xscale("log")
     histogram.set_title("latency histogram")
     if metrics:
@@ -70,5 +85,4 @@ def write_plot(stats: Stats, path: Path, title: str) -> None:
     else:
         over_time.text(0.5, 0.5, "no latency samples", ha="center", transform=over_time.transAxes)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    return figure

@@ -225,6 +225,32 @@ def wait_in_call_with(page: Page, peer: str, *everyone: Page) -> None:
     assert page.evaluate("document.getElementById('remote-video').videoWidth") > 0
 
 
+def camera_on(page: Page) -> bool:
+    """Whether the page holds a live camera/microphone stream."""
+    on: bool = page.evaluate(
+        """() => {
+            const stream = window.aleatoria.state.call.localStream;
+            return stream !== null && stream.getTracks().some(t => t.readyState === 'live');
+        }"""
+    )
+    return on
+
+
+def assert_within_viewport(page: Page, selector: str) -> None:
+    """The element is visible and wholly inside the viewport."""
+    expect(page.locator(selector)).to_be_visible()
+    box = page.locator(selector).bounding_box()
+    size = page.viewport_size
+    assert box is not None and size is not None
+    inside = (
+        box["x"] >= 0
+        and box["y"] >= 0
+        and box["x"] + box["width"] <= size["width"]
+        and box["y"] + box["height"] <= size["height"]
+    )
+    assert inside, (selector, box, size)
+
+
 def test_random_call_connects_and_next_moves_on(open_page: OpenPage) -> None:
     """Two pages are matched and see each other's video; "Next" pairs one with a third page."""
     dana = open_page()
@@ -237,16 +263,21 @@ def test_random_call_connects_and_next_moves_on(open_page: OpenPage) -> None:
     say(emil, "Sure, pressing the button now.")
     expect(bodies(dana).last).to_have_text("Sure, pressing the button now.")
 
-    # Alone: nobody available, dana waits in the pool.
+    # Alone: nobody available, dana waits in the pool, with her camera off (it is used only
+    # during calls) and no "Try again" (she is in the queue already).
     dana.click("#call-start")
     expect(dana.locator("body")).to_have_attribute("data-call-state", "waiting")
     expect(dana.locator("#call-status")).to_contain_text("No one else is available")
-    expect(dana.locator("#call-retry")).to_be_visible()
+    assert not camera_on(dana)
+    expect(dana.locator(".call-actions button:visible")).to_have_text(["Stop"])
 
-    # emil asks and gets dana: emil (the requester) is impolite, dana polite.
+    # emil asks and gets dana: emil (the requester) is impolite, dana polite. Both cameras
+    # are on for the call.
     emil.click("#call-start")
     wait_in_call_with(emil, "dana", dana)
     wait_in_call_with(dana, "emil", emil)
+    assert camera_on(emil) and camera_on(dana)
+    dana.evaluate("window.danaTracks = window.aleatoria.state.call.localStream.getTracks()")
     assert [True, False] == [p.evaluate("window.aleatoria.state.call.polite") for p in (dana, emil)]
     # No ICE servers on this server: the call is direct, and the page says so (getStats).
     expect(emil.locator("body")).to_have_attribute("data-call-path", "direct")
@@ -260,6 +291,7 @@ def test_random_call_connects_and_next_moves_on(open_page: OpenPage) -> None:
     sign_in(farah, "farah")
     farah.click("#call-start")
     expect(farah.locator("body")).to_have_attribute("data-call-state", "waiting")
+    assert not camera_on(farah)
 
     # "Next" from emil: a new match with farah, never back to dana, who is told emil left.
     emil.click("#call-next")
@@ -268,6 +300,9 @@ def test_random_call_connects_and_next_moves_on(open_page: OpenPage) -> None:
     expect(dana.locator("body")).to_have_attribute("data-call-state", "peer_left")
     expect(dana.locator("#call-status")).to_contain_text("emil")
     assert dana.evaluate("window.aleatoria.pc") is None
+    # Her partner left: her camera is off, its tracks stopped (not just hidden).
+    assert not camera_on(dana)
+    assert dana.evaluate("window.danaTracks.every(t => t.readyState === 'ended')")
 
     farah.set_viewport_size(PHONE)
     expect(farah.locator("body")).to_have_attribute("data-view", "call")
@@ -275,6 +310,11 @@ def test_random_call_connects_and_next_moves_on(open_page: OpenPage) -> None:
         "n => window.aleatoria.remoteFrames > n", arg=farah.evaluate("window.aleatoria.remoteFrames")
     )
     farah.screenshot(path=str(SCREENSHOTS / "call-phone.png"))
+    # On the phone: the signed-in name is shown, and the whole remote video (not a crop).
+    expect(farah.locator("#me-name")).to_have_text("farah")
+    assert_within_viewport(farah, "#me-name")
+    assert_within_viewport(farah, "#remote-video")
+    assert "contain" == farah.evaluate("getComputedStyle(document.getElementById('remote-video')).objectFit")
 
     # Hang up: emil is back to idle, farah sees that emil left.
     emil.click("#call-hangup")
@@ -283,3 +323,37 @@ def test_random_call_connects_and_next_moves_on(open_page: OpenPage) -> None:
     dana.click("#call-hangup")
     expect(dana.locator("body")).to_have_attribute("data-call-state", "idle")
     assert dana.evaluate("window.aleatoria.state.call.localStream") is None
+
+
+def test_a_dm_to_someone_offline_says_it_will_wait(open_page: OpenPage) -> None:
+    """A DM to someone who is in none of your rooms (so not online) says that it is kept and
+    will wait for them; a DM to someone online says nothing of the kind; when the absent one
+    comes back and answers, the note goes."""
+    ivan = open_page()
+    sign_in(ivan, "ivan")
+    ivan.fill("#dm-input", "jules")
+    ivan.click("#dm-form button[type=submit]")
+    say(ivan, "Are you there?")
+    expect(bodies(ivan)).to_have_text(["Are you there?"])
+    note = ivan.locator("#dm-note")
+    expect(note).to_be_visible()
+    expect(note).to_contain_text("jules is not online right now")
+    expect(note).to_contain_text("they will see them when they come back")
+
+    kim = open_page()
+    sign_in(kim, "kim")
+    ivan.fill("#dm-input", "kim")
+    ivan.click("#dm-form button[type=submit]")
+    say(ivan, "Hi kim")
+    expect(kim.locator("#dm-list button.open[data-name='ivan'] .badge")).to_have_text("1")
+    expect(note).to_be_hidden()
+
+    jules = open_page()
+    sign_in(jules, "jules")
+    jules.fill("#dm-input", "ivan")
+    jules.click("#dm-form button[type=submit]")
+    expect(bodies(jules)).to_have_text(["Are you there?"])  # the message waited for jules
+    say(jules, "Here now")
+    open_thread(ivan, "dm", "jules")
+    expect(bodies(ivan)).to_have_text(["Are you there?", "Here now"])
+    expect(note).to_be_hidden()
