@@ -378,7 +378,9 @@ class RedisStore:
             (
                 (self._scripts.set_available, self._user_keys, pool_args),
                 (self._scripts.request_peer, _PICK_KEYS, pick_args),
-            )
+            ),
+            requester=user,
+            pick=1,
         )
         done = await self._keeper.run(both)
         if done is None:
@@ -393,7 +395,8 @@ class RedisStore:
 
     async def request_peer(self, user: str, current_peer: str | None) -> RequestOutcome:
         args = self._pick_args(user, current_peer)
-        done = await self._keeper.run(scripted(self._scripts.request_peer, _PICK_KEYS, args))
+        pick = Scripted(((self._scripts.request_peer, _PICK_KEYS, args),), requester=user, pick=0)
+        done = await self._keeper.run(pick)
         if done is None:
             return self._requested_in_memory(user, current_peer)
         return self._requested(user, done, done.value)

@@ -44,6 +44,10 @@ class Scripted:
     script's result, or the list of results when there are several."""
 
     calls: tuple[ScriptCall, ...]
+    # A peer request's user, and which call is the pick: a pick is told the users whose own
+    # requests come after it in the same batch, and leaves them alone (see ``run_batch``).
+    requester: str | None = None
+    pick: int | None = None
 
     def __call__(self, r: Any) -> Any:
         results = [script(list(keys), list(args), client=r) for script, keys, args in self.calls]
@@ -95,9 +99,11 @@ def run_batch(get_client: Callable[[], Any], batch: Batch, describe: Callable[[B
             _run_each(client, live, describe)
             return
         pipe = client.pipeline(transaction=False)
-        for job in live:
-            for script, keys, args in job.fn.calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+        for index, job in enumerate(live):
+            later = _later_requesters(live, index) if job.fn.pick is not None else ()
+            for position, (script, keys, args) in enumerate(job.fn.calls):
+                extra = later if position == job.fn.pick else ()
+                pipe.evalsha(script.sha, len(keys), *keys, *args, *extra)
         results = pipe.execute(raise_on_error=False)
     except (redis.RedisError, RedisClusterException, OSError) as exc:
         for job in live:
@@ -127,3 +133,15 @@ def _run_each(client: Any, jobs: list[Job], describe: Callable[[BaseException], 
             job.value = job.fn(client)
         except (redis.RedisError, RedisClusterException, OSError) as exc:
             job.error = StoreUnavailable(describe(exc))
+
+
+def _later_requesters(jobs: list[Job], index: int) -> tuple[str, ...]:
+    """Users whose peer requests come after job ``index`` in the batch. Two requests of one
+    pass are concurrent; picking a user whose own request is about to run would only send
+    that request this match again (a crossed request: clients take it for no answer), so the
+    earlier pick leaves such users to their own requests (which may pick the earlier
+    requester: the pair still meets)."""
+    requester = jobs[index].fn.requester
+    return tuple(
+        user for job in jobs[index + 1 :] if (user := job.fn.requester) is not None and user != requester
+    )

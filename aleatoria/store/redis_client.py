@@ -141,6 +141,7 @@ class RedisClient:
         self.scripts = Scripts()
         self._limiter = trio.CapacityLimiter(threads)
         self._batch: Batch | None = None  # the script calls of this scheduler pass
+        self.batches = 0  # batches sent (``calls`` counts their calls too)
         # Figures for /metrics and the logs.
         self.calls = 0
         self.failures = 0
@@ -210,6 +211,7 @@ class RedisClient:
             finally:
                 batch.done.set()
             self.calls += len(batch.jobs)
+            self.batches += 1
             self.call_seconds += batch.seconds
             CALL_DURATION.observe(batch.seconds)
         if job.error is not None:

@@ -202,11 +202,12 @@ return 0
 )
 
 # KEYS: pool, matches, presence, instances. ARGV: user, current peer ('' for none), uniform
-# number in [0, 1) (a Python float's repr: 53 bits), PICK_DRAWS. Returns {outcome, peer,
-# role, ended}: outcome 'match', 'resend' or 'none'; '' = absent. Only online users are
-# picked: presence names an instance whose heartbeat has not expired (a dead instance's users
-# stay pooled until it is reaped, but are never picked). The pick is uniform over the
-# suitable users: see "Random pick" above for how and why.
+# number in [0, 1) (a Python float's repr: 53 bits), PICK_DRAWS, the caller's clock (unix
+# seconds), then any users not to pick (their own requests follow in the same pipeline).
+# Returns {outcome, peer, role, ended}: outcome 'match', 'resend' or 'none'; '' = absent.
+# Only online users are picked: presence names an instance whose heartbeat has not expired
+# (a dead instance's users stay pooled until it is reaped, but are never picked). The pick
+# is uniform over the suitable users: see "Random pick" above for how and why.
 REQUEST_PEER = (
     (
         MATCH_HELPERS
@@ -228,6 +229,9 @@ end
 local my_shadow = shadowed(user)
 local my_blocks = {}
 for _, b in ipairs(redis.call('SMEMBERS', BLOCKS_PREFIX .. user)) do my_blocks[b] = true end
+-- ARGV[6..]: users whose own request follows in the same pipeline (redis_batch): not picked
+-- here, or their own request would only get this match again (a crossed request).
+for i = 6, #ARGV do my_blocks[ARGV[i]] = true end
 local function allowed(c)
   if my_blocks[c] then return false end
   if redis.call('SISMEMBER', BLOCKS_PREFIX .. c, user) == 1 then return false end
