@@ -38,6 +38,7 @@ from aleatoria.codec import encode, now
 from aleatoria.frames import BANNED, text_frame
 from aleatoria.hub import Client, Hub
 from aleatoria.messages import Envelope
+from aleatoria.presence import LEVEL2_ITEM, Presence
 from aleatoria.store import Store
 
 log = logging.getLogger("aleatoria.router")
@@ -67,6 +68,7 @@ class Router:
         self.bus = store.bus
         self.instance = store.instance
         self.dropped = 0  # frames from the bus for users no longer here
+        self.presence = Presence(hub, self.bus)  # level-2 room events (PROTOCOL.md section 11)
         # What the store and its bus hear is for the router; the store exists before the
         # router (which is built on it), so this is handed over here (``StoreEvents``).
         store.attach(self)
@@ -128,6 +130,16 @@ class Router:
             return
         if self.bus is not None and self.remote:
             self.bus.route(user, user_envelope(user, kind, data, *extra))
+
+    def send_level2(self, user: str, data: bytes, kind: str) -> None:
+        """``send``, to a level-2 connection only (``typing`` to one user): a level-1 one is
+        never sent a type it did not ask for (its instance checks, too)."""
+        client = self.hub.clients.get(user)
+        if client is not None:
+            if client.level2:
+                self.hub.deliver(user, text_frame(data), kind)
+        elif self.bus is not None and self.remote:
+            self.bus.route(user, user_envelope(user, kind, data))
 
     async def send_checked(self, user: str, data: bytes, kind: str, *extra: str, sender: str = "") -> bool:
         """``send``, and whether ``user`` is online (here, or on a live instance). Given a
@@ -205,6 +217,12 @@ class Router:
         run: list[bytes] = []
         for room, data in items:
             if room is not None:
+                if data and data[0] == LEVEL2_ITEM:  # a presence event or typing, in order
+                    if run:
+                        self.hub.broadcast_now(run_room or "", run)
+                        run = []
+                    self.presence.on_room_item(room, data)
+                    continue
                 if room != run_room and run:
                     self.hub.broadcast_now(run_room or "", run)
                     run = []
@@ -239,6 +257,8 @@ class Router:
             self.store.remote_match(user, fields[2], fields[3])
         elif kind == m.HANGUP and len(fields) == 3:
             self.store.remote_match_ended(user, fields[2])
+        elif kind == m.TYPING and not self.hub.clients[user].level2:
+            return  # level 1 never hears typing
         self.hub.deliver(user, text_frame(payload), kind)
 
     def _safety_notice(self, kind: bytes, fields: list[str]) -> None:
