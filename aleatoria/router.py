@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from functools import partial
 
 import trio
@@ -69,6 +70,10 @@ class Router:
         self.instance = store.instance
         self.dropped = 0  # frames from the bus for users no longer here
         self.presence = Presence(hub, self.bus)  # level-2 room events (PROTOCOL.md section 11)
+        # Resume across instances (resume_remote.py): (asked, answered), set by its owner.
+        self.resume_handlers: (
+            tuple[Callable[[str, str, str, str], None], Callable[[str, str, bytes], None]] | None
+        ) = None
         # What the store and its bus hear is for the router; the store exists before the
         # router (which is built on it), so this is handed over here (``StoreEvents``).
         store.attach(self)
@@ -174,6 +179,19 @@ class Router:
         elif self.bus is not None:
             self.bus.publish_instance(instance, f"E{user} {connection}\n".encode())
 
+    def ask_resume(self, instance: str, user: str, connection: str, token: str) -> None:
+        """Ask ``instance`` to hand over ``user``'s session ``connection`` (resume_remote.py);
+        it also evicts it there. The token rides in the body, never in the logged head."""
+        if self.bus is not None:
+            self.bus.publish_instance(instance, f"R{user} {connection} {self.instance}\n{token}".encode())
+
+    def answer_resume(self, instance: str, user: str, status: str, frames: bytes) -> None:
+        if self.bus is not None:
+            self.bus.publish_instance(instance, f"Q{user} {status}\n".encode() + frames)
+
+    def evict_here(self, user: str, connection: str) -> Client | None:
+        return self._evict_here(user, connection)
+
     def _evict_here(self, user: str, connection: str) -> Client | None:
         client = self.hub.evict(user, connection)
         if client is not None:
@@ -246,6 +264,14 @@ class Router:
         if head[:1] in (b"B", b"S", b"K") and not payload:
             self._safety_notice(head[:1], fields)
             return
+        if head[:1] in (b"R", b"Q") and self.resume_handlers is not None:
+            asked, answered = self.resume_handlers
+            if head[:1] == b"R" and len(fields) == 3:
+                asked(fields[0], fields[1], fields[2], payload.decode(errors="replace"))
+                return
+            if head[:1] == b"Q" and len(fields) == 2:
+                answered(fields[0], fields[1], payload)
+                return
         if head[:1] != b"U" or len(fields) < 2:
             log.warning("event=bus_message_unreadable head=%r", head[:80])
             return

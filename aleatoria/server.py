@@ -38,7 +38,8 @@ from aleatoria.ice import ice_servers
 from aleatoria.limits import RateLimiter, id_problem
 from aleatoria.moderation import Moderation
 from aleatoria.origin import OriginPolicy
-from aleatoria.resume import KEEP_CODES, KeptSession, ResumeCollector, Resumes
+from aleatoria.resume import KEEP_CODES, OVERFLOW, UNKNOWN, KeptSession, ResumeCollector, Resumes
+from aleatoria.resume_remote import RemoteResumes
 from aleatoria.router import Router, new_message_id
 from aleatoria.safety import Admission
 from aleatoria.session import Session, expires_at
@@ -116,6 +117,7 @@ class Server:
         self.registry.register(_Forward(metrics.REGISTRY))
         # Level 2 (PROTOCOL.md section 15): resume tokens and dropped sessions kept for them.
         self.resumes = Resumes(config.resume_window, config.outbox_frames)
+        self.remote = RemoteResumes(hub, self.router, self.resumes)
         self.registry.register(ResumeCollector(self.resumes))
         self._all_closed = trio.Event()
         self._turns: dict[str, _Turn] = {}
@@ -394,7 +396,8 @@ class Server:
         # them: the last one to connect is the one presence names, and the one every other
         # instance evicts toward (PROTOCOL.md section 16).
         async with self._user_turn(user):
-            if hello and await self._resume(session, hello):
+            outcome = await self._resume(session, hello) if hello else None
+            if outcome == "ok":
                 return
             stale = self.resumes.kept.get(user)
             if stale is not None:
@@ -402,6 +405,13 @@ class Server:
                 # then this one starts afresh.
                 self.resumes.end(stale)
                 await self._forget(stale.client)
+            socket, holding = client.ws, None
+            if outcome == UNKNOWN and self.store.bus is not None:
+                # Perhaps another instance's session: frames wait here until it answers.
+                holding = self.remote.holding()
+                client.ws = cast(WebSocket, holding)
+            elif outcome is not None:
+                self._resume_failed(user, outcome)
             replaced = self.hub.attach(client)
             # Presence: registered before the first room join, so this user is reachable
             # from every instance by the time it hears ``room_joined``.
@@ -413,8 +423,36 @@ class Server:
                 "here" if replaced is not None else (takeover.instance if takeover else "no"),
             )
             if takeover is not None:
-                self.router.evict(takeover.instance, user, takeover.connection)
+                if holding is None:
+                    self.router.evict(takeover.instance, user, takeover.connection)
                 await session.adopt_rooms(takeover.rooms)
+            if holding is not None:
+                status, owner_frames = UNKNOWN, b""
+                if takeover is not None:  # rooms subscribed: ask the owner now (it evicts)
+                    status, owner_frames = await self.remote.ask(
+                        takeover.instance, user, takeover.connection, hello or ""
+                    )
+                if status == "ok" and holding.close_code is not None:
+                    status = OVERFLOW  # more came meanwhile than a kept session may hold
+                if status == "ok":
+                    assert takeover is not None  # only an owner answers "ok"
+                    counts = await self.store.stats()
+                    self.hub.swap_socket(client, socket)
+                    frames = RemoteResumes.merge(owner_frames, holding)
+                    self._send_welcome(session, counts.online, counts.searching, True, len(frames))
+                    for frame in frames:
+                        socket.send(frame)
+                    log.info(
+                        "event=resumed user=%s missed=%d from_instance=%s",
+                        user,
+                        len(frames),
+                        takeover.instance,
+                    )
+                    return
+                self.hub.swap_socket(client, socket)
+                self._resume_failed(user, status)
+                if takeover is not None:
+                    await self._leave_adopted(session)
             if client.level2:
                 await self._welcome(session, resumed=False if hello else None)
             await session.join(room)
@@ -442,10 +480,11 @@ class Server:
         )
         session.reply(m.WELCOME, welcome)
 
-    async def _resume(self, session: Session, token: str) -> bool:
-        """Resume the session ``token`` names, if it can be (PROTOCOL.md section 15): the
+    async def _resume(self, session: Session, token: str) -> str:
+        """Resume the session ``token`` names, if it is here (PROTOCOL.md section 15): the
         user's kept session, or its live one whose drop was not noticed yet. Called in the
-        user's turn. False: the caller starts a fresh session (``resumed: false``)."""
+        user's turn. Returns "ok" (resumed), or why not: ``UNKNOWN`` may be another
+        instance's session (resume_remote.py); anything else is a fresh session."""
         client, user, resumes = session.client, session.user, self.resumes
         counts = await self.store.stats()  # before: nothing may come between the steps below
         reason = resumes.check(user, token)
@@ -460,9 +499,7 @@ class Server:
             else:
                 resumes.take_live(old)
         if reason is not None:
-            resumes.failed(reason)
-            log.info("event=resume_failed user=%s reason=%s", user, reason)
-            return False
+            return reason
         assert old is not None
         # The session keeps its connection id: presence, pool place and match stay as they are.
         client.connection = old.connection
@@ -472,7 +509,25 @@ class Server:
         for data, count in frames:
             client.ws.send(data, count)
         log.info("event=resumed user=%s missed=%d kept=%s", user, len(frames), kept is not None)
-        return True
+        return "ok"
+
+    def _resume_failed(self, user: str, reason: str) -> None:
+        self.resumes.failed(reason)
+        log.info("event=resume_failed user=%s reason=%s", user, reason)
+
+    async def _leave_adopted(self, session: Session) -> None:
+        """A resume across instances failed: what the session adopted from the other instance
+        (rooms, pool place, match) is left now, as that session's leave; then the session
+        registers afresh."""
+        client, user = session.client, session.user
+        rooms = sorted(client.rooms)
+        for room in rooms:
+            self.hub.leave(client, room)
+            self.router.presence.member(m.MEMBER_LEFT, room, user)
+        peer = await self.store.user_gone(user, client.connection, rooms)
+        if peer is not None:
+            self.router.peer_left(peer, user)
+        await self.store.connect(user, client.connection)
 
     def keep_session(self, session: Session, code: int | None) -> bool:
         """Keep ``session`` for a resume if its connection dropped (PROTOCOL.md section 15);
