@@ -405,7 +405,7 @@ class Server:
                 # then this one starts afresh.
                 self.resumes.end(stale)
                 await self._forget(stale.client)
-            socket, holding = client.ws, None
+            own_ws, holding = client.ws, None
             if outcome == UNKNOWN and self.store.bus is not None:
                 # Perhaps another instance's session: frames wait here until it answers.
                 holding = self.remote.holding()
@@ -437,11 +437,11 @@ class Server:
                 if status == "ok":
                     assert takeover is not None  # only an owner answers "ok"
                     counts = await self.store.stats()
-                    self.hub.swap_socket(client, socket)
+                    self.hub.swap_socket(client, own_ws)
                     frames = RemoteResumes.merge(owner_frames, holding)
                     self._send_welcome(session, counts.online, counts.searching, True, len(frames))
                     for frame in frames:
-                        socket.send(frame)
+                        own_ws.send(frame)
                     log.info(
                         "event=resumed user=%s missed=%d from_instance=%s",
                         user,
@@ -449,7 +449,7 @@ class Server:
                         takeover.instance,
                     )
                     return
-                self.hub.swap_socket(client, socket)
+                self.hub.swap_socket(client, own_ws)
                 self._resume_failed(user, status)
                 if takeover is not None:
                     await self._leave_adopted(session)
