@@ -31,7 +31,7 @@ from aleatoria.auth import token_expiry, token_problem
 from aleatoria.config import Config
 from aleatoria.connection import WebSocket
 from aleatoria.flusher import Flusher, open_flusher
-from aleatoria.frames import GOING_AWAY
+from aleatoria.frames import GOING_AWAY, TRY_AGAIN_LATER
 from aleatoria.http import Request, accept_websocket, answer_http, handshake_problem, read_request, send_http
 from aleatoria.hub import Client, Hub, open_hub
 from aleatoria.ice import ice_servers
@@ -405,12 +405,14 @@ class Server:
                 # then this one starts afresh.
                 self.resumes.end(stale)
                 await self._forget(stale.client)
+            # A level-2 session hears its welcome first: what comes for it meanwhile (and, for a
+            # session another instance may be keeping, until that instance answers) waits.
             own_ws, holding = client.ws, None
-            if outcome == UNKNOWN and self.store.bus is not None:
-                # Perhaps another instance's session: frames wait here until it answers.
+            if client.level2:
                 holding = self.remote.holding()
                 client.ws = cast(WebSocket, holding)
-            elif outcome is not None:
+            remote = outcome == UNKNOWN and self.store.bus is not None
+            if outcome is not None and not remote:
                 self._resume_failed(user, outcome)
             replaced = self.hub.attach(client)
             # Presence: registered before the first room join, so this user is reachable
@@ -423,10 +425,10 @@ class Server:
                 "here" if replaced is not None else (takeover.instance if takeover else "no"),
             )
             if takeover is not None:
-                if holding is None:
+                if not remote:
                     self.router.evict(takeover.instance, user, takeover.connection)
                 await session.adopt_rooms(takeover.rooms)
-            if holding is not None:
+            if remote and holding is not None:
                 status, owner_frames = UNKNOWN, b""
                 if takeover is not None:  # rooms subscribed: ask the owner now (it evicts)
                     status, owner_frames = await self.remote.ask(
@@ -449,18 +451,19 @@ class Server:
                         takeover.instance,
                     )
                     return
-                self.hub.swap_socket(client, own_ws)
                 self._resume_failed(user, status)
                 if takeover is not None:
                     await self._leave_adopted(session)
-            if client.level2:
-                await self._welcome(session, resumed=False if hello else None)
+                holding.frames.clear()  # they were the old session's: this one is fresh
+            if holding is not None:
+                counts = await self.store.stats()
+                self.hub.swap_socket(client, own_ws)
+                self._send_welcome(session, counts.online, counts.searching, False if hello else None, None)
+                if holding.close_code is not None:
+                    own_ws.close(TRY_AGAIN_LATER, "too many frames while connecting")
+                for data, count in holding.frames:
+                    own_ws.send(data, count)
             await session.join(room)
-
-    async def _welcome(self, session: Session, *, resumed: bool | None, missed: int | None = None) -> None:
-        """The ``welcome`` of a level-2 session (PROTOCOL.md section 11), with a new token."""
-        counts = await self.store.stats()
-        self._send_welcome(session, counts.online, counts.searching, resumed, missed)
 
     def _send_welcome(
         self, session: Session, online: int, searching: int, resumed: bool | None, missed: int | None
