@@ -183,6 +183,12 @@ SETTINGS: tuple[Setting, ...] = (
         "frames queued for a slow client before it is closed with 1013",
     ),
     Setting(
+        "resume_window",
+        "ALEATORIA_RESUME_WINDOW",
+        float,
+        "seconds a dropped level-2 session is kept for its client to resume (0 = never kept)",
+    ),
+    Setting(
         "room_linger",
         "ALEATORIA_ROOM_LINGER",
         float,
@@ -398,6 +404,7 @@ class Config:
     ping_interval: float = 25.0
     idle_timeout: float = 60.0
     outbox_frames: int = 256
+    resume_window: float = 30.0  # PROTOCOL.md section 15
     room_linger: float = 0.001
     handshake_timeout: float = 10.0
     close_timeout: float = 3.0
@@ -516,6 +523,8 @@ class Config:
             raise ConfigError("ping interval and idle timeout must be positive")
         if self.outbox_frames < 1:
             raise ConfigError("ALEATORIA_OUTBOX_FRAMES must be at least 1")
+        if not 0 <= self.resume_window <= 3600:
+            raise ConfigError("ALEATORIA_RESUME_WINDOW must be 0..3600 seconds")
         if not 0 <= self.room_linger <= 0.1:
             raise ConfigError("ALEATORIA_ROOM_LINGER must be 0..0.1 seconds (it delays busy rooms)")
         if self.max_frame_bytes < 1024:

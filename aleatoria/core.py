@@ -20,6 +20,7 @@ the session in one place.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple, assert_never
 
 import attrs
@@ -65,6 +66,7 @@ from aleatoria.requests import (
     ReportUser,
     RequestRandomPeer,
     Signal,
+    Typing,
     UnblockUser,
     UserAvailable,
     UserUnavailable,
@@ -72,6 +74,7 @@ from aleatoria.requests import (
 from aleatoria.safety import AUTO_SHADOW_SECONDS, EVIDENCE_MESSAGES, EVIDENCE_ROOMS
 
 HOUR = 3600.0
+NO_TYPING: Mapping[str, float] = MappingProxyType({})  # until a session's first ``typing``
 
 
 @attrs.frozen
@@ -109,6 +112,8 @@ class Facts:
     blocked_by: frozenset[str] | set[str] = frozenset()
     shadow: bool = False
     match_budget: TokenBucket | None = None
+    # ``typing`` (PROTOCOL.md section 11): target -> when this user last sent one there.
+    typing_sent: Mapping[str, float] = NO_TYPING
 
 
 # -- effects: what the session applies ---------------------------------------------------------
@@ -184,6 +189,18 @@ class NotifyBlock(NamedTuple):
     on: bool
 
 
+class TypingTo(NamedTuple):
+    """Relay ``data`` (a ``typing`` frame) to the level-2 members of ``room`` but the
+    sender, or to user ``user`` if it is level 2; remember ``key`` was sent to at
+    ``moment`` (one a second per target)."""
+
+    data: bytes
+    key: str
+    moment: float
+    room: str | None = None
+    user: str | None = None
+
+
 class ReportFiled(NamedTuple):
     """A report was stored as ``report_id``: count it, hand it to the webhook."""
 
@@ -204,6 +221,7 @@ Effect = (
     | CountMatch
     | NotifyBlock
     | ReportFiled
+    | TypingTo
 )
 
 
@@ -291,6 +309,7 @@ class RecentHistory(NamedTuple):
     room: str
     limit: int
     before_ns: int | None
+    after_ns: int | None = None  # given: oldest first, strictly newer
 
 
 class DirectHistory(NamedTuple):
@@ -447,6 +466,8 @@ def handle(request: ClientMessage, facts: Facts) -> Step:
             return _report(request, facts)
         case GetIceServers():
             return _done(Reply(m.ICE_SERVERS, _ice_servers(facts)))
+        case Typing():
+            return _typing(request, facts)
         case _:
             assert_never(request)
 
@@ -677,11 +698,40 @@ def _recent(request: GetRecentMessages, facts: Facts) -> Step:
     if room not in facts.rooms:
         raise ClientError(NOT_IN_ROOM, NOT_IN_ROOM_TEXT)
     return _after(
-        RecentHistory(room, request.limit, request.before_ns),
+        RecentHistory(room, request.limit, request.before_ns, request.after_ns),
         lambda stored: _done(
             Reply(m.RECENT_MESSAGES, m.RecentMessages(room=room, messages=_fragments(stored)), room=room)
         ),
     )
+
+
+# typing (PROTOCOL.md section 11): never stored, one a second per sender and target
+
+TYPING_INTERVAL = 1.0
+
+
+def _typing(request: Typing, facts: Facts) -> Step:
+    room, to = request.room, request.to_user
+    if room is not None:
+        if room not in facts.rooms:
+            raise ClientError(NOT_IN_ROOM, NOT_IN_ROOM_TEXT)
+        key = "#" + room  # ids have no "#": rooms and users never share a key
+    else:
+        assert to is not None  # parse: one of the two
+        if to == facts.user or to in facts.blocked_by:
+            return DONE
+        key = to
+    if facts.shadow:
+        return DONE
+    last = facts.typing_sent.get(key)
+    if last is not None and facts.monotonic - last < TYPING_INTERVAL:
+        return DONE  # over the limit: dropped silently
+    data = encode(
+        Envelope(
+            type=m.TYPING, from_user=facts.user, to_user=to, room=room, payload=m.TypingPayload(request.state)
+        )
+    )
+    return _done(TypingTo(data, key, facts.monotonic, room, to))
 
 
 # the rooms directory (PROTOCOL.md section 11): answered to every client, so safe for level 1

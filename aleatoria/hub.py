@@ -73,6 +73,8 @@ class Client:
     # current by the router's notices) and whether it is shadow-banned.
     blocked_by: set[str] = attrs.Factory(set)
     shadow: bool = False
+    # Opened with ``v=2`` (PROTOCOL.md section 11): hears presence events and ``typing``.
+    level2: bool = False
 
 
 class Room:
@@ -81,6 +83,7 @@ class Room:
     def __init__(self, name: str, send: trio.MemorySendChannel[bytes]) -> None:
         self.name = name
         self.members: dict[str, WebSocket] = {}
+        self.level2: set[str] = set()  # the members that hear presence events and typing
         self.send = send
 
 
@@ -113,7 +116,12 @@ class Hub:
         old.rooms = set()
         client.dm_partners = old.dm_partners
         for name in client.rooms:
-            self.rooms[name].members[client.user] = client.ws
+            room = self.rooms[name]
+            room.members[client.user] = client.ws
+            if client.level2:
+                room.level2.add(client.user)
+            else:
+                room.level2.discard(client.user)
         old.ws.close(REPLACED, "replaced")
         return old
 
@@ -142,6 +150,15 @@ class Hub:
             self._leave(name, client)
         client.rooms.clear()
         return left
+
+    def swap_socket(self, client: Client, ws: WebSocket) -> None:
+        """Frames for ``client`` go to ``ws`` from now on (its rooms' member lists too): a
+        dropped level-2 session's kept outbox (PROTOCOL.md section 15)."""
+        client.ws = ws
+        for name in client.rooms:
+            room = self.rooms.get(name)
+            if room is not None and client.user in room.members:
+                room.members[client.user] = ws
 
     def is_online(self, user: str) -> bool:
         return user in self.clients
@@ -174,6 +191,8 @@ class Hub:
             if self._channels is not None:
                 self._channels.subscribe_room(name)
         room.members[client.user] = client.ws
+        if client.level2:
+            room.level2.add(client.user)
         client.rooms.add(name)
 
     def leave(self, client: Client, name: str) -> None:
@@ -186,6 +205,7 @@ class Hub:
         if room is None:
             return
         room.members.pop(client.user, None)
+        room.level2.discard(client.user)
         if not room.members:
             del self.rooms[name]
             room.send.close()

@@ -39,6 +39,7 @@ UNBLOCK_USER = "unblock_user"
 GET_BLOCKED = "get_blocked"
 REPORT_USER = "report_user"
 GET_ICE_SERVERS = "get_ice_servers"  # PROTOCOL.md section 14
+TYPING = "typing"  # PROTOCOL.md section 11: relayed to level-2 clients only
 
 SIGNALING_TYPES = frozenset({WEBRTC_OFFER, WEBRTC_ANSWER, WEBRTC_CANDIDATE, HANGUP})
 CLIENT_TYPES = SIGNALING_TYPES | {
@@ -61,6 +62,7 @@ CLIENT_TYPES = SIGNALING_TYPES | {
     GET_BLOCKED,
     REPORT_USER,
     GET_ICE_SERVERS,
+    TYPING,
 }
 
 # Server -> client types.
@@ -83,6 +85,10 @@ USER_UNBLOCKED = "user_unblocked"
 BLOCKED_USERS = "blocked_users"
 REPORT_RECEIVED = "report_received"
 ICE_SERVERS = "ice_servers"
+# Level 2 only (PROTOCOL.md sections 11 and 15): never sent to a level-1 connection.
+WELCOME = "welcome"
+MEMBER_JOINED = "member_joined"
+MEMBER_LEFT = "member_left"
 
 NO_PEER_TEXT = "No peer available at the moment. Please try again later."
 PEER_LEFT = "peer_left"
@@ -121,6 +127,7 @@ class PeerRequest:
 class RecentMessagesRequest:
     limit: int | None = None
     before: str | None = None
+    after: str | None = None  # PROTOCOL.md section 15: newer ones, oldest first
 
 
 @attrs.frozen
@@ -138,6 +145,11 @@ class DirectMessagesRequest:
 class ListRoomsRequest:
     limit: int | None = None
     prefix: str | None = None
+
+
+@attrs.frozen
+class TypingPayload:
+    state: str
 
 
 @attrs.frozen
@@ -264,3 +276,31 @@ class BlockedUsers:
 @attrs.frozen
 class ReportReceived:
     report_id: str
+
+
+@attrs.frozen
+class MemberEvent:
+    """``member_joined`` / ``member_left`` (level 2)."""
+
+    room: str
+    user: str
+
+
+@attrs.frozen
+class Online:
+    users: int
+    searching: int
+
+
+@attrs.frozen
+class Welcome:
+    """The first frame of a level-2 connection (PROTOCOL.md sections 11 and 15)."""
+
+    session_id: str
+    resume_token: str
+    resume_window: float
+    online: Online
+    ice_servers: list[Any] | None = None
+    ice_transport_policy: str | None = None
+    resumed: bool | None = None
+    missed: int | None = None

@@ -87,6 +87,7 @@ class GetRecentMessages(NamedTuple):
     room: str
     limit: int
     before_ns: int | None = None
+    after_ns: int | None = None  # given: strictly newer, oldest first (PROTOCOL.md section 15)
 
 
 class GetDirectMessages(NamedTuple):
@@ -140,6 +141,17 @@ class RefreshToken(NamedTuple):
     token: str
 
 
+class Typing(NamedTuple):
+    """``typing`` (PROTOCOL.md section 11): to a room's level-2 members, or to one user."""
+
+    state: str
+    room: str | None = None
+    to_user: str | None = None
+
+
+TYPING_STATES = frozenset({"started", "stopped"})
+
+
 ClientMessage = (
     ChatToRoom
     | ChatToUser
@@ -163,6 +175,7 @@ ClientMessage = (
     | GetBlocked
     | ReportUser
     | GetIceServers
+    | Typing
 )
 
 _GET_ROOMS = GetRooms()
@@ -205,7 +218,8 @@ def parse(env: Envelope, limits: Limits) -> ClientMessage:
         room = _room(env, limits)
         recent = payload_as(env.payload, m.RecentMessagesRequest, optional=True)
         before = None if recent.before is None else parse_time_ns(recent.before)
-        return GetRecentMessages(room, clamp_limit(recent.limit), before)
+        after = None if recent.after is None else parse_time_ns(recent.after)
+        return GetRecentMessages(room, clamp_limit(recent.limit), before, after)
     if kind == m.GET_DIRECT_MESSAGES:
         direct = payload_as(env.payload, m.DirectMessagesRequest, optional=True)
         if direct.with_user is None:
@@ -236,6 +250,8 @@ def parse(env: Envelope, limits: Limits) -> ClientMessage:
         return _GET_BLOCKED
     if kind == m.REPORT_USER:
         return _report(env, limits)
+    if kind == m.TYPING:
+        return _typing(env, limits)
     raise ClientError(UNKNOWN_TYPE, f"Unknown message type: {kind[:64]!r}")
 
 
@@ -254,6 +270,17 @@ def _report(env: Envelope, limits: Limits) -> ReportUser:
     if match_id is not None and len(match_id) > limits.max_message_id_chars:
         raise ClientError(TOO_LARGE, f"matchId is longer than {limits.max_message_id_chars} characters")
     return ReportUser(user, report.reason, report.details, match_id)
+
+
+def _typing(env: Envelope, limits: Limits) -> Typing:
+    if (env.room is None) == (env.to_user is None):
+        raise ClientError(INVALID_TARGET, "typing needs either room or toUser (not both).")
+    state = payload_as(env.payload, m.TypingPayload).state
+    if state not in TYPING_STATES:
+        raise ClientError(INVALID_PAYLOAD, 'payload.state must be "started" or "stopped".')
+    if env.room is not None:
+        return Typing(state, room=check_id("room", env.room, limits.max_id_chars))
+    return Typing(state, to_user=check_id("toUser", env.to_user or "", limits.max_id_chars))
 
 
 def _room(env: Envelope, limits: Limits) -> str:

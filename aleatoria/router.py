@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from functools import partial
 
 import trio
@@ -38,6 +39,7 @@ from aleatoria.codec import encode, now
 from aleatoria.frames import BANNED, text_frame
 from aleatoria.hub import Client, Hub
 from aleatoria.messages import Envelope
+from aleatoria.presence import LEVEL2_ITEM, Presence
 from aleatoria.store import Store
 
 log = logging.getLogger("aleatoria.router")
@@ -67,6 +69,11 @@ class Router:
         self.bus = store.bus
         self.instance = store.instance
         self.dropped = 0  # frames from the bus for users no longer here
+        self.presence = Presence(hub, self.bus)  # level-2 room events (PROTOCOL.md section 11)
+        # Resume across instances (resume_remote.py): (asked, answered), set by its owner.
+        self.resume_handlers: (
+            tuple[Callable[[str, str, str, str], None], Callable[[str, str, bytes], None]] | None
+        ) = None
         # What the store and its bus hear is for the router; the store exists before the
         # router (which is built on it), so this is handed over here (``StoreEvents``).
         store.attach(self)
@@ -129,6 +136,16 @@ class Router:
         if self.bus is not None and self.remote:
             self.bus.route(user, user_envelope(user, kind, data, *extra))
 
+    def send_level2(self, user: str, data: bytes, kind: str) -> None:
+        """``send``, to a level-2 connection only (``typing`` to one user): a level-1 one is
+        never sent a type it did not ask for (its instance checks, too)."""
+        client = self.hub.clients.get(user)
+        if client is not None:
+            if client.level2:
+                self.hub.deliver(user, text_frame(data), kind)
+        elif self.bus is not None and self.remote:
+            self.bus.route(user, user_envelope(user, kind, data))
+
     async def send_checked(self, user: str, data: bytes, kind: str, *extra: str, sender: str = "") -> bool:
         """``send``, and whether ``user`` is online (here, or on a live instance). Given a
         ``sender``, a user on another instance who is in a live match with someone else
@@ -161,6 +178,19 @@ class Router:
             self._evict_here(user, connection)
         elif self.bus is not None:
             self.bus.publish_instance(instance, f"E{user} {connection}\n".encode())
+
+    def ask_resume(self, instance: str, user: str, connection: str, token: str) -> None:
+        """Ask ``instance`` to hand over ``user``'s session ``connection`` (resume_remote.py);
+        it also evicts it there. The token rides in the body, never in the logged head."""
+        if self.bus is not None:
+            self.bus.publish_instance(instance, f"R{user} {connection} {self.instance}\n{token}".encode())
+
+    def answer_resume(self, instance: str, user: str, status: str, frames: bytes) -> None:
+        if self.bus is not None:
+            self.bus.publish_instance(instance, f"Q{user} {status}\n".encode() + frames)
+
+    def evict_here(self, user: str, connection: str) -> Client | None:
+        return self._evict_here(user, connection)
 
     def _evict_here(self, user: str, connection: str) -> Client | None:
         client = self.hub.evict(user, connection)
@@ -205,6 +235,12 @@ class Router:
         run: list[bytes] = []
         for room, data in items:
             if room is not None:
+                if data and data[0] == LEVEL2_ITEM:  # a presence event or typing, in order
+                    if run:
+                        self.hub.broadcast_now(run_room or "", run)
+                        run = []
+                    self.presence.on_room_item(room, data)
+                    continue
                 if room != run_room and run:
                     self.hub.broadcast_now(run_room or "", run)
                     run = []
@@ -228,6 +264,14 @@ class Router:
         if head[:1] in (b"B", b"S", b"K") and not payload:
             self._safety_notice(head[:1], fields)
             return
+        if head[:1] in (b"R", b"Q") and self.resume_handlers is not None:
+            asked, answered = self.resume_handlers
+            if head[:1] == b"R" and len(fields) == 3:
+                asked(fields[0], fields[1], fields[2], payload.decode(errors="replace"))
+                return
+            if head[:1] == b"Q" and len(fields) == 2:
+                answered(fields[0], fields[1], payload)
+                return
         if head[:1] != b"U" or len(fields) < 2:
             log.warning("event=bus_message_unreadable head=%r", head[:80])
             return
@@ -239,6 +283,8 @@ class Router:
             self.store.remote_match(user, fields[2], fields[3])
         elif kind == m.HANGUP and len(fields) == 3:
             self.store.remote_match_ended(user, fields[2])
+        elif kind == m.TYPING and not self.hub.clients[user].level2:
+            return  # level 1 never hears typing
         self.hub.deliver(user, text_frame(payload), kind)
 
     def _safety_notice(self, kind: bytes, fields: list[str]) -> None:

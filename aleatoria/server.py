@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from importlib import resources
+from typing import cast
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -30,12 +31,15 @@ from aleatoria.auth import token_expiry, token_problem
 from aleatoria.config import Config
 from aleatoria.connection import WebSocket
 from aleatoria.flusher import Flusher, open_flusher
-from aleatoria.frames import GOING_AWAY
+from aleatoria.frames import GOING_AWAY, TRY_AGAIN_LATER
 from aleatoria.http import Request, accept_websocket, answer_http, handshake_problem, read_request, send_http
 from aleatoria.hub import Client, Hub, open_hub
+from aleatoria.ice import ice_servers
 from aleatoria.limits import RateLimiter, id_problem
 from aleatoria.moderation import Moderation
 from aleatoria.origin import OriginPolicy
+from aleatoria.resume import KEEP_CODES, OVERFLOW, UNKNOWN, KeptSession, ResumeCollector, Resumes
+from aleatoria.resume_remote import RemoteResumes
 from aleatoria.router import Router, new_message_id
 from aleatoria.safety import Admission
 from aleatoria.session import Session, expires_at
@@ -111,6 +115,10 @@ class Server:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(metrics.ServerCollector(self.stats, self._counters, self._gauges))
         self.registry.register(_Forward(metrics.REGISTRY))
+        # Level 2 (PROTOCOL.md section 15): resume tokens and dropped sessions kept for them.
+        self.resumes = Resumes(config.resume_window, config.outbox_frames)
+        self.remote = RemoteResumes(hub, self.router, self.resumes)
+        self.registry.register(ResumeCollector(self.resumes))
         self._all_closed = trio.Event()
         self._turns: dict[str, _Turn] = {}
         self.accept_scope = trio.CancelScope()
@@ -200,6 +208,7 @@ class Server:
             "instance": self.store.instance,
             "bus": self._bus_state(),
             "connections": len(self.hub.clients),
+            "keptSessions": len(self.resumes.kept),
             "rooms": len(self.hub.rooms),
             "uptimeSeconds": round(time.monotonic() - self.started, 1),
         }
@@ -272,6 +281,11 @@ class Server:
             problem = id_problem(room, self.config.max_id_chars)
             if problem:
                 return 400, f"Invalid room: {problem}\n"
+        level = request.param("v")
+        if level not in (None, "1", "2"):
+            return 400, "Invalid v: the protocol levels are 1 and 2\n"
+        if request.param("resume") is not None and level != "2":
+            return 400, "resume needs v=2\n"
         if not self.origins.allows(request.header(b"origin"), request.header(b"host")):
             return 403, "Origin not allowed\n"
         problem = handshake_problem(request)
@@ -285,9 +299,10 @@ class Server:
 
     async def _upgrade(
         self, sock: socket.socket, request: Request, addr: str
-    ) -> tuple[WebSocket, str, str, str, float | None, Admission] | None:
-        """Accept a WebSocket request: (the WebSocket, userId, room, client address), or None
-        after answering a refusal."""
+    ) -> tuple[WebSocket, str, str, str, float | None, Admission, str | None] | None:
+        """Accept a WebSocket request: (the WebSocket, userId, room, client address, token
+        expiry, admission, hello), or None after answering a refusal. ``hello``: None for a
+        level-1 connection, else the resume token it presented ("" for none)."""
         ip = self.client_ip(request, addr)
         refusal = self._refusal(request, ip)
         if refusal is not None:
@@ -320,22 +335,34 @@ class Server:
         expires = None
         if config.auth_secret:  # checked by _refusal: the token is valid
             expires = expires_at(token_expiry(request.param("token"), user, config.auth_secret))
-        return ws, user, request.param("room") or DEFAULT_ROOM, ip, expires, admission
+        hello = None if request.param("v") != "2" else request.param("resume") or ""
+        return ws, user, request.param("room") or DEFAULT_ROOM, ip, expires, admission, hello
 
     async def _session(
-        self, ws: WebSocket, user: str, room: str, ip: str, expires: float | None, admission: Admission
+        self,
+        ws: WebSocket,
+        user: str,
+        room: str,
+        ip: str,
+        expires: float | None,
+        admission: Admission,
+        hello: str | None,
     ) -> None:
         session = self.new_session(ws, user, expires, admission)
+        session.client.level2 = hello is not None
         self.per_ip[ip] += 1
+        code: int | None = None
         try:
-            await self.start_session(session, room)
+            await self.start_session(session, room, hello)
             code = await ws.serve(session.handle, self._tasks, session.flush)
         finally:
             with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-                await self.end_session(session)
+                if not self.keep_session(session, code):
+                    await self.end_session(session)
             self.per_ip[ip] -= 1
             if not self.per_ip[ip]:
                 del self.per_ip[ip]
+        assert code is not None  # serve returned
         self.stats.disconnects[code] += 1
         log.info("event=disconnected user=%s code=%s", user, code)
 
@@ -358,15 +385,35 @@ class Server:
         self.stats.connections_opened += 1
         return Session(client, self.router, self.store, config, self.moderation)
 
-    async def start_session(self, session: Session, room: str) -> None:
+    async def start_session(self, session: Session, room: str, hello: str | None = None) -> None:
         """Attach ``session`` (replacing the user's previous connection, here or on another
-        instance), register it, and join ``room``. Cancellation: call ``end_session``."""
+        instance), register it, and join ``room``. ``hello``: for a level-2 session (its
+        client's ``level2``), the resume token it presented, "" for none: a session resumed
+        joins nothing. Cancellation: call ``end_session``."""
         client, user = session.client, session.user
         # One user's connections set up and tear down one at a time on this instance, so the
         # order in which the hub replaces them is the order in which the store registers
         # them: the last one to connect is the one presence names, and the one every other
         # instance evicts toward (PROTOCOL.md section 16).
         async with self._user_turn(user):
+            outcome = await self._resume(session, hello) if hello else None
+            if outcome == "ok":
+                return
+            stale = self.resumes.kept.get(user)
+            if stale is not None:
+                # Not resumed (PROTOCOL.md section 15): the kept session's leave happens now,
+                # then this one starts afresh.
+                self.resumes.end(stale)
+                await self._forget(stale.client)
+            # A level-2 session hears its welcome first: what comes for it meanwhile (and, for a
+            # session another instance may be keeping, until that instance answers) waits.
+            own_ws, holding = client.ws, None
+            if client.level2:
+                holding = self.remote.holding()
+                client.ws = cast(WebSocket, holding)
+            remote = outcome == UNKNOWN and self.store.bus is not None
+            if outcome is not None and not remote:
+                self._resume_failed(user, outcome)
             replaced = self.hub.attach(client)
             # Presence: registered before the first room join, so this user is reachable
             # from every instance by the time it hears ``room_joined``.
@@ -378,13 +425,153 @@ class Server:
                 "here" if replaced is not None else (takeover.instance if takeover else "no"),
             )
             if takeover is not None:
-                self.router.evict(takeover.instance, user, takeover.connection)
+                if not remote:
+                    self.router.evict(takeover.instance, user, takeover.connection)
                 await session.adopt_rooms(takeover.rooms)
+            if remote and holding is not None:
+                status, owner_frames = UNKNOWN, b""
+                if takeover is not None:  # rooms subscribed: ask the owner now (it evicts)
+                    status, owner_frames = await self.remote.ask(
+                        takeover.instance, user, takeover.connection, hello or ""
+                    )
+                if status == "ok" and holding.close_code is not None:
+                    status = OVERFLOW  # more came meanwhile than a kept session may hold
+                if status == "ok":
+                    assert takeover is not None  # only an owner answers "ok"
+                    counts = await self.store.stats()
+                    self.hub.swap_socket(client, own_ws)
+                    frames = RemoteResumes.merge(owner_frames, holding)
+                    self._send_welcome(session, counts.online, counts.searching, True, len(frames))
+                    for frame in frames:
+                        own_ws.send(frame)
+                    log.info(
+                        "event=resumed user=%s missed=%d from_instance=%s",
+                        user,
+                        len(frames),
+                        takeover.instance,
+                    )
+                    return
+                self._resume_failed(user, status)
+                if takeover is not None:
+                    await self._leave_adopted(session)
+                holding.frames.clear()  # they were the old session's: this one is fresh
+            if holding is not None:
+                counts = await self.store.stats()
+                self.hub.swap_socket(client, own_ws)
+                self._send_welcome(session, counts.online, counts.searching, False if hello else None, None)
+                if holding.close_code is not None:
+                    own_ws.close(TRY_AGAIN_LATER, "too many frames while connecting")
+                for data, count in holding.frames:
+                    own_ws.send(data, count)
             await session.join(room)
+
+    def _send_welcome(
+        self, session: Session, online: int, searching: int, resumed: bool | None, missed: int | None
+    ) -> None:
+        ice, servers, policy = self.config.ice, None, None
+        if ice.configured:
+            servers, policy = ice_servers(ice, session.user, int(time.time())), ice.transport_policy
+        welcome = m.Welcome(
+            session_id=session.client.connection,
+            resume_token=self.resumes.issue(session.client),
+            resume_window=self.config.resume_window,
+            online=m.Online(users=online, searching=searching),
+            ice_servers=servers,
+            ice_transport_policy=policy,
+            resumed=resumed,
+            missed=missed,
+        )
+        session.reply(m.WELCOME, welcome)
+
+    async def _resume(self, session: Session, token: str) -> str:
+        """Resume the session ``token`` names, if it is here (PROTOCOL.md section 15): the
+        user's kept session, or its live one whose drop was not noticed yet. Called in the
+        user's turn. Returns "ok" (resumed), or why not: ``UNKNOWN`` may be another
+        instance's session (resume_remote.py); anything else is a fresh session."""
+        client, user, resumes = session.client, session.user, self.resumes
+        counts = await self.store.stats()  # before: nothing may come between the steps below
+        reason = resumes.check(user, token)
+        kept: KeptSession | None = None
+        old = self.hub.clients.get(user)
+        if reason is None:
+            kept = resumes.take(user, token)
+            if kept is not None:
+                old = kept.client
+            elif old is None or resumes.live_token(old) != token:
+                reason = resumes.reason_for(user)
+            else:
+                resumes.take_live(old)
+        if reason is not None:
+            return reason
+        assert old is not None
+        # The session keeps its connection id: presence, pool place and match stay as they are.
+        client.connection = old.connection
+        self.hub.attach(client)  # its rooms move here; the kept outbox (or old socket) closes
+        frames = kept.outbox.frames if kept is not None else []
+        self._send_welcome(session, counts.online, counts.searching, True, sum(n for _, n in frames))
+        for data, count in frames:
+            client.ws.send(data, count)
+        log.info("event=resumed user=%s missed=%d kept=%s", user, len(frames), kept is not None)
+        return "ok"
+
+    def _resume_failed(self, user: str, reason: str) -> None:
+        self.resumes.failed(reason)
+        log.info("event=resume_failed user=%s reason=%s", user, reason)
+
+    async def _leave_adopted(self, session: Session) -> None:
+        """A resume across instances failed: what the session adopted from the other instance
+        (rooms, pool place, match) is left now, as that session's leave; then the session
+        registers afresh."""
+        client, user = session.client, session.user
+        rooms = sorted(client.rooms)
+        for room in rooms:
+            self.hub.leave(client, room)
+            self.router.presence.member(m.MEMBER_LEFT, room, user)
+        peer = await self.store.user_gone(user, client.connection, rooms)
+        if peer is not None:
+            self.router.peer_left(peer, user)
+        await self.store.connect(user, client.connection)
+
+    def keep_session(self, session: Session, code: int | None) -> bool:
+        """Keep ``session`` for a resume if its connection dropped (PROTOCOL.md section 15);
+        False: end it (``end_session``). Synchronous: no frame is lost in between."""
+        client = session.client
+        if (
+            code not in KEEP_CODES
+            or not client.level2
+            or not self.accepting
+            or self.config.resume_window <= 0
+            or client.replaced
+            or self.hub.clients.get(client.user) is not client
+        ):
+            return False
+        kept = self.resumes.keep(client)
+        if kept is None:
+            return False
+        self.hub.swap_socket(client, cast(WebSocket, kept.outbox))  # duck-typed: the verbs used
+        self._tasks.start_soon(self._expire, kept)
+        log.info("event=session_kept user=%s code=%s window=%s", client.user, code, self.config.resume_window)
+        return True
+
+    async def _expire(self, kept: KeptSession) -> None:
+        """Wait out ``kept``'s window (or until it ends early); unless resumed meanwhile, the
+        leave then happens as for any disconnect. Cancellation (shutdown): it just ends."""
+        with kept.scope:
+            await trio.sleep_forever()
+        if kept.over:
+            return
+        with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+            async with self._user_turn(kept.client.user):
+                if kept.over:
+                    return
+                self.resumes.end(kept)
+                log.info("event=session_ended user=%s reason=%s", kept.client.user, kept.reason)
+                await self._forget(kept.client)
 
     async def end_session(self, session: Session) -> None:
         """The connection of ``session`` is over: unless a successor took the user over,
         leave its rooms, pool place and match (its peer is told)."""
+        self.resumes.discard(session.client)
         async with self._user_turn(session.user):
             await self._forget(session.client)
 
@@ -400,6 +587,8 @@ class Server:
         if client.replaced:
             return  # the successor owns the user's rooms, pool place and match
         rooms = self.hub.detach(client)
+        for room in rooms:
+            self.router.presence.member(m.MEMBER_LEFT, room, client.user)
         peer = await self.store.user_gone(client.user, client.connection, rooms)
         if peer is not None:
             self.router.peer_left(peer, client.user)
@@ -417,6 +606,8 @@ class Server:
         if self.connections:
             self._all_closed = trio.Event()
             await self._all_closed.wait()
+        self.resumes.end_all()  # kept sessions leave now
+        await self.resumes.all_ended.wait()
 
 
 async def serve(

@@ -213,9 +213,15 @@ class Session:
             case core.RememberPartner(partner, since):
                 self._remember(partner, since)
             case core.JoinLocal(room):
-                self._hub.join(self.client, room)
+                client = self.client
+                new = room not in client.rooms and not client.replaced
+                self._hub.join(client, room)
+                if new:
+                    self._router.presence.member(m.MEMBER_JOINED, room, self.user)
             case core.LeaveLocal(room):
-                self._hub.leave(self.client, room)
+                if room in self.client.rooms:
+                    self._hub.leave(self.client, room)
+                    self._router.presence.member(m.MEMBER_LEFT, room, self.user)
             case core.SetExpiry(exp):
                 self.client.expires_at = expires_at(exp)
             case core.CountMatch():
@@ -224,6 +230,12 @@ class Session:
                 if on:
                     self._stats.blocks += 1
                 self._router.notify_block(other, self.user, on)
+            case core.TypingTo(data, key, moment, room, to):
+                self._typed(key, moment)
+                if room is not None:
+                    self._router.presence.typing(room, self.user, data)
+                elif to is not None:
+                    self._router.send_level2(to, data, m.TYPING)
             case core.ReportFiled(report_id, report):
                 self._stats.reports[report["reason"]] += 1
                 log.info(
@@ -247,6 +259,17 @@ class Session:
             stats.messages_out[m.CHAT_MESSAGE] += 1
 
         return stored
+
+    def _typed(self, key: str, moment: float) -> None:
+        """Remember a ``typing`` sent to ``key`` (one a second per target); bounded: targets
+        quiet for a second are forgotten once there are a few."""
+        sent = self._facts.typing_sent
+        if not isinstance(sent, dict):
+            sent = self._facts.typing_sent = {}
+        if len(sent) >= _TYPING_TARGETS:
+            for old in [k for k, when in sent.items() if moment - when >= core.TYPING_INTERVAL]:
+                del sent[old]
+        sent[key] = moment
 
     def _remember(self, partner: str, since: float) -> None:
         partners = self.client.dm_partners
@@ -293,8 +316,8 @@ class Session:
                 return await store.hangup(user, peer)
             case core.Relay(to, data, kind, extra):
                 return await self._router.send_checked(to, data, kind, *extra, sender=user)
-            case core.RecentHistory(room, limit, before_ns):
-                return await store.recent_room_messages(room, limit, before_ns)
+            case core.RecentHistory(room, limit, before_ns, after_ns):
+                return await store.recent_room_messages(room, limit, before_ns, after_ns)
             case core.DirectHistory(other, limit):
                 return await store.direct_messages(user, other, limit)
             case core.StoreBlock(other):
@@ -321,6 +344,10 @@ class Session:
 
     # -- replies -----------------------------------------------------------------------------
 
+    def reply(self, kind: str, payload: Any) -> None:
+        """Send this user a server message (``fromUser`` system): the ``welcome``."""
+        self._reply(kind, payload)
+
     def _reply(self, kind: str, payload: Any, *, room: str | None = None) -> None:
         self._send(Envelope(type=kind, from_user=m.SYSTEM, to_user=self.user, room=room, payload=payload))
 
@@ -331,6 +358,7 @@ class Session:
 
 _NO_PARTNERS: dict[str, float] = {}
 _AVAILABLE = UserAvailable()
+_TYPING_TARGETS = 16  # past this many, targets quiet for a second are forgotten
 
 
 @functools.cache

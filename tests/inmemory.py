@@ -115,6 +115,7 @@ class FakePeer(Exchanges):
     session: Session
     server: Server
     ended: bool = False
+    welcome: dict[str, Any] | None = None  # level 2: the first frame
 
     async def send(self, message: dict[str, Any] | str) -> None:
         """Hand one frame to the session, as the connection's receive loop does."""
@@ -129,8 +130,23 @@ class FakePeer(Exchanges):
             self.socket.close(1006, "gone")
             await self.server.end_session(self.session)
 
+    async def drop(self, code: int = 1006) -> None:
+        """The connection ends without a close frame from the client (1006; or ``code``, as
+        a client's close frame): a level-2 session is then kept for a resume."""
+        if not self.ended:
+            self.ended = True
+            self.socket.close(code, "dropped")
+            if not self.server.keep_session(self.session, code):
+                await self.server.end_session(self.session)
+
     async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
         return await self.socket.next(timeout)
+
+    @property
+    def token(self) -> str:
+        assert self.welcome is not None
+        token: str = self.welcome["payload"]["resumeToken"]
+        return token
 
 
 @attrs.define
@@ -145,16 +161,28 @@ async def inmemory_server(**overrides: Any) -> AsyncIterator[InMemoryServer]:
         open_store(config) as store,
         open_hub(config.room_linger, store.bus) as hub,
         open_flusher() as flusher,
+        trio.open_nursery() as tasks,
     ):
-        yield InMemoryServer(Server(config, store, hub, flusher))
+        server = Server(config, store, hub, flusher)
+        server._tasks = tasks  # as ``accept_forever`` does: kept sessions' timers run here
+        yield InMemoryServer(server)
+        tasks.cancel_scope.cancel()
 
 
 @asynccontextmanager
 async def connect(
-    server: InMemoryServer, user: str, room: str | None = None, *, joined: bool = True
+    server: InMemoryServer,
+    user: str,
+    room: str | None = None,
+    *,
+    joined: bool = True,
+    v: int = 1,
+    resume: str | None = None,
 ) -> AsyncIterator[FakePeer]:
     """Connect ``user`` (by default waiting for the ``room_joined`` of its room); on exit the
-    connection ends as a dropped one would (``end_session``)."""
+    connection ends as a dropped one would (``end_session``). ``v=2``: a level-2 connection
+    (``resume``: the token it presents); its ``welcome`` is read first (``peer.welcome``),
+    and a resumed session waits for no ``room_joined``."""
     socket = RecordingSocket()
     # The handshake's read of the user's ban and blocks (a ban refuses it with 403).
     admission = await server.server.store.safety.admit(user, time.time())
@@ -162,11 +190,19 @@ async def connect(
         raise Closed(403, "banned")
     session = server.server.new_session(socket, user, admission=admission)  # type: ignore[arg-type]
     peer = FakePeer(user, socket, session, server.server)
+    hello = None if v == 1 else resume or ""
+    session.client.level2 = hello is not None
     try:
-        await server.server.start_session(session, room or "Lobby")
+        await server.server.start_session(session, room or "Lobby", hello)
+        if hello is not None:
+            peer.welcome = await peer.expect("welcome")
+            joined = joined and not peer.welcome["payload"].get("resumed")
         if joined:
             await peer.expect("room_joined")
         yield peer
     finally:
         with trio.CancelScope(shield=True):
-            await peer.disconnect()
+            if not peer.ended:
+                peer.ended = True
+                socket.close(1000, "gone")
+                await server.server.end_session(session)

@@ -326,14 +326,15 @@ async def open_raw_ws(
     joined: bool = True,
     first_bytes: bytes = b"",
     rcvbuf: int | None = None,
+    query: str = "",
 ) -> AsyncIterator[RawWebSocket]:
     """Upgrade a raw TCP connection; by default wait for the initial ``room_joined``.
     ``first_bytes`` go out in the same write as the request head; ``rcvbuf`` makes a
-    small receive buffer (a slow reader)."""
+    small receive buffer (a slow reader); ``query`` is added to the URL (``&v=2``)."""
     stream = await _connect(port, rcvbuf)
     ws = RawWebSocket(stream)
     try:
-        target = f"/ws?userId={user}" + (f"&room={room}" if room else "")
+        target = f"/ws?userId={user}" + (f"&room={room}" if room else "") + query
         await ws.send(upgrade_request(port, target) + first_bytes)
         response = await read_response_head(ws)
         assert 101 == response.status, response

@@ -513,3 +513,65 @@ def test_skip_limit_refuses_peer_requests_over_the_rate() -> None:
     assert "rate_limited" == refused({"type": "request_random_peer"}, the_facts)
     the_facts.monotonic = 0.5
     core.handle(request({"type": "request_random_peer"}), the_facts)
+
+
+# -- section 11 (level 2): typing; section 15: history forward ----------------------------------
+
+
+def typing_facts(monotonic: float = 1000.0, **kw: Any) -> Facts:
+    the_facts = facts(monotonic=monotonic, **kw)
+    the_facts.typing_sent = {}
+    return the_facts
+
+
+def test_typing_is_relayed_never_stored_and_limited_per_target() -> None:
+    """typing to a room or a user: one TypingTo effect (no history, no store call); a second
+    one to the same target within a second is dropped; another target is not limited."""
+    the_facts = typing_facts()
+    step = core.handle(
+        request({"type": "typing", "room": "Lobby", "payload": {"state": "started"}}), the_facts
+    )
+    assert step.call is None and 1 == len(step.effects)
+    effect = step.effects[0]
+    assert isinstance(effect, core.TypingTo) and "Lobby" == effect.room and effect.user is None
+    assert {
+        "type": "typing",
+        "fromUser": "alice",
+        "room": "Lobby",
+        "payload": {"state": "started"},
+    } == payload_of(effect.data)
+    the_facts.typing_sent = {effect.key: effect.moment}
+    again = core.handle(
+        request({"type": "typing", "room": "Lobby", "payload": {"state": "stopped"}}), the_facts
+    )
+    assert () == again.effects
+    other = core.handle(
+        request({"type": "typing", "toUser": "bob", "payload": {"state": "started"}}), the_facts
+    )
+    sent = other.effects[0]
+    assert isinstance(sent, core.TypingTo) and "bob" == sent.user
+    the_facts.monotonic += core.TYPING_INTERVAL
+    later = core.handle(
+        request({"type": "typing", "room": "Lobby", "payload": {"state": "stopped"}}), the_facts
+    )
+    assert 1 == len(later.effects)
+
+
+def test_typing_to_blockers_oneself_or_while_shadow_banned_is_dropped_silently() -> None:
+    """No error (typing is never answered), nothing relayed."""
+    message = {"type": "typing", "toUser": "bob", "payload": {"state": "started"}}
+    assert () == core.handle(request(message), typing_facts(blocked_by={"bob"})).effects
+    assert () == core.handle(request(message), typing_facts(shadow=True)).effects
+    assert () == core.handle(request(message | {"toUser": "alice"}), typing_facts()).effects
+    assert "not_in_room" == refused({"type": "typing", "room": "Other", "payload": {"state": "started"}})
+
+
+def test_history_after_is_passed_to_the_store() -> None:
+    """get_recent_messages with after: the store is asked for newer ones (oldest first)."""
+    message = {
+        "type": "get_recent_messages",
+        "room": "Lobby",
+        "payload": {"after": "2025-11-24T16:00:00.000001Z", "limit": 5},
+    }
+    step = core.handle(request(message), facts())
+    assert core.RecentHistory("Lobby", 5, None, 1_764_000_000_000_001_000) == step.call

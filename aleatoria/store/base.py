@@ -198,9 +198,12 @@ class Store(Protocol):
         up on publishing it): its sender's own copy waits for this (PROTOCOL.md section 16)."""
         ...
 
-    async def recent_room_messages(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:
+    async def recent_room_messages(
+        self, room: str, limit: int, before_ns: int | None = None, after_ns: int | None = None
+    ) -> list[bytes]:
         """Up to ``limit`` messages of ``room`` newer than the TTL, newest first, strictly
-        older than ``before_ns`` when given."""
+        older than ``before_ns`` when given. With ``after_ns``: the ``limit`` oldest strictly
+        newer than it (and older than ``before_ns``), oldest first (forward paging)."""
         ...
 
     async def direct_messages(self, a: str, b: str, limit: int) -> list[bytes]:

@@ -45,6 +45,12 @@ def new_instance_id() -> str:
     return os.urandom(6).hex()
 
 
+def microsecond_end(ns: int) -> int:
+    """The last nanosecond of ``ns``'s microsecond: createTime has microseconds, so a message
+    is "strictly newer" than one whose createTime is ``after`` only past it."""
+    return ns // 1000 * 1000 + 999
+
+
 def dm_key(a: str, b: str) -> tuple[str, str]:
     """The two users of a DM conversation in a fixed order (a < b), as Redis keys them."""
     return (a, b) if a < b else (b, a)
@@ -153,14 +159,25 @@ class MemoryStore:
     def after_stored(self, fn: Callable[[], None]) -> None:
         fn()  # what is in memory is all there is
 
-    async def recent_room_messages(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:
-        return self.recent_room_messages_now(room, limit, before_ns)
+    async def recent_room_messages(
+        self, room: str, limit: int, before_ns: int | None = None, after_ns: int | None = None
+    ) -> list[bytes]:
+        return self.recent_room_messages_now(room, limit, before_ns, after_ns)
 
-    def recent_room_messages_now(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:
+    def recent_room_messages_now(
+        self, room: str, limit: int, before_ns: int | None = None, after_ns: int | None = None
+    ) -> list[bytes]:
         history = self._rooms.get(room)
         if not history:
             return []
         cutoff = self._clock_ns() - self._ttl_ns
+        if after_ns is not None:  # forward paging (PROTOCOL.md section 15): oldest first
+            low = max(cutoff, microsecond_end(after_ns))
+            return [
+                message
+                for created_ns, message in history
+                if created_ns > low and (before_ns is None or created_ns < before_ns)
+            ][:limit]
         out: list[bytes] = []
         for created_ns, message in reversed(history):
             if created_ns <= cutoff or len(out) >= limit:

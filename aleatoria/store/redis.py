@@ -63,12 +63,19 @@ from aleatoria.config import Config
 from aleatoria.errors import StoreUnavailable
 from aleatoria.matchmaking import IMPOLITE, RequestOutcome
 from aleatoria.store.base import Bus, Counts, Health, StoreEvents, Takeover, Whereabouts
-from aleatoria.store.memory import dm_key, new_instance_id
+from aleatoria.store.memory import dm_key, microsecond_end, new_instance_id
 from aleatoria.store.redis_batch import Scripted, scripted
 from aleatoria.store.redis_bus import RedisBus
 from aleatoria.store.redis_client import RedisClient, present, text, text_or_none
 from aleatoria.store.redis_heartbeat import Heartbeat
-from aleatoria.store.redis_history import merge_dm, merge_room, read_dm, read_room
+from aleatoria.store.redis_history import (
+    merge_dm,
+    merge_room,
+    merge_room_after,
+    read_dm,
+    read_room,
+    read_room_after,
+)
 from aleatoria.store.redis_instance import InstanceRegistry
 from aleatoria.store.redis_keeper import WRITE_BATCH, Done, RedisKeeper, RedisMetrics
 from aleatoria.store.redis_mirror import Mirror
@@ -280,7 +287,11 @@ class RedisStore:
             return
         self._writer.when_written(fn)
 
-    async def recent_room_messages(self, room: str, limit: int, before_ns: int | None = None) -> list[bytes]:
+    async def recent_room_messages(
+        self, room: str, limit: int, before_ns: int | None = None, after_ns: int | None = None
+    ) -> list[bytes]:
+        if after_ns is not None:
+            return await self._room_after(room, limit, microsecond_end(after_ns), before_ns)
         if self._keeper.state == "ok":
             pending = self._writer.pending(ROOM, room)
             cutoff_ns = time.time_ns() - self._ttl_ns
@@ -300,6 +311,28 @@ class RedisStore:
                 return merge_room(rows, newer, pending, limit, self._cap, before_ns, cutoff_ns)
         outage = self._keeper.outage
         return [] if outage is None else outage.recent_room_messages_now(room, limit, before_ns)
+
+    async def _room_after(self, room: str, limit: int, after_ns: int, before_ns: int | None) -> list[bytes]:
+        """Forward paging (PROTOCOL.md section 15): oldest first, strictly newer than
+        ``after_ns``, with what the writer still holds merged in."""
+        if self._keeper.state == "ok":
+            cutoff_ns = time.time_ns() - self._ttl_ns
+            fetch = partial(
+                read_room_after,
+                key=ROOM_MESSAGES_PREFIX + room,
+                limit=limit,
+                after_ns=after_ns,
+                before_ns=before_ns,
+                cutoff_ns=cutoff_ns,
+            )
+            rows = await self._keeper.read(fetch)
+            if rows is not None:
+                pending = self._writer.pending(ROOM, room)
+                return merge_room_after(rows, pending, limit, after_ns, before_ns, cutoff_ns)
+        outage = self._keeper.outage
+        if outage is None:
+            return []
+        return outage.recent_room_messages_now(room, limit, before_ns, after_ns)
 
     async def direct_messages(self, a: str, b: str, limit: int) -> list[bytes]:
         if self._keeper.state == "ok":

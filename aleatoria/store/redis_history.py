@@ -49,6 +49,51 @@ def read_room(
     return out, replies[1] if count_newer else 0
 
 
+def read_room_after(
+    r: redis.Redis, *, key: str, limit: int, after_ns: int, before_ns: int | None, cutoff_ns: int
+) -> list[tuple[bytes, float]]:
+    """Oldest first: strictly newer than ``after_ns`` (and than ``cutoff_ns``), strictly
+    older than ``before_ns`` when given; at most ``limit`` (PROTOCOL.md section 15)."""
+    low = max(float(after_ns) - _SCORE_SLACK, float(cutoff_ns))
+    high: float | str = "+inf" if before_ns is None else float(before_ns) + _SCORE_SLACK
+    rows: list[tuple[bytes, float]] = r.zrangebyscore(  # type: ignore[assignment]
+        key, f"({low}", high, start=0, num=limit + 2 * _EXTRA_ROWS, withscores=True
+    )
+    return [row for row in rows if _within(row, after_ns, before_ns)][:limit]
+
+
+def _within(row: tuple[bytes, float], after_ns: int, before_ns: int | None) -> bool:
+    """Whether a stored row is strictly between the bounds, by its own ``createTime`` where
+    its score is too close to a bound to decide."""
+    member, score = row
+    created = score
+    if score <= after_ns + _SCORE_SLACK or (before_ns is not None and score >= before_ns - _SCORE_SLACK):
+        own = created_ns_of(member)
+        if own is not None:
+            created = own
+    return created > after_ns and (before_ns is None or created < before_ns)
+
+
+def merge_room_after(
+    rows: list[tuple[bytes, float]],
+    pending: list[tuple[int, bytes]],
+    limit: int,
+    after_ns: int,
+    before_ns: int | None,
+    cutoff_ns: int,
+) -> list[bytes]:
+    """Redis rows (oldest first) plus the queued messages within the bounds, oldest first."""
+    seen = {member for member, _ in rows}
+    merged = list(rows)
+    for created_ns, message in pending:
+        if created_ns <= max(after_ns, cutoff_ns) or (before_ns is not None and created_ns >= before_ns):
+            continue
+        if message not in seen:
+            merged.append((message, float(created_ns)))
+    merged.sort(key=lambda row: row[1])
+    return [member for member, _ in merged[:limit]]
+
+
 def read_dm(r: redis.Redis, *, key: str, limit: int) -> list[bytes]:
     rows: list[bytes] = r.lrange(key, -limit, -1)  # type: ignore[assignment]
     return rows

@@ -357,3 +357,55 @@ def test_a_dm_to_someone_offline_says_it_will_wait(open_page: OpenPage) -> None:
     open_thread(ivan, "dm", "jules")
     expect(bodies(ivan)).to_have_text(["Are you there?", "Here now"])
     expect(note).to_be_hidden()
+
+
+def test_members_and_typing(open_page: OpenPage) -> None:
+    """Level 2 on the page: the room header lists its members, live as they come and go, and
+    shows "… is typing" while someone types."""
+    kim = open_page()
+    sign_in(kim, "kim")
+    open_thread(kim, "room", "Lobby")
+    lena = open_page()
+    sign_in(lena, "lena")
+    expect(kim.locator("#chat-sub")).to_contain_text("lena")
+    expect(lena.locator("#chat-sub")).to_contain_text("kim")
+    lena.fill("#composer-input", "")
+    lena.type("#composer-input", "hello th")
+    expect(kim.locator("#typing")).to_have_text("lena is typing…")
+    lena.press("#composer-input", "Enter")
+    expect(bodies(kim).last).to_have_text("hello th")
+    expect(kim.locator("#typing")).to_have_text("")
+    lena.click("#signout")  # a clean close: the leave happens at once
+    expect(kim.locator("#chat-sub")).not_to_contain_text("lena")
+
+
+def test_call_survives_the_network_going_away(open_page: OpenPage) -> None:
+    """During a call the browser goes offline for 5 s and comes back: the page resumes its
+    session on a new connection (PROTOCOL.md section 15), the call is connected again with
+    the same peer, and nobody was matched anew or told the other left."""
+    ivan = open_page()
+    sign_in(ivan, "ivan")
+    jade = open_page()
+    sign_in(jade, "jade")
+    jade.click("#call-start")
+    expect(jade.locator("body")).to_have_attribute("data-call-state", "waiting")
+    ivan.click("#call-start")
+    wait_in_call_with(ivan, "jade", jade)
+    wait_in_call_with(jade, "ivan", ivan)
+    matches = [p.evaluate("window.aleatoria.matches") for p in (ivan, jade)]
+
+    ivan.context.set_offline(True)
+    expect(ivan.locator("#banner-text")).to_contain_text("network is gone")
+    ivan.wait_for_timeout(5000)  # the outage itself: five seconds without a network
+    ivan.context.set_offline(False)
+
+    ivan.wait_for_function("window.aleatoria.resumes >= 1")
+    expect(ivan.locator("body")).to_have_attribute("data-resumed", "1")
+    expect(ivan.locator("body")).to_have_attribute("data-conn", "online")
+    wait_in_call_with(ivan, "jade", jade)
+    wait_in_call_with(jade, "ivan", ivan)
+    assert matches == [p.evaluate("window.aleatoria.matches") for p in (ivan, jade)]
+    assert "peer_left" not in jade.evaluate("window.aleatoria.state.call.trace.join(' ')")
+    # the session is live on the new connection: chat still flows both ways
+    say(ivan, "Still here after the network switch.")
+    expect(bodies(jade).last).to_have_text("Still here after the network switch.")

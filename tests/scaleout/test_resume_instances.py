@@ -1,0 +1,180 @@
+"""Resume on another instance (PROTOCOL.md sections 9 and 15): two real ``aleatoria serve``
+processes sharing a real redis-server. A level-2 client's TCP connection is cut in the
+middle of a call while its peer and a room keep sending; it resumes on the other instance
+and hears every frame once (room messages in order), and its peer hears no hangup. A
+replayed, foreign or expired token and an overflowing session get a fresh session."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from health import get_json
+from rawws import RawWebSocket, open_raw_ws
+from redis_server import RedisServer
+from scaleout_support import FAST_PRESENCE, ServerProcess, serve_process
+from wsclient import Client, connect
+
+FAST = [
+    "--presence-ttl",
+    str(FAST_PRESENCE["presence_ttl"]),
+    "--heartbeat-interval",
+    str(FAST_PRESENCE["heartbeat_interval"]),
+]
+
+
+@asynccontextmanager
+async def level2(
+    port: int, user: str, resume: str | None = None, room: str | None = None
+) -> AsyncIterator[tuple[RawWebSocket, dict[str, Any]]]:
+    """A raw v=2 connection to ``port`` and its welcome's payload."""
+    query = "&v=2" + (f"&resume={resume}" if resume else "")
+    async with open_raw_ws(port, user, room, joined=False, query=query) as ws:
+        welcome = await ws.expect("welcome")
+        yield ws, welcome["payload"]
+
+
+async def wait_kept(server: ServerProcess, count: int) -> None:
+    """Until the instance's /health shows ``count`` kept sessions (it noticed the cut)."""
+    with trio.fail_after(10):
+        while True:
+            if count == (await get_json(server.port, "/health"))["keptSessions"]:
+                return
+            await trio.sleep(0.01)  # /health is the observable; it has no push channel
+
+
+async def until_pong(client: Client) -> list[dict[str, Any]]:
+    """Everything ``client`` receives up to the answer to a ping (a round trip)."""
+    await client.send(type="ping")
+    got = []
+    while (message := await client.receive())["type"] != "pong":
+        got.append(message)
+    return got
+
+
+async def call(phone: RawWebSocket, peer: Client) -> None:
+    """Match ``phone`` (which requests) with ``peer`` (pooled)."""
+    await peer.send(type="user_available_webrtc")
+    await peer.sync()
+    await phone.send_json({"type": "request_random_peer"})
+    while (await phone.recv_json())["type"] != "assign_role":
+        pass
+    await peer.expect("assign_role")
+
+
+async def test_cut_mid_call_resumes_on_the_other_instance(redis_server: RedisServer) -> None:
+    """Every frame sent to the dropped client arrives once after the resume on the other
+    instance, room messages in their order; the peer never hears a hangup; live traffic
+    follows on the new instance."""
+    url = redis_server.url
+    async with (
+        serve_process("--redis-url", url, "--resume-window", "30", *FAST) as one,
+        serve_process("--redis-url", url, "--resume-window", "30", *FAST) as two,
+        connect(one.port, "peer") as peer,
+        connect(two.port, "roomie") as roomie,
+    ):
+        async with level2(one.port, "phone") as (phone, welcome):
+            await phone.expect("room_joined")
+            await call(phone, peer)
+            phone.reset_on_close()  # the network goes: no close frame
+        await wait_kept(one, 1)
+        await peer.send(type="webrtc_offer", toUser="phone", payload={"sdp": "o"})
+        for i in range(3):
+            await roomie.send(type="chat_message", room="Lobby", payload={"content": f"r{i}"})
+            await roomie.expect("chat_message")
+        await peer.send(type="chat_message", toUser="phone", payload={"content": "d"})
+        await peer.expect("chat_message")
+        async with level2(two.port, "phone", resume=welcome["resumeToken"]) as (back, again):
+            assert True is again["resumed"], again
+            got = [await back.recv_json() for _ in range(again["missed"])]
+            await back.roundtrip()  # nothing more: no duplicate, no room_joined
+            seen = [(m["type"], (m["payload"].get("sdp") or m["payload"].get("content"))) for m in got]
+            assert sorted(
+                [
+                    ("webrtc_offer", "o"),
+                    ("chat_message", "r0"),
+                    ("chat_message", "r1"),
+                    ("chat_message", "r2"),
+                    ("chat_message", "d"),
+                ]
+            ) == sorted(seen)
+            rooms = [content for kind, content in seen if content and content.startswith("r")]
+            assert ["r0", "r1", "r2"] == rooms
+            # live on the new instance: signaling both ways, the room
+            await peer.send(type="webrtc_candidate", toUser="phone", payload={"candidate": "c"})
+            assert {"candidate": "c"} == (await back.expect("webrtc_candidate"))["payload"]
+            await back.send_json({"type": "webrtc_answer", "toUser": "peer", "payload": {"sdp": "a"}})
+            await peer.expect("webrtc_answer")
+            await roomie.send(type="chat_message", room="Lobby", payload={"content": "live"})
+            assert "live" == (await back.expect("chat_message"))["payload"]["content"]
+            await back.roundtrip()
+            assert [] == [m for m in await until_pong(peer) if m["type"] == "hangup"]
+            assert 0 == (await get_json(one.port, "/health"))["keptSessions"]
+    assert welcome["resumeToken"] not in one.text() + two.text()
+
+
+async def test_bad_tokens_and_overflow_across_instances(redis_server: RedisServer) -> None:
+    """Another user's token, a used token, an expired window and an overflowed session all
+    get resumed false on the other instance; the genuine owner still resumes once."""
+    url = redis_server.url
+    async with (
+        serve_process("--redis-url", url, "--resume-window", "30", "--outbox-frames", "8", *FAST) as one,
+        serve_process("--redis-url", url, "--resume-window", "30", "--outbox-frames", "8", *FAST) as two,
+        connect(two.port, "roomie") as roomie,
+    ):
+        async with level2(one.port, "phone") as (phone, welcome):
+            await phone.expect("room_joined")
+            phone.reset_on_close()
+        await wait_kept(one, 1)
+        token = welcome["resumeToken"]
+        async with level2(two.port, "thief", resume=token) as (_, stolen):
+            assert False is stolen["resumed"]
+        await wait_kept(two, 1)
+        async with level2(two.port, "phone", resume=token) as (back, again):
+            assert True is again["resumed"]
+            back.reset_on_close()
+        await wait_kept(two, 2)  # the thief's session too: it dropped
+        async with level2(one.port, "phone", resume=token) as (_, replayed):  # used already
+            assert False is replayed["resumed"]
+        # overflow: more room messages than the kept session may hold
+        async with level2(one.port, "phone") as (phone, fresh):
+            await phone.expect("room_joined")
+            phone.reset_on_close()
+        await wait_kept(one, 1)
+        for i in range(9):
+            await roomie.send(type="chat_message", room="Lobby", payload={"content": str(i)})
+            await roomie.expect("chat_message")
+        await wait_kept(one, 0)  # it ended at once
+        async with level2(two.port, "phone", resume=fresh["resumeToken"]) as (_, over):
+            assert False is over["resumed"]
+    for server in (one, two):
+        assert "event=resume_failed" in server.text() or "resume_handed_over" in server.text()
+
+
+async def test_window_passes_one_leave_across_instances(redis_server: RedisServer) -> None:
+    """The window passes on the owner: one member_left to a level-2 member on the other
+    instance, one hangup peer_left, the pool place gone; the token is then no use there."""
+    url = redis_server.url
+    async with (
+        serve_process("--redis-url", url, "--resume-window", "1", *FAST) as one,
+        serve_process("--redis-url", url, "--resume-window", "1", *FAST) as two,
+        connect(two.port, "peer") as peer,
+        level2(two.port, "watcher") as (watcher, _),
+    ):
+        await watcher.expect("room_joined")
+        async with level2(one.port, "phone") as (phone, welcome):
+            await phone.expect("room_joined")
+            assert {"room": "Lobby", "user": "phone"} == (await watcher.expect("member_joined"))["payload"]
+            await call(phone, peer)
+            phone.reset_on_close()
+        hangup = await peer.expect("hangup")
+        assert {"reason": "peer_left"} == hangup["payload"]
+        assert {"room": "Lobby", "user": "phone"} == (await watcher.expect("member_left"))["payload"]
+        await watcher.roundtrip()  # exactly one
+        assert [] == [m for m in await until_pong(peer) if m["type"] == "hangup"]
+        stats = await peer.request("stats", type="get_stats")
+        assert 0 == stats["payload"]["searching"] and 0 == stats["payload"]["inCalls"]
+        async with level2(two.port, "phone", resume=welcome["resumeToken"]) as (_, late):
+            assert False is late["resumed"]
