@@ -88,16 +88,20 @@ class Rules:
     # A user reported by this many distinct users within an hour is shadow-banned for a day
     # (0: never).
     auto_shadow_reports: int = 0
+    # Peer requests per second per user, and their burst (0: no limit; PROTOCOL.md s12).
+    match_rate: float = 0.0
+    match_burst: int = 30
     ice: IcePolicy = attrs.Factory(IcePolicy)
 
 
 @attrs.define
 class Facts:
-    """What the core needs to know besides the request, read-only to it. The clocks and
-    ``new_id`` are called only by the rules that need them (most requests read no clock);
-    ``match_peer`` reads the store's view of a user's live match (synchronous and cheap).
-    The session keeps one per connection and refreshes ``dm_partners`` (not frozen: a
-    request must not pay for building it)."""
+    """What the core needs to know besides the request, read-only to it but for one piece of
+    state: ``match_budget``, the user's token bucket of peer requests, which the core makes
+    on the first one and takes from. The clocks and ``new_id`` are called only by the rules
+    that need them (most requests read no clock); ``match_peer`` reads the store's view of a
+    user's live match (synchronous and cheap). The session keeps one per connection and
+    refreshes ``dm_partners`` (not frozen: a request must not pay for building it)."""
 
     user: str
     rooms: frozenset[str] | set[str]
@@ -108,7 +112,7 @@ class Facts:
     match_peer: Callable[[str], str | None]
     rules: Rules = Rules()
     # Safety (PROTOCOL.md section 13): the users who blocked this one (it may not write to
-    # them), whether it is shadow-banned, and its budget of peer requests (None: no limit).
+    # them), whether it is shadow-banned, and its budget of peer requests (None: none yet).
     blocked_by: frozenset[str] | set[str] = frozenset()
     shadow: bool = False
     match_budget: TokenBucket | None = None
@@ -599,8 +603,13 @@ def _delivered(reached: bool, to: str) -> Step:
 
 
 def _skip_budget(facts: Facts) -> None:
+    rules = facts.rules
+    if rules.match_rate <= 0:
+        return
     budget = facts.match_budget
-    if budget is not None and not budget.take(facts.monotonic):
+    if budget is None:  # made on the first peer request: most connections never make one
+        budget = facts.match_budget = TokenBucket(rules.match_rate, rules.match_burst)
+    if not budget.take(facts.monotonic):
         raise ClientError(RATE_LIMITED, "Too many peer requests: slow down.")
 
 

@@ -71,7 +71,7 @@ class Client:
     dm_partners: dict[str, float] | None = None  # made on the first DM
     # Safety (PROTOCOL.md section 13): who blocked this user (loaded at the handshake, kept
     # current by the router's notices) and whether it is shadow-banned.
-    blocked_by: set[str] = attrs.Factory(set)
+    blocked_by: frozenset[str] | set[str] = frozenset()  # a set once someone blocks it
     shadow: bool = False
     # Opened with ``v=2`` (PROTOCOL.md section 11): hears presence events and ``typing``.
     level2: bool = False

@@ -303,7 +303,10 @@ class Router:
 
 
 def _set_block(client: Client, blocker: str, on: bool) -> None:
+    # Most users are never blocked: the empty default is one shared frozenset.
+    blocked_by = set(client.blocked_by)
     if on:
-        client.blocked_by.add(blocker)
+        blocked_by.add(blocker)
     else:
-        client.blocked_by.discard(blocker)
+        blocked_by.discard(blocker)
+    client.blocked_by = blocked_by if blocked_by else frozenset()

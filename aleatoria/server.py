@@ -380,7 +380,8 @@ class Server:
             expires_at=expires,
         )
         if admission is not None:
-            client.blocked_by.update(admission.blocked_by)
+            if admission.blocked_by:
+                client.blocked_by = set(admission.blocked_by)
             client.shadow = admission.shadow
         self.stats.connections_opened += 1
         return Session(client, self.router, self.store, config, self.moderation)

@@ -174,6 +174,7 @@ class Session:
         facts.rooms = client.rooms
         facts.dm_partners = client.dm_partners or _NO_PARTNERS
         facts.shadow = client.shadow
+        facts.blocked_by = client.blocked_by
         return facts
 
     async def run(self, step: Step) -> None:
@@ -375,6 +376,8 @@ def _limits_and_rules(config: Config) -> tuple[Limits, Rules]:
         max_payload_bytes=config.max_payload_bytes,
         auth_secret=config.auth_secret,
         auto_shadow_reports=config.auto_shadow_reports,
+        match_rate=config.match_rate,
+        match_burst=config.match_burst,
         ice=config.ice,
     )
     return limits, rules

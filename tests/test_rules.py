@@ -506,13 +506,17 @@ def test_enough_distinct_reporters_shadow_ban_for_a_day() -> None:
 
 
 def test_skip_limit_refuses_peer_requests_over_the_rate() -> None:
-    budget = TokenBucket(2.0, 2)
-    the_facts = facts(match_budget=budget, monotonic=0.0)
+    the_facts = facts(rules=Rules(match_rate=2.0, match_burst=2), monotonic=0.0)
     for _ in range(2):
         core.handle(request({"type": "request_random_peer"}), the_facts)
     assert "rate_limited" == refused({"type": "request_random_peer"}, the_facts)
     the_facts.monotonic = 0.5
     core.handle(request({"type": "request_random_peer"}), the_facts)
+    # Off (0): never refused, and no bucket is made.
+    unlimited = facts(monotonic=0.0)
+    for _ in range(100):
+        core.handle(request({"type": "request_random_peer"}), unlimited)
+    assert unlimited.match_budget is None
 
 
 # -- section 11 (level 2): typing; section 15: history forward ----------------------------------

@@ -77,6 +77,7 @@ class Scripts:
         self.reap = Script(owner, presence.REAP)
         self.route = Script(owner, presence.ROUTE)
         self.block = Script(owner, lua.BLOCK)
+        self.admit = Script(owner, lua.ADMIT)
         self._all = list(vars(self).values())
 
     def load(self, client: Any) -> None:

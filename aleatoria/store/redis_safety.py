@@ -32,6 +32,7 @@ import redis
 
 from aleatoria.safety import AUTO_SHADOW_WINDOW, FOREVER, MAX_BLOCKS, Admission, Ban
 from aleatoria.store.memory_safety import MemorySafety
+from aleatoria.store.redis_batch import scripted
 from aleatoria.store.redis_keeper import RedisKeeper
 from aleatoria.store.redis_scripts import BANS_KEY, BLOCKED_BY_PREFIX, BLOCKS_PREFIX, SHADOW_KEY
 
@@ -54,6 +55,7 @@ class RedisSafety:
         self._fallback = fallback
         self._report_cap = report_cap
         self._block = keeper.client.scripts.block
+        self._admit = keeper.client.scripts.admit
 
     async def _read(self, fn: Callable[[Any], T]) -> T | None:
         return await self._keeper.read(fn)
@@ -65,7 +67,10 @@ class RedisSafety:
     # -- admission -----------------------------------------------------------------------------
 
     async def admit(self, user: str, now: float) -> Admission:
-        found = await self._read(partial(_admission, user=user))
+        keys = [BANS_KEY, BLOCKED_BY_PREFIX + user]
+        # Through ``_write`` (shielded) so that it joins the pass's batch: handshakes come in
+        # bursts, and each would otherwise be its own thread hop.
+        found = await self._write(scripted(self._admit, keys, [user]))
         if found is None:
             return self._fallback.admit_now(user, now)
         ban_json, blocked_by = found
@@ -152,14 +157,6 @@ class RedisSafety:
 
 
 # -- the calls (worker threads) ------------------------------------------------------------------
-
-
-def _admission(r: redis.Redis, *, user: str) -> tuple[bytes | None, set[bytes]]:
-    pipe = r.pipeline(transaction=False)
-    pipe.hget(BANS_KEY, user)
-    pipe.smembers(BLOCKED_BY_PREFIX + user)
-    ban_json, blocked_by = pipe.execute()
-    return ban_json, blocked_by
 
 
 def _unblock(r: redis.Redis, *, blocker: str, blocked: str) -> bool:

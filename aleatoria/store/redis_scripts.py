@@ -604,3 +604,10 @@ redis.call('SADD', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
+
+# Safety (``redis_safety``), at each handshake: KEYS bans, blocked-by:<user>; ARGV user.
+# Returns {the ban's JSON or nil, the users who blocked this one}. A script (not two reads)
+# so that handshakes of one scheduler pass share one round trip (``redis_batch``).
+ADMIT = """
+return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('SMEMBERS', KEYS[2])}
+"""
