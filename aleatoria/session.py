@@ -169,8 +169,8 @@ class Session:
                 self._hub.leave(self.client, room)
             case core.SetExpiry(exp):
                 self.client.expires_at = expires_at(exp)
-            case core.CountMatch():
-                self._stats.matches += 1
+            case core.CountMatch(common):
+                self._stats.count_match(common)
             case core.NotifyBlock(other, on):
                 if on:
                     self._stats.blocks += 1
@@ -231,13 +231,18 @@ class Session:
                 return await store.room_members(room, limit)
             case core.Counts():
                 return await store.stats()
-            case core.SetAvailable():
-                return await store.set_available(user)
+            case core.SetAvailable(profile):
+                return await store.set_available(user, profile)
             case core.SetUnavailable():
                 await store.set_unavailable(user)
                 return None
-            case core.RequestPeer(current):
-                return await store.request_peer(user, current)
+            case core.RequestPeer(current, profile):
+                return await store.request_peer(user, current, profile)
+            case core.JoinSearch(current, profile):
+                return await store.search(user, current, profile)
+            case core.LeaveSearch():
+                await store.cancel_search(user)
+                return None
             case core.Hangup(peer):
                 return await store.hangup(user, peer)
             case core.Relay(to, data, kind, extra):

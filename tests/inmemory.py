@@ -23,6 +23,7 @@ from support import TIMEOUT, Exchanges, make_config
 
 from aleatoria.flusher import open_flusher
 from aleatoria.hub import open_hub
+from aleatoria.searching import search_forever
 from aleatoria.server import Server
 from aleatoria.session import Session
 from aleatoria.store import open_store
@@ -146,7 +147,12 @@ async def inmemory_server(**overrides: Any) -> AsyncIterator[InMemoryServer]:
         open_hub(config.room_linger, store.bus) as hub,
         open_flusher() as flusher,
     ):
-        yield InMemoryServer(Server(config, store, hub, flusher))
+        server = Server(config, store, hub, flusher)
+        async with trio.open_nursery() as nursery:
+            # The search queue's announcements (PROTOCOL.md section 12), as ``serve`` runs them.
+            nursery.start_soon(search_forever, store, server.router, config.ice, server.stats)
+            yield InMemoryServer(server)
+            nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager
