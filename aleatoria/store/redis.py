@@ -467,8 +467,18 @@ class RedisStore:
 
     def _search_here(self, user: str, current_peer: str | None, profile: Profile) -> SearchOutcome:
         """Degraded: no queue (it lives in Redis); the immediate pick among this instance's
-        pooled users, announced like a queue match, or ``no_peer_available`` at once."""
-        outcome = self._mirror.request_peer(user, current_peer)
+        pooled users, announced like a queue match, or ``no_peer_available`` at once. The
+        mirror does not know pooled users' profiles: a searcher with a language, or with
+        ``interestsOnly``, gets ``no_peer_available`` rather than a partner breaking its rule."""
+        partner = self._mm.peer_of(user)
+        if (profile.language is not None or (profile.interests_only and profile.interests)) and (
+            partner is None or partner == current_peer
+        ):
+            if partner is not None:
+                self._mirror.end(user)  # "next"
+            outcome = RequestOutcome(ended_peer=partner)
+        else:
+            outcome = self._mirror.request_peer(user, current_peer)
         self._keeper.dirty.update(present(user, outcome.peer, outcome.ended_peer))
         if outcome.resend:
             return SearchOutcome(profile=profile, resend=outcome)
