@@ -16,6 +16,7 @@ from urllib.parse import quote, urlsplit
 import attrs
 
 from aleatoria.ice import IcePolicy, policy_problem
+from aleatoria.search import SearchRules
 
 
 class ConfigError(ValueError):
@@ -341,6 +342,31 @@ SETTINGS: tuple[Setting, ...] = (
         "shadow-ban for a day a user reported by this many distinct users within an hour (0 = off)",
     ),
     Setting("report_cap", "ALEATORIA_REPORT_CAP", int, "reports kept (the oldest are dropped)"),
+    # Matching (PROTOCOL.md section 12).
+    Setting(
+        "search_timeout",
+        "ALEATORIA_SEARCH_TIMEOUT",
+        float,
+        "seconds a searcher (request_random_peer with wait) waits before no_peer_available",
+    ),
+    Setting(
+        "interest_wait",
+        "ALEATORIA_INTEREST_WAIT",
+        float,
+        "seconds a searcher with interests is matched only on a common interest (then anyone)",
+    ),
+    Setting(
+        "rematch_cooldown",
+        "ALEATORIA_REMATCH_COOLDOWN",
+        float,
+        "seconds during which two former partners are not matched again through the search queue",
+    ),
+    Setting(
+        "search_tick",
+        "ALEATORIA_SEARCH_TICK",
+        float,
+        "Redis mode: seconds between each instance's look at the search queue (fallbacks, timeouts)",
+    ),
     Setting(
         "webhook_queue",
         "ALEATORIA_WEBHOOK_QUEUE",
@@ -457,6 +483,12 @@ class Config:
     report_cap: int = 10_000
     webhook_queue: int = 1000
 
+    # Matching (PROTOCOL.md section 12).
+    search_timeout: float = 120.0
+    interest_wait: float = 10.0
+    rematch_cooldown: float = 300.0
+    search_tick: float = 0.5
+
     @property
     def message_ttl_seconds(self) -> float:
         return self.message_ttl_hours * 3600.0
@@ -464,6 +496,10 @@ class Config:
     @property
     def history_memory_bytes(self) -> int:
         return int(self.history_memory_mb * 1024 * 1024)
+
+    @property
+    def search_rules(self) -> SearchRules:
+        return SearchRules(self.search_timeout, self.interest_wait, self.rematch_cooldown)
 
     @property
     def ice(self) -> IcePolicy:
@@ -539,6 +575,13 @@ class Config:
             raise ConfigError("ALEATORIA_HISTORY_MEMORY_MB must be positive")
         if self.match_rate < 0 or self.match_burst < 1:
             raise ConfigError("ALEATORIA_MATCH_RATE must be >= 0 and ALEATORIA_MATCH_BURST >= 1")
+        if self.search_timeout <= 0 or self.interest_wait < 0 or self.rematch_cooldown < 0:
+            raise ConfigError(
+                "ALEATORIA_SEARCH_TIMEOUT must be positive, ALEATORIA_INTEREST_WAIT and "
+                "ALEATORIA_REMATCH_COOLDOWN 0 or more"
+            )
+        if not 0.01 <= self.search_tick <= 10:
+            raise ConfigError("ALEATORIA_SEARCH_TICK must be 0.01..10 seconds")
         if self.auto_shadow_reports < 0:
             raise ConfigError("ALEATORIA_AUTO_SHADOW_REPORTS must be >= 0")
         if self.report_cap < 1 or self.webhook_queue < 1:

@@ -47,6 +47,7 @@ from aleatoria.messages import Envelope
 from aleatoria.privacy import scrub_signal
 from aleatoria.requests import (
     BlockUser,
+    CancelSearch,
     ChatToRoom,
     ChatToUser,
     ClientMessage,
@@ -72,6 +73,7 @@ from aleatoria.requests import (
     UserUnavailable,
 )
 from aleatoria.safety import AUTO_SHADOW_SECONDS, EVIDENCE_MESSAGES, EVIDENCE_ROOMS
+from aleatoria.search import NO_PROFILE, Match, Profile, SearchOutcome
 
 HOUR = 3600.0
 NO_TYPING: Mapping[str, float] = MappingProxyType({})  # until a session's first ``typing``
@@ -182,7 +184,9 @@ class SetExpiry(NamedTuple):
 
 
 class CountMatch(NamedTuple):
-    pass
+    """A match was made; ``common``: how many interests the two share (for /metrics)."""
+
+    common: int = 0
 
 
 class NotifyBlock(NamedTuple):
@@ -275,22 +279,39 @@ class Counts(NamedTuple):
 class SetAvailable(NamedTuple):
     """Outcome: the peer whose match this ended, or None."""
 
+    profile: Profile = NO_PROFILE
+
 
 class SetUnavailable(NamedTuple):
     pass
 
 
 class PoolThenRequestPeer(NamedTuple):
-    """``SetAvailable`` then ``RequestPeer``, in one store step. Outcome: (the peer whose
-    match pooling ended or None, a ``RequestOutcome``)."""
+    """``SetAvailable`` (without a profile) then ``RequestPeer``, in one store step. Outcome:
+    (the peer whose match pooling ended or None, a ``RequestOutcome``)."""
 
     current_peer: str | None
+    profile: Profile = NO_PROFILE
 
 
 class RequestPeer(NamedTuple):
     """Outcome: a ``RequestOutcome``."""
 
     current_peer: str | None
+    profile: Profile = NO_PROFILE
+
+
+class JoinSearch(NamedTuple):
+    """Join the search queue (PROTOCOL.md section 12). Outcome: a ``SearchOutcome``; the
+    matches it makes are announced by the search task (``aleatoria.searching``), after the
+    ``searching`` reply."""
+
+    current_peer: str | None
+    profile: Profile
+
+
+class LeaveSearch(NamedTuple):
+    """Leave the search queue (``cancel_search``). Outcome: None."""
 
 
 class Hangup(NamedTuple):
@@ -371,6 +392,8 @@ Call = (
     | SetUnavailable
     | PoolThenRequestPeer
     | RequestPeer
+    | JoinSearch
+    | LeaveSearch
     | Hangup
     | Relay
     | RecentHistory
@@ -429,17 +452,22 @@ def handle(request: ClientMessage, facts: Facts) -> Step:
         case GetStats():
             return _after(Counts(), _stats)
         case UserAvailable():
-            return _after(SetAvailable(), _peer_left)
+            return _after(SetAvailable(request.profile), _peer_left)
         case UserUnavailable():
             return _after(SetUnavailable(), _nothing)
         case RequestRandomPeer():
             _skip_budget(facts)
-            return _after(RequestPeer(request.current_peer_id), lambda outcome: _matched(outcome, facts))
+            if request.wait:
+                search = JoinSearch(request.current_peer_id, request.profile)
+                return _after(search, lambda outcome: _searching(outcome, facts))
+            call = RequestPeer(request.current_peer_id, request.profile)
+            return _after(call, lambda outcome: _matched(outcome, facts))
         case PoolThenRequest():
             _skip_budget(facts)
-            return _after(
-                PoolThenRequestPeer(request.current_peer_id), lambda both: _pooled_then_matched(both, facts)
-            )
+            both = PoolThenRequestPeer(request.current_peer_id, request.profile)
+            return _after(both, lambda pooled: _pooled_then_matched(pooled, facts))
+        case CancelSearch():  # no reply (PROTOCOL.md section 12 names none)
+            return _after(LeaveSearch(), _nothing)
         case GetRecentMessages():
             return _recent(request, facts)
         case GetDirectMessages():
@@ -626,7 +654,9 @@ def _matched(outcome: RequestOutcome, facts: Facts) -> Step:
     if outcome.peer is None:
         effects.append(Reply(m.NO_PEER_AVAILABLE, m.NoPeer(message=m.NO_PEER_TEXT)))
         return Step(tuple(effects))
-    effects.append(Reply(m.ASSIGN_ROLE, _assign_role(outcome.role, outcome.peer, facts.user, facts)))
+    ice, unix_now, common = facts.rules.ice, _unix_now(facts), list(outcome.common)
+    mine = assign_role(outcome.role, outcome.peer, facts.user, ice, unix_now, outcome.match_id, common)
+    effects.append(Reply(m.ASSIGN_ROLE, mine))
     if not outcome.resend:
         role = other_role(outcome.role)
         data = encode(
@@ -634,12 +664,41 @@ def _matched(outcome: RequestOutcome, facts: Facts) -> Step:
                 type=m.ASSIGN_ROLE,
                 from_user=m.SYSTEM,
                 to_user=outcome.peer,
-                payload=_assign_role(role, facts.user, outcome.peer, facts),
+                payload=assign_role(role, facts.user, outcome.peer, ice, unix_now, outcome.match_id, common),
             )
         )
         # The header carries peer and role: the peer's instance mirrors the match.
-        effects += [CountMatch(), Deliver(outcome.peer, data, m.ASSIGN_ROLE, (facts.user, role))]
+        effects += [CountMatch(len(common)), Deliver(outcome.peer, data, m.ASSIGN_ROLE, (facts.user, role))]
     return Step(tuple(effects))
+
+
+def _searching(outcome: SearchOutcome, facts: Facts) -> Step:
+    if outcome.resend is not None:
+        return _matched(outcome.resend, facts)
+    profile = outcome.profile
+    searching = m.Searching(
+        interests=list(profile.interests),
+        position=outcome.position,
+        online=outcome.online,
+        language=profile.language,
+    )
+    reply = Reply(m.SEARCHING, searching)
+    return _done(reply) if outcome.ended_peer is None else _done(PeerLeft(outcome.ended_peer), reply)
+
+
+def match_frames(match: Match, ice: IcePolicy, unix_now: int) -> list[tuple[str, bytes, tuple[str, str]]]:
+    """The ``assign_role`` of each side of a match the search made: (user, JSON, bus header
+    (peer, role): the user's instance mirrors the match from it)."""
+    frames = []
+    common = list(match.common)
+    for user, peer, role in (
+        (match.impolite, match.polite, IMPOLITE),
+        (match.polite, match.impolite, POLITE),
+    ):
+        payload = assign_role(role, peer, user, ice, unix_now, match.match_id, common)
+        data = encode(Envelope(type=m.ASSIGN_ROLE, from_user=m.SYSTEM, to_user=user, payload=payload))
+        frames.append((user, data, (peer, role)))
+    return frames
 
 
 def other_role(role: str) -> str:
@@ -659,15 +718,21 @@ def _ice_servers(facts: Facts) -> m.IceServers:
     return m.IceServers(ice_servers=servers, ice_transport_policy=ice.transport_policy, ttl=ice.ttl)
 
 
-def _assign_role(role: str, peer: str, user: str, facts: Facts) -> m.AssignRole:
-    """``assign_role`` for ``user``, with ICE servers and credentials of its own when the
-    server has any (without, the payload is the original server's, byte for byte)."""
-    ice = facts.rules.ice
+def assign_role(
+    role: str, peer: str, user: str, ice: IcePolicy, unix_now: int, match_id: str, common: list[str]
+) -> m.AssignRole:
+    """``assign_role`` for ``user``: the original's role and peer, the match's id and common
+    interests (PROTOCOL.md section 12), and ICE servers with credentials of its own when the
+    server has any."""
     if not ice.configured:
-        return m.AssignRole(role=role, peer_id=peer)
-    servers = ice_servers(ice, user, _unix_now(facts))
+        return m.AssignRole(role=role, peer_id=peer, match_id=match_id or None, common_interests=common)
     return m.AssignRole(
-        role=role, peer_id=peer, ice_servers=servers, ice_transport_policy=ice.transport_policy
+        role=role,
+        peer_id=peer,
+        match_id=match_id or None,
+        common_interests=common,
+        ice_servers=ice_servers(ice, user, unix_now),
+        ice_transport_policy=ice.transport_policy,
     )
 
 

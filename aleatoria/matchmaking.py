@@ -17,8 +17,9 @@ the same rules as one Lua script):
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import attrs
@@ -40,6 +41,10 @@ class RequestOutcome:
     role: str = IMPOLITE
     resend: bool = False
     ended_peer: str | None = None
+    # PROTOCOL.md section 12: the match's id (kept with it, so a resend carries the same) and
+    # the interests the two share.
+    match_id: str = ""
+    common: tuple[str, ...] = ()
 
     @property
     def no_peer(self) -> bool:
@@ -71,6 +76,7 @@ class Matchmaker:
         self._pool_index: dict[str, int] = {}
         self._peer_of: dict[str, str] = {}
         self._role_of: dict[str, str] = {}
+        self._match_id: dict[str, str] = {}
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -88,6 +94,17 @@ class Matchmaker:
 
     def matches(self) -> int:
         return len(self._peer_of) // 2
+
+    def role_of(self, user: str) -> str:
+        return self._role_of.get(user, IMPOLITE)
+
+    def match_id(self, user: str) -> str:
+        """The id of ``user``'s live match ('' if none, or made before ids were kept)."""
+        return self._match_id.get(user, "")
+
+    def pool_view(self) -> list[str]:
+        """The pool itself (not a copy): read it, do not change it."""
+        return self._pool
 
     # -- commands --------------------------------------------------------------------------
 
@@ -112,26 +129,45 @@ class Matchmaker:
         self._pool_remove(user)
         return self._end_match(user)
 
-    def request_peer(self, user: str, current_peer: str | None = None) -> RequestOutcome:
+    def request_peer(
+        self,
+        user: str,
+        current_peer: str | None = None,
+        choose: Callable[[set[str]], str | None] | None = None,
+    ) -> RequestOutcome:
+        """``choose``: picks among the pool given the users to exclude, instead of the
+        uniform pick (``search.Search`` prefers common interests; it applies the filter)."""
         ended: str | None = None
         partner = self._peer_of.get(user)
         if partner is not None:
             if partner != current_peer:
-                return RequestOutcome(peer=partner, role=self._role_of[user], resend=True)
+                return RequestOutcome(
+                    peer=partner, role=self._role_of[user], resend=True, match_id=self.match_id(user)
+                )
             ended = self._end_match(user)
         excluded = {user} if current_peer is None else {user, current_peer}
-        peer = (
-            self._pick(excluded) if self.filter is None else self._pick_filtered(user, excluded, self.filter)
-        )
+        if choose is not None:
+            peer = choose(excluded)
+        elif self.filter is None:
+            peer = self._pick(excluded)
+        else:
+            peer = self._pick_filtered(user, excluded, self.filter)
         if peer is None:
             return RequestOutcome(ended_peer=ended)
-        self._pool_remove(user)
-        self._pool_remove(peer)
-        self._peer_of[user] = peer
-        self._peer_of[peer] = user
-        self._role_of[user] = IMPOLITE
-        self._role_of[peer] = POLITE
-        return RequestOutcome(peer=peer, role=IMPOLITE, ended_peer=ended)
+        match_id = self.pair(user, peer)
+        return RequestOutcome(peer=peer, role=IMPOLITE, ended_peer=ended, match_id=match_id)
+
+    def pair(self, impolite: str, polite: str, match_id: str | None = None) -> str:
+        """Start the match of two users who are in none (both leave the pool); its id."""
+        self._pool_remove(impolite)
+        self._pool_remove(polite)
+        self._peer_of[impolite] = polite
+        self._peer_of[polite] = impolite
+        self._role_of[impolite] = IMPOLITE
+        self._role_of[polite] = POLITE
+        match_id = match_id or os.urandom(8).hex()  # not from ``_rng``: seeded picks stay as they were
+        self._match_id[impolite] = self._match_id[polite] = match_id
+        return match_id
 
     def restore(self, pool: Iterable[str], matches: Iterable[tuple[str, str]]) -> None:
         """Re-add state (used when a store falls back to memory and back)."""
@@ -199,4 +235,6 @@ class Matchmaker:
         self._peer_of.pop(peer, None)
         self._role_of.pop(user, None)
         self._role_of.pop(peer, None)
+        self._match_id.pop(user, None)
+        self._match_id.pop(peer, None)
         return peer

@@ -40,6 +40,7 @@ GET_BLOCKED = "get_blocked"
 REPORT_USER = "report_user"
 GET_ICE_SERVERS = "get_ice_servers"  # PROTOCOL.md section 14
 TYPING = "typing"  # PROTOCOL.md section 11: relayed to level-2 clients only
+CANCEL_SEARCH = "cancel_search"  # PROTOCOL.md section 12
 
 SIGNALING_TYPES = frozenset({WEBRTC_OFFER, WEBRTC_ANSWER, WEBRTC_CANDIDATE, HANGUP})
 CLIENT_TYPES = SIGNALING_TYPES | {
@@ -63,6 +64,7 @@ CLIENT_TYPES = SIGNALING_TYPES | {
     REPORT_USER,
     GET_ICE_SERVERS,
     TYPING,
+    CANCEL_SEARCH,
 }
 
 # Server -> client types.
@@ -89,6 +91,7 @@ ICE_SERVERS = "ice_servers"
 WELCOME = "welcome"
 MEMBER_JOINED = "member_joined"
 MEMBER_LEFT = "member_left"
+SEARCHING = "searching"
 
 NO_PEER_TEXT = "No peer available at the moment. Please try again later."
 PEER_LEFT = "peer_left"
@@ -121,6 +124,19 @@ class ChatPayload:
 @attrs.frozen
 class PeerRequest:
     current_peer_id: str | None = None
+    # PROTOCOL.md section 12; checked by ``search.parse_profile``.
+    wait: Any = None
+    interests: Any = None
+    language: Any = None
+    interests_only: Any = None
+
+
+@attrs.frozen
+class AvailableRequest:
+    """``user_available_webrtc``'s optional payload (PROTOCOL.md section 12)."""
+
+    interests: Any = None
+    language: Any = None
 
 
 @attrs.frozen
@@ -214,6 +230,9 @@ class Stats:
 class AssignRole:
     role: str
     peer_id: str
+    # PROTOCOL.md section 12: the match's id and the interests the two share.
+    match_id: str | None = None
+    common_interests: list[str] | None = None
     # PROTOCOL.md section 14: present when the server has ICE servers to hand out.
     ice_servers: list[Any] | None = None
     ice_transport_policy: str | None = None
@@ -227,6 +246,18 @@ class IceServers:
     ice_servers: list[Any]
     ice_transport_policy: str
     ttl: int
+
+
+@attrs.frozen
+class Searching:
+    """The reply to a ``request_random_peer`` with ``wait: true`` (PROTOCOL.md section 12):
+    the requester's normalised profile, its place in the queue (1 = next) and the users
+    online."""
+
+    interests: list[str]
+    position: int
+    online: int
+    language: str | None = None
 
 
 @attrs.frozen

@@ -15,12 +15,45 @@ from typing import Any
 
 import attrs
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=False)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+# Seconds a searcher waits for a partner (the fallback to anyone comes at 10 s by default).
+SEARCH_WAIT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0)
+
+
+@attrs.define
+class Histogram:
+    """A histogram counted with plain numbers (``bounds``: upper bounds, ascending)."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = attrs.Factory(list)
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+        index = len(self.bounds)
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                index = i
+                break
+        self.counts[index] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative (le, count) pairs, ``+Inf`` last, as Prometheus wants them."""
+        counts = self.counts or [0] * (len(self.bounds) + 1)
+        out, running = [], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), counts, strict=True):
+            running += count
+            out.append((bound, float(running)))
+        return out
 
 
 @attrs.define
@@ -42,6 +75,15 @@ class Stats:
     webhook_deliveries: int = 0
     webhook_failures: int = 0
     webhook_dropped: int = 0
+    # Matching (PROTOCOL.md section 12).
+    matches_by_common: Counter[int] = attrs.Factory(Counter)
+    search_fallbacks: int = 0
+    search_timeouts: int = 0
+    search_wait: Histogram = attrs.Factory(lambda: Histogram(SEARCH_WAIT_BUCKETS))
+
+    def count_match(self, common: int) -> None:
+        self.matches += 1
+        self.matches_by_common[common] += 1
 
 
 class ServerCollector(Collector):
@@ -86,6 +128,28 @@ class ServerCollector(Collector):
         )
         yield _labelled(CounterMetricFamily, "aleatoria_errors", "error replies by code", "code", s.errors)
         yield _counter("aleatoria_matches", "random matches made by this process", s.matches)
+        yield _labelled(
+            CounterMetricFamily,
+            "aleatoria_matches_by_common_interests",
+            "matches made by this process, by how many interests the two share",
+            "common",
+            s.matches_by_common,
+        )
+        yield _counter(
+            "aleatoria_search_fallbacks",
+            "searchers with interests matched with no interest in common (after the interest wait)",
+            s.search_fallbacks,
+        )
+        yield _counter(
+            "aleatoria_search_timeouts", "searches that ended with no_peer_available", s.search_timeouts
+        )
+        wait = s.search_wait
+        yield HistogramMetricFamily(
+            "aleatoria_search_wait_seconds",
+            "seconds searchers waited in the queue before a match",
+            buckets=wait.buckets(),
+            sum_value=wait.total,
+        )
         yield _labelled(
             CounterMetricFamily, "aleatoria_reports", "user reports filed, by reason", "reason", s.reports
         )

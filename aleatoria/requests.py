@@ -20,6 +20,7 @@ from aleatoria.errors import INVALID_PAYLOAD, INVALID_TARGET, TOO_LARGE, UNKNOWN
 from aleatoria.limits import check_id, clamp_limit
 from aleatoria.messages import Envelope
 from aleatoria.safety import MAX_DETAILS_CHARS, report_problem
+from aleatoria.search import NO_PROFILE, Profile, parse_profile
 
 
 @attrs.frozen
@@ -65,7 +66,7 @@ class GetRooms(NamedTuple):
 
 
 class UserAvailable(NamedTuple):
-    pass
+    profile: Profile = NO_PROFILE
 
 
 class UserUnavailable(NamedTuple):
@@ -74,13 +75,22 @@ class UserUnavailable(NamedTuple):
 
 class RequestRandomPeer(NamedTuple):
     current_peer_id: str | None = None
+    # PROTOCOL.md section 12: join the search queue, with this profile.
+    wait: bool = False
+    profile: Profile = NO_PROFILE
+
+
+class CancelSearch(NamedTuple):
+    pass
 
 
 class PoolThenRequest(NamedTuple):
-    """``user_available_webrtc`` and the ``request_random_peer`` right after it, as one step
-    (never parsed from the wire: the session joins the two; see ``Session._join_held``)."""
+    """``user_available_webrtc`` (without a profile) and the immediate ``request_random_peer``
+    right after it, as one step (never parsed from the wire: the session joins the two; see
+    ``Session._join_held``). ``profile``: the request's."""
 
     current_peer_id: str | None = None
+    profile: Profile = NO_PROFILE
 
 
 class GetRecentMessages(NamedTuple):
@@ -176,6 +186,7 @@ ClientMessage = (
     | ReportUser
     | GetIceServers
     | Typing
+    | CancelSearch
 )
 
 _GET_ROOMS = GetRooms()
@@ -185,6 +196,7 @@ _PING = Ping()
 _STATS = GetStats()
 _GET_BLOCKED = GetBlocked()
 _ICE = GetIceServers()
+_CANCEL_SEARCH = CancelSearch()
 
 
 def parse(env: Envelope, limits: Limits) -> ClientMessage:
@@ -206,14 +218,25 @@ def parse(env: Envelope, limits: Limits) -> ClientMessage:
     if kind == m.GET_ROOMS:
         return _GET_ROOMS
     if kind == m.USER_AVAILABLE:
-        return _AVAILABLE
+        if type(env.payload) is not dict:
+            return _AVAILABLE  # the original ignored this payload: so do we, unless a dict
+        available = payload_as(env.payload, m.AvailableRequest)
+        if available.interests is None and available.language is None:
+            return _AVAILABLE
+        return UserAvailable(parse_profile(available.interests, available.language, None))
     if kind == m.USER_UNAVAILABLE:
         return _UNAVAILABLE
     if kind == m.REQUEST_RANDOM_PEER:
-        current = payload_as(env.payload, m.PeerRequest, optional=True).current_peer_id
+        request = payload_as(env.payload, m.PeerRequest, optional=True)
+        current = request.current_peer_id
         if current is not None:
             check_id("currentPeerId", current, limits.max_id_chars)
-        return RequestRandomPeer(current)
+        if request.wait is not None and not isinstance(request.wait, bool):
+            raise ClientError(INVALID_PAYLOAD, "payload.wait must be a boolean.")
+        if request.interests is None and request.language is None and request.interests_only is None:
+            return RequestRandomPeer(current, bool(request.wait))
+        profile = parse_profile(request.interests, request.language, request.interests_only)
+        return RequestRandomPeer(current, bool(request.wait), profile)
     if kind == m.GET_RECENT_MESSAGES:
         room = _room(env, limits)
         recent = payload_as(env.payload, m.RecentMessagesRequest, optional=True)
@@ -240,6 +263,8 @@ def parse(env: Envelope, limits: Limits) -> ClientMessage:
         return _PING
     if kind == m.GET_ICE_SERVERS:
         return _ICE
+    if kind == m.CANCEL_SEARCH:
+        return _CANCEL_SEARCH
     if kind == m.REFRESH_TOKEN:
         return RefreshToken(payload_as(env.payload, m.TokenRefresh).token)
     if kind == m.BLOCK_USER:

@@ -42,6 +42,7 @@ from aleatoria.resume import KEEP_CODES, OVERFLOW, UNKNOWN, KeptSession, ResumeC
 from aleatoria.resume_remote import RemoteResumes
 from aleatoria.router import Router, new_message_id
 from aleatoria.safety import Admission
+from aleatoria.searching import search_forever
 from aleatoria.session import Session, expires_at
 from aleatoria.store import Store, open_store
 from aleatoria.supervisor import supervise
@@ -718,6 +719,7 @@ async def _run_body(server: Server, listener: socket.socket, body: trio.CancelSc
         async with trio.open_nursery() as nursery:
             nursery.start_soon(supervise, server.hub, server.config)
             nursery.start_soon(server.moderation.count_bans_forever)
+            nursery.start_soon(search_forever, server.store, server.router, server.config.ice, server.stats)
             webhook = server.moderation.webhook
             if webhook is not None:
                 nursery.start_soon(webhook.run)

@@ -128,10 +128,11 @@ class Session:
         """``request`` as it should run now, or None when it is held."""
         if self._held:
             self._held = False
-            if type(request) is RequestRandomPeer:
-                return PoolThenRequest(request.current_peer_id)
+            if type(request) is RequestRandomPeer and not request.wait:
+                return PoolThenRequest(request.current_peer_id, request.profile)
             await self.run(core.handle(_AVAILABLE, self.facts(moment)))
-        if type(request) is UserAvailable and self._hold_available:
+        # Only a plain one (no profile: nothing for the search queue to weigh) is held.
+        if type(request) is UserAvailable and request.profile.empty and self._hold_available:
             self._held = True
             return None
         return request
@@ -225,8 +226,8 @@ class Session:
                     self._router.presence.member(m.MEMBER_LEFT, room, self.user)
             case core.SetExpiry(exp):
                 self.client.expires_at = expires_at(exp)
-            case core.CountMatch():
-                self._stats.matches += 1
+            case core.CountMatch(common):
+                self._stats.count_match(common)
             case core.NotifyBlock(other, on):
                 if on:
                     self._stats.blocks += 1
@@ -304,15 +305,20 @@ class Session:
                 return await store.room_members(room, limit)
             case core.Counts():
                 return await store.stats()
-            case core.SetAvailable():
-                return await store.set_available(user)
-            case core.PoolThenRequestPeer(current):
-                return await store.pool_then_request_peer(user, current)
+            case core.SetAvailable(profile):
+                return await store.set_available(user, profile)
+            case core.PoolThenRequestPeer(current, profile):
+                return await store.pool_then_request_peer(user, current, profile)
             case core.SetUnavailable():
                 await store.set_unavailable(user)
                 return None
-            case core.RequestPeer(current):
-                return await store.request_peer(user, current)
+            case core.RequestPeer(current, profile):
+                return await store.request_peer(user, current, profile)
+            case core.JoinSearch(current, profile):
+                return await store.search(user, current, profile)
+            case core.LeaveSearch():
+                await store.cancel_search(user)
+                return None
             case core.Hangup(peer):
                 return await store.hangup(user, peer)
             case core.Relay(to, data, kind, extra):

@@ -23,6 +23,7 @@ from support import TIMEOUT, Exchanges, make_config
 
 from aleatoria.flusher import open_flusher
 from aleatoria.hub import open_hub
+from aleatoria.searching import search_forever
 from aleatoria.server import Server
 from aleatoria.session import Session
 from aleatoria.store import open_store
@@ -165,6 +166,8 @@ async def inmemory_server(**overrides: Any) -> AsyncIterator[InMemoryServer]:
     ):
         server = Server(config, store, hub, flusher)
         server._tasks = tasks  # as ``accept_forever`` does: kept sessions' timers run here
+        # The search queue's announcements (PROTOCOL.md section 12), as ``serve`` runs them.
+        tasks.start_soon(search_forever, store, server.router, config.ice, server.stats)
         yield InMemoryServer(server)
         tasks.cancel_scope.cancel()
 

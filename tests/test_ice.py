@@ -167,6 +167,7 @@ def test_assign_role_carries_each_side_its_own_credentials() -> None:
         m.AssignRole(
             role="impolite",
             peer_id="bob",
+            common_interests=[],
             ice_servers=ice_servers(POLICY, "alice", NOW),
             ice_transport_policy="all",
         )
@@ -176,15 +177,19 @@ def test_assign_role_carries_each_side_its_own_credentials() -> None:
     assert {
         "role": "polite",
         "peerId": "alice",
+        "commonInterests": [],
         "iceServers": ice_servers(POLICY, "bob", NOW),
         "iceTransportPolicy": "all",
     } == orjson.loads(deliver.data)["payload"]
 
 
 def test_assign_role_without_ice_servers_is_the_original() -> None:
-    """No ICE settings: assign_role is byte for byte what the original server sent."""
+    """No ICE settings: assign_role is what the original server sent, plus section 12's
+    commonInterests (and matchId: this outcome has none)."""
     deliver = next(e for e in matched_effects(Rules()) if isinstance(e, core.Deliver))
-    assert {"role": "polite", "peerId": "alice"} == orjson.loads(deliver.data)["payload"]
+    assert {"role": "polite", "peerId": "alice", "commonInterests": []} == orjson.loads(deliver.data)[
+        "payload"
+    ]
 
 
 def relayed(payload: Any, kind: str, rules: Rules) -> Any:

@@ -209,8 +209,25 @@ async def matched(server: RunningServer, a: Peer, b: Peer) -> None:
     """Pool b, let a request: a is impolite, b polite."""
     await b.send({"type": "user_available_webrtc"})
     await a.send({"type": "request_random_peer"})
-    assert system_reply("assign_role", a.user, {"role": "impolite", "peerId": b.user}) == await a.recv()
-    assert system_reply("assign_role", b.user, {"role": "polite", "peerId": a.user}) == await b.recv()
+    mine, theirs = await a.recv(), await b.recv()
+    match_id = mine["payload"].get("matchId")
+    assert isinstance(match_id, str) and match_id, "each match has an id (PROTOCOL.md section 12)"
+    assert (
+        system_reply(
+            "assign_role",
+            a.user,
+            {"role": "impolite", "peerId": b.user, "matchId": match_id, "commonInterests": []},
+        )
+        == mine
+    )
+    assert (
+        system_reply(
+            "assign_role",
+            b.user,
+            {"role": "polite", "peerId": a.user, "matchId": match_id, "commonInterests": []},
+        )
+        == theirs
+    )
 
 
 async def test_matchmaking_roles_and_no_peer(server: RunningServer, autojump_clock: MockClock) -> None:
@@ -282,7 +299,7 @@ async def test_crossed_request_resends_current_assignment(
             await carol.send({"type": "user_available_webrtc"})
             await carol.request({"type": "ping"}, "pong")
             reply = await bob.request({"type": "request_random_peer"}, "assign_role")
-            assert {"role": "polite", "peerId": "alice"} == reply["payload"]
+            assert ("polite", "alice") == (reply["payload"]["role"], reply["payload"]["peerId"])
             # carol is still available: nobody took her.
             await alice.send({"type": "user_available_webrtc"})
             await alice.send({"type": "request_random_peer"})

@@ -298,12 +298,13 @@ def test_history_needs_membership_and_passes_limits() -> None:
 
 
 def test_a_match_assigns_complementary_roles() -> None:
-    effects = run(core.handle(RequestRandomPeer(), facts()), RequestOutcome(peer="bob"))
+    effects = run(core.handle(RequestRandomPeer(), facts()), RequestOutcome(peer="bob", match_id="m1"))
     reply = next(e for e in effects if isinstance(e, core.Reply))
     deliver = next(e for e in effects if isinstance(e, core.Deliver))
-    assert ("impolite", "bob") == (reply.payload.role, reply.payload.peer_id)
+    assert ("impolite", "bob", "m1") == (reply.payload.role, reply.payload.peer_id, reply.payload.match_id)
     sent = payload_of(deliver.data)["payload"]
-    assert {"role": "polite", "peerId": "alice"} == sent
+    # The original's two fields, and section 12's matchId and commonInterests.
+    assert {"role": "polite", "peerId": "alice", "matchId": "m1", "commonInterests": []} == sent
     assert ("alice", "polite") == deliver.extra
     assert any(isinstance(e, core.CountMatch) for e in effects)
 

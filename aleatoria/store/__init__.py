@@ -34,6 +34,8 @@ async def open_store(config: Config) -> AsyncIterator[Store]:
         ttl_seconds=config.message_ttl_seconds,
         history_max=config.history_max,
         budget_bytes=config.history_memory_bytes,
+        search_rules=config.search_rules,
+        search_clock=trio.current_time,
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_purge_forever, memory)
@@ -48,3 +50,4 @@ async def _purge_forever(memory: MemoryStore) -> None:
     while True:
         await trio.sleep(_PURGE_EVERY)
         memory.purge_expired()
+        memory.search_queue.forget_cooldowns()

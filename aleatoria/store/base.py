@@ -27,6 +27,7 @@ import attrs
 
 from aleatoria.matchmaking import RequestOutcome
 from aleatoria.safety import Safety
+from aleatoria.search import NO_PROFILE, Profile, SearchEvents, SearchOutcome
 
 Health = Literal["ok", "degraded", "disabled"]
 
@@ -237,18 +238,49 @@ class Store(Protocol):
 
     # -- matchmaking -------------------------------------------------------------------------
 
-    async def set_available(self, user: str) -> str | None:
-        """Pool ``user``, ending its live match; returns the peer who was left, if any."""
+    async def set_available(self, user: str, profile: Profile = NO_PROFILE) -> str | None:
+        """Pool ``user`` with ``profile``, ending its live match and leaving the search queue;
+        returns the peer who was left, if any. The oldest compatible searcher may take it
+        (announced through ``search_events``)."""
         ...
 
-    async def set_unavailable(self, user: str) -> None: ...
+    async def set_unavailable(self, user: str) -> None:
+        """Leave the pool and the search queue."""
+        ...
 
-    async def request_peer(self, user: str, current_peer: str | None) -> RequestOutcome: ...
+    async def request_peer(
+        self, user: str, current_peer: str | None, profile: Profile = NO_PROFILE
+    ) -> RequestOutcome:
+        """The immediate pick (``matchmaking``; with a profile, ``search``'s preferences)."""
+        ...
+
+    # -- the search queue (PROTOCOL.md section 12; rules in ``aleatoria.search``) ----------------
+
+    async def search(self, user: str, current_peer: str | None, profile: Profile) -> SearchOutcome:
+        """``user`` joins the search queue (or, in a match it did not name, hears it again).
+        A match made at once is announced through ``search_events``, like every other."""
+        ...
+
+    async def cancel_search(self, user: str) -> None: ...
+
+    async def search_events(self) -> SearchEvents:
+        """Time out or re-match the searchers that are due, and hand over every match and
+        timeout since the last call (each exactly once, to one instance)."""
+        ...
+
+    def search_delay(self) -> float | None:
+        """Seconds until ``search_events`` has work for sure (None: only when woken)."""
+        ...
+
+    def on_search_events(self, wake: Callable[[], None]) -> None:
+        """Call ``wake`` (on the trio thread) whenever there are events to hand over."""
+        ...
 
     async def pool_then_request_peer(
-        self, user: str, current_peer: str | None
+        self, user: str, current_peer: str | None, profile: Profile = NO_PROFILE
     ) -> tuple[str | None, RequestOutcome]:
-        """``set_available`` then ``request_peer``, with nothing in between (atomic)."""
+        """``set_available`` (no profile) then ``request_peer`` (with ``profile``), with
+        nothing in between (atomic)."""
         ...
 
     def match_peer(self, user: str) -> str | None:

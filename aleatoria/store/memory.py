@@ -19,7 +19,10 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+import attrs
+
 from aleatoria.matchmaking import Matchmaker, RequestOutcome
+from aleatoria.search import NO_PROFILE, Profile, Search, SearchEvents, SearchOutcome, SearchRules
 from aleatoria.store.base import Bus, Counts, Health, StoreEvents, Takeover, Whereabouts
 from aleatoria.store.memory_safety import DEFAULT_REPORT_CAP, MemorySafety
 
@@ -69,6 +72,8 @@ class MemoryStore:
         instance: str | None = None,
         budget_bytes: int | None = None,
         report_cap: int = DEFAULT_REPORT_CAP,
+        search_rules: SearchRules | None = None,
+        search_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._instance = instance or new_instance_id()
         self._ttl_ns = int(ttl_seconds * 1e9)
@@ -88,16 +93,19 @@ class MemoryStore:
         self._safety = MemorySafety(report_cap, on_shadow=self.matchmaker.reclassify)
         if self.matchmaker.filter is None:
             self.matchmaker.filter = self._safety
+        # The search queue (PROTOCOL.md section 12): every pool change goes through it.
+        self.search_queue = Search(self.matchmaker, search_rules or SearchRules(), search_clock)
 
     @property
     def round_trips(self) -> bool:
         return False
 
     async def pool_then_request_peer(
-        self, user: str, current_peer: str | None
+        self, user: str, current_peer: str | None, profile: Profile = NO_PROFILE
     ) -> tuple[str | None, RequestOutcome]:
-        ended = self.matchmaker.set_available(user)
-        return ended, self.matchmaker.request_peer(user, current_peer)
+        # Neither suspends: nothing runs in between (the session never needs to join them here).
+        ended = await self.set_available(user)
+        return ended, await self.request_peer(user, current_peer, profile)
 
     @property
     def safety(self) -> MemorySafety:
@@ -133,6 +141,7 @@ class MemoryStore:
         return {
             "aleatoria_pool_size": ("users waiting in the matchmaking pool", self.matchmaker.pool_size()),
             "aleatoria_live_matches": ("matches in progress", self.matchmaker.matches()),
+            "aleatoria_search_queue": ("users in the search queue", self.search_queue.queue_length()),
             "aleatoria_history_memory_bytes": ("bytes of history held in memory", self.history_bytes),
         }
 
@@ -294,21 +303,43 @@ class MemoryStore:
         matchmaker = self.matchmaker
         return Counts(
             online=len(self._online),
-            searching=matchmaker.pool_size(),
+            searching=matchmaker.pool_size() + self.search_queue.queue_length(),
             in_calls=2 * matchmaker.matches(),
             rooms=len(self._members),
         )
 
     # -- matchmaking --------------------------------------------------------------------------
 
-    async def set_available(self, user: str) -> str | None:
-        return self.matchmaker.set_available(user)
+    async def set_available(self, user: str, profile: Profile = NO_PROFILE) -> str | None:
+        return self.search_queue.set_available(user, profile)
 
     async def set_unavailable(self, user: str) -> None:
-        self.matchmaker.set_unavailable(user)
+        self.search_queue.set_unavailable(user)
 
-    async def request_peer(self, user: str, current_peer: str | None) -> RequestOutcome:
-        return self.matchmaker.request_peer(user, current_peer)
+    async def request_peer(
+        self, user: str, current_peer: str | None, profile: Profile = NO_PROFILE
+    ) -> RequestOutcome:
+        return self.search_queue.request_peer(user, current_peer, profile)
+
+    # -- the search queue (PROTOCOL.md section 12) ------------------------------------------------
+
+    async def search(self, user: str, current_peer: str | None, profile: Profile) -> SearchOutcome:
+        outcome = self.search_queue.search(user, current_peer, profile)
+        return outcome if outcome.resend is not None else attrs.evolve(outcome, online=len(self._online))
+
+    async def cancel_search(self, user: str) -> None:
+        self.search_queue.cancel(user)
+
+    async def search_events(self) -> SearchEvents:
+        self.search_queue.tick()
+        return self.search_queue.events()
+
+    def search_delay(self) -> float | None:
+        due = self.search_queue.next_due()
+        return None if due is None else max(0.0, due - self.search_queue.clock())
+
+    def on_search_events(self, wake: Callable[[], None]) -> None:
+        self.search_queue.on_events = wake
 
     def match_peer(self, user: str) -> str | None:
         return self.matchmaker.peer_of(user)
@@ -327,7 +358,7 @@ class MemoryStore:
             self._online.pop(user, None)
         for room in rooms:
             await self.leave_room(room, user)
-        return self.matchmaker.disconnect(user)
+        return self.search_queue.disconnect(user)
 
     def user_moved(self, user: str) -> None:
         pass

@@ -46,6 +46,7 @@ How this works.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -54,6 +55,7 @@ from functools import partial
 from typing import Any, TypeVar, cast
 
 import attrs
+import orjson
 import redis
 import redis.cluster
 import trio
@@ -62,9 +64,10 @@ from redis.commands.core import Script
 from aleatoria.config import Config
 from aleatoria.errors import StoreUnavailable
 from aleatoria.matchmaking import IMPOLITE, RequestOutcome
+from aleatoria.search import NO_PROFILE, Match, Profile, SearchEvents, SearchOutcome
 from aleatoria.store.base import Bus, Counts, Health, StoreEvents, Takeover, Whereabouts
 from aleatoria.store.memory import dm_key, microsecond_end, new_instance_id
-from aleatoria.store.redis_batch import Scripted, scripted
+from aleatoria.store.redis_batch import ScriptCall, Scripted, scripted
 from aleatoria.store.redis_bus import RedisBus
 from aleatoria.store.redis_client import RedisClient, present, text, text_or_none
 from aleatoria.store.redis_heartbeat import Heartbeat
@@ -85,10 +88,12 @@ from aleatoria.store.redis_safety import RedisSafety
 from aleatoria.store.redis_scripts import (
     MATCHES_KEY,
     POOL_KEY,
+    POOLED_KEY,
     SMALL_POOL,
     STATS,
     USER_ROOMS_PREFIX,
 )
+from aleatoria.store.redis_search import TICK_BATCH
 from aleatoria.store.redis_writer import DM, DM_PREFIX, ROOM, ROOM_MESSAGES_PREFIX, OnStored, WriteBehind
 
 log = logging.getLogger("aleatoria.store.redis")
@@ -157,6 +162,22 @@ class RedisStore:
             rng=self._rng,
         )
         self._safety = RedisSafety(self._keeper, self._memory.safety, report_cap=config.report_cap)
+        # The search queue (PROTOCOL.md section 12, ``redis_search``): its timings (ms), what
+        # this instance's scripts decided and has yet to announce, the local users who searched
+        # or pooled with a profile (their queue place and profile go when they leave), and the
+        # queue's length as the last tick saw it.
+        rules = config.search_rules
+        self._search_ms = [
+            int(rules.timeout * 1000),
+            int(rules.interest_wait * 1000),
+            int(rules.cooldown * 1000),
+        ]
+        self._search_tick = config.search_tick
+        self._made_matches: list[Match] = []
+        self._timeouts: list[str] = []
+        self._profiled: set[str] = set()
+        self._queue_length = 0
+        self._wake: Callable[[], None] | None = None
         self._heartbeat = Heartbeat(
             self._keeper,
             registry,
@@ -230,6 +251,10 @@ class RedisStore:
             0 if outage is None else outage.history_bytes,
         )
         gauges["aleatoria_redis_write_queue"] = ("history writes waiting for Redis", figures.queued)
+        gauges["aleatoria_search_queue"] = (
+            "users in the search queue (all instances, as this instance's last tick saw it)",
+            self._queue_length,
+        )
         gauges.update(self._bus.gauges())
         return gauges
 
@@ -379,71 +404,91 @@ class RedisStore:
 
     # -- matchmaking --------------------------------------------------------------------------
 
-    async def set_available(self, user: str) -> str | None:
-        done = await self._keeper.run(
-            scripted(self._scripts.set_available, self._user_keys, [user, self._instance])
-        )
+    async def set_available(self, user: str, profile: Profile = NO_PROFILE) -> str | None:
+        pool, data = self._pool_call(user, profile)
+        done = await self._keeper.run(Scripted((pool,)))
         if done is None:
             return self._pooled_in_memory(user)
-        return self._pooled(user, done, done.value)
+        return self._pooled(user, done, done.value, data)
+
+    def _pool_call(self, user: str, profile: Profile) -> tuple[ScriptCall, str]:
+        """The ``available`` script's call for ``user``, and its profile JSON ('' for none)."""
+        keys = [*_PICK_KEYS, self._user_keys[3]]
+        data = "" if profile.empty else _profile_json(profile)
+        args: list[str | int] = [*self._search_ms, _token(), user, self._instance, data]
+        return (self._scripts.available, keys, args), data
 
     def _pooled_in_memory(self, user: str) -> str | None:
         ended = self._mm.set_available(user)
         self._keeper.dirty.update(present(user, ended))
         return ended
 
-    def _pooled(self, user: str, done: Done[Any], value: Any) -> str | None:
-        ended = text_or_none(value)
+    def _pooled(self, user: str, done: Done[Any], value: Any, data: str) -> str | None:
+        ended = text_or_none(value[0]) or None
         if user in self._mirror.online:  # not if it moved to another instance meanwhile
             self._mirror.end(user)
             self._mm.set_available(user)
-        self._keeper.settle(done, user, ended)
+        if data:
+            self._profiled.add(user)
+        match = _match(value[1])
+        if match is not None:
+            self._made(match)
+        self._keeper.settle(done, user, ended, *_sides(match))
         return ended
 
     async def pool_then_request_peer(
-        self, user: str, current_peer: str | None
+        self, user: str, current_peer: str | None, profile: Profile = NO_PROFILE
     ) -> tuple[str | None, RequestOutcome]:
         # Both scripts in one pipeline: Redis runs them back to back, so no other requester
         # can take the user from the pool in between (see ``Session._join_held``).
-        pool_args = [user, self._instance]
-        pick_args = self._pick_args(user, current_peer)
-        both = Scripted(
-            (
-                (self._scripts.set_available, self._user_keys, pool_args),
-                (self._scripts.request_peer, _PICK_KEYS, pick_args),
-            ),
-            requester=user,
-            pick=1,
-        )
-        done = await self._keeper.run(both)
+        pool, _ = self._pool_call(user, NO_PROFILE)
+        pick = (self._scripts.request_peer, _PICK_KEYS, self._pick_args(user, current_peer, profile))
+        done = await self._keeper.run(Scripted((pool, pick), requester=user, pick=1))
         if done is None:
             ended = self._pooled_in_memory(user)
             return ended, self._requested_in_memory(user, current_peer)
         pooled, picked = done.value
-        return self._pooled(user, done, pooled), self._requested(user, done, picked)
+        return self._pooled(user, done, pooled, ""), self._requested(user, done, picked)
 
     async def set_unavailable(self, user: str) -> None:
         self._mm.set_unavailable(user)
         await self._keeper.write_through((user,), partial(_srem_pool, user=user))
+        if user in self._profiled:
+            await self.cancel_search(user)
 
-    async def request_peer(self, user: str, current_peer: str | None) -> RequestOutcome:
-        args = self._pick_args(user, current_peer)
+    async def request_peer(
+        self, user: str, current_peer: str | None, profile: Profile = NO_PROFILE
+    ) -> RequestOutcome:
+        args = self._pick_args(user, current_peer, profile)
         pick = Scripted(((self._scripts.request_peer, _PICK_KEYS, args),), requester=user, pick=0)
         done = await self._keeper.run(pick)
         if done is None:
             return self._requested_in_memory(user, current_peer)
         return self._requested(user, done, done.value)
 
-    def _pick_args(self, user: str, current_peer: str | None) -> list[str | int]:
-        return [user, current_peer or "", repr(self._rng.random()), SMALL_POOL, repr(time.time())]
+    def _pick_args(self, user: str, current_peer: str | None, profile: Profile) -> list[str | int]:
+        return [
+            user,
+            current_peer or "",
+            repr(self._rng.random()),
+            SMALL_POOL,
+            repr(time.time()),
+            "" if profile.empty else _profile_json(profile),
+            self._search_ms[2],
+            _token(),
+        ]
 
     def _requested_in_memory(self, user: str, current_peer: str | None) -> RequestOutcome:
         outcome = self._mirror.request_peer(user, current_peer)
         self._keeper.dirty.update(present(user, outcome.peer, outcome.ended_peer))
         return outcome
 
-    def _requested(self, user: str, done: Done[Any], value: Any) -> RequestOutcome:
-        kind, peer, role, ended_text = (text(part) for part in value)
+    def _requested(self, user: str, done: Done[Any], values: Any) -> RequestOutcome:
+        kind, peer, role, ended_text = (text(part) for part in values[:4])
+        match_id = text(values[4]) if len(values) > 4 else ""
+        shared = (
+            tuple(text(tag) for tag in values[5]) if len(values) > 5 and isinstance(values[5], list) else ()
+        )
         ended = ended_text or None
         if ended is not None:
             self._mirror.end(user)
@@ -452,14 +497,111 @@ class RedisStore:
                 self._mirror.match(user, peer)
             else:
                 self._mirror.match(peer, user)
-            outcome = RequestOutcome(peer=peer, role=role, resend=True)
+            outcome = RequestOutcome(peer=peer, role=role, resend=True, match_id=match_id)
         elif kind == "match":
             self._mirror.match(user, peer)
-            outcome = RequestOutcome(peer=peer, role=IMPOLITE, ended_peer=ended)
+            outcome = RequestOutcome(
+                peer=peer, role=IMPOLITE, ended_peer=ended, match_id=match_id, common=shared
+            )
         else:
             outcome = RequestOutcome(ended_peer=ended)
         self._keeper.settle(done, user, outcome.peer, ended)
         return outcome
+
+    # -- the search queue (PROTOCOL.md section 12; scripts in ``redis_search``) ------------------
+
+    async def search(self, user: str, current_peer: str | None, profile: Profile) -> SearchOutcome:
+        args: list[str | int] = [*self._search_ms, _token(), user, current_peer or "", _profile_json(profile)]
+        done = await self._keeper.run(partial(self._scripts.search, _PICK_KEYS, args))
+        if done is None:
+            return self._search_here(user, current_peer, profile)
+        values = done.value
+        if text(values[0]) == "resend":
+            peer, role = text(values[1]), text(values[2])
+            if role == IMPOLITE:
+                self._mirror.match(user, peer)
+            else:
+                self._mirror.match(peer, user)
+            resend = RequestOutcome(peer=peer, role=role, resend=True, match_id=text(values[3]))
+            return SearchOutcome(profile=profile, resend=resend)
+        ended = text(values[1]) or None
+        if ended is not None:
+            self._mirror.end(user)
+        self._mm.set_unavailable(user)
+        self._profiled.add(user)
+        match = _match(values[4])
+        if match is not None:
+            self._made(match)
+        self._keeper.settle(done, user, ended, *_sides(match))
+        return SearchOutcome(
+            profile=profile, position=int(values[2]), online=int(values[3]), ended_peer=ended
+        )
+
+    def _search_here(self, user: str, current_peer: str | None, profile: Profile) -> SearchOutcome:
+        """Degraded: no queue (it lives in Redis); the immediate pick among this instance's
+        pooled users, announced like a queue match, or ``no_peer_available`` at once. The
+        mirror does not know pooled users' profiles: a searcher with a language, or with
+        ``interestsOnly``, gets ``no_peer_available`` rather than a partner breaking its rule."""
+        partner = self._mm.peer_of(user)
+        if (profile.language is not None or (profile.interests_only and profile.interests)) and (
+            partner is None or partner == current_peer
+        ):
+            if partner is not None:
+                self._mirror.end(user)  # "next"
+            outcome = RequestOutcome(ended_peer=partner)
+        else:
+            outcome = self._mirror.request_peer(user, current_peer)
+        self._keeper.dirty.update(present(user, outcome.peer, outcome.ended_peer))
+        if outcome.resend:
+            return SearchOutcome(profile=profile, resend=outcome)
+        if outcome.peer is not None:
+            self._made(Match(user, outcome.peer, outcome.match_id or _token()))
+        else:
+            self._timeouts.append(user)
+            if self._wake is not None:
+                self._wake()
+        return SearchOutcome(
+            profile=profile, position=1, online=len(self._mirror.online), ended_peer=outcome.ended_peer
+        )
+
+    async def cancel_search(self, user: str) -> None:
+        self._profiled.discard(user)
+        await self._keeper.write_through((), partial(self._scripts.cancel_search, [POOL_KEY], [user]))
+
+    async def search_events(self) -> SearchEvents:
+        args: list[str | int] = [*self._search_ms, _token(), TICK_BATCH]
+        done = await self._keeper.run(partial(self._scripts.search_tick, _PICK_KEYS, args))
+        if done is not None:
+            self._timeouts += [text(user) for user in done.value[0]]
+            self._queue_length = int(done.value[1])
+            for made in done.value[2:]:
+                match = _match(made)
+                if match is not None:
+                    self._made(match, wake=False)
+                    self._keeper.settle(done, *_sides(match))
+        for user in self._timeouts:
+            self._profiled.discard(user)
+        events = SearchEvents(tuple(self._made_matches), tuple(self._timeouts), self._queue_length)
+        self._made_matches = []
+        self._timeouts = []
+        return events
+
+    def search_delay(self) -> float | None:
+        return self._search_tick
+
+    def on_search_events(self, wake: Callable[[], None]) -> None:
+        self._wake = wake
+
+    def _made(self, match: Match, *, wake: bool = True) -> None:
+        """A script made ``match``: mirror it if a side is here, announce it."""
+        online = self._mirror.online
+        if match.impolite in online or match.polite in online:
+            self._mirror.match(match.impolite, match.polite)
+        self._profiled.discard(match.impolite)
+        self._profiled.discard(match.polite)
+        self._made_matches.append(match)
+        if wake and self._wake is not None:
+            self._wake()
 
     def match_peer(self, user: str) -> str | None:
         return self._mm.peer_of(user)
@@ -529,6 +671,8 @@ class RedisStore:
             await self._keeper.write_through((user,), partial(self._rooms.leave_many, pairs=pairs))
         redis_ended = text_or_none(done.value[1]) or None
         self._keeper.settle(done, user, redis_ended)
+        if user in self._profiled:  # its queue place and pooled profile go too
+            await self.cancel_search(user)
         return redis_ended
 
     def user_moved(self, user: str) -> None:
@@ -538,6 +682,7 @@ class RedisStore:
     # -- matches changed by another instance (the router sees their notices) ---------------------
 
     def remote_match(self, user: str, peer: str, role: str) -> None:
+        self._profiled.discard(user)
         if user in self._mirror.online:
             self._mirror.adopt(user, False, peer, role)
 
@@ -592,7 +737,39 @@ async def _purge_forever(store: RedisStore) -> None:
 
 
 def _srem_pool(r: redis.Redis, *, user: str) -> object:
-    return r.srem(POOL_KEY, user)
+    pipe = r.pipeline(transaction=False)
+    pipe.srem(POOL_KEY, user)
+    pipe.zrem(POOLED_KEY, user)
+    return pipe.execute()[0]
+
+
+def _token() -> str:
+    """A new match id (scripts that make several add ``-2``, ``-3``, ...)."""
+    return os.urandom(8).hex()
+
+
+def _profile_json(profile: Profile) -> str:
+    return orjson.dumps(profile.to_json()).decode()
+
+
+def _match(raw: Any) -> Match | None:
+    """A match as ``redis_search.make_match`` returns it ({} for none)."""
+    if not isinstance(raw, list) or len(raw) < 6:
+        return None
+    impolite, polite, match_id = (text(part) for part in raw[:3])
+    shared, fallback, waited = (raw[i] if isinstance(raw[i], list) else [] for i in (3, 4, 5))
+    return Match(
+        impolite,
+        polite,
+        match_id,
+        tuple(text(tag) for tag in shared),
+        tuple(text(user) for user in fallback),
+        tuple(float(text(ms)) / 1000 for ms in waited),
+    )
+
+
+def _sides(match: Match | None) -> tuple[str, ...]:
+    return () if match is None else (match.impolite, match.polite)
 
 
 _STATS = Script(cast(Any, None), STATS.encode())  # bytes: no client needed (see redis_rooms)

@@ -34,6 +34,7 @@ from aleatoria.errors import StoreUnavailable
 from aleatoria.metrics import REGISTRY
 from aleatoria.store import redis_presence as presence
 from aleatoria.store import redis_scripts as lua
+from aleatoria.store import redis_search as search_lua
 from aleatoria.store.redis_batch import Batch, Job, Scripted, Skipped, run_batch
 
 T = TypeVar("T")
@@ -78,6 +79,10 @@ class Scripts:
         self.route = Script(owner, presence.ROUTE)
         self.block = Script(owner, lua.BLOCK)
         self.admit = Script(owner, lua.ADMIT)
+        self.available = Script(owner, search_lua.AVAILABLE)
+        self.search = Script(owner, search_lua.SEARCH)
+        self.cancel_search = Script(owner, search_lua.CANCEL)
+        self.search_tick = Script(owner, search_lua.TICK)
         self._all = list(vars(self).values())
 
     def load(self, client: Any) -> None:

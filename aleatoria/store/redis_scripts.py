@@ -80,6 +80,15 @@ PICK_DRAWS = 16
 SMALL_POOL = PICK_DRAWS
 
 POOL_KEY = "available:webrtc"
+# The search queue's (PROTOCOL.md section 12, ``redis_search``): the pool's members by when
+# they were pooled, and each live match's id.
+POOLED_KEY = "aleatoria:search:pooled:{available:webrtc}"
+MATCH_IDS_KEY = "webrtc:match-ids:{available:webrtc}"
+QUEUE_KEY = "aleatoria:search:queue:{available:webrtc}"
+DUE_KEY = "aleatoria:search:due:{available:webrtc}"
+PROFILES_KEY = "aleatoria:search:profiles:{available:webrtc}"
+TAG_PREFIX = "aleatoria:search:tag:{available:webrtc}:"
+RECENT_PREFIX = "aleatoria:search:recent:{available:webrtc}:"
 MATCHES_KEY = "webrtc:matches:{available:webrtc}"
 POOL_INDEX_KEY = "webrtc:pool-index:{available:webrtc}"
 ROOMS_KEY = "rooms:active"
@@ -106,24 +115,32 @@ local function end_match(user)
   local peer = partner(user)
   if not peer then return false end
   redis.call('HDEL', MATCHES, user)
-  if partner(peer) == user then redis.call('HDEL', MATCHES, peer) end
+  redis.call('HDEL', MATCH_IDS_KEY, user)
+  if partner(peer) == user then
+    redis.call('HDEL', MATCHES, peer)
+    redis.call('HDEL', MATCH_IDS_KEY, peer)
+  end
   return peer
 end
-"""
+""".replace("MATCH_IDS_KEY", repr(MATCH_IDS_KEY))
 
 # The pool's index (see "Random pick"): every addition to the pool goes through pool_add, and
 # removals made here through pool_remove. Same hash tag as the pool, so same cluster slot.
 POOL_HELPERS = """
 local POOL_INDEX = POOL_INDEX_KEY
 local function pool_add(user)
-  redis.call('SADD', POOL, user)
+  if redis.call('SADD', POOL, user) == 1 then
+    local t = redis.call('TIME')
+    redis.call('ZADD', POOLED_KEY, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), user)
+  end
   redis.call('ZADD', POOL_INDEX, 0, user)
 end
 local function pool_remove(...)
   redis.call('SREM', POOL, ...)
   redis.call('ZREM', POOL_INDEX, ...)
+  redis.call('ZREM', POOLED_KEY, ...)
 end
-""".replace("POOL_INDEX_KEY", repr(POOL_INDEX_KEY))
+""".replace("POOL_INDEX_KEY", repr(POOL_INDEX_KEY)).replace("POOLED_KEY", repr(POOLED_KEY))
 
 # Scale-out (redis_presence): each instance's channel, tagged like the pool so a script on the
 # pool's slot may look at (and publish to) it on a Redis Cluster.
@@ -203,7 +220,8 @@ return 0
 
 # KEYS: pool, matches, presence, instances. ARGV: user, current peer ('' for none), uniform
 # number in [0, 1) (a Python float's repr: 53 bits), PICK_DRAWS, the caller's clock (unix
-# seconds), then any users not to pick (their own requests follow in the same pipeline).
+# seconds), the profile JSON, the rematch cooldown (ms), the new match's id (section 12),
+# then any users not to pick (their own requests follow in the same pipeline).
 # Returns {outcome, peer, role, ended}: outcome 'match', 'resend' or 'none'; '' = absent.
 # Only online users are picked: presence names an instance whose heartbeat has not expired
 # (a dead instance's users stay pooled until it is reaped, but are never picked). The pick
@@ -217,6 +235,31 @@ REQUEST_PEER = (
 if redis.replicate_commands then redis.replicate_commands() end
 local user, current, rnd = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local ended = ''
+-- PROTOCOL.md section 12: ARGV[6] the requester's profile JSON ('' for none), ARGV[7] the
+-- rematch cooldown (ms), ARGV[8] the new match's id. Another request takes the requester out
+-- of the search queue.
+local want = nil
+if ARGV[6] and ARGV[6] ~= '' then want = cjson.decode(ARGV[6]) end
+local cooldown_ms, match_id = tonumber(ARGV[7] or 0) or 0, ARGV[8] or ''
+if redis.call('ZREM', QUEUE_KEY, user) == 1 then
+  redis.call('ZREM', DUE_KEY, user)
+  redis.call('HDEL', PROFILES_KEY, user)
+end
+local function profile_of(u)
+  local raw = redis.call('HGET', PROFILES_KEY, u)
+  if not raw then return nil end
+  local ok, p = pcall(cjson.decode, raw)
+  if ok and type(p) == 'table' then return p end
+  return nil
+end
+local function forget_profile(u)
+  local p = profile_of(u)
+  if not p then return end
+  if type(p.i) == 'table' then
+    for _, tag in ipairs(p.i) do redis.call('SREM', TAG_PREFIX .. tag, u) end
+  end
+  redis.call('HDEL', PROFILES_KEY, u)
+end
 -- Safety (PROTOCOL.md section 13): never a user blocked either way; shadow-banned users
 -- only with each other. ARGV[5]: the caller's clock (shadow bans end by it).
 local now_s = tonumber(ARGV[5]) or 0
@@ -229,17 +272,21 @@ end
 local my_shadow = shadowed(user)
 local my_blocks = {}
 for _, b in ipairs(redis.call('SMEMBERS', BLOCKS_PREFIX .. user)) do my_blocks[b] = true end
--- ARGV[6..]: users whose own request follows in the same pipeline (redis_batch): not picked
+-- ARGV[9..]: users whose own request follows in the same pipeline (redis_batch): not picked
 -- here, or their own request would only get this match again (a crossed request).
-for i = 6, #ARGV do my_blocks[ARGV[i]] = true end
+for i = 9, #ARGV do my_blocks[ARGV[i]] = true end
 local function allowed(c)
   if my_blocks[c] then return false end
   if redis.call('SISMEMBER', BLOCKS_PREFIX .. c, user) == 1 then return false end
+  if want and type(want.l) == 'string' then
+    local theirs = profile_of(c)
+    if theirs and type(theirs.l) == 'string' and theirs.l ~= want.l then return false end
+  end
   return shadowed(c) == my_shadow
 end
 local mine, role = partner(user)
 if mine then
-  if mine ~= current then return {'resend', mine, role, ''} end
+  if mine ~= current then return {'resend', mine, role, '', redis.call('HGET', MATCH_IDS_KEY, user) or ''} end
   ended = end_match(user)
 end
 local function each_chunk(command, key, list)
@@ -301,20 +348,95 @@ local function pick()
   end
   return nil, stale, damaged
 end
-local peer, stale, damaged = pick()
+-- With interests: the suitable pooled users sharing the most, uniformly (section 12).
+local function suitable(c)
+  return c ~= user and c ~= current and redis.call('SISMEMBER', POOL, c) == 1
+    and redis.call('HEXISTS', MATCHES, c) == 0 and allowed(c) and online(KEYS[3], KEYS[4], c)
+end
+local function pick_shared()
+  local counts, seen = {}, {}
+  for _, tag in ipairs(want.i) do
+    for _, c in ipairs(redis.call('SMEMBERS', TAG_PREFIX .. tag)) do
+      if not seen[c] then
+        seen[c] = true
+        local theirs = profile_of(c)
+        local set = {}
+        if theirs and type(theirs.i) == 'table' then
+          for _, t in ipairs(theirs.i) do set[t] = true end
+        end
+        if not set[tag] or redis.call('SISMEMBER', POOL, c) == 0 then
+          redis.call('SREM', TAG_PREFIX .. tag, c)
+        else
+          local n = 0
+          for _, t in ipairs(want.i) do if set[t] then n = n + 1 end end
+          counts[n] = counts[n] or {}
+          table.insert(counts[n], c)
+        end
+      end
+    end
+  end
+  local levels = {}
+  for n in pairs(counts) do levels[#levels + 1] = n end
+  table.sort(levels, function(a, b) return a > b end)
+  math.randomseed(math.floor((rnd * 4194304) % 1 * 2147483648))
+  for _, n in ipairs(levels) do
+    local group = counts[n]
+    table.sort(group)
+    local left = #group
+    while left > 0 do
+      local j = math.random(left)
+      local c = group[j]
+      group[j] = group[left]
+      left = left - 1
+      if suitable(c) then return c, n end
+    end
+  end
+  return nil, 0
+end
+local peer, stale, damaged = nil, {}, {}
+local shared_count = 0
+if want and type(want.i) == 'table' and #want.i > 0 then peer, shared_count = pick_shared() end
+if not peer and not (want and want.o == 1 and type(want.i) == 'table' and #want.i > 0) then
+  peer, stale, damaged = pick()
+end
 each_chunk('ZREM', POOL_INDEX, stale)
 if #damaged > 0 then
   each_chunk('SREM', POOL, damaged)
   each_chunk('ZREM', POOL_INDEX, damaged)
 end
-if not peer then return {'none', '', '', ended} end
+if not peer then return {'none', '', '', ended, ''} end
+local shared = {}
+if want and type(want.i) == 'table' and #want.i > 0 then
+  local theirs = profile_of(peer)
+  local set = {}
+  if theirs and type(theirs.i) == 'table' then for _, t in ipairs(theirs.i) do set[t] = true end end
+  for _, t in ipairs(want.i) do if set[t] then shared[#shared + 1] = t end end
+end
+forget_profile(user)
+forget_profile(peer)
 pool_remove(user, peer)
 redis.call('HSET', MATCHES, user, peer .. '|impolite', peer, user .. '|polite')
-return {'match', peer, 'impolite', ended}
+if match_id ~= '' then redis.call('HSET', MATCH_IDS_KEY, user, match_id, peer, match_id) end
+if cooldown_ms > 0 then
+  local now = now_ms()
+  for _, pair in ipairs({{user, peer}, {peer, user}}) do
+    local key = RECENT_PREFIX .. pair[1]
+    redis.call('ZADD', key, now, pair[2])
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now - cooldown_ms)
+    redis.call('PEXPIRE', key, math.ceil(cooldown_ms))
+  end
+end
+return {'match', peer, 'impolite', ended, match_id, shared}
 """
     )
     .replace("SHADOW_KEY", repr(SHADOW_KEY))
     .replace("BLOCKS_PREFIX", repr(BLOCKS_PREFIX))
+    .replace("QUEUE_KEY", repr(QUEUE_KEY))
+    .replace("DUE_KEY", repr(DUE_KEY))
+    .replace("PROFILES_KEY", repr(PROFILES_KEY))
+    .replace("TAG_PREFIX", repr(TAG_PREFIX))
+    .replace("RECENT_PREFIX", repr(RECENT_PREFIX))
+    .replace("MATCH_IDS_KEY", repr(MATCH_IDS_KEY))
 )
 
 # KEYS: pool, matches, presence, this instance's users[, rooms index, user:rooms:{user}].
@@ -531,9 +653,10 @@ local online = redis.call('HLEN', KEYS[1])
 for _, inst in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
   if not alive(KEYS[2], inst) then online = online - redis.call('SCARD', ARGV[1] .. inst) end
 end
-return {math.max(online, 0), redis.call('SCARD', KEYS[3]), redis.call('HLEN', KEYS[4])}
+local searching = redis.call('SCARD', KEYS[3]) + redis.call('ZCARD', QUEUE_KEY)
+return {math.max(online, 0), searching, redis.call('HLEN', KEYS[4])}
 """
-)
+).replace("QUEUE_KEY", repr(QUEUE_KEY))
 
 # KEYS: room:messages:{room}. ARGV: cutoff (epoch ns), cap, ttl (ms), then score/message
 # pairs. One call per room and batch: cheaper to send and parse than four commands.

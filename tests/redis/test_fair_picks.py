@@ -51,7 +51,7 @@ async def _pool_online(store: RedisStore, r: redis.Redis, pool: list[str]) -> No
 def _request(r: redis.Redis, requester: str, current: str | None, rnd: float) -> tuple[str, str, str]:
     """The script, called as ``RedisStore.request_peer`` calls it: (outcome, peer, role)."""
     args: list[str | int] = [requester, current or "", repr(rnd), SMALL_POOL]
-    kind, peer, role, _ended = (part.decode() for part in _REQUEST_PEER(PICK_KEYS, args, r))
+    kind, peer, role, _ended = (part.decode() for part in _REQUEST_PEER(PICK_KEYS, args, r)[:4])
     return kind, peer, role
 
 

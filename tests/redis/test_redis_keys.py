@@ -62,7 +62,16 @@ async def test_key_layout_matches_the_original(redis_server: RedisServer) -> Non
 
                 async with connect(port, "dave") as dave:
                     assign = await dave.request("assign_role", type="request_random_peer")
-                    assert {"role": "impolite", "peerId": "carol"} == assign["payload"]
+                    payload = assign["payload"]
+                    assert ("impolite", "carol", []) == (
+                        payload["role"],
+                        payload["peerId"],
+                        payload["commonInterests"],
+                    )
+                    # The match's id lives beside the matches (section 12; a resend reads it).
+                    assert {b"dave": payload["matchId"].encode(), b"carol": payload["matchId"].encode()} == (
+                        r.hgetall("webrtc:match-ids:{available:webrtc}")
+                    )
                     assert set() == r.smembers("available:webrtc")
                     assert {b"dave": b"carol|impolite", b"carol": b"dave|polite"} == r.hgetall(
                         "webrtc:matches:{available:webrtc}"

@@ -143,9 +143,10 @@ async def test_matchmaking_across_instances(shared_redis: str) -> None:
             await bob.send(type="user_available_webrtc")
             await bob.sync()
             mine = await alice.request("assign_role", type="request_random_peer")
-            assert {"role": "impolite", "peerId": "bob"} == mine["payload"]
+            assert ("impolite", "bob") == role_and_peer(mine)
             theirs = await bob.expect("assign_role")
-            assert {"role": "polite", "peerId": "alice"} == theirs["payload"]
+            assert ("polite", "alice") == role_and_peer(theirs)
+            assert mine["payload"]["matchId"] == theirs["payload"]["matchId"], "one match, one id"
             # Nobody else is pooled; bob is in a match: carol gets nobody.
             await carol.request("no_peer_available", type="request_random_peer")
             await carol.send(type="user_available_webrtc")
@@ -154,10 +155,10 @@ async def test_matchmaking_across_instances(shared_redis: str) -> None:
             nxt = await alice.request(
                 "assign_role", type="request_random_peer", payload={"currentPeerId": "bob"}
             )
-            assert {"role": "impolite", "peerId": "carol"} == nxt["payload"]
+            assert ("impolite", "carol") == role_and_peer(nxt)
             left = await bob.expect("hangup")
             assert ("alice", {"reason": "peer_left"}) == (left["fromUser"], left["payload"])
-            assert {"role": "polite", "peerId": "alice"} == (await carol.expect("assign_role"))["payload"]
+            assert ("polite", "alice") == role_and_peer(await carol.expect("assign_role"))
         # alice, bob, carol disconnect: the pool and matches are empty.
         with redis_client(shared_redis) as r:
             await wait_until(lambda: 0 == r.scard("available:webrtc") == r.hlen(PRESENCE_KEY))
@@ -245,3 +246,8 @@ async def _closed(client: Client) -> tuple[int, str]:
             await client.receive()
     except trio_websocket.ConnectionClosed as exc:
         return close_of(exc)
+
+
+def role_and_peer(message: dict[str, Any]) -> tuple[str, str]:
+    """``assign_role``'s original fields (section 12 adds matchId and commonInterests)."""
+    return message["payload"]["role"], message["payload"]["peerId"]

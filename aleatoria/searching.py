@@ -1,0 +1,82 @@
+"""The search task: announces what the search queue decided (PROTOCOL.md section 12).
+
+How this works. The store decides every match of the queue atomically (the memory store in
+``aleatoria.search``, the Redis store in one Lua script per step); whoever made a match must
+tell both users, wherever they are connected. One task per instance asks the store for its
+events (``Store.search_events``: it also times out and re-matches the searchers that are due)
+whenever the store wakes it or its delay runs out -- in memory mode exactly at the next due
+time, in Redis mode every ``search_tick`` seconds on every instance (the tick script is
+atomic, so each due event is taken by one instance only). Each match becomes one
+``assign_role`` per side, sent through the router with the header that makes the user's
+instance mirror the match; each timeout becomes ``no_peer_available``.
+
+A requester whose search matched at once hears ``searching`` first: the store wakes this task
+from inside the request, and the task runs only once the requester's session yields, after
+it has queued its ``searching`` reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import trio
+
+from aleatoria import messages as m
+from aleatoria.codec import encode
+from aleatoria.core import match_frames
+from aleatoria.ice import IcePolicy
+from aleatoria.messages import Envelope
+from aleatoria.metrics import Stats
+from aleatoria.router import Router
+from aleatoria.search import SearchEvents
+from aleatoria.store import Store
+
+log = logging.getLogger("aleatoria.searching")
+
+
+async def search_forever(store: Store, router: Router, ice: IcePolicy, stats: Stats) -> None:
+    """Announce the queue's matches and timeouts until cancelled. A store error (Redis down:
+    the store answers with no events) never ends the task."""
+    wake = trio.Event()
+
+    def poke() -> None:
+        wake.set()
+
+    store.on_search_events(poke)
+    while True:
+        wake = trio.Event()
+        announce(await store.search_events(), router, ice, stats)
+        delay = store.search_delay()
+        with trio.move_on_after(math.inf if delay is None else delay):
+            await wake.wait()
+
+
+def announce(events: SearchEvents, router: Router, ice: IcePolicy, stats: Stats) -> None:
+    """Tell both sides of each match, and each searcher whose search timed out."""
+    unix_now = int(time.time())
+    for match in events.matches:
+        stats.count_match(len(match.common))
+        stats.search_fallbacks += len(match.fallback)
+        for waited in match.waited:
+            stats.search_wait.observe(waited)
+        for user, data, extra in match_frames(match, ice, unix_now):
+            router.send(user, data, m.ASSIGN_ROLE, *extra)
+        log.debug(
+            "event=search_match impolite=%s polite=%s common=%d",
+            match.impolite,
+            match.polite,
+            len(match.common),
+        )
+    for user in events.timeouts:
+        stats.search_timeouts += 1
+        data = encode(
+            Envelope(
+                type=m.NO_PEER_AVAILABLE,
+                from_user=m.SYSTEM,
+                to_user=user,
+                payload=m.NoPeer(message=m.NO_PEER_TEXT),
+            )
+        )
+        router.send(user, data, m.NO_PEER_AVAILABLE)

@@ -1,0 +1,163 @@
+"""The pure search rules (PROTOCOL.md section 12, ``aleatoria.search``): profile parsing, and
+with hypothesis, any sequence of arrivals, searches, cancels, disconnects, blocks and clock
+steps on ``Search`` keeps the invariant (no compatible pair waits), never makes a match that
+breaks a rule, never passes over an older compatible searcher, and times everyone out."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aleatoria.errors import ClientError
+from aleatoria.matchmaking import Matchmaker
+from aleatoria.search import (
+    Candidate,
+    Profile,
+    Search,
+    SearchRules,
+    common,
+    compatible,
+    parse_profile,
+)
+from aleatoria.store.memory_safety import MemorySafety
+
+RULES = SearchRules(timeout=120.0, interest_wait=10.0, cooldown=300.0)
+USERS = [f"u{i}" for i in range(8)]
+TAGS = ["music", "chess", "films", "golf"]
+
+
+def test_profiles_are_normalised() -> None:
+    assert Profile(("music", "films"), "en", True) == parse_profile([" Music", "FILMS", "music"], "EN", True)
+    assert Profile() == parse_profile(None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("interests", "language", "only", "code"),
+    [
+        ("music", None, None, "invalid_payload"),
+        ([""], None, None, "invalid_payload"),
+        ([f"t{i}" for i in range(11)], None, None, "too_large"),
+        (["x" * 33], None, None, "too_large"),
+        (None, "eng", None, "invalid_payload"),
+        (None, "zz", None, "invalid_payload"),
+        (None, None, 1, "invalid_payload"),
+    ],
+)
+def test_bad_profiles(interests: object, language: object, only: object, code: str) -> None:
+    with pytest.raises(ClientError) as raised:
+        parse_profile(interests, language, only)
+    assert code == raised.value.code
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+profiles = st.builds(
+    Profile,
+    st.lists(st.sampled_from(TAGS), max_size=2, unique=True).map(tuple),
+    st.sampled_from([None, None, "en", "fr"]),
+    st.booleans(),
+)
+actions = st.lists(
+    st.one_of(
+        st.tuples(st.just("search"), st.sampled_from(USERS), profiles),
+        st.tuples(st.just("pool"), st.sampled_from(USERS), profiles),
+        st.tuples(st.just("cancel"), st.sampled_from(USERS), st.none()),
+        st.tuples(st.just("gone"), st.sampled_from(USERS), st.none()),
+        st.tuples(st.just("block"), st.sampled_from(USERS), st.sampled_from(USERS)),
+        st.tuples(st.just("wait"), st.sampled_from([0.5, 3.0, 10.0, 60.0, 200.0]), st.none()),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(actions)
+def test_every_step_keeps_the_rules(steps: list[tuple[str, object, object]]) -> None:
+    clock = Clock()
+    safety = MemorySafety()
+    matchmaker = Matchmaker(random.Random(1), safety)
+    search = Search(matchmaker, RULES, clock, random.Random(2))
+    partners: dict[tuple[str, str], float] = {}
+    for kind, a, b in steps:
+        before = {c.user: c for c in search.queue()}
+        pooled_before = {c.user: c for c in search.pooled()}
+        if kind == "search":
+            search.search(str(a), None, b)  # type: ignore[arg-type]
+        elif kind == "pool":
+            search.set_available(str(a), b)  # type: ignore[arg-type]
+        elif kind == "cancel":
+            search.cancel(str(a))
+        elif kind == "gone":
+            search.disconnect(str(a))
+        elif kind == "block":
+            if a != b:
+                safety.block_now(str(a), str(b))
+        else:
+            clock.now += float(a)  # type: ignore[arg-type]
+            search.tick()
+        now = clock.now
+        events = search.events()
+        waiting = {**pooled_before, **before}
+        if kind in ("search", "pool"):  # the newcomer, as it arrived
+            waiting[str(a)] = Candidate(str(a), b, now, kind == "search")  # type: ignore[arg-type]
+        for match in events.matches:
+            x, y = waiting.get(match.impolite), waiting.get(match.polite)
+            assert x is not None and y is not None
+            key = (min(x.user, y.user), max(x.user, y.user))
+            if (x.searcher or y.searcher) and key in partners:
+                assert now - partners[key] >= RULES.cooldown, f"rematch within the cooldown: {key}"
+            partners[key] = now
+            assert match.common == common(x.profile, y.profile)
+            assert x.searcher, "the served side is a searcher"
+            # Fairness: no searcher older than the served one was compatible with its partner.
+            for older in before.values():
+                if older.since < x.since and older.user not in (x.user, y.user):
+                    assert not compatible(older, y, now, RULES, search), (older, x, y)
+            matchmaker.disconnect(match.impolite)
+            matchmaker.disconnect(match.polite)
+        for user in events.timeouts:
+            gone = before.get(user)
+            assert gone is not None and now - gone.since >= RULES.timeout
+        # The invariant: no compatible pair among searchers, nor searcher and pooled user.
+        queue = search.queue()
+        pooled = search.pooled()
+        for i, s in enumerate(queue):
+            assert now - s.since < RULES.timeout
+            for other in [*queue[i + 1 :], *pooled]:
+                assert not compatible(s, other, now, RULES, search), (s, other)
+
+
+def test_interest_wait_widens_only_at_its_end() -> None:
+    clock = Clock()
+    search = Search(Matchmaker(random.Random(3)), RULES, clock)
+    search.search("a", None, Profile(("chess",)))
+    search.search("b", None, Profile(("golf",)))
+    assert () == search.events().matches
+    assert RULES.interest_wait == search.next_due()
+    clock.now = RULES.interest_wait
+    search.tick()
+    [match] = search.events().matches
+    assert ("a", "b", (), ("a", "b")) == (match.impolite, match.polite, match.common, match.fallback)
+
+
+def test_candidates_prefer_common_interests_then_wait() -> None:
+    x = Candidate("x", Profile(("a", "b")), 0.0, True)
+    one = Candidate("one", Profile(("a",)), 0.0, False)
+    two = Candidate("two", Profile(("a", "b")), 5.0, False)
+    clock = Clock()
+    search = Search(Matchmaker(random.Random(4)), RULES, clock)
+    clock.now = 6.0
+    search.set_available("one", one.profile)
+    search.set_available("two", two.profile)
+    search.search("x", None, x.profile)
+    [match] = search.events().matches
+    assert ("x", "two", ("a", "b")) == (match.impolite, match.polite, match.common)
