@@ -686,10 +686,11 @@ def _searching(outcome: SearchOutcome, facts: Facts) -> Step:
     return _done(reply) if outcome.ended_peer is None else _done(PeerLeft(outcome.ended_peer), reply)
 
 
-def match_frames(match: Match, ice: IcePolicy, unix_now: int) -> list[tuple[str, bytes, tuple[str, str]]]:
+def match_frames(match: Match, ice: IcePolicy, unix_now: int) -> list[tuple[str, bytes, tuple[str, ...]]]:
     """The ``assign_role`` of each side of a match the search made: (user, JSON, bus header
-    (peer, role): the user's instance mirrors the match from it)."""
-    frames = []
+    (peer, role, match id): the user's instance mirrors the match from it, and delivers an
+    announcement that reaches it twice once)."""
+    frames: list[tuple[str, bytes, tuple[str, ...]]] = []
     common = list(match.common)
     for user, peer, role in (
         (match.impolite, match.polite, IMPOLITE),
@@ -697,7 +698,7 @@ def match_frames(match: Match, ice: IcePolicy, unix_now: int) -> list[tuple[str,
     ):
         payload = assign_role(role, peer, user, ice, unix_now, match.match_id, common)
         data = encode(Envelope(type=m.ASSIGN_ROLE, from_user=m.SYSTEM, to_user=user, payload=payload))
-        frames.append((user, data, (peer, role)))
+        frames.append((user, data, (peer, role, match.match_id) if match.match_id else (peer, role)))
     return frames
 
 

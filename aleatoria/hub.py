@@ -73,6 +73,8 @@ class Client:
     # current by the router's notices) and whether it is shadow-banned.
     blocked_by: frozenset[str] | set[str] = frozenset()  # a set once someone blocks it
     shadow: bool = False
+    # The last search match announced to it from another instance (delivered once).
+    announced: str = ""
     # Opened with ``v=2`` (PROTOCOL.md section 11): hears presence events and ``typing``.
     level2: bool = False
 

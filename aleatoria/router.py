@@ -157,6 +157,29 @@ class Router:
         reached = await self.bus.route_wait(user, user_envelope(user, kind, data, *extra), sender)
         return bool(reached)
 
+    async def send_surely(
+        self, user: str, data: bytes, kind: str, *extra: str, attempts: int = 12, pause: float = 0.25
+    ) -> bool:
+        """``send``, for a frame that must not be lost to a passing bus outage (the search
+        queue's ``assign_role``: nobody else will tell the user): while the bus cannot carry
+        it (stalled, Redis failing, or the user's instance not subscribed at that moment), try
+        again every ``pause`` seconds, ``attempts`` times. Whether it was handed over. A frame
+        that Redis published after all and that is sent again arrives twice (the same
+        ``assign_role``, which clients take as a repeat)."""
+        for attempt in range(attempts):
+            if self.hub.deliver(user, text_frame(data), kind):
+                return True
+            if self.bus is None:
+                return False  # one instance: not connected here is not connected
+            if self.remote:
+                reached = await self.bus.route_wait(user, user_envelope(user, kind, data, *extra))
+                if reached:
+                    return True
+            if attempt + 1 < attempts:
+                await trio.sleep(pause)
+        log.warning("event=delivery_given_up user=%s type=%s attempts=%d", user, kind, attempts)
+        return False
+
     def peer_left(self, peer: str, leaver: str) -> None:
         """Send ``peer`` the server's ``hangup {reason: peer_left}`` on behalf of ``leaver``."""
         _, created = now()
@@ -279,7 +302,12 @@ class Router:
         if user not in self.hub.clients:
             self.dropped += 1
             return
-        if kind == m.ASSIGN_ROLE and len(fields) == 4:
+        if kind == m.ASSIGN_ROLE and len(fields) in (4, 5):
+            if len(fields) == 5:  # a search announcement, maybe sent again (``send_surely``)
+                client = self.hub.clients[user]
+                if client.announced == fields[4]:
+                    return
+                client.announced = fields[4]
             self.store.remote_match(user, fields[2], fields[3])
         elif kind == m.HANGUP and len(fields) == 3:
             self.store.remote_match_ended(user, fields[2])

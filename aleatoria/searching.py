@@ -8,7 +8,10 @@ whenever the store wakes it or its delay runs out -- in memory mode exactly at t
 time, in Redis mode every ``search_tick`` seconds on every instance (the tick script is
 atomic, so each due event is taken by one instance only). Each match becomes one
 ``assign_role`` per side, sent through the router with the header that makes the user's
-instance mirror the match; each timeout becomes ``no_peer_available``.
+instance mirror the match; each timeout becomes ``no_peer_available``. A user on another
+instance is told through ``Router.send_surely``: nobody else will tell it, so a passing bus
+outage (a stall, Redis failing over) is waited out, in a task of this one's nursery, rather
+than losing the frame.
 
 A requester whose search matched at once hears ``searching`` first: the store wakes this task
 from inside the request, and the task runs only once the requester's session yields, after
@@ -45,15 +48,18 @@ async def search_forever(store: Store, router: Router, ice: IcePolicy, stats: St
         wake.set()
 
     store.on_search_events(poke)
-    while True:
-        wake = trio.Event()
-        announce(await store.search_events(), router, ice, stats)
-        delay = store.search_delay()
-        with trio.move_on_after(math.inf if delay is None else delay):
-            await wake.wait()
+    async with trio.open_nursery() as retries:
+        while True:
+            wake = trio.Event()
+            announce(await store.search_events(), router, ice, stats, retries)
+            delay = store.search_delay()
+            with trio.move_on_after(math.inf if delay is None else delay):
+                await wake.wait()
 
 
-def announce(events: SearchEvents, router: Router, ice: IcePolicy, stats: Stats) -> None:
+def announce(
+    events: SearchEvents, router: Router, ice: IcePolicy, stats: Stats, retries: trio.Nursery | None = None
+) -> None:
     """Tell both sides of each match, and each searcher whose search timed out."""
     unix_now = int(time.time())
     for match in events.matches:
@@ -62,7 +68,7 @@ def announce(events: SearchEvents, router: Router, ice: IcePolicy, stats: Stats)
         for waited in match.waited:
             stats.search_wait.observe(waited)
         for user, data, extra in match_frames(match, ice, unix_now):
-            router.send(user, data, m.ASSIGN_ROLE, *extra)
+            _tell(router, retries, user, data, m.ASSIGN_ROLE, *extra)
         log.debug(
             "event=search_match impolite=%s polite=%s common=%d",
             match.impolite,
@@ -79,4 +85,13 @@ def announce(events: SearchEvents, router: Router, ice: IcePolicy, stats: Stats)
                 payload=m.NoPeer(message=m.NO_PEER_TEXT),
             )
         )
-        router.send(user, data, m.NO_PEER_AVAILABLE)
+        _tell(router, retries, user, data, m.NO_PEER_AVAILABLE)
+
+
+def _tell(
+    router: Router, retries: trio.Nursery | None, user: str, data: bytes, kind: str, *extra: str
+) -> None:
+    if retries is None or router.hub.clients.get(user) is not None or router.bus is None:
+        router.send(user, data, kind, *extra)
+    else:  # on another instance: worth waiting out a bus outage for
+        retries.start_soon(router.send_surely, user, data, kind, *extra)

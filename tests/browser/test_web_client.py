@@ -361,22 +361,23 @@ def test_a_dm_to_someone_offline_says_it_will_wait(open_page: OpenPage) -> None:
 
 def test_members_and_typing(open_page: OpenPage) -> None:
     """Level 2 on the page: the room header lists its members, live as they come and go, and
-    shows "… is typing" while someone types."""
+    shows "… is typing" while someone types. (Capitalised names: the header lists the first
+    eight members in code-point order, and the session's server has many lower-case users.)"""
     kim = open_page()
-    sign_in(kim, "kim")
+    sign_in(kim, "Kira")
     open_thread(kim, "room", "Lobby")
     lena = open_page()
-    sign_in(lena, "lena")
-    expect(kim.locator("#chat-sub")).to_contain_text("lena")
-    expect(lena.locator("#chat-sub")).to_contain_text("kim")
+    sign_in(lena, "Lena")
+    expect(kim.locator("#chat-sub")).to_contain_text("Lena")
+    expect(lena.locator("#chat-sub")).to_contain_text("Kira")
     lena.fill("#composer-input", "")
     lena.type("#composer-input", "hello th")
-    expect(kim.locator("#typing")).to_have_text("lena is typing…")
+    expect(kim.locator("#typing")).to_have_text("Lena is typing…")
     lena.press("#composer-input", "Enter")
     expect(bodies(kim).last).to_have_text("hello th")
     expect(kim.locator("#typing")).to_have_text("")
     lena.click("#signout")  # a clean close: the leave happens at once
-    expect(kim.locator("#chat-sub")).not_to_contain_text("lena")
+    expect(kim.locator("#chat-sub")).not_to_contain_text("Lena")
 
 
 def test_call_survives_the_network_going_away(open_page: OpenPage) -> None:
