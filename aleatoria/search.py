@@ -429,6 +429,8 @@ class Search:
     # -- internals ----------------------------------------------------------------------------
 
     def _settle(self, x: Candidate, now: float) -> None:
+        if not self._queue and not x.searcher:
+            return  # nobody searches: a newly pooled user is nobody's (on_change would say so)
         pair = on_change(list(self._queue.values()), self.pooled(), x, now, self.rules, self)
         if pair is None:
             return
