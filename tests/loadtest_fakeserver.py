@@ -11,9 +11,10 @@ sends is refused with ``rate_limited``).
 The search queue (PROTOCOL.md section 12, ``wait: true``) is a simple one: a newcomer goes
 to the oldest waiting searcher it is compatible with (the same language when both gave one,
 never met before: the fake's cooldown is forever; interests are not waited for, as if
-``ALEATORIA_INTEREST_WAIT`` were 0). Its faults: ``unfair`` (the newest compatible searcher
-gets the newcomer), ``rematch`` (former partners meet again) and ``double_match`` (anyone
-connected is picked, in a match or not).
+``ALEATORIA_INTEREST_WAIT`` were 0). Its faults: ``unfair`` (a stack: once three wait, the
+newest compatible searcher gets the newcomer, so the oldest waits for ever), ``rematch``
+(former partners meet again) and ``double_match`` (anyone connected is picked, in a match or
+not).
 """
 
 from __future__ import annotations
@@ -301,8 +302,11 @@ class FakeServer:
             return
         older = [u for u in self.queue if u != user and self._compatible(u, user)]
         # ``older`` keeps the queue's order: all of them joined before ``user``.
-        if older:
-            self._pair_searchers(older[-1] if self.faults.unfair else older[0], user)
+        if self.faults.unfair:
+            if len(self.queue) >= 3 and older:  # a stack that keeps one searcher in reserve
+                self._pair_searchers(older[-1], user)
+        elif older:
+            self._pair_searchers(older[0], user)
 
     def _compatible(self, a: str, b: str) -> bool:
         la, lb = self.queue[a][1], self.queue[b][1]

@@ -190,10 +190,10 @@ async def test_search_against_a_fair_server(nursery: trio.Nursery) -> None:
 
 
 async def test_search_finds_an_unfair_queue(nursery: trio.Nursery) -> None:
-    """A queue that gives a newcomer to the newest compatible searcher, while an older one
-    waits (one speaks English, one French; the newcomer any language), is caught."""
-    fake = await start_fake(nursery, Faults(unfair=True))
-    figures = await run(fake, languages="en,fr,any", interests_per_user=0, users=12)
+    """A queue that serves its newest searchers while the oldest waits is caught. (No
+    cooldown, so that users keep cycling for the whole run.)"""
+    fake = await start_fake(nursery, Faults(unfair=True, rematch=True))
+    figures = await run(fake, interests_per_user=0, cooldown=0.0)
     assert figures["search"]["unfair"] > 0
     assert "search.unfair" in figures["violations"] and 1 == exit_code(figures)
     assert figures["search"]["unfair_examples"]
