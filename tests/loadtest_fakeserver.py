@@ -7,6 +7,14 @@ the guarantees on purpose so the tests can check that the tool notices:
 ``swap`` (chat deliveries to a connection leave in swapped pairs), ``double_match``
 (matching ignores live matches) and ``rate_limit_every`` (every Nth chat a client
 sends is refused with ``rate_limited``).
+
+The search queue (PROTOCOL.md section 12, ``wait: true``) is a simple one: a newcomer goes
+to the oldest waiting searcher it is compatible with (the same language when both gave one,
+never met before: the fake's cooldown is forever; interests are not waited for, as if
+``ALEATORIA_INTEREST_WAIT`` were 0). Its faults: ``unfair`` (a stack: once three wait, the
+newest compatible searcher gets the newcomer, so the oldest waits for ever), ``rematch``
+(former partners meet again) and ``double_match`` (anyone connected is picked, in a match or
+not).
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ class Faults:
     swap: bool = False
     double_match: bool = False
     rate_limit_every: int = 0
+    unfair: bool = False
+    rematch: bool = False
 
 
 @attrs.define(eq=False)
@@ -48,6 +58,8 @@ class FakeServer:
         self.pool: set[str] = set()
         self.matches: dict[str, str] = {}
         self.roles: dict[str, str] = {}
+        self.queue: dict[str, tuple[list[str], str | None]] = {}  # searcher -> profile, oldest first
+        self.met: set[frozenset[str]] = set()
         self.ids = itertools.count()
         self.port = 0
         self.chats_seen = 0
@@ -126,6 +138,7 @@ class FakeServer:
             return
         del self.conns[conn.user]
         self.pool.discard(conn.user)
+        self.queue.pop(conn.user, None)
         for members in self.rooms.values():
             members.discard(conn.user)
         peer = self.matches.pop(conn.user, None)
@@ -172,7 +185,8 @@ class FakeServer:
     def handle(self, conn: Conn, message: dict[str, Any]) -> None:
         user = conn.user
         kind = message.get("type")
-        payload = message.get("payload") if isinstance(message.get("payload"), dict) else {}
+        raw = message.get("payload")
+        payload: dict[str, Any] = raw if isinstance(raw, dict) else {}
         if kind == "chat_message":
             conn.chats_in += 1
             self.chats_seen += 1
@@ -207,6 +221,10 @@ class FakeServer:
             self.pool.add(user)
         elif kind == "user_unavailable_webrtc":
             self.pool.discard(user)
+        elif kind == "request_random_peer" and payload.get("wait") is True:
+            self._search(user, payload)
+        elif kind == "cancel_search":
+            self.queue.pop(user, None)
         elif kind == "request_random_peer":
             self._request(user)
         elif kind in {"webrtc_offer", "webrtc_answer", "webrtc_candidate", "hangup"}:
@@ -249,6 +267,70 @@ class FakeServer:
         self.roles[peer] = "polite"
         self.system(user, "assign_role", {"role": "impolite", "peerId": peer})
         self.system(peer, "assign_role", {"role": "polite", "peerId": user})
+
+    def _search(self, user: str, payload: dict[str, Any]) -> None:
+        peer = self.matches.get(user)
+        if peer is not None and not self.faults.double_match:
+            if payload.get("currentPeerId") != peer:
+                self.system(user, "assign_role", {"role": self._role(user), "peerId": peer})
+                return
+            del self.matches[user]  # "Next": the match ends, the peer is told
+            if self.matches.get(peer) == user:
+                del self.matches[peer]
+            self.deliver(
+                peer,
+                self._stamp(
+                    {"type": "hangup", "fromUser": user, "toUser": peer, "payload": {"reason": "peer_left"}}
+                ),
+            )
+        self.queue.pop(user, None)
+        interests = [str(tag).strip().casefold() for tag in payload.get("interests") or []]
+        language = payload.get("language")
+        self.queue[user] = (interests, language)
+        reply: dict[str, Any] = {
+            "interests": interests,
+            "position": len(self.queue),
+            "online": len(self.conns),
+        }
+        if language is not None:
+            reply["language"] = language
+        self.system(user, "searching", reply)
+        if self.faults.double_match:
+            others = sorted(u for u in self.conns if u != user)
+            if others:
+                self._pair_searchers(random.choice(others), user)
+            return
+        older = [u for u in self.queue if u != user and self._compatible(u, user)]
+        # ``older`` keeps the queue's order: all of them joined before ``user``.
+        if self.faults.unfair:
+            if len(self.queue) >= 3 and older:  # a stack that keeps one searcher in reserve
+                self._pair_searchers(older[-1], user)
+        elif older:
+            self._pair_searchers(older[0], user)
+
+    def _compatible(self, a: str, b: str) -> bool:
+        la, lb = self.queue[a][1], self.queue[b][1]
+        if la is not None and lb is not None and la != lb:
+            return False
+        return self.faults.rematch or frozenset((a, b)) not in self.met
+
+    def _pair_searchers(self, served: str, partner: str) -> None:
+        theirs = set(self.queue.get(partner, ([], None))[0])
+        common = [tag for tag in self.queue.get(served, ([], None))[0] if tag in theirs]
+        self.queue.pop(served, None)
+        self.queue.pop(partner, None)
+        self.matches[served] = partner
+        self.matches[partner] = served
+        self.roles[served] = "impolite"
+        self.roles[partner] = "polite"
+        self.met.add(frozenset((served, partner)))
+        match_id = f"fm{next(self.ids)}"
+        for user, role, peer in ((served, "impolite", partner), (partner, "polite", served)):
+            self.system(
+                user,
+                "assign_role",
+                {"role": role, "peerId": peer, "matchId": match_id, "commonInterests": common},
+            )
 
     def _role(self, user: str) -> str:
         return self.roles.get(user, "impolite")

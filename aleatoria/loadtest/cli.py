@@ -113,6 +113,26 @@ def _match(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _search(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("search queue")
+    group.add_argument("--users", type=int, help="users searching, talking and pressing Next (N)")
+    group.add_argument("--match-pause", type=float, help="seconds a pair talks before Next (0)")
+    group.add_argument(
+        "--match-timeout", type=float, help="seconds without progress before a match counts as stalled (5)"
+    )
+    group.add_argument("--vocabulary", type=int, help="distinct interests, t0 the most popular (50)")
+    group.add_argument("--interests-per-user", type=int, help="interests each user gives, 0-10 (3)")
+    group.add_argument("--zipf", type=float, help="popularity exponent: tag i weighs 1/(i+1)^zipf (1.0)")
+    group.add_argument("--languages", help="comma list of ISO 639-1 codes and 'any' to give users (none)")
+    group.add_argument(
+        "--interest-wait", type=float, help="the server's ALEATORIA_INTEREST_WAIT, for the checks (10)"
+    )
+    group.add_argument(
+        "--cooldown", type=float, help="the server's ALEATORIA_REMATCH_COOLDOWN, for the checks (300)"
+    )
+    group.add_argument("--fairness-slack", type=float, help="seconds of timing doubt the checks allow (1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aleatoria-loadtest",
@@ -126,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "match": "N users: available → request → offer/answer/candidates → hangup → again",
         "conns": "open N idle connections, hold them for --duration, close",
         "soak": "rooms, DMs and matching together at a steady rate (default 60 s)",
+        "search": "N users with interests: search (wait) → talk → Next, checked for fairness",
     }
     for name, text in helps.items():
         scenario = sub.add_parser(name, help=text, description=text)
@@ -135,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
             _dm(scenario, soak=name == "soak")
         if name in {"match", "soak"}:
             _match(scenario)
+        if name == "search":
+            _search(scenario)
         if name == "conns":
             scenario.add_argument("--connections", type=int, help="idle connections (N)")
         _common(scenario)

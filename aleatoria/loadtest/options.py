@@ -17,11 +17,13 @@ from urllib.parse import urlsplit
 
 import attrs
 
-SCENARIOS = ("fanout", "dm", "match", "conns", "soak")
+SCENARIOS = ("fanout", "dm", "match", "conns", "soak", "search")
 MAX_DURATION = 24 * 3600.0
 MAX_PROCESSES = 64
 # User ids are ``lt<run id>-<kind>-<n>…``: the protocol allows 1–64 of [A-Za-z0-9_.@-].
 _RUN_ID = re.compile(r"[A-Za-z0-9_.@-]{1,16}")
+_LANGUAGE = re.compile(r"[a-z]{2}|any")
+MAX_INTERESTS = 10  # PROTOCOL.md section 12
 
 
 class OptionsError(ValueError):
@@ -61,6 +63,15 @@ class Options:
     match_pause: float = 0.0
     match_timeout: float = 5.0
 
+    # search (also uses users, match_pause as the talk time, match_timeout)
+    vocabulary: int = 50  # distinct interests, t0 the most popular
+    interests_per_user: int = 3
+    zipf: float = 1.0  # tag i is drawn with weight 1 / (i + 1) ** zipf
+    languages: str = ""  # comma list of ISO 639-1 codes and "any"; each user gets one
+    interest_wait: float = 10.0  # the server's ALEATORIA_INTEREST_WAIT (for the fairness check)
+    cooldown: float = 300.0  # the server's ALEATORIA_REMATCH_COOLDOWN
+    fairness_slack: float = 1.0  # seconds of timing doubt the checks allow (see docs)
+
     # conns
     connections: int = 100
 
@@ -81,7 +92,7 @@ class Options:
                 return self.rooms * self.members
             case "dm":
                 return 2 * self.pairs
-            case "match":
+            case "match" | "search":
                 return self.users
             case "conns":
                 return self.connections
@@ -97,12 +108,17 @@ class Options:
                 return self.rooms
             case "dm":
                 return self.pairs
-            case "match":
+            case "match" | "search":
                 return self.users
             case "conns":
                 return self.connections
             case _:
                 return max(self.rooms, self.pairs, self.users, 1)
+
+    def language_choices(self) -> list[str | None]:
+        """The languages users are given (None: "any"); empty when none are."""
+        names = [part.strip() for part in self.languages.split(",") if part.strip()]
+        return [None if name == "any" else name for name in names]
 
     def worker_count(self) -> int:
         """Processes actually used: never more than there are units to share out."""
@@ -156,14 +172,25 @@ def validate(options: Options) -> Options:
             raise OptionsError(f"{flag} must be at least 1")
     if not 0 <= options.senders <= options.members:
         raise OptionsError("--senders must be between 0 and --members")
-    if options.scenario == "match" and options.users < 2:
-        raise OptionsError("--users must be at least 2 for the match scenario")
+    if options.scenario in {"match", "search"} and options.users < 2:
+        raise OptionsError(f"--users must be at least 2 for the {options.scenario} scenario")
+    if options.vocabulary < 1:
+        raise OptionsError("--vocabulary must be at least 1")
+    if not 0 <= options.interests_per_user <= min(MAX_INTERESTS, options.vocabulary):
+        raise OptionsError(f"--interests-per-user must be 0..{MAX_INTERESTS} and at most --vocabulary")
+    for name in (part.strip() for part in options.languages.split(",") if part.strip()):
+        if not _LANGUAGE.fullmatch(name):
+            raise OptionsError(f"--languages: {name!r} is not a two-letter ISO 639-1 code or 'any'")
     if not 0 <= options.size <= 4000:
         raise OptionsError("--size must be 0..4000 characters (the protocol's content limit)")
     for flag, number in {
         "--rate": options.rate,
         "--dm-rate": options.dm_rate,
         "--match-pause": options.match_pause,
+        "--zipf": options.zipf,
+        "--interest-wait": options.interest_wait,
+        "--cooldown": options.cooldown,
+        "--fairness-slack": options.fairness_slack,
     }.items():
         if number < 0:
             raise OptionsError(f"{flag} must not be negative")

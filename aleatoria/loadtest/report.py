@@ -63,6 +63,9 @@ def render(figures: dict[str, Any], console: Console) -> None:
                 table.add_row(key.replace("_", " ") + (" /s" if key == "match_rate" else ""), _num(value))
         console.print(table)
 
+    if "search" in figures:
+        _search_table(figures["search"], console)
+
     if figures["latency_ms"]:
         table = Table(title="Latency (ms)", title_justify="left")
         for column in ("metric", "count", "p50", "p90", "p99", "max"):
@@ -99,10 +102,50 @@ def render(figures: dict[str, Any], console: Console) -> None:
 
     if figures["integrity_ok"]:
         console.print(
-            "[green]integrity: no loss, duplicate, reordering or double match seen[/green]", soft_wrap=True
+            "[green]integrity: no loss, duplicate, reordering, double match"
+            + (", rematch or unfair match" if "search" in figures else "")
+            + " seen[/green]",
+            soft_wrap=True,
         )
     else:
         broken = ", ".join(f"{k} {v}" for k, v in figures["violations"].items())
         console.print(f"[bold red]integrity violations: {broken}[/bold red]", soft_wrap=True)
     for warning in figures["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+
+
+def _search_table(search: dict[str, Any], console: Console) -> None:
+    table = _table("Search queue")
+    table.add_row("matches", _num(search["matches"]))
+    table.add_row("matches /s", _num(search["match_rate"]))
+    wait = search["wait_ms"]
+    if wait:
+        for key in ("p50", "p95", "p99", "max"):
+            table.add_row(f"wait {key} (ms)", f"{wait[key]:,.1f}")
+    table.add_row("fallback rate", f"{search['fallback_rate']:.1%} of {search['with_interests']:,}")
+    always = {"timeouts", "double", "rematches", "unfair"}
+    for key in (
+        "timeouts",
+        "double",
+        "mismatch",
+        "pairing_mismatches",
+        "rematches",
+        "unfair",
+        "passed_over",
+        "fairness_checked",
+        "stalled",
+        "peer_left",
+        "request_timeouts",
+        "after_cancel",
+        "stray",
+        "records_dropped",
+    ):
+        if search[key] or key in always:
+            table.add_row(key.replace("_", " "), _num(search[key]))
+    console.print(table)
+    for example in search["unfair_examples"]:
+        console.print(
+            f"[red]unfair:[/red] match {example['matchId']} ({example['served']} took "
+            f"{example['partner']}) passed over {', '.join(example['passed_over'])}",
+            soft_wrap=True,
+        )

@@ -4,7 +4,10 @@ Every worker (thread or process) fills its own ``Stats``; the coordinator merges
 Counter names are dotted, ``<area>.<figure>`` (``room.lost``, ``conn.failed.refused``,
 ``error.rate_limited``); the report picks them out by name, and unknown ones are still
 printed in ``--json`` so nothing measured is hidden. Latency metrics are named the same
-way (``room.delivery``, ``dm.rtt``, ``match.setup``, ``connect``).
+way (``room.delivery``, ``dm.rtt``, ``match.setup``, ``connect``). ``records`` are rows a
+check needs from every worker at once (``search``: one row per search, for the fairness
+check); each worker keeps at most ``MAX_RECORDS`` rows per name and counts the rest in
+``<name>.records_dropped``.
 Pure code, no trio.
 """
 
@@ -14,6 +17,8 @@ from collections import Counter
 from typing import Any
 
 from aleatoria.loadtest.histogram import Histogram, Timeline
+
+MAX_RECORDS = 200_000  # rows per name and worker (a few hundred bytes each)
 
 
 class Stats:
@@ -27,6 +32,7 @@ class Stats:
         self.timelines: dict[str, Timeline] = {}
         # Samples since the last progress report, for the live display only (not merged).
         self.recent: dict[str, Histogram] = {}
+        self.records: dict[str, list[list[Any]]] = {}
 
     def take_recent(self) -> dict[str, Histogram]:
         recent, self.recent = self.recent, {}
@@ -56,8 +62,19 @@ class Stats:
             recent = self.recent[metric] = Histogram()
         recent.record(value_us)
 
+    def record(self, name: str, row: list[Any]) -> bool:
+        """Keep one JSON-ready row under ``name``; False (and counted) once it is full."""
+        rows = self.records.setdefault(name, [])
+        if len(rows) >= MAX_RECORDS:
+            self.inc(f"{name}.records_dropped")
+            return False
+        rows.append(row)
+        return True
+
     def merge(self, other: Stats) -> None:
         self.counters.update(other.counters)
+        for name, rows in other.records.items():
+            self.records.setdefault(name, []).extend(rows)
         for metric, hist in other.histograms.items():
             self.histograms.setdefault(metric, Histogram()).merge(hist)
         for metric, timeline in other.timelines.items():
@@ -70,6 +87,7 @@ class Stats:
             "counters": dict(self.counters),
             "histograms": {k: h.to_dict() for k, h in self.histograms.items()},
             "timelines": {k: t.to_dict() for k, t in self.timelines.items()},
+            "records": self.records,
         }
 
     @classmethod
@@ -78,4 +96,5 @@ class Stats:
         stats.counters.update({str(k): int(v) for k, v in data["counters"].items()})
         stats.histograms = {k: Histogram.from_dict(h) for k, h in data["histograms"].items()}
         stats.timelines = {k: Timeline.from_dict(t) for k, t in data["timelines"].items()}
+        stats.records = {str(k): list(rows) for k, rows in data.get("records", {}).items()}
         return stats

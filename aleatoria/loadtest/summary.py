@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from aleatoria.loadtest.options import Options
 from aleatoria.loadtest.results import RunResult
+from aleatoria.loadtest.searchcheck import Rules, analyse
 from aleatoria.loadtest.stats import Stats
 
 # Above this share of one core, the event loop itself was the bottleneck.
@@ -29,7 +31,15 @@ INTEGRITY = (
     "match.double",
     "match.mismatch",
     "match.incomplete",
+    "search.double",
+    "search.mismatch",
 )
+# The search scenario's run-wide checks (``searchcheck``) that count as violations.
+SEARCH_INTEGRITY = {
+    "pairing_mismatches": "search.pairing",
+    "rematches": "search.rematch",
+    "unfair": "search.unfair",
+}
 
 
 def _by_prefix(stats: Stats, prefix: str) -> dict[str, int]:
@@ -132,14 +142,71 @@ def summarize(result: RunResult) -> dict[str, Any]:
         match: dict[str, Any] = {name: stats.get(f"match.{name}") for name in names}
         match["match_rate"] = _rate(match["completed"], load_s)
         figures["match"] = match
+    if scenario == "search":
+        figures["search"] = search_figures(stats, options, load_s)
     if scenario == "conns":
         figures["connections"]["alive"] = stats.get("conn.alive")
         figures["connections"]["unresponsive"] = stats.get("conn.unresponsive")
     violations = {name: stats.get(name) for name in INTEGRITY if stats.get(name)}
+    for key, name in SEARCH_INTEGRITY.items():
+        if figures.get("search", {}).get(key):
+            violations[name] = figures["search"][key]
     figures["violations"] = violations
     figures["integrity_ok"] = not violations
     figures["generator"]["saturated"] = figures["generator"]["max_cpu_share"] >= CPU_SATURATED
     figures["warnings"] = warnings(figures, stats)
+    return figures
+
+
+def search_figures(stats: Stats, options: Options, load_s: float) -> dict[str, Any]:
+    """The search scenario's figures: its counters, the wait percentiles and the run-wide
+    checks over every worker's searches (``searchcheck.analyse``)."""
+    rules = Rules(options.interest_wait, options.cooldown, options.fairness_slack)
+    check = analyse(stats.records.get("search", []), rules)
+    matches = stats.get("search.matches")
+    with_interests = stats.get("search.with_interests")
+    fallbacks = stats.get("search.fallbacks")
+    wait = stats.histograms.get("search.wait")
+    figures: dict[str, Any] = {
+        "matches": matches,
+        "match_rate": _rate(matches, load_s),
+        "talks": stats.get("search.talks"),
+        "wait_ms": None
+        if wait is None or not wait.count
+        else {
+            "count": wait.count,
+            "p50": wait.percentile(50) / 1000.0,
+            "p95": wait.percentile(95) / 1000.0,
+            "p99": wait.percentile(99) / 1000.0,
+            "max": wait.max / 1000.0,
+        },
+        "with_interests": with_interests,
+        "fallbacks": fallbacks,
+        "fallback_rate": round(fallbacks / with_interests, 3) if with_interests else 0.0,
+        "timeouts": stats.get("search.timeouts"),
+        "double": stats.get("search.double"),
+        "mismatch": stats.get("search.mismatch"),
+        "pairing_mismatches": check["mismatched"],
+        "rematches": check["rematches"],
+        "unfair": check["unfair"],
+        "passed_over": check["passed_over"],
+        "fairness_checked": check["fairness_checked"],
+        "unfair_examples": check["unfair_examples"],
+    }
+    for name in (
+        "stalled",
+        "peer_left",
+        "request_timeouts",
+        "after_cancel",
+        "stray",
+        "repeat_assign",
+        "bad_assign",
+        "assign_before_searching",
+        "unexpected_searching",
+        "unexpected_assign",
+        "records_dropped",
+    ):
+        figures[name] = stats.get(f"search.{name}")
     return figures
 
 
@@ -189,6 +256,20 @@ def warnings(figures: dict[str, Any], stats: Stats) -> list[str]:
         out.append(f"the target rate was not kept: {skipped} send slots were skipped")
     if stats.get("match.stalled"):
         out.append(f"{stats.get('match.stalled')} matches stalled (--match-timeout)")
+    search = figures.get("search")
+    if search is not None:
+        if search["stalled"]:
+            out.append(f"{search['stalled']} matches stalled (--match-timeout)")
+        if search["records_dropped"]:
+            out.append(
+                f"{search['records_dropped']} searches were not kept for the run-wide checks "
+                "(pairings, rematches, fairness): those figures cover part of the run"
+            )
+        if search["bad_assign"] or (search["matches"] and not search["fairness_checked"]):
+            out.append(
+                "some assign_role or searching replies lacked matchId, commonInterests or createTime: "
+                "the run-wide checks could not use them (is this a server with PROTOCOL.md section 12?)"
+            )
     if figures["connections"]["opened"] == 0:
         out.append("no connection could be opened: is the server running at --url?")
     return out

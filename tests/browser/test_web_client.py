@@ -263,22 +263,22 @@ def test_random_call_connects_and_next_moves_on(open_page: OpenPage) -> None:
     say(emil, "Sure, pressing the button now.")
     expect(bodies(dana).last).to_have_text("Sure, pressing the button now.")
 
-    # Alone: nobody available, dana waits in the pool, with her camera off (it is used only
-    # during calls) and no "Try again" (she is in the queue already).
+    # Alone: nobody available, dana waits in the search queue, with her camera off (it is
+    # used only during calls) and only "Cancel" to press (she is in the queue already).
     dana.click("#call-start")
     expect(dana.locator("body")).to_have_attribute("data-call-state", "waiting")
-    expect(dana.locator("#call-status")).to_contain_text("No one else is available")
+    expect(dana.locator("#call-status")).to_contain_text("Searching… (you are #")
     assert not camera_on(dana)
-    expect(dana.locator(".call-actions button:visible")).to_have_text(["Stop"])
+    expect(dana.locator(".call-actions button:visible")).to_have_text(["Cancel"])
 
-    # emil asks and gets dana: emil (the requester) is impolite, dana polite. Both cameras
-    # are on for the call.
+    # emil searches and gets dana: dana (the older searcher, served first) is impolite, emil
+    # polite. Both cameras are on for the call.
     emil.click("#call-start")
     wait_in_call_with(emil, "dana", dana)
     wait_in_call_with(dana, "emil", emil)
     assert camera_on(emil) and camera_on(dana)
     dana.evaluate("window.danaTracks = window.aleatoria.state.call.localStream.getTracks()")
-    assert [True, False] == [p.evaluate("window.aleatoria.state.call.polite") for p in (dana, emil)]
+    assert [False, True] == [p.evaluate("window.aleatoria.state.call.polite") for p in (dana, emil)]
     # No ICE servers on this server: the call is direct, and the page says so (getStats).
     expect(emil.locator("body")).to_have_attribute("data-call-path", "direct")
     expect(emil.locator("#call-path")).to_contain_text("Direct connection")

@@ -1,7 +1,7 @@
 """The scenarios, each built from one or more ``Part``s run by ``run_scenario``.
 
-How this works: a part owns a group of clients (rooms, DM pairs, match users, idle
-connections). ``run_scenario`` starts every part, waits until all their clients are
+How this works: a part owns a group of clients (rooms, DM pairs, match users, search
+users, idle connections). ``run_scenario`` starts every part, waits until all their clients are
 ready, runs the load phase, gives each part the drain timeout to see its in-flight
 traffic arrive, closes them, and finally lets each part turn what it saw into counters
 (loss can only be computed once nothing more can arrive). ``soak`` is simply all three
@@ -40,6 +40,7 @@ def build_parts(ctx: RunContext) -> list[Part]:
     from aleatoria.loadtest.scenarios.dm import DmPart
     from aleatoria.loadtest.scenarios.fanout import FanoutPart
     from aleatoria.loadtest.scenarios.match import MatchPart
+    from aleatoria.loadtest.scenarios.search import SearchPart
 
     builders: dict[str, list[Callable[[RunContext], Part]]] = {
         "fanout": [FanoutPart],
@@ -47,6 +48,7 @@ def build_parts(ctx: RunContext) -> list[Part]:
         "match": [MatchPart],
         "conns": [ConnsPart],
         "soak": [FanoutPart, DmPart, MatchPart],
+        "search": [SearchPart],
     }
     return [build(ctx) for build in builders[ctx.options.scenario]]
 

@@ -1,0 +1,393 @@
+"""``search``: N users with interests (and languages) in the search queue, PROTOCOL.md
+section 12: search, talk briefly, press "Next", again, for ``duration``.
+
+Each user has a profile drawn once (``searchcheck.draw_profile``: ``interests_per_user``
+tags of a Zipf-like popularity among ``vocabulary``, one of ``languages``) and cycles:
+``request_random_peer {wait: true, interests, language}`` → ``searching`` → ``assign_role``
+→ the handshake of the ``match`` scenario (the impolite side offers and sends 3 candidates,
+the polite side answers with 3) → ``match_pause`` seconds of "talk" → the impolite side
+presses "Next": ``request_random_peer {wait: true, currentPeerId, …}``, which ends the match
+(the polite side hears ``hangup peer_left``, and searches again itself). A search that times
+out (``no_peer_available``) searches again.
+
+Per user it checks what one user can see: an ``assign_role`` naming another peer while in a
+match is a double match (``search.double``); offers and answers that disagree on the roles
+are ``search.mismatch`` (as in ``match``). Every search is recorded as a row for the checks
+that need all users at once (``searchcheck.analyse``: pairings, rematches, fairness).
+At the end of the load phase users in the queue send ``cancel_search`` and a ``ping``; the
+``pong`` means the server let them go; matches under way finish first.
+Counters: ``search.matches`` (counted by the impolite side), ``search.talks`` (handshakes
+done), ``search.timeouts``, ``search.with_interests`` / ``search.fallbacks`` (matched sides
+that gave interests / of them, with none in common), ``search.peer_left``,
+``search.stalled``, ``search.request_timeouts`` (no ``searching`` within ``match_timeout``),
+``search.after_cancel`` (a match that crossed our ``cancel_search``), ``search.stray``;
+latencies ``search.wait`` (request sent → ``assign_role``) and ``search.setup``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from trio_websocket import WebSocketConnection
+
+from aleatoria.loadtest.client import Message, note_error, receive, registered, run_client, send
+from aleatoria.loadtest.context import Ready, RunContext, run_clients
+from aleatoria.loadtest.payload import now_ns
+from aleatoria.loadtest.searchcheck import Row, draw_profile
+
+CANDIDATES = 3
+EARLY_LIMIT = 8
+SIGNALING = {"webrtc_offer", "webrtc_answer", "webrtc_candidate", "hangup"}
+
+
+class SearchUser:
+    """One user's view of its searches and matches; driven by ``SearchPart._drive``."""
+
+    def __init__(self, ctx: RunContext, index: int) -> None:
+        self.ctx = ctx
+        self.name = ctx.user_id("s", index)
+        options = ctx.options
+        rng = random.Random(f"{options.run_id}-{index}")  # the same profile in every run with this id
+        self.interests, self.language = draw_profile(
+            rng, options.vocabulary, options.interests_per_user, options.zipf, options.language_choices()
+        )
+        self.ws: WebSocketConnection | None = None
+        # idle, requesting, queued, matched, talking, quiescing, done
+        self.state = "idle"
+        self.deadline = math.inf
+        self.row: Row | None = None  # the current (or, while quiescing, the last) search
+        self.sent_ns = 0
+        self.peer: str | None = None
+        self.role: str | None = None
+        self.match_id: str | None = None
+        self.offer_seen = self.answer_seen = False
+        self.candidates = 0
+        self.assigned_ns = 0
+        self.early: list[Message] = []
+        self.stopping = False
+        self.wake_scope: trio.CancelScope | None = None
+
+    def wake(self) -> None:
+        self.stopping = True
+        if self.wake_scope is not None:
+            self.wake_scope.cancel()
+
+    async def send(self, message: Message) -> None:
+        assert self.ws is not None
+        await send(self.ws, message)
+
+    def _timeout_in(self, seconds: float) -> None:
+        self.deadline = trio.current_time() + seconds
+
+    def _close_row(self, end: str, left: float | None) -> None:
+        row, self.row = self.row, None
+        if row is None:
+            return
+        row.end, row.left = end, left
+        self.ctx.stats.record("search", row.to_list())
+
+    # -- the cycle ------------------------------------------------------------------
+
+    async def search(self, current_peer: str | None = None) -> None:
+        payload: dict[str, Any] = {"wait": True}
+        if self.interests:
+            payload["interests"] = self.interests
+        if self.language is not None:
+            payload["language"] = self.language
+        if current_peer is not None:
+            payload["currentPeerId"] = current_peer
+        self.peer = self.role = self.match_id = None
+        self.row = Row(self.name, self.interests, self.language, sent=time.time())
+        self.state = "requesting"
+        self.sent_ns = now_ns()
+        self._timeout_in(self.ctx.options.match_timeout)
+        await self.send({"type": "request_random_peer", "payload": payload})
+
+    async def quiesce(self) -> None:
+        """Leave the queue (or the match); the pong to the ping that follows means the
+        server processed it."""
+        if self.state in {"requesting", "queued"} and self.row is not None:
+            # Recorded at the end of the run (``SearchPart.account``): a match that crossed
+            # the cancel may still be announced, even after the pong, and replaces it.
+            self.row.end, self.row.left = "cancel", time.time()
+            await self.send({"type": "cancel_search"})
+        elif self.state in {"matched", "talking"} and self.peer is not None:
+            await self.send({"type": "hangup", "toUser": self.peer, "payload": {}})
+        self.state = "quiescing"
+        self._timeout_in(self.ctx.options.match_timeout)
+        await self.send({"type": "ping"})
+
+    async def next_or_stop(self) -> None:
+        """ "Next" after a match (ours to end): search again naming the peer, or stop."""
+        if self.stopping:
+            await self.quiesce()
+        else:
+            await self.search(self.peer)
+
+    async def after_hangup(self) -> None:
+        """The peer ended the match: search again (the match is over: no currentPeerId)."""
+        if self.stopping:
+            self.state = "idle"
+            self.peer = None
+            await self.quiesce()
+        else:
+            await self.search()
+
+    async def on_deadline(self) -> None:
+        stats = self.ctx.stats
+        if self.state == "requesting":
+            stats.inc("search.request_timeouts")
+            self._close_row("lost", None)
+            await (self.quiesce() if self.stopping else self.search())
+        elif self.state == "matched":
+            stats.inc("search.stalled")
+            await self.next_or_stop()
+        elif self.state == "talking":
+            await self.next_or_stop()
+        elif self.state == "quiescing":
+            stats.inc("search.quiesce_timeouts")
+            self.state = "done"
+
+    async def on_stop(self) -> None:
+        """The load phase ended: searchers leave the queue; a finished talk ends now."""
+        if self.state in {"idle", "requesting", "queued", "talking"}:
+            await self.quiesce()
+
+    # -- messages -------------------------------------------------------------------
+
+    async def handle(self, message: Message) -> None:
+        kind = message.get("type")
+        stats = self.ctx.stats
+        if kind == "searching":
+            if self.state == "requesting" and self.row is not None:
+                self.row.joined = time.time()
+                self.state = "queued"
+                self.deadline = math.inf  # the server answers a timeout itself
+            else:
+                stats.inc("search.unexpected_searching")
+        elif kind == "assign_role":
+            await self.on_assign(message)
+        elif kind == "no_peer_available":
+            if self.state in {"requesting", "queued"}:
+                stats.inc("search.timeouts")
+                self._close_row("timeout", time.time())
+                await (self.quiesce() if self.stopping else self.search())
+        elif kind in SIGNALING:
+            await self.on_signaling(message)
+        elif kind == "pong":
+            if self.state == "quiescing":
+                self.state = "done"
+        elif note_error(self.ctx, message) == "peer_unavailable" and self.state in {"matched", "talking"}:
+            stats.inc("search.peer_unavailable")
+            await self.after_hangup()
+
+    async def on_assign(self, message: Message) -> None:
+        stats = self.ctx.stats
+        payload = message.get("payload")
+        payload = payload if isinstance(payload, dict) else {}
+        role, peer = payload.get("role"), payload.get("peerId")
+        match_id, common = payload.get("matchId"), payload.get("commonInterests")
+        if role not in {"polite", "impolite"} or not isinstance(peer, str) or peer == self.name:
+            stats.inc("search.bad_assign")
+            return
+        if self.state in {"matched", "talking"}:
+            if peer == self.peer and match_id == self.match_id:
+                stats.inc("search.repeat_assign")
+            else:
+                stats.inc("search.double")
+            return
+        if not isinstance(common, list) or not isinstance(match_id, str):
+            stats.inc("search.bad_assign")  # the server must send both (section 12)
+        row = self.row
+        if self.state in {"quiescing", "done"}:
+            # A match that crossed our cancel_search: record it as what it was, then leave.
+            stats.inc("search.after_cancel")
+            if row is not None and row.end == "cancel":
+                self._fill(row, peer, role, match_id, common)
+            await self.send({"type": "hangup", "toUser": peer, "payload": {}})
+            return
+        if self.state not in {"requesting", "queued"} or row is None:
+            stats.inc("search.unexpected_assign")
+            return
+        if self.state == "requesting":
+            stats.inc("search.assign_before_searching")
+        self._fill(row, peer, role, match_id, common)
+        self.row = None
+        self.state = "matched"
+        self.peer, self.role, self.match_id = peer, role, match_id if isinstance(match_id, str) else None
+        self.offer_seen = self.answer_seen = False
+        self.candidates = 0
+        self.assigned_ns = now_ns()
+        stats.observe("search.wait", self.assigned_ns - self.sent_ns, self.assigned_ns)
+        if role == "impolite":
+            stats.inc("search.matches")
+        if self.interests:
+            stats.inc("search.with_interests")
+            if common == []:
+                stats.inc("search.fallbacks")
+        self._timeout_in(self.ctx.options.match_timeout)
+        if role == "impolite":
+            await self.send(_signal("webrtc_offer", peer, {"sdp": "lt-offer", "for": peer}))
+            await self._send_candidates()
+        early, self.early = self.early, []
+        for held in early:
+            if held.get("fromUser") == peer and self.state == "matched" and self.peer == peer:
+                await self.on_signaling(held)
+            else:
+                stats.inc("search.stray")
+
+    def _fill(self, row: Row, peer: str, role: str, match_id: Any, common: Any) -> None:
+        row.peer, row.role = peer, role
+        row.match_id = match_id if isinstance(match_id, str) else None
+        row.common = [str(tag) for tag in common] if isinstance(common, list) else None
+        self.row = row
+        self._close_row("match", time.time())
+
+    async def _send_candidates(self) -> None:
+        assert self.peer is not None
+        for index in range(CANDIDATES):
+            await self.send(_signal("webrtc_candidate", self.peer, {"candidate": f"lt-{index}"}))
+
+    async def on_signaling(self, message: Message) -> None:
+        stats = self.ctx.stats
+        kind = message.get("type")
+        origin = message.get("fromUser")
+        peer = self.peer
+        if self.state in {"quiescing", "done"}:
+            return  # the run is ending (a crossed match's offer, a peer's last hangup)
+        if self.state not in {"matched", "talking"} or peer is None or origin != peer:
+            if kind == "hangup":
+                return  # from a former peer (a Next that crossed ours): nothing to do
+            if len(self.early) >= EARLY_LIMIT:
+                self.early.pop(0)
+                stats.inc("search.stray")
+            self.early.append(message)
+            return
+        payload = message.get("payload")
+        payload = payload if isinstance(payload, dict) else {}
+        if kind == "hangup":
+            if payload.get("reason") == "peer_left":
+                stats.inc("search.peer_left")
+            await self.after_hangup()
+            return
+        if self.state != "matched":
+            return
+        self._timeout_in(self.ctx.options.match_timeout)  # progress
+        if kind == "webrtc_offer":
+            if self.role != "polite" or payload.get("for") != self.name or self.offer_seen:
+                stats.inc("search.mismatch")
+                return
+            self.offer_seen = True
+            await self.send(_signal("webrtc_answer", peer, {"sdp": "lt-answer", "for": peer}))
+            await self._send_candidates()
+        elif kind == "webrtc_answer":
+            if self.role != "impolite" or payload.get("for") != self.name or self.answer_seen:
+                stats.inc("search.mismatch")
+                return
+            self.answer_seen = True
+        elif kind == "webrtc_candidate":
+            self.candidates += 1
+        if self.role == "impolite" and self.answer_seen and self.candidates >= CANDIDATES:
+            done = now_ns()
+            stats.observe("search.setup", done - self.assigned_ns, done)
+            stats.inc("search.talks")
+            self.state = "talking"
+            if self.stopping:
+                await self.quiesce()
+            else:
+                self._timeout_in(self.ctx.options.match_pause)
+        elif self.role == "polite" and self.offer_seen and self.candidates >= CANDIDATES:
+            self.state = "talking"  # until the impolite side presses Next
+            self.deadline = math.inf
+
+
+class SearchPart:
+    """The search users this worker owns; see the module docstring."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.users = [SearchUser(ctx, index) for index in ctx.share(ctx.options.users)]
+        self.ready = Ready(len(self.users))
+        self.quiet = Ready(len(self.users))
+        self.closing = trio.Event()
+
+    async def run(self) -> None:
+        clients = [functools.partial(self._client, user) for user in self.users]
+        await run_clients(clients, self.closing)
+
+    async def drained(self) -> None:
+        await self.quiet.wait()
+
+    def close(self) -> None:
+        self.closing.set()
+
+    def account(self) -> None:
+        stats = self.ctx.stats
+        stats.inc("search.stray", sum(len(user.early) for user in self.users))
+        for user in self.users:
+            row = user.row
+            if row is not None:  # cancelled at the end, or never answered
+                user._close_row(row.end if row.end == "cancel" else "open", row.left)
+
+    async def _client(self, user: SearchUser) -> None:
+        arrive = self.ready.token()
+        quiet = self.quiet.token()
+        try:
+            session = functools.partial(self._session, user, arrive, quiet)
+            await run_client(self.ctx, user.name, None, session)
+        finally:
+            arrive()
+            quiet()
+
+    async def _session(
+        self,
+        user: SearchUser,
+        arrive: Callable[[], None],
+        quiet: Callable[[], None],
+        ws: WebSocketConnection,
+    ) -> None:
+        ctx = self.ctx
+        user.ws = ws
+        if not await registered(ws, ctx):
+            return
+        arrive()
+        await ctx.go.wait()
+        ctx.on_stop(user.wake)
+        if ctx.stop.is_set():
+            await user.quiesce()
+        else:
+            await user.search()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._drive, user, ws, quiet)
+            await self.closing.wait()
+            nursery.cancel_scope.cancel()
+
+    async def _drive(self, user: SearchUser, ws: WebSocketConnection, quiet: Callable[[], None]) -> None:
+        stopped = False
+        while user.state != "done":
+            if user.stopping and not stopped:
+                stopped = True
+                await user.on_stop()
+                continue
+            with trio.CancelScope(deadline=user.deadline) as scope:
+                user.wake_scope = scope
+                message = await receive(ws)
+            user.wake_scope = None
+            if scope.cancelled_caught:
+                if trio.current_time() >= user.deadline:
+                    await user.on_deadline()
+                continue
+            await user.handle(message)
+        quiet()
+        while True:  # until the part closes: a match announced after our pong is refused
+            await user.handle(await receive(ws))
+
+
+def _signal(kind: str, to_user: str, payload: dict[str, object]) -> Message:
+    return {"type": kind, "toUser": to_user, "payload": payload}
