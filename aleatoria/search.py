@@ -391,6 +391,10 @@ class Search:
         position = len(self._queue)
         self._due[user] = due(candidate, now, self.rules, self._cooldowns_end(user))
         self._settle(candidate, now)
+        if user in self._queue and self.on_events is not None:
+            # Still waiting: it brings a due time (fallback, timeout) that the search task,
+            # perhaps asleep with nothing due, must wake for.
+            self.on_events()
         return SearchOutcome(profile=profile, position=position, ended_peer=ended)
 
     def tick(self) -> None:

@@ -1,31 +1,24 @@
-"""A known defect of the memory store's search task (PROTOCOL.md section 12), pinned.
+"""The memory store's search task wakes for a new searcher (PROTOCOL.md section 12).
 
-``search_scenarios`` pass in memory only because ``inmemory_server`` starts the search task
-with ``start_soon``: its first look at the queue comes after the scenario's searchers have
-joined. A real server starts the task at boot, when nobody searches, so it sleeps without a
-deadline (``search_delay()`` is None); a searcher who joins and is not matched at once does not
-wake it (``Search.search`` calls ``on_events`` only when it made a match), so that searcher's
-interest wait (the fallback) and search timeout are never acted on -- until some other match
-or timeout happens to wake the task. On the demo page, in memory mode: "Searching…" forever
-for someone whose interests nobody shares. Redis mode is not affected (its tick runs every
-``search_tick``). Strict xfail: the day the task is woken, this fails and the mark goes.
+A real server starts the search task at boot, when nobody searches, so it sleeps without a
+deadline (``search_delay()`` is None). A searcher who joins and is not matched at once must
+wake it (``Search.search`` calls ``on_events``), or that searcher's interest wait (the
+fallback) and search timeout are never acted on: on the demo page in memory mode,
+"Searching…" forever for someone whose interests nobody shares. (Found by a browser test;
+fixed; these tests failed before the fix.) Redis mode ticks every ``search_tick``.
 """
 
 from __future__ import annotations
 
-import pytest
 import trio
 import trio.testing
 from inmemory import connect, inmemory_server
-
-DEFECT = "memory store: a new searcher never wakes the idle search task"
 
 
 def search(**payload: object) -> dict[str, object]:
     return {"type": "request_random_peer", "payload": {"wait": True, **payload}}
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECT)
 async def test_fallback_happens_when_the_search_task_was_idle(autojump_clock: trio.testing.MockClock) -> None:
     """The search task is idle (nobody searched yet); two searchers without a common
     interest are matched once the interest wait has passed."""
@@ -40,7 +33,6 @@ async def test_fallback_happens_when_the_search_task_was_idle(autojump_clock: tr
         assert "bob" == assigned["payload"]["peerId"]
 
 
-@pytest.mark.xfail(strict=True, reason=DEFECT)
 async def test_timeout_happens_when_the_search_task_was_idle(autojump_clock: trio.testing.MockClock) -> None:
     """The search task is idle; a lone searcher hears no_peer_available after the timeout."""
     async with inmemory_server() as server, connect(server, "alice") as alice:
