@@ -25,7 +25,6 @@ from aleatoria.core import Call, Effect, Facts, Rules, Step
 from aleatoria.errors import ClientError, InvalidMessage
 from aleatoria.frames import text_frame
 from aleatoria.hub import Client
-from aleatoria.limits import TokenBucket
 from aleatoria.messages import Envelope
 from aleatoria.moderation import Moderation
 from aleatoria.requests import (
@@ -78,9 +77,6 @@ class Session:
             match_peer=store.match_peer,
             rules=rules,
             blocked_by=client.blocked_by,
-            match_budget=TokenBucket(config.match_rate, config.match_burst)
-            if config.match_rate > 0
-            else None,
         )
 
     # -- entry point ---------------------------------------------------------------------
