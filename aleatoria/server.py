@@ -165,12 +165,15 @@ class Server:
         # Error boundary: one bad client must never take the listener down.
         try:
             request = None  # stays None when the client is too slow to send its head
-            with trio.move_on_after(self.config.handshake_timeout):
+            with trio.move_on_after(self.config.handshake_timeout) as head_wait:
                 request = await read_request(sock)
             if request is None:
+                if not head_wait.cancelled_caught:  # answered (400, 431) or the peer left
+                    await _close_http(sock)
                 return
             if request.path != "/ws":
                 await self._http(sock, request)
+                await _close_http(sock)
                 return
             upgraded = await self._upgrade(sock, request, addr)
             # The request head and h11's state are done with: an idle session should not
@@ -178,6 +181,8 @@ class Server:
             del request
             if upgraded is not None:
                 await self._session(*upgraded)
+            else:
+                await _close_http(sock)  # the refusal's answer, not lost to a reset
         except Exception:
             log.exception("event=connection_error peer=%s", addr)
         finally:
@@ -796,6 +801,35 @@ _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"content-length: 39\r\nconnection: close\r\n\r\nToo many connections from your address\n"
 )
+
+
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 256 * 1024
+
+
+async def _close_http(sock: socket.socket) -> None:
+    """End a plain HTTP exchange without resetting it: closing a socket that still has unread
+    input makes the kernel send a reset, which can destroy the answer in flight (a refused
+    request whose body the client is still sending: 413, 431). So shut our side, then read
+    and drop what comes until the client closes, bounded in time and bytes. Most clients
+    close at once after the answer."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    drained = 0
+    with trio.move_on_after(_LINGER_SECONDS):
+        while drained < _LINGER_BYTES:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            drained += len(data)
 
 
 def _refuse_now(sock: socket.socket) -> None:
