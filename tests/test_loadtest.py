@@ -555,6 +555,20 @@ async def test_real_server_keeps_every_guarantee(nursery: trio.Nursery, scenario
         assert 40 == connections["alive"]
 
 
+async def test_real_server_at_level_2(nursery: trio.Nursery) -> None:
+    """``--level 2``: every connection opens with v=2 (welcome first, presence events among
+    the room frames) and fan-out keeps every guarantee."""
+    url = await start_real(nursery)
+    options = validate(
+        Options(scenario="fanout", url=url, level=2, **{"duration": 1.0, **REAL_SIZES["fanout"]})
+    )
+    with trio.fail_after(RUN_LIMIT):
+        figures = summarize(await run_inline(options))
+    assert {} == figures["violations"]
+    assert {} == figures["server_errors"]
+    assert options.connection_count() == figures["connections"]["opened"]
+
+
 async def test_real_server_rate_limit_is_reported(nursery: trio.Nursery) -> None:
     """With the server's default rate limit on, an unpaced sender's refusals are
     counted as ``rate_limited`` and the report says benchmarks need it off."""

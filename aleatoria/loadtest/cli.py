@@ -56,6 +56,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--server-pid", type=int, help="also report this process's (and its children's) CPU and memory"
     )
+    group.add_argument(
+        "--level",
+        type=int,
+        choices=(1, 2),
+        help="protocol level of every connection: 2 connects with v=2 (welcome, presence events) (1)",
+    )
     group.add_argument("--run-id", help="tag in every user id and room name (random)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON object instead of tables")

@@ -35,10 +35,12 @@ MESSAGE_QUEUE_SIZE = 256
 DISCONNECT_TIMEOUT = 5.0
 
 
-def ws_url(base: str, user: str, room: str | None) -> str:
+def ws_url(base: str, user: str, room: str | None, level: int = 1) -> str:
     url = f"{base.rstrip('/')}/ws?userId={quote(user)}"
     if room is not None:
         url += f"&room={quote(room)}"
+    if level == 2:
+        url += "&v=2"
     return url
 
 
@@ -93,7 +95,7 @@ async def run_client(
     Returns whether the connection opened. Connection failures are counted, not raised;
     any other exception from ``body`` propagates. Cancellation propagates.
     """
-    url = ws_url(ctx.options.url, user, room)
+    url = ws_url(ctx.options.url, user, room, ctx.options.level)
     ctx.stats.inc("conn.attempted")
     opened = False
     token = object()

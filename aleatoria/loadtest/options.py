@@ -84,6 +84,9 @@ class Options:
     allow_remote: bool = False
     insecure: bool = False
     server_pid: int | None = None
+    # Protocol level of every connection (2: ``v=2``, PROTOCOL.md section 11: welcome,
+    # member_joined/member_left; the scenarios skip what they do not use).
+    level: int = 1
 
     def connection_count(self) -> int:
         """How many WebSocket connections the run opens in total."""
