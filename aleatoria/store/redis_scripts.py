@@ -277,6 +277,9 @@ for _, b in ipairs(redis.call('SMEMBERS', BLOCKS_PREFIX .. user)) do my_blocks[b
 for i = 9, #ARGV do my_blocks[ARGV[i]] = true end
 local function allowed(c)
   if my_blocks[c] then return false end
+  -- A searcher is the queue's (section 12), never an immediate pick, even if a pool entry
+  -- survived for it.
+  if redis.call('ZSCORE', QUEUE_KEY, c) then return false end
   if redis.call('SISMEMBER', BLOCKS_PREFIX .. c, user) == 1 then return false end
   if want and type(want.l) == 'string' then
     local theirs = profile_of(c)

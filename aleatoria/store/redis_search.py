@@ -124,6 +124,9 @@ local function better(x, c, best)
 end
 local function pooled(u)
   if redis.call('SISMEMBER', POOL, u) == 0 then return nil end
+  -- A searcher is never a pooled candidate (its interestsOnly would not be weighed), even if
+  -- a pool entry survived for it (e.g. a mirror resync after an outage).
+  if redis.call('ZSCORE', QUEUE, u) then return nil end
   local since = redis.call('ZSCORE', POOLED, u)
   return {user = u, since = tonumber(since or 0), searcher = false}
 end
@@ -174,7 +177,7 @@ local function on_change(x)
         local u = page[i]
         if redis.call('SISMEMBER', POOL, u) == 0 then
           stale[#stale + 1] = u
-        elseif not seen[u] then
+        elseif not seen[u] and not redis.call('ZSCORE', QUEUE, u) then
           local c = {user = u, since = tonumber(page[i + 1]), searcher = false}
           if compatible(x, c) then
             if better(x, c, best) then best = c end

@@ -151,13 +151,12 @@ async def run_storm(ports: list[int], seed: int) -> Storm:
 @pytest.mark.slow
 @pytest.mark.xfail(reason="lost search announcements across instances under load", strict=False)
 async def test_search_storm_on_three_instances(shared_redis: str) -> None:
-    # Known defect, not yet found: under load (the whole suite on 2 cores), while the bus
-    # reports stalls, some searchers were never answered (a cross-instance announcement lost
-    # to the stall: now retried, ``Router.send_surely``, and delivered once); on the Cluster
-    # one run in two still reports an interestsOnly searcher hearing a match without a
-    # common interest -- perhaps an old match's announcement read against the new search's
-    # profile (the check keys profiles by user), perhaps a real break; not yet decided.
-    # Kept running (non-strict) so it shows; the rule checks hold whenever it completes.
+    # Two defects found here, both fixed: announcements lost to bus stalls (now retried,
+    # ``Router.send_surely``, and delivered once), and a searcher that still had a pool entry
+    # being taken as a pooled candidate, its interestsOnly ignored (now a queued user is never
+    # a pooled candidate nor an immediate pick): on the Cluster one run in two broke the rule
+    # before, 4 of 4 passed after. Kept non-strict xfail until it has held under the whole
+    # suite's load for a while; the rule checks hold whenever it completes.
     async with instances(shared_redis, 3, **TIMINGS) as ports:
         await run_storm(ports, 14)
 
