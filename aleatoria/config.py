@@ -413,7 +413,7 @@ class Config:
     valkey_host: str | None = None
     valkey_port: int = 6379
     valkey_username: str | None = None
-    valkey_password: str | None = None
+    valkey_password: str | None = attrs.field(default=None, repr=False)
     valkey_use_tls: bool = False
     redis_db: int = 0
     redis_connect_timeout: float = 2.0
@@ -421,7 +421,7 @@ class Config:
 
     message_ttl_hours: float = 24.0
     history_max: int = 1000
-    auth_secret: str | None = None
+    auth_secret: str | None = attrs.field(default=None, repr=False)
     max_connections: int = 20_000
     max_connections_per_ip: int = 1000
     client_ip_header: str | None = None
@@ -477,7 +477,7 @@ class Config:
     # Safety (PROTOCOL.md section 13).
     match_rate: float = 2.0
     match_burst: int = 30
-    admin_token: str | None = None
+    admin_token: str | None = attrs.field(default=None, repr=False)
     report_webhook: str | None = None
     auto_shadow_reports: int = 0
     report_cap: int = 10_000

@@ -360,7 +360,10 @@ class Server:
         code: int | None = None
         try:
             await self.start_session(session, room, hello)
-            code = await ws.serve(session.handle, self._tasks, session.flush)
+            # Only a store with round trips holds frames back to join them (``Session.flush``):
+            # without one, no call after every read.
+            on_idle = session.flush if self.store.round_trips else None
+            code = await ws.serve(session.handle, self._tasks, on_idle)
         finally:
             with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
                 if not self.keep_session(session, code):

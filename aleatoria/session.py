@@ -93,7 +93,8 @@ class Session:
             # Hostile clients choose ``type``: unknown ones share one label.
             stats.messages_in[envelope.type if envelope.type in m.CLIENT_TYPES else "unknown"] += 1
             request = parse(envelope, self._limits)
-            if self._held or self._hold_available:
+            # Only a held frame, or one to hold, takes the slow path (most frames are neither).
+            if self._held or (self._hold_available and type(request) is UserAvailable):
                 joined = await self._join_held(request, moment)
                 if joined is None:
                     return
