@@ -10,7 +10,6 @@ answered in one place, ``handle``; the connection stays open unless the error sa
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import Any, assert_never
@@ -365,9 +364,12 @@ _AVAILABLE = UserAvailable()
 _TYPING_TARGETS = 16  # past this many, targets quiet for a second are forgotten
 
 
-@functools.cache
 def _limits_and_rules(config: Config) -> tuple[Limits, Rules]:
-    """The request limits and the core's rules, once per configuration (not per session)."""
+    """The request limits and the core's rules, once per configuration (not per session).
+    Kept by identity: hashing a Config (every setting) cost ~5 us per connection."""
+    global _last_rules
+    if _last_rules is not None and _last_rules[0] is config:
+        return _last_rules[1], _last_rules[2]
     limits = Limits(
         max_id_chars=config.max_id_chars,
         max_content_chars=config.max_content_chars,
@@ -383,7 +385,11 @@ def _limits_and_rules(config: Config) -> tuple[Limits, Rules]:
         match_burst=config.match_burst,
         ice=config.ice,
     )
+    _last_rules = (config, limits, rules)
     return limits, rules
+
+
+_last_rules: tuple[Config, Limits, Rules] | None = None
 
 
 def expires_at(exp: int) -> float:
