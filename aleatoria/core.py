@@ -28,7 +28,7 @@ import orjson
 
 from aleatoria import messages as m
 from aleatoria.auth import TokenRefused, token_expiry
-from aleatoria.codec import dumps, encode
+from aleatoria.codec import dumps, encode, encode_chat
 from aleatoria.errors import (
     INVALID_PAYLOAD,
     INVALID_TOKEN,
@@ -523,17 +523,7 @@ def _chat_message(
     facts: Facts, payload: Any, message_id: str | None, room: str | None, to: str | None
 ) -> tuple[bytes, int]:
     created_ns, created = facts.clock()
-    data = encode(
-        Envelope(
-            type=m.CHAT_MESSAGE,
-            from_user=facts.user,
-            to_user=to,
-            room=room,
-            payload=payload,
-            message_id=message_id or facts.new_id(),
-            create_time=created,
-        )
-    )
+    data = encode_chat(facts.user, to, room, payload, message_id or facts.new_id(), created)
     # The whole message bounds its payload: encode the payload alone only when needed.
     limit = facts.rules.max_payload_bytes
     if len(data) > limit and len(dumps(payload)) > limit:

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aleatoria import messages as m
-from aleatoria.codec import dumps, encode, loads
+from aleatoria.codec import dumps, encode, encode_chat, loads
 from aleatoria.errors import InvalidMessage
 from aleatoria.messages import Envelope
 
@@ -105,3 +105,37 @@ def test_whatever_is_accepted_is_written_back_as_strict_json(value: object) -> N
     out = dumps(parsed)
     json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} written"))
     assert parsed == loads(out)
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@given(
+    from_user=st.text(min_size=1),
+    to_user=st.none() | st.text(),
+    room=st.none() | st.text(),
+    payload=_JSON,
+    message_id=st.text(),
+    create_time=st.text(),
+)
+def test_the_chat_fast_path_encodes_as_the_envelope_does(
+    from_user: str, to_user: str | None, room: str | None, payload: object, message_id: str, create_time: str
+) -> None:
+    envelope = Envelope(
+        type=m.CHAT_MESSAGE,
+        from_user=from_user,
+        to_user=to_user,
+        room=room,
+        payload=payload,
+        message_id=message_id,
+        create_time=create_time,
+    )
+    assert encode_chat(from_user, to_user, room, payload, message_id, create_time) == encode(envelope)
