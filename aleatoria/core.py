@@ -28,7 +28,7 @@ import orjson
 
 from aleatoria import messages as m
 from aleatoria.auth import TokenRefused, token_expiry
-from aleatoria.codec import dumps, encode, encode_chat
+from aleatoria.codec import dumps, encode, encode_relayed
 from aleatoria.errors import (
     INVALID_PAYLOAD,
     INVALID_TOKEN,
@@ -523,7 +523,9 @@ def _chat_message(
     facts: Facts, payload: Any, message_id: str | None, room: str | None, to: str | None
 ) -> tuple[bytes, int]:
     created_ns, created = facts.clock()
-    data = encode_chat(facts.user, to, room, payload, message_id or facts.new_id(), created)
+    data = encode_relayed(
+        m.CHAT_MESSAGE, facts.user, to, room, payload, message_id or facts.new_id(), created
+    )
     # The whole message bounds its payload: encode the payload alone only when needed.
     limit = facts.rules.max_payload_bytes
     if len(data) > limit and len(dumps(payload)) > limit:
@@ -596,16 +598,8 @@ def _signal(request: Signal, facts: Facts) -> Step:
         if not scrubbed.keep:
             return DONE
         payload = scrubbed.payload
-    data = encode(
-        Envelope(
-            type=request.kind,
-            from_user=facts.user,
-            to_user=to,
-            payload=payload,
-            message_id=request.message_id or facts.new_id(),
-            create_time=facts.clock()[1],
-        )
-    )
+    message_id = request.message_id or facts.new_id()
+    data = encode_relayed(request.kind, facts.user, to, None, payload, message_id, facts.clock()[1])
     # A hangup's header names the sender: the peer's instance ends the match it mirrors.
     extra = (facts.user,) if request.kind == m.HANGUP else ()
     relay = _after(Relay(to, data, request.kind, extra), lambda reached: _delivered(reached, to))

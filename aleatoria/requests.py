@@ -197,6 +197,7 @@ _STATS = GetStats()
 _GET_BLOCKED = GetBlocked()
 _ICE = GetIceServers()
 _CANCEL_SEARCH = CancelSearch()
+_ANY_PEER = RequestRandomPeer(None, False)
 
 
 def parse(env: Envelope, limits: Limits) -> ClientMessage:
@@ -227,6 +228,8 @@ def parse(env: Envelope, limits: Limits) -> ClientMessage:
     if kind == m.USER_UNAVAILABLE:
         return _UNAVAILABLE
     if kind == m.REQUEST_RANDOM_PEER:
+        if not env.payload and (env.payload is None or type(env.payload) is dict):
+            return _ANY_PEER  # the usual request, without structuring its empty payload
         request = payload_as(env.payload, m.PeerRequest, optional=True)
         current = request.current_peer_id
         if current is not None:

@@ -366,7 +366,8 @@ class Search:
             self._unpool(outcome.peer)
             self._remember(user, outcome.peer, self.clock())
             shared = common(profile, peer.profile) if peer is not None else ()
-            outcome = attrs.evolve(outcome, common=shared)
+            if shared:  # () is the outcome's own (evolve costs ~3 us a match)
+                outcome = attrs.evolve(outcome, common=shared)
         return outcome
 
     def search(self, user: str, current_peer: str | None, profile: Profile) -> SearchOutcome:

@@ -281,10 +281,16 @@ class Session:
 
     async def _perform(self, call: Call) -> Any:
         store, user = self._store, self.user
-        match call:
+        match call:  # the cases of every message first: signals, then matches
             case core.Broadcast(room, data):
                 await self._router.broadcast(room, data, user)
                 return None
+            case core.Relay(to, data, kind, extra):
+                return await self._router.send_checked(to, data, kind, *extra, sender=user)
+            case core.RequestPeer(current, profile):
+                return await store.request_peer(user, current, profile)
+            case core.Hangup(peer):
+                return await store.hangup(user, peer)
             case core.RoomReady(room):
                 await self._router.room_ready(room)
                 live = self._hub.clients.get(user)
@@ -308,17 +314,11 @@ class Session:
             case core.SetUnavailable():
                 await store.set_unavailable(user)
                 return None
-            case core.RequestPeer(current, profile):
-                return await store.request_peer(user, current, profile)
             case core.JoinSearch(current, profile):
                 return await store.search(user, current, profile)
             case core.LeaveSearch():
                 await store.cancel_search(user)
                 return None
-            case core.Hangup(peer):
-                return await store.hangup(user, peer)
-            case core.Relay(to, data, kind, extra):
-                return await self._router.send_checked(to, data, kind, *extra, sender=user)
             case core.RecentHistory(room, limit, before_ns, after_ns):
                 return await store.recent_room_messages(room, limit, before_ns, after_ns)
             case core.DirectHistory(other, limit):

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aleatoria import messages as m
-from aleatoria.codec import dumps, encode, encode_chat, loads
+from aleatoria.codec import dumps, encode, encode_relayed, loads
 from aleatoria.errors import InvalidMessage
 from aleatoria.messages import Envelope
 
@@ -119,6 +119,7 @@ _JSON = st.recursive(
 
 
 @given(
+    kind=st.sampled_from([m.CHAT_MESSAGE, *sorted(m.SIGNALING_TYPES)]),
     from_user=st.text(min_size=1),
     to_user=st.none() | st.text(),
     room=st.none() | st.text(),
@@ -126,11 +127,17 @@ _JSON = st.recursive(
     message_id=st.text(),
     create_time=st.text(),
 )
-def test_the_chat_fast_path_encodes_as_the_envelope_does(
-    from_user: str, to_user: str | None, room: str | None, payload: object, message_id: str, create_time: str
+def test_the_relay_fast_path_encodes_as_the_envelope_does(
+    kind: str,
+    from_user: str,
+    to_user: str | None,
+    room: str | None,
+    payload: object,
+    message_id: str,
+    create_time: str,
 ) -> None:
     envelope = Envelope(
-        type=m.CHAT_MESSAGE,
+        type=kind,
         from_user=from_user,
         to_user=to_user,
         room=room,
@@ -138,4 +145,6 @@ def test_the_chat_fast_path_encodes_as_the_envelope_does(
         message_id=message_id,
         create_time=create_time,
     )
-    assert encode_chat(from_user, to_user, room, payload, message_id, create_time) == encode(envelope)
+    assert encode_relayed(kind, from_user, to_user, room, payload, message_id, create_time) == encode(
+        envelope
+    )
