@@ -84,6 +84,17 @@ class Admission:
         return self.ban is not None and self.ban.shadow
 
 
+# Most users are neither banned nor blocked: they share one admission (a connection keeps its
+# admission as long as it lives; a fresh one cost ~270 bytes a connection).
+ADMITTED = Admission()
+
+
+def admission(ban: Ban | None, blocked_by: Iterable[str]) -> Admission:
+    """The admission of a user with ``ban`` (None if none is active), blocked by ``blocked_by``."""
+    who = frozenset(blocked_by)
+    return ADMITTED if ban is None and not who else Admission(ban, who)
+
+
 class Safety(Protocol):
     """Blocks, reports and bans, shared by every instance (Redis) or this process (memory).
     Like the ``Store``, no method raises because Redis is down: each falls back to memory."""

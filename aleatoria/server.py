@@ -180,7 +180,9 @@ class Server:
             # carry them (~2 KB a connection) for its whole life.
             del request
             if upgraded is not None:
-                await self._session(*upgraded)
+                session = self._session(*upgraded)
+                del upgraded  # nor the tuple (~100 bytes a connection)
+                await session
             else:
                 await _close_http(sock)  # the refusal's answer, not lost to a reset
         except Exception:

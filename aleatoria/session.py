@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, assert_never
 
 import trio
@@ -46,6 +47,23 @@ log = logging.getLogger("aleatoria.session")
 class Session:
     """Carries out the requests of one connected client."""
 
+    # One per connection, alive as long as it is: no instance dict (~150 bytes).
+    __slots__ = (
+        "_facts",
+        "_held",
+        "_hold_available",
+        "_hub",
+        "_limits",
+        "_moderation",
+        "_router",
+        "_rules",
+        "_safety",
+        "_stats",
+        "_store",
+        "client",
+        "user",
+    )
+
     def __init__(
         self,
         client: Client,
@@ -66,17 +84,9 @@ class Session:
         # See ``_join_held``.
         self._hold_available = store.round_trips
         self._held = False
-        self._facts = Facts(
-            user=self.user,
-            rooms=client.rooms,
-            dm_partners=_NO_PARTNERS,
-            clock=now,
-            monotonic=0.0,
-            new_id=new_message_id,
-            match_peer=store.match_peer,
-            rules=rules,
-            blocked_by=client.blocked_by,
-        )
+        # Made at the first request: an idle connection never needs one (136 bytes).
+        self._facts: Facts | None = None
+        self._rules = rules
 
     # -- entry point ---------------------------------------------------------------------
 
@@ -167,6 +177,18 @@ class Session:
         object per session: a replaced connection's rooms move to this client, so they are
         read each time."""
         facts, client = self._facts, self.client
+        if facts is None:
+            facts = self._facts = Facts(
+                user=self.user,
+                rooms=client.rooms,
+                dm_partners=_NO_PARTNERS,
+                clock=now,
+                monotonic=moment,
+                new_id=new_message_id,
+                match_peer=_match_peer(self._store),
+                rules=self._rules,
+                blocked_by=client.blocked_by,
+            )
         facts.monotonic = moment
         facts.rooms = client.rooms
         facts.dm_partners = client.dm_partners or _NO_PARTNERS
@@ -261,9 +283,11 @@ class Session:
     def _typed(self, key: str, moment: float) -> None:
         """Remember a ``typing`` sent to ``key`` (one a second per target); bounded: targets
         quiet for a second are forgotten once there are a few."""
-        sent = self._facts.typing_sent
+        facts = self._facts
+        assert facts is not None  # a typing effect comes from a request, which made it
+        sent = facts.typing_sent
         if not isinstance(sent, dict):
-            sent = self._facts.typing_sent = {}
+            sent = facts.typing_sent = {}
         if len(sent) >= _TYPING_TARGETS:
             for old in [k for k, when in sent.items() if moment - when >= core.TYPING_INTERVAL]:
                 del sent[old]
@@ -390,6 +414,18 @@ def _limits_and_rules(config: Config) -> tuple[Limits, Rules]:
 
 
 _last_rules: tuple[Config, Limits, Rules] | None = None
+
+
+def _match_peer(store: Store) -> Callable[[str], str | None]:
+    """``store.match_peer``, one bound method per store rather than one per session (64 bytes
+    a connection)."""
+    global _last_match_peer
+    if _last_match_peer is None or _last_match_peer[0] is not store:
+        _last_match_peer = (store, store.match_peer)
+    return _last_match_peer[1]
+
+
+_last_match_peer: tuple[Store, Callable[[str], str | None]] | None = None
 
 
 def expires_at(exp: int) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from aleatoria.safety import AUTO_SHADOW_WINDOW, MAX_BLOCKS, Admission, Ban, report_sort_key
+from aleatoria.safety import AUTO_SHADOW_WINDOW, MAX_BLOCKS, Admission, Ban, admission, report_sort_key
 
 DEFAULT_REPORT_CAP = 10_000
 
@@ -57,7 +57,7 @@ class MemorySafety:
         if ban is not None and not ban.active(now):
             del self._bans[user]
             ban = None
-        return Admission(ban, frozenset(self._blocked_by.get(user, ())))
+        return admission(ban, self._blocked_by.get(user, ()))
 
     async def block(self, blocker: str, blocked: str) -> bool:
         return self.block_now(blocker, blocked)

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import orjson
 import redis
 
-from aleatoria.safety import AUTO_SHADOW_WINDOW, FOREVER, MAX_BLOCKS, Admission, Ban
+from aleatoria.safety import AUTO_SHADOW_WINDOW, FOREVER, MAX_BLOCKS, Admission, Ban, admission
 from aleatoria.store.memory_safety import MemorySafety
 from aleatoria.store.redis_batch import scripted
 from aleatoria.store.redis_keeper import RedisKeeper
@@ -80,7 +80,7 @@ class RedisSafety:
             if not ban.active(now):
                 await self._write(partial(_forget_ban, user=user))
                 ban = None
-        return Admission(ban, frozenset(_text(who) for who in blocked_by))
+        return admission(ban, (_text(who) for who in blocked_by))
 
     # -- blocks --------------------------------------------------------------------------------
 
