@@ -59,6 +59,7 @@ class Storm:
         self.languages = {u: self.rng.choice([None, None, None, "en", "fr"]) for u in self.users}
         self.rows: dict[str, list[Row]] = defaultdict(list)  # each user's searches, in order
         self.heard: dict[str, set[str]] = defaultdict(set)  # user -> matchIds it heard
+        self.doing: dict[str, str] = {}  # user -> what it is doing (for a hung storm's report)
         self.broken: list[str] = []
         self.searches = self.matched = self.timeouts = self.cancelled = 0
 
@@ -91,12 +92,16 @@ class Storm:
     async def user(self, port: int, user: str, deadline: float) -> None:
         rng = self.rng
         while trio.current_time() < deadline:
+            self.doing[user] = "connecting"
             async with connect(port, user) as client:
+                self.doing[user] = "blocking"
                 for other in sorted(self.blocks[user]):
                     await client.request("user_blocked", type="block_user", payload={"user": other})
                 await self.session(client, user, deadline)
+                self.doing[user] = "disconnecting"
             # A disconnect ends the session (its search or match goes with it).
             await trio.sleep(rng.random() * 0.2)
+        self.doing[user] = "left"
 
     async def session(self, client: Client, user: str, deadline: float) -> None:
         """Search, talk, Next, until the deadline. Every message is unambiguous: a search is
@@ -120,9 +125,11 @@ class Storm:
             self.rows[user].append(row)
             self.searches += 1
             await client.send(type="request_random_peer", payload=payload)
+            self.doing[user] = "searching"
             if not await self.answered(client, row):
                 return  # cancelled: leave
             peer = row.peer
+            self.doing[user] = "talking" if peer is not None else "between searches"
             if peer is not None:
                 await trio.sleep(rng.random() * 0.5)  # talking
                 if rng.random() < 0.05:
@@ -221,16 +228,20 @@ class Storm:
         assert figures["fairness_checked"] > USERS, figures
         assert 0 == figures["unfair"], figures["unfair_examples"]
         # Every search was answered (matched, timed out or cancelled): a search left hanging
-        # would have kept its user's loop waiting past the storm's deadline (fail_after).
+        # would have kept its user's loop waiting past the storm's deadline (``run_storm``).
 
 
 async def run_storm(ports: list[int], seed: int) -> Storm:
     storm = Storm(seed)
     deadline = trio.current_time() + SECONDS
-    with trio.fail_after(SECONDS + 60):
+    with trio.move_on_after(SECONDS + 60) as hung:
         async with trio.open_nursery() as nursery:
             for i, user in enumerate(storm.users):
                 nursery.start_soon(storm.user, ports[i % len(ports)], user, deadline)
+    if hung.cancelled_caught:  # say who waited for what (a search never answered?)
+        stuck = {user: storm.doing[user] for user in storm.users if storm.doing[user] != "left"}
+        open_rows = {user: storm.rows[user][-1] for user in stuck if storm.rows[user]}
+        raise AssertionError(f"{len(stuck)} users still busy: {sorted(stuck.items())[:10]}, {open_rows}")
     storm.verify()
     return storm
 
