@@ -21,6 +21,8 @@ true``). Searchers are matched with each other and with pooled users, by these r
   so each searcher has a due time (``due``): the earliest of its timeout and those; the
   timer runs ``on_change`` for each searcher that is due, oldest first, and answers
   ``no_peer_available`` to those whose search timed out.
+- A block removed (``unblock_user``) makes one pair compatible: each of the two that searches
+  is looked at again (``recheck``; on Redis it becomes due at once, for the next tick).
 
 ``Search`` applies these rules to a ``Matchmaker`` (the memory store's; the Redis store runs
 the same rules as Lua, ``store.redis_search``). Profiles are parsed and normalised here.
@@ -397,6 +399,15 @@ class Search:
             # perhaps asleep with nothing due, must wake for.
             self.on_events()
         return SearchOutcome(profile=profile, position=position, ended_peer=ended)
+
+    def recheck(self, *users: str) -> None:
+        """A block between ``users`` was removed: each of them that searches runs
+        ``on_change`` again, oldest first, so the pair is matched now if it may be."""
+        now = self.clock()
+        for user in [u for u in self._queue if u in users]:
+            candidate = self._queue.get(user)  # gone if the first one took it
+            if candidate is not None:
+                self._settle(candidate, now)
 
     def tick(self) -> None:
         """Look at every searcher that is due (oldest first): time out or re-match it."""

@@ -189,6 +189,30 @@ async def blocked_users_never_meet(opened: Opener, config: Config) -> None:
         assert "no_peer_available" == (await bob.recv(config.search_timeout + 10))["type"]
 
 
+async def unblocking_lets_them_meet(opened: Opener, config: Config) -> None:
+    """A block kept two compatible searchers apart (and a searcher from a pooled user);
+    once it is removed they are matched without waiting for anything else: no interest
+    wait, no timeout, no other user's arrival."""
+    async with opened("alice") as alice, opened("bob") as bob:
+        await alice.request({"type": "block_user", "payload": {"user": "bob"}}, "user_blocked")
+        started = trio.current_time()
+        await alice.request(search(), "searching")
+        await bob.request(search(), "searching")
+        await sync(alice)
+        await sync(bob)  # both queued, apart: nothing else arrived (sync's pong came next)
+        await alice.request({"type": "unblock_user", "payload": {"user": "bob"}}, "user_unblocked")
+        await matched_pair(alice, bob, timeout=config.search_timeout / 2)
+        assert trio.current_time() - started < config.search_timeout
+    async with opened("dave") as dave, opened("erin") as erin:
+        await erin.request({"type": "block_user", "payload": {"user": "dave"}}, "user_blocked")
+        await dave.send({"type": "user_available_webrtc"})
+        await sync(dave)
+        await erin.request(search(), "searching")
+        await sync(erin)
+        await erin.request({"type": "unblock_user", "payload": {"user": "dave"}}, "user_unblocked")
+        await matched_pair(erin, dave, timeout=config.search_timeout / 2)
+
+
 SCENARIOS = [
     common_interest_match,
     interest_wait_then_anyone,
@@ -199,4 +223,5 @@ SCENARIOS = [
     pooled_users_and_the_immediate_path,
     bad_profiles_are_refused,
     blocked_users_never_meet,
+    unblocking_lets_them_meet,
 ]

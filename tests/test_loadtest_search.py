@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 from loadtest_fakeserver import FakeServer, Faults
@@ -130,6 +131,41 @@ def test_rematches_and_mismatched_pairings_are_found() -> None:
     same_role[1][8] = "impolite"  # both sides think they were served
     figures = analyse([*rows, lonely.to_list(), *same_role], RULES)
     assert (1, 2) == (figures["rematches"], figures["mismatched"])
+
+
+def test_blocks_interests_only_and_unheard_matches_are_not_compatible() -> None:
+    """What the search storms add: a blocked pair (``barred``), a side that asked for
+    ``interestsOnly`` without a common interest, and a pair that met in a match only one side
+    heard (within the cooldown) are never counted as passed over; without them, ``y`` is."""
+    y = searched("y", 0.0, 0.01, interests=["go"], language="fr", end="cancel", left=50.0)
+    a = searched("a", 13.0, 13.01, language="en")  # y cannot take a: another language
+    b = searched("b", 14.0, 14.01)  # by then y's interest wait (10 + 1 s) ran out
+    rows = [*matched(a, b, "m1", 14.0, 14.02)]
+    assert 1 == analyse([y.to_list(), *rows], RULES)["unfair"]
+    assert (
+        0
+        == analyse([y.to_list(), *rows], RULES, barred=lambda one, other: {one, other} == {"y", "b"})[
+            "unfair"
+        ]
+    )
+    picky = attrs.evolve(y, interests_only=True)
+    assert 0 == analyse([picky.to_list(), *rows], RULES)["unfair"]
+    heard_once = searched(
+        "b", 0.2, 0.21, end="match", left=0.5, peer="y", role="polite", match_id="m0", common=[]
+    )
+    assert 0 == analyse([y.to_list(), heard_once.to_list(), *rows], RULES)["unfair"]
+
+
+def test_a_known_timeout_bounds_a_timed_out_search_by_its_request() -> None:
+    """With the server's timeout known, a timed-out search surely waited until its request's
+    sending plus the timeout, however late its no_peer_available arrived."""
+    y = searched("y", 0.0, 0.01, end="timeout", left=30.0)  # the reply arrived very late
+    a = searched("a", 1.0, 1.01, language="en")
+    b = searched("b", 2.0, 2.01)
+    rows = [y.to_list(), *matched(a, b, "m1", 2.0, 2.02)]
+    assert 1 == analyse(rows, RULES)["unfair"]  # left - slack: the doubtful, old bound
+    assert 0 == analyse(rows, attrs.evolve(RULES, timeout=1.5))["unfair"]
+    assert 1 == analyse(rows, attrs.evolve(RULES, timeout=3.0))["unfair"]
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,15 @@
 """The pure search rules (PROTOCOL.md section 12, ``aleatoria.search``): profile parsing, and
-with hypothesis, any sequence of arrivals, searches, cancels, disconnects, blocks and clock
-steps on ``Search`` keeps the invariant (no compatible pair waits), never makes a match that
-breaks a rule, never passes over an older compatible searcher, and times everyone out."""
+with hypothesis, any sequence of arrivals, searches, cancels, disconnects, blocks, unblocks
+and clock steps on ``Search`` keeps the invariant (no compatible pair waits), never makes a
+match that breaks a rule, never passes over an older compatible searcher, and times everyone
+out."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from aleatoria.errors import ClientError
@@ -73,6 +74,10 @@ actions = st.lists(
         st.tuples(st.just("cancel"), st.sampled_from(USERS), st.none()),
         st.tuples(st.just("gone"), st.sampled_from(USERS), st.none()),
         st.tuples(st.just("block"), st.sampled_from(USERS), st.sampled_from(USERS)),
+        # Among a few users, so that a pair blocked, then both searching, then unblocked is
+        # common.
+        st.tuples(st.just("block"), st.sampled_from(USERS[:3]), st.sampled_from(USERS[:3])),
+        st.tuples(st.just("unblock"), st.sampled_from(USERS[:3]), st.sampled_from(USERS[:3])),
         st.tuples(st.just("wait"), st.sampled_from([0.5, 3.0, 10.0, 60.0, 200.0]), st.none()),
     ),
     max_size=40,
@@ -81,11 +86,15 @@ actions = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(actions)
+@example(
+    [("block", "u0", "u1"), ("search", "u0", Profile()), ("search", "u1", Profile()), ("unblock", "u1", "u0")]
+)
 def test_every_step_keeps_the_rules(steps: list[tuple[str, object, object]]) -> None:
     clock = Clock()
     safety = MemorySafety()
     matchmaker = Matchmaker(random.Random(1), safety)
     search = Search(matchmaker, RULES, clock, random.Random(2))
+    safety.on_unblock = search.recheck  # as the memory store wires them
     partners: dict[tuple[str, str], float] = {}
     for kind, a, b in steps:
         before = {c.user: c for c in search.queue()}
@@ -101,6 +110,9 @@ def test_every_step_keeps_the_rules(steps: list[tuple[str, object, object]]) -> 
         elif kind == "block":
             if a != b:
                 safety.block_now(str(a), str(b))
+        elif kind == "unblock":  # both ways: the pair is then free
+            safety.unblock_now(str(a), str(b))
+            safety.unblock_now(str(b), str(a))
         else:
             clock.now += float(a)  # type: ignore[arg-type]
             search.tick()
@@ -161,3 +173,20 @@ def test_candidates_prefer_common_interests_then_wait() -> None:
     search.search("x", None, x.profile)
     [match] = search.events().matches
     assert ("x", "two", ("a", "b")) == (match.impolite, match.polite, match.common)
+
+
+def test_unblocking_matches_the_pair_at_once() -> None:
+    """A block kept two searchers apart; removing it matches them (the older served)
+    without a clock step."""
+    clock = Clock()
+    safety = MemorySafety()
+    search = Search(Matchmaker(random.Random(5), safety), RULES, clock)
+    safety.on_unblock = search.recheck
+    safety.block_now("b", "a")
+    search.search("a", None, Profile())
+    clock.now = 1.0
+    search.search("b", None, Profile())
+    assert () == search.events().matches
+    safety.unblock_now("b", "a")
+    [match] = search.events().matches
+    assert ("a", "b") == (match.impolite, match.polite)

@@ -7,7 +7,8 @@ trio run: ``inline.run_inline(options)``. Module map, outside in:
 - ``cli``: flags → ``Options``; output; exit status.
 - ``options``: the run's knobs and safety rails (loopback only, bounded).
 - ``coordinator``: worker threads/processes, Ctrl-C, merging; ``worker``: one trio run.
-- ``scenarios``: fanout, dm, match, conns, soak, search (built from parts); ``client``: one
+- ``scenarios``: fanout, dm, match, conns, soak, search (built from parts; match and search
+  share ``scenarios.driven``: users run by a state machine with a deadline); ``client``: one
   connection; ``flow``: windows and pacing; ``context``: phases and the stop signal.
 - ``payload``, ``tracking``, ``histogram``, ``stats``: the pure measuring core.
 - ``results`` (what a run hands to the reports), ``summary`` (figures, warnings, exit

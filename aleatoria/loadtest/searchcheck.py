@@ -21,15 +21,18 @@ every check below uses those bounds so that doubt never counts as a violation.
   (impolite: the side the server served, the older searcher) and ``B``, a searcher ``Y``
   surely waiting then -- its ``searching`` arrived before ``B``'s request was sent, and it
   surely left the queue after the match: its own match's earliest moment, its cancel, or its
-  timeout's arrival minus ``slack``, came after the later ``assign_role`` of ``A`` and ``B``
+  timeout (its request's sending plus ``Rules.timeout`` when known, else the reply's arrival
+  minus ``slack``), came after the later ``assign_role`` of ``A`` and ``B``
   -- was passed over when ``Y`` also joined before ``A``'s request and was compatible with
   ``B``, or when ``Y`` was compatible with ``A`` and shares at least as many interests with
   ``A`` as ``B`` does (so ``A`` should have taken ``Y``). Compatible is PROTOCOL.md section
   12's rule as far as the tool can know it, doubt counting as "not compatible": the same
   language when both gave one; a common interest, or else each side with interests had
-  surely waited ``interest_wait + slack``; not partners within ``cooldown + slack``. (No
-  blocks in this scenario.) ``slack`` covers what the tool cannot see: on Redis a fallback,
-  a cooldown's end or a timeout is acted on at the next ``ALEATORIA_SEARCH_TICK``.
+  surely waited ``interest_wait + slack`` (and did not ask for ``interestsOnly``); not
+  partners within ``cooldown + slack`` (any match either side heard of counts, even one the
+  other side never heard); not blocked, when the caller says (``barred``: the load tool has
+  no blocks, the search storms have). ``slack`` covers what the tool cannot see: on Redis a
+  fallback, a cooldown's end or a timeout is acted on at the next ``ALEATORIA_SEARCH_TICK``.
 
 Pure code, no trio.
 """
@@ -40,7 +43,7 @@ import heapq
 import itertools
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import attrs
@@ -83,6 +86,7 @@ class Row:
     role: str | None = None
     match_id: str | None = None
     common: list[str] | None = None
+    interests_only: bool = False
 
     def to_list(self) -> list[Any]:
         return [
@@ -97,6 +101,7 @@ class Row:
             self.role,
             self.match_id,
             self.common,
+            self.interests_only,
         ]
 
     @classmethod
@@ -109,6 +114,13 @@ class Rules:
     interest_wait: float
     cooldown: float
     slack: float
+    # The server's search timeout, when known: a timed-out search surely left the queue no
+    # earlier than ``timeout`` after its request was sent (without it: its reply's arrival
+    # minus ``slack``, which a reply delayed longer than ``slack`` would make wrong).
+    timeout: float | None = None
+
+
+Barred = Callable[[str, str], bool]
 
 
 @attrs.frozen
@@ -128,18 +140,27 @@ def _shared(a: Row, b: Row) -> int:
 
 
 def _compatible(
-    y: Row, p: Row, match: _Match, rules: Rules, history: dict[tuple[str, str], list[_Match]]
+    y: Row,
+    p: Row,
+    match: _Match,
+    rules: Rules,
+    history: dict[tuple[str, str], list[float]],
+    barred: Barred | None,
 ) -> bool:
     """Surely compatible when ``match`` was made (doubt counts as not compatible)."""
     if y.language is not None and p.language is not None and y.language != p.language:
         return False
+    if barred is not None and barred(y.user, p.user):
+        return False
     if not _shared(y, p):
         for side in (y, p):
             assert side.joined is not None
+            if side.interests and side.interests_only:
+                return False
             if side.interests and match.early - side.joined < rules.interest_wait + rules.slack:
                 return False
     for before in history.get(_pair(y.user, p.user), []):
-        if before.early < match.late and match.late - before.early < rules.cooldown + rules.slack:
+        if before < match.late and match.late - before < rules.cooldown + rules.slack:
             return False
     return True
 
@@ -186,6 +207,8 @@ def _left_surely_after(row: Row, earliest: dict[tuple[str, str], float], rules: 
         return math.inf
     if row.end == "cancel" and row.left is not None:
         return row.left
+    if row.end == "timeout" and rules.timeout is not None:
+        return row.sent + rules.timeout
     if row.end == "timeout" and row.left is not None:
         return row.left - rules.slack
     if row.end == "match" and row.match_id:
@@ -193,16 +216,27 @@ def _left_surely_after(row: Row, earliest: dict[tuple[str, str], float], rules: 
     return -math.inf  # lost: unknown
 
 
-def analyse(raw_rows: Iterable[Sequence[Any]], rules: Rules) -> dict[str, Any]:
-    """The run-wide figures of the search scenario; see the module docstring."""
+def analyse(raw_rows: Iterable[Sequence[Any]], rules: Rules, barred: Barred | None = None) -> dict[str, Any]:
+    """The run-wide figures of the search scenario; see the module docstring. ``barred(a,
+    b)``: the two may never be matched (blocked either way), when the caller knows blocks."""
     rows = [Row.from_list(raw) for raw in raw_rows]
     matches, mismatched, unchecked, earliest = _matches(rows)
-    history: dict[tuple[str, str], list[_Match]] = {}
+    by_pair: dict[tuple[str, str], list[_Match]] = {}
     for match in matches:
-        history.setdefault(_pair(match.served.user, match.partner.user), []).append(match)
+        by_pair.setdefault(_pair(match.served.user, match.partner.user), []).append(match)
     rematches = 0
-    for pairs in history.values():
+    for pairs in by_pair.values():
         rematches += sum(1 for x, y in itertools.pairwise(pairs) if y.late - x.early < rules.cooldown)
+    # When each pair surely met at the earliest (for the cooldown): every match either side
+    # heard of, also one whose other side never heard it (its rows are "mismatched").
+    met: dict[tuple[str, str, str], float] = {}  # (pair, matchId) -> after both requests sent
+    for row in rows:
+        if row.end == "match" and row.peer is not None:
+            key = (*_pair(row.user, row.peer), row.match_id or "")
+            met[key] = max(met.get(key, row.sent), row.sent)
+    history: dict[tuple[str, str], list[float]] = {}
+    for (one, other, _), early in met.items():
+        history.setdefault((one, other), []).append(early)
 
     # A sweep over the matches in time order, keeping the searches surely waiting then.
     by_join = sorted((r for r in rows if r.joined is not None), key=lambda r: r.joined or 0.0)
@@ -224,8 +258,8 @@ def analyse(raw_rows: Iterable[Sequence[Any]], rules: Rules) -> dict[str, Any]:
                 continue
             if _left_surely_after(y, earliest, rules) <= match.late:
                 continue
-            if ((y.joined or 0.0) < a.sent and _compatible(y, b, match, rules, history)) or (
-                _shared(a, y) >= _shared(a, b) and _compatible(y, a, match, rules, history)
+            if ((y.joined or 0.0) < a.sent and _compatible(y, b, match, rules, history, barred)) or (
+                _shared(a, y) >= _shared(a, b) and _compatible(y, a, match, rules, history, barred)
             ):
                 skipped.append(y.user)
         # Searches that surely ended before this match cannot be waiting for later ones.

@@ -95,6 +95,7 @@ class MemoryStore:
             self.matchmaker.filter = self._safety
         # The search queue (PROTOCOL.md section 12): every pool change goes through it.
         self.search_queue = Search(self.matchmaker, search_rules or SearchRules(), search_clock)
+        self._safety.on_unblock = self.search_queue.recheck
 
     @property
     def round_trips(self) -> bool:

@@ -25,6 +25,8 @@ class MemorySafety:
         self, report_cap: int = DEFAULT_REPORT_CAP, on_shadow: Callable[[str], None] | None = None
     ) -> None:
         self._on_shadow = on_shadow  # a shadow ban began or ended (the matchmaker re-pools)
+        # A block was removed: the search queue looks at the two again (set by the store).
+        self.on_unblock: Callable[[str, str], None] | None = None
         self._blocks: dict[str, set[str]] = {}
         self._blocked_by: dict[str, set[str]] = {}
         self._reports: deque[dict[str, Any]] = deque(maxlen=max(1, report_cap))
@@ -76,6 +78,8 @@ class MemorySafety:
     def unblock_now(self, blocker: str, blocked: str) -> None:
         _discard(self._blocks, blocker, blocked)
         _discard(self._blocked_by, blocked, blocker)
+        if self.on_unblock is not None:
+            self.on_unblock(blocker, blocked)
 
     async def blocked(self, user: str) -> list[str]:
         return sorted(self._blocks.get(user, ()))

@@ -34,7 +34,7 @@ from aleatoria.safety import AUTO_SHADOW_WINDOW, FOREVER, MAX_BLOCKS, Admission,
 from aleatoria.store.memory_safety import MemorySafety
 from aleatoria.store.redis_batch import scripted
 from aleatoria.store.redis_keeper import RedisKeeper
-from aleatoria.store.redis_scripts import BANS_KEY, BLOCKED_BY_PREFIX, BLOCKS_PREFIX, SHADOW_KEY
+from aleatoria.store.redis_scripts import BANS_KEY, BLOCKED_BY_PREFIX, BLOCKS_PREFIX, DUE_KEY, SHADOW_KEY
 
 log = logging.getLogger("aleatoria.store.safety")
 
@@ -163,6 +163,9 @@ def _unblock(r: redis.Redis, *, blocker: str, blocked: str) -> bool:
     pipe = r.pipeline(transaction=False)
     pipe.srem(BLOCKS_PREFIX + blocker, blocked)
     pipe.srem(BLOCKED_BY_PREFIX + blocked, blocker)
+    # The pair may now be matched: whichever of the two searches is due at once, so the next
+    # search tick (any instance's) runs on_change for it (``redis_search.TICK``).
+    pipe.zadd(DUE_KEY, {blocker: 0, blocked: 0}, xx=True)
     pipe.execute()
     return True
 

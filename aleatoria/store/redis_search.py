@@ -8,7 +8,8 @@ across instances exactly as ``search.on_change`` decides it in memory:
 - ``TICK`` (every instance, every ``search_tick`` seconds) looks at the searchers that are
   due (oldest first): a search that timed out leaves the queue and is returned (its
   ``no_peer_available`` is sent by the instance that ran the tick); any other runs
-  ``on_change`` again (its interest wait or a cooldown ran out). Two instances ticking at
+  ``on_change`` again (its interest wait or a cooldown ran out, or a block between it and
+  another user was removed: ``unblock_user`` makes both due at once). Two instances ticking at
   once cannot both take an event: the first script removes or re-schedules it.
 - Matches come back from the script that made them (impolite, polite, id, common interests,
   the searchers who fell back, the waits): that instance announces them (``searching``).

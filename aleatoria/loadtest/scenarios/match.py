@@ -26,54 +26,22 @@ offer and 3 candidates), ``match.request_timeouts``; latencies ``match.wait``
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Callable
-
-import trio
-from trio_websocket import WebSocketConnection
-
-from aleatoria.loadtest.client import Message, note_error, receive, registered, run_client, send
-from aleatoria.loadtest.context import Ready, RunContext, run_clients
+from aleatoria.loadtest.client import Message, note_error
+from aleatoria.loadtest.context import RunContext
 from aleatoria.loadtest.payload import now_ns
-
-CANDIDATES = 3
-EARLY_LIMIT = 8
-SIGNALING = {"webrtc_offer", "webrtc_answer", "webrtc_candidate", "hangup"}
+from aleatoria.loadtest.scenarios.driven import CANDIDATES, SIGNALING, DrivenPart, DrivenUser, signal
 
 
-class MatchUser:
-    """One user's view of its own matching state; driven by ``MatchPart._session``."""
+class MatchUser(DrivenUser):
+    """One user's view of its own matching state (idle, requesting, backoff, pause, matched,
+    quiescing, done); driven by ``MatchPart``."""
 
-    def __init__(self, part: MatchPart, name: str) -> None:
-        self.part = part
-        self.ctx = part.ctx
-        self.name = name
-        self.ws: WebSocketConnection | None = None
-        self.state = "idle"  # idle, requesting, backoff, pause, matched, quiescing, done
-        self.deadline = math.inf
-        self.peer: str | None = None
-        self.role: str | None = None
-        self.offer_seen = False
-        self.answer_seen = False
-        self.candidates = 0
+    def __init__(self, ctx: RunContext, name: str) -> None:
+        super().__init__(ctx, name)
         self.available_ns = 0
-        self.assigned_ns = 0
-        self.early: list[Message] = []
-        self.stopping = False
-        self.wake_scope: trio.CancelScope | None = None
 
-    def wake(self) -> None:
-        self.stopping = True
-        if self.wake_scope is not None:
-            self.wake_scope.cancel()
-
-    async def send(self, message: Message) -> None:
-        assert self.ws is not None
-        await send(self.ws, message)
-
-    def _timeout_in(self, seconds: float) -> None:
-        self.deadline = trio.current_time() + seconds
+    async def begin(self) -> None:
+        await self.become_available()
 
     # -- the cycle ------------------------------------------------------------------
 
@@ -175,7 +143,7 @@ class MatchUser:
         stats.observe("match.wait", self.assigned_ns - self.available_ns, self.assigned_ns)
         self._timeout_in(self.ctx.options.match_timeout)
         if role == "impolite":
-            await self.send(_signal("webrtc_offer", peer, {"sdp": "lt-offer", "for": peer}))
+            await self.send(signal("webrtc_offer", peer, {"sdp": "lt-offer", "for": peer}))
             await self._send_candidates()
         early, self.early = self.early, []
         for held in early:
@@ -184,21 +152,13 @@ class MatchUser:
             else:
                 stats.inc("match.stray")
 
-    async def _send_candidates(self) -> None:
-        assert self.peer is not None
-        for index in range(CANDIDATES):
-            await self.send(_signal("webrtc_candidate", self.peer, {"candidate": f"lt-{index}"}))
-
     async def on_signaling(self, message: Message) -> None:
         stats = self.ctx.stats
         kind = message.get("type")
         origin = message.get("fromUser")
         peer = self.peer
         if self.state != "matched" or peer is None or origin != peer:
-            if len(self.early) >= EARLY_LIMIT:
-                self.early.pop(0)
-                stats.inc("match.stray")
-            self.early.append(message)
+            self._hold(message, "match.stray")
             return
         payload = message.get("payload")
         payload = payload if isinstance(payload, dict) else {}
@@ -208,7 +168,7 @@ class MatchUser:
                 stats.inc("match.mismatch")
                 return
             self.offer_seen = True
-            await self.send(_signal("webrtc_answer", peer, {"sdp": "lt-answer", "for": peer}))
+            await self.send(signal("webrtc_answer", peer, {"sdp": "lt-answer", "for": peer}))
             await self._send_candidates()
         elif kind == "webrtc_answer":
             if self.role != "impolite" or payload.get("for") != self.name or self.answer_seen:
@@ -232,81 +192,11 @@ class MatchUser:
             await self.after_match()
 
 
-class MatchPart:
+class MatchPart(DrivenPart[MatchUser]):
     """The match users this worker owns; see the module docstring."""
 
     def __init__(self, ctx: RunContext) -> None:
-        self.ctx = ctx
-        self.users = [MatchUser(self, ctx.user_id("u", u)) for u in ctx.share(ctx.options.users)]
-        self.ready = Ready(len(self.users))
-        self.quiet = Ready(len(self.users))  # users that reached "done" (or gave up)
-        self.closing = trio.Event()
-
-    async def run(self) -> None:
-        clients = [functools.partial(self._client, user) for user in self.users]
-        await run_clients(clients, self.closing)
-
-    async def drained(self) -> None:
-        await self.quiet.wait()
-
-    def close(self) -> None:
-        self.closing.set()
+        super().__init__(ctx, [MatchUser(ctx, ctx.user_id("u", u)) for u in ctx.share(ctx.options.users)])
 
     def account(self) -> None:
         self.ctx.stats.inc("match.stray", sum(len(user.early) for user in self.users))
-
-    async def _client(self, user: MatchUser) -> None:
-        arrive = self.ready.token()
-        quiet = self.quiet.token()
-        try:
-            session = functools.partial(self._session, user, arrive, quiet)
-            await run_client(self.ctx, user.name, None, session)
-        finally:
-            arrive()
-            quiet()
-
-    async def _session(
-        self,
-        user: MatchUser,
-        arrive: Callable[[], None],
-        quiet: Callable[[], None],
-        ws: WebSocketConnection,
-    ) -> None:
-        ctx = self.ctx
-        user.ws = ws
-        if not await registered(ws, ctx):
-            return
-        arrive()
-        await ctx.go.wait()
-        ctx.on_stop(user.wake)
-        if ctx.stop.is_set():
-            await user.quiesce()
-        else:
-            await user.become_available()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._drive, user, ws, quiet)
-            await self.closing.wait()
-            nursery.cancel_scope.cancel()
-
-    async def _drive(self, user: MatchUser, ws: WebSocketConnection, quiet: Callable[[], None]) -> None:
-        stopped = False
-        while user.state != "done":
-            if user.stopping and not stopped:
-                stopped = True
-                await user.on_stop()
-                continue
-            with trio.CancelScope(deadline=user.deadline) as scope:
-                user.wake_scope = scope
-                message = await receive(ws)
-            user.wake_scope = None
-            if scope.cancelled_caught:
-                if trio.current_time() >= user.deadline:
-                    await user.on_deadline()
-                continue
-            await user.handle(message)
-        quiet()
-        await trio.sleep_forever()  # keep the connection open until the part closes
-
-
-def _signal(kind: str, to_user: str, payload: dict[str, object]) -> Message:
-    return {"type": kind, "toUser": to_user, "payload": payload}

@@ -26,64 +26,41 @@ latencies ``search.wait`` (request sent → ``assign_role``) and ``search.setup`
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 import time
-from collections.abc import Callable
 from typing import Any
 
-import trio
 from trio_websocket import WebSocketConnection
 
-from aleatoria.loadtest.client import Message, note_error, receive, registered, run_client, send
-from aleatoria.loadtest.context import Ready, RunContext, run_clients
+from aleatoria.loadtest.client import Message, note_error, receive
+from aleatoria.loadtest.context import RunContext
 from aleatoria.loadtest.payload import now_ns
+from aleatoria.loadtest.scenarios.driven import CANDIDATES, SIGNALING, DrivenPart, DrivenUser, signal
 from aleatoria.loadtest.searchcheck import Row, draw_profile
 
-CANDIDATES = 3
-EARLY_LIMIT = 8
-SIGNALING = {"webrtc_offer", "webrtc_answer", "webrtc_candidate", "hangup"}
 
-
-class SearchUser:
-    """One user's view of its searches and matches; driven by ``SearchPart._drive``."""
+class SearchUser(DrivenUser):
+    """One user's view of its searches and matches (idle, requesting, queued, matched,
+    talking, quiescing, done); driven by ``SearchPart``."""
 
     def __init__(self, ctx: RunContext, index: int) -> None:
-        self.ctx = ctx
-        self.name = ctx.user_id("s", index)
+        super().__init__(ctx, ctx.user_id("s", index))
         options = ctx.options
         rng = random.Random(f"{options.run_id}-{index}")  # the same profile in every run with this id
         self.interests, self.language = draw_profile(
             rng, options.vocabulary, options.interests_per_user, options.zipf, options.language_choices()
         )
-        self.ws: WebSocketConnection | None = None
-        # idle, requesting, queued, matched, talking, quiescing, done
-        self.state = "idle"
-        self.deadline = math.inf
         self.row: Row | None = None  # the current (or, while quiescing, the last) search
         self.sent_ns = 0
-        self.peer: str | None = None
-        self.role: str | None = None
         self.match_id: str | None = None
-        self.offer_seen = self.answer_seen = False
-        self.candidates = 0
-        self.assigned_ns = 0
-        self.early: list[Message] = []
-        self.stopping = False
-        self.wake_scope: trio.CancelScope | None = None
 
-    def wake(self) -> None:
-        self.stopping = True
-        if self.wake_scope is not None:
-            self.wake_scope.cancel()
+    async def begin(self) -> None:
+        await self.search()
 
-    async def send(self, message: Message) -> None:
-        assert self.ws is not None
-        await send(self.ws, message)
-
-    def _timeout_in(self, seconds: float) -> None:
-        self.deadline = trio.current_time() + seconds
+    async def linger(self, ws: WebSocketConnection) -> None:
+        while True:  # until the part closes: a match announced after our pong is refused
+            await self.handle(await receive(ws))
 
     def _close_row(self, end: str, left: float | None) -> None:
         row, self.row = self.row, None
@@ -233,7 +210,7 @@ class SearchUser:
                 stats.inc("search.fallbacks")
         self._timeout_in(self.ctx.options.match_timeout)
         if role == "impolite":
-            await self.send(_signal("webrtc_offer", peer, {"sdp": "lt-offer", "for": peer}))
+            await self.send(signal("webrtc_offer", peer, {"sdp": "lt-offer", "for": peer}))
             await self._send_candidates()
         early, self.early = self.early, []
         for held in early:
@@ -249,11 +226,6 @@ class SearchUser:
         self.row = row
         self._close_row("match", time.time())
 
-    async def _send_candidates(self) -> None:
-        assert self.peer is not None
-        for index in range(CANDIDATES):
-            await self.send(_signal("webrtc_candidate", self.peer, {"candidate": f"lt-{index}"}))
-
     async def on_signaling(self, message: Message) -> None:
         stats = self.ctx.stats
         kind = message.get("type")
@@ -264,10 +236,7 @@ class SearchUser:
         if self.state not in {"matched", "talking"} or peer is None or origin != peer:
             if kind == "hangup":
                 return  # from a former peer (a Next that crossed ours): nothing to do
-            if len(self.early) >= EARLY_LIMIT:
-                self.early.pop(0)
-                stats.inc("search.stray")
-            self.early.append(message)
+            self._hold(message, "search.stray")
             return
         payload = message.get("payload")
         payload = payload if isinstance(payload, dict) else {}
@@ -284,7 +253,7 @@ class SearchUser:
                 stats.inc("search.mismatch")
                 return
             self.offer_seen = True
-            await self.send(_signal("webrtc_answer", peer, {"sdp": "lt-answer", "for": peer}))
+            await self.send(signal("webrtc_answer", peer, {"sdp": "lt-answer", "for": peer}))
             await self._send_candidates()
         elif kind == "webrtc_answer":
             if self.role != "impolite" or payload.get("for") != self.name or self.answer_seen:
@@ -307,25 +276,11 @@ class SearchUser:
             self.deadline = math.inf
 
 
-class SearchPart:
+class SearchPart(DrivenPart[SearchUser]):
     """The search users this worker owns; see the module docstring."""
 
     def __init__(self, ctx: RunContext) -> None:
-        self.ctx = ctx
-        self.users = [SearchUser(ctx, index) for index in ctx.share(ctx.options.users)]
-        self.ready = Ready(len(self.users))
-        self.quiet = Ready(len(self.users))
-        self.closing = trio.Event()
-
-    async def run(self) -> None:
-        clients = [functools.partial(self._client, user) for user in self.users]
-        await run_clients(clients, self.closing)
-
-    async def drained(self) -> None:
-        await self.quiet.wait()
-
-    def close(self) -> None:
-        self.closing.set()
+        super().__init__(ctx, [SearchUser(ctx, index) for index in ctx.share(ctx.options.users)])
 
     def account(self) -> None:
         stats = self.ctx.stats
@@ -334,60 +289,3 @@ class SearchPart:
             row = user.row
             if row is not None:  # cancelled at the end, or never answered
                 user._close_row(row.end if row.end == "cancel" else "open", row.left)
-
-    async def _client(self, user: SearchUser) -> None:
-        arrive = self.ready.token()
-        quiet = self.quiet.token()
-        try:
-            session = functools.partial(self._session, user, arrive, quiet)
-            await run_client(self.ctx, user.name, None, session)
-        finally:
-            arrive()
-            quiet()
-
-    async def _session(
-        self,
-        user: SearchUser,
-        arrive: Callable[[], None],
-        quiet: Callable[[], None],
-        ws: WebSocketConnection,
-    ) -> None:
-        ctx = self.ctx
-        user.ws = ws
-        if not await registered(ws, ctx):
-            return
-        arrive()
-        await ctx.go.wait()
-        ctx.on_stop(user.wake)
-        if ctx.stop.is_set():
-            await user.quiesce()
-        else:
-            await user.search()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._drive, user, ws, quiet)
-            await self.closing.wait()
-            nursery.cancel_scope.cancel()
-
-    async def _drive(self, user: SearchUser, ws: WebSocketConnection, quiet: Callable[[], None]) -> None:
-        stopped = False
-        while user.state != "done":
-            if user.stopping and not stopped:
-                stopped = True
-                await user.on_stop()
-                continue
-            with trio.CancelScope(deadline=user.deadline) as scope:
-                user.wake_scope = scope
-                message = await receive(ws)
-            user.wake_scope = None
-            if scope.cancelled_caught:
-                if trio.current_time() >= user.deadline:
-                    await user.on_deadline()
-                continue
-            await user.handle(message)
-        quiet()
-        while True:  # until the part closes: a match announced after our pong is refused
-            await user.handle(await receive(ws))
-
-
-def _signal(kind: str, to_user: str, payload: dict[str, object]) -> Message:
-    return {"type": kind, "toUser": to_user, "payload": payload}
