@@ -347,6 +347,9 @@ return 1
     .replace("PROFILES_KEY", PROFILES_KEY)
 )
 
+# A searcher whose instance is not alive is looked at again this often (ms) until its timeout.
+OFFLINE_RECHECK_MS = 1000
+
 # KEYS: pool, matches, presence, instances. ARGV: timeout, wait, cooldown (ms), id token,
 # TICK_BATCH. Returns {timeouts, queue length, matches...}.
 TICK = (
@@ -375,7 +378,10 @@ if #due_now > 0 then
         dequeue(x.user)
         timeouts[#timeouts + 1] = x.user
       elseif not online(KEYS[3], KEYS[4], x.user) then
-        dequeue(x.user)  -- its instance died: nobody to tell
+        -- Its instance missed heartbeats: dead, or only stalled (it re-registers and its
+        -- users are online again). It keeps its place, unmatchable meanwhile, and is looked
+        -- at again each second until its timeout answers it (to its instance, if alive).
+        redis.call('ZADD', DUE, math.min(x.since + cfg.timeout, cfg.now + OFFLINE_RECHECK_MS), x.user)
       else
         redis.call('ZADD', DUE, due(x.user, x.since), x.user)
         local served, partner_ = on_change(x)
@@ -385,5 +391,5 @@ if #due_now > 0 then
   end
 end
 return {timeouts, redis.call('ZCARD', QUEUE), unpack(made)}
-"""
+""".replace("OFFLINE_RECHECK_MS", str(OFFLINE_RECHECK_MS))
 )

@@ -30,6 +30,11 @@ TIMINGS: dict[str, float] = {
     "search_tick": 0.1,
     "rate_limit": 0,
     "match_rate": 0,
+    # The storm tests matching, not the noticing of dead instances: the scale-out tests'
+    # 1.5 s presence TTL had live instances declared dead under the whole suite's load on 2
+    # cores (their searchers kept their places since, but could not be matched meanwhile).
+    "presence_ttl": 6.0,
+    "heartbeat_interval": 1.0,
 }
 TAGS = [f"tag{i}" for i in range(20)]
 WEIGHTS = [1 / (rank + 1) for rank in range(len(TAGS))]  # Zipf-like
