@@ -638,7 +638,8 @@ def _matched(outcome: RequestOutcome, facts: Facts) -> Step:
     if outcome.peer is None:
         effects.append(Reply(m.NO_PEER_AVAILABLE, m.NoPeer(message=m.NO_PEER_TEXT)))
         return Step(tuple(effects))
-    ice, unix_now, common = facts.rules.ice, _unix_now(facts), list(outcome.common)
+    ice, common = facts.rules.ice, list(outcome.common)
+    unix_now = _unix_now(facts) if ice.configured else 0  # for TURN credentials only
     mine = assign_role(outcome.role, outcome.peer, facts.user, ice, unix_now, outcome.match_id, common)
     effects.append(Reply(m.ASSIGN_ROLE, mine))
     if not outcome.resend:

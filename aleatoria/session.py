@@ -315,6 +315,10 @@ class Session:
                 return await store.request_peer(user, current, profile)
             case core.Hangup(peer):
                 return await store.hangup(user, peer)
+            case core.SetAvailable(profile):
+                return await store.set_available(user, profile)
+            case core.PoolThenRequestPeer(current, profile):
+                return await store.pool_then_request_peer(user, current, profile)
             case core.RoomReady(room):
                 await self._router.room_ready(room)
                 live = self._hub.clients.get(user)
@@ -331,10 +335,6 @@ class Session:
                 return await store.room_members(room, limit)
             case core.Counts():
                 return await store.stats()
-            case core.SetAvailable(profile):
-                return await store.set_available(user, profile)
-            case core.PoolThenRequestPeer(current, profile):
-                return await store.pool_then_request_peer(user, current, profile)
             case core.SetUnavailable():
                 await store.set_unavailable(user)
                 return None
