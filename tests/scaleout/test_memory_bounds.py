@@ -14,7 +14,7 @@ import pytest
 import trio
 from redis_server import RedisServer
 from scaleout_support import serve_process
-from wsclient import connect
+from support import connect
 
 BUDGET_MB = 16
 # What the process may grow beyond the budget: allocator slack, the write buffer (Redis
@@ -43,7 +43,7 @@ async def _drive(port: int, user: str, pattern: str, deadline: float, sent: list
 
         async def read() -> None:
             while True:
-                message = await client.receive()
+                message = await client.recv()
                 if message["type"] in ("chat_message", "room_left", "error"):
                     window.release()
 
@@ -54,12 +54,12 @@ async def _drive(port: int, user: str, pattern: str, deadline: float, sent: list
                 if pattern == "rooms":
                     # A new room each time: join, post, leave (the room's history stays).
                     room = f"{user}-r{n}"
-                    await client.send(type="join_room", room=room)
+                    await client.send({"type": "join_room", "room": room})
                     await window.acquire()
                     frame = {"type": "chat_message", "room": room, "payload": PAYLOAD}
                     await client.ws.send_message(orjson.dumps(frame).decode())
                     await window.acquire()
-                    await client.send(type="leave_room", room=room)
+                    await client.send({"type": "leave_room", "room": room})
                 else:
                     # A DM to a user who never connects (stored for a day).
                     await window.acquire()

@@ -11,7 +11,7 @@ import sys
 import trio
 from redis_server import RedisServer
 from scaleout_support import serve_process
-from wsclient import connect
+from support import connect
 
 
 def _environment() -> dict[str, str]:
