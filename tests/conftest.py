@@ -80,21 +80,19 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[InMemoryServer]:
-    """The in-memory tier's server (``inmemory_server()``)."""
-    async with inmemory_server() as running:
-        yield running
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[InMemoryServer | RunningServer]:
+    """The test's tier's server with the default configuration: ``inmemory_server()``, or
+    ``running_server()`` (a real port) for a ``loopback`` test."""
+    if request.node.get_closest_marker("loopback") is None:
+        async with inmemory_server() as in_memory:
+            yield in_memory
+    else:
+        async with running_server() as running:
+            yield running
 
 
 @pytest.fixture
-async def loopback_server() -> AsyncIterator[RunningServer]:
-    """The loopback tier's server (``running_server()``, on a real port)."""
-    async with running_server() as running:
-        yield running
-
-
-@pytest.fixture
-def connect_to(server: InMemoryServer) -> Callable[..., Any]:
+def connect_to(server: InMemoryServer | RunningServer) -> Callable[..., Any]:
     """``async with connect_to("alice") as alice:``, a WebSocket to the ``server`` fixture."""
 
     def opener(user: str, room: str | None = None, **kw: Any) -> Any:
