@@ -9,42 +9,17 @@ every other test is pure or in memory, and fails if it binds or connects a socke
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Callable, Generator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from inmemory import InMemoryServer, inmemory_server
 from support import RunningServer, connect, running_server
+from tiers import Guard
 
 _LOOPBACK_DIRS = ("redis", "scaleout", "browser")
 _HERE = Path(__file__).parent
-
-
-class _Guard:
-    """Refuses bind/connect while an in-memory or pure test runs, and remembers it (a server
-    task may swallow the error: the test fails afterwards all the same)."""
-
-    active: ClassVar[bool] = False
-    violations: ClassVar[list[str]] = []
-
-    @classmethod
-    def wrap(cls, name: str) -> None:
-        original = getattr(socket.socket, name)
-
-        def guarded(self: socket.socket, *args: Any, **kwargs: Any) -> Any:
-            if cls.active:
-                what = f"socket.{name}{args!r}"
-                cls.violations.append(what)
-                raise OSError(f"{what}: this test is not in the loopback tier (mark it loopback)")
-            return original(self, *args, **kwargs)
-
-        setattr(socket.socket, name, guarded)
-
-
-for _name in ("bind", "connect", "connect_ex"):
-    _Guard.wrap(_name)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -64,19 +39,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def pytest_runtest_protocol(
     item: pytest.Item, nextitem: pytest.Item | None
 ) -> Generator[None, object, object]:
-    _Guard.active = item.get_closest_marker("loopback") is None
-    _Guard.violations = []
+    Guard.active = item.get_closest_marker("loopback") is None
+    Guard.violations = []
     try:
         return (yield)
     finally:
-        _Guard.active = False
+        Guard.active = False
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, None]:
     yield
-    if _Guard.violations:
-        pytest.fail(f"an in-memory test used a socket: {_Guard.violations[:3]}")
+    if Guard.violations:
+        pytest.fail(f"an in-memory test used a socket: {Guard.violations[:3]}")
 
 
 @pytest.fixture

@@ -175,7 +175,9 @@ async def test_dns_rebinding_is_refused_and_the_local_demo_page_still_works(serv
     Origin both naming evil.example: same-origin, but not one of our hosts: 403."""
     port = server.port
     target = "/ws?userId=alice"
-    assert 403 == await upgrade_with_host(server, target, f"evil.example:{port}", f"http://evil.example:{port}")
+    assert 403 == await upgrade_with_host(
+        server, target, f"evil.example:{port}", f"http://evil.example:{port}"
+    )
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
         origin = f"http://{host}"
         assert 101 == await upgrade_with_host(server, target, host, origin), host

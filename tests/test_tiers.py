@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from conftest import _Guard
+from tiers import Guard
 
 
 def test_an_in_memory_test_may_not_connect_or_bind() -> None:
@@ -19,8 +19,8 @@ def test_an_in_memory_test_may_not_connect_or_bind() -> None:
             sock.connect_ex(("127.0.0.1", 9))
         with pytest.raises(OSError, match="not in the loopback tier"):
             sock.bind(("127.0.0.1", 0))
-    assert 3 == len(_Guard.violations)
-    _Guard.violations.clear()  # this test meant them
+    assert 3 == len(Guard.violations)
+    Guard.violations.clear()  # this test meant them
 
 
 def test_a_socket_pair_is_allowed() -> None:
