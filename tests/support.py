@@ -169,11 +169,13 @@ async def connect(
     room: str | None = None,
     *,
     joined: bool = True,
+    skip: bool = False,
     rcvbuf: int | None = None,
     **kw: Any,
 ) -> AsyncIterator[SocketPeer]:
     """Connect ``user`` over a WebSocket; by default wait for the ``room_joined`` of the URL
-    room. ``server``: a ``Target`` or a port on 127.0.0.1.
+    room (with ``skip``, other messages may come first: several instances, Redis).
+    ``server``: a ``Target`` or a port on 127.0.0.1.
 
     The stream is opened and closed here: trio-websocket leaves its stream open when the
     server resets the connection (as it does to an abusive client), which would fail the
@@ -188,7 +190,7 @@ async def connect(
             try:
                 peer = SocketPeer(ws, user)
                 if joined:
-                    await peer.expect("room_joined")
+                    await peer.expect("room_joined", skip=skip)
                 yield peer
             finally:
                 await ws.aclose()

@@ -37,5 +37,5 @@ class Client:
 async def connect(
     port: int, user: str, room: str | None = None, *, joined: bool = True
 ) -> AsyncIterator[Client]:
-    async with connect_peer(port, user, room, joined=joined) as peer:
+    async with connect_peer(port, user, room, joined=joined, skip=True) as peer:
         yield Client(peer)

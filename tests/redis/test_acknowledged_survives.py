@@ -102,7 +102,11 @@ async def test_acknowledged_direct_messages_survive_kill_9(redis_server: RedisSe
 async def _pair(
     port: int, a: str, b: str, storm: Storm, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    async with connect(port, a) as first, connect(port, b) as second, trio.open_nursery() as nursery:
+    async with (
+        connect(port, a, skip=True) as first,
+        connect(port, b, skip=True) as second,
+        trio.open_nursery() as nursery,
+    ):
         nursery.start_soon(storm.read, first)
         nursery.start_soon(storm.read, second)
         nursery.start_soon(storm.send, first, b)

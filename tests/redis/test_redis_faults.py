@@ -83,9 +83,9 @@ async def test_kill_9_mid_traffic(redis_server: RedisServer, caplog: pytest.LogC
     caplog.set_level(logging.INFO, logger="aleatoria")
     async with (
         running_server(server_config(redis_server.url)) as srv,
-        connect(srv, "alice", "Den") as alice,
-        connect(srv, "bob", "Den") as bob,
-        connect(srv, "carol") as carol,
+        connect(srv, "alice", "Den", skip=True) as alice,
+        connect(srv, "bob", "Den", skip=True) as bob,
+        connect(srv, "carol", skip=True) as carol,
     ):
         await carol.send({"type": "user_available_webrtc"})
         await carol.request({"type": "ping"}, "pong", skip=True)
@@ -97,9 +97,9 @@ async def test_kill_9_mid_traffic(redis_server: RedisServer, caplog: pytest.LogC
         outage_first = chat.sent
         await chat.run(100, 0.002)
         # Live state changes during the outage.
-        async with connect(srv, "eve", "Attic"):
+        async with connect(srv, "eve", "Attic", skip=True):
             pass
-        async with connect(srv, "dave", "Attic") as dave:
+        async with connect(srv, "dave", "Attic", skip=True) as dave:
             await dave.send({"type": "user_available_webrtc"})
             await dave.request({"type": "ping"}, "pong", skip=True)
             outage_last = chat.sent
@@ -123,14 +123,14 @@ async def test_sigstop_hang_keeps_live_chat_fast(redis_server: RedisServer) -> N
     message and the pool without the user who left during the stall."""
     async with (
         running_server(server_config(redis_server.url)) as srv,
-        connect(srv, "alice", "Den") as alice,
-        connect(srv, "bob", "Den") as bob,
-        connect(srv, "carol") as carol,
+        connect(srv, "alice", "Den", skip=True) as alice,
+        connect(srv, "bob", "Den", skip=True) as bob,
+        connect(srv, "carol", skip=True) as carol,
     ):
         dave_leaves = trio.Event()
 
         async def dave_session(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            async with connect(srv, "dave") as dave:
+            async with connect(srv, "dave", skip=True) as dave:
                 await dave.send({"type": "user_available_webrtc"})
                 await dave.request({"type": "ping"}, "pong", skip=True)
                 task_status.started()
@@ -172,7 +172,10 @@ async def test_wrong_password_then_fixed(redis_binary: str, tmp_path: Any) -> No
         url = f"redis://:wrong@127.0.0.1:{server.port}/0"
         async with running_server(server_config(url)) as srv:
             assert "degraded" == (await get_json(srv, "/health"))["redis"]
-            async with connect(srv, "alice", "Den") as alice, connect(srv, "bob", "Den") as bob:
+            async with (
+                connect(srv, "alice", "Den", skip=True) as alice,
+                connect(srv, "bob", "Den", skip=True) as bob,
+            ):
                 chat = Chat(alice, bob, "Den")
                 await chat.run(5, 0)
                 recent = await alice.request(
@@ -195,8 +198,8 @@ async def test_auth_rejected_mid_run(redis_server: RedisServer) -> None:
     when it stops requiring one, the server recovers with nothing lost."""
     async with (
         running_server(server_config(redis_server.url)) as srv,
-        connect(srv, "alice", "Den") as alice,
-        connect(srv, "bob", "Den") as bob,
+        connect(srv, "alice", "Den", skip=True) as alice,
+        connect(srv, "bob", "Den", skip=True) as bob,
     ):
         chat = Chat(alice, bob, "Den")
         await chat.run(5, 0)
@@ -222,9 +225,9 @@ async def test_redis_absent_at_start_then_started(
     async with running_server(server_config(redis_down.url)) as srv:
         assert "degraded" == (await get_json(srv, "/health"))["redis"]
         async with (
-            connect(srv, "alice", "Den") as alice,
-            connect(srv, "bob", "Den") as bob,
-            connect(srv, "carol") as carol,
+            connect(srv, "alice", "Den", skip=True) as alice,
+            connect(srv, "bob", "Den", skip=True) as bob,
+            connect(srv, "carol", skip=True) as carol,
         ):
             await carol.send({"type": "user_available_webrtc"})
             await carol.request({"type": "ping"}, "pong", skip=True)
@@ -235,7 +238,7 @@ async def test_redis_absent_at_start_then_started(
             rooms = await alice.request({"type": "get_rooms"}, "rooms_list", skip=True)
             assert ["Den"] == rooms["payload"]["rooms"]
             # Matchmaking works on memory meanwhile.
-            async with connect(srv, "dave") as dave, connect(srv, "erin") as erin:
+            async with connect(srv, "dave", skip=True) as dave, connect(srv, "erin", skip=True) as erin:
                 await erin.send({"type": "user_available_webrtc"})
                 await erin.request({"type": "ping"}, "pong", skip=True)
                 await dave.send({"type": "request_random_peer"})
@@ -262,7 +265,7 @@ async def test_quick_restart_between_probes_is_noticed(redis_server: RedisServer
     (connection lost or a new run_id) and the live state is registered again."""
     async with (
         running_server(server_config(redis_server.url)) as srv,
-        connect(srv, "carol", "Den") as carol,
+        connect(srv, "carol", "Den", skip=True) as carol,
     ):
         await carol.send({"type": "user_available_webrtc"})
         await carol.request({"type": "ping"}, "pong", skip=True)

@@ -26,7 +26,7 @@ async def test_room_history_newest_first_with_limit_and_before(redis_server: Red
     """get_recent_messages: newest first, at most ``limit``, strictly older than ``before``;
     the messages are in Redis under room:messages:{room}."""
     config = server_config(redis_server.url)
-    async with running_server(config) as srv, connect(srv, "alice", "Den") as alice:
+    async with running_server(config) as srv, connect(srv, "alice", "Den", skip=True) as alice:
         sent = [await _say(alice, "Den", f"m{i}") for i in range(6)]
         with redis_server.client() as r:
             await wait_until(lambda: r.zcard("room:messages:Den") == 6)
@@ -50,11 +50,11 @@ async def test_direct_history_order_and_limit(redis_server: RedisServer) -> None
     """get_direct_messages: the last ``limit`` messages, oldest first, stored for an offline
     recipient under dm:{a}:{b} with a < b."""
     async with running_server(server_config(redis_server.url)) as srv:
-        async with connect(srv, "zoe") as zoe:
+        async with connect(srv, "zoe", skip=True) as zoe:
             for i in range(5):
                 await zoe.send({"type": "chat_message", "toUser": "adam", "payload": {"content": f"d{i}"}})
                 await zoe.expect("chat_message", skip=True)
-        async with connect(srv, "adam") as adam:
+        async with connect(srv, "adam", skip=True) as adam:
             reply = await adam.request(
                 {"type": "get_direct_messages", "payload": {"withUser": "zoe", "limit": 3}},
                 "direct_messages",
@@ -74,7 +74,7 @@ async def test_expired_messages_are_never_returned_and_are_trimmed(
     from Redis by the next write, room and DM alike."""
     ttl = 0.6
     config = server_config(redis_server.url, message_ttl_hours=ttl / 3600)
-    async with running_server(config) as srv, connect(srv, "alice", "Den") as alice:
+    async with running_server(config) as srv, connect(srv, "alice", "Den", skip=True) as alice:
         await _say(alice, "Den", "old1")
         await _say(alice, "Den", "old2")
         await alice.send({"type": "chat_message", "toUser": "bob", "payload": {"content": "dm-old"}})
@@ -102,7 +102,7 @@ async def test_expired_messages_are_never_returned_and_are_trimmed(
 async def test_history_is_capped_per_room_and_per_dm(redis_server: RedisServer) -> None:
     """ALEATORIA_HISTORY_MAX caps each room and each DM, keeping the newest."""
     config = server_config(redis_server.url, history_max=3)
-    async with running_server(config) as srv, connect(srv, "alice", "Den") as alice:
+    async with running_server(config) as srv, connect(srv, "alice", "Den", skip=True) as alice:
         for i in range(5):
             await _say(alice, "Den", f"r{i}")
             await alice.send({"type": "chat_message", "toUser": "bob", "payload": {"content": f"d{i}"}})
@@ -125,11 +125,11 @@ async def test_history_is_capped_per_room_and_per_dm(redis_server: RedisServer) 
 
 async def test_history_survives_a_restart_of_aleatoria_serve(redis_server: RedisServer) -> None:
     """Messages written by one ``aleatoria serve`` process are read by the next one."""
-    async with serve_process(redis_server.url) as port, connect(port, "alice", "Den") as alice:
+    async with serve_process(redis_server.url) as port, connect(port, "alice", "Den", skip=True) as alice:
         await _say(alice, "Den", "before restart")
         await alice.send({"type": "chat_message", "toUser": "bob", "payload": {"content": "dm before"}})
         await alice.expect("chat_message", skip=True)
-    async with serve_process(redis_server.url) as port, connect(port, "bob", "Den") as bob:
+    async with serve_process(redis_server.url) as port, connect(port, "bob", "Den", skip=True) as bob:
         recent = await bob.request(
             {"type": "get_recent_messages", "room": "Den"}, "recent_messages", skip=True
         )

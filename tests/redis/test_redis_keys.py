@@ -26,9 +26,9 @@ async def test_key_layout_matches_the_original(redis_server: RedisServer) -> Non
     room:members, user:rooms, dm:{a}:{b} (list, a < b) and available:webrtc (set)."""
     async with running_server(server_config(redis_server.url)) as srv:
         async with (
-            connect(srv, "alice", "Den") as alice,
-            connect(srv, "bob", "Den") as bob,
-            connect(srv, "carol") as carol,
+            connect(srv, "alice", "Den", skip=True) as alice,
+            connect(srv, "bob", "Den", skip=True) as bob,
+            connect(srv, "carol", skip=True) as carol,
         ):
             await alice.request({"type": "join_room", "room": "Lobby"}, "room_joined", skip=True)
             await alice.send({"type": "chat_message", "room": "Den", "payload": {"content": "hello"}})
@@ -60,7 +60,7 @@ async def test_key_layout_matches_the_original(redis_server: RedisServer) -> Non
                 assert {b"carol"} == r.smembers("available:webrtc")
                 assert {b"Den", b"Lobby"} == r.smembers("rooms:active")
 
-                async with connect(srv, "dave") as dave:
+                async with connect(srv, "dave", skip=True) as dave:
                     assign = await dave.request({"type": "request_random_peer"}, "assign_role", skip=True)
                     payload = assign["payload"]
                     assert ("impolite", "carol", []) == (
@@ -126,7 +126,7 @@ async def test_reads_history_written_in_the_original_format(redis_server: RedisS
         r.rpush("dm:alice:gopher", orjson.dumps(expired), orjson.dumps(direct))
     async with (
         running_server(server_config(redis_server.url)) as srv,
-        connect(srv, "alice", "Den") as alice,
+        connect(srv, "alice", "Den", skip=True) as alice,
     ):
         recent = await alice.request(
             {"type": "get_recent_messages", "room": "Den"}, "recent_messages", skip=True

@@ -15,7 +15,7 @@ from support import connect, running_server
 async def test_pool_and_request_in_one_read(redis_server: RedisServer) -> None:
     async with (
         running_server(server_config(redis_server.url)) as srv,
-        connect(srv, "alice") as alice,
+        connect(srv, "alice", skip=True) as alice,
         open_raw_ws(srv, "bob") as bob,
     ):
         await alice.send({"type": "user_available_webrtc"})
@@ -35,7 +35,7 @@ async def test_pool_and_request_in_one_read(redis_server: RedisServer) -> None:
 
 async def test_a_held_available_still_pools(redis_server: RedisServer) -> None:
     async with running_server(server_config(redis_server.url)) as srv:
-        async with connect(srv, "alice") as alice, open_raw_ws(srv, "bob") as bob:
+        async with connect(srv, "alice", skip=True) as alice, open_raw_ws(srv, "bob") as bob:
             # Alone in its read: pooled when the read is done.
             await bob.send(text({"type": "user_available_webrtc"}))
             await bob.send(text({"type": "ping"}))
@@ -47,7 +47,7 @@ async def test_a_held_available_still_pools(redis_server: RedisServer) -> None:
                 ]["peerId"]
             )
             await bob.expect("assign_role")
-        async with connect(srv, "carol") as carol, open_raw_ws(srv, "dave") as dave:
+        async with connect(srv, "carol", skip=True) as carol, open_raw_ws(srv, "dave") as dave:
             # Followed by something else in the same read: pooled first, then that.
             await dave.send(text({"type": "user_available_webrtc"}) + text({"type": "ping"}))
             await dave.expect("pong")

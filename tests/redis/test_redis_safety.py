@@ -19,16 +19,16 @@ from aleatoria.store.redis import open_redis_store
 
 async def test_blocks_and_bans_survive_a_restart(redis_server: RedisServer) -> None:
     config = server_config(redis_server.url, admin_token="t")
-    async with running_server(config) as srv, connect(srv, "alice") as alice:
+    async with running_server(config) as srv, connect(srv, "alice", skip=True) as alice:
         await alice.request({"type": "block_user", "payload": {"user": "bob"}}, "user_blocked", skip=True)
     async with open_redis_store(config, redis_server.url) as store:
         await store.safety.ban(Ban("carol", None, "spam", created=time.time()))
     # A new server process on the same Redis (the first one is gone).
     async with running_server(config) as srv:
-        async with connect(srv, "bob") as bob:
+        async with connect(srv, "bob", skip=True) as bob:
             await bob.send({"type": "chat_message", "toUser": "alice", "payload": {"content": "hi"}})
             assert "peer_unavailable" == (await bob.expect("error", skip=True))["payload"]["code"]
-        async with connect(srv, "alice") as alice:
+        async with connect(srv, "alice", skip=True) as alice:
             assert {"users": ["bob"]} == (
                 await alice.request({"type": "get_blocked"}, "blocked_users", skip=True)
             )["payload"]

@@ -119,7 +119,7 @@ async def test_acknowledged_room_messages_survive_kill_9_while_redis_is_late(
 async def _member(
     port: int, user: str, *, task_status: trio.TaskStatus[Member] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    async with connect(port, user, ROOM) as client, trio.open_nursery() as nursery:
+    async with connect(port, user, ROOM, skip=True) as client, trio.open_nursery() as nursery:
         member = Member(client)
         nursery.start_soon(member.send)
         task_status.started(member)

@@ -31,13 +31,13 @@ async def test_list_rooms_counts_every_instance(shared_redis: str) -> None:
     anywhere are seen everywhere."""
     async with (
         instances(shared_redis, 2) as (one, two),
-        connect(one, "alice", "Den") as alice,
-        connect(two, "bob", "Den") as bob,
-        connect(two, "carol", "Attic") as carol,
-        connect(one, "dave", "Attic") as dave,
+        connect(one, "alice", "Den", skip=True) as alice,
+        connect(two, "bob", "Den", skip=True) as bob,
+        connect(two, "carol", "Attic", skip=True) as carol,
+        connect(one, "dave", "Attic", skip=True) as dave,
     ):
         await dave.request({"type": "join_room", "room": "Den"}, "room_joined", skip=True)
-        async with connect(two, "erin", "Cellar"):
+        async with connect(two, "erin", "Cellar", skip=True):
             expected = [("Den", 3), ("Attic", 2), ("Cellar", 1)]
             assert expected == await rows(alice)
             assert expected == await rows(carol)
@@ -57,9 +57,9 @@ async def test_get_room_members_lists_every_instance(shared_redis: str) -> None:
     count; a user not in the room is refused (not_in_room) even though the room exists."""
     async with (
         instances(shared_redis, 2) as (one, two),
-        connect(one, "mia", "Den") as mia,
-        connect(two, "leo", "Den") as leo,
-        connect(two, "ada", "Attic") as ada,
+        connect(one, "mia", "Den", skip=True) as mia,
+        connect(two, "leo", "Den", skip=True) as leo,
+        connect(two, "ada", "Attic", skip=True) as ada,
     ):
         payload = {"room": "Den", "count": 2, "members": ["leo", "mia"]}
         reply = await mia.request({"type": "get_room_members", "room": "Den"}, "room_members", skip=True)
@@ -81,7 +81,7 @@ async def test_a_big_room_lists_1000_members_and_counts_all(shared_redis: str) -
     others = {f"user{n:04d}" for n in range(1500)}
     with redis_client(shared_redis) as r:
         r.sadd("room:members:Big", *others)
-    async with instances(shared_redis, 1) as (port,), connect(port, "alice", "Big") as alice:
+    async with instances(shared_redis, 1) as (port,), connect(port, "alice", "Big", skip=True) as alice:
         reply = await alice.request({"type": "get_room_members", "room": "Big"}, "room_members", skip=True)
         listed = reply["payload"]["members"]
         assert 1501 == reply["payload"]["count"]
@@ -96,10 +96,10 @@ async def test_get_stats_counts_every_instance(shared_redis: str) -> None:
     match across instances counts both sides."""
     async with (
         instances(shared_redis, 2) as (one, two),
-        connect(one, "alice") as alice,
-        connect(two, "bob", "Den") as bob,
-        connect(two, "carol") as carol,
-        connect(one, "dave", "Attic") as dave,
+        connect(one, "alice", skip=True) as alice,
+        connect(two, "bob", "Den", skip=True) as bob,
+        connect(two, "carol", skip=True) as carol,
+        connect(one, "dave", "Attic", skip=True) as dave,
     ):
         assert {"online": 4, "searching": 0, "inCalls": 0, "rooms": 3} == await stats(alice)
         for pooled in (bob, carol):
@@ -108,15 +108,18 @@ async def test_get_stats_counts_every_instance(shared_redis: str) -> None:
         assert {"online": 4, "searching": 2, "inCalls": 0, "rooms": 3} == await stats(dave)
         await alice.request({"type": "request_random_peer"}, "assign_role", skip=True)
         assert {"online": 4, "searching": 1, "inCalls": 2, "rooms": 3} == await stats(bob)
-        async with connect(two, "erin", "Cellar"):
+        async with connect(two, "erin", "Cellar", skip=True):
             assert {"online": 5, "searching": 1, "inCalls": 2, "rooms": 4} == await stats(dave)
 
 
 async def test_a_level_1_client_gets_none_of_these_unless_it_asks(shared_redis: str) -> None:
     """Whatever users of either instance join, leave or ask, a level-1 client (no ``v``) on
     the other instance is sent no rooms_directory, room_members or stats until it asks."""
-    async with instances(shared_redis, 2) as (one, two), connect(two, "watcher", "Den") as watcher:
-        async with connect(one, "alice", "Den") as alice, connect(two, "bob", "Den") as bob:
+    async with instances(shared_redis, 2) as (one, two), connect(two, "watcher", "Den", skip=True) as watcher:
+        async with (
+            connect(one, "alice", "Den", skip=True) as alice,
+            connect(two, "bob", "Den", skip=True) as bob,
+        ):
             await alice.request({"type": "join_room", "room": "Attic"}, "room_joined", skip=True)
             await rows(alice)
             await bob.request({"type": "get_room_members", "room": "Den"}, "room_members", skip=True)
@@ -135,10 +138,10 @@ async def test_degraded_instances_answer_for_themselves(redis_server: RedisServe
     and users only (as every read does while degraded)."""
     async with (
         instances(redis_server.url, 2) as (one, two),
-        connect(one, "alice", "Den") as alice,
-        connect(one, "dave", "Den") as dave,
-        connect(two, "bob", "Den") as bob,
-        connect(two, "carol", "Attic") as carol,
+        connect(one, "alice", "Den", skip=True) as alice,
+        connect(one, "dave", "Den", skip=True) as dave,
+        connect(two, "bob", "Den", skip=True) as bob,
+        connect(two, "carol", "Attic", skip=True) as carol,
     ):
         assert [("Den", 3), ("Attic", 1)] == await rows(alice)
         redis_server.kill9()
@@ -158,9 +161,9 @@ async def test_the_directory_heals_from_rooms_active(redis_server: RedisServer) 
     nobody is in."""
     async with (
         instances(redis_server.url, 1) as (port,),
-        connect(port, "alice", "Den") as alice,
-        connect(port, "bob", "Den") as bob,
-        connect(port, "carol", "Attic") as carol,
+        connect(port, "alice", "Den", skip=True) as alice,
+        connect(port, "bob", "Den", skip=True) as bob,
+        connect(port, "carol", "Attic", skip=True) as carol,
     ):
         await bob.sync()
         with redis_server.client() as r:
@@ -181,9 +184,9 @@ async def test_recovery_rewrites_the_directory(redis_server: RedisServer) -> Non
     with them: after Redis restarted empty, and after a leave made while Redis refused us."""
     async with (
         instances(redis_server.url, 1) as (port,),
-        connect(port, "alice", "Den") as alice,
-        connect(port, "bob", "Den"),
-        connect(port, "carol", "Attic") as carol,
+        connect(port, "alice", "Den", skip=True) as alice,
+        connect(port, "bob", "Den", skip=True),
+        connect(port, "carol", "Attic", skip=True) as carol,
     ):
         redis_server.kill9()
         await wait_for_health(port, "degraded")

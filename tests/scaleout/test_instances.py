@@ -34,7 +34,7 @@ async def test_room_chat_is_seen_in_one_order_everywhere(shared_redis: str) -> N
         ready = trio.Event()
 
         async def member(i: int, user: str, *, task_status: trio.TaskStatus[None]) -> None:
-            async with connect(ports[i % 3], user, "Den") as client:
+            async with connect(ports[i % 3], user, "Den", skip=True) as client:
                 clients[user] = client
                 task_status.started()
                 await ready.wait()
@@ -66,7 +66,10 @@ async def test_direct_messages_and_history_across_instances(shared_redis: str) -
     read the conversation from either instance; a room message is in the history of another
     instance as soon as it was delivered there."""
     async with instances(shared_redis, 2) as (one, two):
-        async with connect(one, "alice", "Den") as alice, connect(two, "bob", "Den") as bob:
+        async with (
+            connect(one, "alice", "Den", skip=True) as alice,
+            connect(two, "bob", "Den", skip=True) as bob,
+        ):
             await alice.send({"type": "chat_message", "toUser": "bob", "payload": {"content": "psst"}})
             copy = await alice.expect("chat_message", skip=True)
             delivered = await bob.expect("chat_message", skip=True)
@@ -92,7 +95,7 @@ async def test_direct_messages_and_history_across_instances(shared_redis: str) -
             # A DM to someone offline everywhere is kept for later.
             await bob.send({"type": "chat_message", "toUser": "carol", "payload": {"content": "later"}})
             await bob.expect("chat_message", skip=True)
-        async with connect(one, "carol") as carol:
+        async with connect(one, "carol", skip=True) as carol:
             # History is written behind: instance one reads it from Redis once instance two's
             # writer has flushed it (milliseconds; there is no signal to wait on across
             # processes, so poll the observable, bounded).
@@ -120,8 +123,8 @@ async def test_signaling_relay_across_instances(shared_redis: str) -> None:
     }
     async with (
         instances(shared_redis, 2) as (one, two),
-        connect(one, "alice") as alice,
-        connect(two, "bob") as bob,
+        connect(one, "alice", skip=True) as alice,
+        connect(two, "bob", skip=True) as bob,
     ):
         for kind, payload in payloads.items():
             await alice.send({"type": kind, "toUser": "bob", "payload": payload})
@@ -141,9 +144,9 @@ async def test_matchmaking_across_instances(shared_redis: str) -> None:
     in a match are not picked."""
     async with instances(shared_redis, 3) as (one, two, three):
         async with (
-            connect(one, "alice") as alice,
-            connect(two, "bob") as bob,
-            connect(three, "carol") as carol,
+            connect(one, "alice", skip=True) as alice,
+            connect(two, "bob", skip=True) as bob,
+            connect(three, "carol", skip=True) as carol,
         ):
             await bob.send({"type": "user_available_webrtc"})
             await bob.sync()
@@ -175,8 +178,8 @@ async def test_get_rooms_and_leaving_span_instances(shared_redis: str) -> None:
     as the original server did); a room is forgotten when its last member anywhere leaves."""
     async with (
         instances(shared_redis, 2) as (one, two),
-        connect(one, "alice", "Den") as alice,
-        connect(two, "bob", "Attic") as bob,
+        connect(one, "alice", "Den", skip=True) as alice,
+        connect(two, "bob", "Attic", skip=True) as bob,
     ):
         rooms = await alice.request({"type": "get_rooms"}, "rooms_list", skip=True)
         assert ["Den"] == rooms["payload"]["rooms"]
@@ -193,13 +196,13 @@ async def test_replacing_a_connection_on_another_instance(shared_redis: str) -> 
     closed with 4001; her rooms, pool place and match carry over; nothing is lost in Redis."""
     async with (
         instances(shared_redis, 2) as (one, two),
-        connect(one, "bob", "Den") as bob,
-        connect(one, "carol") as carol,
+        connect(one, "bob", "Den", skip=True) as bob,
+        connect(one, "carol", skip=True) as carol,
     ):
-        async with connect(one, "alice", "Den") as alice:
+        async with connect(one, "alice", "Den", skip=True) as alice:
             await alice.send({"type": "user_available_webrtc"})
             await alice.sync()
-            async with connect(two, "alice", "Attic") as again:
+            async with connect(two, "alice", "Attic", skip=True) as again:
                 closed = await _closed(alice)
                 assert (4001, "replaced") == closed
                 # Still in Den (carried over), and in Attic (its own URL room).
@@ -236,9 +239,13 @@ async def test_a_room_message_crosses_redis_once_per_instance(shared_redis: str)
 
     async with instances(shared_redis, 2) as (one, two):
         with redis_client(shared_redis) as r:
-            async with connect(one, "a1", "Den"), connect(one, "a2", "Den"), connect(one, "a3", "Den"):
+            async with (
+                connect(one, "a1", "Den", skip=True),
+                connect(one, "a2", "Den", skip=True),
+                connect(one, "a3", "Den", skip=True),
+            ):
                 assert 1 == subscribers(r)
-                async with connect(two, "b1", "Den") as b1:
+                async with connect(two, "b1", "Den", skip=True) as b1:
                     assert 2 == subscribers(r)
                     await b1.request({"type": "leave_room", "room": "Den"}, "room_left", skip=True)
                     await wait_until(lambda: 1 == subscribers(r))

@@ -56,11 +56,14 @@ async def test_kill_9_leaves_no_ghosts_and_a_restarted_instance_rejoins(shared_r
         serve_process("--redis-url", url, *FAST) as one,
         serve_process("--redis-url", url, *FAST) as two,
         serve_process("--redis-url", url, *FAST) as three,
-        connect(one.port, "alice", "Den") as alice,
-        connect(two.port, "bob", "Den") as bob,
+        connect(one.port, "alice", "Den", skip=True) as alice,
+        connect(two.port, "bob", "Den", skip=True) as bob,
     ):
         doomed = {"carol", "dave"}
-        async with connect(three.port, "carol", "Den") as carol, connect(three.port, "dave", "Den") as dave:
+        async with (
+            connect(three.port, "carol", "Den", skip=True) as carol,
+            connect(three.port, "dave", "Den", skip=True) as dave,
+        ):
             await dave.send({"type": "user_available_webrtc"})
             await dave.sync()
             match = await alice.request({"type": "request_random_peer"}, "assign_role", skip=True)
@@ -95,7 +98,7 @@ async def test_kill_9_leaves_no_ghosts_and_a_restarted_instance_rejoins(shared_r
         # A restarted instance rejoins: its users are matched and chat with the others.
         async with (
             serve_process("--redis-url", url, *FAST) as again,
-            connect(again.port, "carol", "Den") as carol,
+            connect(again.port, "carol", "Den", skip=True) as carol,
         ):
             await carol.send({"type": "user_available_webrtc"})
             await carol.sync()
@@ -115,7 +118,10 @@ async def test_kill_9_with_default_timing_is_cleaned_within_15_seconds(redis_ser
     leave pool and presence within 15 s (13 s at most by construction)."""
     url = redis_server.url
     async with serve_process("--redis-url", url) as survivor:
-        async with serve_process("--redis-url", url) as doomed, connect(doomed.port, "ghost") as ghost:
+        async with (
+            serve_process("--redis-url", url) as doomed,
+            connect(doomed.port, "ghost", skip=True) as ghost,
+        ):
             await ghost.send({"type": "user_available_webrtc"})
             await ghost.sync()
             doomed.kill9()
@@ -155,7 +161,7 @@ async def test_workers_share_the_port_and_a_dead_worker_is_replaced(redis_server
             all_in = trio.Event()
 
             async def hold(user: str) -> None:
-                async with connect(server.port, user, "Den") as client:
+                async with connect(server.port, user, "Den", skip=True) as client:
                     clients.append(client)
                     if len(clients) == 16:
                         all_in.set()
@@ -180,7 +186,7 @@ async def test_workers_share_the_port_and_a_dead_worker_is_replaced(redis_server
         seen_after = await _instances_seen(server.port, 40)
         assert 2 == len(seen_after), seen_after
         assert 1 == len(set(seen) & set(seen_after))  # one survivor, one new instance
-        async with connect(server.port, "late") as late:
+        async with connect(server.port, "late", skip=True) as late:
             await late.sync()
     assert "event=worker_died worker=0" in server.text()
     assert "event=workers_stopped" in server.text()

@@ -68,7 +68,7 @@ class Storm:
         port = self.rng.choice(self.ports)
         await go.wait()
         try:
-            async with connect(port, conn.user, ROOM, joined=False) as client:
+            async with connect(port, conn.user, ROOM, joined=False, skip=True) as client:
                 conn.port = port
                 conn.client = client
                 await client.send({"type": "user_available_webrtc"})
@@ -205,7 +205,7 @@ async def _one_storm(ports: list[int], seed: int, redis_url: str | None) -> None
         await trio.sleep(0.05)  # the endpoints are the observable; they have no push channel
     # ...and a newcomer finds nobody to be matched with.
     for port in ports:
-        async with connect(port, f"probe{seed}") as probe:
+        async with connect(port, f"probe{seed}", skip=True) as probe:
             for _ in range(5):
                 await probe.send({"type": "request_random_peer"})
                 reply = await probe.recv()

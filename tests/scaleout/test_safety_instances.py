@@ -47,7 +47,7 @@ async def refused_status(port: int, user: str) -> int:
 
 async def test_block_and_ban_reach_the_other_instance(shared_redis: str) -> None:
     async with instances(shared_redis, 2, admin_token=TOKEN) as (a, b):
-        async with connect(a, "alice") as alice, connect(b, "bob") as bob:
+        async with connect(a, "alice", skip=True) as alice, connect(b, "bob", skip=True) as bob:
             await bob.send({"type": "user_available_webrtc"})
             await bob.sync()
             assert (
@@ -89,7 +89,7 @@ async def test_block_and_ban_reach_the_other_instance(shared_redis: str) -> None
                 assert 200 == kicked.status_code
                 assert (4003, "banned") == await closed_with(alice)
         # Later connections read the block from the store, on either instance.
-        async with connect(b, "alice") as alice, connect(a, "bob") as bob:
+        async with connect(b, "alice", skip=True) as alice, connect(a, "bob", skip=True) as bob:
             await bob.send({"type": "chat_message", "toUser": "alice", "payload": {"content": "again"}})
             assert "peer_unavailable" == (await bob.expect("error", skip=True))["payload"]["code"]
             await alice.request({"type": "get_blocked"}, "blocked_users", skip=True)
@@ -113,7 +113,7 @@ async def test_storm_never_pairs_blocked_or_shadowed_users(shared_redis: str) ->
         finish = trio.Event()
 
         async def hold(i: int, user: str) -> None:
-            async with connect(ports[i % 3], user) as client:
+            async with connect(ports[i % 3], user, skip=True) as client:
                 clients[user] = client
                 if len(clients) == USERS:
                     opened.set()
