@@ -152,6 +152,16 @@ class Server:
                 self.sockets_per_ip[ip] += 1
                 nursery.start_soon(self._connection, sock, ip)
 
+    async def serve_connection(self, sock: socket.socket, addr: str = "127.0.0.1") -> None:
+        """Serve one connected socket as if the listener had accepted it from ``addr``: the
+        same handler (HTTP routes, upgrade, session), without a listener. The in-memory test
+        tier hands it one end of ``socket.socketpair()`` (see ``serve_unlistened``). Returns
+        when the connection is over; cancellation closes the socket."""
+        sock.setblocking(False)
+        self.connections += 1
+        self.sockets_per_ip[addr] += 1
+        await self._connection(sock, addr)
+
     def _over_socket_caps(self, ip: str) -> bool:
         """Whether a socket just accepted from ``ip`` is over the caps, counted from accept
         (PROTOCOL.md section 16: half-open connections count)."""
@@ -656,46 +666,76 @@ async def serve(
             "on" if config.relay_only else "off",
         )
     with listener:
-        async with (
-            open_store(config) as store,
-            open_hub(config.room_linger, store.bus) as hub,
-            open_flusher() as flusher,
-        ):
-            server = Server(config, store, hub, flusher)
-            # The server's own tasks run under a shield, so that cancelling ``serve`` does
-            # not kill connections mid-frame: the ``finally`` below closes them in order.
-            body = trio.CancelScope(shield=True)
-            async with trio.open_nursery() as nursery:
-                # First: an OSError here must leave no shielded task behind (metrics_port).
-                view = await nursery.start(serve_operator_view, server, worker)
-                nursery.start_soon(_run_body, server, listener, body)
-                where = f"{_display_host(config.host)}:{port}"
-                if worker is None:
-                    log.info(
-                        "listening on ws://%s/ws store=%s instance=%s health=http://%s/health",
-                        where,
-                        store.kind,
-                        store.instance,
-                        view or where,
-                    )
-                else:
-                    log.info(
-                        "event=worker_listening worker=%d address=%s store=%s instance=%s",
-                        worker,
-                        where,
-                        store.kind,
-                        store.instance,
-                    )
-                task_status.started(port)
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    with trio.move_on_after(config.shutdown_timeout - 1.0, shield=True):
-                        log.info("event=shutdown_started connections=%d", len(hub.clients))
-                        server.stop_accepting()
-                        await server.close_connections()
-                    body.cancel()
-                    log.info("event=shutdown_done")
+        await _serve_with(config, listener, worker, port, task_status)
+
+
+async def serve_unlistened(
+    config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The whole server without a listener, for the in-memory test tier: the store, hub,
+    flusher, supervisor, moderation and search tasks of ``serve``; reports the ``Server``,
+    whose ``serve_connection`` serves each connected socket a test hands it (one end of a
+    ``socket.socketpair()``: no port, no bind, no TCP). Cancellation shuts down gracefully,
+    as ``serve`` does."""
+    await _serve_with(config, None, None, 0, task_status)
+
+
+async def _serve_with(
+    config: Config,
+    listener: socket.socket | None,
+    worker: int | None,
+    port: int,
+    task_status: trio.TaskStatus[int] | trio.TaskStatus[Server],
+) -> None:
+    """``serve``'s body, accepting from ``listener`` (None: connections come through
+    ``Server.serve_connection``); reports ``port``, or the ``Server`` without a listener."""
+    async with (
+        open_store(config) as store,
+        open_hub(config.room_linger, store.bus) as hub,
+        open_flusher() as flusher,
+    ):
+        server = Server(config, store, hub, flusher)
+        # The server's own tasks run under a shield, so that cancelling ``serve`` does
+        # not kill connections mid-frame: the ``finally`` below closes them in order.
+        body = trio.CancelScope(shield=True)
+        async with trio.open_nursery() as nursery:
+            # First: an OSError here must leave no shielded task behind (metrics_port).
+            view = await nursery.start(serve_operator_view, server, worker)
+            await nursery.start(_run_body, server, listener, body)
+            if listener is None:
+                cast("trio.TaskStatus[Server]", task_status).started(server)
+            else:
+                _log_listening(config, store, worker, port, view)
+                cast("trio.TaskStatus[int]", task_status).started(port)
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.move_on_after(config.shutdown_timeout - 1.0, shield=True):
+                    log.info("event=shutdown_started connections=%d", len(hub.clients))
+                    server.stop_accepting()
+                    await server.close_connections()
+                body.cancel()
+                log.info("event=shutdown_done")
+
+
+def _log_listening(config: Config, store: Store, worker: int | None, port: int, view: str | None) -> None:
+    where = f"{_display_host(config.host)}:{port}"
+    if worker is None:
+        log.info(
+            "listening on ws://%s/ws store=%s instance=%s health=http://%s/health",
+            where,
+            store.kind,
+            store.instance,
+            view or where,
+        )
+    else:
+        log.info(
+            "event=worker_listening worker=%d address=%s store=%s instance=%s",
+            worker,
+            where,
+            store.kind,
+            store.instance,
+        )
 
 
 async def serve_operator_view(
@@ -724,17 +764,26 @@ async def serve_operator_view(
         await overview.answer_forever(listener, overview.local_answer(server.health, server.registry))
 
 
-async def _run_body(server: Server, listener: socket.socket, body: trio.CancelScope) -> None:
+async def _run_body(
+    server: Server,
+    listener: socket.socket | None,
+    body: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     with body:
         async with trio.open_nursery() as nursery:
+            server._tasks = nursery  # connections, and their writer tasks when they need one
             nursery.start_soon(supervise, server.hub, server.config)
             nursery.start_soon(server.moderation.count_bans_forever)
             nursery.start_soon(search_forever, server.store, server.router, server.config.ice, server.stats)
             webhook = server.moderation.webhook
             if webhook is not None:
                 nursery.start_soon(webhook.run)
-            with server.accept_scope:
-                await server.accept_forever(listener, nursery)
+            task_status.started()
+            if listener is not None:
+                with server.accept_scope:
+                    await server.accept_forever(listener, nursery)
             # Not accepting any more; connections finish under the shutdown deadline.
             await trio.sleep_forever()
 

@@ -1,5 +1,6 @@
-"""The operator API (``/admin``) as the tests call it: raw HTTP/1.1 requests over real TCP,
-so that a test can send exactly the bytes it means (a bad header, a wrong length, half a body)."""
+"""The operator API (``/admin``) as the tests call it: raw HTTP/1.1 requests (over TCP or an
+in-memory socket pair: any ``support.Target``), so that a test can send exactly the bytes it
+means (a bad header, a wrong length, half a body)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import trio
 from rawws import Response, http_exchange, open_tcp, read_response_head, upgrade_request
+from support import Target, tcp
 
 TOKEN = "operator-token-for-tests"
 
@@ -37,32 +39,33 @@ def admin_request(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
 
 
-async def admin(port: int, method: str, path: str, **kw: Any) -> Response:
+async def admin(server: Target | int, method: str, path: str, **kw: Any) -> Response:
     """One request to the operator API; its response."""
-    return await http_exchange(port, admin_request(port, method, path, **kw), method=method)
+    request = admin_request(tcp(server).port, method, path, **kw)
+    return await http_exchange(server, request, method=method)
 
 
-async def admin_json(port: int, method: str, path: str, expected: int = 200, **kw: Any) -> Any:
+async def admin_json(server: Target | int, method: str, path: str, expected: int = 200, **kw: Any) -> Any:
     """One request whose status must be ``expected``; its JSON body."""
-    response = await admin(port, method, path, **kw)
+    response = await admin(server, method, path, **kw)
     assert expected == response.status, response
     assert response.headers["content-type"].startswith("application/json"), response
     return json.loads(response.body)
 
 
-async def handshake_status(port: int, user: str) -> tuple[int, bytes]:
+async def handshake_status(server: Target | int, user: str) -> tuple[int, bytes]:
     """The status (and body) of ``user``'s WebSocket upgrade; a 101 is closed at once."""
-    async with open_tcp(port) as conn:
-        await conn.send(upgrade_request(port, f"/ws?userId={user}"))
+    async with open_tcp(server) as conn:
+        await conn.send(upgrade_request(tcp(server).port, f"/ws?userId={user}"))
         response = await read_response_head(conn)
     return response.status, response.body
 
 
-async def wait_for_handshake(port: int, user: str, status: int, timeout: float = 15.0) -> None:
+async def wait_for_handshake(server: Target | int, user: str, status: int, timeout: float = 15.0) -> None:
     """Poll ``user``'s handshake until it answers ``status`` (a timed ban ending is seen from
     outside only this way), within ``timeout``."""
     with trio.fail_after(timeout):
         while True:
-            if (await handshake_status(port, user))[0] == status:
+            if (await handshake_status(server, user))[0] == status:
                 return
             await trio.sleep(0.05)  # the handshake is the observable; nothing is pushed

@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import trio
+from support import Target, tcp
 
 OPERATIONS = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
 
@@ -19,10 +20,11 @@ def documented_health_bodies() -> list[dict[str, Any]]:
     return [json.loads(block.split("```", 1)[0]) for block in section.split("```json")[1:]]
 
 
-async def get_json(port: int, path: str) -> dict[str, Any]:
-    """GET a JSON endpoint of the server (plain HTTP/1.1 over a trio socket)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
+async def get_json(server: Target | int, path: str) -> dict[str, Any]:
+    """GET a JSON endpoint of the server (``server``: a ``Target``, or a port on 127.0.0.1)."""
+    where = tcp(server)
+    port = where.port
+    async with await where.open_stream() as stream:
         await stream.send_all(
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
         )
@@ -34,12 +36,14 @@ async def get_json(port: int, path: str) -> dict[str, Any]:
     return result
 
 
-async def wait_for_health(port: int, redis: str, bus: str | None = None, *, timeout: float = 20.0) -> None:
+async def wait_for_health(
+    server: Target | int, redis: str, bus: str | None = None, *, timeout: float = 20.0
+) -> None:
     """Poll /health until ``redis`` (and ``bus``, when given) is in that state: the store and
     the bus change state on their own, when Redis fails or comes back."""
     with trio.fail_after(timeout):
         while True:
-            health = await get_json(port, "/health")
+            health = await get_json(server, "/health")
             if redis == health["redis"] and bus in (None, health["bus"]):
                 return
             await trio.sleep(0.05)  # /health is the observable; it has no push channel

@@ -1,17 +1,23 @@
-"""The in-memory test tier: the real server objects (store, hub, router, sessions) with a
-recording socket in place of a WebSocket, on trio's clock (tests use ``autojump_clock``).
+"""The in-memory test tier: the whole server (``aleatoria.server.serve_unlistened``: store,
+hub, router, supervisor, sessions) without a listener, on trio's clock (tests may use
+``autojump_clock``). A test reaches it two ways, and neither binds or connects a socket:
 
-``inmemory_server`` opens the memory store, the hub and a ``Server`` without a listener;
-``connect`` runs the same session set-up and clean-up as a real connection
-(``Server.start_session``/``end_session``) and hands back a ``FakePeer`` with the same
-methods as ``support.Peer`` (``send``, ``recv``, ``expect``, ``request``), so a protocol test
-reads the same in both tiers. No socket, no thread: a test of 20 exchanges runs in
-milliseconds and a missing reply fails at once (the clock jumps to the timeout).
+- ``connect`` runs the same session set-up and clean-up as a real connection
+  (``Server.start_session``/``end_session``) around a ``RecordingSocket`` and hands back a
+  ``FakePeer``: the ``support.Peer`` vocabulary (``send``, ``recv``, ``expect``,
+  ``request``, ``sync``), so a protocol test reads the same in both tiers. No bytes, no
+  thread: 20 exchanges run in milliseconds and a missing reply fails at once (the clock
+  jumps to the timeout).
+- ``InMemoryServer.open_stream`` (a ``support.Target``) gives the real connection handler
+  one end of a ``socket.socketpair()`` (``Server.serve_connection``): the HTTP routes, the
+  admin API, the handshake, the frame parser and budget, closes -- all of the edge but the
+  listener and TCP, with ``support.connect``, ``rawws`` and ``adminapi`` as the client.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,14 +25,11 @@ from typing import Any
 
 import attrs
 import trio
-from support import TIMEOUT, Exchanges, make_config
+from support import TIMEOUT, Peer, make_config
 
-from aleatoria.flusher import open_flusher
-from aleatoria.hub import open_hub
-from aleatoria.searching import search_forever
-from aleatoria.server import Server
+from aleatoria.config import Config
+from aleatoria.server import Server, serve_unlistened
 from aleatoria.session import Session
-from aleatoria.store import open_store
 
 
 class Closed(Exception):
@@ -66,7 +69,9 @@ class RecordingSocket:
         pass
 
     def ping(self) -> None:
+        """The fake client answers at once: a pong counts as hearing from it."""
         self.pings += 1
+        self.last_seen = trio.current_time()
 
     def close(self, code: int, reason: str = "") -> None:
         if self.close_code is None:
@@ -108,8 +113,8 @@ def _frames(data: bytes) -> list[bytes]:
 
 
 @attrs.define
-class FakePeer(Exchanges):
-    """A connected user of the in-memory tier; the API of ``support.Peer``."""
+class FakePeer(Peer):
+    """A connected user of the in-memory tier, handed straight to its session."""
 
     user: str
     socket: RecordingSocket
@@ -122,6 +127,7 @@ class FakePeer(Exchanges):
         """Hand one frame to the session, as the connection's receive loop does."""
         if self.socket.close_code is not None:
             raise Closed(self.socket.close_code, self.socket.close_reason)
+        self.socket.last_seen = trio.current_time()
         await self.session.handle(message if isinstance(message, str) else json.dumps(message))
 
     async def disconnect(self) -> None:
@@ -152,24 +158,34 @@ class FakePeer(Exchanges):
 
 @attrs.define
 class InMemoryServer:
+    """The in-memory tier's server; a ``support.Target`` over socket pairs."""
+
     server: Server
+    # The port clients name in their Host header (and same-origin Origins): nothing listens.
+    port: int = 8080
+
+    @property
+    def config(self) -> Config:
+        return self.server.config
+
+    async def open_stream(self, *, rcvbuf: int | None = None) -> trio.SocketStream:
+        """A connection served by the real handler, as if accepted from 127.0.0.1."""
+        ours, theirs = socket.socketpair()
+        if rcvbuf is not None:
+            ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.server._tasks.start_soon(self.server.serve_connection, theirs)
+        return trio.SocketStream(trio.socket.from_stdlib_socket(ours))
 
 
 @asynccontextmanager
 async def inmemory_server(**overrides: Any) -> AsyncIterator[InMemoryServer]:
+    """The whole server without a listener (``make_config(**overrides)``); shut down
+    gracefully on exit, as ``serve`` is."""
     config = make_config(**overrides)
-    async with (
-        open_store(config) as store,
-        open_hub(config.room_linger, store.bus) as hub,
-        open_flusher() as flusher,
-        trio.open_nursery() as tasks,
-    ):
-        server = Server(config, store, hub, flusher)
-        server._tasks = tasks  # as ``accept_forever`` does: kept sessions' timers run here
-        # The search queue's announcements (PROTOCOL.md section 12), as ``serve`` runs them.
-        tasks.start_soon(search_forever, store, server.router, config.ice, server.stats)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve_unlistened, config)
         yield InMemoryServer(server)
-        tasks.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
 
 
 @asynccontextmanager

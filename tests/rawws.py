@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 import h11
 import trio
+from support import Target, tcp
 
 TIMEOUT = 10.0
 
@@ -95,7 +96,8 @@ class Frame:
 
 
 class RawStream:
-    """A TCP connection with a read buffer: exact reads, EOF detection, resets."""
+    """A connection (TCP, or a socket pair in memory) with a read buffer: exact reads, EOF
+    detection, resets."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
@@ -152,23 +154,10 @@ class RawStream:
         await self.stream.aclose()
 
 
-async def _connect(port: int, rcvbuf: int | None) -> trio.SocketStream:
-    """A TCP connection to the server; ``rcvbuf`` shrinks the receive buffer before the
-    connection exists (so that the window is small from the start)."""
-    sock = trio.socket.socket()
-    try:
-        if rcvbuf is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        await sock.connect(("127.0.0.1", port))
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketStream(sock)
-
-
 @asynccontextmanager
-async def open_tcp(port: int) -> AsyncIterator[RawStream]:
-    stream = await _connect(port, None)
+async def open_tcp(server: Target | int) -> AsyncIterator[RawStream]:
+    """A raw connection to ``server`` (a ``Target``, or a port on 127.0.0.1)."""
+    stream = await tcp(server).open_stream()
     raw = RawStream(stream)
     try:
         yield raw
@@ -225,22 +214,23 @@ def parse_response(data: bytes, *, method: str = "GET") -> Response:
     return Response(head.status_code, headers, body)
 
 
-async def http_exchange(port: int, request: bytes, *, method: str = "GET") -> Response:
+async def http_exchange(server: Target | int, request: bytes, *, method: str = "GET") -> Response:
     """Send raw request bytes, read until the server closes, parse the response."""
-    async with open_tcp(port) as conn:
+    async with open_tcp(server) as conn:
         with trio.fail_after(TIMEOUT):
             await conn.send(request)
             data = await conn.read_to_eof()
     return parse_response(data, method=method)
 
 
-async def http_get(port: int, target: str, *, method: str = "GET") -> Response:
+async def http_get(server: Target | int, target: str, *, method: str = "GET") -> Response:
+    port = tcp(server).port
     request = f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    return await http_exchange(port, request.encode("latin-1"), method=method)
+    return await http_exchange(server, request.encode("latin-1"), method=method)
 
 
-async def health(port: int) -> dict[str, Any]:
-    response = await http_get(port, "/health")
+async def health(server: Target | int) -> dict[str, Any]:
+    response = await http_get(server, "/health")
     assert 200 == response.status, response
     parsed: dict[str, Any] = json.loads(response.body)
     return parsed
@@ -319,7 +309,7 @@ async def read_response_head(conn: RawStream) -> Response:
 
 @asynccontextmanager
 async def open_raw_ws(
-    port: int,
+    server: Target | int,
     user: str = "raw",
     room: str | None = None,
     *,
@@ -328,14 +318,15 @@ async def open_raw_ws(
     rcvbuf: int | None = None,
     query: str = "",
 ) -> AsyncIterator[RawWebSocket]:
-    """Upgrade a raw TCP connection; by default wait for the initial ``room_joined``.
-    ``first_bytes`` go out in the same write as the request head; ``rcvbuf`` makes a
-    small receive buffer (a slow reader); ``query`` is added to the URL (``&v=2``)."""
-    stream = await _connect(port, rcvbuf)
-    ws = RawWebSocket(stream)
+    """Upgrade a raw connection to ``server`` (a ``Target``, or a port on 127.0.0.1); by
+    default wait for the initial ``room_joined``. ``first_bytes`` go out in the same write
+    as the request head; ``rcvbuf`` makes a small receive buffer (a slow reader); ``query``
+    is added to the URL (``&v=2``)."""
+    where = tcp(server)
+    ws = RawWebSocket(await where.open_stream(rcvbuf=rcvbuf))
     try:
         target = f"/ws?userId={user}" + (f"&room={room}" if room else "") + query
-        await ws.send(upgrade_request(port, target) + first_bytes)
+        await ws.send(upgrade_request(where.port, target) + first_bytes)
         response = await read_response_head(ws)
         assert 101 == response.status, response
         if joined:

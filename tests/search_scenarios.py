@@ -3,7 +3,7 @@
 (``redis/test_redis_search.py``, real clock): the same test for both stores.
 
 Each scenario takes ``opened(user)`` (an async context manager giving a connected peer with
-the ``support.Exchanges`` API) and the server's ``Config`` (its timings)."""
+the ``support.Peer`` API) and the server's ``Config`` (its timings)."""
 
 from __future__ import annotations
 
@@ -12,26 +12,26 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import trio
-from support import Exchanges
+from support import Peer
 
 from aleatoria.config import Config
 
-Opener = Callable[[str], AbstractAsyncContextManager[Exchanges]]
+Opener = Callable[[str], AbstractAsyncContextManager[Peer]]
 
 
 def search(**payload: Any) -> dict[str, Any]:
     return {"type": "request_random_peer", "payload": {"wait": True, **payload}}
 
 
-async def sync(peer: Exchanges) -> None:
+async def sync(peer: Peer) -> None:
     await peer.request({"type": "ping"}, "pong")
 
 
-async def matched_pair(a: Exchanges, b: Exchanges, timeout: float = 10.0) -> tuple[Any, Any]:
+async def matched_pair(a: Peer, b: Peer, timeout: float = 10.0) -> tuple[Any, Any]:
     """Both sides' assign_role payloads; they must name each other and share one matchId."""
     mine = (await a.expect("assign_role", timeout))["payload"]
     theirs = (await b.expect("assign_role", timeout))["payload"]
-    assert (mine["peerId"], theirs["peerId"]) == (b.user, a.user)  # type: ignore[attr-defined]
+    assert (mine["peerId"], theirs["peerId"]) == (b.user, a.user)
     assert {mine["role"], theirs["role"]} == {"impolite", "polite"}
     assert mine["matchId"] == theirs["matchId"] and mine["matchId"]
     assert mine["commonInterests"] == theirs["commonInterests"]

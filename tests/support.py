@@ -1,12 +1,23 @@
-"""Test support: a real server on port 0 and real WebSocket clients over TCP."""
+"""The test helpers of every tier: one client vocabulary (``Peer``) and one way to reach a
+server (``Target``).
+
+- ``Peer``: what a test says to the server and hears back -- ``send``, ``recv``, ``expect``
+  (the next message must be of a type; ``skip=True``: the next of that type), ``request``
+  (send, then expect the reply) and ``sync`` (a ping round trip). ``SocketPeer`` speaks it
+  over a real WebSocket (trio-websocket); ``inmemory.FakePeer`` over a recording socket
+  handed straight to a session.
+- ``Target``: where a connection goes. ``running_server`` (loopback tier: ``serve`` on port
+  0) and ``inmemory.inmemory_server`` (in-memory tier: no listener, each connection one end
+  of a ``socket.socketpair()``) both are one; a bare port (a server in a subprocess) is
+  one too, through ``tcp``. ``connect``, ``rawws`` and ``adminapi`` take any of them.
+"""
 
 from __future__ import annotations
 
-import abc
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -26,8 +37,45 @@ def make_config(**overrides: Any) -> Config:
     return Config(**values)
 
 
+class Target(Protocol):
+    """A server a test can open connections to. ``port`` is the one clients name in their
+    ``Host`` header (a nominal one in memory)."""
+
+    @property
+    def port(self) -> int: ...
+
+    async def open_stream(self, *, rcvbuf: int | None = None) -> trio.SocketStream:
+        """A new connection to the server (``rcvbuf``: the client's receive buffer)."""
+        ...
+
+
+@attrs.frozen
+class Tcp:
+    """A server listening on 127.0.0.1:``port`` (in this process or another)."""
+
+    port: int
+
+    async def open_stream(self, *, rcvbuf: int | None = None) -> trio.SocketStream:
+        sock = trio.socket.socket()
+        try:
+            if rcvbuf is not None:
+                sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, rcvbuf)
+            await sock.connect(("127.0.0.1", self.port))
+        except BaseException:
+            sock.close()
+            raise
+        return trio.SocketStream(sock)
+
+
+def tcp(where: Target | int) -> Target:
+    """``where`` as a target: a bare port is a TCP server on 127.0.0.1."""
+    return Tcp(where) if isinstance(where, int) else where
+
+
 @attrs.define
 class RunningServer:
+    """The loopback tier's server: ``serve`` in this process, on a real port."""
+
     port: int
     config: Config
     scope: trio.CancelScope
@@ -40,11 +88,18 @@ class RunningServer:
     def http(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    async def open_stream(self, *, rcvbuf: int | None = None) -> trio.SocketStream:
+        return await Tcp(self.port).open_stream(rcvbuf=rcvbuf)
+
 
 @asynccontextmanager
-async def running_server(**overrides: Any) -> AsyncIterator[RunningServer]:
-    """Start ``serve`` in-process on port 0; stop it (gracefully) on exit."""
-    config = make_config(**overrides)
+async def running_server(config: Config | None = None, /, **overrides: Any) -> AsyncIterator[RunningServer]:
+    """Start ``serve`` in-process on port 0 with ``config`` (or ``make_config(**overrides)``);
+    stop it (gracefully) on exit."""
+    if config is None:
+        config = make_config(**overrides)
+    else:
+        assert not overrides, "give a config or overrides, not both"
     async with trio.open_nursery() as nursery:
         port = await nursery.start(serve, config)
         yield RunningServer(port, config, nursery.cancel_scope)
@@ -57,29 +112,41 @@ def close_of(exc: ConnectionClosed) -> tuple[int, str]:
     return (1006, "") if reason is None else (reason.code, reason.reason or "")
 
 
-class Exchanges(abc.ABC):
-    """``expect`` and ``request`` over a client's ``send`` and ``recv``: one protocol-level
-    API for the socket tier (``Peer``) and the in-memory tier (``inmemory.FakePeer``)."""
+class Peer(Protocol):
+    """One connected user, as a test talks to it: the same methods in every tier."""
 
-    @abc.abstractmethod
-    async def send(self, message: dict[str, Any] | str) -> None: ...
+    user: str
 
-    @abc.abstractmethod
-    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]: ...
+    async def send(self, message: dict[str, Any] | str) -> None:
+        """Send one message (a dict is sent as JSON, a str as is)."""
+        ...
 
-    async def expect(self, kind: str, timeout: float = TIMEOUT) -> dict[str, Any]:
-        """The next message, which must be of type ``kind``."""
-        message = await self.recv(timeout)
-        assert kind == message["type"], message
-        return message
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next message from the server, within ``timeout``."""
+        ...
 
-    async def request(self, message: dict[str, Any], reply: str) -> dict[str, Any]:
+    async def expect(self, kind: str, timeout: float = TIMEOUT, *, skip: bool = False) -> dict[str, Any]:
+        """The next message, which must be of type ``kind``; with ``skip``, the next one of
+        that type (others are dropped: for tests where unrelated traffic may come first)."""
+        while True:
+            message = await self.recv(timeout)
+            if not skip or kind == message["type"]:
+                assert kind == message["type"], message
+                return message
+
+    async def request(self, message: dict[str, Any], reply: str, *, skip: bool = False) -> dict[str, Any]:
+        """Send ``message``; its ``reply`` (see ``expect`` for ``skip``)."""
         await self.send(message)
-        return await self.expect(reply)
+        return await self.expect(reply, skip=skip)
+
+    async def sync(self) -> None:
+        """Round trip: everything this client's earlier messages caused here has arrived
+        (what came before the ``pong`` is dropped)."""
+        await self.request({"type": "ping"}, "pong", skip=True)
 
 
-class Peer(Exchanges):
-    """A test client: a trio-websocket connection plus JSON helpers."""
+class SocketPeer(Peer):
+    """A ``Peer`` over a real WebSocket connection (trio-websocket)."""
 
     def __init__(self, ws: WebSocketConnection, user: str) -> None:
         self.ws = ws
@@ -97,38 +164,33 @@ class Peer(Exchanges):
 
 @asynccontextmanager
 async def connect(
-    server: RunningServer,
+    server: Target | int,
     user: str,
     room: str | None = None,
     *,
     joined: bool = True,
+    skip: bool = False,
     rcvbuf: int | None = None,
     **kw: Any,
-) -> AsyncIterator[Peer]:
-    """Connect ``user``; by default wait for the ``room_joined`` of the URL room.
+) -> AsyncIterator[SocketPeer]:
+    """Connect ``user`` over a WebSocket; by default wait for the ``room_joined`` of the URL
+    room (with ``skip``, other messages may come first: several instances, Redis).
+    ``server``: a ``Target`` or a port on 127.0.0.1.
 
-    The TCP stream is opened and closed here: trio-websocket leaves its stream open when the
+    The stream is opened and closed here: trio-websocket leaves its stream open when the
     server resets the connection (as it does to an abusive client), which would fail the
     test run with a ResourceWarning. ``rcvbuf`` shrinks the client's receive buffer (to
     make a slow reader without waiting for megabytes of kernel buffers to fill).
     """
     resource = f"/ws?userId={user}" + (f"&room={room}" if room else "")
     async with trio.open_nursery() as nursery:
-        sock = trio.socket.socket()
-        if rcvbuf is not None:
-            sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, rcvbuf)
-        try:
-            await sock.connect(("127.0.0.1", server.port))
-        except BaseException:
-            sock.close()
-            raise
-        stream = trio.SocketStream(sock)
+        stream = await tcp(server).open_stream(rcvbuf=rcvbuf)
         try:
             ws = await wrap_client_stream(nursery, stream, "127.0.0.1", resource, **kw)
             try:
-                peer = Peer(ws, user)
+                peer = SocketPeer(ws, user)
                 if joined:
-                    await peer.expect("room_joined")
+                    await peer.expect("room_joined", skip=skip)
                 yield peer
             finally:
                 await ws.aclose()

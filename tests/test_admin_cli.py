@@ -18,6 +18,8 @@ from rawws import health
 from support import Peer, RunningServer, close_of, connect, running_server
 from trio_websocket import ConnectionClosed
 
+pytestmark = pytest.mark.loopback  # the CLI runs as a subprocess against a real port
+
 
 @attrs.frozen
 class Run:

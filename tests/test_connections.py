@@ -17,6 +17,8 @@ from trio_websocket import ConnectionClosed
 
 from aleatoria.server import open_listener
 
+pytestmark = pytest.mark.loopback  # real processes, slow TCP readers, accepted sockets' options
+
 
 async def test_slow_consumer_is_disconnected_with_1013_and_slows_nobody() -> None:
     """A member that stops reading is closed with 1013 once its outbox is full; it gets every

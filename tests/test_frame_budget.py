@@ -16,8 +16,9 @@ import sys
 
 import pytest
 import trio
+from inmemory import InMemoryServer, inmemory_server
 from rawws import CLOSE, CONT, PING, PONG, TEXT, RawWebSocket, close_frame, frame, open_raw_ws
-from support import RunningServer, connect, running_server
+from support import connect, running_server
 
 # A server that would wait this long for a close answer: a test that sees TCP closed well
 # within it proves the server did not wait.
@@ -28,7 +29,7 @@ EMPTY_PING = frame(PING, b"")
 EMPTY_PONG = frame(PONG, b"")
 
 
-async def assert_serves_others(server: RunningServer, user: str = "bystander") -> None:
+async def assert_serves_others(server: InMemoryServer, user: str = "bystander") -> None:
     """A fresh, well-behaved client connects and gets a pong."""
     async with connect(server, user) as peer:
         await peer.request({"type": "ping"}, "pong")
@@ -64,10 +65,10 @@ async def test_flood_is_closed_with_1008(flood: bytes) -> None:
     """A flood of frames that are not whole messages (pings, pongs, fragments, control
     frames on the fast path or wsproto's) gets close 1008 once the burst is spent, at most
     a burst's worth of pongs before it, and TCP closed; others are unaffected."""
-    async with running_server(close_timeout=PATIENT) as server:
+    async with inmemory_server(close_timeout=PATIENT) as server:
         burst = server.config.frame_burst
         assert (200.0, 400) == (server.config.frame_rate, burst)  # the defaults
-        async with connect(server, "neighbour") as neighbour, open_raw_ws(server.port, "flood") as ws:
+        async with connect(server, "neighbour") as neighbour, open_raw_ws(server, "flood") as ws:
             await ws.roundtrip()
             await ws.send(flood)
             assert await expect_policy_close(ws) <= burst
@@ -79,8 +80,8 @@ async def test_burst_frames_pass_and_the_next_one_is_closed() -> None:
     """With no time to refill, exactly ``frame_burst`` control frames are answered; whole
     data messages in between cost nothing; the next control frame closes with 1008."""
     async with (
-        running_server(frame_rate=0.001, frame_burst=20, close_timeout=PATIENT) as server,
-        open_raw_ws(server.port, "edge") as ws,
+        inmemory_server(frame_rate=0.001, frame_burst=20, close_timeout=PATIENT) as server,
+        open_raw_ws(server, "edge") as ws,
     ):
         await ws.send(EMPTY_PING * 20)
         for _ in range(20):
@@ -93,15 +94,15 @@ async def test_burst_frames_pass_and_the_next_one_is_closed() -> None:
 
 async def test_a_close_over_the_budget_is_answered_with_1008() -> None:
     """The peer's close counts too: with the budget spent, its close 1000 is answered 1008."""
-    async with running_server(frame_rate=0.001, frame_burst=3) as server:
-        async with open_raw_ws(server.port, "closer") as ws:
+    async with inmemory_server(frame_rate=0.001, frame_burst=3) as server:
+        async with open_raw_ws(server, "closer") as ws:
             await ws.send(EMPTY_PING * 3 + close_frame(1000))
             for _ in range(3):
                 assert PONG == (await ws.read_frame()).opcode
             answer = await ws.read_frame()
             assert (CLOSE, 1008) == (answer.opcode, answer.close_code)
             await ws.expect_eof()
-        async with open_raw_ws(server.port, "closer") as ws:  # within the budget: echoed
+        async with open_raw_ws(server, "closer") as ws:  # within the budget: echoed
             await ws.send(close_frame(1000))
             answer = await ws.read_frame()
             assert (CLOSE, 1000) == (answer.opcode, answer.close_code)
@@ -112,8 +113,8 @@ async def test_client_under_the_budget_is_never_closed() -> None:
     """A client sending control frames and fragments at about the frame rate, far more than
     the burst in all, is never closed: the bucket refills with time."""
     async with (
-        running_server(frame_rate=100.0, frame_burst=20) as server,
-        open_raw_ws(server.port, "calm") as ws,
+        inmemory_server(frame_rate=100.0, frame_burst=20) as server,
+        open_raw_ws(server, "calm") as ws,
     ):
         body = b'{"type":"ping"}'
         for _ in range(12):  # 12 x 10 counted frames = 6 bursts' worth
@@ -130,7 +131,7 @@ async def test_client_under_the_budget_is_never_closed() -> None:
 
 async def test_budget_off_answers_every_ping() -> None:
     """``frame_rate`` 0 turns the budget off: 5,000 pings are all answered, in order."""
-    async with running_server(frame_rate=0.0) as server, open_raw_ws(server.port, "pinger") as ws:
+    async with inmemory_server(frame_rate=0.0) as server, open_raw_ws(server, "pinger") as ws:
         await ws.send(b"".join(frame(PING, b"%d" % i) for i in range(5000)))
         for i in range(5000):
             got = await ws.read_frame()
@@ -214,6 +215,7 @@ def p99(samples: list[float]) -> float:
     return sorted(samples)[math.ceil(0.99 * len(samples)) - 1]
 
 
+@pytest.mark.loopback  # the attackers are processes of their own, over TCP
 @pytest.mark.parametrize("kind", ["pings", "empty-continuations"])
 async def test_flooding_connection_does_not_raise_others_round_trip_p99(kind: str) -> None:
     """While an attacker in another process floods (and reconnects each time it is closed

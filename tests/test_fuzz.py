@@ -24,8 +24,9 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from inmemory import InMemoryServer, inmemory_server
 from rawws import BINARY, CONT, PING, PONG, TEXT, frame, open_raw_ws, open_tcp, upgrade_request
-from support import Peer, RunningServer, connect, running_server
+from support import Peer, connect
 
 from aleatoria import messages as m
 
@@ -173,7 +174,7 @@ async def sync(peer: Peer, marker: str) -> int:
             return read
 
 
-async def assert_serves_others(server: RunningServer) -> None:
+async def assert_serves_others(server: InMemoryServer) -> None:
     async with connect(server, "second") as second:
         await second.send({"type": "chat_message", "room": "Lobby", "payload": {"content": "ok"}})
         assert "ok" == (await second.expect("chat_message"))["payload"]["content"]
@@ -196,7 +197,7 @@ async def test_arbitrary_frames_never_hurt_the_server(frames: list[str | bytes])
     the module docstring); each example sends 20–50 frames, each followed by a sync request.
     """
     with server_errors() as errors:
-        async with running_server() as server:
+        async with inmemory_server() as server:
             baseline = await quiet_task_count()
             async with connect(server, USER) as peer:
                 for i, data in enumerate(frames):
@@ -246,10 +247,10 @@ ANSWERS = {101, 200, 400, 403, 404, 405, 431}
 async def test_arbitrary_handshake_bytes_never_hurt_the_server(inputs: list[bytes]) -> None:
     """Random and mutated request heads get no answer or one well-formed HTTP answer; nothing leaks."""
     with server_errors() as errors:
-        async with running_server() as server:
+        async with inmemory_server() as server:
             baseline = await quiet_task_count()
             for data in inputs:
-                async with open_tcp(server.port) as conn:
+                async with open_tcp(server) as conn:
                     await conn.send(data)
                     await conn.stream.send_eof()
                     with trio.fail_after(10):
@@ -285,7 +286,7 @@ async def test_random_fragmentation_is_reassembled(
     messages: list[tuple[str, int, list[bytes], list[bool]]],
 ) -> None:
     """However a message is fragmented (empty, mid-character, pings between), it arrives whole."""
-    async with running_server() as server, open_raw_ws(server.port, USER) as ws:
+    async with inmemory_server() as server, open_raw_ws(server, USER) as ws:
         for content, opcode, pieces, pings in messages:
             expected_pongs = []
             for i, piece in enumerate(pieces):
@@ -321,7 +322,7 @@ relayable = st.recursive(
 @given(payloads=st.lists(relayable, min_size=10, max_size=30))
 async def test_relayed_payload_is_the_same_json_value(payloads: list[Any]) -> None:
     """A relayed payload is the same JSON value as sent; a null payload is omitted, never null."""
-    async with running_server() as server, connect(server, USER) as peer:
+    async with inmemory_server() as server, connect(server, USER) as peer:
         for payload in payloads:
             await peer.send({"type": m.WEBRTC_CANDIDATE, "toUser": USER, "payload": payload})
             relayed = await peer.expect(m.WEBRTC_CANDIDATE, timeout=5)
@@ -337,7 +338,7 @@ def _nested(depth: int) -> Any:
 
 
 @pytest.mark.parametrize("kind", [m.WEBRTC_OFFER, m.CHAT_MESSAGE])
-async def test_payload_deeper_than_orjson_writes_is_delivered(server: RunningServer, kind: str) -> None:
+async def test_payload_deeper_than_orjson_writes_is_delivered(server: InMemoryServer, kind: str) -> None:
     """A payload nested 260 deep (orjson writes at most 254 levels) is delivered unchanged."""
     target = {"toUser": USER} if kind == m.WEBRTC_OFFER else {"room": "Lobby"}
     async with connect(server, USER) as peer:
@@ -348,7 +349,7 @@ async def test_payload_deeper_than_orjson_writes_is_delivered(server: RunningSer
 
 
 @pytest.mark.parametrize("kind", [m.WEBRTC_OFFER, m.CHAT_MESSAGE])
-async def test_payload_too_deep_to_write_is_refused_not_fatal(server: RunningServer, kind: str) -> None:
+async def test_payload_too_deep_to_write_is_refused_not_fatal(server: InMemoryServer, kind: str) -> None:
     """A payload nested 1000 deep gets error invalid_payload and the connection stays open."""
     head = json.dumps({"type": kind, **({"toUser": USER} if kind == m.WEBRTC_OFFER else {"room": "Lobby"})})
     too_deep = '{"content":"x","deep":' + "[" * 1000 + "0" + "]" * 1000 + "}"
@@ -359,7 +360,7 @@ async def test_payload_too_deep_to_write_is_refused_not_fatal(server: RunningSer
         await peer.request({"type": "ping"}, "pong")
 
 
-async def test_relayed_payload_keeps_64_bit_integers(server: RunningServer) -> None:
+async def test_relayed_payload_keeps_64_bit_integers(server: InMemoryServer) -> None:
     """Integers up to 64 bits are relayed exactly (orjson alone would turn 20-digit ones into
     floats); beyond 64 bits the frame is refused (PROTOCOL.md section 16), never rounded."""
     payload = {"n": 2**64 - 1, "m": -(2**63), "big": 10**19}

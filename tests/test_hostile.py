@@ -10,8 +10,9 @@ from collections.abc import Mapping
 import jwt
 import pytest
 import trio
+from inmemory import InMemoryServer, inmemory_server
 from rawws import health, open_tcp, read_response_head, upgrade_request
-from support import Peer, RunningServer, connect, running_server
+from support import Peer, Target, connect, running_server
 from trio_websocket import ConnectionClosed
 
 from aleatoria.auth import make_token
@@ -36,7 +37,7 @@ async def error_code(peer: Peer, message: Mapping[str, object]) -> str:
 async def test_rooms_per_user_are_limited() -> None:
     """Past max_rooms_per_user: limit_reached; rejoining a room one is in, or joining after
     leaving one, still works."""
-    async with running_server(max_rooms_per_user=3) as srv, connect(srv, "alice") as alice:
+    async with inmemory_server(max_rooms_per_user=3) as srv, connect(srv, "alice") as alice:
         for room in ("r1", "r2"):  # Lobby is the first
             await alice.request({"type": "join_room", "room": room}, "room_joined")
         assert "limit_reached" == await error_code(alice, {"type": "join_room", "room": "r3"})
@@ -51,7 +52,7 @@ async def test_rooms_per_user_are_limited() -> None:
 async def test_new_dm_conversations_per_hour_are_limited() -> None:
     """Past new_dm_per_hour new partners: limit_reached, nothing stored; writing again to a
     partner of this hour is not a new conversation."""
-    async with running_server(new_dm_per_hour=2) as srv, connect(srv, "alice") as alice:
+    async with inmemory_server(new_dm_per_hour=2) as srv, connect(srv, "alice") as alice:
         for to in ("ghost1", "ghost2"):
             await alice.request(
                 {"type": "chat_message", "toUser": to, "payload": {"content": "hi"}}, "chat_message"
@@ -69,7 +70,7 @@ async def test_new_dm_conversations_per_hour_are_limited() -> None:
 async def test_payload_fields_beyond_content_count_toward_the_payload_limit() -> None:
     """A 60,000-character extra field (content itself short) is too_large: neither stored
     nor relayed."""
-    async with running_server() as srv, connect(srv, "alice") as alice, connect(srv, "bob") as bob:
+    async with inmemory_server() as srv, connect(srv, "alice") as alice, connect(srv, "bob") as bob:
         payload = {"content": "hi", "extra": "x" * 60_000}
         for target in ({"toUser": "bob"}, {"room": "Lobby"}):
             message = {"type": "chat_message", **target, "payload": payload}
@@ -99,7 +100,7 @@ async def test_payload_fields_beyond_content_count_toward_the_payload_limit() ->
     ["1e400", "-1e400", "123456789012345678901234567890", "18446744073709551616"],
 )
 async def test_non_finite_and_oversized_numbers_are_refused_and_never_stored(number: str) -> None:
-    async with running_server() as srv, connect(srv, "alice") as alice, connect(srv, "bob") as bob:
+    async with inmemory_server() as srv, connect(srv, "alice") as alice, connect(srv, "bob") as bob:
         frame = (
             '{"type":"chat_message","room":"Lobby","payload":{"content":"x","n":' + number + ',"big":'
             "123456789012345678901234567890}}"
@@ -119,7 +120,7 @@ async def test_signaling_into_someone_elses_call_is_refused() -> None:
     """While A and B are matched, C's offer, candidate or hangup to A is peer_unavailable and
     the call goes on; B's signaling still reaches A."""
     async with (
-        running_server() as srv,
+        inmemory_server() as srv,
         connect(srv, "alice") as alice,
         connect(srv, "bob") as bob,
         connect(srv, "carol") as carol,
@@ -148,7 +149,7 @@ async def test_signaling_into_someone_elses_call_is_refused() -> None:
         assert "carol" == (await bob.expect("webrtc_offer"))["fromUser"]
 
 
-async def upgrade_with_host(port: int, target: str, host: str, origin: str | None) -> int:
+async def upgrade_with_host(server: Target, target: str, host: str, origin: str | None) -> int:
     lines = [
         f"GET {target} HTTP/1.1",
         f"Host: {host}",
@@ -159,38 +160,40 @@ async def upgrade_with_host(port: int, target: str, host: str, origin: str | Non
     ]
     if origin is not None:
         lines.append(f"Origin: {origin}")
-    async with open_tcp(port) as conn:
+    async with open_tcp(server) as conn:
         await conn.send(("\r\n".join(lines) + "\r\n\r\n").encode())
         return (await read_response_head(conn)).status
 
 
-async def test_the_user_id_system_is_reserved(server: RunningServer) -> None:
-    assert 400 == await upgrade_with_host(server.port, "/ws?userId=system", f"127.0.0.1:{server.port}", None)
-    assert 101 == await upgrade_with_host(server.port, "/ws?userId=systems", f"127.0.0.1:{server.port}", None)
+async def test_the_user_id_system_is_reserved(server: InMemoryServer) -> None:
+    assert 400 == await upgrade_with_host(server, "/ws?userId=system", f"127.0.0.1:{server.port}", None)
+    assert 101 == await upgrade_with_host(server, "/ws?userId=systems", f"127.0.0.1:{server.port}", None)
 
 
-async def test_dns_rebinding_is_refused_and_the_local_demo_page_still_works(server: RunningServer) -> None:
+async def test_dns_rebinding_is_refused_and_the_local_demo_page_still_works(server: InMemoryServer) -> None:
     """A page at http://evil.example:PORT whose name now resolves to 127.0.0.1 sends Host and
     Origin both naming evil.example: same-origin, but not one of our hosts: 403."""
     port = server.port
     target = "/ws?userId=alice"
-    assert 403 == await upgrade_with_host(port, target, f"evil.example:{port}", f"http://evil.example:{port}")
+    assert 403 == await upgrade_with_host(
+        server, target, f"evil.example:{port}", f"http://evil.example:{port}"
+    )
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
         origin = f"http://{host}"
-        assert 101 == await upgrade_with_host(port, target, host, origin), host
-    assert 101 == await upgrade_with_host(port, target, f"evil.example:{port}", None)  # not a browser
+        assert 101 == await upgrade_with_host(server, target, host, origin), host
+    assert 101 == await upgrade_with_host(server, target, f"evil.example:{port}", None)  # not a browser
 
 
 async def test_allowed_hosts_lists_a_proxy_public_name() -> None:
-    async with running_server(allowed_hosts=("chat.example.com",)) as srv:
+    async with inmemory_server(allowed_hosts=("chat.example.com",)) as srv:
         port = srv.port
         target = "/ws?userId=alice"
-        ok = await upgrade_with_host(port, target, "chat.example.com", "https://chat.example.com")
+        ok = await upgrade_with_host(srv, target, "chat.example.com", "https://chat.example.com")
         assert 101 == ok
-        assert 403 == await upgrade_with_host(port, target, f"localhost:{port}", f"http://localhost:{port}")
-    async with running_server(allowed_hosts=("*",)) as srv:
+        assert 403 == await upgrade_with_host(srv, target, f"localhost:{port}", f"http://localhost:{port}")
+    async with inmemory_server(allowed_hosts=("*",)) as srv:
         origin = f"http://evil.example:{srv.port}"
-        assert 101 == await upgrade_with_host(srv.port, target, f"evil.example:{srv.port}", origin)
+        assert 101 == await upgrade_with_host(srv, target, f"evil.example:{srv.port}", origin)
 
 
 # -- tokens on live connections ----------------------------------------------------------------------
@@ -205,7 +208,7 @@ def _token(user: str, seconds: float) -> str:
 
 async def test_a_token_that_expires_closes_the_connection_with_4002() -> None:
     token = _token("alice", 1.5)
-    async with running_server(auth_secret=SECRET) as srv, connect(srv, f"alice&token={token}") as alice:
+    async with inmemory_server(auth_secret=SECRET) as srv, connect(srv, f"alice&token={token}") as alice:
         started = trio.current_time()
         with trio.fail_after(5), pytest.raises(ConnectionClosed) as closed:
             while True:
@@ -219,7 +222,7 @@ async def test_a_token_that_expires_closes_the_connection_with_4002() -> None:
 async def test_refresh_token_keeps_the_connection_open() -> None:
     """A valid refresh for the same user moves the deadline; a refused one changes nothing."""
     token = _token("alice", 1.5)
-    async with running_server(auth_secret=SECRET) as srv, connect(srv, f"alice&token={token}") as alice:
+    async with inmemory_server(auth_secret=SECRET) as srv, connect(srv, f"alice&token={token}") as alice:
         for bad in (_token("bob", 60), "nonsense", make_token("alice", "other-secret" * 4, 60)):
             reply = await alice.request({"type": "refresh_token", "payload": {"token": bad}}, "error")
             assert "invalid_token" == reply["payload"]["code"]
@@ -236,6 +239,7 @@ async def test_refresh_token_keeps_the_connection_open() -> None:
 # -- half-open connections ---------------------------------------------------------------------------
 
 
+@pytest.mark.loopback  # caps by peer address, counted from accept
 async def test_idle_sockets_from_one_address_are_capped_from_accept() -> None:
     """An attacker's address holds at most max_connections_per_ip sockets, upgraded or not;
     past that it gets 503 at once. /health and other addresses are served meanwhile."""
@@ -253,7 +257,7 @@ async def test_idle_sockets_from_one_address_are_capped_from_accept() -> None:
                         await sock.bind(("127.0.0.2", 0))
                         await sock.connect(("127.0.0.1", srv.port))
                         assert (await sock.recv(4096)).startswith(b"HTTP/1.1 503 ")
-                assert "ok" == (await health(srv.port))["status"]
+                assert "ok" == (await health(srv))["status"]
                 async with connect(srv, "calm") as calm:
                     await still_works(calm)
         finally:
@@ -261,6 +265,7 @@ async def test_idle_sockets_from_one_address_are_capped_from_accept() -> None:
                 sock.close()
 
 
+@pytest.mark.loopback  # caps by peer address, counted from accept
 async def test_health_answers_while_the_server_is_full() -> None:
     """At max_connections (half-open sockets count), upgrades get 503 and /health answers."""
     async with running_server(max_connections=10, handshake_timeout=30.0) as srv:
@@ -271,8 +276,8 @@ async def test_health_answers_while_the_server_is_full() -> None:
                 await sock.connect(("127.0.0.1", srv.port))
                 idle.append(sock)
             with trio.fail_after(2):
-                assert "ok" == (await health(srv.port))["status"]
-                async with open_tcp(srv.port) as conn:
+                assert "ok" == (await health(srv))["status"]
+                async with open_tcp(srv) as conn:
                     await conn.send(upgrade_request(srv.port, "/ws?userId=late"))
                     assert 503 == (await read_response_head(conn)).status
         finally:

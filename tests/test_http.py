@@ -7,6 +7,7 @@ import json
 
 import pytest
 import trio
+from inmemory import InMemoryServer, inmemory_server
 from rawws import (
     RawStream,
     health,
@@ -18,47 +19,47 @@ from rawws import (
     read_response_head,
     upgrade_request,
 )
-from support import RunningServer, connect, running_server
+from support import connect
 
 PUBLIC_ORIGIN = "https://www.aleatoria.chat"
 
 
 async def upgrade_status(
-    server: RunningServer, target: str = "/ws?userId=alice", **kw: object
+    server: InMemoryServer, target: str = "/ws?userId=alice", **kw: object
 ) -> tuple[int, bytes]:
     """Send an upgrade request; return the status and body (empty for 101). A 101
     connection is closed again at once."""
-    async with open_tcp(server.port) as conn:
+    async with open_tcp(server) as conn:
         await conn.send(upgrade_request(server.port, target, **kw))  # type: ignore[arg-type]
         response = await read_response_head(conn)
     return response.status, response.body
 
 
-async def assert_serves_others(server: RunningServer) -> None:
+async def assert_serves_others(server: InMemoryServer) -> None:
     """A WebSocket client still gets its pong and /health still answers."""
     async with connect(server, "bystander") as peer:
         await peer.request({"type": "ping"}, "pong")
-    assert "ok" == (await health(server.port))["status"]
+    assert "ok" == (await health(server))["status"]
 
 
 # -- plain HTTP -------------------------------------------------------------------------------
 
 
-async def test_health_is_json_ok_with_redis_disabled(server: RunningServer) -> None:
+async def test_health_is_json_ok_with_redis_disabled(server: InMemoryServer) -> None:
     """/health: 200, JSON, status ok, redis disabled (in-memory store), a connection count."""
-    response = await http_get(server.port, "/health")
+    response = await http_get(server, "/health")
     assert 200 == response.status
     assert response.headers["content-type"].startswith("application/json")
     body = json.loads(response.body)
     assert ("ok", "disabled") == (body["status"], body["redis"])
     assert 0 == body["connections"]
     async with connect(server, "counted"):
-        assert 1 == (await health(server.port))["connections"]
+        assert 1 == (await health(server))["connections"]
 
 
-async def test_head_health_has_headers_and_no_body(server: RunningServer) -> None:
+async def test_head_health_has_headers_and_no_body(server: InMemoryServer) -> None:
     """HEAD /health answers 200 with the GET's headers and no body bytes on the wire."""
-    async with open_tcp(server.port) as conn:
+    async with open_tcp(server) as conn:
         await conn.send(f"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n".encode())
         with trio.fail_after(10):
             raw = await conn.read_to_eof()
@@ -70,23 +71,23 @@ async def test_head_health_has_headers_and_no_body(server: RunningServer) -> Non
 
 
 @pytest.mark.parametrize("path", ["/nope", "/ws/", "/health/x", "/%00", "/../../etc/passwd"])
-async def test_unknown_path_is_404_with_short_text(server: RunningServer, path: str) -> None:
+async def test_unknown_path_is_404_with_short_text(server: InMemoryServer, path: str) -> None:
     """An unknown path gets 404 with a short plain-text body."""
-    response = await http_get(server.port, path)
+    response = await http_get(server, path)
     assert 404 == response.status
     assert response.headers["content-type"].startswith("text/plain")
     assert 0 < len(response.body) < 200
 
 
-async def test_post_to_health_is_405(server: RunningServer) -> None:
+async def test_post_to_health_is_405(server: InMemoryServer) -> None:
     """A non-GET/HEAD method on a plain endpoint is 405."""
     request = f"POST /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Length: 2\r\n\r\n{{}}"
-    assert 405 == (await http_exchange(server.port, request.encode())).status
+    assert 405 == (await http_exchange(server, request.encode())).status
 
 
-async def test_bundled_page_is_served_at_root(server: RunningServer) -> None:
+async def test_bundled_page_is_served_at_root(server: InMemoryServer) -> None:
     """GET / serves the demo page as HTML."""
-    response = await http_get(server.port, "/")
+    response = await http_get(server, "/")
     assert 200 == response.status
     assert response.headers["content-type"].startswith("text/html")
     assert b"<html" in response.body.lower()
@@ -95,9 +96,9 @@ async def test_bundled_page_is_served_at_root(server: RunningServer) -> None:
 # -- handshake refusals -------------------------------------------------------------------------
 
 
-async def test_ws_without_upgrade_headers_is_400(server: RunningServer) -> None:
+async def test_ws_without_upgrade_headers_is_400(server: InMemoryServer) -> None:
     """GET /ws as a plain request (no Upgrade/Connection/key headers) is 400."""
-    response = await http_get(server.port, "/ws?userId=alice")
+    response = await http_get(server, "/ws?userId=alice")
     assert 400 == response.status
     assert 0 < len(response.body) < 200
 
@@ -112,7 +113,7 @@ async def test_ws_without_upgrade_headers_is_400(server: RunningServer) -> None:
     ],
     ids=["version-8", "short-key", "no-connection-upgrade", "wrong-upgrade"],
 )
-async def test_bad_upgrade_headers_are_400(server: RunningServer, headers: dict[str, str]) -> None:
+async def test_bad_upgrade_headers_are_400(server: InMemoryServer, headers: dict[str, str]) -> None:
     """A malformed upgrade (wrong version, bad key, missing tokens) is 400."""
     lines = {
         "Upgrade": "websocket",
@@ -122,7 +123,7 @@ async def test_bad_upgrade_headers_are_400(server: RunningServer, headers: dict[
     }
     lines.update(headers)
     request = upgrade_request(server.port, "/ws?userId=alice", upgrade=False, headers=lines)
-    assert 400 == (await http_exchange(server.port, request)).status
+    assert 400 == (await http_exchange(server, request)).status
 
 
 @pytest.mark.parametrize(
@@ -150,14 +151,14 @@ async def test_bad_upgrade_headers_are_400(server: RunningServer, headers: dict[
         "7000-chars",
     ],
 )
-async def test_missing_or_invalid_user_id_is_400(server: RunningServer, target: str) -> None:
+async def test_missing_or_invalid_user_id_is_400(server: InMemoryServer, target: str) -> None:
     """A missing, empty, over-long or ill-formed userId gets 400 with a short text."""
     status, body = await upgrade_status(server, target)
     assert 400 == status
     assert 0 < len(body) < 200
 
 
-async def test_user_id_over_the_head_limit_is_431(server: RunningServer) -> None:
+async def test_user_id_over_the_head_limit_is_431(server: InMemoryServer) -> None:
     """A 10 KB userId pushes the head past 8 KiB: refused whole with 431, not 400; the server goes on."""
     status, _ = await upgrade_status(server, "/ws?userId=" + "u" * 10_000)
     assert 431 == status
@@ -167,20 +168,20 @@ async def test_user_id_over_the_head_limit_is_431(server: RunningServer) -> None
 @pytest.mark.parametrize(
     "room", ["", "a:b", "a%20b", "r" * 65, "%F0%9F%8E%B2"], ids=["empty", "colon", "space", "65", "emoji"]
 )
-async def test_invalid_room_is_400(server: RunningServer, room: str) -> None:
+async def test_invalid_room_is_400(server: InMemoryServer, room: str) -> None:
     """An invalid ``room`` query parameter gets 400."""
     status, _ = await upgrade_status(server, f"/ws?userId=alice&room={room}")
     assert 400 == status
 
 
-async def test_valid_room_and_user_are_upgraded(server: RunningServer) -> None:
+async def test_valid_room_and_user_are_upgraded(server: InMemoryServer) -> None:
     """Ids using every allowed character class upgrade (101) and join the URL's room."""
-    async with open_raw_ws(server.port, "A-z_0.9@x", room="Room-1_.@") as ws:
+    async with open_raw_ws(server, "A-z_0.9@x", room="Room-1_.@") as ws:
         await ws.send_json({"type": "get_rooms"})
         assert ["Room-1_.@"] == (await ws.expect("rooms_list"))["payload"]["rooms"]
 
 
-async def test_post_ws_is_refused(server: RunningServer) -> None:
+async def test_post_ws_is_refused(server: InMemoryServer) -> None:
     """POST /ws with upgrade headers is not upgraded: 400 (an upgrade needs GET)."""
     status, _ = await upgrade_status(server, method="POST")
     assert 400 == status
@@ -209,19 +210,19 @@ async def test_post_ws_is_refused(server: RunningServer) -> None:
 )
 async def test_allowed_origins(origin: str | None, expected: int) -> None:
     """With an allow-list, Origins match after normalising case and default port; others get 403."""
-    async with running_server(allowed_origins=(PUBLIC_ORIGIN,)) as server:
+    async with inmemory_server(allowed_origins=(PUBLIC_ORIGIN,)) as server:
         status, _ = await upgrade_status(server, origin=origin)
         assert expected == status
 
 
 async def test_allowed_origin_listed_with_explicit_default_port() -> None:
     """An allow-list entry written with ``:443`` matches an Origin without a port."""
-    async with running_server(allowed_origins=(PUBLIC_ORIGIN + ":443",)) as server:
+    async with inmemory_server(allowed_origins=(PUBLIC_ORIGIN + ":443",)) as server:
         assert 101 == (await upgrade_status(server, origin=PUBLIC_ORIGIN))[0]
         assert 403 == (await upgrade_status(server, origin="https://evil.example"))[0]
 
 
-async def test_same_origin_is_accepted_foreign_origin_is_403(server: RunningServer) -> None:
+async def test_same_origin_is_accepted_foreign_origin_is_403(server: InMemoryServer) -> None:
     """Without an allow-list the server's own host:port is accepted and any other Origin gets 403."""
     port = server.port
     assert 101 == (await upgrade_status(server, origin=f"http://127.0.0.1:{port}"))[0]
@@ -232,14 +233,14 @@ async def test_same_origin_is_accepted_foreign_origin_is_403(server: RunningServ
 
 async def test_missing_origin_rejected_when_required() -> None:
     """require_origin: no Origin header is 403; a same-origin request still upgrades."""
-    async with running_server(require_origin=True) as server:
+    async with inmemory_server(require_origin=True) as server:
         assert 403 == (await upgrade_status(server))[0]
         assert 101 == (await upgrade_status(server, origin=f"http://127.0.0.1:{server.port}"))[0]
 
 
 async def test_wildcard_allows_any_origin() -> None:
     """``*`` in the allow-list accepts any Origin (and none)."""
-    async with running_server(allowed_origins=("*",)) as server:
+    async with inmemory_server(allowed_origins=("*",)) as server:
         for origin in ("https://evil.example", "null", None):
             assert 101 == (await upgrade_status(server, origin=origin))[0]
 
@@ -259,9 +260,11 @@ async def test_wildcard_allows_any_origin() -> None:
     ],
     ids=["binary", "no-target", "bad-header", "negative-length", "tls", "http2-preface"],
 )
-async def test_malformed_request_is_refused_and_server_goes_on(server: RunningServer, garbage: bytes) -> None:
+async def test_malformed_request_is_refused_and_server_goes_on(
+    server: InMemoryServer, garbage: bytes
+) -> None:
     """Malformed HTTP gets a 4xx answer or a closed connection, never a crash."""
-    async with open_tcp(server.port) as conn:
+    async with open_tcp(server) as conn:
         await conn.send(garbage)
         with trio.fail_after(10):
             raw = await conn.read_to_eof()
@@ -272,28 +275,28 @@ async def test_malformed_request_is_refused_and_server_goes_on(server: RunningSe
 
 
 @pytest.mark.parametrize("where", ["target", "header"])
-async def test_request_head_over_8_kib_is_refused(server: RunningServer, where: str) -> None:
+async def test_request_head_over_8_kib_is_refused(server: InMemoryServer, where: str) -> None:
     """A request head over 8 KiB is refused with 431 and the connection closed."""
     big = "x" * 9000
     target = f"/health?pad={big}" if where == "target" else "/health"
     headers = {"X-Pad": big} if where == "header" else {}
     request = upgrade_request(server.port, target, upgrade=False, headers=headers)
-    assert 431 == (await http_exchange(server.port, request)).status
+    assert 431 == (await http_exchange(server, request)).status
     await assert_serves_others(server)
 
 
 @pytest.mark.parametrize(("size", "expected"), [(8192, 200), (8193, 431)])
-async def test_head_limit_is_exactly_8_kib(server: RunningServer, size: int, expected: int) -> None:
+async def test_head_limit_is_exactly_8_kib(server: InMemoryServer, size: int, expected: int) -> None:
     """A request head of exactly 8192 bytes is served; one byte more is refused with 431."""
     base = upgrade_request(server.port, "/health", upgrade=False, headers={"X-Pad": ""})
     request = base.replace(b"X-Pad: ", b"X-Pad: " + b"p" * (size - len(base)))
     assert size == len(request)
-    assert expected == (await http_exchange(server.port, request)).status
+    assert expected == (await http_exchange(server, request)).status
 
 
-async def test_endless_header_stream_is_cut_off(server: RunningServer) -> None:
+async def test_endless_header_stream_is_cut_off(server: InMemoryServer) -> None:
     """A client sending header lines forever is refused once 8 KiB have arrived."""
-    async with open_tcp(server.port) as conn:
+    async with open_tcp(server) as conn:
         await conn.send(b"GET /health HTTP/1.1\r\n")
         with trio.fail_after(10):
             try:
@@ -314,19 +317,19 @@ async def _read_what_is_there(conn: RawStream) -> bytes:
         return b""
 
 
-async def test_client_vanishing_mid_head_does_not_disturb_the_server(server: RunningServer) -> None:
+async def test_client_vanishing_mid_head_does_not_disturb_the_server(server: InMemoryServer) -> None:
     """A client that sends half a head and then resets is forgotten quietly."""
-    async with open_tcp(server.port) as conn:
+    async with open_tcp(server) as conn:
         await conn.send(b"GET /ws?userId=gone HTTP/1.1\r\nHost: x\r\nUpgr")
         conn.reset_on_close()
     await assert_serves_others(server)
 
 
-async def test_pipelined_second_request_is_not_answered(server: RunningServer) -> None:
+async def test_pipelined_second_request_is_not_answered(server: InMemoryServer) -> None:
     """Plain HTTP is one request per connection: a pipelined second request is not answered."""
     one = f"GET /health HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n"
     raw_two = (one + one.replace("/health", "/nope")).encode()
-    async with open_tcp(server.port) as conn:
+    async with open_tcp(server) as conn:
         await conn.send(raw_two)
         with trio.fail_after(10):
             raw = await conn.read_to_eof()

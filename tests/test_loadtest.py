@@ -27,6 +27,8 @@ from aleatoria.loadtest.stats import Stats
 from aleatoria.loadtest.summary import exit_code, summarize
 from aleatoria.loadtest.tracking import MAX_HOLES, Arrival, SequenceTracker
 
+pytestmark = pytest.mark.loopback  # the load-test tool (not a server test) against real servers
+
 REPO = Path(__file__).resolve().parent.parent
 RUN_LIMIT = 60  # seconds: a hung run fails the test instead of hanging the suite
 

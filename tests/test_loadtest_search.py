@@ -22,6 +22,8 @@ from aleatoria.loadtest.options import Options, OptionsError, validate
 from aleatoria.loadtest.searchcheck import Row, Rules, analyse, draw_profile
 from aleatoria.loadtest.summary import exit_code, summarize
 
+pytestmark = pytest.mark.loopback  # the load-test tool (not a server test) against real servers
+
 RUN_LIMIT = 60  # seconds: a hung run fails the test instead of hanging the suite
 RULES = Rules(interest_wait=10.0, cooldown=300.0, slack=1.0)
 

@@ -4,11 +4,14 @@ tests/scaleout/test_metrics_view.py); the /health body's keys are the documented
 
 from __future__ import annotations
 
+import pytest
 import trio
 from health import documented_health_bodies, get_json
 from prometheus_client.parser import text_string_to_metric_families
 from redis_server import free_port
 from support import running_server
+
+pytestmark = pytest.mark.loopback  # a second listening port
 
 
 async def _get(port: int, path: str) -> tuple[bytes, bytes]:

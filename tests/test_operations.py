@@ -17,6 +17,8 @@ from trio_websocket import ConnectionRejected, HandshakeError
 from aleatoria.auth import make_token
 from aleatoria.cli import main
 
+pytestmark = pytest.mark.loopback  # caps by peer address, half-open TCP, a flood over TCP, real handshakes
+
 SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret!"
 
 

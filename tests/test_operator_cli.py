@@ -73,6 +73,7 @@ def test_plot_has_no_legend_entry_without_a_line() -> None:
     plt.close(figure)
 
 
+@pytest.mark.loopback  # the load-test tool dials a real (unreachable) port
 def test_cli_prints_where_it_wrote_the_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--plot FILE`` says where the PNG went (on stderr, so --json stays one object)."""
     from aleatoria.loadtest.cli import main

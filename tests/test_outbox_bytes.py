@@ -13,6 +13,7 @@ import gc
 import math
 import socket
 
+import pytest
 import trio
 from rawws import CLOSE, TEXT, open_raw_ws
 from support import connect, running_server
@@ -20,6 +21,8 @@ from support import connect, running_server
 from aleatoria.connection import WebSocket
 from aleatoria.flusher import Flusher
 from aleatoria.frames import text_frame
+
+pytestmark = pytest.mark.loopback  # a TCP reader that stops reading (kernel buffers fill)
 
 BOUND = 64 * 1024
 FRAME = text_frame(b"x" * 4000)

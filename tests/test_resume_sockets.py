@@ -16,6 +16,8 @@ from health import get_json
 from rawws import RawWebSocket, http_get, open_raw_ws
 from support import RunningServer, connect, running_server
 
+pytestmark = pytest.mark.loopback  # TCP connections cut mid-call
+
 
 @asynccontextmanager
 async def level2(

@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager
 import pytest
 from inmemory import connect, inmemory_server
 from search_scenarios import SCENARIOS
-from support import Exchanges
+from support import Peer
 from trio.testing import MockClock
 
 from aleatoria.config import Config
@@ -18,12 +18,12 @@ from aleatoria.config import Config
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.__name__)
 async def test_scenario(
-    scenario: Callable[[Callable[[str], AbstractAsyncContextManager[Exchanges]], Config], Awaitable[None]],
+    scenario: Callable[[Callable[[str], AbstractAsyncContextManager[Peer]], Config], Awaitable[None]],
     autojump_clock: MockClock,
 ) -> None:
     async with inmemory_server() as server:
 
-        def opened(user: str) -> AbstractAsyncContextManager[Exchanges]:
+        def opened(user: str) -> AbstractAsyncContextManager[Peer]:
             return connect(server, user)
 
         await scenario(opened, server.server.config)

@@ -18,6 +18,8 @@ import trio
 
 from aleatoria.config import Config, ConfigError
 
+pytestmark = pytest.mark.loopback  # subprocesses and busy ports
+
 # A Redis URL for --workers (which needs one); these cases fail before Redis is used.
 NO_REDIS = "redis://127.0.0.1:1/0"
 # TEST-NET-1 (RFC 5737): documentation addresses, never assigned to a machine.

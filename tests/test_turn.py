@@ -18,6 +18,8 @@ from turn_server import TurnServer, started, turnserver_binary, uclient_binary
 
 from aleatoria.ice import turn_credential, turn_username
 
+pytestmark = pytest.mark.loopback  # a real coturn
+
 __all__ = ["turnserver_binary", "uclient_binary"]  # fixtures, used by name
 
 # uclient takes about six seconds for a successful exchange (its own pacing), a refusal none.

@@ -19,10 +19,13 @@ from typing import Any
 
 import attrs
 import h11
+import pytest
 import trio
 from adminapi import TOKEN
 from rawws import http_get
 from support import Peer, RunningServer, connect, running_server
+
+pytestmark = pytest.mark.loopback  # a real HTTP receiver over TCP
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "moderation.md"
 

@@ -1,5 +1,6 @@
 """Helpers of the Redis tests: the server, in-process or as a process. The redis-server
-itself is in ``redis_server.py``, /health in ``health.py``, clients in ``wsclient.py``."""
+itself is in ``redis_server.py``, /health in ``health.py``, the in-process server and clients
+in ``support.py``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from typing import Any
 
 import trio
 
-import aleatoria.server
 from aleatoria.config import Config
 
 
@@ -21,17 +21,6 @@ def server_config(url: str, **overrides: Any) -> Config:
     values: dict[str, Any] = {"port": 0, "redis_url": url, "rate_limit": 0, "match_rate": 0}
     values.update(overrides)
     return Config(**values)
-
-
-@asynccontextmanager
-async def running_server(config: Config) -> AsyncIterator[int]:
-    """The real server in-process on a free port; yields the port, stops it on exit."""
-    async with trio.open_nursery() as nursery:
-        port: int = await nursery.start(aleatoria.server.serve, config)
-        try:
-            yield port
-        finally:
-            nursery.cancel_scope.cancel()
 
 
 async def wait_until(predicate: Callable[[], bool], *, timeout: float = 10.0) -> None:

@@ -10,7 +10,7 @@ import trio_websocket
 from delay_proxy import Delays, open_delay_proxy
 from redis_server import RedisServer
 from redis_support import killable_server
-from wsclient import Client, connect
+from support import SocketPeer, connect
 
 PAIRS = 4
 ACKED_BEFORE_KILL = 400
@@ -37,7 +37,7 @@ class Storm:
         for scope in self._senders:
             scope.cancel()
 
-    async def send(self, client: Client, peer: str) -> None:
+    async def send(self, client: SocketPeer, peer: str) -> None:
         window = self.windows[client.user] = trio.Semaphore(WINDOW)
         with trio.CancelScope() as scope:
             self._senders.append(scope)
@@ -47,16 +47,18 @@ class Storm:
                 while True:
                     await window.acquire()
                     content = f"{client.user}:{n}"
-                    await client.send(type="chat_message", toUser=peer, payload={"content": content})
+                    await client.send(
+                        {"type": "chat_message", "toUser": peer, "payload": {"content": content}}
+                    )
                     self.sent += 1
                     n += 1
             except trio_websocket.ConnectionClosed:
                 return
 
-    async def read(self, client: Client) -> None:
+    async def read(self, client: SocketPeer) -> None:
         try:
             while True:
-                message = await client.receive()
+                message = await client.recv()
                 if message["type"] != "chat_message" or message.get("fromUser") != client.user:
                     continue
                 assert message["incoming"] is False
@@ -100,7 +102,11 @@ async def test_acknowledged_direct_messages_survive_kill_9(redis_server: RedisSe
 async def _pair(
     port: int, a: str, b: str, storm: Storm, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    async with connect(port, a) as first, connect(port, b) as second, trio.open_nursery() as nursery:
+    async with (
+        connect(port, a, skip=True) as first,
+        connect(port, b, skip=True) as second,
+        trio.open_nursery() as nursery,
+    ):
         nursery.start_soon(storm.read, first)
         nursery.start_soon(storm.read, second)
         nursery.start_soon(storm.send, first, b)

@@ -18,9 +18,9 @@ import trio
 from delay_proxy import DelayProxy, Delays, open_delay_proxy
 from health import wait_for_health
 from redis_server import RedisServer
-from redis_support import running_server, server_config
+from redis_support import server_config
+from support import SocketPeer, connect, running_server
 from test_redis_metrics import scrape
-from wsclient import Client, connect
 
 from aleatoria.store.redis_bus import STALL_SECONDS
 
@@ -53,14 +53,14 @@ PACE = 0.01  # seconds between two messages of one sender
 class Member:
     """One client of the room and what it received, in order."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: SocketPeer) -> None:
         self.client = client
         self.seen: list[str] = []
         self._grew = trio.Event()
 
     async def read(self, total: int) -> None:
         while len(self.seen) < total:
-            message = await self.client.expect("chat_message")
+            message = await self.client.expect("chat_message", skip=True)
             assert ROOM == message["room"]
             self.seen.append(message["payload"]["content"])
             self._grew.set()
@@ -80,11 +80,11 @@ async def test_room_messages_arrive_exactly_once_while_redis_is_late(redis_serve
     more (its bookkeeping is empty)."""
     async with (
         open_delay_proxy(redis_server.port) as proxy,
-        running_server(server_config(proxy.url, frame_rate=0)) as port,
+        running_server(server_config(proxy.url, frame_rate=0)) as srv,
         AsyncExitStack() as stack,
     ):
         users = [f"u{i}" for i in range(USERS)]
-        clients = [await stack.enter_async_context(connect(port, user, ROOM)) for user in users]
+        clients = [await stack.enter_async_context(connect(srv, user, ROOM, skip=True)) for user in users]
         members = [Member(client) for client in clients]
         total = USERS * PER_USER + 1
         with trio.fail_after(120):
@@ -100,9 +100,11 @@ async def test_room_messages_arrive_exactly_once_while_redis_is_late(redis_serve
                 proxy.set()
                 # A last message once the bus is back to normal: when its pub/sub copy has
                 # arrived, so has every copy Redis published before it.
-                await wait_for_health(port, "ok", bus="ok")
-                await clients[0].send(type="chat_message", room=ROOM, payload={"content": "u0:last"})
-        metrics = await scrape(port)
+                await wait_for_health(srv, "ok", bus="ok")
+                await clients[0].send(
+                    {"type": "chat_message", "room": ROOM, "payload": {"content": "u0:last"}}
+                )
+        metrics = await scrape(srv.port)
     print(
         f"stalls {metrics['aleatoria_bus_stalls_total']:.0f}, pub/sub copies dropped "
         f"{metrics['aleatoria_bus_echoes_dropped_total']:.0f}"
@@ -124,9 +126,11 @@ def _sent_by_others(seen: list[str], users: tuple[str, ...]) -> list[str]:
     return [text for text in seen if text.partition(":")[0] not in users]
 
 
-async def _send(client: Client, count: int) -> None:
+async def _send(client: SocketPeer, count: int) -> None:
     for n in range(count):
-        await client.send(type="chat_message", room=ROOM, payload={"content": f"{client.user}:{n}"})
+        await client.send(
+            {"type": "chat_message", "room": ROOM, "payload": {"content": f"{client.user}:{n}"}}
+        )
         await trio.sleep(PACE)  # pacing of the traffic generator, not synchronisation
 
 

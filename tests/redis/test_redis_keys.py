@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 from redis_server import RedisServer
-from redis_support import running_server, server_config, wait_until
-from wsclient import connect
+from redis_support import server_config, wait_until
+from support import connect, running_server
 
 from aleatoria.store.redis_history import created_ns_of
 
@@ -24,21 +24,21 @@ def _go_time(moment: datetime) -> str:
 async def test_key_layout_matches_the_original(redis_server: RedisServer) -> None:
     """room:messages (zset scored by createTime ns, members the delivered JSON),
     room:members, user:rooms, dm:{a}:{b} (list, a < b) and available:webrtc (set)."""
-    async with running_server(server_config(redis_server.url)) as port:
+    async with running_server(server_config(redis_server.url)) as srv:
         async with (
-            connect(port, "alice", "Den") as alice,
-            connect(port, "bob", "Den") as bob,
-            connect(port, "carol") as carol,
+            connect(srv, "alice", "Den", skip=True) as alice,
+            connect(srv, "bob", "Den", skip=True) as bob,
+            connect(srv, "carol", skip=True) as carol,
         ):
-            await alice.request("room_joined", type="join_room", room="Lobby")
-            await alice.send(type="chat_message", room="Den", payload={"content": "hello"})
+            await alice.request({"type": "join_room", "room": "Lobby"}, "room_joined", skip=True)
+            await alice.send({"type": "chat_message", "room": "Den", "payload": {"content": "hello"}})
             raw = await bob.ws.get_message()
             delivered = orjson.loads(raw)
             assert "chat_message" == delivered["type"]
-            await alice.send(type="chat_message", toUser="bob", payload={"content": "psst"})
-            dm = await bob.expect("chat_message")
-            await carol.send(type="user_available_webrtc")
-            await carol.request("pong", type="ping")
+            await alice.send({"type": "chat_message", "toUser": "bob", "payload": {"content": "psst"}})
+            dm = await bob.expect("chat_message", skip=True)
+            await carol.send({"type": "user_available_webrtc"})
+            await carol.request({"type": "ping"}, "pong", skip=True)
             with redis_server.client() as r:
                 await wait_until(lambda: r.exists("room:messages:Den", "dm:alice:bob") == 2)
                 assert b"zset" == r.type("room:messages:Den")
@@ -60,8 +60,8 @@ async def test_key_layout_matches_the_original(redis_server: RedisServer) -> Non
                 assert {b"carol"} == r.smembers("available:webrtc")
                 assert {b"Den", b"Lobby"} == r.smembers("rooms:active")
 
-                async with connect(port, "dave") as dave:
-                    assign = await dave.request("assign_role", type="request_random_peer")
+                async with connect(srv, "dave", skip=True) as dave:
+                    assign = await dave.request({"type": "request_random_peer"}, "assign_role", skip=True)
                     payload = assign["payload"]
                     assert ("impolite", "carol", []) == (
                         payload["role"],
@@ -76,9 +76,9 @@ async def test_key_layout_matches_the_original(redis_server: RedisServer) -> Non
                     assert {b"dave": b"carol|impolite", b"carol": b"dave|polite"} == r.hgetall(
                         "webrtc:matches:{available:webrtc}"
                     )
-                    await carol.expect("assign_role")
+                    await carol.expect("assign_role", skip=True)
                 # dave left: the match is gone, carol was told.
-                hangup = await carol.expect("hangup")
+                hangup = await carol.expect("hangup", skip=True)
                 assert "dave" == hangup["fromUser"]
                 assert {} == r.hgetall("webrtc:matches:{available:webrtc}")
         # Everyone left: memberships are gone.
@@ -125,25 +125,26 @@ async def test_reads_history_written_in_the_original_format(redis_server: RedisS
             r.zadd("room:messages:Den", {data: score + 789})
         r.rpush("dm:alice:gopher", orjson.dumps(expired), orjson.dumps(direct))
     async with (
-        running_server(server_config(redis_server.url)) as port,
-        connect(port, "alice", "Den") as alice,
+        running_server(server_config(redis_server.url)) as srv,
+        connect(srv, "alice", "Den", skip=True) as alice,
     ):
-        recent = await alice.request("recent_messages", type="get_recent_messages", room="Den")
+        recent = await alice.request(
+            {"type": "get_recent_messages", "room": "Den"}, "recent_messages", skip=True
+        )
         assert [newer, older] == recent["payload"]["messages"]
         page = await alice.request(
+            {"type": "get_recent_messages", "room": "Den", "payload": {"before": newer["createTime"]}},
             "recent_messages",
-            type="get_recent_messages",
-            room="Den",
-            payload={"before": newer["createTime"]},
+            skip=True,
         )
         assert [older] == page["payload"]["messages"]
         dms = await alice.request(
-            "direct_messages", type="get_direct_messages", payload={"withUser": "gopher"}
+            {"type": "get_direct_messages", "payload": {"withUser": "gopher"}}, "direct_messages", skip=True
         )
         assert [direct] == dms["payload"]["messages"]  # the 30-hour-old one is past the TTL
         # Writing to that DM trims the expired Go entry from the head.
-        await alice.send(type="chat_message", toUser="gopher", payload={"content": "hi"})
-        await alice.expect("chat_message")
+        await alice.send({"type": "chat_message", "toUser": "gopher", "payload": {"content": "hi"}})
+        await alice.expect("chat_message", skip=True)
         with redis_server.client() as r:
             await wait_until(lambda: b'"hi"' in (r.lindex("dm:alice:gopher", -1) or b""))
             assert 2 == r.llen("dm:alice:gopher")

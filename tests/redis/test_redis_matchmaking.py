@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 from redis_server import RedisServer
-from redis_support import running_server, server_config
-from wsclient import Client, connect
+from redis_support import server_config
+from support import SocketPeer, connect, running_server
 
 from aleatoria.matchmaking import IMPOLITE, POLITE, Matchmaker, RequestOutcome
 from aleatoria.store.redis import RedisStore, open_redis_store
@@ -65,9 +65,9 @@ async def test_200_concurrent_requesters_over_websockets(redis_server: RedisServ
     """Through real WebSocket clients: every ``assign_role`` a user receives names the same
     peer, and that peer's names the user."""
     count = 200
-    async with running_server(server_config(redis_server.url)) as port:
+    async with running_server(server_config(redis_server.url)) as srv:
         peers: dict[str, set[str]] = {f"w{i}": set() for i in range(count)}
-        clients: dict[str, Client] = {}
+        clients: dict[str, SocketPeer] = {}
         ready = trio.Event()
         requested = trio.Event()
         done = trio.Event()
@@ -75,21 +75,21 @@ async def test_200_concurrent_requesters_over_websockets(redis_server: RedisServ
 
         async def user_task(user: str, *, task_status: trio.TaskStatus[None]) -> None:
             nonlocal finished
-            async with connect(port, user) as client:
+            async with connect(srv, user, skip=True) as client:
                 clients[user] = client
-                await client.send(type="user_available_webrtc")
-                await client.request("pong", type="ping")
+                await client.send({"type": "user_available_webrtc"})
+                await client.request({"type": "ping"}, "pong", skip=True)
                 task_status.started()
                 await ready.wait()
-                await client.send(type="request_random_peer")
-                await client.send(type="ping")
+                await client.send({"type": "request_random_peer"})
+                await client.send({"type": "ping"})
                 await _collect(client, peers[user])
                 finished += 1
                 if finished == count:
                     requested.set()
                 # Second round: everything the others' requests sent is in before this pong.
                 await requested.wait()
-                await client.send(type="ping")
+                await client.send({"type": "ping"})
                 await _collect(client, peers[user])
                 finished += 1
                 if finished == 2 * count:
@@ -111,9 +111,9 @@ async def test_200_concurrent_requesters_over_websockets(redis_server: RedisServ
             assert set() == r.smembers("available:webrtc") & {u.encode() for p in pairs for u in p}
 
 
-async def _collect(client: Client, seen: set[str]) -> None:
+async def _collect(client: SocketPeer, seen: set[str]) -> None:
     while True:
-        message = await client.receive()
+        message = await client.recv()
         if message["type"] == "assign_role":
             seen.add(message["payload"]["peerId"])
         elif message["type"] == "pong":

@@ -5,8 +5,8 @@ from __future__ import annotations
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 from redis_server import RedisServer
-from redis_support import running_server, server_config
-from wsclient import connect
+from redis_support import server_config
+from support import connect, running_server
 
 
 async def scrape(port: int) -> dict[str, float]:
@@ -28,12 +28,12 @@ async def scrape(port: int) -> dict[str, float]:
 
 async def test_redis_call_latency_histogram_moves(redis_server: RedisServer) -> None:
     """Redis calls are counted in a latency histogram that /metrics exposes and parses."""
-    async with running_server(server_config(redis_server.url)) as port:
-        before = await scrape(port)
-        async with connect(port, "alice") as alice:
-            await alice.send(type="get_rooms")
-            await alice.expect("rooms_list")
-        after = await scrape(port)
+    async with running_server(server_config(redis_server.url)) as srv:
+        before = await scrape(srv.port)
+        async with connect(srv, "alice", skip=True) as alice:
+            await alice.send({"type": "get_rooms"})
+            await alice.expect("rooms_list", skip=True)
+        after = await scrape(srv.port)
     counted = "aleatoria_redis_call_duration_seconds_count"
     assert after[counted] > before.get(counted, 0.0)
     assert after["aleatoria_redis_call_duration_seconds_bucket"] == after[counted]

@@ -9,9 +9,9 @@ import time
 import orjson
 import trio
 from redis_server import RedisServer
-from redis_support import running_server, server_config, wait_until
+from redis_support import server_config, wait_until
+from support import connect, running_server
 from test_redis_metrics import scrape
-from wsclient import connect
 
 from aleatoria.store.redis import RedisStore, open_redis_store
 
@@ -134,28 +134,32 @@ async def test_server_holds_no_history_in_memory_in_redis_mode(redis_server: Red
     every message (from Redis)."""
     rooms = [f"room{i}" for i in range(20)]
     async with (
-        running_server(server_config(redis_server.url, frame_rate=0, redis_write_buffer=BUFFER)) as port,
-        connect(port, "alice") as alice,
-        connect(port, "bob") as bob,
+        running_server(server_config(redis_server.url, frame_rate=0, redis_write_buffer=BUFFER)) as srv,
+        connect(srv, "alice", skip=True) as alice,
+        connect(srv, "bob", skip=True) as bob,
     ):
         for room in rooms:
-            await alice.request("room_joined", type="join_room", room=room)
+            await alice.request({"type": "join_room", "room": room}, "room_joined", skip=True)
         for n in range(10):
             for room in rooms:
-                await alice.send(type="chat_message", room=room, payload={"content": f"{room}:{n}"})
-            await alice.send(type="chat_message", toUser="bob", payload={"content": f"dm:{n}"})
+                await alice.send(
+                    {"type": "chat_message", "room": room, "payload": {"content": f"{room}:{n}"}}
+                )
+            await alice.send({"type": "chat_message", "toUser": "bob", "payload": {"content": f"dm:{n}"}})
         for n in range(10):
-            message = await bob.expect("chat_message")
+            message = await bob.expect("chat_message", skip=True)
             assert f"dm:{n}" == message["payload"]["content"]
         await alice.sync()
-        metrics = await scrape(port)
+        metrics = await scrape(srv.port)
         assert 0 == metrics["aleatoria_history_memory_bytes"]
         assert metrics["aleatoria_redis_write_queue"] <= BUFFER
         for room in rooms:
-            recent = await alice.request("recent_messages", type="get_recent_messages", room=room)
+            recent = await alice.request(
+                {"type": "get_recent_messages", "room": room}, "recent_messages", skip=True
+            )
             assert 10 == len(recent["payload"]["messages"])
         direct = await bob.request(
-            "direct_messages", type="get_direct_messages", payload={"withUser": "alice"}
+            {"type": "get_direct_messages", "payload": {"withUser": "alice"}}, "direct_messages", skip=True
         )
         assert 10 == len(direct["payload"]["messages"])
 

@@ -10,8 +10,8 @@ import time
 import httpx
 import trio
 from redis_server import RedisServer
-from redis_support import running_server, server_config
-from wsclient import connect
+from redis_support import server_config
+from support import connect, running_server
 
 from aleatoria.safety import Ban
 from aleatoria.store.redis import open_redis_store
@@ -19,17 +19,19 @@ from aleatoria.store.redis import open_redis_store
 
 async def test_blocks_and_bans_survive_a_restart(redis_server: RedisServer) -> None:
     config = server_config(redis_server.url, admin_token="t")
-    async with running_server(config) as port, connect(port, "alice") as alice:
-        await alice.request("user_blocked", type="block_user", payload={"user": "bob"})
+    async with running_server(config) as srv, connect(srv, "alice", skip=True) as alice:
+        await alice.request({"type": "block_user", "payload": {"user": "bob"}}, "user_blocked", skip=True)
     async with open_redis_store(config, redis_server.url) as store:
         await store.safety.ban(Ban("carol", None, "spam", created=time.time()))
     # A new server process on the same Redis (the first one is gone).
-    async with running_server(config) as port:
-        async with connect(port, "bob") as bob:
-            await bob.send(type="chat_message", toUser="alice", payload={"content": "hi"})
-            assert "peer_unavailable" == (await bob.expect("error"))["payload"]["code"]
-        async with connect(port, "alice") as alice:
-            assert {"users": ["bob"]} == (await alice.request("blocked_users", type="get_blocked"))["payload"]
+    async with running_server(config) as srv:
+        async with connect(srv, "bob", skip=True) as bob:
+            await bob.send({"type": "chat_message", "toUser": "alice", "payload": {"content": "hi"}})
+            assert "peer_unavailable" == (await bob.expect("error", skip=True))["payload"]["code"]
+        async with connect(srv, "alice", skip=True) as alice:
+            assert {"users": ["bob"]} == (
+                await alice.request({"type": "get_blocked"}, "blocked_users", skip=True)
+            )["payload"]
         async with httpx.AsyncClient() as http:
             upgrade = {
                 "connection": "upgrade",
@@ -37,7 +39,7 @@ async def test_blocks_and_bans_survive_a_restart(redis_server: RedisServer) -> N
                 "sec-websocket-version": "13",
                 "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
             }
-            refused = await http.get(f"http://127.0.0.1:{port}/ws?userId=carol", headers=upgrade)
+            refused = await http.get(f"http://127.0.0.1:{srv.port}/ws?userId=carol", headers=upgrade)
             assert (403, "banned\n") == (refused.status_code, refused.text)
 
 

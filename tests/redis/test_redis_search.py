@@ -7,11 +7,10 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 
 import pytest
-import trio
 from redis_server import RedisServer
-from redis_support import running_server, server_config
+from redis_support import server_config
 from search_scenarios import SCENARIOS
-from support import Exchanges, RunningServer, connect
+from support import Peer, connect, running_server
 
 from aleatoria.config import Config
 
@@ -20,14 +19,13 @@ TIMINGS = {"interest_wait": 1.0, "search_timeout": 3.0, "search_tick": 0.05}
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.__name__)
 async def test_scenario(
-    scenario: Callable[[Callable[[str], AbstractAsyncContextManager[Exchanges]], Config], Awaitable[None]],
+    scenario: Callable[[Callable[[str], AbstractAsyncContextManager[Peer]], Config], Awaitable[None]],
     redis_server: RedisServer,
 ) -> None:
     config = server_config(redis_server.url, **TIMINGS)
-    async with running_server(config) as port:
-        running = RunningServer(port, config, trio.CancelScope())
+    async with running_server(config) as srv:
 
-        def opened(user: str) -> AbstractAsyncContextManager[Exchanges]:
-            return connect(running, user)
+        def opened(user: str) -> AbstractAsyncContextManager[Peer]:
+            return connect(srv, user)
 
         await scenario(opened, config)

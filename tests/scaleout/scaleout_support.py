@@ -1,5 +1,5 @@
 """Helpers of the scale-out tests: a Redis Cluster, several server instances (in-process or
-as real ``aleatoria serve`` processes), and waits on them. Clients: ``wsclient.py``."""
+as real ``aleatoria serve`` processes), and waits on them. Clients: ``support.connect``."""
 
 from __future__ import annotations
 

@@ -10,18 +10,18 @@ from typing import Any
 from health import wait_for_health
 from redis_server import RedisServer
 from scaleout_support import instances, redis_client, wait_until
-from wsclient import Client, connect
+from support import SocketPeer, connect
 
 DIRECTORY_REPLIES = {"rooms_directory", "room_members", "stats"}
 
 
-async def rows(client: Client, **payload: Any) -> list[tuple[str, int]]:
-    reply = await client.request("rooms_directory", type="list_rooms", payload=payload)
+async def rows(client: SocketPeer, **payload: Any) -> list[tuple[str, int]]:
+    reply = await client.request({"type": "list_rooms", "payload": payload}, "rooms_directory", skip=True)
     return [(row["room"], row["members"]) for row in reply["payload"]["rooms"]]
 
 
-async def stats(client: Client) -> dict[str, int]:
-    figures: dict[str, int] = (await client.request("stats", type="get_stats"))["payload"]
+async def stats(client: SocketPeer) -> dict[str, int]:
+    figures: dict[str, int] = (await client.request({"type": "get_stats"}, "stats", skip=True))["payload"]
     return figures
 
 
@@ -31,13 +31,13 @@ async def test_list_rooms_counts_every_instance(shared_redis: str) -> None:
     anywhere are seen everywhere."""
     async with (
         instances(shared_redis, 2) as (one, two),
-        connect(one, "alice", "Den") as alice,
-        connect(two, "bob", "Den") as bob,
-        connect(two, "carol", "Attic") as carol,
-        connect(one, "dave", "Attic") as dave,
+        connect(one, "alice", "Den", skip=True) as alice,
+        connect(two, "bob", "Den", skip=True) as bob,
+        connect(two, "carol", "Attic", skip=True) as carol,
+        connect(one, "dave", "Attic", skip=True) as dave,
     ):
-        await dave.request("room_joined", type="join_room", room="Den")
-        async with connect(two, "erin", "Cellar"):
+        await dave.request({"type": "join_room", "room": "Den"}, "room_joined", skip=True)
+        async with connect(two, "erin", "Cellar", skip=True):
             expected = [("Den", 3), ("Attic", 2), ("Cellar", 1)]
             assert expected == await rows(alice)
             assert expected == await rows(carol)
@@ -47,7 +47,7 @@ async def test_list_rooms_counts_every_instance(shared_redis: str) -> None:
             assert [] == await rows(bob, prefix="d")  # names are case-sensitive
         with redis_client(shared_redis) as r:
             await wait_until(lambda: not r.exists("room:members:Cellar"))
-        await bob.request("room_left", type="leave_room", room="Den")
+        await bob.request({"type": "leave_room", "room": "Den"}, "room_left", skip=True)
         assert [("Attic", 2), ("Den", 2)] == await rows(alice)
         assert [("Attic", 2), ("Den", 2)] == await rows(carol)
 
@@ -57,15 +57,20 @@ async def test_get_room_members_lists_every_instance(shared_redis: str) -> None:
     count; a user not in the room is refused (not_in_room) even though the room exists."""
     async with (
         instances(shared_redis, 2) as (one, two),
-        connect(one, "mia", "Den") as mia,
-        connect(two, "leo", "Den") as leo,
-        connect(two, "ada", "Attic") as ada,
+        connect(one, "mia", "Den", skip=True) as mia,
+        connect(two, "leo", "Den", skip=True) as leo,
+        connect(two, "ada", "Attic", skip=True) as ada,
     ):
         payload = {"room": "Den", "count": 2, "members": ["leo", "mia"]}
-        reply = await mia.request("room_members", type="get_room_members", room="Den")
+        reply = await mia.request({"type": "get_room_members", "room": "Den"}, "room_members", skip=True)
         assert ("Den", payload) == (reply["room"], reply["payload"])
-        assert payload == (await leo.request("room_members", type="get_room_members", room="Den"))["payload"]
-        refused = await ada.request("error", type="get_room_members", room="Den")
+        assert (
+            payload
+            == (await leo.request({"type": "get_room_members", "room": "Den"}, "room_members", skip=True))[
+                "payload"
+            ]
+        )
+        refused = await ada.request({"type": "get_room_members", "room": "Den"}, "error", skip=True)
         assert "not_in_room" == refused["payload"]["code"]
 
 
@@ -76,8 +81,8 @@ async def test_a_big_room_lists_1000_members_and_counts_all(shared_redis: str) -
     others = {f"user{n:04d}" for n in range(1500)}
     with redis_client(shared_redis) as r:
         r.sadd("room:members:Big", *others)
-    async with instances(shared_redis, 1) as (port,), connect(port, "alice", "Big") as alice:
-        reply = await alice.request("room_members", type="get_room_members", room="Big")
+    async with instances(shared_redis, 1) as (port,), connect(port, "alice", "Big", skip=True) as alice:
+        reply = await alice.request({"type": "get_room_members", "room": "Big"}, "room_members", skip=True)
         listed = reply["payload"]["members"]
         assert 1501 == reply["payload"]["count"]
         assert 1000 == len(set(listed))
@@ -91,35 +96,38 @@ async def test_get_stats_counts_every_instance(shared_redis: str) -> None:
     match across instances counts both sides."""
     async with (
         instances(shared_redis, 2) as (one, two),
-        connect(one, "alice") as alice,
-        connect(two, "bob", "Den") as bob,
-        connect(two, "carol") as carol,
-        connect(one, "dave", "Attic") as dave,
+        connect(one, "alice", skip=True) as alice,
+        connect(two, "bob", "Den", skip=True) as bob,
+        connect(two, "carol", skip=True) as carol,
+        connect(one, "dave", "Attic", skip=True) as dave,
     ):
         assert {"online": 4, "searching": 0, "inCalls": 0, "rooms": 3} == await stats(alice)
         for pooled in (bob, carol):
-            await pooled.send(type="user_available_webrtc")
+            await pooled.send({"type": "user_available_webrtc"})
             await pooled.sync()
         assert {"online": 4, "searching": 2, "inCalls": 0, "rooms": 3} == await stats(dave)
-        await alice.request("assign_role", type="request_random_peer")
+        await alice.request({"type": "request_random_peer"}, "assign_role", skip=True)
         assert {"online": 4, "searching": 1, "inCalls": 2, "rooms": 3} == await stats(bob)
-        async with connect(two, "erin", "Cellar"):
+        async with connect(two, "erin", "Cellar", skip=True):
             assert {"online": 5, "searching": 1, "inCalls": 2, "rooms": 4} == await stats(dave)
 
 
 async def test_a_level_1_client_gets_none_of_these_unless_it_asks(shared_redis: str) -> None:
     """Whatever users of either instance join, leave or ask, a level-1 client (no ``v``) on
     the other instance is sent no rooms_directory, room_members or stats until it asks."""
-    async with instances(shared_redis, 2) as (one, two), connect(two, "watcher", "Den") as watcher:
-        async with connect(one, "alice", "Den") as alice, connect(two, "bob", "Den") as bob:
-            await alice.request("room_joined", type="join_room", room="Attic")
+    async with instances(shared_redis, 2) as (one, two), connect(two, "watcher", "Den", skip=True) as watcher:
+        async with (
+            connect(one, "alice", "Den", skip=True) as alice,
+            connect(two, "bob", "Den", skip=True) as bob,
+        ):
+            await alice.request({"type": "join_room", "room": "Attic"}, "room_joined", skip=True)
             await rows(alice)
-            await bob.request("room_members", type="get_room_members", room="Den")
+            await bob.request({"type": "get_room_members", "room": "Den"}, "room_members", skip=True)
             await stats(bob)
-            await alice.request("room_left", type="leave_room", room="Den")
-        await watcher.send(type="ping")
+            await alice.request({"type": "leave_room", "room": "Den"}, "room_left", skip=True)
+        await watcher.send({"type": "ping"})
         seen = []
-        while (message := await watcher.receive())["type"] != "pong":
+        while (message := await watcher.recv())["type"] != "pong":
             seen.append(message["type"])
         assert set() == DIRECTORY_REPLIES & set(seen)
         assert "Den" in [room for room, _ in await rows(watcher)]  # asked: answered
@@ -130,10 +138,10 @@ async def test_degraded_instances_answer_for_themselves(redis_server: RedisServe
     and users only (as every read does while degraded)."""
     async with (
         instances(redis_server.url, 2) as (one, two),
-        connect(one, "alice", "Den") as alice,
-        connect(one, "dave", "Den") as dave,
-        connect(two, "bob", "Den") as bob,
-        connect(two, "carol", "Attic") as carol,
+        connect(one, "alice", "Den", skip=True) as alice,
+        connect(one, "dave", "Den", skip=True) as dave,
+        connect(two, "bob", "Den", skip=True) as bob,
+        connect(two, "carol", "Attic", skip=True) as carol,
     ):
         assert [("Den", 3), ("Attic", 1)] == await rows(alice)
         redis_server.kill9()
@@ -141,7 +149,7 @@ async def test_degraded_instances_answer_for_themselves(redis_server: RedisServe
         await wait_for_health(two, "degraded")
         assert [("Den", 2)] == await rows(alice)
         assert [("Attic", 1), ("Den", 1)] == await rows(carol)
-        reply = await dave.request("room_members", type="get_room_members", room="Den")
+        reply = await dave.request({"type": "get_room_members", "room": "Den"}, "room_members", skip=True)
         assert {"room": "Den", "count": 2, "members": ["alice", "dave"]} == reply["payload"]
         assert {"online": 2, "searching": 0, "inCalls": 0, "rooms": 2} == await stats(bob)
         assert {"online": 2, "searching": 0, "inCalls": 0, "rooms": 1} == await stats(dave)
@@ -153,9 +161,9 @@ async def test_the_directory_heals_from_rooms_active(redis_server: RedisServer) 
     nobody is in."""
     async with (
         instances(redis_server.url, 1) as (port,),
-        connect(port, "alice", "Den") as alice,
-        connect(port, "bob", "Den") as bob,
-        connect(port, "carol", "Attic") as carol,
+        connect(port, "alice", "Den", skip=True) as alice,
+        connect(port, "bob", "Den", skip=True) as bob,
+        connect(port, "carol", "Attic", skip=True) as carol,
     ):
         await bob.sync()
         with redis_server.client() as r:
@@ -165,7 +173,7 @@ async def test_the_directory_heals_from_rooms_active(redis_server: RedisServer) 
             r.zadd("rooms:directory", {"Ghost": -9})
             assert [("Den", 2), ("Attic", 1)] == await rows(carol)
             assert {b"Den", b"Attic"} == set(r.zrange("rooms:directory", 0, -1))
-        await carol.request("room_left", type="leave_room", room="Attic")
+        await carol.request({"type": "leave_room", "room": "Attic"}, "room_left", skip=True)
         with redis_server.client() as r:
             assert [(b"Den", -2.0)] == r.zrange("rooms:directory", 0, -1, withscores=True)
         assert [("Den", 2)] == await rows(alice)
@@ -176,9 +184,9 @@ async def test_recovery_rewrites_the_directory(redis_server: RedisServer) -> Non
     with them: after Redis restarted empty, and after a leave made while Redis refused us."""
     async with (
         instances(redis_server.url, 1) as (port,),
-        connect(port, "alice", "Den") as alice,
-        connect(port, "bob", "Den"),
-        connect(port, "carol", "Attic") as carol,
+        connect(port, "alice", "Den", skip=True) as alice,
+        connect(port, "bob", "Den", skip=True),
+        connect(port, "carol", "Attic", skip=True) as carol,
     ):
         redis_server.kill9()
         await wait_for_health(port, "degraded")
@@ -189,8 +197,8 @@ async def test_recovery_rewrites_the_directory(redis_server: RedisServer) -> Non
             r.config_set("requirepass", "secret")
             r.client_kill_filter(_type="normal", skipme=True)
         await wait_for_health(port, "degraded")
-        await carol.request("room_left", type="leave_room", room="Attic")
-        await alice.request("room_joined", type="join_room", room="Cellar")
+        await carol.request({"type": "leave_room", "room": "Attic"}, "room_left", skip=True)
+        await alice.request({"type": "join_room", "room": "Cellar"}, "room_joined", skip=True)
         with redis_server.client(password="secret") as r:
             r.config_set("requirepass", "")
         await wait_for_health(port, "ok")

@@ -8,7 +8,7 @@ import pytest
 from health import wait_for_health
 from redis_server import RedisServer
 from scaleout_support import instances, wait_until
-from wsclient import connect
+from support import connect
 
 MATCHES = "webrtc:matches:{available:webrtc}"
 
@@ -22,16 +22,21 @@ async def test_outage_never_leaves_a_user_in_two_matches(redis_server: RedisServ
     works again."""
     async with (
         instances(redis_server.url, 2, redis_call_timeout=0.5) as (one, two),
-        connect(one, "alice", "Den") as alice,
-        connect(one, "carol", "Den") as carol,
-        connect(two, "bob", "Den") as bob,
-        connect(two, "dave") as dave,
+        connect(one, "alice", "Den", skip=True) as alice,
+        connect(one, "carol", "Den", skip=True) as carol,
+        connect(two, "bob", "Den", skip=True) as bob,
+        connect(two, "dave", skip=True) as dave,
     ):
-        await bob.send(type="user_available_webrtc")
+        await bob.send({"type": "user_available_webrtc"})
         await bob.sync()
-        assert "bob" == (await alice.request("assign_role", type="request_random_peer"))["payload"]["peerId"]
-        await bob.expect("assign_role")
-        await dave.send(type="user_available_webrtc")
+        assert (
+            "bob"
+            == (await alice.request({"type": "request_random_peer"}, "assign_role", skip=True))["payload"][
+                "peerId"
+            ]
+        )
+        await bob.expect("assign_role", skip=True)
+        await dave.send({"type": "user_available_webrtc"})
         await dave.sync()
 
         if failure == "restart":
@@ -43,13 +48,13 @@ async def test_outage_never_leaves_a_user_in_two_matches(redis_server: RedisServ
 
         # Each instance serves its own users: bob moves on to dave (both on instance 2).
         moved = await bob.request(
-            "assign_role", type="request_random_peer", payload={"currentPeerId": "alice"}
+            {"type": "request_random_peer", "payload": {"currentPeerId": "alice"}}, "assign_role", skip=True
         )
         assert ("impolite", "dave") == (moved["payload"]["role"], moved["payload"]["peerId"])
-        assert "bob" == (await dave.expect("assign_role"))["payload"]["peerId"]
+        assert "bob" == (await dave.expect("assign_role", skip=True))["payload"]["peerId"]
         # Room chat is local only meanwhile.
-        await alice.send(type="chat_message", room="Den", payload={"content": "outage"})
-        assert "outage" == (await carol.expect("chat_message"))["payload"]["content"]
+        await alice.send({"type": "chat_message", "room": "Den", "payload": {"content": "outage"}})
+        assert "outage" == (await carol.expect("chat_message", skip=True))["payload"]["content"]
 
         if failure == "restart":
             await redis_server.restart()
@@ -59,18 +64,18 @@ async def test_outage_never_leaves_a_user_in_two_matches(redis_server: RedisServ
             await wait_for_health(port, "ok", "ok")
 
         # alice is told her match with bob is over (it did not survive the outage).
-        hangup = await alice.expect("hangup")
+        hangup = await alice.expect("hangup", skip=True)
         assert ("bob", {"reason": "peer_left"}) == (hangup["fromUser"], hangup["payload"])
         with redis_server.client() as r:
             await wait_until(lambda: {b"bob": b"dave|impolite", b"dave": b"bob|polite"} == r.hgetall(MATCHES))
         # alice is in no match: she can be matched again, with carol.
-        await carol.send(type="user_available_webrtc")
+        await carol.send({"type": "user_available_webrtc"})
         await carol.sync()
-        again = await alice.request("assign_role", type="request_random_peer")
+        again = await alice.request({"type": "request_random_peer"}, "assign_role", skip=True)
         assert "carol" == again["payload"]["peerId"]
         # Cross-instance delivery is back.
-        await alice.send(type="chat_message", room="Den", payload={"content": "back"})
-        assert "back" == (await bob.expect("chat_message"))["payload"]["content"]
-        assert "back" == (await alice.expect("chat_message"))["payload"]["content"]
-        await bob.send(type="chat_message", toUser="alice", payload={"content": "dm"})
-        assert "dm" == (await alice.expect("chat_message"))["payload"]["content"]
+        await alice.send({"type": "chat_message", "room": "Den", "payload": {"content": "back"}})
+        assert "back" == (await bob.expect("chat_message", skip=True))["payload"]["content"]
+        assert "back" == (await alice.expect("chat_message", skip=True))["payload"]["content"]
+        await bob.send({"type": "chat_message", "toUser": "alice", "payload": {"content": "dm"}})
+        assert "dm" == (await alice.expect("chat_message", skip=True))["payload"]["content"]

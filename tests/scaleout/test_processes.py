@@ -13,7 +13,7 @@ import trio
 from health import get_json
 from redis_server import RedisServer
 from scaleout_support import FAST_PRESENCE, ServerProcess, redis_client, serve_process, wait_until
-from wsclient import Client, connect
+from support import SocketPeer, connect
 
 import aleatoria.workers
 from aleatoria.cli import main
@@ -38,12 +38,12 @@ def _ghosts(r: object, users: set[str]) -> set[str]:
     return users & (pooled | present)
 
 
-async def _disconnected(client: Client) -> None:
+async def _disconnected(client: SocketPeer) -> None:
     import trio_websocket
 
     with pytest.raises(trio_websocket.ConnectionClosed):
         while True:
-            await client.receive()
+            await client.recv()
 
 
 async def test_kill_9_leaves_no_ghosts_and_a_restarted_instance_rejoins(shared_redis: str) -> None:
@@ -56,24 +56,27 @@ async def test_kill_9_leaves_no_ghosts_and_a_restarted_instance_rejoins(shared_r
         serve_process("--redis-url", url, *FAST) as one,
         serve_process("--redis-url", url, *FAST) as two,
         serve_process("--redis-url", url, *FAST) as three,
-        connect(one.port, "alice", "Den") as alice,
-        connect(two.port, "bob", "Den") as bob,
+        connect(one.port, "alice", "Den", skip=True) as alice,
+        connect(two.port, "bob", "Den", skip=True) as bob,
     ):
         doomed = {"carol", "dave"}
-        async with connect(three.port, "carol", "Den") as carol, connect(three.port, "dave", "Den") as dave:
-            await dave.send(type="user_available_webrtc")
+        async with (
+            connect(three.port, "carol", "Den", skip=True) as carol,
+            connect(three.port, "dave", "Den", skip=True) as dave,
+        ):
+            await dave.send({"type": "user_available_webrtc"})
             await dave.sync()
-            match = await alice.request("assign_role", type="request_random_peer")
+            match = await alice.request({"type": "request_random_peer"}, "assign_role", skip=True)
             assert "dave" == match["payload"]["peerId"]
-            await dave.expect("assign_role")
-            await carol.send(type="user_available_webrtc")
+            await dave.expect("assign_role", skip=True)
+            await carol.send({"type": "user_available_webrtc"})
             await carol.sync()
             three.kill9()
             await _disconnected(carol)
             await _disconnected(dave)
         killed_at = trio.current_time()
         # Nobody is matched with a user of the dead instance, not even before it is reaped.
-        await bob.request("no_peer_available", type="request_random_peer")
+        await bob.request({"type": "request_random_peer"}, "no_peer_available", skip=True)
         with redis_client(url) as r:
             # The reaper clears pool and presence first, then (a second step) the rooms.
             took = await wait_until(
@@ -84,29 +87,29 @@ async def test_kill_9_leaves_no_ghosts_and_a_restarted_instance_rejoins(shared_r
             assert {} == r.hgetall("webrtc:matches:{available:webrtc}")
             assert not r.zscore(INSTANCES_KEY, three.instance)
         # alice's match with dave ended: she is told, from dave.
-        hangup = await alice.expect("hangup")
+        hangup = await alice.expect("hangup", skip=True)
         assert ("dave", {"reason": "peer_left"}) == (hangup["fromUser"], hangup["payload"])
         assert trio.current_time() - killed_at <= FAST_BOUND + 2.0
         # The survivors keep working.
-        rooms = await alice.request("rooms_list", type="get_rooms")
+        rooms = await alice.request({"type": "get_rooms"}, "rooms_list", skip=True)
         assert ["Den"] == rooms["payload"]["rooms"]
-        await bob.send(type="chat_message", room="Den", payload={"content": "still here"})
-        assert "still here" == (await alice.expect("chat_message"))["payload"]["content"]
+        await bob.send({"type": "chat_message", "room": "Den", "payload": {"content": "still here"}})
+        assert "still here" == (await alice.expect("chat_message", skip=True))["payload"]["content"]
         # A restarted instance rejoins: its users are matched and chat with the others.
         async with (
             serve_process("--redis-url", url, *FAST) as again,
-            connect(again.port, "carol", "Den") as carol,
+            connect(again.port, "carol", "Den", skip=True) as carol,
         ):
-            await carol.send(type="user_available_webrtc")
+            await carol.send({"type": "user_available_webrtc"})
             await carol.sync()
-            match = await bob.request("assign_role", type="request_random_peer")
+            match = await bob.request({"type": "request_random_peer"}, "assign_role", skip=True)
             assert "carol" == match["payload"]["peerId"]
-            assert "bob" == (await carol.expect("assign_role"))["payload"]["peerId"]
-            await carol.send(type="chat_message", room="Den", payload={"content": "back"})
-            assert "back" == (await alice.expect("chat_message"))["payload"]["content"]
-            assert "back" == (await bob.expect("chat_message"))["payload"]["content"]
-            await carol.send(type="webrtc_offer", toUser="alice", payload={"sdp": "x"})
-            assert "carol" == (await alice.expect("webrtc_offer"))["fromUser"]
+            assert "bob" == (await carol.expect("assign_role", skip=True))["payload"]["peerId"]
+            await carol.send({"type": "chat_message", "room": "Den", "payload": {"content": "back"}})
+            assert "back" == (await alice.expect("chat_message", skip=True))["payload"]["content"]
+            assert "back" == (await bob.expect("chat_message", skip=True))["payload"]["content"]
+            await carol.send({"type": "webrtc_offer", "toUser": "alice", "payload": {"sdp": "x"}})
+            assert "carol" == (await alice.expect("webrtc_offer", skip=True))["fromUser"]
 
 
 @pytest.mark.slow
@@ -115,8 +118,11 @@ async def test_kill_9_with_default_timing_is_cleaned_within_15_seconds(redis_ser
     leave pool and presence within 15 s (13 s at most by construction)."""
     url = redis_server.url
     async with serve_process("--redis-url", url) as survivor:
-        async with serve_process("--redis-url", url) as doomed, connect(doomed.port, "ghost") as ghost:
-            await ghost.send(type="user_available_webrtc")
+        async with (
+            serve_process("--redis-url", url) as doomed,
+            connect(doomed.port, "ghost", skip=True) as ghost,
+        ):
+            await ghost.send({"type": "user_available_webrtc"})
             await ghost.sync()
             doomed.kill9()
             await _disconnected(ghost)
@@ -151,11 +157,11 @@ async def test_workers_share_the_port_and_a_dead_worker_is_replaced(redis_server
         pids = _worker_pids(server)
         assert [0, 1] == sorted(pids)
         async with trio.open_nursery() as nursery:
-            clients: list[Client] = []
+            clients: list[SocketPeer] = []
             all_in = trio.Event()
 
             async def hold(user: str) -> None:
-                async with connect(server.port, user, "Den") as client:
+                async with connect(server.port, user, "Den", skip=True) as client:
                     clients.append(client)
                     if len(clients) == 16:
                         all_in.set()
@@ -169,9 +175,9 @@ async def test_workers_share_the_port_and_a_dead_worker_is_replaced(redis_server
             assert all(count > 0 for count in seen.values()), seen  # both took connections
             assert 16 == sum(seen.values())
             # One server: a room message reaches members on both workers.
-            await clients[0].send(type="chat_message", room="Den", payload={"content": "all"})
+            await clients[0].send({"type": "chat_message", "room": "Den", "payload": {"content": "all"}})
             for client in clients:
-                assert "all" == (await client.expect("chat_message"))["payload"]["content"]
+                assert "all" == (await client.expect("chat_message", skip=True))["payload"]["content"]
             nursery.cancel_scope.cancel()
 
         os.kill(pids[0], signal.SIGKILL)
@@ -180,7 +186,7 @@ async def test_workers_share_the_port_and_a_dead_worker_is_replaced(redis_server
         seen_after = await _instances_seen(server.port, 40)
         assert 2 == len(seen_after), seen_after
         assert 1 == len(set(seen) & set(seen_after))  # one survivor, one new instance
-        async with connect(server.port, "late") as late:
+        async with connect(server.port, "late", skip=True) as late:
             await late.sync()
     assert "event=worker_died worker=0" in server.text()
     assert "event=workers_stopped" in server.text()

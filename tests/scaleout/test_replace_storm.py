@@ -19,8 +19,7 @@ import trio_websocket
 from health import get_json
 from redis_server import RedisServer
 from scaleout_support import instances, redis_client, wait_until
-from support import running_server
-from wsclient import Client, connect
+from support import SocketPeer, connect, running_server
 
 USERS = 50
 CONNECTS = 3
@@ -35,7 +34,8 @@ class Conn:
     def __init__(self, user: str, index: int) -> None:
         self.user = user
         self.index = index
-        self.client: Client | None = None
+        self.client: SocketPeer | None = None
+        self.port = 0  # the instance it is connected to
         self.joined = False
         self.closed_code: int | None = None
         self.closed_by_client = False
@@ -68,9 +68,10 @@ class Storm:
         port = self.rng.choice(self.ports)
         await go.wait()
         try:
-            async with connect(port, conn.user, ROOM, joined=False) as client:
+            async with connect(port, conn.user, ROOM, joined=False, skip=True) as client:
+                conn.port = port
                 conn.client = client
-                await client.send(type="user_available_webrtc")
+                await client.send({"type": "user_available_webrtc"})
                 if close_early:
                     conn.closed_by_client = True
                     return
@@ -101,7 +102,7 @@ class Storm:
         out = []
         for user, conns in self.conns.items():
             waiting = [c.index for c in conns if not (c.done.is_set() or c.closed_by_client)]
-            live = [(c.index, c.client.port if c.client else 0) for c in conns if c.live]
+            live = [(c.index, c.port) for c in conns if c.live]
             if waiting or len(live) > 1:
                 out.append(f"{user}: live {live} waiting {waiting}")
         return out
@@ -164,7 +165,7 @@ async def _one_storm(ports: list[int], seed: int, redis_url: str | None) -> None
         # ...and each gets every survivor's room message, its own included.
         for conn in survivors:
             assert conn.client is not None
-            await conn.client.send(type="chat_message", room=ROOM, payload={"content": conn.user})
+            await conn.client.send({"type": "chat_message", "room": ROOM, "payload": {"content": conn.user}})
         expected = {c.user for c in survivors}
 
         def heard(conn: Conn) -> bool:
@@ -183,7 +184,7 @@ async def _one_storm(ports: list[int], seed: int, redis_url: str | None) -> None
         storm.release.set()
         for conn in survivors:  # wake the readers so they leave (closing their socket)
             assert conn.client is not None
-            await conn.client.send(type="ping")
+            await conn.client.send({"type": "ping"})
 
     # Everyone has gone: nothing is left behind in Redis...
     users = set(storm.conns)
@@ -204,12 +205,12 @@ async def _one_storm(ports: list[int], seed: int, redis_url: str | None) -> None
         await trio.sleep(0.05)  # the endpoints are the observable; they have no push channel
     # ...and a newcomer finds nobody to be matched with.
     for port in ports:
-        async with connect(port, f"probe{seed}") as probe:
+        async with connect(port, f"probe{seed}", skip=True) as probe:
             for _ in range(5):
-                await probe.send(type="request_random_peer")
-                reply = await probe.receive()
+                await probe.send({"type": "request_random_peer"})
+                reply = await probe.recv()
                 while reply["type"] not in ("assign_role", "no_peer_available"):
-                    reply = await probe.receive()
+                    reply = await probe.recv()
                 assert "no_peer_available" == reply["type"], reply
 
 

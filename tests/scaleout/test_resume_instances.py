@@ -15,7 +15,7 @@ from health import get_json
 from rawws import RawWebSocket, open_raw_ws
 from redis_server import RedisServer
 from scaleout_support import FAST_PRESENCE, ServerProcess, serve_process
-from wsclient import Client, connect
+from support import SocketPeer, connect
 
 FAST = [
     "--presence-ttl",
@@ -45,23 +45,23 @@ async def wait_kept(server: ServerProcess, count: int) -> None:
             await trio.sleep(0.01)  # /health is the observable; it has no push channel
 
 
-async def until_pong(client: Client) -> list[dict[str, Any]]:
+async def until_pong(client: SocketPeer) -> list[dict[str, Any]]:
     """Everything ``client`` receives up to the answer to a ping (a round trip)."""
-    await client.send(type="ping")
+    await client.send({"type": "ping"})
     got = []
-    while (message := await client.receive())["type"] != "pong":
+    while (message := await client.recv())["type"] != "pong":
         got.append(message)
     return got
 
 
-async def call(phone: RawWebSocket, peer: Client) -> None:
+async def call(phone: RawWebSocket, peer: SocketPeer) -> None:
     """Match ``phone`` (which requests) with ``peer`` (pooled)."""
-    await peer.send(type="user_available_webrtc")
+    await peer.send({"type": "user_available_webrtc"})
     await peer.sync()
     await phone.send_json({"type": "request_random_peer"})
     while (await phone.recv_json())["type"] != "assign_role":
         pass
-    await peer.expect("assign_role")
+    await peer.expect("assign_role", skip=True)
 
 
 async def test_cut_mid_call_resumes_on_the_other_instance(redis_server: RedisServer) -> None:
@@ -72,20 +72,20 @@ async def test_cut_mid_call_resumes_on_the_other_instance(redis_server: RedisSer
     async with (
         serve_process("--redis-url", url, "--resume-window", "30", *FAST) as one,
         serve_process("--redis-url", url, "--resume-window", "30", *FAST) as two,
-        connect(one.port, "peer") as peer,
-        connect(two.port, "roomie") as roomie,
+        connect(one.port, "peer", skip=True) as peer,
+        connect(two.port, "roomie", skip=True) as roomie,
     ):
         async with level2(one.port, "phone") as (phone, welcome):
             await phone.expect("room_joined")
             await call(phone, peer)
             phone.reset_on_close()  # the network goes: no close frame
         await wait_kept(one, 1)
-        await peer.send(type="webrtc_offer", toUser="phone", payload={"sdp": "o"})
+        await peer.send({"type": "webrtc_offer", "toUser": "phone", "payload": {"sdp": "o"}})
         for i in range(3):
-            await roomie.send(type="chat_message", room="Lobby", payload={"content": f"r{i}"})
-            await roomie.expect("chat_message")
-        await peer.send(type="chat_message", toUser="phone", payload={"content": "d"})
-        await peer.expect("chat_message")
+            await roomie.send({"type": "chat_message", "room": "Lobby", "payload": {"content": f"r{i}"}})
+            await roomie.expect("chat_message", skip=True)
+        await peer.send({"type": "chat_message", "toUser": "phone", "payload": {"content": "d"}})
+        await peer.expect("chat_message", skip=True)
         async with level2(two.port, "phone", resume=welcome["resumeToken"]) as (back, again):
             assert True is again["resumed"], again
             got = [await back.recv_json() for _ in range(again["missed"])]
@@ -103,11 +103,11 @@ async def test_cut_mid_call_resumes_on_the_other_instance(redis_server: RedisSer
             rooms = [content for kind, content in seen if content and content.startswith("r")]
             assert ["r0", "r1", "r2"] == rooms
             # live on the new instance: signaling both ways, the room
-            await peer.send(type="webrtc_candidate", toUser="phone", payload={"candidate": "c"})
+            await peer.send({"type": "webrtc_candidate", "toUser": "phone", "payload": {"candidate": "c"}})
             assert {"candidate": "c"} == (await back.expect("webrtc_candidate"))["payload"]
             await back.send_json({"type": "webrtc_answer", "toUser": "peer", "payload": {"sdp": "a"}})
-            await peer.expect("webrtc_answer")
-            await roomie.send(type="chat_message", room="Lobby", payload={"content": "live"})
+            await peer.expect("webrtc_answer", skip=True)
+            await roomie.send({"type": "chat_message", "room": "Lobby", "payload": {"content": "live"}})
             assert "live" == (await back.expect("chat_message"))["payload"]["content"]
             await back.roundtrip()
             assert [] == [m for m in await until_pong(peer) if m["type"] == "hangup"]
@@ -122,7 +122,7 @@ async def test_bad_tokens_and_overflow_across_instances(redis_server: RedisServe
     async with (
         serve_process("--redis-url", url, "--resume-window", "30", "--outbox-frames", "8", *FAST) as one,
         serve_process("--redis-url", url, "--resume-window", "30", "--outbox-frames", "8", *FAST) as two,
-        connect(two.port, "roomie") as roomie,
+        connect(two.port, "roomie", skip=True) as roomie,
     ):
         async with level2(one.port, "phone") as (phone, welcome):
             await phone.expect("room_joined")
@@ -144,8 +144,8 @@ async def test_bad_tokens_and_overflow_across_instances(redis_server: RedisServe
             phone.reset_on_close()
         await wait_kept(one, 1)
         for i in range(9):
-            await roomie.send(type="chat_message", room="Lobby", payload={"content": str(i)})
-            await roomie.expect("chat_message")
+            await roomie.send({"type": "chat_message", "room": "Lobby", "payload": {"content": str(i)}})
+            await roomie.expect("chat_message", skip=True)
         await wait_kept(one, 0)  # it ended at once
         async with level2(two.port, "phone", resume=fresh["resumeToken"]) as (_, over):
             assert False is over["resumed"]
@@ -160,7 +160,7 @@ async def test_window_passes_one_leave_across_instances(redis_server: RedisServe
     async with (
         serve_process("--redis-url", url, "--resume-window", "1", *FAST) as one,
         serve_process("--redis-url", url, "--resume-window", "1", *FAST) as two,
-        connect(two.port, "peer") as peer,
+        connect(two.port, "peer", skip=True) as peer,
         level2(two.port, "watcher") as (watcher, _),
     ):
         await watcher.expect("room_joined")
@@ -169,12 +169,12 @@ async def test_window_passes_one_leave_across_instances(redis_server: RedisServe
             assert {"room": "Lobby", "user": "phone"} == (await watcher.expect("member_joined"))["payload"]
             await call(phone, peer)
             phone.reset_on_close()
-        hangup = await peer.expect("hangup")
+        hangup = await peer.expect("hangup", skip=True)
         assert {"reason": "peer_left"} == hangup["payload"]
         assert {"room": "Lobby", "user": "phone"} == (await watcher.expect("member_left"))["payload"]
         await watcher.roundtrip()  # exactly one
         assert [] == [m for m in await until_pong(peer) if m["type"] == "hangup"]
-        stats = await peer.request("stats", type="get_stats")
+        stats = await peer.request({"type": "get_stats"}, "stats", skip=True)
         assert 0 == stats["payload"]["searching"] and 0 == stats["payload"]["inCalls"]
         async with level2(two.port, "phone", resume=welcome["resumeToken"]) as (_, late):
             assert False is late["resumed"]

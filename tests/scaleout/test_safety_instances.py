@@ -14,14 +14,14 @@ import pytest
 import trio
 import trio_websocket
 from scaleout_support import instances, redis_client
-from wsclient import Client, connect
+from support import SocketPeer, connect
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 MATCHES = "webrtc:matches:{available:webrtc}"
 
 
-async def closed_with(client: Client) -> tuple[int, str]:
+async def closed_with(client: SocketPeer) -> tuple[int, str]:
     with trio.fail_after(10):
         try:
             while True:
@@ -47,26 +47,29 @@ async def refused_status(port: int, user: str) -> int:
 
 async def test_block_and_ban_reach_the_other_instance(shared_redis: str) -> None:
     async with instances(shared_redis, 2, admin_token=TOKEN) as (a, b):
-        async with connect(a, "alice") as alice, connect(b, "bob") as bob:
-            await bob.send(type="user_available_webrtc")
+        async with connect(a, "alice", skip=True) as alice, connect(b, "bob", skip=True) as bob:
+            await bob.send({"type": "user_available_webrtc"})
             await bob.sync()
             assert (
-                "bob" == (await alice.request("assign_role", type="request_random_peer"))["payload"]["peerId"]
+                "bob"
+                == (await alice.request({"type": "request_random_peer"}, "assign_role", skip=True))[
+                    "payload"
+                ]["peerId"]
             )
-            await bob.expect("assign_role")
-            await alice.request("user_blocked", type="block_user", payload={"user": "bob"})
+            await bob.expect("assign_role", skip=True)
+            await alice.request({"type": "block_user", "payload": {"user": "bob"}}, "user_blocked", skip=True)
             # The block notice travels ahead of the hangup, on the same route: once bob hears
             # peer_left, its instance knows.
-            assert {"reason": "peer_left"} == (await bob.expect("hangup"))["payload"]
+            assert {"reason": "peer_left"} == (await bob.expect("hangup", skip=True))["payload"]
             for message in (
                 {"type": "chat_message", "toUser": "alice", "payload": {"content": "hi"}},
                 {"type": "webrtc_offer", "toUser": "alice", "payload": {"sdp": "v=0"}},
             ):
-                await bob.send(**message)
-                assert "peer_unavailable" == (await bob.expect("error"))["payload"]["code"]
-            await bob.send(type="user_available_webrtc")
+                await bob.send(message)
+                assert "peer_unavailable" == (await bob.expect("error", skip=True))["payload"]["code"]
+            await bob.send({"type": "user_available_webrtc"})
             await bob.sync()
-            await alice.request("no_peer_available", type="request_random_peer")
+            await alice.request({"type": "request_random_peer"}, "no_peer_available", skip=True)
             await alice.sync()
 
             # A ban through A's API closes bob on B with 4003, and both refuse him.
@@ -86,10 +89,10 @@ async def test_block_and_ban_reach_the_other_instance(shared_redis: str) -> None
                 assert 200 == kicked.status_code
                 assert (4003, "banned") == await closed_with(alice)
         # Later connections read the block from the store, on either instance.
-        async with connect(b, "alice") as alice, connect(a, "bob") as bob:
-            await bob.send(type="chat_message", toUser="alice", payload={"content": "again"})
-            assert "peer_unavailable" == (await bob.expect("error"))["payload"]["code"]
-            await alice.request("blocked_users", type="get_blocked")
+        async with connect(b, "alice", skip=True) as alice, connect(a, "bob", skip=True) as bob:
+            await bob.send({"type": "chat_message", "toUser": "alice", "payload": {"content": "again"}})
+            assert "peer_unavailable" == (await bob.expect("error", skip=True))["payload"]["code"]
+            await alice.request({"type": "get_blocked"}, "blocked_users", skip=True)
 
 
 USERS = 300
@@ -103,14 +106,14 @@ async def test_storm_never_pairs_blocked_or_shadowed_users(shared_redis: str) ->
     users = [f"k{i:03d}" for i in range(USERS)]
     blocks = {user: set(rng.sample([u for u in users if u != user], BLOCKS_EACH)) for user in users}
     shadowed = set(rng.sample(users, SHADOWED))
-    clients: dict[str, Client] = {}
+    clients: dict[str, SocketPeer] = {}
     assigned: dict[str, set[tuple[str, str]]] = {user: set() for user in users}
     async with instances(shared_redis, 3, admin_token=TOKEN) as ports, trio.open_nursery() as holders:
         opened = trio.Event()
         finish = trio.Event()
 
         async def hold(i: int, user: str) -> None:
-            async with connect(ports[i % 3], user) as client:
+            async with connect(ports[i % 3], user, skip=True) as client:
                 clients[user] = client
                 if len(clients) == USERS:
                     opened.set()
@@ -133,16 +136,18 @@ async def test_storm_never_pairs_blocked_or_shadowed_users(shared_redis: str) ->
             async def block_and_pool(user: str) -> None:
                 client = clients[user]
                 for other in sorted(blocks[user]):
-                    await client.request("user_blocked", type="block_user", payload={"user": other})
-                await client.send(type="user_available_webrtc")
+                    await client.request(
+                        {"type": "block_user", "payload": {"user": other}}, "user_blocked", skip=True
+                    )
+                await client.send({"type": "user_available_webrtc"})
                 await client.sync()
 
             async def request(user: str) -> None:
                 client = clients[user]
-                await client.send(type="request_random_peer")
-                await client.send(type="ping")
+                await client.send({"type": "request_random_peer"})
+                await client.send({"type": "ping"})
                 while True:
-                    message = await client.receive()
+                    message = await client.recv()
                     if message["type"] == "assign_role":
                         payload = message["payload"]
                         assigned[user].add((payload["role"], payload["peerId"]))

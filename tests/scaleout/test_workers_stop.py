@@ -13,8 +13,7 @@ import trio
 import trio_websocket
 from redis_server import RedisServer
 from scaleout_support import FAST_PRESENCE, redis_client, serve_process
-from support import close_of
-from wsclient import Client, connect
+from support import SocketPeer, close_of, connect
 
 from aleatoria.store.redis_presence import INSTANCES_KEY, PRESENCE_KEY
 
@@ -27,11 +26,11 @@ FAST = [
 USERS = [f"u{n}" for n in range(8)]
 
 
-async def _close_code(client: Client) -> int:
+async def _close_code(client: SocketPeer) -> int:
     """The close code ``client`` sees once the server closes it."""
     with pytest.raises(trio_websocket.ConnectionClosed) as closed:
         while True:
-            await client.receive()
+            await client.recv()
     return close_of(closed.value)[0]
 
 
@@ -47,12 +46,12 @@ async def test_workers_drain_and_exit_0_on_a_signal(redis_server: RedisServer, s
     async with serve_process("--redis-url", url, "--workers", "2", *FAST, own_group=True) as server:
         codes: dict[str, int] = {}
         async with trio.open_nursery() as nursery:
-            clients: list[Client] = []
+            clients: list[SocketPeer] = []
             all_in = trio.Event()
             signalled = trio.Event()
 
             async def hold(user: str) -> None:
-                async with connect(server.port, user, "Den") as client:
+                async with connect(server.port, user, "Den", skip=True) as client:
                     clients.append(client)
                     if len(clients) == len(USERS):
                         all_in.set()
@@ -66,10 +65,12 @@ async def test_workers_drain_and_exit_0_on_a_signal(redis_server: RedisServer, s
             with redis_client(url) as r:
                 assert set(USERS) == {u.decode() for u in r.hkeys(PRESENCE_KEY)}
                 assert 2 == r.zcard(INSTANCES_KEY)  # both workers registered
-            await clients[0].send(type="user_available_webrtc")
+            await clients[0].send({"type": "user_available_webrtc"})
             await clients[0].sync()
             # Accepted (the pong follows it), not necessarily written yet: the drain writes it.
-            await clients[1].send(type="chat_message", room="Den", payload={"content": "last words"})
+            await clients[1].send(
+                {"type": "chat_message", "room": "Den", "payload": {"content": "last words"}}
+            )
             await clients[1].sync()
             if to == "parent":
                 os.kill(server.process.pid, signum)
