@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 from scaleout_support import instances
-from wsclient import Client, connect
+from support import SocketPeer, connect
 
 import aleatoria.server
 from aleatoria.config import Config
@@ -98,17 +98,19 @@ class Storm:
         rng = self.rng
         while trio.current_time() < deadline:
             self.doing[user] = "connecting"
-            async with connect(port, user) as client:
+            async with connect(port, user, skip=True) as client:
                 self.doing[user] = "blocking"
                 for other in sorted(self.blocks[user]):
-                    await client.request("user_blocked", type="block_user", payload={"user": other})
+                    await client.request(
+                        {"type": "block_user", "payload": {"user": other}}, "user_blocked", skip=True
+                    )
                 await self.session(client, user, deadline)
                 self.doing[user] = "disconnecting"
             # A disconnect ends the session (its search or match goes with it).
             await trio.sleep(rng.random() * 0.2)
         self.doing[user] = "left"
 
-    async def session(self, client: Client, user: str, deadline: float) -> None:
+    async def session(self, client: SocketPeer, user: str, deadline: float) -> None:
         """Search, talk, Next, until the deadline. Every message is unambiguous: a search is
         sent only when the previous one was answered (matched or timed out), so an
         ``assign_role`` or ``no_peer_available`` always answers the latest search; a cancel
@@ -129,7 +131,7 @@ class Storm:
             )
             self.rows[user].append(row)
             self.searches += 1
-            await client.send(type="request_random_peer", payload=payload)
+            await client.send({"type": "request_random_peer", "payload": payload})
             self.doing[user] = "searching"
             if not await self.answered(client, row):
                 return  # cancelled: leave
@@ -142,13 +144,13 @@ class Storm:
             elif rng.random() < 0.05:
                 return
 
-    async def answered(self, client: Client, row: Row) -> bool:
+    async def answered(self, client: SocketPeer, row: Row) -> bool:
         """Wait for ``row``'s search to end: matched or timed out (True), or cancelled by
         this user after a random wait (False)."""
         cancel_at = trio.current_time() + self.rng.random() * 3 if self.rng.random() < 0.1 else None
         while True:
             with trio.move_on_after(0.2):
-                message = await client.receive()
+                message = await client.recv()
                 kind = message["type"]
                 if kind == "searching":
                     if row.joined is not None:
@@ -172,7 +174,7 @@ class Storm:
                     self.broken.append(f"{row.user}: {message}")
                 continue  # a former peer's hangup
             if cancel_at is not None and row.joined is not None and trio.current_time() >= cancel_at:
-                await client.send(type="cancel_search")
+                await client.send({"type": "cancel_search"})
                 row.end, row.left = "cancel", trio.current_time()
                 self.cancelled += 1
                 return False
