@@ -368,6 +368,13 @@ SETTINGS: tuple[Setting, ...] = (
         "Redis mode: seconds between each instance's look at the search queue (fallbacks, timeouts)",
     ),
     Setting(
+        "announce_retry",
+        "ALEATORIA_ANNOUNCE_RETRY",
+        float,
+        "Redis mode: seconds the search queue keeps trying to tell a user on another instance "
+        "of its match or timeout while the bus cannot carry it (a stall, a failover)",
+    ),
+    Setting(
         "webhook_queue",
         "ALEATORIA_WEBHOOK_QUEUE",
         int,
@@ -488,6 +495,7 @@ class Config:
     interest_wait: float = 10.0
     rematch_cooldown: float = 300.0
     search_tick: float = 0.5
+    announce_retry: float = 30.0
 
     @property
     def message_ttl_seconds(self) -> float:
@@ -582,6 +590,8 @@ class Config:
             )
         if not 0.01 <= self.search_tick <= 10:
             raise ConfigError("ALEATORIA_SEARCH_TICK must be 0.01..10 seconds")
+        if not 0 <= self.announce_retry <= 3600:
+            raise ConfigError("ALEATORIA_ANNOUNCE_RETRY must be 0..3600 seconds")
         if self.auto_shadow_reports < 0:
             raise ConfigError("ALEATORIA_AUTO_SHADOW_REPORTS must be >= 0")
         if self.report_cap < 1 or self.webhook_queue < 1:

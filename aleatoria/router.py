@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 from collections.abc import Callable
 from functools import partial
@@ -158,14 +159,15 @@ class Router:
         return bool(reached)
 
     async def send_surely(
-        self, user: str, data: bytes, kind: str, *extra: str, attempts: int = 12, pause: float = 0.25
+        self, user: str, data: bytes, kind: str, *extra: str, window: float = 3.0, pause: float = 0.25
     ) -> bool:
         """``send``, for a frame that must not be lost to a passing bus outage (the search
         queue's ``assign_role``: nobody else will tell the user): while the bus cannot carry
         it (stalled, Redis failing, or the user's instance not subscribed at that moment), try
-        again every ``pause`` seconds, ``attempts`` times. Whether it was handed over. A frame
-        that Redis published after all and that is sent again arrives twice (the same
+        again every ``pause`` seconds for ``window`` seconds. Whether it was handed over. A
+        frame that Redis published after all and that is sent again arrives twice (the same
         ``assign_role``, which clients take as a repeat)."""
+        attempts = max(1, math.ceil(window / pause) + 1)
         for attempt in range(attempts):
             if self.hub.deliver(user, text_frame(data), kind):
                 return True

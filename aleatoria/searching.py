@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from functools import partial
 
 import trio
 
@@ -39,9 +40,13 @@ from aleatoria.store import Store
 log = logging.getLogger("aleatoria.searching")
 
 
-async def search_forever(store: Store, router: Router, ice: IcePolicy, stats: Stats) -> None:
-    """Announce the queue's matches and timeouts until cancelled. A store error (Redis down:
-    the store answers with no events) never ends the task."""
+async def search_forever(
+    store: Store, router: Router, ice: IcePolicy, stats: Stats, retry: float = 30.0
+) -> None:
+    """Announce the queue's matches and timeouts until cancelled; ``retry``: seconds a frame
+    for a user on another instance is tried while the bus cannot carry it
+    (``ALEATORIA_ANNOUNCE_RETRY``). A store error (Redis down: the store answers with no
+    events) never ends the task."""
     wake = trio.Event()
 
     def poke() -> None:
@@ -51,14 +56,19 @@ async def search_forever(store: Store, router: Router, ice: IcePolicy, stats: St
     async with trio.open_nursery() as retries:
         while True:
             wake = trio.Event()
-            announce(await store.search_events(), router, ice, stats, retries)
+            announce(await store.search_events(), router, ice, stats, retries, retry)
             delay = store.search_delay()
             with trio.move_on_after(math.inf if delay is None else delay):
                 await wake.wait()
 
 
 def announce(
-    events: SearchEvents, router: Router, ice: IcePolicy, stats: Stats, retries: trio.Nursery | None = None
+    events: SearchEvents,
+    router: Router,
+    ice: IcePolicy,
+    stats: Stats,
+    retries: trio.Nursery | None = None,
+    retry: float = 30.0,
 ) -> None:
     """Tell both sides of each match, and each searcher whose search timed out."""
     unix_now = int(time.time())
@@ -68,7 +78,7 @@ def announce(
         for waited in match.waited:
             stats.search_wait.observe(waited)
         for user, data, extra in match_frames(match, ice, unix_now):
-            _tell(router, retries, user, data, m.ASSIGN_ROLE, *extra)
+            _tell(router, retries, retry, user, data, m.ASSIGN_ROLE, *extra)
         log.debug(
             "event=search_match impolite=%s polite=%s common=%d",
             match.impolite,
@@ -85,13 +95,19 @@ def announce(
                 payload=m.NoPeer(message=m.NO_PEER_TEXT),
             )
         )
-        _tell(router, retries, user, data, m.NO_PEER_AVAILABLE)
+        _tell(router, retries, retry, user, data, m.NO_PEER_AVAILABLE)
 
 
 def _tell(
-    router: Router, retries: trio.Nursery | None, user: str, data: bytes, kind: str, *extra: str
+    router: Router,
+    retries: trio.Nursery | None,
+    retry: float,
+    user: str,
+    data: bytes,
+    kind: str,
+    *extra: str,
 ) -> None:
     if retries is None or router.hub.clients.get(user) is not None or router.bus is None:
         router.send(user, data, kind, *extra)
     else:  # on another instance: worth waiting out a bus outage for
-        retries.start_soon(router.send_surely, user, data, kind, *extra)
+        retries.start_soon(partial(router.send_surely, user, data, kind, *extra, window=retry))

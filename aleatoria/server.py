@@ -776,7 +776,14 @@ async def _run_body(
             server._tasks = nursery  # connections, and their writer tasks when they need one
             nursery.start_soon(supervise, server.hub, server.config)
             nursery.start_soon(server.moderation.count_bans_forever)
-            nursery.start_soon(search_forever, server.store, server.router, server.config.ice, server.stats)
+            nursery.start_soon(
+                search_forever,
+                server.store,
+                server.router,
+                server.config.ice,
+                server.stats,
+                server.config.announce_retry,
+            )
             webhook = server.moderation.webhook
             if webhook is not None:
                 nursery.start_soon(webhook.run)
