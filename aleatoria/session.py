@@ -51,10 +51,10 @@ class Session:
     __slots__ = (
         "_facts",
         "_held",
-        "_hold_available",
         "_hub",
         "_limits",
         "_moderation",
+        "_round_trips",
         "_router",
         "_rules",
         "_safety",
@@ -81,8 +81,9 @@ class Session:
         self._stats = router.hub.stats
         self._moderation = moderation  # a stored report goes on to the webhook
         self._limits, rules = _limits_and_rules(config)
-        # See ``_join_held``.
-        self._hold_available = store.round_trips
+        # A store with round trips (Redis): frames are held to be joined (``_join_held``)
+        # and a DM's own copy waits for the store.
+        self._round_trips = store.round_trips
         self._held = False
         # Made at the first request: an idle connection never needs one (136 bytes).
         self._facts: Facts | None = None
@@ -103,7 +104,7 @@ class Session:
             stats.messages_in[envelope.type if envelope.type in m.CLIENT_TYPES else "unknown"] += 1
             request = parse(envelope, self._limits)
             # Only a held frame, or one to hold, takes the slow path (most frames are neither).
-            if self._held or (self._hold_available and type(request) is UserAvailable):
+            if self._held or (self._round_trips and type(request) is UserAvailable):
                 joined = await self._join_held(request, moment)
                 if joined is None:
                     return
@@ -138,7 +139,7 @@ class Session:
                 return PoolThenRequest(request.current_peer_id, request.profile)
             await self.run(core.handle(_AVAILABLE, self.facts(moment)))
         # Only a plain one (no profile: nothing for the search queue to weigh) is held.
-        if type(request) is UserAvailable and request.profile.empty and self._hold_available:
+        if type(request) is UserAvailable and request.profile.empty and self._round_trips:
             self._held = True
             return None
         return request
@@ -223,7 +224,12 @@ class Session:
             case core.Deliver(user, data, kind, extra):
                 self._router.send(user, data, kind, *extra)
             case core.RecordDirect(to, data, created_ns, own):
-                self._store.record_direct_message(self.user, to, data, created_ns, self._on_stored(own))
+                if self._round_trips:
+                    self._store.record_direct_message(self.user, to, data, created_ns, self._on_stored(own))
+                else:  # in memory the message is stored once recorded: no callback to make
+                    self._store.record_direct_message(self.user, to, data, created_ns)
+                    self.client.ws.send(text_frame(own))
+                    self._stats.messages_out[m.CHAT_MESSAGE] += 1
             case core.RecordRoom(room, data, created_ns):
                 self._store.record_room_message(room, data, created_ns)
             case core.Reply(kind, payload, room):
