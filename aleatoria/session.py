@@ -221,19 +221,23 @@ class Session:
 
     def _apply(self, effect: Effect) -> None:
         match effect:  # the cases of every chat message first
-            case core.Deliver(user, data, kind, extra):
+            case core.Deliver():  # unpacked, not captured: half the cost of a class pattern
+                user, data, kind, extra = effect
                 self._router.send(user, data, kind, *extra)
-            case core.RecordDirect(to, data, created_ns, own):
+            case core.RecordDirect():
+                to, data, created_ns, own = effect
                 if self._round_trips:
                     self._store.record_direct_message(self.user, to, data, created_ns, self._on_stored(own))
                 else:  # in memory the message is stored once recorded: no callback to make
                     self._store.record_direct_message(self.user, to, data, created_ns)
                     self.client.ws.send(text_frame(own))
                     self._stats.messages_out[m.CHAT_MESSAGE] += 1
-            case core.RecordRoom(room, data, created_ns):
+            case core.RecordRoom():
+                room, data, created_ns = effect
                 self._store.record_room_message(room, data, created_ns)
-            case core.Reply(kind, payload, room):
-                self._reply(kind, payload, room=room)
+            case core.Reply():
+                kind, payload, about = effect
+                self._reply(kind, payload, room=about)
             case core.PeerLeft(peer):
                 self._router.peer_left(peer, self.user)
             case core.RememberPartner(partner, since):
@@ -312,10 +316,12 @@ class Session:
     async def _perform(self, call: Call) -> Any:
         store, user = self._store, self.user
         match call:  # the cases of every message first: signals, then matches
-            case core.Broadcast(room, data):
+            case core.Broadcast():  # unpacked, not captured: half the cost of a class pattern
+                room, data = call
                 await self._router.broadcast(room, data, user)
                 return None
-            case core.Relay(to, data, kind, extra):
+            case core.Relay():
+                to, data, kind, extra = call
                 return await self._router.send_checked(to, data, kind, *extra, sender=user)
             case core.RequestPeer(current, profile):
                 return await store.request_peer(user, current, profile)
