@@ -179,6 +179,22 @@ def decode(frame: str | bytes | bytearray) -> Envelope:
         raise InvalidMessage(f"expected a JSON object, got {_json_type(data)}")
     if "type" not in data:
         raise InvalidMessage("missing required field 'type'")
+    # The usual envelope, every field of its JSON type, built directly: cattrs' structuring
+    # is ~1 us of every message. Anything else goes through cattrs for its exact error (a
+    # property test holds the two equal).
+    get = data.get
+    kind, from_user, to_user, room = data["type"], get("fromUser"), get("toUser"), get("room")
+    message_id, create_time, incoming = get("messageId"), get("createTime"), get("incoming")
+    if (
+        type(kind) is str
+        and (from_user is None or type(from_user) is str)
+        and (to_user is None or type(to_user) is str)
+        and (room is None or type(room) is str)
+        and (message_id is None or type(message_id) is str)
+        and (create_time is None or type(create_time) is str)
+        and (incoming is None or type(incoming) is bool)
+    ):
+        return Envelope(kind, from_user, to_user, room, get("payload"), message_id, create_time, incoming)
     try:
         return converter.structure(data, Envelope)
     except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
