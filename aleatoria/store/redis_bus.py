@@ -124,6 +124,7 @@ class RedisBus:
         self.store_ok = False  # set by the store: publishing needs the store healthy too
         self.refused = 0  # publishes refused because the outbox was full
         self.received = 0
+        self.batches = 0  # hand-overs from the subscriber thread
         self.reconnects = 0
         self.stalls = 0
         self.stalled = False
@@ -406,6 +407,7 @@ class RedisBus:
 
     def _dispatch(self, batch: list[Message]) -> None:
         """A batch from the thread (trio thread): confirmations and messages, in order."""
+        self.batches += 1
         items: list[tuple[str | None, bytes]] = []
         for message in batch:
             kind = message["type"]
