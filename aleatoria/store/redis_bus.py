@@ -49,7 +49,7 @@ from aleatoria.store.redis_echo import Echo, Echoes
 from aleatoria.store.redis_presence import INSTANCES_KEY, PRESENCE_KEY, instance_channel
 from aleatoria.store.redis_scripts import MATCHES_KEY
 from aleatoria.store.redis_subscriber import Message, Subscriber
-from aleatoria.store.redis_writer import ROOM_MESSAGES_PREFIX
+from aleatoria.store.redis_writer import ROOM_MESSAGES_PREFIX, Command
 
 log = logging.getLogger("aleatoria.store.bus")
 
@@ -239,14 +239,14 @@ class RedisBus:
             self._inflight_since = trio.current_time()
         return items
 
-    def add_to_pipeline(self, pipe: Any, items: list[Outgoing], route_sha: str) -> None:
-        """Queue ``items`` on a redis-py pipeline (runs on a worker thread)."""
-        command = self._publish_command
+    def add_to_pipeline(self, command: Command, items: list[Outgoing], route_sha: str) -> None:
+        """Add ``items`` to the writer's request (runs on a worker thread)."""
+        publish = self._publish_command
         for item in items:
             if item.kind == PUBLISH:
-                pipe.execute_command(command, item.target, item.message)
+                command(publish, item.target, item.message)
             else:
-                pipe.execute_command(
+                command(
                     "EVALSHA",
                     route_sha,
                     3,
@@ -256,7 +256,7 @@ class RedisBus:
                     item.target,
                     item.message,
                     instance_channel(""),
-                    command,
+                    publish,
                     item.sender,
                 )
 
