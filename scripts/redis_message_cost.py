@@ -53,6 +53,7 @@ class CountingSocket:
 
     def __init__(self) -> None:
         self.sent = 0
+        self.sends = 0
         self.close_code: int | None = None
         self.last_seen = 0.0
         self._want = 0
@@ -60,6 +61,7 @@ class CountingSocket:
 
     def send(self, data: bytes, frames: int = 1) -> None:
         self.sent += frames
+        self.sends += 1
         event = self._event
         if event is not None and self.sent >= self._want:
             self._event = None
@@ -202,6 +204,12 @@ async def _room_traffic(server: Server, args: argparse.Namespace, tag: str) -> C
                 await ws.wait_for(ws_base[id(ws)] + total)
 
     ws_base = {id(ws): ws.sent for members, _ in rooms for _, ws in members}
+    sockets = [ws for members, _ in rooms for _, ws in members]
+
+    def frames_per_send() -> float:
+        return sum(ws.sent for ws in sockets) / max(1, sum(ws.sends for ws in sockets))
+
+    run.frames_per_send = frames_per_send  # type: ignore[attr-defined]
     run.units = per_sender * args.senders * args.rooms  # type: ignore[attr-defined]
     return run
 
@@ -276,6 +284,8 @@ async def measure(args: argparse.Namespace, url: str | None, profiles: Profiles 
             results[f"{kind}_other_us"] = (other1 - other0) / units * 1e6
             results[f"{kind}_cpu_us"] = results[f"{kind}_main_us"] + results[f"{kind}_other_us"]
             results[f"{kind}_per_s"] = units / wall
+            if hasattr(run, "frames_per_send"):
+                results[f"{kind}_frames_per_send"] = run.frames_per_send()
             if calls0 is not None:
                 calls1 = _redis_calls(store)
                 assert calls1 is not None
