@@ -251,7 +251,7 @@ def _redis_calls(store: Any) -> tuple[int, int] | None:
     keeper = getattr(store, "keeper", None)
     if keeper is None:
         return None
-    return keeper.client.calls, store.redis_bus.batches
+    return keeper.client.calls, getattr(store.redis_bus, "batches", 0)  # 0: before it counted
 
 
 async def measure(args: argparse.Namespace, url: str | None, profiles: Profiles | None) -> dict[str, float]:
