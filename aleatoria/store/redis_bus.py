@@ -49,7 +49,7 @@ from aleatoria.store.redis_echo import Echo, Echoes
 from aleatoria.store.redis_presence import INSTANCES_KEY, PRESENCE_KEY, instance_channel
 from aleatoria.store.redis_scripts import MATCHES_KEY
 from aleatoria.store.redis_subscriber import Message, Subscriber
-from aleatoria.store.redis_writer import ROOM_MESSAGES_PREFIX
+from aleatoria.store.redis_writer import ROOM_MESSAGES_PREFIX, Command
 
 log = logging.getLogger("aleatoria.store.bus")
 
@@ -61,6 +61,7 @@ _WATCH_EVERY = 0.05
 # publishes it after all (see ``redis_echo``); and how many such messages at most.
 ECHO_GRACE = 5.0
 _ECHO_LIMIT = 10_000
+_ROOMS_CACHED = 4096
 
 # Outgoing kinds.
 PUBLISH = 0  # to a channel (room or instance)
@@ -124,12 +125,15 @@ class RedisBus:
         self.store_ok = False  # set by the store: publishing needs the store healthy too
         self.refused = 0  # publishes refused because the outbox was full
         self.received = 0
+        self.batches = 0  # hand-overs from the subscriber thread
         self.reconnects = 0
         self.stalls = 0
         self.stalled = False
         self._inflight: list[Outgoing] = []
         self._inflight_since: float | None = None
         self.echoes = Echoes(grace=ECHO_GRACE, limit=_ECHO_LIMIT)
+        # A room channel's name as Redis sends it -> its room (decoded once, not per message).
+        self._rooms_by_channel: dict[bytes, str] = {}
         # Subscription bookkeeping (trio thread only). ``_pending`` counts commands sent or
         # queued per channel whose confirmation has not arrived; a channel is confirmed
         # when it is wanted and nothing is pending.
@@ -238,14 +242,14 @@ class RedisBus:
             self._inflight_since = trio.current_time()
         return items
 
-    def add_to_pipeline(self, pipe: Any, items: list[Outgoing], route_sha: str) -> None:
-        """Queue ``items`` on a redis-py pipeline (runs on a worker thread)."""
-        command = self._publish_command
+    def add_to_pipeline(self, command: Command, items: list[Outgoing], route_sha: str) -> None:
+        """Add ``items`` to the writer's request (runs on a worker thread)."""
+        publish = self._publish_command
         for item in items:
             if item.kind == PUBLISH:
-                pipe.execute_command(command, item.target, item.message)
+                command(publish, item.target, item.message)
             else:
-                pipe.execute_command(
+                command(
                     "EVALSHA",
                     route_sha,
                     3,
@@ -255,7 +259,7 @@ class RedisBus:
                     item.target,
                     item.message,
                     instance_channel(""),
-                    command,
+                    publish,
                     item.sender,
                 )
 
@@ -406,24 +410,30 @@ class RedisBus:
 
     def _dispatch(self, batch: list[Message]) -> None:
         """A batch from the thread (trio thread): confirmations and messages, in order."""
+        self.batches += 1
         items: list[tuple[str | None, bytes]] = []
-        for message in batch:
-            kind = message["type"]
-            if isinstance(kind, bytes):
-                kind = kind.decode()
-            channel = message["channel"]
-            if isinstance(channel, bytes):
-                channel = channel.decode()
+        own = self.own_channel
+        echoes = self.echoes
+        rooms = self._rooms_by_channel
+        for kind, channel, data in batch:
             if kind in ("message", "smessage"):
-                data = message["data"]
-                if channel == self.own_channel:
-                    items.append((None, data))
-                else:
+                room = rooms.get(channel)
+                if room is None:
+                    if isinstance(channel, bytes):
+                        channel = channel.decode()
+                    if channel == own:
+                        items.append((None, data))
+                        continue
                     room = _room_of(channel)
-                    if room is not None and (not self.echoes or self.echoes.on_echo(data)):
-                        items.append((room, data))
+                    if room is None:
+                        continue
+                    if len(rooms) >= _ROOMS_CACHED:
+                        rooms.clear()
+                    rooms[channel.encode()] = room
+                if not echoes or echoes.on_echo(data):
+                    items.append((room, data))
             elif kind in ("subscribe", "ssubscribe", "unsubscribe", "sunsubscribe"):
-                self._confirmation(channel)
+                self._confirmation(channel.decode() if isinstance(channel, bytes) else channel)
         self.received += len(items)
         if items and self.handler is not None:
             self.handler.on_bus_messages(items)

@@ -43,7 +43,10 @@ _BACKOFF_MAX = 5.0
 _SUBSCRIBE = "s"
 _UNSUBSCRIBE = "u"
 
-Message = dict[str, Any]  # as redis-py hands it over: type, channel, data
+# (type, channel, data), e.g. ("message", b"aleatoria:room:...", b"{...}"); type is text,
+# channel and data as Redis sent them (bytes).
+Message = tuple[str, Any, Any]
+_MESSAGE = b"message"
 
 
 class Subscriber:
@@ -202,14 +205,31 @@ class _Subscription:
             self._pubsub.unsubscribe(channel)
 
     def drain(self, limit: int) -> list[Message]:
-        """What can be read without blocking, up to ``limit`` messages."""
+        """What can be read without blocking, up to ``limit`` messages.
+
+        A plain Redis: replies are read off the connection directly, and a published
+        message becomes its tuple at once; everything else (subscription confirmations, a
+        health check's pong) goes through redis-py's ``handle_message``, which keeps the
+        PubSub's own bookkeeping. ``get_message`` per published message cost several times
+        more than the message (its health check, observability hook and dict; measured in
+        docs/performance.md, "Session 6")."""
         out: list[Message] = []
         if not self._cluster:
-            while len(out) < limit:
-                message = self._pubsub.get_message(timeout=0)
-                if message is None:
-                    break
-                out.append(message)
+            pubsub = self._pubsub
+            connection = pubsub.connection
+            if connection is None:
+                raise redis.ConnectionError("subscription connection closed")
+            if connection.protocol not in (2, "2"):  # RESP3 pushes: redis-py's way
+                return self._drain_messages(limit)
+            pubsub.check_health()
+            while len(out) < limit and connection.can_read(timeout=0):
+                response = connection.read_response()
+                if type(response) is list and len(response) == 3 and response[0] == _MESSAGE:
+                    out.append(("message", response[1], response[2]))
+                    continue
+                message = pubsub.handle_message(response)
+                if message is not None:
+                    out.append(_message(message))
             return out
         for name in list(self._pubsub.node_pubsub_mapping):
             node = self._client.get_node(node_name=name)
@@ -217,7 +237,16 @@ class _Subscription:
                 message = self._pubsub.get_sharded_message(timeout=0, target_node=node)
                 if message is None:
                     break
-                out.append(message)
+                out.append(_message(message))
+        return out
+
+    def _drain_messages(self, limit: int) -> list[Message]:
+        out: list[Message] = []
+        while len(out) < limit:
+            message = self._pubsub.get_message(timeout=0)
+            if message is None:
+                break
+            out.append(_message(message))
         return out
 
     def sockets(self) -> list[Any]:
@@ -234,3 +263,8 @@ class _Subscription:
     def close(self) -> None:
         with contextlib.suppress(redis.RedisError, OSError):
             self._pubsub.close()
+
+
+def _message(message: dict[str, Any]) -> Message:
+    kind = message["type"]
+    return (kind.decode() if isinstance(kind, bytes) else kind, message["channel"], message["data"])

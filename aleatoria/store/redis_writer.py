@@ -81,6 +81,9 @@ class Ack:
 # (kind, key, message, created_ns, ack); key is the room name or "a:b" for a DM.
 Entry = tuple[int, str, bytes, int, Ack | None]
 
+# Adds one command (its arguments) to the request being built.
+Command = Callable[..., None]
+
 
 class LiveSource(Protocol):
     """Publishes to send with the history (the bus's outbox)."""
@@ -89,7 +92,7 @@ class LiveSource(Protocol):
 
     def take(self, limit: int, upto: int) -> list[Any]: ...
 
-    def add_to_pipeline(self, pipe: Any, items: list[Any], route_sha: str) -> None: ...
+    def add_to_pipeline(self, command: Command, items: list[Any], route_sha: str) -> None: ...
 
     def settle(self, items: list[Any], replies: list[Any] | None) -> None: ...
 
@@ -316,20 +319,20 @@ class WriteBehind:
                 messages.append(message)
                 if index < suspects:  # suspects are a prefix of the batch, so of each DM too
                     counted[0] += 1
-        pipe = r.pipeline(transaction=False)
-        evalsha = partial(_evalsha, pipe)
+        request: Request | _Pipeline = Request() if isinstance(r, redis.Redis) else _Pipeline(r)
+        command = request.command
         room_sha = self._scripts.room_append.sha
         for room, pairs in rooms.items():
             key = ROOM_MESSAGES_PREFIX + room
-            evalsha(room_sha, 1, key, cutoff_ns, self._cap, self._ttl_ms, *pairs)
+            command("EVALSHA", room_sha, 1, key, cutoff_ns, self._cap, self._ttl_ms, *pairs)
         dm_sha = self._scripts.dm_append.sha
         cutoff_s = repr(cutoff_ns / 1e9)
         for key, (counted, messages) in dms.items():
             dm = DM_PREFIX + key
-            evalsha(dm_sha, 1, dm, cutoff_s, self._cap, self._ttl_ms, counted[0], *messages)
+            command("EVALSHA", dm_sha, 1, dm, cutoff_s, self._cap, self._ttl_ms, counted[0], *messages)
         if live is not None and items:
-            live.add_to_pipeline(pipe, items, self._scripts.route.sha)
-        replies: list[Any] = pipe.execute()
+            live.add_to_pipeline(command, items, self._scripts.route.sha)
+        replies = request.send(r)
         return replies[len(replies) - len(items) :] if items else []
 
     def _give_back(self, batch: list[Entry]) -> None:
@@ -371,5 +374,61 @@ class WriteBehind:
             del self._pending[slot]
 
 
-def _evalsha(pipe: Any, *args: object) -> None:
-    pipe.execute_command("EVALSHA", *args)
+class Request:
+    """Commands packed into one request by hand, for one plain Redis: what a redis-py pipeline
+    sends, without its per-command bookkeeping (measured: the writer's thread spent more on
+    the pipeline object than on the socket; see docs/performance.md, "Session 6"). Arguments
+    are bytes, str (UTF-8) or int, as the writer's commands have them."""
+
+    __slots__ = ("_count", "_parts")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._count = 0
+
+    def command(self, *args: bytes | str | int) -> None:
+        parts = self._parts
+        parts.append(b"*%d\r\n" % len(args))
+        for arg in args:
+            data = arg if isinstance(arg, bytes) else arg.encode() if isinstance(arg, str) else b"%d" % arg
+            parts.append(b"$%d\r\n" % len(data))
+            parts.append(data)
+            parts.append(b"\r\n")
+        self._count += 1
+
+    def send(self, r: redis.Redis) -> list[Any]:
+        """Send the request on one of ``r``'s pooled connections and read every reply (runs
+        on a worker thread). Raises like a pipeline: the first error reply (once every
+        reply is read, so the connection stays in step), or a connection error (the
+        connection is dropped: ``read_response`` disconnects on any other failure)."""
+        pool = r.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command([b"".join(self._parts)])  # type: ignore[no-untyped-call]
+            replies: list[Any] = []
+            error: redis.ResponseError | None = None
+            for _ in range(self._count):
+                try:
+                    replies.append(connection.read_response())
+                except redis.ResponseError as exc:
+                    error = error or exc
+                    replies.append(exc)
+        finally:
+            pool.release(connection)
+        if error is not None:
+            raise error
+        return replies
+
+
+class _Pipeline:
+    """The same commands on a redis-py pipeline (a Redis Cluster routes them by key)."""
+
+    def __init__(self, r: Any) -> None:
+        self._pipe = r.pipeline(transaction=False)
+
+    def command(self, *args: bytes | str | int) -> None:
+        self._pipe.execute_command(*args)
+
+    def send(self, r: Any) -> list[Any]:
+        replies: list[Any] = self._pipe.execute()
+        return replies
