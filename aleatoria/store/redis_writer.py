@@ -375,26 +375,18 @@ class WriteBehind:
 
 
 class Request:
-    """Commands packed into one request by hand, for one plain Redis: what a redis-py pipeline
-    sends, without its per-command bookkeeping (measured: the writer's thread spent more on
-    the pipeline object than on the socket; see docs/performance.md, "Session 6"). Arguments
-    are bytes, str (UTF-8) or int, as the writer's commands have them."""
+    """Commands sent as one request on one of a plain Redis's pooled connections: what a
+    redis-py pipeline sends (packed by redis-py's own packer, hiredis's when installed),
+    without the pipeline's per-command bookkeeping (measured: the writer's thread spent more
+    on the pipeline object than on the socket; see docs/performance.md, "Session 6")."""
 
-    __slots__ = ("_count", "_parts")
+    __slots__ = ("_commands",)
 
     def __init__(self) -> None:
-        self._parts: list[bytes] = []
-        self._count = 0
+        self._commands: list[tuple[bytes | str | int, ...]] = []
 
     def command(self, *args: bytes | str | int) -> None:
-        parts = self._parts
-        parts.append(b"*%d\r\n" % len(args))
-        for arg in args:
-            data = arg if isinstance(arg, bytes) else arg.encode() if isinstance(arg, str) else b"%d" % arg
-            parts.append(b"$%d\r\n" % len(data))
-            parts.append(data)
-            parts.append(b"\r\n")
-        self._count += 1
+        self._commands.append(args)
 
     def send(self, r: redis.Redis) -> list[Any]:
         """Send the request on one of ``r``'s pooled connections and read every reply (runs
@@ -404,10 +396,11 @@ class Request:
         pool = r.connection_pool
         connection = pool.get_connection()
         try:
-            connection.send_packed_command([b"".join(self._parts)])  # type: ignore[no-untyped-call]
+            packed = connection.pack_commands(self._commands)  # type: ignore[no-untyped-call]
+            connection.send_packed_command(packed)  # type: ignore[no-untyped-call]
             replies: list[Any] = []
             error: redis.ResponseError | None = None
-            for _ in range(self._count):
+            for _ in self._commands:
                 try:
                     replies.append(connection.read_response())
                 except redis.ResponseError as exc:
