@@ -22,7 +22,7 @@ async def test_turns_are_exclusive_and_first_come_first_served() -> None:
             inside += 1
             assert inside == 1
             order.append(n)
-            await trio.sleep(0.01)
+            await trio.sleep(0.01)  # holds the turn while the later ones queue (work, not a wait)
             inside -= 1
 
     async with trio.open_nursery() as nursery:
