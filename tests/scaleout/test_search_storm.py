@@ -148,7 +148,18 @@ class Storm:
         """Wait for ``row``'s search to end: matched or timed out (True), or cancelled by
         this user after a random wait (False)."""
         cancel_at = trio.current_time() + self.rng.random() * 3 if self.rng.random() < 0.1 else None
+        # A connection that replaced the one that cancelled (the client reconnected before
+        # the server had torn the old one down) owns the user's match, also one that crossed
+        # the cancel: its search is then answered by that match's assign_role alone, resent
+        # (PROTOCOL.md section 4), with no ``searching``. Waited for a while, then taken so.
+        resent_by: float | None = None
         while True:
+            if resent_by is not None and trio.current_time() >= resent_by:
+                # The match was made for the cancelled search, whose interestsOnly this
+                # search's check could not know (the languages and blocks are the user's own);
+                # a resent assign_role carries no common interests either.
+                self.broken = [b for b in self.broken if b != f"interestsOnly {row.user} got {row.peer}"]
+                return True
             with trio.move_on_after(0.2):
                 message = await client.recv()
                 kind = message["type"]
@@ -164,6 +175,7 @@ class Storm:
                     self.matched_row(row, message["payload"])
                     if row.joined is not None:
                         return True
+                    resent_by = trio.current_time() + 3.0
                 elif kind == "no_peer_available":
                     if row.joined is None or row.end != "open":
                         self.broken.append(f"{row.user}: no_peer_available out of turn")
