@@ -66,6 +66,8 @@ class Storm:
         self.heard: dict[str, set[str]] = defaultdict(set)  # user -> matchIds it heard
         self.doing: dict[str, str] = {}  # user -> what it is doing (for a hung storm's report)
         self.broken: list[str] = []
+        # Match ids a user heard as a resend (``answered``): their announcement may follow.
+        self.resent: dict[str, set[str]] = defaultdict(set)
         self.searches = self.matched = self.timeouts = self.cancelled = 0
 
     def profile(self, user: str) -> dict[str, Any]:
@@ -159,6 +161,8 @@ class Storm:
                 # search's check could not know (the languages and blocks are the user's own);
                 # a resent assign_role carries no common interests either.
                 self.broken = [b for b in self.broken if b != f"interestsOnly {row.user} got {row.peer}"]
+                if row.match_id is not None:
+                    self.resent[row.user].add(row.match_id)
                 return True
             with trio.move_on_after(0.2):
                 message = await client.recv()
@@ -170,6 +174,14 @@ class Storm:
                     if row.end == "match":
                         return True  # the match was announced before the reply: unknown join
                 elif kind == "assign_role":
+                    if resent_by is not None and message["payload"]["matchId"] == row.match_id:
+                        continue  # the repeat (below) while still waiting to call it a resend
+                    if message["payload"]["matchId"] in self.resent[row.user]:
+                        # The same assign_role again: the announcement of a match this
+                        # connection heard first as a resend arrives after it (the server
+                        # says a repeat may come, and clients take it as one).
+                        self.resent[row.user].discard(message["payload"]["matchId"])
+                        continue
                     if row.end != "open":
                         self.broken.append(f"{row.user}: a second assign_role {message['payload']}")
                     self.matched_row(row, message["payload"])
