@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 from trio_websocket import WebSocketConnection
@@ -71,6 +71,26 @@ class DrivenUser:
         assert self.peer is not None
         for index in range(CANDIDATES):
             await self.send(signal("webrtc_candidate", self.peer, {"candidate": f"lt-{index}"}))
+
+    async def _handshake(self, kind: object, peer: str, payload: dict[str, Any], mismatch: str) -> bool:
+        """Play this side of the call for one signaling message: an offer is answered and
+        followed by the candidates, an answer and candidates are counted. False (counted as
+        ``mismatch``) for one that does not fit this side's role or the call so far."""
+        if kind == "webrtc_offer":
+            if self.role != "polite" or payload.get("for") != self.name or self.offer_seen:
+                self.ctx.stats.inc(mismatch)
+                return False
+            self.offer_seen = True
+            await self.send(signal("webrtc_answer", peer, {"sdp": "lt-answer", "for": peer}))
+            await self._send_candidates()
+        elif kind == "webrtc_answer":
+            if self.role != "impolite" or payload.get("for") != self.name or self.answer_seen:
+                self.ctx.stats.inc(mismatch)
+                return False
+            self.answer_seen = True
+        elif kind == "webrtc_candidate":
+            self.candidates += 1
+        return True
 
     def _hold(self, message: Message, stray: str) -> None:
         """Keep signaling that may be ahead of its ``assign_role`` (counted as ``stray`` when

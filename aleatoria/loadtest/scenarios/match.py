@@ -163,26 +163,14 @@ class MatchUser(DrivenUser):
         payload = message.get("payload")
         payload = payload if isinstance(payload, dict) else {}
         self._timeout_in(self.ctx.options.match_timeout)  # progress
-        if kind == "webrtc_offer":
-            if self.role != "polite" or payload.get("for") != self.name or self.offer_seen:
-                stats.inc("match.mismatch")
-                return
-            self.offer_seen = True
-            await self.send(signal("webrtc_answer", peer, {"sdp": "lt-answer", "for": peer}))
-            await self._send_candidates()
-        elif kind == "webrtc_answer":
-            if self.role != "impolite" or payload.get("for") != self.name or self.answer_seen:
-                stats.inc("match.mismatch")
-                return
-            self.answer_seen = True
-        elif kind == "webrtc_candidate":
-            self.candidates += 1
-        elif kind == "hangup":
+        if kind == "hangup":
             if payload.get("reason") == "peer_left":
                 stats.inc("match.peer_left")
             elif self.role == "polite" and not (self.offer_seen and self.candidates >= CANDIDATES):
                 stats.inc("match.incomplete")
             await self.after_match()
+            return
+        if not await self._handshake(kind, peer, payload, "match.mismatch"):
             return
         if self.role == "impolite" and self.answer_seen and self.candidates >= CANDIDATES:
             done = now_ns()

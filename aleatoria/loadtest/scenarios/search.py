@@ -248,20 +248,8 @@ class SearchUser(DrivenUser):
         if self.state != "matched":
             return
         self._timeout_in(self.ctx.options.match_timeout)  # progress
-        if kind == "webrtc_offer":
-            if self.role != "polite" or payload.get("for") != self.name or self.offer_seen:
-                stats.inc("search.mismatch")
-                return
-            self.offer_seen = True
-            await self.send(signal("webrtc_answer", peer, {"sdp": "lt-answer", "for": peer}))
-            await self._send_candidates()
-        elif kind == "webrtc_answer":
-            if self.role != "impolite" or payload.get("for") != self.name or self.answer_seen:
-                stats.inc("search.mismatch")
-                return
-            self.answer_seen = True
-        elif kind == "webrtc_candidate":
-            self.candidates += 1
+        if not await self._handshake(kind, peer, payload, "search.mismatch"):
+            return
         if self.role == "impolite" and self.answer_seen and self.candidates >= CANDIDATES:
             done = now_ns()
             stats.observe("search.setup", done - self.assigned_ns, done)
