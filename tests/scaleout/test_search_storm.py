@@ -66,8 +66,7 @@ class Storm:
         self.heard: dict[str, set[str]] = defaultdict(set)  # user -> matchIds it heard
         self.doing: dict[str, str] = {}  # user -> what it is doing (for a hung storm's report)
         self.broken: list[str] = []
-        # Match ids a user heard as a resend (``answered``): their announcement may follow.
-        self.resent: dict[str, set[str]] = defaultdict(set)
+        self.repeats = 0  # the same assign_role heard again (see ``answered``)
         self.searches = self.matched = self.timeouts = self.cancelled = 0
 
     def profile(self, user: str) -> dict[str, Any]:
@@ -161,8 +160,6 @@ class Storm:
                 # search's check could not know (the languages and blocks are the user's own);
                 # a resent assign_role carries no common interests either.
                 self.broken = [b for b in self.broken if b != f"interestsOnly {row.user} got {row.peer}"]
-                if row.match_id is not None:
-                    self.resent[row.user].add(row.match_id)
                 return True
             with trio.move_on_after(0.2):
                 message = await client.recv()
@@ -174,13 +171,11 @@ class Storm:
                     if row.end == "match":
                         return True  # the match was announced before the reply: unknown join
                 elif kind == "assign_role":
-                    if resent_by is not None and message["payload"]["matchId"] == row.match_id:
-                        continue  # the repeat (below) while still waiting to call it a resend
-                    if message["payload"]["matchId"] in self.resent[row.user]:
-                        # The same assign_role again: the announcement of a match this
-                        # connection heard first as a resend arrives after it (the server
-                        # says a repeat may come, and clients take it as one).
-                        self.resent[row.user].discard(message["payload"]["matchId"])
+                    if message["payload"]["matchId"] in self.heard[row.user]:
+                        # The same assign_role again (a resent one's announcement, or an
+                        # announcement sent again after a bus stall): the server says a repeat
+                        # may come and clients take it as one. A second match has another id.
+                        self.repeats += 1
                         continue
                     if row.end != "open":
                         self.broken.append(f"{row.user}: a second assign_role {message['payload']}")
