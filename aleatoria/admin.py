@@ -53,9 +53,9 @@ async def answer(
     body_timeout: float,
 ) -> None:
     """Answer one ``/admin`` request. Raises OSError if the peer is gone."""
-    conn = request.h11_connection
+    method = request.method
     if not token:
-        await send_http(sock, 404, "Not found\n", conn=conn)
+        await send_http(sock, 404, "Not found\n", method=method)
         return
     try:
         if not _authorized(request, token):
@@ -78,7 +78,8 @@ async def answer(
         log.info(
             "event=admin_refused method=%s path=%r status=%d", request.method, request.path[:100], status
         )
-    await send_http(sock, status, orjson.dumps(result), content_type=_JSON, conn=conn, extra_headers=headers)
+    data = orjson.dumps(result)
+    await send_http(sock, status, data, content_type=_JSON, method=method, extra_headers=headers)
 
 
 def _authorized(request: Request, token: str) -> bool:

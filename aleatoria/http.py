@@ -1,11 +1,12 @@
-"""The HTTP edge: request heads (h11), plain answers, the small routes, the upgrade's 101.
+"""The HTTP edge: request heads (httptools), plain answers, the small routes, the upgrade's 101.
 
-How this works. h11 reads the head of the one request a socket carries; a plain HTTP
-request gets one response (``answer_http``: /health, /metrics, the demo page, 404, 405)
-and the socket closes. A WebSocket upgrade (``/ws``) that passes the server's checks
-(``handshake_problem`` among them) becomes a ``WebSocket`` (``accept_websocket``) whose
-first write carries the fixed 101 response. The server decides who may connect; this
-module only speaks HTTP.
+How this works. httptools (llhttp, the parser uvicorn uses) reads the head of the one request
+a socket carries: side by side it costs a sixth of h11 per head, and a connect is mostly its
+head (docs/performance.md, "Session 7"). A plain HTTP request gets one response
+(``answer_http``: /health, /metrics, the demo page, 404, 405), written by h11, and the socket
+closes. A WebSocket upgrade (``/ws``) that passes the server's checks (``handshake_problem``
+among them) becomes a ``WebSocket`` (``accept_websocket``) whose first write carries the fixed
+101 response. The server decides who may connect; this module only speaks HTTP.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import contextlib
 import socket
 from collections.abc import Callable
 from http import HTTPStatus
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 import attrs
 import h11
+import httptools
 import orjson
 import trio
 from prometheus_client import CollectorRegistry
@@ -50,6 +52,41 @@ _SWITCHING_PROTOCOLS = (
 )
 
 
+class _Head:
+    """What httptools' callbacks hand over while it parses one request (its "protocol").
+    A pipelined request after it is parsed too, and ignored: one request per connection."""
+
+    __slots__ = ("body", "complete", "headers", "headers_done", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}  # lower-cased names; repeats joined with ", "
+        self.headers_done = False
+        self.body = bytearray()
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        if not self.headers_done:
+            self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:
+            return
+        name, value = name.lower(), value.strip()
+        headers = self.headers
+        headers[name] = headers[name] + b", " + value if name in headers else value
+
+    def on_headers_complete(self) -> None:
+        self.headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        if not self.complete:
+            self.body += body
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+
 @attrs.frozen
 class Request:
     """The parsed head of one HTTP request."""
@@ -58,7 +95,10 @@ class Request:
     path: str
     query: dict[str, list[str]]
     headers: dict[bytes, bytes]  # lower-cased names; repeated headers joined with ", "
-    h11_connection: h11.Connection = attrs.field(repr=False, eq=False)
+    upgrade: bool  # the parser saw an upgrade (Connection: upgrade, an Upgrade header)
+    trailing: bytes = attrs.field(repr=False)  # what came after an upgrade's head
+    _parser: httptools.HttpRequestParser = attrs.field(repr=False, eq=False, alias="parser")
+    _head: _Head = attrs.field(repr=False, eq=False, alias="head")
 
     def param(self, name: str) -> str | None:
         """The first value of query parameter ``name``, or None."""
@@ -71,50 +111,54 @@ class Request:
         return None if value is None else value.decode("latin-1")
 
 
-class _HttpConnection(h11.Connection):
-    """h11's server side, remembering the request method (h11 keeps its copy private):
-    the answer to HEAD carries headers only."""
-
-    request_method = b""
-
-
 async def read_request(sock: socket.socket) -> Request | None:
     """Read one request head of at most ``MAX_HEAD_BYTES``. Returns None after answering
-    malformed requests (400; 431 for an oversize head), or silently if the peer went away.
-    The caller bounds the wait with a timeout; cancellation leaves the socket to the caller."""
-    # h11 measures only an *incomplete* head, so a head completed by one large read would
-    # slip past its limit: never hand it more than MAX_HEAD_BYTES before the head is done.
-    conn = _HttpConnection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES - 1)
-    received = 0
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            # OSError: the peer is gone (it may have left mid-head), nobody to answer.
-            with contextlib.suppress(OSError):
-                await send_http(sock, exc.error_status_hint, f"Bad request: {exc}\n", conn=conn)
+    malformed requests (400, also for HTTP versions but 1.0 and 1.1; 431 for an oversize
+    head), or silently if the peer went away. The caller bounds the wait with a timeout;
+    cancellation leaves the socket to the caller."""
+    head = _Head()
+    parser = httptools.HttpRequestParser(head)
+    received, trailing, upgrade = 0, b"", False
+    while not head.headers_done:
+        if received >= MAX_HEAD_BYTES:
+            await _refuse_head(sock, 431, "Bad request: the request head is too large\n")
             return None
-        if isinstance(event, h11.Request):
-            break
-        if event is h11.NEED_DATA:
-            data = await _recv_some(sock, max(1, MAX_HEAD_BYTES - received))
-            received += len(data)
-            conn.receive_data(data)
-            continue
-        return None  # ConnectionClosed or PAUSED before a request: nothing to answer
-    conn.request_method = event.method
-    target = event.target.decode("latin-1")
-    parts = urlsplit(target)
-    headers: dict[bytes, bytes] = {}
-    for name, value in event.headers:
-        headers[name] = headers[name] + b", " + value if name in headers else value
+        # Never more than the head may hold: a head completed by one large read is measured too.
+        data = await _recv_some(sock, MAX_HEAD_BYTES - received)
+        if not data:
+            return None  # the peer left before a whole head: nobody to answer
+        received += len(data)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgraded:
+            upgrade, trailing = True, data[upgraded.args[0] :]
+        except httptools.HttpParserError as exc:
+            if not head.headers_done:  # after the head: a pipelined request nobody reads
+                await _refuse_head(sock, 400, f"Bad request: {exc}\n")
+                return None
+    if parser.get_http_version() not in ("1.1", "1.0"):
+        await _refuse_head(sock, 400, "Bad request: HTTP/1.0 and 1.1 only\n")
+        return None
+    try:
+        url = httptools.parse_url(head.url)
+    except httptools.HttpParserInvalidURLError:
+        await _refuse_head(sock, 400, "Bad request: invalid request target\n")
+        return None
     return Request(
-        method=event.method.decode("latin-1"),
-        path=parts.path,
-        query=parse_qs(parts.query, keep_blank_values=True),
-        headers=headers,
-        h11_connection=conn,
+        method=parser.get_method().decode("latin-1"),
+        path=(url.path or b"/").decode("latin-1"),
+        query=parse_qs((url.query or b"").decode("latin-1"), keep_blank_values=True),
+        headers=head.headers,
+        upgrade=upgrade,
+        trailing=trailing,
+        parser=parser,
+        head=head,
     )
+
+
+async def _refuse_head(sock: socket.socket, status: int, text: str) -> None:
+    with contextlib.suppress(OSError):  # the peer is gone (maybe mid-head): nobody to answer
+        await send_http(sock, status, text)
 
 
 async def send_http(
@@ -123,12 +167,12 @@ async def send_http(
     body: str | bytes,
     *,
     content_type: str = "text/plain; charset=utf-8",
-    conn: h11.Connection | None = None,
+    method: str = "GET",
     extra_headers: list[tuple[str, str]] | None = None,
 ) -> None:
-    """Answer a plain HTTP request and let the caller close the socket. Raises OSError if
-    the peer is gone; cancellation may leave the answer half sent."""
-    conn = conn or h11.Connection(h11.SERVER)
+    """Answer a plain HTTP request (of ``method``: HEAD gets the headers only) and let the
+    caller close the socket. Raises OSError if the peer is gone; cancellation may leave the
+    answer half sent."""
     data = body.encode() if isinstance(body, str) else body
     headers = [
         ("content-type", content_type),
@@ -137,20 +181,16 @@ async def send_http(
         ("cache-control", "no-store"),
         *(extra_headers or []),
     ]
-    if isinstance(conn, _HttpConnection) and conn.request_method == b"HEAD":
-        data = b""  # same headers as GET (content-length included), no body
-    try:
-        out = conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
-        out = (out or b"") + (conn.send(h11.Data(data=data)) or b"") if data else out
-        out = (out or b"") + (conn.send(h11.EndOfMessage()) or b"")
-    except h11.LocalProtocolError:
-        # h11 refuses to answer when the request state does not allow it (e.g. a broken
-        # head it already rejected): build the minimal answer from a fresh state machine.
-        fresh = h11.Connection(h11.SERVER)
-        fresh.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-        fresh.next_event()
-        out = fresh.send(h11.Response(status_code=status, headers=headers, reason=_reason(status))) or b""
-        out += fresh.send(h11.Data(data=data)) or b""
+    # h11 writes (and checks) the response; it needs to have read a request first, and the
+    # request was parsed by httptools: it reads a minimal one of the same kind.
+    head_only = method == "HEAD"
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"%s / HTTP/1.1\r\nhost: x\r\n\r\n" % (b"HEAD" if head_only else b"GET"))
+    conn.next_event()
+    out = conn.send(h11.Response(status_code=status, headers=headers, reason=_reason(status))) or b""
+    if data and not head_only:  # HEAD: same headers as GET (content-length included), no body
+        out += conn.send(h11.Data(data=data)) or b""
+    out += conn.send(h11.EndOfMessage()) or b""
     await send_all(sock, out)
 
 
@@ -173,18 +213,17 @@ async def answer_http(
     ``health()``), ``/metrics`` (``registry`` in Prometheus text format), ``/`` (``page``,
     the demo client, when bundled), else 404; 405 for methods other than GET and HEAD.
     Raises OSError if the peer is gone."""
-    path = request.path
-    conn = request.h11_connection
-    if request.method not in ("GET", "HEAD"):
-        await send_http(sock, 405, "Method not allowed\n", conn=conn)
+    path, method = request.path, request.method
+    if method not in ("GET", "HEAD"):
+        await send_http(sock, 405, "Method not allowed\n", method=method)
     elif path == "/health":
-        await send_http(sock, 200, orjson.dumps(health()), content_type="application/json", conn=conn)
+        await send_http(sock, 200, orjson.dumps(health()), content_type="application/json", method=method)
     elif path == "/metrics":
-        await send_http(sock, 200, metrics.render(registry), content_type=metrics.CONTENT_TYPE, conn=conn)
+        await send_http(sock, 200, metrics.render(registry), content_type=metrics.CONTENT_TYPE, method=method)
     elif path == "/" and page is not None:
-        await send_http(sock, 200, page, content_type="text/html; charset=utf-8", conn=conn)
+        await send_http(sock, 200, page, content_type="text/html; charset=utf-8", method=method)
     else:
-        await send_http(sock, 404, "Not found\n", conn=conn)
+        await send_http(sock, 404, "Not found\n", method=method)
 
 
 def handshake_problem(request: Request) -> str | None:
@@ -196,6 +235,8 @@ def handshake_problem(request: Request) -> str | None:
     connection_tokens = {t.strip() for t in request.headers.get(b"connection", b"").lower().split(b",")}
     if b"upgrade" not in connection_tokens:
         return "expected a 'Connection: Upgrade' header"
+    if not request.upgrade:  # the parser did not take it for one (so what follows is not frames)
+        return "not an HTTP/1.1 upgrade request"
     if request.headers.get(b"sec-websocket-version") != b"13":
         return "unsupported Sec-WebSocket-Version (need 13)"
     key = request.headers.get(b"sec-websocket-key", b"")
@@ -220,7 +261,7 @@ def accept_websocket(
     # A fixed head with one computed value: h11 would spend ~20 us (a third of what it
     # spends parsing the request) validating our own constant headers.
     head = _SWITCHING_PROTOCOLS % generate_accept_token(request.headers[b"sec-websocket-key"])
-    trailing, _closed = request.h11_connection.trailing_data
+    trailing = request.trailing
     # The 101 is not sent yet: it leaves with the first frames (the server's greeting
     # reply) in one system call when ``serve`` starts.
     return WebSocket(
@@ -248,26 +289,20 @@ async def read_body(sock: socket.socket, request: Request, limit: int) -> bytes 
     length = request.header(b"content-length")
     if length is not None and length.strip().isdigit() and int(length) > limit:
         raise BodyTooLarge()
-    conn = request.h11_connection
-    body = bytearray()
-    while True:
+    head, parser = request._head, request._parser
+    while not head.complete:
+        if len(head.body) > limit:
+            raise BodyTooLarge()
+        data = await _recv_some(sock, 65536)
+        if not data:
+            return None
         try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError:
+            parser.feed_data(data)
+        except httptools.HttpParserError:
             return None
-        if isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > limit:
-                raise BodyTooLarge()
-        elif isinstance(event, h11.EndOfMessage):
-            return bytes(body)
-        elif event is h11.NEED_DATA:
-            data = await _recv_some(sock, 65536)
-            if not data:
-                return None
-            conn.receive_data(data)
-        else:
-            return None
+    if len(head.body) > limit:
+        raise BodyTooLarge()
+    return bytes(head.body)
 
 
 async def send_all(sock: socket.socket, data: bytes) -> None:

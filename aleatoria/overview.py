@@ -142,16 +142,16 @@ class TreeView:
         self._started = time.monotonic()
 
     async def answer(self, sock: socket.socket, request: Request) -> None:
-        conn = request.h11_connection
+        method = request.method
         if request.method not in ("GET", "HEAD"):
-            await send_http(sock, 405, "Method not allowed\n", conn=conn)
+            await send_http(sock, 405, "Method not allowed\n", method=method)
         elif request.path == "/health":
             status, body = await self.health()
-            await send_http(sock, status, orjson.dumps(body), content_type="application/json", conn=conn)
+            await send_http(sock, status, orjson.dumps(body), content_type="application/json", method=method)
         elif request.path == "/metrics":
-            await send_http(sock, 200, await self.metrics(), content_type=metrics.CONTENT_TYPE, conn=conn)
+            await send_http(sock, 200, await self.metrics(), content_type=metrics.CONTENT_TYPE, method=method)
         else:
-            await send_http(sock, 404, "Not found\n", conn=conn)
+            await send_http(sock, 404, "Not found\n", method=method)
 
     async def health(self) -> tuple[int, dict[str, object]]:
         """The HTTP status and the body of the tree's ``/health``."""

@@ -186,7 +186,7 @@ class Server:
                 await _close_http(sock)
                 return
             upgraded = await self._upgrade(sock, request, addr)
-            # The request head and h11's state are done with: an idle session should not
+            # The request head and the parser's state are done with: an idle session should not
             # carry them (~2 KB a connection) for its whole life.
             del request
             if upgraded is not None:
@@ -327,7 +327,7 @@ class Server:
             status, text = refusal
             self.stats.handshake_rejections[status] += 1
             log.info("event=handshake_rejected status=%d reason=%r", status, text.strip())
-            await send_http(sock, status, text, conn=request.h11_connection)
+            await send_http(sock, status, text, method=request.method)
             return None
         user = request.param("userId") or ""
         # A ban keeps a user out on every instance (PROTOCOL.md section 13); the same read
@@ -336,7 +336,7 @@ class Server:
         if admission.refused:
             self.stats.handshake_rejections[403] += 1
             log.info("event=handshake_rejected status=403 reason='banned' user=%s", user)
-            await send_http(sock, 403, "banned\n", conn=request.h11_connection)
+            await send_http(sock, 403, "banned\n", method=request.method)
             return None
         config = self.config
         ws = accept_websocket(
