@@ -439,6 +439,22 @@ def handle(request: ClientMessage, facts: Facts) -> Step:
             return _chat_to_user(request, facts)
         case Signal():
             return _signal(request, facts)
+        # Then the match's requests (a match is ~13 messages: these, then signals).
+        case UserAvailable():
+            return _after(SetAvailable(request.profile), _peer_left)
+        case RequestRandomPeer():
+            _skip_budget(facts)
+            if request.wait:
+                search = JoinSearch(request.current_peer_id, request.profile)
+                return _after(search, lambda outcome: _searching(outcome, facts))
+            call = RequestPeer(request.current_peer_id, request.profile)
+            return _after(call, lambda outcome: _matched(outcome, facts))
+        case PoolThenRequest():
+            _skip_budget(facts)
+            both = PoolThenRequestPeer(request.current_peer_id, request.profile)
+            return _after(both, lambda pooled: _pooled_then_matched(pooled, facts))
+        case UserUnavailable():
+            return _after(SetUnavailable(), _nothing)
         case JoinRoom():
             return _join(request, facts)
         case LeaveRoom():
@@ -451,21 +467,6 @@ def handle(request: ClientMessage, facts: Facts) -> Step:
             return _members(request, facts)
         case GetStats():
             return _after(Counts(), _stats)
-        case UserAvailable():
-            return _after(SetAvailable(request.profile), _peer_left)
-        case UserUnavailable():
-            return _after(SetUnavailable(), _nothing)
-        case RequestRandomPeer():
-            _skip_budget(facts)
-            if request.wait:
-                search = JoinSearch(request.current_peer_id, request.profile)
-                return _after(search, lambda outcome: _searching(outcome, facts))
-            call = RequestPeer(request.current_peer_id, request.profile)
-            return _after(call, lambda outcome: _matched(outcome, facts))
-        case PoolThenRequest():
-            _skip_budget(facts)
-            both = PoolThenRequestPeer(request.current_peer_id, request.profile)
-            return _after(both, lambda pooled: _pooled_then_matched(pooled, facts))
         case CancelSearch():  # no reply (PROTOCOL.md section 12 names none)
             return _after(LeaveSearch(), _nothing)
         case GetRecentMessages():

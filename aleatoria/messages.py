@@ -99,9 +99,11 @@ PEER_LEFT = "peer_left"
 MAX_MEMBERS_LISTED = 1000
 
 
-@attrs.frozen
+@attrs.define
 class Envelope:
-    """Every frame, both directions (PROTOCOL.md section 3)."""
+    """Every frame, both directions (PROTOCOL.md section 3). Treated as immutable, but not
+    ``frozen``: a frozen class sets each of its eight fields through ``object.__setattr__``,
+    and an envelope is made for every frame in and most frames out."""
 
     type: str
     from_user: str | None = None

@@ -506,8 +506,9 @@ class Search:
         self._recent.setdefault(b, {})[a] = now
 
     def _dequeue(self, user: str) -> None:
-        self._queue.pop(user, None)
-        self._due.pop(user, None)
+        if user in self._queue:  # mostly not: every pool and request asks
+            del self._queue[user]
+            self._due.pop(user, None)
 
     def _unpool(self, user: str) -> None:
         pooled = self._pooled.pop(user, None)
