@@ -28,7 +28,7 @@ IMPOLITE = "impolite"
 POLITE = "polite"
 
 
-@attrs.frozen
+@attrs.define  # treated as immutable; not frozen: one is made per request (setattr per field)
 class RequestOutcome:
     """What ``request_peer`` decided. Exactly one of ``peer``/``resend``/``no_peer`` holds.
 

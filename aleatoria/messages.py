@@ -228,7 +228,7 @@ class Stats:
     rooms: int
 
 
-@attrs.frozen
+@attrs.define  # not frozen, as Envelope: two are made per match
 class AssignRole:
     role: str
     peer_id: str

@@ -123,7 +123,7 @@ class SearchRules:
     cooldown: float = 300.0
 
 
-@attrs.frozen
+@attrs.define  # treated as immutable; not frozen: one is made per pool (setattr per field)
 class Candidate:
     """A searcher (``searcher``) or a pooled user, waiting since ``since``."""
 
