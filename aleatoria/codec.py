@@ -21,7 +21,7 @@ import orjson
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from aleatoria.errors import INVALID_PAYLOAD, ClientError, InvalidMessage
-from aleatoria.messages import Envelope
+from aleatoria.messages import SYSTEM, Envelope
 
 T = TypeVar("T")
 
@@ -245,6 +245,18 @@ def encode_relayed(
         message["payload"] = payload
     message["messageId"] = message_id
     message["createTime"] = create_time
+    return dumps(message)
+
+
+def encode_reply(kind: str, to_user: str, payload: Any, room: str | None = None) -> bytes:
+    """``encode`` of a server message to ``to_user`` (``fromUser`` system; ``payload`` a
+    model or None), byte for byte (a property test holds them equal), without building the
+    Envelope: replies and match announcements take this path."""
+    message: dict[str, Any] = {"type": kind, "fromUser": SYSTEM, "toUser": to_user}
+    if room is not None:
+        message["room"] = room
+    if payload is not None:
+        message["payload"] = converter.unstructure(payload)
     return dumps(message)
 
 

@@ -28,7 +28,7 @@ import orjson
 
 from aleatoria import messages as m
 from aleatoria.auth import TokenRefused, token_expiry
-from aleatoria.codec import dumps, encode, encode_relayed
+from aleatoria.codec import dumps, encode, encode_relayed, encode_reply
 from aleatoria.errors import (
     INVALID_PAYLOAD,
     INVALID_TOKEN,
@@ -645,14 +645,8 @@ def _matched(outcome: RequestOutcome, facts: Facts) -> Step:
     effects.append(Reply(m.ASSIGN_ROLE, mine))
     if not outcome.resend:
         role = other_role(outcome.role)
-        data = encode(
-            Envelope(
-                type=m.ASSIGN_ROLE,
-                from_user=m.SYSTEM,
-                to_user=outcome.peer,
-                payload=assign_role(role, facts.user, outcome.peer, ice, unix_now, outcome.match_id, common),
-            )
-        )
+        payload = assign_role(role, facts.user, outcome.peer, ice, unix_now, outcome.match_id, common)
+        data = encode_reply(m.ASSIGN_ROLE, outcome.peer, payload)
         # The header carries peer and role: the peer's instance mirrors the match.
         effects += [CountMatch(len(common)), Deliver(outcome.peer, data, m.ASSIGN_ROLE, (facts.user, role))]
     return Step(tuple(effects))
@@ -683,7 +677,7 @@ def match_frames(match: Match, ice: IcePolicy, unix_now: int) -> list[tuple[str,
         (match.polite, match.impolite, POLITE),
     ):
         payload = assign_role(role, peer, user, ice, unix_now, match.match_id, common)
-        data = encode(Envelope(type=m.ASSIGN_ROLE, from_user=m.SYSTEM, to_user=user, payload=payload))
+        data = encode_reply(m.ASSIGN_ROLE, user, payload)
         frames.append((user, data, (peer, role, match.match_id) if match.match_id else (peer, role)))
     return frames
 

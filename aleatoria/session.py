@@ -19,7 +19,7 @@ import trio
 
 from aleatoria import core
 from aleatoria import messages as m
-from aleatoria.codec import decode, encode, now
+from aleatoria.codec import decode, encode, encode_reply, now
 from aleatoria.config import Config
 from aleatoria.core import Call, Effect, Facts, Rules, Step
 from aleatoria.errors import ClientError, InvalidMessage
@@ -388,7 +388,8 @@ class Session:
         self._reply(kind, payload)
 
     def _reply(self, kind: str, payload: Any, *, room: str | None = None) -> None:
-        self._send(Envelope(type=kind, from_user=m.SYSTEM, to_user=self.user, room=room, payload=payload))
+        self.client.ws.send(text_frame(encode_reply(kind, self.user, payload, room)))
+        self._stats.messages_out[kind] += 1
 
     def _send(self, env: Envelope) -> None:
         self.client.ws.send(text_frame(encode(env)))

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aleatoria import messages as m
-from aleatoria.codec import converter, decode, dumps, encode, encode_relayed, loads
+from aleatoria.codec import converter, decode, dumps, encode, encode_relayed, encode_reply, loads
 from aleatoria.errors import InvalidMessage
 from aleatoria.messages import Envelope
 
@@ -148,6 +148,34 @@ def test_the_relay_fast_path_encodes_as_the_envelope_does(
     assert encode_relayed(kind, from_user, to_user, room, payload, message_id, create_time) == encode(
         envelope
     )
+
+
+_TEXT = st.text(max_size=8)
+_REPLY_PAYLOADS = (
+    st.none()
+    | st.builds(
+        m.AssignRole,
+        role=st.sampled_from(["impolite", "polite"]),
+        peer_id=_TEXT,
+        match_id=st.none() | _TEXT,
+        common_interests=st.none() | st.lists(_TEXT, max_size=3),
+        ice_servers=st.none() | st.lists(st.dictionaries(_TEXT, _TEXT, max_size=2), max_size=2),
+        ice_transport_policy=st.none() | st.sampled_from(["all", "relay"]),
+    )
+    | st.builds(m.RoomAction, room=_TEXT, action=st.sampled_from(["joined", "left"]))
+    | st.builds(m.ErrorPayload, error=_TEXT, code=_TEXT)
+    | st.builds(m.NoPeer, message=_TEXT)
+    | st.builds(m.RoomsList, rooms=st.lists(_TEXT, max_size=3))
+    | st.dictionaries(_TEXT, _TEXT, max_size=2)
+)
+
+
+@given(kind=_TEXT, to_user=_TEXT, room=st.none() | _TEXT, payload=_REPLY_PAYLOADS)
+def test_the_reply_fast_path_encodes_as_the_envelope_does(
+    kind: str, to_user: str, room: str | None, payload: object
+) -> None:
+    envelope = Envelope(type=kind, from_user=m.SYSTEM, to_user=to_user, room=room, payload=payload)
+    assert encode_reply(kind, to_user, payload, room) == encode(envelope)
 
 
 _FIELDS = ("type", "fromUser", "toUser", "room", "payload", "messageId", "createTime", "incoming", "extra")
