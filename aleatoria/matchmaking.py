@@ -77,6 +77,8 @@ class Matchmaker:
         self._peer_of: dict[str, str] = {}
         self._role_of: dict[str, str] = {}
         self._match_id: dict[str, str] = {}
+        # The interests the two of a live match share (only matches that share some).
+        self._common: dict[str, tuple[str, ...]] = {}
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -101,6 +103,10 @@ class Matchmaker:
     def match_id(self, user: str) -> str:
         """The id of ``user``'s live match ('' if none, or made before ids were kept)."""
         return self._match_id.get(user, "")
+
+    def common(self, user: str) -> tuple[str, ...]:
+        """The interests ``user`` and its live peer share (a resend carries them)."""
+        return self._common.get(user, ())
 
     def pool_view(self) -> list[str]:
         """The pool itself (not a copy): read it, do not change it."""
@@ -141,9 +147,7 @@ class Matchmaker:
         partner = self._peer_of.get(user)
         if partner is not None:
             if partner != current_peer:
-                return RequestOutcome(
-                    peer=partner, role=self._role_of[user], resend=True, match_id=self.match_id(user)
-                )
+                return self.resend(user, partner)
             ended = self._end_match(user)
         excluded = {user} if current_peer is None else {user, current_peer}
         if choose is not None:
@@ -156,6 +160,22 @@ class Matchmaker:
             return RequestOutcome(ended_peer=ended)
         match_id = self.pair(user, peer)
         return RequestOutcome(peer=peer, role=IMPOLITE, ended_peer=ended, match_id=match_id)
+
+    def resend(self, user: str, partner: str) -> RequestOutcome:
+        """``user``'s live match with ``partner`` told again (PROTOCOL.md section 4): the same
+        role, id and common interests."""
+        return RequestOutcome(
+            peer=partner,
+            role=self._role_of.get(user, IMPOLITE),
+            resend=True,
+            match_id=self.match_id(user),
+            common=self.common(user),
+        )
+
+    def share(self, user: str, peer: str, common: tuple[str, ...]) -> None:
+        """Keep the interests the live match of ``user`` and ``peer`` was made on."""
+        if common and self._peer_of.get(user) == peer:
+            self._common[user] = self._common[peer] = common
 
     def pair(self, impolite: str, polite: str, match_id: str | None = None) -> str:
         """Start the match of two users who are in none (both leave the pool); its id."""
@@ -237,4 +257,7 @@ class Matchmaker:
         self._role_of.pop(peer, None)
         self._match_id.pop(user, None)
         self._match_id.pop(peer, None)
+        if self._common:
+            self._common.pop(user, None)
+            self._common.pop(peer, None)
         return peer

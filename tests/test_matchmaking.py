@@ -41,6 +41,27 @@ def test_requester_in_a_match_gets_its_assignment_again() -> None:
     assert 1 == mm.matches()
 
 
+def test_a_resend_carries_the_match_id_and_common_interests() -> None:
+    """The interests a live match was made on are kept with it: a resend carries them (and
+    its id) to either side; they go with the match."""
+    mm = Matchmaker()
+    mm.set_available("b")
+    made = mm.request_peer("a")
+    mm.share("a", "b", ("chess",))
+    mm.share("a", "c", ("go",))  # not a's match: ignored
+    for user, peer, role in (("a", "b", IMPOLITE), ("b", "a", POLITE)):
+        again = mm.request_peer(user)
+        assert (peer, role, True, made.match_id, ("chess",)) == (
+            again.peer,
+            again.role,
+            again.resend,
+            again.match_id,
+            again.common,
+        )
+    assert mm.hangup("b", "a")
+    assert ((), (), "") == (mm.common("a"), mm.common("b"), mm.match_id("a"))
+
+
 def test_next_ends_the_match_and_excludes_the_old_peer() -> None:
     """'Next' (currentPeerId = current peer) ends the match and never re-picks that peer."""
     mm = Matchmaker()

@@ -84,6 +84,9 @@ POOL_KEY = "available:webrtc"
 # they were pooled, and each live match's id.
 POOLED_KEY = "aleatoria:search:pooled:{available:webrtc}"
 MATCH_IDS_KEY = "webrtc:match-ids:{available:webrtc}"
+# Beside it, the interests each side of a live match shares with the other (JSON list; only
+# matches made on common interests), so a resend carries them too; removed with the match.
+MATCH_COMMON_KEY = "webrtc:match-common:{available:webrtc}"
 QUEUE_KEY = "aleatoria:search:queue:{available:webrtc}"
 DUE_KEY = "aleatoria:search:due:{available:webrtc}"
 PROFILES_KEY = "aleatoria:search:profiles:{available:webrtc}"
@@ -116,13 +119,23 @@ local function end_match(user)
   if not peer then return false end
   redis.call('HDEL', MATCHES, user)
   redis.call('HDEL', MATCH_IDS_KEY, user)
+  redis.call('HDEL', MATCH_COMMON_KEY, user)
   if partner(peer) == user then
     redis.call('HDEL', MATCHES, peer)
     redis.call('HDEL', MATCH_IDS_KEY, peer)
+    redis.call('HDEL', MATCH_COMMON_KEY, peer)
   end
   return peer
 end
-""".replace("MATCH_IDS_KEY", repr(MATCH_IDS_KEY))
+-- A live match told again (PROTOCOL.md section 4): its id and common interests.
+local function match_common(user)
+  local raw = redis.call('HGET', MATCH_COMMON_KEY, user)
+  if not raw then return {} end
+  local ok, shared = pcall(cjson.decode, raw)
+  if ok and type(shared) == 'table' then return shared end
+  return {}
+end
+""".replace("MATCH_IDS_KEY", repr(MATCH_IDS_KEY)).replace("MATCH_COMMON_KEY", repr(MATCH_COMMON_KEY))
 
 # The pool's index (see "Random pick"): every addition to the pool goes through pool_add, and
 # removals made here through pool_remove. Same hash tag as the pool, so same cluster slot.
@@ -222,7 +235,8 @@ return 0
 # number in [0, 1) (a Python float's repr: 53 bits), PICK_DRAWS, the caller's clock (unix
 # seconds), the profile JSON, the rematch cooldown (ms), the new match's id (section 12),
 # then any users not to pick (their own requests follow in the same pipeline).
-# Returns {outcome, peer, role, ended}: outcome 'match', 'resend' or 'none'; '' = absent.
+# Returns {outcome, peer, role, ended, match id, common interests}: outcome 'match', 'resend'
+# or 'none'; '' = absent.
 # Only online users are picked: presence names an instance whose heartbeat has not expired
 # (a dead instance's users stay pooled until it is reaped, but are never picked). The pick
 # is uniform over the suitable users: see "Random pick" above for how and why.
@@ -289,7 +303,9 @@ local function allowed(c)
 end
 local mine, role = partner(user)
 if mine then
-  if mine ~= current then return {'resend', mine, role, '', redis.call('HGET', MATCH_IDS_KEY, user) or ''} end
+  if mine ~= current then
+    return {'resend', mine, role, '', redis.call('HGET', MATCH_IDS_KEY, user) or '', match_common(user)}
+  end
   ended = end_match(user)
 end
 local function each_chunk(command, key, list)
@@ -420,6 +436,10 @@ forget_profile(peer)
 pool_remove(user, peer)
 redis.call('HSET', MATCHES, user, peer .. '|impolite', peer, user .. '|polite')
 if match_id ~= '' then redis.call('HSET', MATCH_IDS_KEY, user, match_id, peer, match_id) end
+if #shared > 0 then
+  local encoded = cjson.encode(shared)
+  redis.call('HSET', MATCH_COMMON_KEY, user, encoded, peer, encoded)
+end
 if cooldown_ms > 0 then
   local now = now_ms()
   for _, pair in ipairs({{user, peer}, {peer, user}}) do
@@ -440,6 +460,7 @@ return {'match', peer, 'impolite', ended, match_id, shared}
     .replace("TAG_PREFIX", repr(TAG_PREFIX))
     .replace("RECENT_PREFIX", repr(RECENT_PREFIX))
     .replace("MATCH_IDS_KEY", repr(MATCH_IDS_KEY))
+    .replace("MATCH_COMMON_KEY", repr(MATCH_COMMON_KEY))
 )
 
 # KEYS: pool, matches, presence, this instance's users[, rooms index, user:rooms:{user}].

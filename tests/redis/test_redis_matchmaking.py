@@ -13,9 +13,12 @@ from redis_support import server_config
 from support import SocketPeer, connect, running_server
 
 from aleatoria.matchmaking import IMPOLITE, POLITE, Matchmaker, RequestOutcome
+from aleatoria.search import Profile
 from aleatoria.store.redis import RedisStore, open_redis_store
 
 MATCHES = "webrtc:matches:{available:webrtc}"
+MATCH_IDS = "webrtc:match-ids:{available:webrtc}"
+MATCH_COMMON = "webrtc:match-common:{available:webrtc}"
 
 
 @asynccontextmanager
@@ -159,6 +162,36 @@ async def test_same_outcomes_as_the_in_memory_matchmaker(redis_server: RedisServ
         await both("hangup", "a", "nobody")
         with redis_server.client() as r:
             assert set(memory.pool()) == {m.decode() for m in r.smembers("available:webrtc")}
+
+
+async def test_common_interests_are_kept_with_the_match(redis_server: RedisServer) -> None:
+    """A match made on common interests keeps them beside its id: a resend, to either side
+    and by either path (immediate or the search queue), carries both; they are removed with
+    the match."""
+    async with store_on(redis_server) as store:
+        await store.set_available("b", Profile(interests=("chess", "go")))
+        made = await store.request_peer("a", None, Profile(interests=("go", "chess", "golf")))
+        assert ("b", ("go", "chess")) == (made.peer, made.common)
+        again = await store.request_peer("b", None)
+        assert (True, made.match_id, ("go", "chess")) == (again.resend, again.match_id, again.common)
+        searched = await store.search("a", None, Profile(interests=("golf",)))
+        assert searched.resend is not None
+        assert ("b", made.match_id, ("go", "chess")) == (
+            searched.resend.peer,
+            searched.resend.match_id,
+            searched.resend.common,
+        )
+        with redis_server.client() as r:
+            assert {b"a", b"b"} == set(r.hkeys(MATCH_COMMON))
+            assert await store.hangup("b", "a")
+            assert 0 == r.exists(MATCH_COMMON, MATCH_IDS)
+        # A match on no common interest keeps none (and a resend carries none).
+        await store.set_available("b")
+        made = await store.request_peer("a", None)
+        assert ("b", ()) == (made.peer, made.common)
+        assert () == (await store.request_peer("a", None)).common
+        with redis_server.client() as r:
+            assert 0 == r.exists(MATCH_COMMON)
 
 
 async def test_pick_is_uniform(redis_server: RedisServer) -> None:
