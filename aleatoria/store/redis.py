@@ -617,6 +617,15 @@ class RedisStore:
         self._keeper.settle(done, user, peer)
         return bool(done.value)
 
+    async def match_between(self, user: str, other: str) -> str | None:
+        found = await self._keeper.read(partial(self._match_between, user=user, other=other))
+        if found is None:  # degraded: what this instance decided meanwhile
+            return self._mm.match_between(user, other) or None
+        return text(found) or None
+
+    def _match_between(self, r: redis.Redis, *, user: str, other: str) -> Any:
+        return self._scripts.match_between(_MATCH_KEYS, [user, other], r)
+
     # -- presence ------------------------------------------------------------------------------
 
     async def connect(self, user: str, connection: str) -> Takeover | None:

@@ -71,6 +71,8 @@ holds them: a retry after a half-executed pipeline never duplicates a DM.
 
 from __future__ import annotations
 
+from aleatoria.matchmaking import RECENT_MATCH_SECONDS, RECENT_MATCHES
+
 # How many rooms ``list_rooms`` with a prefix walks at most (see "Rooms directory" above).
 DIRECTORY_SCAN = 5_000
 
@@ -87,6 +89,11 @@ MATCH_IDS_KEY = "webrtc:match-ids:{available:webrtc}"
 # Beside it, the interests each side of a live match shares with the other (JSON list; only
 # matches made on common interests), so a resend carries them too; removed with the match.
 MATCH_COMMON_KEY = "webrtc:match-common:{available:webrtc}"
+# Each user's last ended matches, for reports (PROTOCOL.md section 13): a list of
+# "peer|ended (ms)|match id", newest first, at most RECENT_MATCHES, expiring
+# RECENT_MATCH_SECONDS after the last one ended (``end_match`` writes it, ``MATCH_BETWEEN``
+# reads it).
+ENDED_PREFIX = "aleatoria:ended-matches:{available:webrtc}:"
 QUEUE_KEY = "aleatoria:search:queue:{available:webrtc}"
 DUE_KEY = "aleatoria:search:due:{available:webrtc}"
 PROFILES_KEY = "aleatoria:search:profiles:{available:webrtc}"
@@ -105,7 +112,8 @@ BLOCKED_BY_PREFIX = "aleatoria:blocked-by:{available:webrtc}:"
 SHADOW_KEY = "aleatoria:shadow:{available:webrtc}"
 BANS_KEY = "aleatoria:bans:{available:webrtc}"
 
-MATCH_HELPERS = """
+MATCH_HELPERS = (
+    """
 local POOL, MATCHES = KEYS[1], KEYS[2]
 local function partner(user)
   local v = redis.call('HGET', MATCHES, user)
@@ -114,9 +122,22 @@ local function partner(user)
   if not sep then return v, 'impolite' end
   return string.sub(v, 1, sep - 1), string.sub(v, sep + 1)
 end
+local function remember_ended(user, peer, id, ended_ms)
+  local key = ENDED_PREFIX .. user
+  redis.call('LPUSH', key, peer .. '|' .. ended_ms .. '|' .. id)
+  redis.call('LTRIM', key, 0, RECENT_MATCHES - 1)
+  redis.call('PEXPIRE', key, RECENT_MATCH_MS)
+end
 local function end_match(user)
   local peer = partner(user)
   if not peer then return false end
+  local id = redis.call('HGET', MATCH_IDS_KEY, user)
+  local ended_ms = nil
+  if id then
+    local t = redis.call('TIME')
+    ended_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    remember_ended(user, peer, id, ended_ms)
+  end
   redis.call('HDEL', MATCHES, user)
   redis.call('HDEL', MATCH_IDS_KEY, user)
   redis.call('HDEL', MATCH_COMMON_KEY, user)
@@ -124,6 +145,7 @@ local function end_match(user)
     redis.call('HDEL', MATCHES, peer)
     redis.call('HDEL', MATCH_IDS_KEY, peer)
     redis.call('HDEL', MATCH_COMMON_KEY, peer)
+    if id then remember_ended(peer, user, id, ended_ms) end
   end
   return peer
 end
@@ -135,7 +157,12 @@ local function match_common(user)
   if ok and type(shared) == 'table' then return shared end
   return {}
 end
-""".replace("MATCH_IDS_KEY", repr(MATCH_IDS_KEY)).replace("MATCH_COMMON_KEY", repr(MATCH_COMMON_KEY))
+""".replace("MATCH_IDS_KEY", repr(MATCH_IDS_KEY))
+    .replace("MATCH_COMMON_KEY", repr(MATCH_COMMON_KEY))
+    .replace("ENDED_PREFIX", repr(ENDED_PREFIX))
+    .replace("RECENT_MATCHES", str(RECENT_MATCHES))
+    .replace("RECENT_MATCH_MS", str(int(RECENT_MATCH_SECONDS * 1000)))
+)
 
 # The pool's index (see "Random pick"): every addition to the pool goes through pool_add, and
 # removals made here through pool_remove. Same hash tag as the pool, so same cluster slot.
@@ -217,6 +244,36 @@ if redis.call('HSETNX', KEYS[3], ARGV[1], ARGV[2] .. '|') == 1 then
 end
 return ended
 """
+)
+
+# KEYS: pool, matches. ARGV: user, other. For a report (PROTOCOL.md section 13): the id of
+# the user's live match if ``other`` is its peer, else of its most recent ended match with
+# ``other`` on its record (ENDED_PREFIX) that ended within RECENT_MATCH_SECONDS; '' if none.
+MATCH_BETWEEN = (
+    (
+        MATCH_HELPERS
+        + """
+local user, other = ARGV[1], ARGV[2]
+if partner(user) == other then
+  local id = redis.call('HGET', MATCH_IDS_KEY, user)
+  if id then return id end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, entry in ipairs(redis.call('LRANGE', ENDED_PREFIX .. user, 0, -1)) do
+  local first = string.find(entry, '|', 1, true)
+  local second = first and string.find(entry, '|', first + 1, true)
+  if second and string.sub(entry, 1, first - 1) == other then
+    local ended = tonumber(string.sub(entry, first + 1, second - 1)) or 0
+    if now - ended < RECENT_MATCH_MS then return string.sub(entry, second + 1) end
+  end
+end
+return ''
+"""
+    )
+    .replace("MATCH_IDS_KEY", repr(MATCH_IDS_KEY))
+    .replace("ENDED_PREFIX", repr(ENDED_PREFIX))
+    .replace("RECENT_MATCH_MS", str(int(RECENT_MATCH_SECONDS * 1000)))
 )
 
 # KEYS: pool, matches. ARGV: user, peer. Returns 1 if their match was live (and ended).

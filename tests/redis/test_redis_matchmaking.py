@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,13 +13,21 @@ from redis_server import RedisServer
 from redis_support import server_config
 from support import SocketPeer, connect, running_server
 
-from aleatoria.matchmaking import IMPOLITE, POLITE, Matchmaker, RequestOutcome
+from aleatoria.matchmaking import (
+    IMPOLITE,
+    POLITE,
+    RECENT_MATCH_SECONDS,
+    RECENT_MATCHES,
+    Matchmaker,
+    RequestOutcome,
+)
 from aleatoria.search import Profile
 from aleatoria.store.redis import RedisStore, open_redis_store
 
 MATCHES = "webrtc:matches:{available:webrtc}"
 MATCH_IDS = "webrtc:match-ids:{available:webrtc}"
 MATCH_COMMON = "webrtc:match-common:{available:webrtc}"
+ENDED = "aleatoria:ended-matches:{available:webrtc}:"
 
 
 @asynccontextmanager
@@ -192,6 +201,41 @@ async def test_common_interests_are_kept_with_the_match(redis_server: RedisServe
         assert () == (await store.request_peer("a", None)).common
         with redis_server.client() as r:
             assert 0 == r.exists(MATCH_COMMON)
+
+
+async def test_ended_matches_are_remembered_for_reports(redis_server: RedisServer) -> None:
+    """As the Matchmaker does: ``match_between`` gives the live match's id, else the most
+    recent of a user's last RECENT_MATCHES ended matches with that user that ended within
+    RECENT_MATCH_SECONDS, else None. Redis keeps each record newest first, expiring that long
+    after the last match in it ended."""
+    async with store_on(redis_server) as store:
+        ids: dict[str, str] = {}
+        peers = [f"p{i}" for i in range(RECENT_MATCHES + 2)]
+        for peer in peers:
+            await store.set_available(peer)
+            ids[peer] = (await store.request_peer("a", None)).match_id
+            assert ids[peer] == await store.match_between("a", peer) == await store.match_between(peer, "a")
+            assert None is await store.match_between("a", "nobody")
+            assert await store.hangup(peer, "a")
+        forgotten, kept = peers[:2], peers[2:]
+        assert [None, None] == [await store.match_between("a", peer) for peer in forgotten]
+        assert [ids[peer] for peer in kept] == [await store.match_between("a", peer) for peer in kept]
+        assert ids["p0"] == await store.match_between("p0", "a")  # p0's own record
+        # The same two again: the most recent match; ended by "next", by pooling.
+        await store.set_available("p9")
+        again = (await store.request_peer("a", "p8")).match_id
+        assert again != ids["p9"]
+        assert "p9" == await store.set_available("a")
+        assert again == await store.match_between("p9", "a") == await store.match_between("a", "p9")
+        with redis_server.client() as r:
+            key = ENDED + "a"
+            assert RECENT_MATCHES == r.llen(key)
+            assert b"p9|" == r.lindex(key, 0)[:3]
+            assert 0 < r.pttl(key) <= RECENT_MATCH_SECONDS * 1000
+            # A match that ended longer ago than that is not reported.
+            old_ms = int((time.time() - RECENT_MATCH_SECONDS - 5) * 1000)
+            r.rpush(key, f"gone|{old_ms}|m-old")
+        assert None is await store.match_between("a", "gone")
 
 
 async def test_pick_is_uniform(redis_server: RedisServer) -> None:
