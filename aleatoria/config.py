@@ -56,8 +56,9 @@ class Setting:
     """One configuration knob, defined once: its ``Config`` attribute, environment variable,
     parser and meaning; its flag (``--`` and the name with dashes unless given) and its
     default (the ``Config`` field's, shown as ``shown_default``). ``aleatoria serve --help``,
-    the README's table and docs/operations.md's are all made from ``SETTINGS``
-    (``scripts/settings_table.py`` writes the docs; a test fails when they drift)."""
+    the README's table and docs/operations.md's are all made from ``SETTINGS``, and
+    docs/scaleout.md's from those marked ``scale_out`` (``scripts/settings_table.py`` writes
+    the docs; a test fails when they drift)."""
 
     name: str
     env: str
@@ -69,6 +70,7 @@ class Setting:
     # How to show the default, when the value alone would not say it (None, a computed set).
     default_text: str | None = None
     repeatable: bool = False  # the flag may be given again (values add up)
+    scale_out: bool = False  # also listed in docs/scaleout.md's table (several instances)
 
     @property
     def default(self) -> Any:
@@ -130,7 +132,14 @@ SETTINGS: tuple[Setting, ...] = (
         _parse_log_format,
         "text (key=value) or json, one line per event on stderr",
     ),
-    Setting("redis_url", "ALEATORIA_REDIS_URL", str, "redis:// or rediss:// URL (overrides VALKEY_*)"),
+    Setting(
+        "redis_url",
+        "ALEATORIA_REDIS_URL",
+        str,
+        "redis:// or rediss:// URL (overrides VALKEY_*), or redis+cluster:// / rediss+cluster:// for a "
+        "Redis Cluster (any node: the others are discovered)",
+        scale_out=True,
+    ),
     Setting("valkey_host", "VALKEY_HOST", str, "Redis/Valkey host (setting it turns the Redis store on)"),
     Setting("valkey_port", "VALKEY_PORT", int, "Redis/Valkey port"),
     Setting("valkey_username", "VALKEY_USERNAME", str, "Redis/Valkey ACL user name"),
@@ -268,7 +277,8 @@ SETTINGS: tuple[Setting, ...] = (
         "redis_cluster",
         "ALEATORIA_REDIS_CLUSTER",
         _parse_bool,
-        "the Redis URL names a Redis Cluster node (same as a redis+cluster:// URL)",
+        "the Redis URL (or VALKEY_HOST) names a Redis Cluster node (same as a redis+cluster:// URL)",
+        scale_out=True,
     ),
     Setting(
         "ice_urls",
@@ -294,6 +304,7 @@ SETTINGS: tuple[Setting, ...] = (
         "ALEATORIA_WORKERS",
         int,
         "worker processes sharing the port (SO_REUSEPORT), restarted if they die; more than 1 needs Redis",
+        scale_out=True,
     ),
     Setting(
         "metrics_port",
@@ -301,12 +312,14 @@ SETTINGS: tuple[Setting, ...] = (
         int,
         "port for /health and /metrics (with --workers: the parent answers for every worker; "
         "0 picks a free one; unset = only on the main port)",
+        scale_out=True,
     ),
     Setting(
         "presence_ttl",
         "ALEATORIA_PRESENCE_TTL",
         float,
         "seconds after its last heartbeat an instance counts as dead (its users leave pool and presence)",
+        scale_out=True,
     ),
     Setting(
         "heartbeat_interval",
@@ -314,6 +327,7 @@ SETTINGS: tuple[Setting, ...] = (
         float,
         "seconds between an instance's heartbeats and its checks for dead instances (at most half "
         "the presence TTL)",
+        scale_out=True,
     ),
     # Safety (PROTOCOL.md section 13).
     Setting(

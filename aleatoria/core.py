@@ -365,6 +365,13 @@ class RoomHistories(NamedTuple):
     limit: int
 
 
+class MatchBetween(NamedTuple):
+    """Outcome: the id of the requester's live match with ``other``, else of the most recent
+    match between the two the store remembers (``Store.match_between``), or None."""
+
+    other: str
+
+
 class StoreReport(NamedTuple):
     """Outcome: (report id, distinct users who reported ``report['reported']`` within the
     hour). The session adds the instance."""
@@ -402,6 +409,7 @@ Call = (
     | StoreUnblock
     | BlockedList
     | RoomHistories
+    | MatchBetween
     | StoreReport
     | ShadowBan
 )
@@ -874,13 +882,20 @@ def _report(request: ReportUser, facts: Facts) -> Step:
         return _after(RoomHistories(rooms, 100), lambda stored: with_rooms(dms, stored))
 
     def with_rooms(dms: list[bytes], stored: list[bytes]) -> Step:
+        # The match: the one the client named, else the live one with the reported user, else
+        # the most recent between them that the store remembers (PROTOCOL.md section 13).
+        if request.match_id is not None:
+            return with_match(dms, stored, request.match_id)
+        return _after(MatchBetween(other), lambda match_id: with_match(dms, stored, match_id))
+
+    def with_match(dms: list[bytes], stored: list[bytes], match_id: str | None) -> Step:
         report: dict[str, Any] = {
             "reporter": facts.user,
             "reported": other,
             "reason": request.reason,
             "details": request.details or "",
             "time": created,
-            "match": {"matchId": request.match_id, "peer": other, "current": current},
+            "match": {"matchId": match_id, "peer": other, "current": current},
             "evidence": {
                 "directMessages": _fragments(dms[-EVIDENCE_MESSAGES:]),
                 "roomMessages": _fragments(messages_by(other, stored, EVIDENCE_MESSAGES)),

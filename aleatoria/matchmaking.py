@@ -13,12 +13,18 @@ the same rules as one Lua script):
    section 13; the ``MatchFilter``) is picked uniformly at random; both leave the pool and the
    match starts (requester impolite);
 3. nobody suitable: ``no_peer``.
+
+A report (PROTOCOL.md section 13) records the match between reporter and reported user:
+``match_between`` gives the live match's id, else the most recent of the user's last
+``RECENT_MATCHES`` ended matches with that user that ended within ``RECENT_MATCH_SECONDS``
+(the Redis store keeps the same record in Lua). A user's record goes when it disconnects.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -26,6 +32,11 @@ import attrs
 
 IMPOLITE = "impolite"
 POLITE = "polite"
+
+# What each user's record of its ended matches keeps (for reports, ``match_between``): the
+# last this many, those that ended within this many seconds.
+RECENT_MATCHES = 8
+RECENT_MATCH_SECONDS = 3600.0
 
 
 @attrs.define  # treated as immutable; not frozen: one is made per request (setattr per field)
@@ -66,9 +77,15 @@ class MatchFilter(Protocol):
 class Matchmaker:
     """The pool and the live matches of one server (or of one Redis, mirrored by Lua)."""
 
-    def __init__(self, rng: random.Random | None = None, match_filter: MatchFilter | None = None) -> None:
+    def __init__(
+        self,
+        rng: random.Random | None = None,
+        match_filter: MatchFilter | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._rng = rng or random.Random()
         self.filter = match_filter
+        self.clock = clock  # when a match ended (``match_between``)
         # Pooled users who were shadow-banned when pooled (``reclassify`` on a ban).
         self._shadow_pooled: set[str] = set()
         # A list plus an index gives O(1) uniform picks and O(1) removal.
@@ -77,6 +94,10 @@ class Matchmaker:
         self._peer_of: dict[str, str] = {}
         self._role_of: dict[str, str] = {}
         self._match_id: dict[str, str] = {}
+        # The interests the two of a live match share (only matches that share some).
+        self._common: dict[str, tuple[str, ...]] = {}
+        # Each user's last RECENT_MATCHES ended matches: (peer, match id, when), oldest first.
+        self._ended: dict[str, list[tuple[str, str, float]]] = {}
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -102,6 +123,30 @@ class Matchmaker:
         """The id of ``user``'s live match ('' if none, or made before ids were kept)."""
         return self._match_id.get(user, "")
 
+    def match_between(self, user: str, other: str) -> str:
+        """The id of ``user``'s live match if ``other`` is its peer, else of its most recent
+        match with ``other`` among its last ``RECENT_MATCHES`` ended within
+        ``RECENT_MATCH_SECONDS`` ('' if none)."""
+        if self._peer_of.get(user) == other:
+            live = self._match_id.get(user)
+            if live:
+                return live
+        ended = self._ended.get(user)
+        if ended:
+            now = self.clock()
+            for peer, match_id, when in reversed(ended):
+                if peer == other and now - when < RECENT_MATCH_SECONDS:
+                    return match_id
+        return ""
+
+    def forget(self, user: str) -> None:
+        """Drop ``user``'s record of its ended matches (it went away)."""
+        self._ended.pop(user, None)
+
+    def common(self, user: str) -> tuple[str, ...]:
+        """The interests ``user`` and its live peer share (a resend carries them)."""
+        return self._common.get(user, ())
+
     def pool_view(self) -> list[str]:
         """The pool itself (not a copy): read it, do not change it."""
         return self._pool
@@ -125,9 +170,12 @@ class Matchmaker:
         return True
 
     def disconnect(self, user: str) -> str | None:
-        """``user`` went away: leave the pool, end the match. Returns the peer who was left."""
+        """``user`` went away: leave the pool, end the match. Returns the peer who was left
+        (whose record of ended matches keeps this one; ``user``'s own record goes)."""
         self._pool_remove(user)
-        return self._end_match(user)
+        ended = self._end_match(user)
+        self._ended.pop(user, None)
+        return ended
 
     def request_peer(
         self,
@@ -141,9 +189,7 @@ class Matchmaker:
         partner = self._peer_of.get(user)
         if partner is not None:
             if partner != current_peer:
-                return RequestOutcome(
-                    peer=partner, role=self._role_of[user], resend=True, match_id=self.match_id(user)
-                )
+                return self.resend(user, partner)
             ended = self._end_match(user)
         excluded = {user} if current_peer is None else {user, current_peer}
         if choose is not None:
@@ -156,6 +202,22 @@ class Matchmaker:
             return RequestOutcome(ended_peer=ended)
         match_id = self.pair(user, peer)
         return RequestOutcome(peer=peer, role=IMPOLITE, ended_peer=ended, match_id=match_id)
+
+    def resend(self, user: str, partner: str) -> RequestOutcome:
+        """``user``'s live match with ``partner`` told again (PROTOCOL.md section 4): the same
+        role, id and common interests."""
+        return RequestOutcome(
+            peer=partner,
+            role=self._role_of.get(user, IMPOLITE),
+            resend=True,
+            match_id=self.match_id(user),
+            common=self.common(user),
+        )
+
+    def share(self, user: str, peer: str, common: tuple[str, ...]) -> None:
+        """Keep the interests the live match of ``user`` and ``peer`` was made on."""
+        if common and self._peer_of.get(user) == peer:
+            self._common[user] = self._common[peer] = common
 
     def pair(self, impolite: str, polite: str, match_id: str | None = None) -> str:
         """Start the match of two users who are in none (both leave the pool); its id."""
@@ -235,6 +297,21 @@ class Matchmaker:
         self._peer_of.pop(peer, None)
         self._role_of.pop(user, None)
         self._role_of.pop(peer, None)
-        self._match_id.pop(user, None)
+        match_id = self._match_id.pop(user, None)
         self._match_id.pop(peer, None)
+        if self._common:
+            self._common.pop(user, None)
+            self._common.pop(peer, None)
+        if match_id:  # a match restored without an id leaves nothing to report
+            now = self.clock()
+            self._remember_ended(user, peer, match_id, now)
+            self._remember_ended(peer, user, match_id, now)
         return peer
+
+    def _remember_ended(self, user: str, peer: str, match_id: str, now: float) -> None:
+        ended = self._ended.get(user)
+        if ended is None:
+            ended = self._ended[user] = []
+        elif len(ended) >= RECENT_MATCHES:
+            del ended[0]
+        ended.append((peer, match_id, now))

@@ -369,6 +369,7 @@ class Search:
             self._remember(user, outcome.peer, self.clock())
             shared = common(profile, peer.profile) if peer is not None else ()
             if shared:  # () is the outcome's own (evolve costs ~3 us a match)
+                self.mm.share(user, outcome.peer, shared)  # a resend carries them too
                 outcome = attrs.evolve(outcome, common=shared)
         return outcome
 
@@ -380,10 +381,7 @@ class Search:
         partner = self.mm.peer_of(user)
         if partner is not None:
             if partner != current_peer:
-                resend = RequestOutcome(
-                    peer=partner, role=self.mm.role_of(user), resend=True, match_id=self.mm.match_id(user)
-                )
-                return SearchOutcome(profile=profile, resend=resend)
+                return SearchOutcome(profile=profile, resend=self.mm.resend(user, partner))
             self.mm.hangup(user, partner)
             ended = partner
         self._unpool(user)
@@ -460,6 +458,7 @@ class Search:
         match_id = self.mm.pair(served.user, partner.user)
         self._remember(served.user, partner.user, now)
         shared = common(served.profile, partner.profile)
+        self.mm.share(served.user, partner.user, shared)
         self._matches.append(
             Match(
                 served.user,

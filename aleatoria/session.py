@@ -371,6 +371,8 @@ class Session:
                 for room in rooms:
                     found += await store.recent_room_messages(room, limit)
                 return found
+            case core.MatchBetween(other):
+                return await store.match_between(user, other)
             case core.StoreReport(report):
                 report["instance"] = store.instance
                 return await self._safety.add_report(report, time.time())

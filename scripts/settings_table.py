@@ -1,6 +1,6 @@
-"""Write the settings table (from aleatoria/config.py SETTINGS) into README.md and
-docs/operations.md, between their markers. ``--check``: change nothing, exit 1 if a table is
-out of date.
+"""Write the settings tables (from aleatoria/config.py SETTINGS) into README.md and
+docs/operations.md (every setting) and docs/scaleout.md (the scale-out ones), between their
+markers. ``--check``: change nothing, exit 1 if a table is out of date.
 
     python scripts/settings_table.py            # regenerate
     python scripts/settings_table.py --check    # what the test checks
@@ -25,7 +25,7 @@ def main() -> int:
     for name in FILES:
         path = ROOT / name
         text = path.read_text()
-        current = with_table(text, name)
+        current = with_table(text, name, FILES[name])
         if current != text:
             stale.append(name)
             if not args.check:

@@ -127,6 +127,32 @@ async def cancel_and_resend(opened: Opener, config: Config) -> None:
         assert mine == resent["payload"]
 
 
+async def resends_carry_the_common_interests(opened: Opener, config: Config) -> None:
+    """A user in a live match made on common interests who asks again, with or without
+    ``wait``, hears its own ``assign_role`` again: the same matchId and commonInterests
+    (PROTOCOL.md sections 4 and 12), whether the queue or the immediate pick made the match."""
+    async with opened("alice") as alice, opened("bob") as bob:
+        await alice.request(search(interests=["films", "chess"]), "searching")
+        await bob.request(search(interests=["chess", "films", "golf"]), "searching")
+        mine, theirs = await matched_pair(alice, bob)
+        assert ["films", "chess"] == mine["commonInterests"]
+        assert mine == (await alice.request(search(), "assign_role"))["payload"]
+        assert mine == (await alice.request({"type": "request_random_peer"}, "assign_role"))["payload"]
+        assert theirs == (await bob.request(search(interests=["golf"]), "assign_role"))["payload"]
+        assert theirs == (await bob.request({"type": "request_random_peer"}, "assign_role"))["payload"]
+    async with opened("carol") as carol, opened("dave") as dave:
+        await dave.send({"type": "user_available_webrtc", "payload": {"interests": ["tennis"]}})
+        await sync(dave)
+        immediate = {"type": "request_random_peer", "payload": {"interests": ["Tennis", "go"]}}
+        assigned = (await carol.request(immediate, "assign_role"))["payload"]
+        told = (await dave.expect("assign_role"))["payload"]
+        assert ["tennis"] == assigned["commonInterests"] == told["commonInterests"]
+        assert assigned == (await carol.request(search(), "assign_role"))["payload"]
+        assert assigned == (await carol.request(immediate, "assign_role"))["payload"]
+        assert told == (await dave.request({"type": "request_random_peer"}, "assign_role"))["payload"]
+        assert told == (await dave.request(search(interests=["go"]), "assign_role"))["payload"]
+
+
 async def pooled_users_and_the_immediate_path(opened: Opener, config: Config) -> None:
     """A searcher takes a pooled user sharing its interest; the immediate path prefers the
     pooled user sharing the most interests and keeps to the language."""
@@ -220,6 +246,7 @@ SCENARIOS = [
     language_is_a_hard_filter_and_oldest_goes_first,
     cooldown_keeps_partners_apart,
     cancel_and_resend,
+    resends_carry_the_common_interests,
     pooled_users_and_the_immediate_path,
     bad_profiles_are_refused,
     blocked_users_never_meet,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from aleatoria.matchmaking import IMPOLITE, POLITE, Matchmaker
+from aleatoria.matchmaking import IMPOLITE, POLITE, RECENT_MATCH_SECONDS, RECENT_MATCHES, Matchmaker
 
 
 def test_request_matches_a_pooled_user_and_both_leave_the_pool() -> None:
@@ -39,6 +39,60 @@ def test_requester_in_a_match_gets_its_assignment_again() -> None:
     again = mm.request_peer(first.peer)
     assert ("a", POLITE, True) == (again.peer, again.role, again.resend)
     assert 1 == mm.matches()
+
+
+def test_a_resend_carries_the_match_id_and_common_interests() -> None:
+    """The interests a live match was made on are kept with it: a resend carries them (and
+    its id) to either side; they go with the match."""
+    mm = Matchmaker()
+    mm.set_available("b")
+    made = mm.request_peer("a")
+    mm.share("a", "b", ("chess",))
+    mm.share("a", "c", ("go",))  # not a's match: ignored
+    for user, peer, role in (("a", "b", IMPOLITE), ("b", "a", POLITE)):
+        again = mm.request_peer(user)
+        assert (peer, role, True, made.match_id, ("chess",)) == (
+            again.peer,
+            again.role,
+            again.resend,
+            again.match_id,
+            again.common,
+        )
+    assert mm.hangup("b", "a")
+    assert ((), (), "") == (mm.common("a"), mm.common("b"), mm.match_id("a"))
+
+
+def test_match_between_gives_the_live_or_a_recent_ended_match() -> None:
+    """For reports: the live match's id, else the most recent of a user's last
+    RECENT_MATCHES ended matches with that user that ended within RECENT_MATCH_SECONDS,
+    else ''. Each side keeps its own record; a user's goes when it disconnects."""
+    now = [0.0]
+    mm = Matchmaker(clock=lambda: now[0])
+    ids: dict[str, str] = {}
+    peers = [f"p{i}" for i in range(RECENT_MATCHES + 2)]
+    for peer in peers:
+        mm.set_available(peer)
+        ids[peer] = mm.request_peer("a").match_id
+        assert ids[peer] == mm.match_between("a", peer) == mm.match_between(peer, "a")
+        assert "" == mm.match_between("a", "nobody")
+        assert mm.hangup(peer, "a")
+    forgotten, kept = peers[:2], peers[2:]
+    assert ["", ""] == [mm.match_between("a", peer) for peer in forgotten]
+    assert [ids[peer] for peer in kept] == [mm.match_between("a", peer) for peer in kept]
+    assert ids["p0"] == mm.match_between("p0", "a")  # p0's own record
+    # The same two again: the most recent match.
+    mm.set_available("p9")
+    again = mm.request_peer("a", "p8").match_id
+    assert again != ids["p9"]
+    assert "p9" == mm.set_available("a")
+    assert again == mm.match_between("p9", "a") == mm.match_between("a", "p9")
+    now[0] = RECENT_MATCH_SECONDS - 1
+    assert again == mm.match_between("a", "p9")
+    now[0] = RECENT_MATCH_SECONDS
+    assert "" == mm.match_between("a", "p9")
+    now[0] = 0.0
+    mm.disconnect("a")
+    assert ("", again) == (mm.match_between("a", "p9"), mm.match_between("p9", "a"))
 
 
 def test_next_ends_the_match_and_excludes_the_old_peer() -> None:

@@ -471,10 +471,17 @@ def test_report_gathers_evidence_stores_blocks_and_replies() -> None:
     ]
     message = {"type": "report_user", "payload": {"user": "bob", "reason": "spam", "details": "d"}}
     step = core.handle(request(message), facts(rooms={"Lobby", "Games"}))
-    effects = run(step, dms, rooms, ("7-0", 1), True)
+    effects = run(step, dms, rooms, "m-1", ("7-0", 1), True)
     calls = [type(e) for e in effects if not isinstance(e, core.Reply | core.NotifyBlock | core.ReportFiled)]
-    assert [core.DirectHistory, core.RoomHistories, core.StoreReport, core.StoreBlock] == calls
+    assert [
+        core.DirectHistory,
+        core.RoomHistories,
+        core.MatchBetween,
+        core.StoreReport,
+        core.StoreBlock,
+    ] == calls
     assert core.RoomHistories(("Games", "Lobby"), 100) in effects
+    assert core.MatchBetween("bob") in effects
     (filed,) = [e for e in effects if isinstance(e, core.ReportFiled)]
     report = orjson.loads(orjson.dumps(filed.report))
     assert ("7-0", "alice", "bob", "spam", "d") == (
@@ -486,12 +493,43 @@ def test_report_gathers_evidence_stores_blocks_and_replies() -> None:
     )
     assert ["dm"] == [r["payload"]["content"] for r in report["evidence"]["directMessages"]]
     assert ["b1", "b2"] == [r["payload"]["content"] for r in report["evidence"]["roomMessages"]]
+    assert {"matchId": "m-1", "peer": "bob", "current": False} == report["match"]
     assert core.Reply(m.REPORT_RECEIVED, m.ReportReceived(report_id="7-0")) == effects[-1]
+
+
+@pytest.mark.parametrize(
+    ("given", "live", "known", "expected"),
+    [
+        ("m-given", True, "m-live", {"matchId": "m-given", "peer": "bob", "current": True}),
+        (None, True, "m-live", {"matchId": "m-live", "peer": "bob", "current": True}),
+        (None, False, "m-ended", {"matchId": "m-ended", "peer": "bob", "current": False}),
+        (None, False, None, {"matchId": None, "peer": "bob", "current": False}),
+    ],
+)
+def test_report_records_the_given_current_or_most_recent_match(
+    given: str | None, live: bool, known: str | None, expected: dict[str, Any]
+) -> None:
+    """The match a report records: the ``matchId`` the client gave (the store is not asked),
+    else what the store knows between the two (the live match, else the most recent one),
+    else none (PROTOCOL.md section 13)."""
+    payload: dict[str, Any] = {"user": "bob", "reason": "spam"}
+    if given is not None:
+        payload["matchId"] = given
+    matches = {"alice": "bob", "bob": "alice"} if live else {}
+    step = core.handle(request({"type": "report_user", "payload": payload}), facts(matches=matches))
+    outcomes: list[Any] = [[], []] + ([] if given is not None else [known]) + [("1-0", 1), True]
+    if live:
+        outcomes.append(None)  # the block's hangup of the live match
+    effects = run(step, *outcomes)
+    asked = [e for e in effects if isinstance(e, core.MatchBetween)]
+    assert ([] if given is not None else [core.MatchBetween("bob")]) == asked
+    (filed,) = [e for e in effects if isinstance(e, core.ReportFiled)]
+    assert expected == filed.report["match"]
 
 
 def test_report_with_a_full_block_list_still_files() -> None:
     message = {"type": "report_user", "payload": {"user": "bob", "reason": "hate"}}
-    effects = run(core.handle(request(message), facts()), [], [], ("1-0", 1), False)
+    effects = run(core.handle(request(message), facts()), [], [], None, ("1-0", 1), False)
     assert isinstance(effects[-1], core.Reply) and m.REPORT_RECEIVED == effects[-1].kind
     assert not [e for e in effects if isinstance(e, core.NotifyBlock)]
 
@@ -499,9 +537,9 @@ def test_report_with_a_full_block_list_still_files() -> None:
 def test_enough_distinct_reporters_shadow_ban_for_a_day() -> None:
     message = {"type": "report_user", "payload": {"user": "bob", "reason": "spam"}}
     rules = Rules(auto_shadow_reports=3)
-    below = run(core.handle(request(message), facts(rules=rules)), [], [], ("1-0", 2), True)
+    below = run(core.handle(request(message), facts(rules=rules)), [], [], None, ("1-0", 2), True)
     assert not [e for e in below if isinstance(e, core.ShadowBan)]
-    at = run(core.handle(request(message), facts(rules=rules)), [], [], ("1-1", 3), None, True)
+    at = run(core.handle(request(message), facts(rules=rules)), [], [], None, ("1-1", 3), None, True)
     (ban,) = [e for e in at if isinstance(e, core.ShadowBan)]
     assert ("bob", 86400.0) == (ban.user, ban.seconds)
 

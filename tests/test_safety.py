@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import pytest
 from inmemory import Closed, FakePeer, InMemoryServer, connect, inmemory_server
+from report_scenarios import the_match_a_report_records
+from support import Peer
 from trio.testing import MockClock
 
 from aleatoria.safety import MAX_BLOCKS, Ban
@@ -189,6 +192,20 @@ async def test_report_stores_evidence_and_blocks(server: InMemoryServer, autojum
         rooms = [_json(m)["payload"]["content"] for m in evidence["roomMessages"]]
         assert (["dm-1"], ["room-1", "room-2"]) == (dms, rooms)
         assert 1 == server.server.stats.reports["harassment"]
+
+
+async def test_report_records_the_match_between_the_two(
+    server: InMemoryServer, autojump_clock: MockClock
+) -> None:
+    """``report_scenarios.the_match_a_report_records`` on the memory store."""
+
+    def opened(user: str) -> AbstractAsyncContextManager[Peer]:
+        return connect(server, user)
+
+    async def reports() -> list[dict[str, Any]]:
+        return await server.server.store.safety.reports(50)
+
+    await the_match_a_report_records(opened, reports)
 
 
 async def test_report_input_errors(server: InMemoryServer, autojump_clock: MockClock) -> None:

@@ -1,7 +1,8 @@
 """One source of truth for configuration: every setting is defined once in
 ``config.SETTINGS`` (name, variable, flag, default, meaning), ``aleatoria serve --help`` shows
-each with its default, every variable is read, and the tables in README.md and
-docs/operations.md are exactly what ``SETTINGS`` gives (they are generated)."""
+each with its default, every variable is read, and the tables in README.md,
+docs/operations.md and docs/scaleout.md are exactly what ``SETTINGS`` gives (they are
+generated)."""
 
 from __future__ import annotations
 
@@ -13,21 +14,39 @@ import pytest
 
 from aleatoria.cli import main
 from aleatoria.config import FIXED, SETTINGS, Config, from_environment
-from aleatoria.settings_doc import FILES, REGENERATE, with_table
+from aleatoria.settings_doc import BEGIN, FILES, REGENERATE, SCALE_OUT, SCALE_OUT_BEGIN, with_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name", FILES)
 def test_the_docs_tables_are_generated_from_settings(name: str) -> None:
-    """README.md's and docs/operations.md's settings tables are what SETTINGS gives: a
-    setting added, renamed or given another default without regenerating fails here."""
+    """README.md's and docs/operations.md's settings tables (every setting) and
+    docs/scaleout.md's (the scale-out ones) are what SETTINGS gives: a setting added,
+    renamed, given another default or meaning, or marked scale_out or no longer, without
+    regenerating fails here."""
     text = (ROOT / name).read_text()
-    assert text == with_table(text, name), (
+    assert text == with_table(text, name, FILES[name]), (
         f"{name}'s settings table is out of date with aleatoria/config.py SETTINGS. "
         f"Regenerate it with `{REGENERATE}` (or `.venv/bin/python scripts/settings_table.py`) "
-        "and commit README.md and docs/operations.md."
+        f"and commit {', '.join(FILES)}."
     )
+
+
+def test_the_scale_out_table_lists_the_scale_out_settings() -> None:
+    """docs/scaleout.md's table holds the settings marked ``scale_out`` (the Redis URL and
+    cluster switch, workers, the metrics port, presence TTL and heartbeat), and no table of
+    every setting: the markers say which table a file has."""
+    assert SCALE_OUT == FILES["docs/scaleout.md"]
+    names = [s.name for s in SCALE_OUT.settings()]
+    expected = ["redis_url", "redis_cluster", "workers", "metrics_port", "presence_ttl", "heartbeat_interval"]
+    assert expected == names
+    text = (ROOT / "docs/scaleout.md").read_text()
+    assert (1, 0) == (text.count(SCALE_OUT_BEGIN), text.count(BEGIN))
+    table = text.split(SCALE_OUT_BEGIN, 1)[1].split("<!--", 1)[0]
+    assert [f"`{s.env}`" for s in SCALE_OUT.settings()] == [
+        row.split("|")[1].strip() for row in table.strip().splitlines()[2:]
+    ]
 
 
 def test_every_config_field_is_a_setting_or_a_protocol_constant() -> None:

@@ -292,6 +292,14 @@ class Store(Protocol):
         """End the match of ``user`` and ``peer`` if it is live; True if it was."""
         ...
 
+    async def match_between(self, user: str, other: str) -> str | None:
+        """For a report (PROTOCOL.md section 13): the id of ``user``'s live match if ``other``
+        is its peer, else of the most recent match between them among ``user``'s last
+        ``matchmaking.RECENT_MATCHES`` that ended within ``RECENT_MATCH_SECONDS``; None if
+        none. The memory store forgets a user's record when it disconnects for good; Redis
+        keeps it until it expires (``RECENT_MATCH_SECONDS`` after its last entry)."""
+        ...
+
     async def connect(self, user: str, connection: str) -> Takeover | None:
         """Register ``user``'s new connection here; what it had on another instance, if it
         was connected there (that instance must then drop it: see ``StoreEvents.evict``)."""

@@ -89,7 +89,7 @@ class MemoryStore:
         self.evicted_conversations = 0
         self._members: dict[str, set[str]] = {}
         self._online: dict[str, str] = {}  # connected user -> its connection id (get_stats)
-        self.matchmaker = matchmaker or Matchmaker()
+        self.matchmaker = matchmaker or Matchmaker(clock=search_clock)
         self._safety = MemorySafety(report_cap, on_shadow=self.matchmaker.reclassify)
         if self.matchmaker.filter is None:
             self.matchmaker.filter = self._safety
@@ -344,6 +344,9 @@ class MemoryStore:
 
     def match_peer(self, user: str) -> str | None:
         return self.matchmaker.peer_of(user)
+
+    async def match_between(self, user: str, other: str) -> str | None:
+        return self.matchmaker.match_between(user, other) or None
 
     async def hangup(self, user: str, peer: str) -> bool:
         return self.matchmaker.hangup(user, peer)

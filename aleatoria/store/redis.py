@@ -486,9 +486,7 @@ class RedisStore:
     def _requested(self, user: str, done: Done[Any], values: Any) -> RequestOutcome:
         kind, peer, role, ended_text = (text(part) for part in values[:4])
         match_id = text(values[4]) if len(values) > 4 else ""
-        shared = (
-            tuple(text(tag) for tag in values[5]) if len(values) > 5 and isinstance(values[5], list) else ()
-        )
+        shared = _interests(values, 5)  # a new match's, or a resend's (kept with the match)
         ended = ended_text or None
         if ended is not None:
             self._mirror.end(user)
@@ -497,7 +495,7 @@ class RedisStore:
                 self._mirror.match(user, peer)
             else:
                 self._mirror.match(peer, user)
-            outcome = RequestOutcome(peer=peer, role=role, resend=True, match_id=match_id)
+            outcome = RequestOutcome(peer=peer, role=role, resend=True, match_id=match_id, common=shared)
         elif kind == "match":
             self._mirror.match(user, peer)
             outcome = RequestOutcome(
@@ -522,7 +520,10 @@ class RedisStore:
                 self._mirror.match(user, peer)
             else:
                 self._mirror.match(peer, user)
-            resend = RequestOutcome(peer=peer, role=role, resend=True, match_id=text(values[3]))
+            shared = _interests(values, 4)
+            resend = RequestOutcome(
+                peer=peer, role=role, resend=True, match_id=text(values[3]), common=shared
+            )
             return SearchOutcome(profile=profile, resend=resend)
         ended = text(values[1]) or None
         if ended is not None:
@@ -615,6 +616,15 @@ class RedisStore:
             return ended
         self._keeper.settle(done, user, peer)
         return bool(done.value)
+
+    async def match_between(self, user: str, other: str) -> str | None:
+        found = await self._keeper.read(partial(self._match_between, user=user, other=other))
+        if found is None:  # degraded: what this instance decided meanwhile
+            return self._mm.match_between(user, other) or None
+        return text(found) or None
+
+    def _match_between(self, r: redis.Redis, *, user: str, other: str) -> Any:
+        return self._scripts.match_between(_MATCH_KEYS, [user, other], r)
 
     # -- presence ------------------------------------------------------------------------------
 
@@ -746,6 +756,13 @@ def _srem_pool(r: redis.Redis, *, user: str) -> object:
 def _token() -> str:
     """A new match id (scripts that make several add ``-2``, ``-3``, ...)."""
     return os.urandom(8).hex()
+
+
+def _interests(values: Any, index: int) -> tuple[str, ...]:
+    """The common interests a script returned at ``index`` (a list; absent: none)."""
+    if len(values) > index and isinstance(values[index], list):
+        return tuple(text(tag) for tag in values[index])
+    return ()
 
 
 def _profile_json(profile: Profile) -> str:

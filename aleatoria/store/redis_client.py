@@ -65,6 +65,7 @@ class Scripts:
         owner: Any = _EncoderOnly()
         self.set_available = Script(owner, lua.SET_AVAILABLE)
         self.hangup = Script(owner, lua.HANGUP)
+        self.match_between = Script(owner, lua.MATCH_BETWEEN)
         self.request_peer = Script(owner, lua.REQUEST_PEER)
         self.sync_user = Script(owner, lua.SYNC_USER)
         self.join_room = Script(owner, lua.JOIN_ROOM)

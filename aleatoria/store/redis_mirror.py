@@ -103,6 +103,7 @@ class Mirror:
             self.leave_now(room, user)
         self.online.pop(user, None)
         self.matchmaker.set_unavailable(user)
+        self.matchmaker.forget(user)
         peer = self.matchmaker.peer_of(user)
         if peer is not None and peer not in self.online:
             self.end(user)

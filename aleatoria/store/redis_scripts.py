@@ -71,6 +71,8 @@ holds them: a retry after a half-executed pipeline never duplicates a DM.
 
 from __future__ import annotations
 
+from aleatoria.matchmaking import RECENT_MATCH_SECONDS, RECENT_MATCHES
+
 # How many rooms ``list_rooms`` with a prefix walks at most (see "Rooms directory" above).
 DIRECTORY_SCAN = 5_000
 
@@ -84,6 +86,14 @@ POOL_KEY = "available:webrtc"
 # they were pooled, and each live match's id.
 POOLED_KEY = "aleatoria:search:pooled:{available:webrtc}"
 MATCH_IDS_KEY = "webrtc:match-ids:{available:webrtc}"
+# Beside it, the interests each side of a live match shares with the other (JSON list; only
+# matches made on common interests), so a resend carries them too; removed with the match.
+MATCH_COMMON_KEY = "webrtc:match-common:{available:webrtc}"
+# Each user's last ended matches, for reports (PROTOCOL.md section 13): a list of
+# "peer|ended (ms)|match id", newest first, at most RECENT_MATCHES, expiring
+# RECENT_MATCH_SECONDS after the last one ended (``end_match`` writes it, ``MATCH_BETWEEN``
+# reads it).
+ENDED_PREFIX = "aleatoria:ended-matches:{available:webrtc}:"
 QUEUE_KEY = "aleatoria:search:queue:{available:webrtc}"
 DUE_KEY = "aleatoria:search:due:{available:webrtc}"
 PROFILES_KEY = "aleatoria:search:profiles:{available:webrtc}"
@@ -102,7 +112,8 @@ BLOCKED_BY_PREFIX = "aleatoria:blocked-by:{available:webrtc}:"
 SHADOW_KEY = "aleatoria:shadow:{available:webrtc}"
 BANS_KEY = "aleatoria:bans:{available:webrtc}"
 
-MATCH_HELPERS = """
+MATCH_HELPERS = (
+    """
 local POOL, MATCHES = KEYS[1], KEYS[2]
 local function partner(user)
   local v = redis.call('HGET', MATCHES, user)
@@ -111,18 +122,47 @@ local function partner(user)
   if not sep then return v, 'impolite' end
   return string.sub(v, 1, sep - 1), string.sub(v, sep + 1)
 end
+local function remember_ended(user, peer, id, ended_ms)
+  local key = ENDED_PREFIX .. user
+  redis.call('LPUSH', key, peer .. '|' .. ended_ms .. '|' .. id)
+  redis.call('LTRIM', key, 0, RECENT_MATCHES - 1)
+  redis.call('PEXPIRE', key, RECENT_MATCH_MS)
+end
 local function end_match(user)
   local peer = partner(user)
   if not peer then return false end
+  local id = redis.call('HGET', MATCH_IDS_KEY, user)
+  local ended_ms = nil
+  if id then
+    local t = redis.call('TIME')
+    ended_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    remember_ended(user, peer, id, ended_ms)
+  end
   redis.call('HDEL', MATCHES, user)
   redis.call('HDEL', MATCH_IDS_KEY, user)
+  redis.call('HDEL', MATCH_COMMON_KEY, user)
   if partner(peer) == user then
     redis.call('HDEL', MATCHES, peer)
     redis.call('HDEL', MATCH_IDS_KEY, peer)
+    redis.call('HDEL', MATCH_COMMON_KEY, peer)
+    if id then remember_ended(peer, user, id, ended_ms) end
   end
   return peer
 end
+-- A live match told again (PROTOCOL.md section 4): its id and common interests.
+local function match_common(user)
+  local raw = redis.call('HGET', MATCH_COMMON_KEY, user)
+  if not raw then return {} end
+  local ok, shared = pcall(cjson.decode, raw)
+  if ok and type(shared) == 'table' then return shared end
+  return {}
+end
 """.replace("MATCH_IDS_KEY", repr(MATCH_IDS_KEY))
+    .replace("MATCH_COMMON_KEY", repr(MATCH_COMMON_KEY))
+    .replace("ENDED_PREFIX", repr(ENDED_PREFIX))
+    .replace("RECENT_MATCHES", str(RECENT_MATCHES))
+    .replace("RECENT_MATCH_MS", str(int(RECENT_MATCH_SECONDS * 1000)))
+)
 
 # The pool's index (see "Random pick"): every addition to the pool goes through pool_add, and
 # removals made here through pool_remove. Same hash tag as the pool, so same cluster slot.
@@ -206,6 +246,36 @@ return ended
 """
 )
 
+# KEYS: pool, matches. ARGV: user, other. For a report (PROTOCOL.md section 13): the id of
+# the user's live match if ``other`` is its peer, else of its most recent ended match with
+# ``other`` on its record (ENDED_PREFIX) that ended within RECENT_MATCH_SECONDS; '' if none.
+MATCH_BETWEEN = (
+    (
+        MATCH_HELPERS
+        + """
+local user, other = ARGV[1], ARGV[2]
+if partner(user) == other then
+  local id = redis.call('HGET', MATCH_IDS_KEY, user)
+  if id then return id end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for _, entry in ipairs(redis.call('LRANGE', ENDED_PREFIX .. user, 0, -1)) do
+  local first = string.find(entry, '|', 1, true)
+  local second = first and string.find(entry, '|', first + 1, true)
+  if second and string.sub(entry, 1, first - 1) == other then
+    local ended = tonumber(string.sub(entry, first + 1, second - 1)) or 0
+    if now - ended < RECENT_MATCH_MS then return string.sub(entry, second + 1) end
+  end
+end
+return ''
+"""
+    )
+    .replace("MATCH_IDS_KEY", repr(MATCH_IDS_KEY))
+    .replace("ENDED_PREFIX", repr(ENDED_PREFIX))
+    .replace("RECENT_MATCH_MS", str(int(RECENT_MATCH_SECONDS * 1000)))
+)
+
 # KEYS: pool, matches. ARGV: user, peer. Returns 1 if their match was live (and ended).
 HANGUP = (
     MATCH_HELPERS
@@ -222,7 +292,8 @@ return 0
 # number in [0, 1) (a Python float's repr: 53 bits), PICK_DRAWS, the caller's clock (unix
 # seconds), the profile JSON, the rematch cooldown (ms), the new match's id (section 12),
 # then any users not to pick (their own requests follow in the same pipeline).
-# Returns {outcome, peer, role, ended}: outcome 'match', 'resend' or 'none'; '' = absent.
+# Returns {outcome, peer, role, ended, match id, common interests}: outcome 'match', 'resend'
+# or 'none'; '' = absent.
 # Only online users are picked: presence names an instance whose heartbeat has not expired
 # (a dead instance's users stay pooled until it is reaped, but are never picked). The pick
 # is uniform over the suitable users: see "Random pick" above for how and why.
@@ -289,7 +360,9 @@ local function allowed(c)
 end
 local mine, role = partner(user)
 if mine then
-  if mine ~= current then return {'resend', mine, role, '', redis.call('HGET', MATCH_IDS_KEY, user) or ''} end
+  if mine ~= current then
+    return {'resend', mine, role, '', redis.call('HGET', MATCH_IDS_KEY, user) or '', match_common(user)}
+  end
   ended = end_match(user)
 end
 local function each_chunk(command, key, list)
@@ -420,6 +493,10 @@ forget_profile(peer)
 pool_remove(user, peer)
 redis.call('HSET', MATCHES, user, peer .. '|impolite', peer, user .. '|polite')
 if match_id ~= '' then redis.call('HSET', MATCH_IDS_KEY, user, match_id, peer, match_id) end
+if #shared > 0 then
+  local encoded = cjson.encode(shared)
+  redis.call('HSET', MATCH_COMMON_KEY, user, encoded, peer, encoded)
+end
 if cooldown_ms > 0 then
   local now = now_ms()
   for _, pair in ipairs({{user, peer}, {peer, user}}) do
@@ -440,6 +517,7 @@ return {'match', peer, 'impolite', ended, match_id, shared}
     .replace("TAG_PREFIX", repr(TAG_PREFIX))
     .replace("RECENT_PREFIX", repr(RECENT_PREFIX))
     .replace("MATCH_IDS_KEY", repr(MATCH_IDS_KEY))
+    .replace("MATCH_COMMON_KEY", repr(MATCH_COMMON_KEY))
 )
 
 # KEYS: pool, matches, presence, this instance's users[, rooms index, user:rooms:{user}].

@@ -27,8 +27,10 @@ reads them with the pool, the matches and the safety keys):
   (stale entries are removed when met);
 - ``aleatoria:search:recent:{...}:<user>``: sorted set partner -> when matched, trimmed to
   the cooldown and expiring with it;
-- ``webrtc:match-ids:{available:webrtc}``: hash user -> its live match's id (so a resend
-  carries the same id), removed with the match.
+- ``webrtc:match-ids:{available:webrtc}``: hash user -> its live match's id, and
+  ``webrtc:match-common:{available:webrtc}``: hash user -> the interests its live match was
+  made on (JSON list; only when there are some), so a resend carries the same id and common
+  interests; both removed with the match.
 
 Cost: ``on_change`` reads the queue (O(searchers)) and, for a searcher, the pooled users
 sharing one of its interests and the pooled users in pooled order until the first
@@ -41,6 +43,7 @@ from aleatoria.store.redis_scripts import (
     BLOCKS_PREFIX,
     DUE_KEY,
     LIVENESS_HELPERS,
+    MATCH_COMMON_KEY,
     MATCH_HELPERS,
     MATCH_IDS_KEY,
     POOL_HELPERS,
@@ -254,6 +257,10 @@ local function make_match(served, partner)
   redis.call('HSET', MATCHES, served.user, partner.user .. '|impolite',
     partner.user, served.user .. '|polite')
   redis.call('HSET', MATCH_IDS, served.user, id, partner.user, id)
+  if #shared > 0 then
+    local encoded = cjson.encode(shared)
+    redis.call('HSET', MATCH_COMMON_KEY, served.user, encoded, partner.user, encoded)
+  end
   remember(served.user, partner.user)
   return {served.user, partner.user, id, shared, fallback, waited}
 end
@@ -264,6 +271,7 @@ end
     .replace("TAG_PREFIX", TAG_PREFIX)
     .replace("RECENT_PREFIX", RECENT_PREFIX)
     .replace("MATCH_IDS_KEY", MATCH_IDS_KEY)
+    .replace("MATCH_COMMON_KEY", repr(MATCH_COMMON_KEY))
     .replace("SHADOW_KEY", repr(SHADOW_KEY))
     .replace("BLOCKS_PREFIX", repr(BLOCKS_PREFIX))
 )
@@ -305,8 +313,8 @@ return {ended or '', made}
 )
 
 # KEYS: pool, matches, presence, instances. ARGV: timeout, wait, cooldown (ms), id token,
-# user, current peer ('' for none), profile JSON. Returns {'resend', peer, role, match id} or
-# {'queued', ended or '', position, online, match or {}}.
+# user, current peer ('' for none), profile JSON. Returns {'resend', peer, role, match id,
+# common interests} or {'queued', ended or '', position, online, match or {}}.
 SEARCH = (
     _PRELUDE
     + _CONFIGURE
@@ -316,7 +324,7 @@ local mine, role = partner(user)
 local ended = ''
 if mine then
   if mine ~= current then
-    return {'resend', mine, role, redis.call('HGET', MATCH_IDS, user) or ''}
+    return {'resend', mine, role, redis.call('HGET', MATCH_IDS, user) or '', match_common(user)}
   end
   ended = end_match(user)
 end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,10 +13,21 @@ from redis_server import RedisServer
 from redis_support import server_config
 from support import SocketPeer, connect, running_server
 
-from aleatoria.matchmaking import IMPOLITE, POLITE, Matchmaker, RequestOutcome
+from aleatoria.matchmaking import (
+    IMPOLITE,
+    POLITE,
+    RECENT_MATCH_SECONDS,
+    RECENT_MATCHES,
+    Matchmaker,
+    RequestOutcome,
+)
+from aleatoria.search import Profile
 from aleatoria.store.redis import RedisStore, open_redis_store
 
 MATCHES = "webrtc:matches:{available:webrtc}"
+MATCH_IDS = "webrtc:match-ids:{available:webrtc}"
+MATCH_COMMON = "webrtc:match-common:{available:webrtc}"
+ENDED = "aleatoria:ended-matches:{available:webrtc}:"
 
 
 @asynccontextmanager
@@ -159,6 +171,71 @@ async def test_same_outcomes_as_the_in_memory_matchmaker(redis_server: RedisServ
         await both("hangup", "a", "nobody")
         with redis_server.client() as r:
             assert set(memory.pool()) == {m.decode() for m in r.smembers("available:webrtc")}
+
+
+async def test_common_interests_are_kept_with_the_match(redis_server: RedisServer) -> None:
+    """A match made on common interests keeps them beside its id: a resend, to either side
+    and by either path (immediate or the search queue), carries both; they are removed with
+    the match."""
+    async with store_on(redis_server) as store:
+        await store.set_available("b", Profile(interests=("chess", "go")))
+        made = await store.request_peer("a", None, Profile(interests=("go", "chess", "golf")))
+        assert ("b", ("go", "chess")) == (made.peer, made.common)
+        again = await store.request_peer("b", None)
+        assert (True, made.match_id, ("go", "chess")) == (again.resend, again.match_id, again.common)
+        searched = await store.search("a", None, Profile(interests=("golf",)))
+        assert searched.resend is not None
+        assert ("b", made.match_id, ("go", "chess")) == (
+            searched.resend.peer,
+            searched.resend.match_id,
+            searched.resend.common,
+        )
+        with redis_server.client() as r:
+            assert {b"a", b"b"} == set(r.hkeys(MATCH_COMMON))
+            assert await store.hangup("b", "a")
+            assert 0 == r.exists(MATCH_COMMON, MATCH_IDS)
+        # A match on no common interest keeps none (and a resend carries none).
+        await store.set_available("b")
+        made = await store.request_peer("a", None)
+        assert ("b", ()) == (made.peer, made.common)
+        assert () == (await store.request_peer("a", None)).common
+        with redis_server.client() as r:
+            assert 0 == r.exists(MATCH_COMMON)
+
+
+async def test_ended_matches_are_remembered_for_reports(redis_server: RedisServer) -> None:
+    """As the Matchmaker does: ``match_between`` gives the live match's id, else the most
+    recent of a user's last RECENT_MATCHES ended matches with that user that ended within
+    RECENT_MATCH_SECONDS, else None. Redis keeps each record newest first, expiring that long
+    after the last match in it ended."""
+    async with store_on(redis_server) as store:
+        ids: dict[str, str] = {}
+        peers = [f"p{i}" for i in range(RECENT_MATCHES + 2)]
+        for peer in peers:
+            await store.set_available(peer)
+            ids[peer] = (await store.request_peer("a", None)).match_id
+            assert ids[peer] == await store.match_between("a", peer) == await store.match_between(peer, "a")
+            assert None is await store.match_between("a", "nobody")
+            assert await store.hangup(peer, "a")
+        forgotten, kept = peers[:2], peers[2:]
+        assert [None, None] == [await store.match_between("a", peer) for peer in forgotten]
+        assert [ids[peer] for peer in kept] == [await store.match_between("a", peer) for peer in kept]
+        assert ids["p0"] == await store.match_between("p0", "a")  # p0's own record
+        # The same two again: the most recent match; ended by "next", by pooling.
+        await store.set_available("p9")
+        again = (await store.request_peer("a", "p8")).match_id
+        assert again != ids["p9"]
+        assert "p9" == await store.set_available("a")
+        assert again == await store.match_between("p9", "a") == await store.match_between("a", "p9")
+        with redis_server.client() as r:
+            key = ENDED + "a"
+            assert RECENT_MATCHES == r.llen(key)
+            assert b"p9|" == r.lindex(key, 0)[:3]
+            assert 0 < r.pttl(key) <= RECENT_MATCH_SECONDS * 1000
+            # A match that ended longer ago than that is not reported.
+            old_ms = int((time.time() - RECENT_MATCH_SECONDS - 5) * 1000)
+            r.rpush(key, f"gone|{old_ms}|m-old")
+        assert None is await store.match_between("a", "gone")
 
 
 async def test_pick_is_uniform(redis_server: RedisServer) -> None:

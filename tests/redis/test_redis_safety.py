@@ -6,12 +6,15 @@ answers from memory."""
 from __future__ import annotations
 
 import time
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import httpx
 import trio
 from redis_server import RedisServer
 from redis_support import server_config
-from support import connect, running_server
+from report_scenarios import the_match_a_report_records
+from support import Peer, connect, running_server
 
 from aleatoria.safety import Ban
 from aleatoria.store.redis import open_redis_store
@@ -41,6 +44,24 @@ async def test_blocks_and_bans_survive_a_restart(redis_server: RedisServer) -> N
             }
             refused = await http.get(f"http://127.0.0.1:{srv.port}/ws?userId=carol", headers=upgrade)
             assert (403, "banned\n") == (refused.status_code, refused.text)
+
+
+async def test_report_records_the_match_between_the_two(redis_server: RedisServer) -> None:
+    """``report_scenarios.the_match_a_report_records`` on two servers sharing one Redis:
+    alice and dave on one, bob and carol on the other (their matches with alice cross
+    instances; the record of a match that ended is kept in Redis, beside the match ids)."""
+    config = server_config(redis_server.url)
+    async with running_server(config) as one, running_server(config) as two:
+        where = {"alice": one, "dave": one, "bob": two, "carol": two}
+
+        def opened(user: str) -> AbstractAsyncContextManager[Peer]:
+            return connect(where[user], user)
+
+        async def reports() -> list[dict[str, Any]]:
+            async with open_redis_store(config, redis_server.url) as store:
+                return await store.safety.reports(50)
+
+        await the_match_a_report_records(opened, reports)
 
 
 async def test_redis_pick_respects_blocks_and_shadow_bans(redis_server: RedisServer) -> None:
