@@ -38,6 +38,7 @@ SERVER_TYPES = {
     m.WELCOME,
     m.MEMBER_JOINED,
     m.MEMBER_LEFT,
+    m.SEARCHING,
 }
 ERROR_CODES = {
     errors.NOT_IN_ROOM,
@@ -56,6 +57,14 @@ ERROR_CODES = {
 def test_every_message_type_is_documented(kind: str) -> None:
     """Each type the server reads or sends has its row (or example) in docs/protocol.md."""
     assert f"`{kind}`" in PROTOCOL
+
+
+def test_the_server_types_above_are_all_of_them() -> None:
+    """Every message type name in aleatoria.messages is a client type or in SERVER_TYPES, so
+    a new server type cannot miss its documentation."""
+    not_types = {m.SYSTEM, m.NO_PEER_TEXT, m.PEER_LEFT}
+    names = {v for k, v in vars(m).items() if k.isupper() and isinstance(v, str)} - not_types
+    assert names - m.CLIENT_TYPES == SERVER_TYPES
 
 
 def test_every_error_code_is_in_the_errors_table() -> None:
