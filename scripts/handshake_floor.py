@@ -3,21 +3,24 @@
 One task per connection, as Aleatoria has: read the request head, answer 101 with the
 accept token, then hold the connection until the client closes it; ``GET /health`` answers
 200 (the reference load generator polls it first). Nothing else: no routing, no session, no
-store. With ``--h11`` the head is parsed by h11, as Aleatoria parses it; without it, by
+store. With ``--h11`` the head is parsed by h11 (issue 18's floor: "as the brief fixes"), with
+``--httptools`` by httptools, as Aleatoria parses it since session 7; without either, by
 looking for the blank line and the key header. Drive it with the reference generator:
 
     taskset -c 0 python scripts/handshake_floor.py --port 8095 [--h11] & SP=$!
     taskset -c 1 loadgen conns --n 5000 --hold 1s --url ws://127.0.0.1:8095 --server-pid $SP
 
-and read ``srv CPU us/connect``. Usage: python scripts/handshake_floor.py --port P [--h11]
+and read ``srv CPU us/connect``. Usage: python scripts/handshake_floor.py --port P [--h11 | --httptools]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 
 import h11
+import httptools
 import trio
 from wsproto.utilities import generate_accept_token
 
@@ -49,7 +52,30 @@ def _h11_head(head: bytes) -> tuple[bytes, bytes]:
     return event.target, key
 
 
-async def _connection(sock: socket.socket, use_h11: bool) -> None:
+class _Headers:
+    def __init__(self) -> None:
+        self.url = b""
+        self.key = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"sec-websocket-key":
+            self.key = value.strip()
+
+
+def _httptools_head(head: bytes) -> tuple[bytes, bytes]:
+    headers = _Headers()
+    with contextlib.suppress(httptools.HttpParserUpgrade):  # the head ends at the upgrade
+        httptools.HttpRequestParser(headers).feed_data(head)
+    return headers.url, headers.key
+
+
+_PARSERS = {"raw": _raw_head, "h11": _h11_head, "httptools": _httptools_head}
+
+
+async def _connection(sock: socket.socket, parser: str) -> None:
     with sock:
         head = b""
         while b"\r\n\r\n" not in head:
@@ -61,7 +87,7 @@ async def _connection(sock: socket.socket, use_h11: bool) -> None:
             if not data:
                 return
             head += data
-        target, key = (_h11_head if use_h11 else _raw_head)(head)
+        target, key = _PARSERS[parser](head)
         if target.startswith(b"/health"):
             sock.send(_HEALTH)
             return
@@ -77,7 +103,7 @@ async def _connection(sock: socket.socket, use_h11: bool) -> None:
                 return
 
 
-async def _serve(port: int, use_h11: bool) -> None:
+async def _serve(port: int, parser: str) -> None:
     listener = socket.create_server(("127.0.0.1", port), backlog=4096)
     listener.setblocking(False)
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -90,15 +116,17 @@ async def _serve(port: int, use_h11: bool) -> None:
                 except BlockingIOError:
                     break
                 sock.setblocking(False)
-                nursery.start_soon(_connection, sock, use_h11)
+                nursery.start_soon(_connection, sock, parser)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, default=8095)
-    parser.add_argument("--h11", action="store_true", help="parse request heads with h11")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--h11", action="store_true", help="parse request heads with h11")
+    which.add_argument("--httptools", action="store_true", help="parse request heads with httptools")
     args = parser.parse_args()
-    trio.run(_serve, args.port, args.h11)
+    trio.run(_serve, args.port, "h11" if args.h11 else "httptools" if args.httptools else "raw")
 
 
 if __name__ == "__main__":
