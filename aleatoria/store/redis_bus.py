@@ -22,9 +22,15 @@ How this works.
   backoff) and resubscribed everything. Callers deliver locally while it is down.
 - Stalls. Redis that hangs (no error, no reply) is noticed by the store only after a call
   timeout (2 s by default); live chat must not wait that long. A watchdog declares the bus
-  stalled when a publish has waited ``STALL_SECONDS``: queued and in-flight publishes are
-  reported failed (callers deliver locally) and new ones are not made until a pipeline
-  returns or the store recovers.
+  stalled when the writer's pipeline has been in flight for ``STALL_SECONDS`` with publishes
+  in it or waiting behind it: queued and in-flight publishes are reported failed (callers
+  deliver locally) and new ones are not made until a pipeline returns or the store
+  recovers. Only a pipeline in flight counts: its return, or its failure (the store
+  degrades, then recovers), is what ends the stall. Publishes that only wait for the writer
+  task to run (the event loop busy, nothing sent to Redis yet) are no stall: failed, they
+  would leave nothing queued -- nobody publishes on a stalled bus -- so no pipeline would
+  ever return to end it, and this instance would reach no user elsewhere again (issue 14:
+  matches and timeouts of the search queue given up).
 - Delivered once. This instance's own room messages are followed from publish to delivery
   (``redis_echo``): whichever comes first -- the pub/sub copy, or giving up on the publish
   (a stall, a failed pipeline, the subscription lost) -- delivers it to the local members,
@@ -129,8 +135,10 @@ class RedisBus:
         self.reconnects = 0
         self.stalls = 0
         self.stalled = False
+        # The publishes in the writer's pipeline in flight, and when that pipeline was started
+        # (None: no pipeline in flight; see "Stalls" above).
         self._inflight: list[Outgoing] = []
-        self._inflight_since: float | None = None
+        self._pipeline_since: float | None = None
         self.echoes = Echoes(grace=ECHO_GRACE, limit=_ECHO_LIMIT)
         # A room channel's name as Redis sends it -> its room (decoded once, not per message).
         self._rooms_by_channel: dict[bytes, str] = {}
@@ -231,15 +239,14 @@ class RedisBus:
 
     def take(self, limit: int, upto: int) -> list[Outgoing]:
         """Up to ``limit`` queued publishes, oldest first, that wait for no history entry past
-        ``upto`` (the writer's mark of its batch): for the writer's pipeline. They are in
-        flight until ``settle``."""
+        ``upto`` (the writer's mark of its batch): for the writer's pipeline, which starts now
+        (with or without publishes) and is in flight until ``settle``."""
         outbox = self.outbox
         items: list[Outgoing] = []
         while outbox and len(items) < limit and outbox[0].after <= upto:
             items.append(outbox.popleft())
-        if items:
-            self._inflight = items
-            self._inflight_since = trio.current_time()
+        self._inflight = items
+        self._pipeline_since = trio.current_time()
         return items
 
     def add_to_pipeline(self, command: Command, items: list[Outgoing], route_sha: str) -> None:
@@ -266,9 +273,9 @@ class RedisBus:
     def settle(self, items: list[Outgoing], replies: list[Any] | None) -> None:
         """The writer's pipeline returned (trio thread): report each item's outcome, a count,
         or None for all when the pipeline failed. A pipeline that returned ends a stall."""
-        if items and items is self._inflight:
+        if items is self._inflight:
             self._inflight = []
-            self._inflight_since = None
+            self._pipeline_since = None
         if replies is not None and self.stalled:
             self.stalled = False
             log.info("event=bus_stall_over instance=%s", self.instance)
@@ -309,11 +316,13 @@ class RedisBus:
         while True:
             await trio.sleep(_WATCH_EVERY)
             self.echoes.expire(trio.current_time())
-            oldest = self._inflight_since
-            if self.outbox:
-                first = self.outbox[0].queued_at
-                oldest = first if oldest is None else min(oldest, first)
-            if oldest is not None and trio.current_time() - oldest > STALL_SECONDS and not self.stalled:
+            since = self._pipeline_since  # None: Redis is not keeping anything waiting
+            if (
+                since is not None
+                and trio.current_time() - since > STALL_SECONDS
+                and (self._inflight or self.outbox)
+                and not self.stalled
+            ):
                 self._stall()
 
     def _stall(self) -> None:
