@@ -95,6 +95,9 @@ class Outgoing:
     message: bytes
     done: Callable[[int | None], None] | None = None  # subscribers reached; None = failed
     sender: str = ""  # ROUTE: refused (0) if the user is in a live match with someone else
+    # ROUTE: its caller waits for Redis' answer, so a stall does not give it up once it is in
+    # a pipeline (``route_wait``).
+    patient: bool = False
     echo: Echo | None = None  # a room message of this instance (then ``done`` is in it)
     queued_at: float = attrs.Factory(trio.current_time)
     after: int = 0  # the writer's history mark when queued: those entries go first
@@ -176,11 +179,17 @@ class RedisBus:
     def route(self, user: str, message: bytes, done: Callable[[int | None], None] | None = None) -> bool:
         return self._queue(Outgoing(ROUTE, user, message, done))
 
-    async def route_wait(self, user: str, message: bytes, sender: str = "") -> int | None:
+    async def route_wait(
+        self, user: str, message: bytes, sender: str = "", *, patient: bool = False
+    ) -> int | None:
         """Route ``message`` to ``user``'s instance and wait for the outcome: how many
-        subscribers got it (0: offline, or -- given ``sender`` -- in a live match with
-        someone else), None if Redis failed or the outbox is full.
-        Cancellation: the message may still be sent."""
+        subscribers got it (-1: the user is offline everywhere; 0: its instance cannot be
+        reached now, or -- given ``sender`` -- the user is in a live match with someone
+        else), None if Redis failed, the outbox is full or the bus stalled. ``patient``: once
+        the message is in a pipeline, a stall does not end the wait (the pipeline's answer
+        does, or its failure after the call timeout): a caller that retries on None then
+        never sends again what Redis did publish. Cancellation: the message may still be
+        sent."""
         result: list[int | None] = []
         arrived = trio.Event()
 
@@ -188,7 +197,7 @@ class RedisBus:
             result.append(value)
             arrived.set()
 
-        if not self._queue(Outgoing(ROUTE, user, message, done, sender=sender)):
+        if not self._queue(Outgoing(ROUTE, user, message, done, sender=sender, patient=patient)):
             return None
         await arrived.wait()
         return result[0]
@@ -334,7 +343,8 @@ class RedisBus:
             STALL_SECONDS,
         )
         for item in self._inflight:  # still in flight: the pipeline's outcome comes later
-            self._give_up(item, sent=True)
+            if not item.patient:
+                self._give_up(item, sent=True)
         self.fail_all()
 
     # -- subscriptions (trio thread) ------------------------------------------------------
