@@ -166,13 +166,13 @@ class Router:
         it (stalled, Redis failing, or the user's instance not subscribed at that moment), try
         again every ``pause`` seconds for ``window`` seconds. Whether it was handed over.
 
-        Each attempt waits for Redis' answer once its publish is in a pipeline (a stall does
-        not cut it short: ``route_wait``'s ``patient``), so a frame Redis published is not
-        sent again. A frame sent again after a failed pipeline may still arrive twice (the
-        same ``assign_role``, which clients take as a repeat). A user offline everywhere is
-        not waited for: its session is over (its match ended and its search left with it),
-        and a later connection is another session, which the frame must not reach (issue
-        14: a new search answered by an old match or timeout)."""
+        Each attempt waits for Redis' answer (a stall does not cut it short: ``route_wait``'s
+        ``patient``), so a frame Redis published is not sent again. A frame sent again after
+        a failed pipeline may still arrive twice (the same ``assign_role``, which clients take
+        as a repeat). A user offline everywhere is not waited for: its session is over (its
+        match ended and its search left with it), and a later connection is another session,
+        which the frame must not reach (issue 14: a new search answered by an old match or
+        timeout)."""
         attempts = max(1, math.ceil(window / pause) + 1)
         for attempt in range(attempts):
             if self.hub.deliver(user, text_frame(data), kind):

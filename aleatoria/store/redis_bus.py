@@ -186,10 +186,10 @@ class RedisBus:
         subscribers got it (-1: the user is offline everywhere; 0: its instance cannot be
         reached now, or -- given ``sender`` -- the user is in a live match with someone
         else), None if Redis failed, the outbox is full or the bus stalled. ``patient``: once
-        the message is in a pipeline, a stall does not end the wait (the pipeline's answer
-        does, or its failure after the call timeout): a caller that retries on None then
-        never sends again what Redis did publish. Cancellation: the message may still be
-        sent."""
+        the message is queued, a stall does not end the wait (it stays queued, and the
+        pipeline's answer ends it, or Redis failing): a caller that retries on None then never
+        sends again what Redis did publish, nor sends late what a stall dropped (by then its
+        user may be on a new connection). Cancellation: the message may still be sent."""
         result: list[int | None] = []
         arrived = trio.Event()
 
@@ -345,7 +345,14 @@ class RedisBus:
         for item in self._inflight:  # still in flight: the pipeline's outcome comes later
             if not item.patient:
                 self._give_up(item, sent=True)
-        self.fail_all()
+        # Patient routes stay queued, in order: their callers wait for Redis' answer, which
+        # the next pipeline brings (``route_wait``).
+        queued, self.outbox = self.outbox, deque()
+        for item in queued:
+            if item.patient:
+                self.outbox.append(item)
+            else:
+                self._give_up(item, sent=False)
 
     # -- subscriptions (trio thread) ------------------------------------------------------
 

@@ -277,12 +277,20 @@ async def test_search_storm_on_three_instances(shared_redis: str, request: pytes
     # Defects found here, all fixed: announcements lost to bus stalls (now retried,
     # ``Router.send_surely``, and delivered once), and a searcher that still had a pool entry
     # being taken as a pooled candidate, its interestsOnly ignored (now a queued user is never
-    # a pooled candidate nor an immediate pick).
+    # a pooled candidate nor an immediate pick). Issue 14, on the Cluster: tens of searchers
+    # heard ``searching`` and then nothing -- a bus stall declared while no pipeline was in
+    # flight never ended, and that instance's announcements to other instances were given up
+    # (fixed: ``test_bus_stall_ends``); old announcements sent again after stalls or while
+    # their user was between connections answered new searches (made rarer:
+    # ``test_announce_once``).
     if "+cluster://" in shared_redis:
-        # Open defect (issue 14): on the Cluster, some clean-clone CI runs end with tens of
-        # searchers that heard ``searching`` and then nothing (no match, no timeout) for a
-        # minute; the single Redis and memory mode pass. Not strict until it is found.
-        request.applymarker(pytest.mark.xfail(reason="Cluster: searchers left unanswered", strict=False))
+        # Still open (issue 14): on the Cluster (bus stalls every second or so on 2 cores),
+        # about one run in three ends with a match one side "never heard" (two matches
+        # resolved against one cancelled search) or a searcher "passed over" by a late
+        # announcement of an old match reaching its next connection. No hang since the fix.
+        request.applymarker(
+            pytest.mark.xfail(reason="Cluster: rare never-heard/passed-over (issue 14)", strict=False)
+        )
     async with instances(shared_redis, 3, **TIMINGS) as ports:
         await run_storm(ports, 14)
 
