@@ -156,7 +156,7 @@ class Router:
         if self.bus is None or not self.remote:
             return False
         reached = await self.bus.route_wait(user, user_envelope(user, kind, data, *extra), sender)
-        return bool(reached)
+        return reached is not None and reached > 0
 
     async def send_surely(
         self, user: str, data: bytes, kind: str, *extra: str, window: float = 3.0, pause: float = 0.25
@@ -164,9 +164,15 @@ class Router:
         """``send``, for a frame that must not be lost to a passing bus outage (the search
         queue's ``assign_role``: nobody else will tell the user): while the bus cannot carry
         it (stalled, Redis failing, or the user's instance not subscribed at that moment), try
-        again every ``pause`` seconds for ``window`` seconds. Whether it was handed over. A
-        frame that Redis published after all and that is sent again arrives twice (the same
-        ``assign_role``, which clients take as a repeat)."""
+        again every ``pause`` seconds for ``window`` seconds. Whether it was handed over.
+
+        Each attempt waits for Redis' answer (a stall does not cut it short: ``route_wait``'s
+        ``patient``), so a frame Redis published is not sent again. A frame sent again after
+        a failed pipeline may still arrive twice (the same ``assign_role``, which clients take
+        as a repeat). A user offline everywhere is not waited for: its session is over (its
+        match ended and its search left with it), and a later connection is another session,
+        which the frame must not reach (issue 14: a new search answered by an old match or
+        timeout)."""
         attempts = max(1, math.ceil(window / pause) + 1)
         for attempt in range(attempts):
             if self.hub.deliver(user, text_frame(data), kind):
@@ -174,9 +180,12 @@ class Router:
             if self.bus is None:
                 return False  # one instance: not connected here is not connected
             if self.remote:
-                reached = await self.bus.route_wait(user, user_envelope(user, kind, data, *extra))
-                if reached:
+                envelope = user_envelope(user, kind, data, *extra)
+                reached = await self.bus.route_wait(user, envelope, patient=True)
+                if reached is not None and reached > 0:
                     return True
+                if reached is not None and reached < 0:
+                    return False  # offline everywhere: nobody to tell
             if attempt + 1 < attempts:
                 await trio.sleep(pause)
         log.warning("event=delivery_given_up user=%s type=%s attempts=%d", user, kind, attempts)

@@ -22,9 +22,15 @@ How this works.
   backoff) and resubscribed everything. Callers deliver locally while it is down.
 - Stalls. Redis that hangs (no error, no reply) is noticed by the store only after a call
   timeout (2 s by default); live chat must not wait that long. A watchdog declares the bus
-  stalled when a publish has waited ``STALL_SECONDS``: queued and in-flight publishes are
-  reported failed (callers deliver locally) and new ones are not made until a pipeline
-  returns or the store recovers.
+  stalled when the writer's pipeline has been in flight for ``STALL_SECONDS`` with publishes
+  in it or waiting behind it: queued and in-flight publishes are reported failed (callers
+  deliver locally) and new ones are not made until a pipeline returns or the store
+  recovers. Only a pipeline in flight counts: its return, or its failure (the store
+  degrades, then recovers), is what ends the stall. Publishes that only wait for the writer
+  task to run (the event loop busy, nothing sent to Redis yet) are no stall: failed, they
+  would leave nothing queued -- nobody publishes on a stalled bus -- so no pipeline would
+  ever return to end it, and this instance would reach no user elsewhere again (issue 14:
+  matches and timeouts of the search queue given up).
 - Delivered once. This instance's own room messages are followed from publish to delivery
   (``redis_echo``): whichever comes first -- the pub/sub copy, or giving up on the publish
   (a stall, a failed pipeline, the subscription lost) -- delivers it to the local members,
@@ -89,6 +95,9 @@ class Outgoing:
     message: bytes
     done: Callable[[int | None], None] | None = None  # subscribers reached; None = failed
     sender: str = ""  # ROUTE: refused (0) if the user is in a live match with someone else
+    # ROUTE: its caller waits for Redis' answer, so a stall does not give it up once it is in
+    # a pipeline (``route_wait``).
+    patient: bool = False
     echo: Echo | None = None  # a room message of this instance (then ``done`` is in it)
     queued_at: float = attrs.Factory(trio.current_time)
     after: int = 0  # the writer's history mark when queued: those entries go first
@@ -129,8 +138,10 @@ class RedisBus:
         self.reconnects = 0
         self.stalls = 0
         self.stalled = False
+        # The publishes in the writer's pipeline in flight, and when that pipeline was started
+        # (None: no pipeline in flight; see "Stalls" above).
         self._inflight: list[Outgoing] = []
-        self._inflight_since: float | None = None
+        self._pipeline_since: float | None = None
         self.echoes = Echoes(grace=ECHO_GRACE, limit=_ECHO_LIMIT)
         # A room channel's name as Redis sends it -> its room (decoded once, not per message).
         self._rooms_by_channel: dict[bytes, str] = {}
@@ -168,11 +179,17 @@ class RedisBus:
     def route(self, user: str, message: bytes, done: Callable[[int | None], None] | None = None) -> bool:
         return self._queue(Outgoing(ROUTE, user, message, done))
 
-    async def route_wait(self, user: str, message: bytes, sender: str = "") -> int | None:
+    async def route_wait(
+        self, user: str, message: bytes, sender: str = "", *, patient: bool = False
+    ) -> int | None:
         """Route ``message`` to ``user``'s instance and wait for the outcome: how many
-        subscribers got it (0: offline, or -- given ``sender`` -- in a live match with
-        someone else), None if Redis failed or the outbox is full.
-        Cancellation: the message may still be sent."""
+        subscribers got it (-1: the user is offline everywhere; 0: its instance cannot be
+        reached now, or -- given ``sender`` -- the user is in a live match with someone
+        else), None if Redis failed, the outbox is full or the bus stalled. ``patient``: once
+        the message is queued, a stall does not end the wait (it stays queued, and the
+        pipeline's answer ends it, or Redis failing): a caller that retries on None then never
+        sends again what Redis did publish, nor sends late what a stall dropped (by then its
+        user may be on a new connection). Cancellation: the message may still be sent."""
         result: list[int | None] = []
         arrived = trio.Event()
 
@@ -180,7 +197,7 @@ class RedisBus:
             result.append(value)
             arrived.set()
 
-        if not self._queue(Outgoing(ROUTE, user, message, done, sender=sender)):
+        if not self._queue(Outgoing(ROUTE, user, message, done, sender=sender, patient=patient)):
             return None
         await arrived.wait()
         return result[0]
@@ -231,15 +248,14 @@ class RedisBus:
 
     def take(self, limit: int, upto: int) -> list[Outgoing]:
         """Up to ``limit`` queued publishes, oldest first, that wait for no history entry past
-        ``upto`` (the writer's mark of its batch): for the writer's pipeline. They are in
-        flight until ``settle``."""
+        ``upto`` (the writer's mark of its batch): for the writer's pipeline, which starts now
+        (with or without publishes) and is in flight until ``settle``."""
         outbox = self.outbox
         items: list[Outgoing] = []
         while outbox and len(items) < limit and outbox[0].after <= upto:
             items.append(outbox.popleft())
-        if items:
-            self._inflight = items
-            self._inflight_since = trio.current_time()
+        self._inflight = items
+        self._pipeline_since = trio.current_time()
         return items
 
     def add_to_pipeline(self, command: Command, items: list[Outgoing], route_sha: str) -> None:
@@ -266,9 +282,9 @@ class RedisBus:
     def settle(self, items: list[Outgoing], replies: list[Any] | None) -> None:
         """The writer's pipeline returned (trio thread): report each item's outcome, a count,
         or None for all when the pipeline failed. A pipeline that returned ends a stall."""
-        if items and items is self._inflight:
+        if items is self._inflight:
             self._inflight = []
-            self._inflight_since = None
+            self._pipeline_since = None
         if replies is not None and self.stalled:
             self.stalled = False
             log.info("event=bus_stall_over instance=%s", self.instance)
@@ -309,11 +325,13 @@ class RedisBus:
         while True:
             await trio.sleep(_WATCH_EVERY)
             self.echoes.expire(trio.current_time())
-            oldest = self._inflight_since
-            if self.outbox:
-                first = self.outbox[0].queued_at
-                oldest = first if oldest is None else min(oldest, first)
-            if oldest is not None and trio.current_time() - oldest > STALL_SECONDS and not self.stalled:
+            since = self._pipeline_since  # None: Redis is not keeping anything waiting
+            if (
+                since is not None
+                and trio.current_time() - since > STALL_SECONDS
+                and (self._inflight or self.outbox)
+                and not self.stalled
+            ):
                 self._stall()
 
     def _stall(self) -> None:
@@ -325,8 +343,16 @@ class RedisBus:
             STALL_SECONDS,
         )
         for item in self._inflight:  # still in flight: the pipeline's outcome comes later
-            self._give_up(item, sent=True)
-        self.fail_all()
+            if not item.patient:
+                self._give_up(item, sent=True)
+        # Patient routes stay queued, in order: their callers wait for Redis' answer, which
+        # the next pipeline brings (``route_wait``).
+        queued, self.outbox = self.outbox, deque()
+        for item in queued:
+            if item.patient:
+                self.outbox.append(item)
+            else:
+                self._give_up(item, sent=False)
 
     # -- subscriptions (trio thread) ------------------------------------------------------
 

@@ -147,14 +147,15 @@ return {reaped, gone, ended}
 
 # KEYS: presence, instances, matches. ARGV: user, message, instance channel prefix, publish
 # command (PUBLISH, or SPUBLISH on a cluster), sender ('' = any). Returns the number of
-# subscribers that got it: 0 when the user is offline, its instance's heartbeat expired,
-# nobody listens on its channel, or -- with a sender -- the user is in a live match with
-# someone else (call signaling is not hijacked: PROTOCOL.md section 16). PUBLISH's own count
+# subscribers that got it: -1 when the user is offline (no presence: its session is over);
+# 0 when its instance's heartbeat expired, nobody listens on its channel, or -- with a
+# sender -- the user is in a live match with someone else (call signaling is not hijacked:
+# PROTOCOL.md section 16). PUBLISH's own count
 # stands in for the liveness check's subscriber test: this script runs for every frame
 # routed to another instance, so it is kept short.
 ROUTE = """
 local value = redis.call('HGET', KEYS[1], ARGV[1])
-if not value then return 0 end
+if not value then return -1 end
 if ARGV[5] ~= '' then
   local match = redis.call('HGET', KEYS[3], ARGV[1])
   if match then
