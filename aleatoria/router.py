@@ -147,6 +147,11 @@ class Router:
         elif self.bus is not None and self.remote:
             self.bus.route(user, user_envelope(user, kind, data))
 
+    def send_here(self, user: str, data: bytes, kind: str) -> bool:
+        """Deliver ``data`` to ``user`` if it is connected to this instance; whether it was.
+        (``send_checked``'s first step, without a coroutine: most signals end here.)"""
+        return self.hub.deliver(user, text_frame(data), kind)
+
     async def send_checked(self, user: str, data: bytes, kind: str, *extra: str, sender: str = "") -> bool:
         """``send``, and whether ``user`` is online (here, or on a live instance). Given a
         ``sender``, a user on another instance who is in a live match with someone else

@@ -113,9 +113,15 @@ class Session:
             while True:  # ``run``, inline: this is every message's path
                 for effect in step.effects:
                     self._apply(effect)
-                if step.call is None or step.then is None:
+                call, then = step.call, step.then
+                if call is None or then is None:
                     break
-                step = step.then(await self._perform(step.call))
+                # A signal to a user connected here is delivered without a coroutine (what
+                # ``_perform`` would await returns at once): most of a call's messages.
+                if type(call) is core.Relay and self._router.send_here(call.to, call.data, call.kind):
+                    step = then(True)
+                    continue
+                step = then(await self._perform(call))
         except ClientError as exc:
             self._refused(exc)
 
