@@ -17,10 +17,9 @@ for every receiver, like a chat message.
 from __future__ import annotations
 
 from aleatoria import messages as m
-from aleatoria.codec import encode
+from aleatoria.codec import encode_reply
 from aleatoria.frames import text_frame
 from aleatoria.hub import Hub
-from aleatoria.messages import Envelope
 from aleatoria.store.base import Bus
 
 LEVEL2_ITEM = 0x32  # b"2"[0]: the first byte of a level-2 room item on the bus
@@ -28,11 +27,7 @@ LEVEL2_ITEM = 0x32  # b"2"[0]: the first byte of a level-2 room item on the bus
 
 def member_frame(kind: str, room: str, user: str, to: str) -> bytes:
     """The JSON of ``member_joined``/``member_left`` about ``user`` in ``room``, for ``to``."""
-    return encode(
-        Envelope(
-            type=kind, from_user=m.SYSTEM, to_user=to, room=room, payload=m.MemberEvent(room=room, user=user)
-        )
-    )
+    return encode_reply(kind, to, m.MemberEvent(room=room, user=user), room)
 
 
 class Presence:

@@ -156,7 +156,7 @@ class Router:
         """``send``, and whether ``user`` is online (here, or on a live instance). Given a
         ``sender``, a user on another instance who is in a live match with someone else
         counts as offline (the Redis route checks: calls are not hijacked)."""
-        if self.hub.deliver(user, text_frame(data), kind):
+        if self.send_here(user, data, kind):
             return True
         if self.bus is None or not self.remote:
             return False
@@ -180,7 +180,7 @@ class Router:
         timeout)."""
         attempts = max(1, math.ceil(window / pause) + 1)
         for attempt in range(attempts):
-            if self.hub.deliver(user, text_frame(data), kind):
+            if self.send_here(user, data, kind):
                 return True
             if self.bus is None:
                 return False  # one instance: not connected here is not connected

@@ -28,10 +28,9 @@ from functools import partial
 import trio
 
 from aleatoria import messages as m
-from aleatoria.codec import encode
+from aleatoria.codec import encode_reply
 from aleatoria.core import match_frames
 from aleatoria.ice import IcePolicy
-from aleatoria.messages import Envelope
 from aleatoria.metrics import Stats
 from aleatoria.router import Router
 from aleatoria.search import SearchEvents
@@ -87,14 +86,7 @@ def announce(
         )
     for user in events.timeouts:
         stats.search_timeouts += 1
-        data = encode(
-            Envelope(
-                type=m.NO_PEER_AVAILABLE,
-                from_user=m.SYSTEM,
-                to_user=user,
-                payload=m.NoPeer(message=m.NO_PEER_TEXT),
-            )
-        )
+        data = encode_reply(m.NO_PEER_AVAILABLE, user, m.NoPeer(message=m.NO_PEER_TEXT))
         _tell(router, retries, retry, user, data, m.NO_PEER_AVAILABLE)
 
 

@@ -165,6 +165,7 @@ _REPLY_PAYLOADS = (
     | st.builds(m.RoomAction, room=_TEXT, action=st.sampled_from(["joined", "left"]))
     | st.builds(m.ErrorPayload, error=_TEXT, code=_TEXT)
     | st.builds(m.NoPeer, message=_TEXT)
+    | st.builds(m.MemberEvent, room=_TEXT, user=_TEXT)
     | st.builds(m.RoomsList, rooms=st.lists(_TEXT, max_size=3))
     | st.dictionaries(_TEXT, _TEXT, max_size=2)
 )
