@@ -73,6 +73,11 @@ class Storm:
                 conn.client = client
                 await client.send({"type": "user_available_webrtc"})
                 if close_early:
+                    # Closed only once the server has started this session (it reads nothing
+                    # before): by then it has replaced the user's earlier connections, here
+                    # or (through Redis) elsewhere, so its effects belong to this storm.
+                    await client.send({"type": "ping"})
+                    await client.expect("pong", skip=True)
                     conn.closed_by_client = True
                     return
                 while True:
@@ -155,7 +160,7 @@ async def _one_storm(ports: list[int], seed: int, redis_url: str | None) -> None
         await trio.testing.wait_all_tasks_blocked()
         go.set()
         try:
-            await storm.wait_for(storm.settled)
+            await _settle(storm, redis_url)
         except trio.TooSlowError:
             pytest.fail(f"not settled: {storm.unsettled()}")
 
@@ -212,6 +217,35 @@ async def _one_storm(ports: list[int], seed: int, redis_url: str | None) -> None
                 while reply["type"] not in ("assign_role", "no_peer_available"):
                     reply = await probe.recv()
                 assert "no_peer_available" == reply["type"], reply
+
+
+async def _settle(storm: Storm, redis_url: str | None, timeout: float = 15.0) -> None:
+    """Wait until the clients have settled and the servers agree with them. A connection
+    closed at once may still have replaced an earlier one through Redis: the eviction is in
+    flight while every client looks settled. The servers show it: an instance still counts
+    a session its client no longer has, or presence names nobody for a user whose session
+    is still live (the late connection registered, then left)."""
+    with trio.fail_after(timeout):
+        while True:
+            await storm.wait_for(storm.settled, timeout)
+            if await _servers_agree(storm, redis_url):
+                return
+            with trio.move_on_after(0.05):  # the endpoints have no push channel
+                await storm.changed.wait()
+
+
+async def _servers_agree(storm: Storm, redis_url: str | None) -> bool:
+    live = storm.live()
+    for port in storm.ports:
+        health = await get_json(port, "/health")
+        if health["connections"] != sum(c.port == port for c in live):
+            return False
+    if redis_url is not None:
+        with redis_client(redis_url) as r:
+            present = {u.decode() for u in r.hkeys(PRESENCE)}
+        if present & set(storm.conns) != {c.user for c in live}:
+            return False
+    return True
 
 
 async def _leftovers(ports: list[int]) -> list[str]:
