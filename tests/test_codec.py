@@ -73,6 +73,16 @@ def test_64_bit_integers_survive_exactly(number: int) -> None:
     assert number == loads(dumps(loads(frame)))["y"]
 
 
+@pytest.mark.parametrize(
+    "text", ["-" * 40, "2026-12-03-" * 4, "12345678901234567890", "-1234567890123456789"]
+)
+def test_digit_and_dash_runs_in_strings_are_text(text: str) -> None:
+    # Such runs send the frame to the exact parser (a minus counts as a digit there): it
+    # reads them as the strings they are, and the numbers beside them exactly.
+    frame = '{"type":"chat_message","payload":{"content":"' + text + '","n":-9223372036854775808}}'
+    assert {"type": "chat_message", "payload": {"content": text, "n": -(2**63)}} == loads(frame)
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),

@@ -46,7 +46,6 @@ How this works.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -63,7 +62,7 @@ from redis.commands.core import Script
 
 from aleatoria.config import Config
 from aleatoria.errors import StoreUnavailable
-from aleatoria.matchmaking import IMPOLITE, RequestOutcome
+from aleatoria.matchmaking import IMPOLITE, RequestOutcome, new_match_id
 from aleatoria.search import NO_PROFILE, Match, Profile, SearchEvents, SearchOutcome
 from aleatoria.store.base import Bus, Counts, Health, StoreEvents, Takeover, Whereabouts
 from aleatoria.store.memory import dm_key, microsecond_end, new_instance_id
@@ -755,7 +754,7 @@ def _srem_pool(r: redis.Redis, *, user: str) -> object:
 
 def _token() -> str:
     """A new match id (scripts that make several add ``-2``, ``-3``, ...)."""
-    return os.urandom(8).hex()
+    return new_match_id()
 
 
 def _interests(values: Any, index: int) -> tuple[str, ...]:
