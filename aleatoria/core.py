@@ -589,7 +589,9 @@ def new_partner(to: str, facts: Facts) -> RememberPartner | None:
 # signaling and matches
 
 
-def _signal(request: Signal, facts: Facts) -> Step:
+def signal_frame(request: Signal, facts: Facts) -> bytes | None:
+    """The frame a call signal relays to its target (the rules of who may signal whom), or
+    None when it is dropped in silence. Raises ClientError."""
     to = request.to_user
     # A user in a live match hears call signaling from its match peer only (no hijack:
     # PROTOCOL.md section 16). The store knows the matches of this instance's users; the
@@ -598,23 +600,33 @@ def _signal(request: Signal, facts: Facts) -> Step:
     if (peer is not None and peer != facts.user) or to in facts.blocked_by:
         raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
     if facts.shadow and peer != facts.user:
-        return DONE  # a shadow-banned user reaches its match peer alone; the rest is dropped
+        return None  # a shadow-banned user reaches its match peer alone; the rest is dropped
     payload = request.payload
     if facts.rules.ice.relay_only:
         # Privacy mode (PROTOCOL.md section 14): no address but a TURN server's reaches the
         # peer. A dropped candidate is not an error: the sender's client did nothing wrong.
         scrubbed = scrub_signal(request.kind, payload)
         if not scrubbed.keep:
-            return DONE
+            return None
         payload = scrubbed.payload
     message_id = request.message_id or facts.new_id()
-    data = encode_relayed(request.kind, facts.user, to, None, payload, message_id, facts.clock()[1])
+    return encode_relayed(request.kind, facts.user, to, None, payload, message_id, facts.clock()[1])
+
+
+def relay_signal(request: Signal, data: bytes, facts: Facts) -> Step:
+    """Relay ``data``, ``request``'s frame (``signal_frame``); a hangup ends the match first."""
+    to = request.to_user
     # A hangup's header names the sender: the peer's instance ends the match it mirrors.
     extra = (facts.user,) if request.kind == m.HANGUP else ()
     relay = _after(Relay(to, data, request.kind, extra), lambda reached: _delivered(reached, to))
     if request.kind == m.HANGUP:
         return _after(Hangup(to), lambda _: relay)
     return relay
+
+
+def _signal(request: Signal, facts: Facts) -> Step:
+    data = signal_frame(request, facts)
+    return DONE if data is None else relay_signal(request, data, facts)
 
 
 def _delivered(reached: bool, to: str) -> Step:

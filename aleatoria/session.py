@@ -32,6 +32,7 @@ from aleatoria.requests import (
     Limits,
     PoolThenRequest,
     RequestRandomPeer,
+    Signal,
     UserAvailable,
     parse,
 )
@@ -109,7 +110,17 @@ class Session:
                 if joined is None:
                     return
                 request = joined
-            step = core.handle(request, self.facts(moment))
+            if type(request) is Signal and request.kind != m.HANGUP:
+                # Most of a call's messages: the core makes the frame, and a peer connected
+                # here gets it at once, with no step to build or run (``relay_signal`` is
+                # the rest of ``core.handle``'s answer, for a peer elsewhere).
+                facts = self.facts(moment)
+                data = core.signal_frame(request, facts)
+                if data is None or self._router.send_here(request.to_user, data, request.kind):
+                    return
+                step = core.relay_signal(request, data, facts)
+            else:
+                step = core.handle(request, self.facts(moment))
             while True:  # ``run``, inline: this is every message's path
                 for effect in step.effects:
                     self._apply(effect)
