@@ -551,21 +551,45 @@ def _chat_to_room(request: ChatToRoom, facts: Facts) -> Step:
     return _after(Broadcast(request.room, data), _nothing, RecordRoom(request.room, data, created_ns))
 
 
-def _chat_to_user(request: ChatToUser, facts: Facts) -> Step:
+class DirectMessage(NamedTuple):
+    """A DM's frames: ``stored`` (history, no ``incoming``), the sender's ``own`` copy and
+    the recipient's ``incoming`` one; None for a shadow-banned sender, whose message is
+    neither stored nor delivered (its own copy comes back as if it had been)."""
+
+    to: str
+    remember: RememberPartner | None
+    stored: bytes
+    created_ns: int
+    own: bytes
+    incoming: bytes | None
+
+
+def direct_message(request: ChatToUser, facts: Facts) -> DirectMessage:
+    """The rules of a DM and its frames (``_chat_to_user`` makes them a step; a session
+    with the memory store applies them directly). Raises ClientError."""
     to = request.to_user
     if to in facts.blocked_by:
         raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
     remember = new_partner(to, facts)
     data, created_ns = _chat_message(facts, request.payload, request.message_id, None, to)
-    if facts.shadow:  # its own copy alone, as if delivered; nothing stored
-        own = Deliver(facts.user, data[:-1] + b',"incoming":false}', m.CHAT_MESSAGE)
-        return _done(own) if remember is None else _done(remember, own)
     # The stored form has no ``incoming``; each side's copy adds its own. orjson always ends
     # an object with "}", so the flag is spliced in rather than encoded twice more.
     head = data[:-1]
-    record = RecordDirect(to, data, created_ns, head + b',"incoming":false}')
-    deliver = Deliver(to, head + b',"incoming":true}', m.CHAT_MESSAGE)
-    return Step((record, deliver) if remember is None else (remember, record, deliver))
+    own = head + b',"incoming":false}'
+    if facts.shadow:
+        return DirectMessage(to, remember, data, created_ns, own, None)
+    return DirectMessage(to, remember, data, created_ns, own, head + b',"incoming":true}')
+
+
+def _chat_to_user(request: ChatToUser, facts: Facts) -> Step:
+    dm = direct_message(request, facts)
+    effects: list[Effect] = [] if dm.remember is None else [dm.remember]
+    if dm.incoming is None:  # shadow-banned: its own copy alone, as if delivered
+        effects.append(Deliver(facts.user, dm.own, m.CHAT_MESSAGE))
+    else:
+        effects.append(RecordDirect(dm.to, dm.stored, dm.created_ns, dm.own))
+        effects.append(Deliver(dm.to, dm.incoming, m.CHAT_MESSAGE))
+    return Step(tuple(effects))
 
 
 def new_partner(to: str, facts: Facts) -> RememberPartner | None:

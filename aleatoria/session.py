@@ -28,6 +28,7 @@ from aleatoria.hub import Client
 from aleatoria.messages import Envelope
 from aleatoria.moderation import Moderation
 from aleatoria.requests import (
+    ChatToUser,
     ClientMessage,
     Limits,
     PoolThenRequest,
@@ -119,6 +120,20 @@ class Session:
                 if data is None or self._router.send_here(request.to_user, data, request.kind):
                     return
                 step = core.relay_signal(request, data, facts)
+            elif type(request) is ChatToUser and not self._round_trips:
+                # A DM with the memory store: its effects (as ``_apply`` would carry out
+                # ``_chat_to_user``'s step), without the step.
+                dm = core.direct_message(request, self.facts(moment))
+                if dm.remember is not None:
+                    self._remember(dm.remember.partner, dm.remember.since)
+                if dm.incoming is None:
+                    self._router.send(self.user, dm.own, m.CHAT_MESSAGE)
+                    return
+                self._store.record_direct_message(self.user, dm.to, dm.stored, dm.created_ns)
+                self.client.ws.send(text_frame(dm.own))
+                self._stats.messages_out[m.CHAT_MESSAGE] += 1
+                self._router.send(dm.to, dm.incoming, m.CHAT_MESSAGE)
+                return
             else:
                 step = core.handle(request, self.facts(moment))
             while True:  # ``run``, inline: this is every message's path
