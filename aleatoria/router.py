@@ -149,7 +149,10 @@ class Router:
 
     def send_here(self, user: str, data: bytes, kind: str) -> bool:
         """Deliver ``data`` to ``user`` if it is connected to this instance; whether it was.
-        (``send_checked``'s first step, without a coroutine: most signals end here.)"""
+        (``send_checked``'s first step, without a coroutine: most signals end here.) The
+        frame is made only for a user who is here."""
+        if user not in self.hub.clients:
+            return False
         return self.hub.deliver(user, text_frame(data), kind)
 
     async def send_checked(self, user: str, data: bytes, kind: str, *extra: str, sender: str = "") -> bool:

@@ -129,9 +129,7 @@ class Session:
                 if dm.incoming is None:
                     self._router.send(self.user, dm.own, m.CHAT_MESSAGE)
                     return
-                self._store.record_direct_message(self.user, dm.to, dm.stored, dm.created_ns)
-                self.client.ws.send(text_frame(dm.own))
-                self._stats.messages_out[m.CHAT_MESSAGE] += 1
+                self._record_direct(dm.to, dm.stored, dm.created_ns, dm.own)
                 self._router.send(dm.to, dm.incoming, m.CHAT_MESSAGE)
                 return
             else:
@@ -139,15 +137,9 @@ class Session:
             while True:  # ``run``, inline: this is every message's path
                 for effect in step.effects:
                     self._apply(effect)
-                call, then = step.call, step.then
-                if call is None or then is None:
+                if step.call is None or step.then is None:
                     break
-                # A signal to a user connected here is delivered without a coroutine (what
-                # ``_perform`` would await returns at once): most of a call's messages.
-                if type(call) is core.Relay and self._router.send_here(call.to, call.data, call.kind):
-                    step = then(True)
-                    continue
-                step = then(await self._perform(call))
+                step = step.then(await self._perform(step.call))
         except ClientError as exc:
             self._refused(exc)
 
@@ -260,10 +252,8 @@ class Session:
                 to, data, created_ns, own = effect
                 if self._round_trips:
                     self._store.record_direct_message(self.user, to, data, created_ns, self._on_stored(own))
-                else:  # in memory the message is stored once recorded: no callback to make
-                    self._store.record_direct_message(self.user, to, data, created_ns)
-                    self.client.ws.send(text_frame(own))
-                    self._stats.messages_out[m.CHAT_MESSAGE] += 1
+                else:
+                    self._record_direct(to, data, created_ns, own)
             case core.RecordRoom():
                 room, data, created_ns = effect
                 self._store.record_room_message(room, data, created_ns)
@@ -310,6 +300,13 @@ class Session:
                 self._moderation.report_filed(report_id, report)
             case _:
                 assert_never(effect)
+
+    def _record_direct(self, to: str, data: bytes, created_ns: int, own: bytes) -> None:
+        """Store a DM in memory and send the sender its copy: in memory the message is
+        stored once recorded, so there is no callback to wait for."""
+        self._store.record_direct_message(self.user, to, data, created_ns)
+        self.client.ws.send(text_frame(own))
+        self._stats.messages_out[m.CHAT_MESSAGE] += 1
 
     def _on_stored(self, own: bytes) -> Any:
         # The sender's copy is its acknowledgement: it leaves once the store has the message.

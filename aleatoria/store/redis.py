@@ -414,7 +414,7 @@ class RedisStore:
         """The ``available`` script's call for ``user``, and its profile JSON ('' for none)."""
         keys = [*_PICK_KEYS, self._user_keys[3]]
         data = "" if profile.empty else _profile_json(profile)
-        args: list[str | int] = [*self._search_ms, _token(), user, self._instance, data]
+        args: list[str | int] = [*self._search_ms, new_match_id(), user, self._instance, data]
         return (self._scripts.available, keys, args), data
 
     def _pooled_in_memory(self, user: str) -> str | None:
@@ -474,7 +474,7 @@ class RedisStore:
             repr(time.time()),
             "" if profile.empty else _profile_json(profile),
             self._search_ms[2],
-            _token(),
+            new_match_id(),
         ]
 
     def _requested_in_memory(self, user: str, current_peer: str | None) -> RequestOutcome:
@@ -508,7 +508,8 @@ class RedisStore:
     # -- the search queue (PROTOCOL.md section 12; scripts in ``redis_search``) ------------------
 
     async def search(self, user: str, current_peer: str | None, profile: Profile) -> SearchOutcome:
-        args: list[str | int] = [*self._search_ms, _token(), user, current_peer or "", _profile_json(profile)]
+        profile_json = _profile_json(profile)
+        args: list[str | int] = [*self._search_ms, new_match_id(), user, current_peer or "", profile_json]
         done = await self._keeper.run(partial(self._scripts.search, _PICK_KEYS, args))
         if done is None:
             return self._search_here(user, current_peer, profile)
@@ -555,7 +556,7 @@ class RedisStore:
         if outcome.resend:
             return SearchOutcome(profile=profile, resend=outcome)
         if outcome.peer is not None:
-            self._made(Match(user, outcome.peer, outcome.match_id or _token()))
+            self._made(Match(user, outcome.peer, outcome.match_id or new_match_id()))
         else:
             self._timeouts.append(user)
             if self._wake is not None:
@@ -569,7 +570,8 @@ class RedisStore:
         await self._keeper.write_through((), partial(self._scripts.cancel_search, [POOL_KEY], [user]))
 
     async def search_events(self) -> SearchEvents:
-        args: list[str | int] = [*self._search_ms, _token(), TICK_BATCH]
+        # One id for the whole tick: the script names its second match ``<id>-2``, and so on.
+        args: list[str | int] = [*self._search_ms, new_match_id(), TICK_BATCH]
         done = await self._keeper.run(partial(self._scripts.search_tick, _PICK_KEYS, args))
         if done is not None:
             self._timeouts += [text(user) for user in done.value[0]]
@@ -750,11 +752,6 @@ def _srem_pool(r: redis.Redis, *, user: str) -> object:
     pipe.srem(POOL_KEY, user)
     pipe.zrem(POOLED_KEY, user)
     return pipe.execute()[0]
-
-
-def _token() -> str:
-    """A new match id (scripts that make several add ``-2``, ``-3``, ...)."""
-    return new_match_id()
 
 
 def _interests(values: Any, index: int) -> tuple[str, ...]:
