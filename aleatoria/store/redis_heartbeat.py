@@ -2,8 +2,10 @@
 instances whose heartbeat lapsed.
 
 How this works. While the store is ``ok``, every ``heartbeat_interval`` (with jitter) one
-call renews this instance's entry; then the local connections are checked against presence
-(``_check_owners``), and dead instances are reaped: their users leave pool, presence and
+atomic call renews this instance's entry and reads what presence says of the local
+connections, which are then checked against it (``_evict_stale``: read in a separate step, a
+reap of this instance in between would make its own users look replaced, and they would be
+closed instead of re-registered); and dead instances are reaped: their users leave pool, presence and
 rooms, and the peers of their matches are told (``StoreEvents.peer_left``). Finding this
 instance itself declared dead (a long freeze) degrades the store; the keeper's recovery
 then ends the local matches and re-registers everyone. After a recovery nobody is reaped
@@ -16,17 +18,13 @@ from __future__ import annotations
 import logging
 import random
 from functools import partial
-from typing import Any
 
-import redis
 import trio
 
 from aleatoria.errors import StoreUnavailable
-from aleatoria.store.redis_client import text
 from aleatoria.store.redis_instance import InstanceRegistry, Reaped
 from aleatoria.store.redis_keeper import RedisKeeper
 from aleatoria.store.redis_mirror import Mirror
-from aleatoria.store.redis_presence import PRESENCE_KEY
 
 log = logging.getLogger("aleatoria.store.redis")
 
@@ -74,14 +72,18 @@ class Heartbeat:
             if keeper.state != "ok":
                 continue
             epoch = keeper.epoch
+            # As registered before the beat: a later CONNECT may win.
+            owned = dict(self.owned) if keeper.events is not None else {}
             try:
-                beat, run_id = await keeper.client.call(self._registry.beat, gate=keeper.gate(epoch))
-                if beat == "gone":
-                    if not keeper.is_current(run_id):
+                beat = await keeper.client.call(
+                    partial(self._registry.beat, users=list(owned)), gate=keeper.gate(epoch)
+                )
+                if beat.state == "gone":
+                    if not keeper.is_current(beat.run_id):
                         raise StoreUnavailable("Redis restarted (new run_id)")
                     keeper.was_reaped = True
                     raise StoreUnavailable("this instance was declared dead (heartbeat lapsed)")
-                await self._check_owners(epoch)
+                self._evict_stale(owned, beat.presence)
                 if trio.current_time() < keeper.reap_after:
                     continue
                 reaped = await keeper.client.call(self._registry.reap, gate=keeper.gate(epoch))
@@ -90,28 +92,24 @@ class Heartbeat:
             except StoreUnavailable as exc:
                 keeper.degrade(exc)
 
-    async def _check_owners(self, epoch: int) -> None:
+    def _evict_stale(self, owned: dict[str, str], presence: list[str | None]) -> None:
         """Close local connections that presence no longer names (PROTOCOL.md section 16:
         exactly one live session per user). The eviction notice another instance publishes
         when a user connects there is the fast path; it can be lost (a stalled bus fails its
         queue), so every heartbeat compares presence with the connections this instance
-        registered, and evicts the ones replaced elsewhere (or replaced and then gone)."""
+        registered (``owned``, read in the beat's own atomic step: see ``HEARTBEAT``), and
+        evicts the ones replaced elsewhere (or replaced and then gone)."""
         events = self._keeper.events
-        owned = dict(self.owned)  # as registered before the read: a later CONNECT may win
-        if not owned or events is None:
+        if events is None:
             return
-        users = list(owned)
-        read = partial(_presence_of, users=users)
-        values = await self._keeper.client.call(read, gate=self._keeper.gate(epoch))
-        for user, value in zip(users, values, strict=True):
-            connection = owned[user]
+        for (user, connection), value in zip(owned.items(), presence, strict=True):
             if self.owned.get(user) != connection:
-                continue  # gone or reconnected here since the read
-            if value is not None and text(value) == f"{self._instance}|{connection}":
+                continue  # gone or reconnected here since the beat
+            if value == f"{self._instance}|{connection}":
                 continue
             del self.owned[user]
             self.stale_evictions += 1
-            log.info("event=stale_session_evicted user=%s presence=%s", user, text(value) if value else "")
+            log.info("event=stale_session_evicted user=%s presence=%s", user, value or "")
             events.evict(self._instance, user, connection)
 
     async def _after_reap(self, reaped: Reaped) -> None:
@@ -134,10 +132,3 @@ class Heartbeat:
             len(pairs),
             removed,
         )
-
-
-def _presence_of(r: redis.Redis, *, users: list[str]) -> list[Any]:
-    values: list[Any] = []
-    for start in range(0, len(users), 1000):
-        values.extend(r.hmget(PRESENCE_KEY, users[start : start + 1000]))
-    return values

@@ -38,6 +38,16 @@ class Reaped:
 
 
 @attrs.frozen
+class Beat:
+    """One heartbeat: 'ok', 'lapsed' or 'gone'; Redis' run_id; and what presence said, in
+    the same atomic step, of each user asked about (None: absent)."""
+
+    state: str
+    run_id: str
+    presence: list[str | None]
+
+
+@attrs.frozen
 class Synced:
     """The outcome of re-registering one user (``sync_user``)."""
 
@@ -60,11 +70,19 @@ class InstanceRegistry:
 
     def heartbeat(self, r: Any) -> str:
         """'ok', 'lapsed' or 'gone' (see ``redis_presence.HEARTBEAT``)."""
-        return _text(self._scripts.heartbeat([INSTANCES_KEY], [self.instance, self._ttl_ms], r))
+        return self._beat(r, [])[0]
 
-    def beat(self, r: Any) -> tuple[str, str]:
-        """The heartbeat, and Redis' run_id (a 'gone' after a restart is not a reaping)."""
-        return self.heartbeat(r), run_id_of(r)
+    def beat(self, r: Any, *, users: list[str]) -> Beat:
+        """The heartbeat with what presence says of ``users`` at that moment, and Redis'
+        run_id (a 'gone' after a restart is not a reaping)."""
+        state, presence = self._beat(r, users)
+        return Beat(state, run_id_of(r), presence)
+
+    def _beat(self, r: Any, users: list[str]) -> tuple[str, list[str | None]]:
+        state, *values = self._scripts.heartbeat(
+            [INSTANCES_KEY, PRESENCE_KEY], [self.instance, self._ttl_ms, *users], r
+        )
+        return _text(state), [None if value is None else _text(value) for value in values]
 
     def reap(self, r: Any) -> Reaped | None:
         dead, gone, ended = self._scripts.reap(

@@ -46,17 +46,26 @@ def instance_channel(instance: str) -> str:
     return INSTANCE_CHANNEL_PREFIX + instance
 
 
-# KEYS: instances. ARGV: instance, ttl (ms). Returns 'ok' (was alive), 'lapsed' (expired but
+# KEYS: instances, presence. ARGV: instance, ttl (ms), then users. Returns {state, then what
+# presence says of each user (nil = absent)}; state is 'ok' (was alive), 'lapsed' (expired but
 # still listed: nobody reaped it) or 'gone' (not listed: first beat, Redis emptied, or reaped).
+# The presence read is in the same atomic step as the beat: a reap between the two would make
+# this instance's own users look replaced (their presence removed) while it still counts
+# itself alive, and it would close them instead of re-registering them.
 HEARTBEAT = (
     LIVENESS_HELPERS
     + """
 local now = now_ms()
 local previous = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-if not previous then return 'gone' end
-if tonumber(previous) <= now then return 'lapsed' end
-return 'ok'
+local state = 'ok'
+if not previous then state = 'gone' elseif tonumber(previous) <= now then state = 'lapsed' end
+local out = {state}
+for first = 3, #ARGV, 1000 do
+  local values = redis.call('HMGET', KEYS[2], unpack(ARGV, first, math.min(first + 999, #ARGV)))
+  for _, value in ipairs(values) do out[#out + 1] = value end
+end
+return out
 """
 )
 
