@@ -120,9 +120,9 @@ class Session:
                 if data is None or self._router.send_here(request.to_user, data, request.kind):
                     return
                 step = core.relay_signal(request, data, facts)
-            elif type(request) is ChatToUser and not self._round_trips:
-                # A DM with the memory store: its effects (as ``_apply`` would carry out
-                # ``_chat_to_user``'s step), without the step.
+            elif type(request) is ChatToUser:
+                # A DM: its effects (as ``_apply`` would carry out ``_chat_to_user``'s
+                # step), without the step.
                 dm = core.direct_message(request, self.facts(moment))
                 if dm.remember is not None:
                     self._remember(dm.remember.partner, dm.remember.since)
@@ -250,10 +250,7 @@ class Session:
                 self._router.send(user, data, kind, *extra)
             case core.RecordDirect():
                 to, data, created_ns, own = effect
-                if self._round_trips:
-                    self._store.record_direct_message(self.user, to, data, created_ns, self._on_stored(own))
-                else:
-                    self._record_direct(to, data, created_ns, own)
+                self._record_direct(to, data, created_ns, own)
             case core.RecordRoom():
                 room, data, created_ns = effect
                 self._store.record_room_message(room, data, created_ns)
@@ -302,8 +299,11 @@ class Session:
                 assert_never(effect)
 
     def _record_direct(self, to: str, data: bytes, created_ns: int, own: bytes) -> None:
-        """Store a DM in memory and send the sender its copy: in memory the message is
-        stored once recorded, so there is no callback to wait for."""
+        """Store a DM and send the sender its copy, its acknowledgement: at once in memory
+        (stored once recorded), once Redis has it with a store that has round trips."""
+        if self._round_trips:
+            self._store.record_direct_message(self.user, to, data, created_ns, self._on_stored(own))
+            return
         self._store.record_direct_message(self.user, to, data, created_ns)
         self.client.ws.send(text_frame(own))
         self._stats.messages_out[m.CHAT_MESSAGE] += 1
