@@ -3,14 +3,14 @@ instances whose heartbeat lapsed.
 
 How this works. While the store is ``ok``, every ``heartbeat_interval`` (with jitter) one
 atomic call renews this instance's entry and reads what presence says of the local
-connections, which are then checked against it (``_evict_stale``: read in a separate step, a
-reap of this instance in between would make its own users look replaced, and they would be
-closed instead of re-registered); and dead instances are reaped: their users leave pool, presence and
-rooms, and the peers of their matches are told (``StoreEvents.peer_left``). Finding this
-instance itself declared dead (a long freeze) degrades the store; the keeper's recovery
-then ends the local matches and re-registers everyone. After a recovery nobody is reaped
-for a full heartbeat period (``RedisKeeper.reap_after``): other instances may be
-recovering too.
+connections; those presence no longer names are closed (``_evict_stale``). The read is in
+the beat's own step because a reap of this instance between the two would make its own
+users look replaced, and they would be closed instead of re-registered. Then dead
+instances are reaped: their users leave pool, presence and rooms, and the peers of their
+matches are told (``StoreEvents.peer_left``). Finding this instance itself declared dead (a
+long freeze) degrades the store; the keeper's recovery then ends the local matches and
+re-registers everyone. After a recovery nobody is reaped for a full heartbeat period
+(``RedisKeeper.reap_after``): other instances may be recovering too.
 """
 
 from __future__ import annotations
