@@ -18,7 +18,7 @@ from support import SocketPeer, connect
 import aleatoria.workers
 from aleatoria.cli import main
 from aleatoria.config import Config
-from aleatoria.store.redis_presence import INSTANCES_KEY, PRESENCE_KEY
+from aleatoria.store.redis_presence import INSTANCES_KEY, PRESENCE_KEY, instance_channel
 from aleatoria.workers import Supervisor
 
 POOL = "available:webrtc"
@@ -29,6 +29,15 @@ FAST = [
     str(FAST_PRESENCE["heartbeat_interval"]),
 ]
 FAST_BOUND = FAST_PRESENCE["presence_ttl"] + FAST_PRESENCE["heartbeat_interval"]
+
+# The subscribers of a channel as the liveness check counts them (plain and sharded), run on
+# the pool's slot so that it works on a cluster too.
+_LISTENERS = """
+local n = redis.call('PUBSUB', 'NUMSUB', ARGV[1])[2]
+local ok, sharded = pcall(redis.call, 'PUBSUB', 'SHARDNUMSUB', ARGV[1])
+if ok then n = n + sharded[2] end
+return n
+"""
 
 
 def _ghosts(r: object, users: set[str]) -> set[str]:
@@ -75,6 +84,14 @@ async def test_kill_9_leaves_no_ghosts_and_a_restarted_instance_rejoins(shared_r
             await _disconnected(carol)
             await _disconnected(dave)
         killed_at = trio.current_time()
+        # Its WebSockets close before Redis sees its subscription go: a thread of the dying
+        # process (the subscriber, in select() on that socket) holds the socket until it has
+        # exited too, a few ms later under load. The guarantee starts once Redis has seen it.
+        await three.process.wait()
+        channel = instance_channel(three.instance)
+        with redis_client(url) as r:
+            gone = await wait_until(lambda: 0 == r.eval(_LISTENERS, 1, POOL, channel), timeout=5)
+            assert gone < 0.5, f"Redis kept the dead instance's subscription for {gone:.2f}s"
         # Nobody is matched with a user of the dead instance, not even before it is reaped.
         await bob.request({"type": "request_random_peer"}, "no_peer_available", skip=True)
         with redis_client(url) as r:
