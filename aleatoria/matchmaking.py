@@ -28,6 +28,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from typing import Protocol
 
 import attrs
@@ -78,7 +79,7 @@ class RequestOutcome:
 class MatchFilter(Protocol):
     """Who may be matched with whom, besides the pool's own rules (blocks, shadow bans)."""
 
-    def barred(self, user: str) -> set[str] | None:
+    def barred(self, user: str) -> AbstractSet[str] | None:
         """Users ``user`` must never be matched with, or None."""
         ...
 
@@ -274,11 +275,20 @@ class Matchmaker:
         barred = match_filter.barred(user)
         if barred:
             excluded |= barred
-        if match_filter.shadowed(user):
-            # Shadow-banned users are few: pick among them directly.
-            allowed = sorted(u for u in self._shadow_pooled if u not in excluded)
-            return self._rng.choice(allowed) if allowed else None
-        return self._pick(excluded | self._shadow_pooled)
+        shadowed = match_filter.shadowed(user)
+        while True:
+            if shadowed:
+                # Shadow-banned users are few: pick among them directly.
+                allowed = sorted(u for u in self._shadow_pooled if u not in excluded)
+                peer = self._rng.choice(allowed) if allowed else None
+            else:
+                peer = self._pick(excluded | self._shadow_pooled)
+            # Asked from the picked side too: a filter may know a user's blocks only as
+            # ``barred`` of the blocked one (the Redis store's while degraded), and a pooled
+            # user's shadow side is the one it had when pooled.
+            if peer is None or not _refuses(match_filter, peer, user, shadowed):
+                return peer
+            excluded.add(peer)
 
     def reclassify(self, user: str) -> None:
         """``user``'s shadow ban began or ended: a pooled user changes sides."""
@@ -326,3 +336,9 @@ class Matchmaker:
         if ended is None:
             ended = self._ended[user] = deque(maxlen=RECENT_MATCHES)
         ended.append((peer, match_id, now))
+
+
+def _refuses(match_filter: MatchFilter, peer: str, user: str, shadowed: bool) -> bool:
+    """Whether ``peer`` may not be matched with ``user`` (whose shadow ban is ``shadowed``)."""
+    barred = match_filter.barred(peer)
+    return bool(barred and user in barred) or match_filter.shadowed(peer) != shadowed

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from functools import partial
 
 import trio
@@ -251,6 +252,17 @@ class Router:
             _set_block(client, blocker, on)
         elif self.bus is not None and self.remote:
             self.bus.route(user, f"B{user} {blocker} {int(on)}\n".encode())
+
+    # What this instance's connections know of their safety: the Redis store's matching
+    # while Redis is unreachable, when the shadow set and blocks in Redis cannot be read.
+
+    def barred(self, user: str) -> AbstractSet[str] | None:
+        client = self.hub.clients.get(user)
+        return None if client is None else client.blocked_by or None
+
+    def shadowed(self, user: str) -> bool:
+        client = self.hub.clients.get(user)
+        return client is not None and client.shadow
 
     def notify_shadow(self, user: str, on: bool) -> None:
         client = self.hub.clients.get(user)

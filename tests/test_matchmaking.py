@@ -143,3 +143,35 @@ def test_pick_is_uniform_over_allowed_users() -> None:
     assert {"b", "d", "e"} == set(seen)
     for count in seen.values():
         assert 1800 < count < 2200
+
+
+class _OneSided:
+    """A filter that knows each block only from the blocked user's side, and shadow bans
+    that may begin after a user was pooled (as the Redis store's while degraded)."""
+
+    def __init__(self) -> None:
+        self.blocked_by: dict[str, set[str]] = {}
+        self.shadow: set[str] = set()
+
+    def barred(self, user: str) -> set[str] | None:
+        return self.blocked_by.get(user)
+
+    def shadowed(self, user: str) -> bool:
+        return user in self.shadow
+
+
+def test_the_picked_side_is_asked_too() -> None:
+    """A block the requester made, known only as the picked user's ``barred``, and a shadow
+    ban that began after the pick's user was pooled, both keep the pair apart."""
+    one_sided = _OneSided()
+    for seed in range(20):
+        mm = Matchmaker(random.Random(seed), one_sided)
+        one_sided.blocked_by = {"b": {"a"}}
+        one_sided.shadow = set()
+        for user in ("b", "m", "c"):
+            mm.set_available(user)
+        one_sided.shadow = {"m"}  # pooled as a normal user
+        assert "c" == mm.request_peer("a").peer
+        assert mm.request_peer("x").peer == "b"
+        one_sided.shadow.add("e")
+        assert mm.request_peer("e").no_peer  # m was pooled on the other side: missed, not wrong

@@ -21,6 +21,7 @@ presence) and reports what other instances did to this one's users through the
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from typing import Literal, Protocol
 
 import attrs
@@ -91,6 +92,15 @@ class StoreEvents(BusHandler, Protocol):
 
     def evict(self, instance: str, user: str, connection: str) -> None:
         """``user``'s connection ``connection`` on ``instance`` was replaced by one here."""
+        ...
+
+    def barred(self, user: str) -> AbstractSet[str] | None:
+        """Who blocked ``user``, as its connection here knows (loaded at its handshake, kept
+        current by notices), or None: what matching uses while Redis is unreachable."""
+        ...
+
+    def shadowed(self, user: str) -> bool:
+        """Whether ``user``'s connection here is shadow-banned (as for ``barred``)."""
         ...
 
 

@@ -83,7 +83,7 @@ from aleatoria.store.redis_keeper import WRITE_BATCH, Done, RedisKeeper, RedisMe
 from aleatoria.store.redis_mirror import Mirror
 from aleatoria.store.redis_presence import INSTANCE_USERS_PREFIX, INSTANCES_KEY, PRESENCE_KEY
 from aleatoria.store.redis_rooms import RoomRegistry
-from aleatoria.store.redis_safety import RedisSafety
+from aleatoria.store.redis_safety import KnownSafety, RedisSafety
 from aleatoria.store.redis_scripts import (
     MATCHES_KEY,
     POOL_KEY,
@@ -232,6 +232,9 @@ class RedisStore:
         # heartbeat report to ``events``, the bus hands it what arrives.
         self._keeper.events = events
         self._bus.handler = events
+        # Matching in the mirror (while degraded) keeps users apart by what their
+        # connections know too: the fallback holds only what was decided during an outage.
+        self._mm.filter = KnownSafety(self._memory.safety, events)
 
     def health(self) -> Health:
         return self._keeper.state

@@ -17,19 +17,25 @@ reads them in its own cluster slot):
 
 While Redis fails, each call falls back to this instance's ``MemorySafety`` (what it writes
 there stays on this instance; a ban or block made during an outage must be made again once
-Redis is back — the admin API answers from the fallback meanwhile).
+Redis is back — the admin API answers from the fallback meanwhile). Matching meanwhile
+happens in the mirror, between this instance's users: ``KnownSafety`` keeps them apart by
+the fallback and by what their connections know (each loaded its ban and who blocked it
+at its handshake, and hears of changes since), so a shadow ban or block made before the
+outage still holds. A user who connects during an outage is admitted on the fallback alone.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from functools import partial
 from typing import Any, TypeVar
 
 import orjson
 import redis
 
+from aleatoria.matchmaking import MatchFilter
 from aleatoria.safety import AUTO_SHADOW_WINDOW, FOREVER, MAX_BLOCKS, Admission, Ban, admission
 from aleatoria.store.memory_safety import MemorySafety
 from aleatoria.store.redis_batch import scripted
@@ -47,6 +53,25 @@ _SCAN_CHUNK = 200
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class KnownSafety:
+    """The mirror's ``MatchFilter``: the fallback's blocks and bans (made during an outage)
+    and what this instance's connections know (``StoreEvents``)."""
+
+    def __init__(self, fallback: MemorySafety, known: MatchFilter) -> None:
+        self._fallback = fallback
+        self._known = known
+
+    def barred(self, user: str) -> AbstractSet[str] | None:
+        made = self._fallback.barred(user)
+        known = self._known.barred(user)
+        if made and known:
+            return made | known
+        return made or known or None
+
+    def shadowed(self, user: str) -> bool:
+        return self._fallback.shadowed(user) or self._known.shadowed(user)
 
 
 class RedisSafety:

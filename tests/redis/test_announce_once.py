@@ -46,6 +46,12 @@ class Received:
     def evict(self, instance: str, user: str, connection: str) -> None:
         pass
 
+    def barred(self, user: str) -> None:
+        return None
+
+    def shadowed(self, user: str) -> bool:
+        return False
+
 
 @asynccontextmanager
 async def _store(url: str) -> AsyncIterator[RedisStore]:

@@ -1,7 +1,8 @@
 """Safety in Redis (PROTOCOL.md section 13): blocks, bans and reports live in Redis and
 survive a server restart; the Redis pick keeps blocked pairs and shadow-banned users apart;
 reports are a capped stream, read newest first with paging; while Redis is down the store
-answers from memory."""
+answers from memory, and matching (in memory then) still keeps apart the users whose blocks
+and shadow bans were made before the outage."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 import httpx
 import trio
+from health import wait_for_health
 from redis_server import RedisServer
 from redis_support import server_config
 from report_scenarios import the_match_a_report_records
@@ -127,3 +129,36 @@ async def test_safety_answers_from_memory_while_redis_is_down(redis_down: RedisS
         with trio.fail_after(5):
             await store.safety.ban(Ban("bob", None, created=time.time()))
         assert (await store.safety.admit("bob", time.time())).refused
+
+
+async def test_matching_while_degraded_keeps_blocks_and_shadow_bans(redis_server: RedisServer) -> None:
+    """Made in Redis before the outage, known to the connections: while Redis is down the
+    instance matches its users in memory and must still keep them apart."""
+    config = server_config(redis_server.url)
+    async with open_redis_store(config, redis_server.url) as store:
+        now = time.time()
+        await store.safety.ban(Ban("mallory", None, shadow=True, created=now))
+        await store.safety.ban(Ban("eve", None, shadow=True, created=now))
+        assert await store.safety.block("alice", "bob")
+    async with (
+        running_server(config) as srv,
+        connect(srv, "alice", skip=True) as alice,
+        connect(srv, "bob", skip=True) as bob,
+        connect(srv, "mallory", skip=True) as mallory,
+        connect(srv, "eve", skip=True) as eve,
+        connect(srv, "carol", skip=True) as carol,
+    ):
+        redis_server.kill9()
+        await wait_for_health(srv, "degraded")
+        no_peer = {"type": "request_random_peer"}
+        await alice.send({"type": "user_available_webrtc"})
+        await alice.sync()
+        await mallory.request(no_peer, "no_peer_available", skip=True)  # shadow-banned
+        await bob.request(no_peer, "no_peer_available", skip=True)  # alice blocked him
+        await mallory.send({"type": "user_available_webrtc"})
+        await mallory.sync()
+        await bob.request(no_peer, "no_peer_available", skip=True)  # nor mallory
+        got = await eve.request(no_peer, "assign_role", skip=True)
+        assert "mallory" == got["payload"]["peerId"]  # shadow-banned together
+        got = await carol.request(no_peer, "assign_role", skip=True)
+        assert "alice" == got["payload"]["peerId"]
