@@ -18,7 +18,7 @@ import trio
 import trio_websocket
 from health import get_json
 from redis_server import RedisServer
-from scaleout_support import instances, redis_client, wait_until
+from scaleout_support import CALM_PRESENCE, instances, redis_client, wait_until
 from support import SocketPeer, connect, running_server
 
 USERS = 50
@@ -130,7 +130,7 @@ async def _servers(mode: str, redis_url: str | None) -> AsyncIterator[list[int]]
             yield [srv.port]
         return
     assert redis_url is not None
-    async with instances(redis_url, 2 if mode == "redis-2" else 1) as ports:
+    async with instances(redis_url, 2 if mode == "redis-2" else 1, **CALM_PRESENCE) as ports:
         yield ports
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import trio
 import trio_websocket
-from scaleout_support import instances, redis_client
+from scaleout_support import CALM_PRESENCE, instances, redis_client
 from support import SocketPeer, connect
 
 TOKEN = "s3cret-admin-token"
@@ -108,7 +108,10 @@ async def test_storm_never_pairs_blocked_or_shadowed_users(shared_redis: str) ->
     shadowed = set(rng.sample(users, SHADOWED))
     clients: dict[str, SocketPeer] = {}
     assigned: dict[str, set[tuple[str, str]]] = {user: set() for user in users}
-    async with instances(shared_redis, 3, admin_token=TOKEN) as ports, trio.open_nursery() as holders:
+    async with (
+        instances(shared_redis, 3, admin_token=TOKEN, **CALM_PRESENCE) as ports,
+        trio.open_nursery() as holders,
+    ):
         opened = trio.Event()
         finish = trio.Event()
 

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import trio
-from scaleout_support import instances, redis_client
+from scaleout_support import CALM_PRESENCE, instances, redis_client
 from support import SocketPeer, connect
 
 USERS = 300
@@ -52,7 +52,7 @@ async def _barrier(users: list[str], step: Callable[[str], Awaitable[object]]) -
 async def test_request_storms_on_three_instances(shared_redis: str) -> None:
     users = [f"s{i:03d}" for i in range(USERS)]
     storm = Storm()
-    async with instances(shared_redis, 3) as ports, trio.open_nursery() as holders:
+    async with instances(shared_redis, 3, **CALM_PRESENCE) as ports, trio.open_nursery() as holders:
         opened = trio.Event()
         finish = trio.Event()
         count = 0
