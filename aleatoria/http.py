@@ -12,6 +12,7 @@ among them) becomes a ``WebSocket`` (``accept_websocket``) whose first write car
 from __future__ import annotations
 
 import contextlib
+import math
 import socket
 from collections.abc import Callable
 from http import HTTPStatus
@@ -111,20 +112,23 @@ class Request:
         return None if value is None else value.decode("latin-1")
 
 
-async def read_request(sock: socket.socket) -> Request | None:
+async def read_request(sock: socket.socket, deadline: float = math.inf) -> Request | None:
     """Read one request head of at most ``MAX_HEAD_BYTES``. Returns None after answering
     malformed requests (400, also for HTTP versions but 1.0 and 1.1; 431 for an oversize
-    head), or silently if the peer went away. The caller bounds the wait with a timeout;
-    cancellation leaves the socket to the caller."""
+    head), or silently if the peer went away. Raises ``trio.TooSlowError`` if the head is
+    not whole at ``deadline`` (trio's clock; the answer to a malformed one is bounded by it
+    too). The timer starts only if the head must be waited for: nearly every head is in the
+    kernel's buffer by the first read, and a cancel scope costs ~5 % of a connect.
+    Cancellation leaves the socket to the caller."""
     head = _Head()
     parser = httptools.HttpRequestParser(head)
     received, trailing, upgrade = 0, b"", False
     while not head.headers_done:
         if received >= MAX_HEAD_BYTES:
-            await _refuse_head(sock, 431, "Bad request: the request head is too large\n")
+            await _refuse_head(sock, 431, "Bad request: the request head is too large\n", deadline)
             return None
         # Never more than the head may hold: a head completed by one large read is measured too.
-        data = await _recv_some(sock, MAX_HEAD_BYTES - received)
+        data = await _recv_some(sock, MAX_HEAD_BYTES - received, deadline)
         if not data:
             return None  # the peer left before a whole head: nobody to answer
         received += len(data)
@@ -134,20 +138,20 @@ async def read_request(sock: socket.socket) -> Request | None:
             upgrade, trailing = True, data[upgraded.args[0] :]
         except httptools.HttpParserError as exc:
             if not head.headers_done:  # after the head: a pipelined request nobody reads
-                await _refuse_head(sock, 400, f"Bad request: {exc}\n")
+                await _refuse_head(sock, 400, f"Bad request: {exc}\n", deadline)
                 return None
     if parser.get_http_version() not in ("1.1", "1.0"):
-        await _refuse_head(sock, 400, "Bad request: HTTP/1.0 and 1.1 only\n")
+        await _refuse_head(sock, 400, "Bad request: HTTP/1.0 and 1.1 only\n", deadline)
         return None
     try:
         url = httptools.parse_url(head.url)
     except httptools.HttpParserInvalidURLError:
-        await _refuse_head(sock, 400, "Bad request: invalid request target\n")
+        await _refuse_head(sock, 400, "Bad request: invalid request target\n", deadline)
         return None
     return Request(
         method=parser.get_method().decode("latin-1"),
         path=(url.path or b"/").decode("latin-1"),
-        query=parse_qs((url.query or b"").decode("latin-1"), keep_blank_values=True),
+        query=_query((url.query or b"").decode("latin-1")),
         headers=head.headers,
         upgrade=upgrade,
         trailing=trailing,
@@ -156,8 +160,23 @@ async def read_request(sock: socket.socket) -> Request | None:
     )
 
 
-async def _refuse_head(sock: socket.socket, status: int, text: str) -> None:
-    with contextlib.suppress(OSError):  # the peer is gone (maybe mid-head): nobody to answer
+def _query(text: str) -> dict[str, list[str]]:
+    """``parse_qs(text, keep_blank_values=True)``, with a fast path for a query that needs no
+    unquoting (no ``%``, no ``+``): the usual ``userId=...&room=...`` costs 0.9 us this way
+    against 3.8 us in ``parse_qs``, which is 2 % of a connect."""
+    if "%" in text or "+" in text:
+        return parse_qs(text, keep_blank_values=True)
+    query: dict[str, list[str]] = {}
+    for field in text.split("&"):
+        if field:
+            name, _, value = field.partition("=")
+            query.setdefault(name, []).append(value)
+    return query
+
+
+async def _refuse_head(sock: socket.socket, status: int, text: str, deadline: float) -> None:
+    # The peer is gone (maybe mid-head), or does not read: nobody to answer.
+    with contextlib.suppress(OSError), trio.move_on_at(deadline):
         await send_http(sock, status, text)
 
 
@@ -319,11 +338,12 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
     await trio.lowlevel.checkpoint()
 
 
-async def _recv_some(sock: socket.socket, size: int) -> bytes:
+async def _recv_some(sock: socket.socket, size: int, deadline: float = math.inf) -> bytes:
     while True:
         try:
             return sock.recv(size)
         except BlockingIOError:
-            await trio.lowlevel.wait_readable(sock)
+            with trio.fail_at(deadline):
+                await trio.lowlevel.wait_readable(sock)
         except OSError:
             return b""

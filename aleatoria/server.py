@@ -174,12 +174,12 @@ class Server:
     async def _connection(self, sock: socket.socket, addr: str) -> None:
         # Error boundary: one bad client must never take the listener down.
         try:
-            request = None  # stays None when the client is too slow to send its head
-            with trio.move_on_after(self.config.handshake_timeout) as head_wait:
-                request = await read_request(sock)
-            if request is None:
-                if not head_wait.cancelled_caught:  # answered (400, 431) or the peer left
-                    await _close_http(sock)
+            try:
+                request = await read_request(sock, trio.current_time() + self.config.handshake_timeout)
+            except trio.TooSlowError:
+                return  # too slow to send its head: dropped without an answer
+            if request is None:  # answered (400, 431) or the peer left
+                await _close_http(sock)
                 return
             if request.path != "/ws":
                 await self._http(sock, request)

@@ -4,9 +4,12 @@ malformed and oversize request heads. Requests are raw bytes over real TCP."""
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qs
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from inmemory import InMemoryServer, inmemory_server
 from rawws import (
     RawStream,
@@ -20,6 +23,8 @@ from rawws import (
     upgrade_request,
 )
 from support import connect
+
+from aleatoria.http import _query
 
 PUBLIC_ORIGIN = "https://www.aleatoria.chat"
 
@@ -335,3 +340,14 @@ async def test_pipelined_second_request_is_not_answered(server: InMemoryServer) 
             raw = await conn.read_to_eof()
     assert 1 == raw.count(b"HTTP/1.1 ")
     assert 200 == parse_response(raw).status
+
+
+# Query strings made of the characters that matter to a query parser, and a few others.
+_QUERIES = st.text(alphabet="ab=&;%+2F0 é", max_size=30)
+
+
+@given(_QUERIES)
+def test_query_parsing_is_parse_qs(text: str) -> None:
+    """The request head's query parser (a fast path for text that needs no unquoting) gives
+    what ``parse_qs(keep_blank_values=True)`` gives, for any query."""
+    assert parse_qs(text, keep_blank_values=True) == _query(text)
