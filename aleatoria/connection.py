@@ -513,7 +513,7 @@ class WebSocket:
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             return
-        while True:
+        while not self._dropped:  # dropped while not waiting: no new wait
             await trio.lowlevel.wait_readable(sock)  # ClosedResourceError once dropped
             try:
                 if not sock.recv(RECV_BYTES):

@@ -777,13 +777,18 @@ def join(room: str) -> Step:
     receives the room's messages (also the URL's room at connect time)."""
 
     def stored(_: object) -> Step:
-        return _done(Reply(m.ROOM_JOINED, m.RoomAction(room=room, action="joined"), room=room))
+        return _done(joined(room))
 
     def ready(still_ours: bool) -> Step:
         # Evicted while waiting (the user is another instance's now): leave no ghost.
         return _after(StoreJoin(room), stored) if still_ours else DONE
 
     return _after(RoomReady(room), ready, JoinLocal(room))
+
+
+def joined(room: str) -> Reply:
+    """The confirmation of a join, once the store has it (``join``'s last effect)."""
+    return Reply(m.ROOM_JOINED, m.RoomAction(room=room, action="joined"), room=room)
 
 
 def _leave(request: LeaveRoom) -> Step:

@@ -251,8 +251,9 @@ def handshake_problem(request: Request) -> str | None:
         return "WebSocket upgrade needs GET"
     if b"websocket" not in request.headers.get(b"upgrade", b"").lower():
         return "expected an 'Upgrade: websocket' header"
-    connection_tokens = {t.strip() for t in request.headers.get(b"connection", b"").lower().split(b",")}
-    if b"upgrade" not in connection_tokens:
+    connection = request.headers.get(b"connection", b"").lower()
+    # Browsers send the one token; the list form ("keep-alive, Upgrade") is rarer.
+    if connection != b"upgrade" and b"upgrade" not in {t.strip() for t in connection.split(b",")}:
         return "expected a 'Connection: Upgrade' header"
     if not request.upgrade:  # the parser did not take it for one (so what follows is not frames)
         return "not an HTTP/1.1 upgrade request"
