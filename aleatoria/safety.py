@@ -16,6 +16,7 @@ What each holds:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
 import attrs
@@ -93,6 +94,14 @@ def admission(ban: Ban | None, blocked_by: Iterable[str]) -> Admission:
     """The admission of a user with ``ban`` (None if none is active), blocked by ``blocked_by``."""
     who = frozenset(blocked_by)
     return ADMITTED if ban is None and not who else Admission(ban, who)
+
+
+def either(first: AbstractSet[str] | None, second: AbstractSet[str] | None) -> AbstractSet[str] | None:
+    """The users in either set, or None when both are empty: a matching filter's ``barred``
+    of two sources (most users are in neither, and get no new set)."""
+    if first and second:
+        return first | second
+    return first or second or None
 
 
 class Safety(Protocol):

@@ -11,11 +11,20 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import orjson
 
-from aleatoria.safety import AUTO_SHADOW_WINDOW, MAX_BLOCKS, Admission, Ban, admission, report_sort_key
+from aleatoria.safety import (
+    AUTO_SHADOW_WINDOW,
+    MAX_BLOCKS,
+    Admission,
+    Ban,
+    admission,
+    either,
+    report_sort_key,
+)
 
 DEFAULT_REPORT_CAP = 10_000
 
@@ -37,13 +46,9 @@ class MemorySafety:
 
     # -- what matching needs, synchronously (``Matchmaker``'s filter) -------------------------
 
-    def barred(self, user: str) -> set[str] | None:
+    def barred(self, user: str) -> AbstractSet[str] | None:
         """Users ``user`` must not be matched with (blocked either way), or None."""
-        blocks = self._blocks.get(user)
-        blocked_by = self._blocked_by.get(user)
-        if blocks and blocked_by:
-            return blocks | blocked_by
-        return blocks or blocked_by or None
+        return either(self._blocks.get(user), self._blocked_by.get(user))
 
     def shadowed(self, user: str) -> bool:
         ban = self._bans.get(user)

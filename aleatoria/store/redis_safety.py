@@ -36,7 +36,7 @@ import orjson
 import redis
 
 from aleatoria.matchmaking import MatchFilter
-from aleatoria.safety import AUTO_SHADOW_WINDOW, FOREVER, MAX_BLOCKS, Admission, Ban, admission
+from aleatoria.safety import AUTO_SHADOW_WINDOW, FOREVER, MAX_BLOCKS, Admission, Ban, admission, either
 from aleatoria.store.memory_safety import MemorySafety
 from aleatoria.store.redis_batch import scripted
 from aleatoria.store.redis_keeper import RedisKeeper
@@ -64,11 +64,7 @@ class KnownSafety:
         self._known = known
 
     def barred(self, user: str) -> AbstractSet[str] | None:
-        made = self._fallback.barred(user)
-        known = self._known.barred(user)
-        if made and known:
-            return made | known
-        return made or known or None
+        return either(self._fallback.barred(user), self._known.barred(user))
 
     def shadowed(self, user: str) -> bool:
         return self._fallback.shadowed(user) or self._known.shadowed(user)
