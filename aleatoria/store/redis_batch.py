@@ -10,7 +10,8 @@ How this works. A ``Scripted`` value names script calls to make in order (one, o
 ``pool_then_request_peer``); given to ``RedisClient.call``, it joins the open batch. The
 first task to open a batch lets the rest of the scheduler pass run (one checkpoint, so every
 task that calls in the same pass joins), closes the batch and sends it: one thread runs all
-its scripts as one pipeline of EVALSHAs, and each task gets its own results. Redis runs a
+its scripts as one request of EVALSHAs (``redis_request``: a pipeline's bytes without its
+bookkeeping), and each task gets its own results. Redis runs a
 pipeline's commands back to back, so a task's own calls are never interleaved with others'.
 A script Redis no longer knows (NOSCRIPT: it restarted) is run again alone through redis-py's
 ``Script``, which loads it. On a Redis Cluster redis-py allows no EVALSHA in a pipeline: the
@@ -33,6 +34,7 @@ from redis.commands.core import Script
 from redis.exceptions import NoScriptError, RedisClusterException
 
 from aleatoria.errors import StoreUnavailable
+from aleatoria.store.redis_request import Request
 
 ScriptCall = tuple[Script, Sequence[str], Sequence[Any]]
 
@@ -98,13 +100,13 @@ def run_batch(get_client: Callable[[], Any], batch: Batch, describe: Callable[[B
             # redis-py refuses EVALSHA in a cluster pipeline: one thread hop, calls in turn.
             _run_each(client, live, describe)
             return
-        pipe = client.pipeline(transaction=False)
+        request = Request()
         for index, job in enumerate(live):
             later = _later_requesters(live, index) if job.fn.pick is not None else ()
             for position, (script, keys, args) in enumerate(job.fn.calls):
                 extra = later if position == job.fn.pick else ()
-                pipe.evalsha(script.sha, len(keys), *keys, *args, *extra)
-        results = pipe.execute(raise_on_error=False)
+                request.command("EVALSHA", script.sha, len(keys), *keys, *args, *extra)
+        results = request.send(client, raise_on_error=False)
     except (redis.RedisError, RedisClusterException, OSError) as exc:
         for job in live:
             job.error = StoreUnavailable(describe(exc))

@@ -46,6 +46,7 @@ import redis
 import trio
 
 from aleatoria.store.redis_client import RedisClient, Scripts
+from aleatoria.store.redis_request import Request
 
 log = logging.getLogger("aleatoria.store.redis")
 
@@ -372,45 +373,6 @@ class WriteBehind:
             self._pending[slot] = left
         else:
             del self._pending[slot]
-
-
-class Request:
-    """Commands sent as one request on one of a plain Redis's pooled connections: what a
-    redis-py pipeline sends (packed by redis-py's own packer, hiredis's when installed),
-    without the pipeline's per-command bookkeeping (measured: the writer's thread spent more
-    on the pipeline object than on the socket; see docs/performance.md, "Session 6")."""
-
-    __slots__ = ("_commands",)
-
-    def __init__(self) -> None:
-        self._commands: list[tuple[bytes | str | int, ...]] = []
-
-    def command(self, *args: bytes | str | int) -> None:
-        self._commands.append(args)
-
-    def send(self, r: redis.Redis) -> list[Any]:
-        """Send the request on one of ``r``'s pooled connections and read every reply (runs
-        on a worker thread). Raises like a pipeline: the first error reply (once every
-        reply is read, so the connection stays in step), or a connection error (the
-        connection is dropped: ``read_response`` disconnects on any other failure)."""
-        pool = r.connection_pool
-        connection = pool.get_connection()
-        try:
-            packed = connection.pack_commands(self._commands)  # type: ignore[no-untyped-call]
-            connection.send_packed_command(packed)  # type: ignore[no-untyped-call]
-            replies: list[Any] = []
-            error: redis.ResponseError | None = None
-            for _ in self._commands:
-                try:
-                    replies.append(connection.read_response())
-                except redis.ResponseError as exc:
-                    error = error or exc
-                    replies.append(exc)
-        finally:
-            pool.release(connection)
-        if error is not None:
-            raise error
-        return replies
 
 
 class _Pipeline:

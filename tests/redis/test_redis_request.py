@@ -1,4 +1,4 @@
-"""The writer's hand-packed request (``redis_writer.Request``): what a pipeline guaranteed,
+"""The writer's request (``redis_request.Request``): what a pipeline guaranteed,
 it guarantees too -- commands run in order, replies come back in order and byte-exact, an
 error reply fails the request only after every reply was read, so the pooled connection
 stays in step for the next one."""
@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import pytest
 import redis
+import redis.connection
+from hiredis import pack_command
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis_server import RedisServer
 
-from aleatoria.store.redis_writer import Request
+from aleatoria.store.redis_request import Request
 
 
 def test_replies_come_back_in_order_and_byte_exact(redis_server: RedisServer) -> None:
@@ -42,3 +46,35 @@ def test_an_error_reply_fails_the_request_and_leaves_the_connection_in_step(
         again.command("INCR", "before")
         again.command("GET", "after")
         assert [2, b"2"] == again.send(r)
+
+
+_ARGUMENT = st.one_of(st.binary(max_size=64), st.text(max_size=32), st.integers(-(2**80), 2**80))
+
+
+_COMMAND = st.tuples(st.sampled_from(["EVALSHA", "PUBLISH", "SPUBLISH"]), st.lists(_ARGUMENT, max_size=8))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_COMMAND.map(lambda c: [c[0], *c[1]]), min_size=1, max_size=6))
+def test_packed_as_redis_py_packs(commands: list[list[bytes | str | int]]) -> None:
+    """hiredis's ``pack_command`` (what ``Request`` sends) gives the bytes redis-py's own
+    packer gives for every command the store sends: a command name, then bytes, text and
+    integers."""
+    packed = redis.connection.Connection().pack_commands(commands)  # type: ignore[no-untyped-call]
+    assert b"".join(packed) == b"".join(pack_command(tuple(command)) for command in commands)  # type: ignore[arg-type]
+
+
+def test_an_argument_redis_py_refuses_is_refused_before_anything_is_sent(
+    redis_server: RedisServer,
+) -> None:
+    """A bool or a None is a bug in the caller: it fails like redis-py's encoder (DataError,
+    a RedisError the store handles), and the connection stays usable."""
+    with redis.Redis.from_url(redis_server.url, max_connections=1) as r:
+        for bad in (True, None):
+            request = Request()
+            request.command("SET", "k", bad)  # type: ignore[arg-type]
+            with pytest.raises(redis.DataError):
+                request.send(r)
+        ok = Request()
+        ok.command("SET", "k", 1)
+        assert [b"OK"] == ok.send(r)

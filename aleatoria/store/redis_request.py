@@ -1,0 +1,65 @@
+"""Commands sent as one request on one of a plain Redis's pooled connections.
+
+What a redis-py pipeline sends, without the pipeline's per-command bookkeeping. Measured
+(docs/performance.md, "Session 6" and "Session 11"): the writer's thread spent more on the
+pipeline object than on the socket, and then, with the pipeline gone, most of what was
+left on redis-py's packer, which checks and encodes every argument in Python before
+handing it to hiredis. Our arguments are already bytes, text or ints, which hiredis's
+``pack_command`` takes as they are and packs to the same bytes (``tests/redis/
+test_redis_request.py`` holds the two equal): 5.9 -> 0.9 us per room message in a batch
+of 50, 16 -> 2.2 us alone. Replies are read through the connection's own
+``read_response``, so its parser, error classes and disconnect-on-failure stay redis-py's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from hiredis import pack_command
+
+Argument = bytes | str | int
+
+
+class Request:
+    """Commands to send as one request (``command`` each, then ``send`` once)."""
+
+    __slots__ = ("_commands",)
+
+    def __init__(self) -> None:
+        self._commands: list[tuple[Argument, ...]] = []
+
+    def __len__(self) -> int:
+        return len(self._commands)
+
+    def command(self, *args: Argument) -> None:
+        self._commands.append(args)
+
+    def send(self, r: redis.Redis, *, raise_on_error: bool = True) -> list[Any]:
+        """Send the request on one of ``r``'s pooled connections and read every reply (runs
+        on a worker thread). An error reply is in its place in the list; with
+        ``raise_on_error`` the first one is raised instead, as a pipeline does, once every
+        reply is read (so the connection stays in step). A connection error is raised (the
+        connection is dropped: ``read_response`` disconnects on any other failure)."""
+        pool = r.connection_pool
+        connection = pool.get_connection()
+        try:
+            try:
+                # hiredis's stub types the tuple as of one item; it takes any number.
+                packed = b"".join([pack_command(args) for args in self._commands])  # type: ignore[arg-type]
+            except TypeError as exc:  # as redis-py's encoder refuses a bool or a None
+                raise redis.DataError(f"cannot send {exc}") from exc
+            connection.send_packed_command([packed])  # type: ignore[no-untyped-call]
+            replies: list[Any] = []
+            error: redis.ResponseError | None = None
+            for _ in self._commands:
+                try:
+                    replies.append(connection.read_response())
+                except redis.ResponseError as exc:
+                    error = error or exc
+                    replies.append(exc)
+        finally:
+            pool.release(connection)
+        if error is not None and raise_on_error:
+            raise error
+        return replies
