@@ -1,0 +1,67 @@
+"""What the Redis bus hands over in one go reaches the local members as the memory store's
+broadcasters would send it: one write per member for each room's messages of the hand-over
+(not one per message when rooms interleave), each room in the bus's order, and a frame for
+one user after every room message that came before it."""
+
+from __future__ import annotations
+
+import attrs
+
+from aleatoria import messages as m
+from aleatoria.frames import text_frame
+from aleatoria.hub import Client, open_hub
+from aleatoria.limits import RateLimiter
+from aleatoria.router import Router, user_envelope
+from aleatoria.store.memory import MemoryStore
+
+
+@attrs.define
+class _Recorder:
+    """Stands in for a WebSocket: each write (``send_now``) or queued frame (``send``) with
+    how many frames it holds."""
+
+    writes: list[tuple[bytes, int]] = attrs.Factory(list)
+    close_code: int | None = None
+
+    def send_now(self, data: bytes, frames: int = 1) -> None:
+        self.writes.append((data, frames))
+
+    def send(self, data: bytes, frames: int = 1) -> None:
+        self.writes.append((data, frames))
+
+    def flush(self) -> None:
+        pass
+
+
+def _frames(*payloads: bytes) -> bytes:
+    return b"".join(text_frame(p) for p in payloads)
+
+
+async def test_a_hand_over_sends_each_room_in_one_write_per_member_in_order() -> None:
+    async with open_hub(0.0) as hub:
+        router = Router(hub, MemoryStore(ttl_seconds=60, history_max=10))
+        sockets = {user: _Recorder() for user in ("ann", "bob", "cat")}
+        for user, ws in sockets.items():
+            client = Client(user=user, ws=ws, limiter=RateLimiter(0, 1, 1))  # type: ignore[arg-type]
+            hub.clients[user] = client
+            hub.join(client, "North" if user != "cat" else "South")
+        dm = b'{"type":"chat_message","toUser":"ann"}'
+        router.on_bus_messages(
+            [
+                ("North", b'{"n":1}'),
+                ("South", b'{"s":1}'),
+                ("North", b'{"n":2}'),
+                ("South", b'{"s":2}'),
+                (None, user_envelope("ann", m.CHAT_MESSAGE, dm)),
+                ("North", b'{"n":3}'),
+                ("South", b'{"s":3}'),
+            ]
+        )
+        north = [(_frames(b'{"n":1}', b'{"n":2}'), 2), (text_frame(b'{"n":3}'), 1)]
+        assert [north[0], (text_frame(dm), 1), north[1]] == sockets["ann"].writes
+        assert north == sockets["bob"].writes
+        # The frame for ann ends every room's run, so South's third message is a write of its own.
+        assert [(_frames(b'{"s":1}', b'{"s":2}'), 2), (text_frame(b'{"s":3}'), 1)] == sockets["cat"].writes
+        router.on_bus_messages([("South", b'{"s":4}'), ("North", b'{"n":4}'), ("South", b'{"s":5}')])
+        assert (_frames(b'{"s":4}', b'{"s":5}'), 2) == sockets["cat"].writes[-1]
+        assert (text_frame(b'{"n":4}'), 1) == sockets["bob"].writes[-1]
