@@ -48,7 +48,12 @@ def test_an_error_reply_fails_the_request_and_leaves_the_connection_in_step(
         assert [2, b"2"] == again.send(r)
 
 
-_ARGUMENT = st.one_of(st.binary(max_size=64), st.text(max_size=32), st.integers(-(2**80), 2**80))
+_ARGUMENT = st.one_of(
+    st.binary(max_size=64),
+    st.text(max_size=32),
+    st.integers(-(2**80), 2**80),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
 
 
 _COMMAND = st.tuples(st.sampled_from(["EVALSHA", "PUBLISH", "SPUBLISH"]), st.lists(_ARGUMENT, max_size=8))
@@ -56,10 +61,10 @@ _COMMAND = st.tuples(st.sampled_from(["EVALSHA", "PUBLISH", "SPUBLISH"]), st.lis
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_COMMAND.map(lambda c: [c[0], *c[1]]), min_size=1, max_size=6))
-def test_packed_as_redis_py_packs(commands: list[list[bytes | str | int]]) -> None:
+def test_packed_as_redis_py_packs(commands: list[list[bytes | str | int | float]]) -> None:
     """hiredis's ``pack_command`` (what ``Request`` sends) gives the bytes redis-py's own
-    packer gives for every command the store sends: a command name, then bytes, text and
-    integers."""
+    packer gives for every command the store sends: a command name, then bytes, text,
+    integers and floats."""
     packed = redis.connection.Connection().pack_commands(commands)  # type: ignore[no-untyped-call]
     assert b"".join(packed) == b"".join(pack_command(tuple(command)) for command in commands)  # type: ignore[arg-type]
 
