@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis_server import RedisServer
 
-from aleatoria.store.redis_request import Request, _buffers
+from aleatoria.store.redis_request import _JOIN_BYTES, Request, _buffers
 
 
 def test_replies_come_back_in_order_and_byte_exact(redis_server: RedisServer) -> None:
@@ -49,7 +49,7 @@ def test_an_error_reply_fails_the_request_and_leaves_the_connection_in_step(
 
 _ARGUMENT = st.one_of(
     st.binary(max_size=64),
-    st.binary(min_size=2000, max_size=7000),  # around redis-py's cut-off for joining buffers
+    st.integers(20_000, 70_000).map(lambda n: b"\xff" * n),  # around the cut-off for joining buffers
     st.text(max_size=32),
     st.integers(-(2**80), 2**80),
     st.floats(allow_nan=False, allow_infinity=False),
@@ -62,11 +62,18 @@ _COMMAND = st.tuples(st.sampled_from(["EVALSHA", "PUBLISH", "SPUBLISH"]), st.lis
 @settings(max_examples=300, deadline=None)
 @given(st.lists(_COMMAND.map(lambda c: [c[0], *c[1]]), min_size=1, max_size=6))
 def test_packed_as_redis_py_packs(commands: list[list[bytes | str | int | float]]) -> None:
-    """What ``Request`` sends (hiredis's ``pack_command``, buffers cut as redis-py cuts them)
-    is, buffer for buffer, what redis-py's own packer gives for every command the store
-    sends: a command name, then bytes, text, integers and floats."""
-    expected = redis.connection.Connection().pack_commands(commands)  # type: ignore[no-untyped-call]
-    assert expected == _buffers([tuple(command) for command in commands])
+    """What ``Request`` sends (hiredis's ``pack_command``) is, byte for byte, what redis-py's
+    own packer gives for every command the store sends: a command name, then bytes, text,
+    integers and floats; cut into joined buffers under twice ``_JOIN_BYTES``, and a command
+    larger than that is a buffer of its own."""
+    packer = redis.connection.Connection()  # type: ignore[no-untyped-call]
+    expected = packer.pack_commands(commands)  # type: ignore[no-untyped-call]
+    buffers = _buffers([tuple(command) for command in commands])
+    assert b"".join(expected) == b"".join(buffers)
+    sizes = [len(b"".join(packer.pack_commands([c]))) for c in commands]  # type: ignore[no-untyped-call]
+    large = {size for size in sizes if size > _JOIN_BYTES}
+    # A joined buffer stops once it passes the cut-off: under twice that.
+    assert all(len(buffer) in large or len(buffer) < 2 * _JOIN_BYTES for buffer in buffers)
 
 
 def test_an_argument_redis_py_refuses_is_refused_before_anything_is_sent(
