@@ -33,9 +33,6 @@ class Request:
     def __init__(self) -> None:
         self._commands: list[tuple[Argument, ...]] = []
 
-    def __len__(self) -> int:
-        return len(self._commands)
-
     def command(self, *args: Argument) -> None:
         self._commands.append(args)
 
