@@ -11,6 +11,7 @@ from aleatoria import messages as m
 from aleatoria.frames import text_frame
 from aleatoria.hub import Client, open_hub
 from aleatoria.limits import RateLimiter
+from aleatoria.presence import member_frame
 from aleatoria.router import Router, user_envelope
 from aleatoria.store.memory import MemoryStore
 
@@ -65,3 +66,20 @@ async def test_a_hand_over_sends_each_room_in_one_write_per_member_in_order() ->
         router.on_bus_messages([("South", b'{"s":4}'), ("North", b'{"n":4}'), ("South", b'{"s":5}')])
         assert (_frames(b'{"s":4}', b'{"s":5}'), 2) == sockets["cat"].writes[-1]
         assert (text_frame(b'{"n":4}'), 1) == sockets["bob"].writes[-1]
+
+
+async def test_a_level_2_item_keeps_its_place_in_its_room() -> None:
+    """A presence event goes to the level-2 members after its room's earlier messages and
+    before its later ones (the room's run is cut there); a level-1 member never sees it."""
+    async with open_hub(0.0) as hub:
+        router = Router(hub, MemoryStore(ttl_seconds=60, history_max=10))
+        sockets = {user: _Recorder() for user in ("old", "new")}
+        for user, ws in sockets.items():
+            client = Client(user=user, ws=ws, limiter=RateLimiter(0, 1, 1), level2=user == "new")  # type: ignore[arg-type]
+            hub.clients[user] = client
+            hub.join(client, "North")
+        joined = b"2M" + f"{m.MEMBER_JOINED} dan".encode()
+        router.on_bus_messages([("North", b'{"n":1}'), ("North", joined), ("North", b'{"n":2}')])
+        event = text_frame(member_frame(m.MEMBER_JOINED, "North", "dan", "new"))
+        assert [(text_frame(b'{"n":1}'), 1), (event, 1), (text_frame(b'{"n":2}'), 1)] == sockets["new"].writes
+        assert [(text_frame(b'{"n":1}'), 1), (text_frame(b'{"n":2}'), 1)] == sockets["old"].writes
