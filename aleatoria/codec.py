@@ -263,6 +263,7 @@ def encode_reply(kind: str, to_user: str, payload: Any, room: str | None = None)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _FRACTION = re.compile(r"(\.\d{6})\d+")
+_SECONDS = "%Y-%m-%dT%H:%M:%S"
 _second_cache: tuple[int, str] = (-1, "")
 
 
@@ -273,9 +274,16 @@ def now() -> tuple[int, str]:
     seconds, rest = divmod(ns, 1_000_000_000)
     cached_second, prefix = _second_cache
     if cached_second != seconds:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        prefix = time.strftime(_SECONDS, time.gmtime(seconds))
         _second_cache = (seconds, prefix)
     return ns, f"{prefix}.{rest // 1000:06d}Z"
+
+
+def rfc3339(ns: int) -> str:
+    """Epoch nanoseconds in ``now``'s form: fixed width, so texts order as their times do
+    (the DM history script compares them as text)."""
+    seconds, rest = divmod(ns, 1_000_000_000)
+    return f"{time.strftime(_SECONDS, time.gmtime(seconds))}.{rest // 1000:06d}Z"
 
 
 def parse_time_ns(text: str) -> int:

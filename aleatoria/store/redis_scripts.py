@@ -65,6 +65,9 @@ and by rank to the cap and sets the expiry, in one call per room and batch.
 ``dm:{a}:{b}`` is a list, oldest first. ``dm_append`` pushes a batch, caps it,
 trims entries older than the TTL from the head (their ``createTime`` parsed here, RFC 3339
 with any fraction and offset, as the original also wrote them) and sets the key's expiry.
+A ``createTime`` in our own fixed-width form (UTC, six fraction digits) is compared as
+text with the cutoff in that form (ARGV[5]) rather than parsed: the parse was a third of
+the script's time in redis-server (25 -> 17 us per call, scripts/redis_message_cost.py).
 Entries flagged as possibly written already (a retried batch) are skipped when the list
 holds them: a retry after a half-executed pipeline never duplicates a DM.
 """
@@ -778,24 +781,30 @@ local function epoch_seconds(ts)
 end
 local key = KEYS[1]
 local cutoff, cap, ttl, suspects = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-for i = 5, #ARGV do
-  if i - 4 > suspects or not redis.call('LPOS', key, ARGV[i], 'RANK', -1, 'MAXLEN', cap) then
-    redis.call('RPUSH', key, ARGV[i])
+local cutoff_text = ARGV[5]
+local length = 0
+for i = 6, #ARGV do
+  if i - 5 > suspects or not redis.call('LPOS', key, ARGV[i], 'RANK', -1, 'MAXLEN', cap) then
+    length = redis.call('RPUSH', key, ARGV[i])
   end
 end
-redis.call('LTRIM', key, -cap, -1)
+if length == 0 or length > cap then redis.call('LTRIM', key, -cap, -1) end
 while true do
   local head = redis.call('LINDEX', key, 0)
   if not head then break end
   local ok, message = pcall(cjson.decode, head)
-  local t = nil
-  if ok and type(message) == 'table' and type(message.createTime) == 'string' then
-    t = epoch_seconds(message.createTime)
+  local ts = ok and type(message) == 'table' and message.createTime
+  if type(ts) ~= 'string' then break end
+  if #ts == 27 and string.find(ts, '^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%d%.%d%d%d%d%d%dZ$') then
+    -- Ours (UTC, microseconds): fixed width, so the text orders as the time does.
+    if ts > cutoff_text then break end
+  else
+    local t = epoch_seconds(ts)
+    if t == nil or t > cutoff then break end
   end
-  if t == nil or t > cutoff then break end
   redis.call('LPOP', key)
 end
-if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ttl) end
+redis.call('PEXPIRE', key, ttl)  -- a no-op when the trim emptied the list
 return 1
 """
 

@@ -45,6 +45,7 @@ from typing import Any, Protocol
 import redis
 import trio
 
+from aleatoria.codec import rfc3339
 from aleatoria.store.redis_client import RedisClient, Scripts
 from aleatoria.store.redis_request import Request
 
@@ -328,9 +329,21 @@ class WriteBehind:
             command("EVALSHA", room_sha, 1, key, cutoff_ns, self._cap, self._ttl_ms, *pairs)
         dm_sha = self._scripts.dm_append.sha
         cutoff_s = repr(cutoff_ns / 1e9)
+        cutoff_text = rfc3339(cutoff_ns)
         for key, (counted, messages) in dms.items():
             dm = DM_PREFIX + key
-            command("EVALSHA", dm_sha, 1, dm, cutoff_s, self._cap, self._ttl_ms, counted[0], *messages)
+            command(
+                "EVALSHA",
+                dm_sha,
+                1,
+                dm,
+                cutoff_s,
+                self._cap,
+                self._ttl_ms,
+                counted[0],
+                cutoff_text,
+                *messages,
+            )
         if live is not None and items:
             live.add_to_pipeline(command, items, self._scripts.route.sha)
         replies = request.send(r)

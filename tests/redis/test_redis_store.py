@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from redis_server import RedisServer
 from redis_support import server_config, wait_until
 
@@ -187,5 +190,80 @@ def test_a_retried_batch_never_duplicates_a_dm(redis_server: RedisServer) -> Non
         with redis_server.client() as r:
             assert [str(n).encode() for n in range(5)] == [_content(m) for m in r.lrange("dm:a:b", 0, -1)]
             assert 1 == r.zcard("room:messages:Den")
+    finally:
+        client.close()
+
+
+_TTL_NS = 3600 * 10**9
+# A cutoff between two microseconds: one of ours at its microsecond is older, the next newer.
+_CUTOFF_NS = 1_790_000_000_123_456_500
+
+
+def _stamp(created_ns: int, kind: str) -> str:
+    """``created_ns`` as ``kind`` writes createTime: ours (UTC, microseconds), the original's
+    (Go's RFC3339Nano: nanoseconds, in UTC or at an offset), or text that is no time."""
+    if kind == "garbage":
+        return "yesterday"
+    moment = datetime.fromtimestamp(created_ns // 10**9, UTC)
+    if kind == "go_offset":
+        moment = moment.astimezone(timezone(timedelta(hours=-5, minutes=-30)))
+    fraction = created_ns % 10**9
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if kind == "ours":
+        return f"{text}.{fraction // 1000:06d}Z"
+    offset = moment.strftime("%z")
+    return f"{text}.{fraction:09d}" + ("Z" if offset == "+0000" else f"{offset[:3]}:{offset[3:]}")
+
+
+_HEAD = st.one_of(
+    # Ours, down to a microsecond either side of the cutoff.
+    st.tuples(st.just("ours"), st.integers(-3_000_000, 3_000_000).map(lambda us: us * 1000 - 500)),
+    # The original's and unparsable ones: at least a millisecond away (parsed as floats).
+    st.tuples(
+        st.sampled_from(["go_utc", "go_offset", "garbage"]),
+        st.integers(-3_000, 3_000).filter(lambda ms: ms != 0).map(lambda ms: ms * 10**6),
+    ),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(heads=st.lists(_HEAD, max_size=6))
+def test_a_dm_write_trims_exactly_the_expired_head(
+    redis_server: RedisServer, heads: list[tuple[str, int]]
+) -> None:
+    """``dm_append`` pops the list's head while its createTime is at or before the cutoff,
+    whichever form the time is in (ours is compared as text, the original's parsed), and
+    stops at the first newer or unparsable one; then the new message is last."""
+    from aleatoria.store.redis_client import RedisClient
+    from aleatoria.store.redis_writer import DM, WriteBehind
+
+    stored = [
+        orjson.dumps({"payload": {"content": str(n)}, "createTime": _stamp(_CUTOFF_NS + delta, kind)})
+        for n, (kind, delta) in enumerate(heads)
+    ]
+    expired = 0
+    for kind, delta in heads:
+        if kind == "garbage" or delta > 0:
+            break
+        expired += 1
+    client = RedisClient(redis_server.url, connect_timeout=2, call_timeout=2)
+    try:
+        client.scripts.load(client.redis)
+        writer = WriteBehind(
+            capacity=10,
+            batch=10,
+            ttl_ns=_TTL_NS,
+            history_max=50,
+            scripts=client.scripts,
+            clock_ns=lambda: _CUTOFF_NS + _TTL_NS,
+        )
+        with redis_server.client() as r:
+            r.delete("dm:a:b")
+            if stored:
+                r.rpush("dm:a:b", *stored)
+            new = _message(99, _CUTOFF_NS + 10**9, toUser="b")
+            writer._write(client.redis, batch=[(DM, "a:b", new, _CUTOFF_NS + 10**9, None)], suspects=0)
+            assert [*stored[expired:], new] == r.lrange("dm:a:b", 0, -1)
+            assert 0 < r.pttl("dm:a:b")
     finally:
         client.close()
