@@ -66,8 +66,9 @@ and by rank to the cap and sets the expiry, in one call per room and batch.
 trims entries older than the TTL from the head (their ``createTime`` parsed here, RFC 3339
 with any fraction and offset, as the original also wrote them) and sets the key's expiry.
 A ``createTime`` in our own fixed-width form (UTC, six fraction digits) is compared as
-text with the cutoff in that form (ARGV[5]) rather than parsed: the parse was a third of
-the script's time in redis-server (25 -> 17 us per call, scripts/redis_message_cost.py).
+text with the cutoff in that form (ARGV[5]) rather than parsed: the parse was a quarter of
+the script's time in redis-server (with the calls dropped since: 28.5 -> 16.5 us per call
+in ``scripts/redis_message_cost.py``, docs/performance.md "Session 12").
 Entries flagged as possibly written already (a retried batch) are skipped when the list
 holds them: a retry after a half-executed pipeline never duplicates a DM.
 """
