@@ -19,42 +19,18 @@ per round trip. Request heads are parsed by httptools, as Aleatoria parses them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import socket
-import struct
 from urllib.parse import parse_qs
 
 import httptools
 import trio
+from handshake_floor import HEALTH, SWITCHING, httptools_head  # scripts/, beside this file
 from wsproto.utilities import generate_accept_token
 
-_HEALTH = b'HTTP/1.1 200 OK\r\ncontent-length: 15\r\nconnection: close\r\n\r\n{"status":"ok"}'
-_SWITCHING = (
-    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Accept: %s\r\n\r\n"
-)
+from aleatoria.frames import text_frame
+
 _TO_USER = b'"toUser":"'
 _RECV_BYTES = 65536  # as aleatoria.connection
-
-
-class _Head:
-    def __init__(self) -> None:
-        self.url = b""
-        self.key = b""
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"sec-websocket-key":
-            self.key = value.strip()
-
-
-def _frame(payload: bytes) -> bytes:
-    length = len(payload)
-    if length < 126:
-        return bytes((0x81, length)) + payload
-    return struct.pack("!BBH", 0x81, 126, length) + payload
 
 
 def _frames(buffer: bytearray) -> list[tuple[int, bytes]]:
@@ -91,15 +67,12 @@ async def _connection(sock: socket.socket, users: dict[bytes, socket.socket]) ->
             if not data:
                 return
             head += data
-        parsed = _Head()
-        with contextlib.suppress(httptools.HttpParserUpgrade):  # the head ends at the upgrade
-            httptools.HttpRequestParser(parsed).feed_data(head)
-        if parsed.url.startswith(b"/health"):
-            sock.send(_HEALTH)
+        target, key = httptools_head(head)
+        if target.startswith(b"/health"):
+            sock.send(HEALTH)
             return
-        query = parse_qs(httptools.parse_url(parsed.url).query.decode())
-        user = query["userId"][0].encode()
-        sock.send(_SWITCHING % generate_accept_token(parsed.key))
+        user = parse_qs(httptools.parse_url(target).query.decode())["userId"][0].encode()
+        sock.send(SWITCHING % generate_accept_token(key))
         users[user] = sock
         try:
             await _relay(sock, users)
@@ -138,7 +111,7 @@ async def _relay(sock: socket.socket, users: dict[bytes, socket.socket]) -> None
                 continue
             at += len(_TO_USER)
             peer = users.get(payload[at : payload.index(b'"', at)])
-            frame = _frame(payload)
+            frame = text_frame(payload)
             if peer is not None:
                 peer.send(frame)
             sock.send(frame)

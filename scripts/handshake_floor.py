@@ -24,8 +24,8 @@ import httptools
 import trio
 from wsproto.utilities import generate_accept_token
 
-_HEALTH = b'HTTP/1.1 200 OK\r\ncontent-length: 15\r\nconnection: close\r\n\r\n{"status":"ok"}'
-_SWITCHING = (
+HEALTH = b'HTTP/1.1 200 OK\r\ncontent-length: 15\r\nconnection: close\r\n\r\n{"status":"ok"}'
+SWITCHING = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Accept: %s\r\n\r\n"
 )
@@ -65,14 +65,14 @@ class _Headers:
             self.key = value.strip()
 
 
-def _httptools_head(head: bytes) -> tuple[bytes, bytes]:
+def httptools_head(head: bytes) -> tuple[bytes, bytes]:
     headers = _Headers()
     with contextlib.suppress(httptools.HttpParserUpgrade):  # the head ends at the upgrade
         httptools.HttpRequestParser(headers).feed_data(head)
     return headers.url, headers.key
 
 
-_PARSERS = {"raw": _raw_head, "h11": _h11_head, "httptools": _httptools_head}
+_PARSERS = {"raw": _raw_head, "h11": _h11_head, "httptools": httptools_head}
 
 
 async def _connection(sock: socket.socket, parser: str) -> None:
@@ -89,9 +89,9 @@ async def _connection(sock: socket.socket, parser: str) -> None:
             head += data
         target, key = _PARSERS[parser](head)
         if target.startswith(b"/health"):
-            sock.send(_HEALTH)
+            sock.send(HEALTH)
             return
-        sock.send(_SWITCHING % generate_accept_token(key))
+        sock.send(SWITCHING % generate_accept_token(key))
         while True:  # hold until the client goes away
             await trio.lowlevel.wait_readable(sock)
             try:
