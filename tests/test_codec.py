@@ -12,7 +12,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aleatoria import messages as m
-from aleatoria.codec import converter, decode, dumps, encode, encode_relayed, encode_reply, loads
+from aleatoria.codec import (
+    converter,
+    decode,
+    dumps,
+    encode,
+    encode_relayed,
+    encode_reply,
+    loads,
+    now,
+    parse_time_ns,
+    rfc3339,
+)
 from aleatoria.errors import InvalidMessage
 from aleatoria.messages import Envelope
 
@@ -217,3 +228,20 @@ def test_decode_builds_what_cattrs_structures(fields: dict[str, object]) -> None
     except InvalidMessage:
         got = InvalidMessage
     assert got == expected
+
+
+def test_rfc3339_writes_what_now_writes() -> None:
+    """The DM history script compares our createTime with a cutoff written by ``rfc3339``
+    as text: both must be the same fixed-width form."""
+    created_ns, created = now()
+    assert created == rfc3339(created_ns)
+    assert 27 == len(created)
+
+
+@given(st.integers(0, 253_402_300_799 * 10**9))  # up to 9999-12-31T23:59:59Z
+def test_rfc3339_is_fixed_width_and_orders_as_time_does(ns: int) -> None:
+    text = rfc3339(ns)
+    assert 27 == len(text)
+    assert ns // 1000 * 1000 == parse_time_ns(text)
+    later = rfc3339(ns + 1000)
+    assert text < later
