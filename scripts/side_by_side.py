@@ -141,6 +141,7 @@ def render(
 ) -> str:
     """One run's figures and verdict as markdown."""
     echo_us = statistics.median(echo)
+    redis_cpu = dict(redis_cpu)
     lines = [
         f"## Run {run}",
         "",
@@ -165,7 +166,8 @@ def render(
         records = results[scenario]
         memory = median_of(records, "memory", key)
         redis = f"{median_of(records, 'redis', key):.2f}" if scenario != "conns" else "-"
-        lines.append(f"| {scenario} | {unit} | {memory:.2f} | {redis} | {redis_cpu.get(scenario, '-')} |")
+        spent = redis_cpu.pop(scenario, "-")  # once per scenario
+        lines.append(f"| {scenario} | {unit} | {memory:.2f} | {redis} | {spent} |")
     return "\n".join(lines)
 
 

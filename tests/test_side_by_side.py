@@ -106,3 +106,6 @@ def test_the_report_names_every_target_and_the_echo_runs() -> None:
     for target in sbs.targets(25.0, results):
         assert f"| {target.name} |" in text
     assert "| dm | us per round trip | 100.00 | 125.00 | 27.00 us per round trip |" in text
+    # redis-server's CPU is per scenario: on its first row only.
+    text = sbs.render(2, [25.0], results, {"match": "400.00 us per match"})
+    assert 1 == text.count("400.00 us per match")
