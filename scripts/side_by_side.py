@@ -24,7 +24,7 @@ to database 0 of ``--redis-url``):
     python scripts/side_by_side.py --redis-url redis://127.0.0.1:6390/0 --out /tmp/sbs
 
 The reference generator must be built first (``../shared/bench/README.md``). One run takes
-about 16 minutes; ``--runs 3`` gives the three side by sides a target needs.
+about 6 minutes; ``--runs 3`` gives the three side by sides a target needs.
 """
 
 from __future__ import annotations
@@ -233,7 +233,18 @@ def main() -> int:
 
     import redis  # only here: the summary above needs no client
 
-    redis_pid = int(redis.Redis.from_url(args.redis_url).info("server")["process_id"])
+    compare = args.bench / "compare.py"
+    # Where compare.py looks for it.
+    build = os.environ.get("BENCH_BUILD", "/tmp/aleatoria-bench")
+    loadgen = Path(os.environ.get("LOADGEN") or Path(build, "bin", "loadgen"))
+    if not compare.exists():
+        parser.error(f"no compare.py in {args.bench}: give --bench the reference generator's directory")
+    if not loadgen.exists():
+        parser.error(f"no reference generator at {loadgen}: build it ({args.bench / 'README.md'})")
+    try:
+        redis_pid = int(redis.Redis.from_url(args.redis_url).info("server")["process_id"])
+    except (redis.RedisError, OSError) as exc:
+        parser.error(f"no redis-server at {args.redis_url} ({exc}); start one of its own first")
     args.out.mkdir(parents=True, exist_ok=True)
     python = shlex.quote(args.python)
     serve = f"env PYTHONPATH={shlex.quote(str(ROOT))} {python} -m aleatoria serve --port {{port}} {FLAGS}"
