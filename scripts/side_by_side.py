@@ -17,8 +17,8 @@ read around each step and reported per unit of the Redis-mode runs' work. The ma
 come from the generator's JSON: ``match_latency`` (a request to its ``assign_role``, the
 target's "match p99") is not in compare.py's table, which shows the relay latency.
 
-It starts no redis-server: give it one of its own (it flushes nothing, but the runs write
-to database 0 of ``--redis-url``):
+It starts no redis-server: give it one of its own (the servers under test write to the
+database ``--redis-url`` names; nothing is flushed):
 
     redis-server --port 6390 --save '' --appendonly no --daemonize yes
     python scripts/side_by_side.py --redis-url redis://127.0.0.1:6390/0 --out /tmp/sbs
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
-# Generous limits off: the generator is one client address sending as fast as it can.
+# The server's limits off: the generator is one address sending as fast as it can.
 FLAGS = "--rate-limit 0 --allowed-origin * --log-level warning --match-rate 0 --max-connections-per-ip 0"
 ECHO_RUNS = 3
 _TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
