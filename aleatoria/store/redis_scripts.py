@@ -128,10 +128,13 @@ local function partner(user)
 end
 local function remember_ended(user, peer, id, ended_ms)
   local key = ENDED_PREFIX .. user
-  redis.call('LPUSH', key, peer .. '|' .. ended_ms .. '|' .. id)
-  redis.call('LTRIM', key, 0, RECENT_MATCHES - 1)
+  if redis.call('LPUSH', key, peer .. '|' .. ended_ms .. '|' .. id) > RECENT_MATCHES then
+    redis.call('LTRIM', key, 0, RECENT_MATCHES - 1)
+  end
   redis.call('PEXPIRE', key, RECENT_MATCH_MS)
 end
+-- Ends the user's match; both sides' entries go in one HDEL per hash when the peer's side
+-- names the user (it always does, unless a repair left one side behind).
 local function end_match(user)
   local peer = partner(user)
   if not peer then return false end
@@ -142,15 +145,12 @@ local function end_match(user)
     ended_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     remember_ended(user, peer, id, ended_ms)
   end
-  redis.call('HDEL', MATCHES, user)
-  redis.call('HDEL', MATCH_IDS_KEY, user)
-  redis.call('HDEL', MATCH_COMMON_KEY, user)
-  if partner(peer) == user then
-    redis.call('HDEL', MATCHES, peer)
-    redis.call('HDEL', MATCH_IDS_KEY, peer)
-    redis.call('HDEL', MATCH_COMMON_KEY, peer)
-    if id then remember_ended(peer, user, id, ended_ms) end
-  end
+  local mutual = partner(peer) == user
+  local sides = mutual and {user, peer} or {user}
+  redis.call('HDEL', MATCHES, unpack(sides))
+  redis.call('HDEL', MATCH_IDS_KEY, unpack(sides))
+  redis.call('HDEL', MATCH_COMMON_KEY, unpack(sides))
+  if mutual and id then remember_ended(peer, user, id, ended_ms) end
   return peer
 end
 -- A live match told again (PROTOCOL.md section 4): its id and common interests.
@@ -172,10 +172,14 @@ end
 # removals made here through pool_remove. Same hash tag as the pool, so same cluster slot.
 POOL_HELPERS = """
 local POOL_INDEX = POOL_INDEX_KEY
-local function pool_add(user)
+-- now_ms: Redis's clock in ms if the caller has read it already.
+local function pool_add(user, now_ms)
   if redis.call('SADD', POOL, user) == 1 then
-    local t = redis.call('TIME')
-    redis.call('ZADD', POOLED_KEY, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), user)
+    if not now_ms then
+      local t = redis.call('TIME')
+      now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    redis.call('ZADD', POOLED_KEY, now_ms, user)
   end
   redis.call('ZADD', POOL_INDEX, 0, user)
 end

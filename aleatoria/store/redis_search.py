@@ -292,13 +292,14 @@ AVAILABLE = (
     + """
 local user = ARGV[5]
 local ended = end_match(user)
-unpool(user)
-dequeue(user)
+unpool(user)  -- and its profile: of a searcher's dequeue, the queue's two entries are left
+redis.call('ZREM', QUEUE, user)
+redis.call('ZREM', DUE, user)
 if ARGV[7] ~= '' then
   redis.call('HSET', PROFILES, user, ARGV[7])
   for _, tag in ipairs(profile(user).i) do redis.call('SADD', TAG .. tag, user) end
 end
-pool_add(user)
+pool_add(user, cfg.now)
 if redis.call('HSETNX', KEYS[3], user, ARGV[6] .. '|') == 1 then
   redis.call('SADD', KEYS[5], user)
 end
