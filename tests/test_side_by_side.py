@@ -106,6 +106,12 @@ def test_the_report_names_every_target_and_the_echo_runs() -> None:
     for target in sbs.targets(25.0, results):
         assert f"| {target.name} |" in text
     assert "| dm | us per round trip | 100.00 | 125.00 | 27.00 us per round trip |" in text
+    # A figure just under its bound does not print as the bound.
+    results["fanout-10x50"] = _reps("memory", {"server_cpu_us_per_delivery": 2.25}) + _reps(
+        "redis", {"server_cpu_us_per_delivery": 2.83}
+    )
+    text = sbs.render(2, [25.0], results, {})
+    assert "| Redis fan-out 10x50 / memory | 0.795 | >= 0.8x | **no** |" in text
     # redis-server's CPU is per scenario: on its first row only.
     text = sbs.render(2, [25.0], results, {"match": "400.00 us per match"})
     assert 1 == text.count("400.00 us per match")
