@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import socket
+from functools import partial
 from urllib.parse import parse_qs
 
 import httptools
 import trio
-from handshake_floor import HEALTH, SWITCHING, httptools_head  # scripts/, beside this file
+from handshake_floor import HEALTH, SWITCHING, httptools_head, read_head, serve  # beside this file
 from wsproto.utilities import generate_accept_token
 
 from aleatoria.frames import text_frame
@@ -57,16 +58,9 @@ def _frames(buffer: bytearray) -> list[tuple[int, bytes]]:
 
 async def _connection(sock: socket.socket, users: dict[bytes, socket.socket]) -> None:
     with sock:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                data = sock.recv(8192)
-            except BlockingIOError:
-                continue
-            if not data:
-                return
-            head += data
+        head = await read_head(sock)
+        if head is None:
+            return
         target, key = httptools_head(head)
         if target.startswith(b"/health"):
             sock.send(HEALTH)
@@ -117,28 +111,11 @@ async def _relay(sock: socket.socket, users: dict[bytes, socket.socket]) -> None
             sock.send(frame)
 
 
-async def _serve(port: int) -> None:
-    listener = socket.create_server(("127.0.0.1", port), backlog=4096)
-    listener.setblocking(False)
-    print(f"dm_floor: listening on 127.0.0.1:{listener.getsockname()[1]}", flush=True)
-    users: dict[bytes, socket.socket] = {}
-    async with trio.open_nursery() as nursery:
-        while True:
-            await trio.lowlevel.wait_readable(listener)
-            for _ in range(256):
-                try:
-                    sock, _ = listener.accept()
-                except BlockingIOError:
-                    break
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                nursery.start_soon(_connection, sock, users)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, default=8096, help="0: any free port (printed)")
-    trio.run(_serve, parser.parse_args().port)
+    users: dict[bytes, socket.socket] = {}
+    trio.run(serve, "dm_floor", parser.parse_args().port, partial(_connection, users=users))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import socket
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import h11
 import httptools
@@ -75,18 +77,46 @@ def httptools_head(head: bytes) -> tuple[bytes, bytes]:
 _PARSERS = {"raw": _raw_head, "h11": _h11_head, "httptools": httptools_head}
 
 
+async def read_head(sock: socket.socket) -> bytes | None:
+    """A request head (with whatever came after it in the same reads), or None when the
+    client left first."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            data = sock.recv(8192)
+        except BlockingIOError:
+            continue
+        if not data:
+            return None
+        head += data
+    return head
+
+
+async def serve(name: str, port: int, connection: Callable[[socket.socket], Awaitable[None]]) -> None:
+    """Accept on 127.0.0.1:``port`` (0: any free port; the line printed names it) and run
+    ``connection`` for each socket, one task each, as Aleatoria does."""
+    listener = socket.create_server(("127.0.0.1", port), backlog=4096)
+    listener.setblocking(False)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
+    print(f"{name}: listening on 127.0.0.1:{listener.getsockname()[1]}", flush=True)
+    async with trio.open_nursery() as nursery:
+        while True:
+            await trio.lowlevel.wait_readable(listener)
+            for _ in range(256):
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    break
+                sock.setblocking(False)
+                nursery.start_soon(connection, sock)
+
+
 async def _connection(sock: socket.socket, parser: str) -> None:
     with sock:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                data = sock.recv(8192)
-            except BlockingIOError:
-                continue
-            if not data:
-                return
-            head += data
+        head = await read_head(sock)
+        if head is None:
+            return
         target, key = _PARSERS[parser](head)
         if target.startswith(b"/health"):
             sock.send(HEALTH)
@@ -103,22 +133,6 @@ async def _connection(sock: socket.socket, parser: str) -> None:
                 return
 
 
-async def _serve(port: int, parser: str) -> None:
-    listener = socket.create_server(("127.0.0.1", port), backlog=4096)
-    listener.setblocking(False)
-    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    async with trio.open_nursery() as nursery:
-        while True:
-            await trio.lowlevel.wait_readable(listener)
-            for _ in range(256):
-                try:
-                    sock, _ = listener.accept()
-                except BlockingIOError:
-                    break
-                sock.setblocking(False)
-                nursery.start_soon(_connection, sock, parser)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, default=8095)
@@ -126,7 +140,8 @@ def main() -> None:
     which.add_argument("--h11", action="store_true", help="parse request heads with h11")
     which.add_argument("--httptools", action="store_true", help="parse request heads with httptools")
     args = parser.parse_args()
-    trio.run(_serve, args.port, "h11" if args.h11 else "httptools" if args.httptools else "raw")
+    head_parser = "h11" if args.h11 else "httptools" if args.httptools else "raw"
+    trio.run(serve, "handshake_floor", args.port, partial(_connection, parser=head_parser))
 
 
 if __name__ == "__main__":
