@@ -18,7 +18,9 @@ Keys, all tagged ``{available:webrtc}`` like the pool (one cluster slot, so ever
 reads them with the pool, the matches and the safety keys):
 - ``aleatoria:search:queue:{...}``: sorted set of searchers, scored by Redis' ``TIME`` (ms)
   at enqueue -- oldest first whatever instance queued them;
-- ``aleatoria:search:due:{...}``: sorted set, when each searcher must be looked at again;
+- ``aleatoria:search:due:{...}``: sorted set, when each searcher must be looked at again
+  (a wait or timeout 1 ms after its end: the ms of ``TIME`` are truncated, so only a
+  difference over the duration shows it has passed, and neither may end early);
 - ``aleatoria:search:profiles:{...}``: hash user -> profile JSON (``Profile.to_json``), for
   searchers and pooled users alike (a user is one or the other);
 - ``aleatoria:search:pooled:{...}``: sorted set of pooled users by when they were pooled
@@ -101,9 +103,15 @@ local function recent(a, b)
   local t = redis.call('ZSCORE', RECENT .. a, b)
   return t ~= false and cfg.now - tonumber(t) < cfg.cooldown
 end
+-- Whether ``ms`` have passed since ``since`` for certain. Both times are Redis's clock
+-- truncated to the millisecond, so an equal difference may be up to 1 ms short: a wait or a
+-- timeout must never end early (clients and tests time it from before their request).
+local function passed(since, ms)
+  return since + ms < cfg.now
+end
 local function interests_allow(c, shared)
   if not c.searcher or #profile(c.user).i == 0 or shared then return true end
-  return profile(c.user).o ~= 1 and c.since + cfg.wait <= cfg.now
+  return profile(c.user).o ~= 1 and passed(c.since, cfg.wait)
 end
 -- c: {user, since (ms), searcher}
 local function compatible(a, b)
@@ -170,7 +178,7 @@ local function on_change(x)
   end
   -- Anyone: the longest pooled compatible user (when x may take one without a common
   -- interest, and nobody sharing one was found).
-  local any = #mine.i == 0 or (mine.o ~= 1 and x.since + cfg.wait <= cfg.now)
+  local any = #mine.i == 0 or (mine.o ~= 1 and passed(x.since, cfg.wait))
   if any and not (best and #common(mine, profile(best.user)) > 0) then
     local start, stale = 0, {}
     while true do
@@ -198,11 +206,12 @@ local function on_change(x)
   if best then return x, best end
   return nil
 end
+-- The first millisecond at which ``passed(since, ...)`` holds for u's timeout or wait.
 local function due(u, since)
-  local when = since + cfg.timeout
+  local when = since + cfg.timeout + 1
   local p = profile(u)
-  if #p.i > 0 and p.o ~= 1 and since + cfg.wait > cfg.now then
-    when = math.min(when, since + cfg.wait)
+  if #p.i > 0 and p.o ~= 1 and not passed(since, cfg.wait) then
+    when = math.min(when, since + cfg.wait + 1)
   end
   if cfg.cooldown > 0 then
     local first = redis.call('ZRANGEBYSCORE', RECENT .. u, cfg.now - cfg.cooldown, '+inf',
@@ -383,14 +392,14 @@ if #due_now > 0 then
   end)
   for _, x in ipairs(order) do
     if redis.call('ZSCORE', QUEUE, x.user) then
-      if x.since + cfg.timeout <= cfg.now then
+      if passed(x.since, cfg.timeout) then
         dequeue(x.user)
         timeouts[#timeouts + 1] = x.user
       elseif not online(KEYS[3], KEYS[4], x.user) then
         -- Its instance missed heartbeats: dead, or only stalled (it re-registers and its
         -- users are online again). It keeps its place, unmatchable meanwhile, and is looked
         -- at again each second until its timeout answers it (to its instance, if alive).
-        redis.call('ZADD', DUE, math.min(x.since + cfg.timeout, cfg.now + OFFLINE_RECHECK_MS), x.user)
+        redis.call('ZADD', DUE, math.min(x.since + cfg.timeout + 1, cfg.now + OFFLINE_RECHECK_MS), x.user)
       else
         redis.call('ZADD', DUE, due(x.user, x.since), x.user)
         local served, partner_ = on_change(x)

@@ -9,10 +9,11 @@ from contextlib import AbstractAsyncContextManager
 import pytest
 from redis_server import RedisServer
 from redis_support import server_config
-from search_scenarios import SCENARIOS
+from search_scenarios import SCENARIOS, search
 from support import Peer, connect, running_server
 
 from aleatoria.config import Config
+from aleatoria.store.redis_scripts import DUE_KEY, QUEUE_KEY
 
 TIMINGS = {"interest_wait": 1.0, "search_timeout": 3.0, "search_tick": 0.05}
 
@@ -29,3 +30,26 @@ async def test_scenario(
             return connect(srv, user)
 
         await scenario(opened, config)
+
+
+async def test_a_wait_or_timeout_is_due_once_it_has_certainly_passed(redis_server: RedisServer) -> None:
+    """A searcher is looked at again 1 ms after its interest wait or its timeout: Redis's
+    clock is read to the millisecond, truncated, so at exactly ``since + timeout`` up to a
+    millisecond may be missing, and a timeout must never be answered early (the flake this
+    pins: a client that timed it from before its request saw no_peer_available 3 s minus a
+    fraction of a millisecond later)."""
+    config = server_config(redis_server.url, **TIMINGS)
+    r = redis_server.client()
+    async with (
+        running_server(config) as srv,
+        connect(srv, "alice") as alice,
+        connect(srv, "bob") as bob,
+    ):
+        await alice.request(search(interests=["chess"]), "searching")
+        await bob.request(search(interests=["golf"], interestsOnly=True), "searching")
+        alice_since = r.zscore(QUEUE_KEY, "alice")
+        bob_since = r.zscore(QUEUE_KEY, "bob")
+        assert alice_since is not None and bob_since is not None
+        # Alice may fall back to anyone after the interest wait; Bob never does.
+        assert r.zscore(DUE_KEY, "alice") == alice_since + config.interest_wait * 1000 + 1
+        assert r.zscore(DUE_KEY, "bob") == bob_since + config.search_timeout * 1000 + 1
