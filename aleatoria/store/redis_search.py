@@ -105,9 +105,10 @@ local function recent(a, b)
 end
 -- Whether ``ms`` have passed since ``since`` for certain. Both times are Redis's clock
 -- truncated to the millisecond, so an equal difference may be up to 1 ms short: a wait or a
--- timeout must never end early (clients and tests time it from before their request).
+-- timeout must never end early (clients and tests time it from before their request). No
+-- time at all (an interest wait of 0) has always passed.
 local function passed(since, ms)
-  return since + ms < cfg.now
+  return ms <= 0 or since + ms < cfg.now
 end
 local function interests_allow(c, shared)
   if not c.searcher or #profile(c.user).i == 0 or shared then return true end

@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager
 import pytest
 from redis_server import RedisServer
 from redis_support import server_config
-from search_scenarios import SCENARIOS, search
+from search_scenarios import SCENARIOS, matched_pair, search
 from support import Peer, connect, running_server
 
 from aleatoria.config import Config
@@ -53,3 +53,18 @@ async def test_a_wait_or_timeout_is_due_once_it_has_certainly_passed(redis_serve
         # Alice may fall back to anyone after the interest wait; Bob never does.
         assert r.zscore(DUE_KEY, "alice") == alice_since + config.interest_wait * 1000 + 1
         assert r.zscore(DUE_KEY, "bob") == bob_since + config.search_timeout * 1000 + 1
+
+
+async def test_no_interest_wait_falls_back_at_once(redis_server: RedisServer) -> None:
+    """With ALEATORIA_INTEREST_WAIT=0 two searchers without a common interest match at once,
+    not at the next tick (a wait of 0 has passed even within the same millisecond)."""
+    config = server_config(redis_server.url, **{**TIMINGS, "interest_wait": 0.0, "search_tick": 10.0})
+    async with (
+        running_server(config) as srv,
+        connect(srv, "alice") as alice,
+        connect(srv, "bob") as bob,
+    ):
+        await alice.request(search(interests=["chess"]), "searching")
+        await bob.request(search(interests=["golf"]), "searching")
+        mine, _ = await matched_pair(alice, bob, timeout=5.0)
+        assert [] == mine["commonInterests"]
