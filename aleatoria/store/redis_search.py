@@ -19,8 +19,8 @@ reads them with the pool, the matches and the safety keys):
 - ``aleatoria:search:queue:{...}``: sorted set of searchers, scored by Redis' ``TIME`` (ms)
   at enqueue -- oldest first whatever instance queued them;
 - ``aleatoria:search:due:{...}``: sorted set, when each searcher must be looked at again
-  (a wait or timeout 1 ms after its end: the ms of ``TIME`` are truncated, so only a
-  difference over the duration shows it has passed, and neither may end early);
+  (a wait, timeout or cooldown 1 ms after its end: the ms of ``TIME`` are truncated, so
+  only a difference over the duration shows it has passed, and none may end early);
 - ``aleatoria:search:profiles:{...}``: hash user -> profile JSON (``Profile.to_json``), for
   searchers and pooled users alike (a user is one or the other);
 - ``aleatoria:search:pooled:{...}``: sorted set of pooled users by when they were pooled
@@ -99,16 +99,16 @@ local function barred(a, b)
   if redis.call('SISMEMBER', BLOCKS_PREFIX .. b, a) == 1 then return true end
   return shadowed(a) ~= shadowed(b)
 end
-local function recent(a, b)
-  local t = redis.call('ZSCORE', RECENT .. a, b)
-  return t ~= false and cfg.now - tonumber(t) < cfg.cooldown
-end
 -- Whether ``ms`` have passed since ``since`` for certain. Both times are Redis's clock
--- truncated to the millisecond, so an equal difference may be up to 1 ms short: a wait or a
--- timeout must never end early (clients and tests time it from before their request). No
--- time at all (an interest wait of 0) has always passed.
+-- truncated to the millisecond, so an equal difference may be up to 1 ms short: a wait, a
+-- timeout or a cooldown must never end early (clients and tests time a wait from before
+-- their request). No time at all (an interest wait of 0) has always passed.
 local function passed(since, ms)
   return ms <= 0 or since + ms < cfg.now
+end
+local function recent(a, b)
+  local t = redis.call('ZSCORE', RECENT .. a, b)
+  return t ~= false and not passed(tonumber(t), cfg.cooldown)
 end
 local function interests_allow(c, shared)
   if not c.searcher or #profile(c.user).i == 0 or shared then return true end
@@ -207,7 +207,7 @@ local function on_change(x)
   if best then return x, best end
   return nil
 end
--- The first millisecond at which ``passed(since, ...)`` holds for u's timeout or wait.
+-- The first millisecond at which ``passed`` holds for u's timeout, wait or a cooldown.
 local function due(u, since)
   local when = since + cfg.timeout + 1
   local p = profile(u)
@@ -218,7 +218,7 @@ local function due(u, since)
     local first = redis.call('ZRANGEBYSCORE', RECENT .. u, cfg.now - cfg.cooldown, '+inf',
       'WITHSCORES', 'LIMIT', 0, 1)
     if #first > 0 then
-      local ends = tonumber(first[2]) + cfg.cooldown
+      local ends = tonumber(first[2]) + cfg.cooldown + 1
       if ends > cfg.now then when = math.min(when, ends) end
     end
   end
@@ -241,8 +241,8 @@ local function remember(a, b)
   for _, pair in ipairs({{a, b}, {b, a}}) do
     local key = RECENT .. pair[1]
     redis.call('ZADD', key, cfg.now, pair[2])
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', cfg.now - cfg.cooldown)
-    redis.call('PEXPIRE', key, math.ceil(cfg.cooldown))
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', cfg.now - cfg.cooldown - 1)  -- passed for certain
+    redis.call('PEXPIRE', key, math.ceil(cfg.cooldown) + 1)
   end
 end
 local function new_id()

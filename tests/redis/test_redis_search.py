@@ -13,7 +13,7 @@ from search_scenarios import SCENARIOS, matched_pair, search
 from support import Peer, connect, running_server
 
 from aleatoria.config import Config
-from aleatoria.store.redis_scripts import DUE_KEY, QUEUE_KEY
+from aleatoria.store.redis_scripts import DUE_KEY, QUEUE_KEY, RECENT_PREFIX
 
 TIMINGS = {"interest_wait": 1.0, "search_timeout": 3.0, "search_tick": 0.05}
 
@@ -68,3 +68,27 @@ async def test_no_interest_wait_falls_back_at_once(redis_server: RedisServer) ->
         await bob.request(search(interests=["golf"]), "searching")
         mine, _ = await matched_pair(alice, bob, timeout=5.0)
         assert [] == mine["commonInterests"]
+
+
+async def test_a_cooldown_is_due_once_it_has_certainly_passed(redis_server: RedisServer) -> None:
+    """Former partners searching again are looked at 1 ms after their cooldown, by the same
+    rule as a wait or a timeout, and not matched with each other before."""
+    config = server_config(redis_server.url, **{**TIMINGS, "rematch_cooldown": 1.0, "search_timeout": 30.0})
+    r = redis_server.client()
+    async with (
+        running_server(config) as srv,
+        connect(srv, "alice") as alice,
+        connect(srv, "bob") as bob,
+    ):
+        await alice.request(search(), "searching")
+        await bob.request(search(), "searching")
+        first, _ = await matched_pair(alice, bob)
+        await alice.request(search(currentPeerId="bob"), "searching")
+        await bob.expect("hangup")
+        ended = r.zscore(RECENT_PREFIX + "alice", "bob")
+        assert ended is not None
+        assert r.zscore(DUE_KEY, "alice") == ended + config.rematch_cooldown * 1000 + 1
+        await bob.request(search(), "searching")
+        again, _ = await matched_pair(alice, bob, timeout=10.0)  # once the cooldown is over
+        assert again["matchId"] != first["matchId"]
+        assert r.zscore(RECENT_PREFIX + "alice", "bob") is not None  # remembered again
