@@ -185,12 +185,13 @@ def _echo_floor(python: str) -> float:
     return float(found[-1])
 
 
-def _redis_ticks(pid: int) -> int:
+def cpu_seconds(pid: int) -> float:
+    """The CPU a process (redis-server) has used so far: user and system time, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_SECOND  # utime + stime
 
 
-def _compare(bench: Path, out: Path, servers: dict[str, str], scenario: str, reps: int) -> list[Record]:
+def run_compare(bench: Path, out: Path, servers: dict[str, str], scenario: str, reps: int) -> list[Record]:
     """Run compare.py for one scenario; its records (appended to ``out``)."""
     before = out.read_text().count("\n") if out.exists() else 0
     command = [
@@ -308,11 +309,13 @@ def main() -> int:
         redis_cpu: dict[str, str] = {}
         for name, servers, scenario, unit in steps:
             say(name)
-            ticks = _redis_ticks(redis_pid)
-            records = _compare(args.bench, args.out / f"run{run}-{name}.jsonl", servers, scenario, args.reps)
+            cpu = cpu_seconds(redis_pid)
+            records = run_compare(
+                args.bench, args.out / f"run{run}-{name}.jsonl", servers, scenario, args.reps
+            )
             results[name] = records
             if unit is not None:
-                spent_us = (_redis_ticks(redis_pid) - ticks) * 1e6 / _TICKS_PER_SECOND
+                spent_us = (cpu_seconds(redis_pid) - cpu) * 1e6
                 work = sum(r[unit] * r["duration_s"] for r in records if r["server"] == "redis")
                 redis_cpu[name] = f"{spent_us / work:.2f} us per {_UNITS[unit]}"
         say("echo floor")
