@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from side_by_side import FLAGS, ROOT, Record, cpu_seconds, median_of, run_compare
+from side_by_side import FLAGS, ROOT, Record, check_bench, cpu_seconds, median_of, run_compare
 
 MODES = ("memory", "redis")
 
@@ -142,8 +142,9 @@ def main() -> int:
         counts = [int(users) for users in args.users.split(",")]
     except ValueError:
         parser.error(f"--users: comma-separated whole numbers, not {args.users!r}")
-    if not (args.bench / "compare.py").exists():
-        parser.error(f"no compare.py in {args.bench}: give --bench the reference generator's directory")
+    if min(counts) < 2 or args.reps < 1:
+        parser.error("--users: at least 2 each (a match takes two); --reps: at least 1")
+    check_bench(parser, args.bench)
 
     serve = (
         f"env PYTHONPATH={shlex.quote(str(ROOT))} {shlex.quote(args.python)} -m aleatoria serve "

@@ -185,6 +185,17 @@ def _echo_floor(python: str) -> float:
     return float(found[-1])
 
 
+def check_bench(parser: argparse.ArgumentParser, bench: Path) -> None:
+    """Exit with a clear message unless ``compare.py`` and the built generator are there."""
+    # Where compare.py looks for the generator.
+    build = os.environ.get("BENCH_BUILD", "/tmp/aleatoria-bench")
+    loadgen = Path(os.environ.get("LOADGEN") or Path(build, "bin", "loadgen"))
+    if not (bench / "compare.py").exists():
+        parser.error(f"no compare.py in {bench}: give --bench the reference generator's directory")
+    if not loadgen.exists():
+        parser.error(f"no reference generator at {loadgen}: build it ({bench / 'README.md'})")
+
+
 def cpu_seconds(pid: int) -> float:
     """The CPU a process (redis-server) has used so far: user and system time, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -235,14 +246,7 @@ def main() -> int:
 
     import redis  # only here: the summary above needs no client
 
-    compare = args.bench / "compare.py"
-    # Where compare.py looks for it.
-    build = os.environ.get("BENCH_BUILD", "/tmp/aleatoria-bench")
-    loadgen = Path(os.environ.get("LOADGEN") or Path(build, "bin", "loadgen"))
-    if not compare.exists():
-        parser.error(f"no compare.py in {args.bench}: give --bench the reference generator's directory")
-    if not loadgen.exists():
-        parser.error(f"no reference generator at {loadgen}: build it ({args.bench / 'README.md'})")
+    check_bench(parser, args.bench)
     try:
         redis_pid = int(redis.Redis.from_url(args.redis_url).info("server")["process_id"])
     except (redis.RedisError, OSError) as exc:
