@@ -18,7 +18,7 @@ Like ``side_by_side.py`` it starts no redis-server; give it one of its own:
     python scripts/match_curve.py --redis-url redis://127.0.0.1:6390/0 --out /tmp/curve
 
 Each user count is one ``compare.py`` (fresh server per repetition, server on CPU 0,
-generator on CPU 1, medians of ``--reps``): about 90 s per count with 3 repetitions.
+generator on CPU 1, medians of ``--reps``): about a minute per count with 3 repetitions.
 """
 
 from __future__ import annotations
