@@ -106,6 +106,10 @@ end
 local function passed(since, ms)
   return ms <= 0 or since + ms < cfg.now
 end
+-- The first millisecond at which ``passed(since, ms)`` holds: when to look again.
+local function passes_at(since, ms)
+  return since + ms + 1
+end
 local function recent(a, b)
   local t = redis.call('ZSCORE', RECENT .. a, b)
   return t ~= false and not passed(tonumber(t), cfg.cooldown)
@@ -207,18 +211,18 @@ local function on_change(x)
   if best then return x, best end
   return nil
 end
--- The first millisecond at which ``passed`` holds for u's timeout, wait or a cooldown.
+-- When to look at u again: the first of its timeout, its interest wait and a cooldown to pass.
 local function due(u, since)
-  local when = since + cfg.timeout + 1
+  local when = passes_at(since, cfg.timeout)
   local p = profile(u)
   if #p.i > 0 and p.o ~= 1 and not passed(since, cfg.wait) then
-    when = math.min(when, since + cfg.wait + 1)
+    when = math.min(when, passes_at(since, cfg.wait))
   end
   if cfg.cooldown > 0 then
     local first = redis.call('ZRANGEBYSCORE', RECENT .. u, cfg.now - cfg.cooldown, '+inf',
       'WITHSCORES', 'LIMIT', 0, 1)
     if #first > 0 then
-      local ends = tonumber(first[2]) + cfg.cooldown + 1
+      local ends = passes_at(tonumber(first[2]), cfg.cooldown)
       if ends > cfg.now then when = math.min(when, ends) end
     end
   end
@@ -400,7 +404,7 @@ if #due_now > 0 then
         -- Its instance missed heartbeats: dead, or only stalled (it re-registers and its
         -- users are online again). It keeps its place, unmatchable meanwhile, and is looked
         -- at again each second until its timeout answers it (to its instance, if alive).
-        redis.call('ZADD', DUE, math.min(x.since + cfg.timeout + 1, cfg.now + OFFLINE_RECHECK_MS), x.user)
+        redis.call('ZADD', DUE, math.min(passes_at(x.since, cfg.timeout), cfg.now + OFFLINE_RECHECK_MS), x.user)
       else
         redis.call('ZADD', DUE, due(x.user, x.since), x.user)
         local served, partner_ = on_change(x)
