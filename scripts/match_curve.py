@@ -34,6 +34,16 @@ from typing import NamedTuple
 from side_by_side import FLAGS, ROOT, Record, check_bench, cpu_seconds, median_of, run_compare
 
 MODES = ("memory", "redis")
+# The generator's figures behind a Point's fields after ``users`` and ``mode``, in order.
+_FIGURES = (
+    "matches_per_s",
+    "server_cpu_util",
+    "match_latency.p50_ms",
+    "match_latency.p90_ms",
+    "match_latency.p99_ms",
+    "timeouts",
+    "duplicate_assigns",
+)
 
 
 class Point(NamedTuple):
@@ -57,29 +67,12 @@ def points(records: Iterable[Record]) -> list[Point]:
     for record in records:
         if "error" not in record:  # a failed run has no figures (run_compare refuses them too)
             by_users.setdefault(int(record["users"]), []).append(record)
-    found = []
-    for users, group in sorted(by_users.items()):
-        for mode in MODES:
-            if not any(record.get("server") == mode for record in group):
-                continue
-
-            def med(key: str, group: list[Record] = group, mode: str = mode) -> float:
-                return median_of(group, mode, key)
-
-            found.append(
-                Point(
-                    users,
-                    mode,
-                    med("matches_per_s"),
-                    med("server_cpu_util"),
-                    med("match_latency.p50_ms"),
-                    med("match_latency.p90_ms"),
-                    med("match_latency.p99_ms"),
-                    med("timeouts"),
-                    med("duplicate_assigns"),
-                )
-            )
-    return found
+    return [
+        Point(users, mode, *(median_of(group, mode, key) for key in _FIGURES))
+        for users, group in sorted(by_users.items())
+        for mode in MODES
+        if any(record.get("server") == mode for record in group)
+    ]
 
 
 def best_within(found: Sequence[Point], mode: str, p99_ms: float) -> Point | None:
