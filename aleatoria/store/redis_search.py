@@ -404,7 +404,8 @@ if #due_now > 0 then
         -- Its instance missed heartbeats: dead, or only stalled (it re-registers and its
         -- users are online again). It keeps its place, unmatchable meanwhile, and is looked
         -- at again each second until its timeout answers it (to its instance, if alive).
-        redis.call('ZADD', DUE, math.min(passes_at(x.since, cfg.timeout), cfg.now + OFFLINE_RECHECK_MS), x.user)
+        local again = math.min(passes_at(x.since, cfg.timeout), cfg.now + OFFLINE_RECHECK_MS)
+        redis.call('ZADD', DUE, again, x.user)
       else
         redis.call('ZADD', DUE, due(x.user, x.since), x.user)
         local served, partner_ = on_change(x)
