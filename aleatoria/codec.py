@@ -142,15 +142,38 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# A lone surrogate: the standard library's parser reads ``"\ud800"`` (and, from bytes, the
+# raw bytes of one) where orjson refuses it, and no encoder can write such a string back.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _reject_lone_surrogates(value: Any) -> None:
+    """Raise ValueError if any string in ``value`` (keys too) holds a lone surrogate (a
+    valid pair is one character by now). Iterative: nesting is as deep as the parser went."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is str:
+            if not item.isascii() and _LONE_SURROGATE.search(item):
+                raise ValueError("a lone surrogate in a string")
+        elif type(item) is dict:
+            stack.extend(item)
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+
+
 def loads(frame: str | bytes | bytearray) -> Any:
-    """Parse JSON text. Raises InvalidMessage (also for non-finite numbers and integers
-    beyond 64 bits)."""
+    """Parse JSON text. Raises InvalidMessage (also for non-finite numbers, integers beyond
+    64 bits and lone surrogates: whatever parses can be written back)."""
     try:
         if not _has_long_digit_run(frame):
             return orjson.loads(frame)
-        return json.loads(
+        value = json.loads(
             frame, parse_constant=_reject_constant, parse_int=_exact_int, parse_float=_finite_float
         )
+        _reject_lone_surrogates(value)
+        return value
     except (orjson.JSONDecodeError, ValueError, RecursionError) as exc:
         raise InvalidMessage(f"not valid JSON: {exc}") from None
 

@@ -39,6 +39,20 @@ async def still_works(*peers: Peer) -> None:
         ('{"type": "chat_message", "messageId": 1}', "$.messageId"),
         ('{"type": "chat_message", "createTime": 1}', "$.createTime"),
         ('{"type": "chat_message", "incoming": "yes"}', "$.incoming"),
+        # A lone surrogate, also where a 20-digit number sends the frame to the other parser:
+        # an interest like this once reached the search queue, failed to encode in its
+        # announcement and ended the server.
+        ('{"type": "chat_message", "toUser": "bob", "payload": {"content": "\\ud800"}}', "not valid JSON"),
+        (
+            '{"type": "request_random_peer", "payload": {"wait": true, "interests": ["\\ud800"]},'
+            ' "n": 12345678901234567890}',
+            "not valid JSON",
+        ),
+        (
+            '{"type": "report_user", "payload": {"user": "bob", "reason": "spam", "details": "\\ud800",'
+            ' "n": 12345678901234567890}}',
+            "not valid JSON",
+        ),
     ],
 )
 async def test_malformed_frames_get_error_response(

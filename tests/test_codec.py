@@ -94,6 +94,43 @@ def test_digit_and_dash_runs_in_strings_are_text(text: str) -> None:
     assert {"type": "chat_message", "payload": {"content": text, "n": -(2**63)}} == loads(frame)
 
 
+# A 20-digit run (a 64-bit minimum) sends a frame to the standard library's parser.
+_RUN = "-9223372036854775808"
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        '{"type":"x","payload":{"s":"\\ud800"}}',
+        '{"type":"x","payload":{"s":"\\ud800","n":' + _RUN + "}}",
+        '{"type":"x","payload":{"\\udfff":1,"n":' + _RUN + "}}",
+        '{"type":"x","payload":[[[{"s":["ok","a\\udc00b"]}]]],"n":' + _RUN + "}",
+        '{"type":"x","payload":{"s":"\\ude00\\ud83d","n":' + _RUN + "}}",  # a pair reversed
+    ],
+)
+def test_lone_surrogates_are_invalid_on_both_parsers(frame: str) -> None:
+    """No encoder can write a lone surrogate back: a frame with one is refused, whichever
+    parser reads it (once, a search for such an interest failed to encode and ended the
+    server)."""
+    with pytest.raises(InvalidMessage):
+        loads(frame)
+    with pytest.raises(InvalidMessage):
+        loads(frame.encode())
+
+
+def test_raw_surrogate_bytes_are_invalid_on_both_parsers() -> None:
+    for frame in (b'{"s":"\xed\xa0\x80"}', b'{"s":"\xed\xa0\x80","n":' + _RUN.encode() + b"}"):
+        with pytest.raises(InvalidMessage):
+            loads(frame)
+
+
+def test_a_surrogate_pair_is_one_character_on_both_parsers() -> None:
+    for tail in ("}", ',"n":' + _RUN + "}"):
+        frame = '{"s":"\\ud83d\\ude00"' + tail
+        assert "\U0001f600" == loads(frame)["s"]
+        assert loads(frame) == loads(dumps(loads(frame)))
+
+
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=5),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
