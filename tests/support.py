@@ -171,6 +171,7 @@ async def connect(
     joined: bool = True,
     skip: bool = False,
     rcvbuf: int | None = None,
+    query: str = "",
     **kw: Any,
 ) -> AsyncIterator[SocketPeer]:
     """Connect ``user`` over a WebSocket; by default wait for the ``room_joined`` of the URL
@@ -180,9 +181,10 @@ async def connect(
     The stream is opened and closed here: trio-websocket leaves its stream open when the
     server resets the connection (as it does to an abusive client), which would fail the
     test run with a ResourceWarning. ``rcvbuf`` shrinks the client's receive buffer (to
-    make a slow reader without waiting for megabytes of kernel buffers to fill).
+    make a slow reader without waiting for megabytes of kernel buffers to fill). ``query`` is
+    added to the URL (``&v=2``).
     """
-    resource = f"/ws?userId={user}" + (f"&room={room}" if room else "")
+    resource = f"/ws?userId={user}" + (f"&room={room}" if room else "") + query
     async with trio.open_nursery() as nursery:
         stream = await tcp(server).open_stream(rcvbuf=rcvbuf)
         try:

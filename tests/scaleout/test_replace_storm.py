@@ -2,10 +2,13 @@
 connects several times in the same moment, to one instance or to two sharing Redis, some
 connections closing at once. Once it settles, each user has at most one live session, that
 session gets every message of its room, and when everyone has gone nothing is left behind:
-no presence, no pool place, no room membership, nobody to be matched with."""
+no presence, no pool place, no room membership, nobody to be matched with. Every connection
+the server closes is closed as replaced (4001), also a level-2 one that was still waiting
+for its welcome."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -48,8 +51,9 @@ class Conn:
 
 
 class Storm:
-    def __init__(self, ports: list[int], seed: int) -> None:
+    def __init__(self, ports: list[int], seed: int, query: str = "") -> None:
         self.ports = ports
+        self.query = query  # "&v=2": level-2 connections
         self.rng = random.Random(seed)
         self.conns: dict[str, list[Conn]] = defaultdict(list)
         self.changed = trio.Event()
@@ -68,7 +72,7 @@ class Storm:
         port = self.rng.choice(self.ports)
         await go.wait()
         try:
-            async with connect(port, conn.user, ROOM, joined=False, skip=True) as client:
+            async with connect(port, conn.user, ROOM, joined=False, skip=True, query=self.query) as client:
                 conn.port = port
                 conn.client = client
                 await client.send({"type": "user_available_webrtc"})
@@ -123,32 +127,38 @@ class Storm:
         return True
 
 
+# A dropped level-2 session is not kept: everyone who leaves is gone at once.
+_NOT_KEPT = {"resume_window": 0.0}
+
+
 @asynccontextmanager
 async def _servers(mode: str, redis_url: str | None) -> AsyncIterator[list[int]]:
     if mode == "memory":
-        async with running_server() as srv:
+        async with running_server(**_NOT_KEPT) as srv:
             yield [srv.port]
         return
     assert redis_url is not None
-    async with instances(redis_url, 2 if mode == "redis-2" else 1, **CALM_PRESENCE) as ports:
+    async with instances(redis_url, 2 if mode == "redis-2" else 1, **CALM_PRESENCE, **_NOT_KEPT) as ports:
         yield ports
 
 
+@pytest.mark.parametrize("level", ["1", "2"])
 @pytest.mark.parametrize("mode", ["memory", "redis-1", "redis-2"])
 async def test_replace_storm_leaves_one_session_and_no_ghosts(
-    mode: str, request: pytest.FixtureRequest
+    mode: str, level: str, request: pytest.FixtureRequest
 ) -> None:
     redis_url = None
     if mode != "memory":
         server: RedisServer = request.getfixturevalue("redis_server")
         redis_url = server.url
+    query = "&v=2" if level == "2" else ""
     async with _servers(mode, redis_url) as ports:
         for seed in range(3):  # a few storms in a row on the same servers
-            await _one_storm(ports, seed, redis_url)
+            await _one_storm(ports, seed, redis_url, query)
 
 
-async def _one_storm(ports: list[int], seed: int, redis_url: str | None) -> None:
-    storm = Storm(ports, seed)
+async def _one_storm(ports: list[int], seed: int, redis_url: str | None, query: str) -> None:
+    storm = Storm(ports, seed, query)
     go = trio.Event()
     async with trio.open_nursery() as nursery:
         for n in range(USERS):
@@ -164,9 +174,17 @@ async def _one_storm(ports: list[int], seed: int, redis_url: str | None) -> None
         except trio.TooSlowError:
             pytest.fail(f"not settled: {storm.unsettled()}")
 
-        # Exactly one live session for every user who kept a connection open...
+        # Exactly one live session for every user who kept a connection open, and every
+        # other connection the server closed was replaced (PROTOCOL.md section 5)...
         survivors = storm.live()
         assert len({c.user for c in survivors}) == len(survivors)
+        codes = [
+            (c.user, c.index, c.closed_code)
+            for conns in storm.conns.values()
+            for c in conns
+            if not c.closed_by_client and c.closed_code is not None
+        ]
+        assert all(code == 4001 for _, _, code in codes), [c for c in codes if c[2] != 4001]
         # ...and each gets every survivor's room message, its own included.
         for conn in survivors:
             assert conn.client is not None
@@ -189,7 +207,8 @@ async def _one_storm(ports: list[int], seed: int, redis_url: str | None) -> None
         storm.release.set()
         for conn in survivors:  # wake the readers so they leave (closing their socket)
             assert conn.client is not None
-            await conn.client.send({"type": "ping"})
+            with contextlib.suppress(trio_websocket.ConnectionClosed):  # a reader woken already
+                await conn.client.send({"type": "ping"})
 
     # Everyone has gone: nothing is left behind in Redis...
     users = set(storm.conns)
