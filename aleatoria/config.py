@@ -229,7 +229,8 @@ SETTINGS: tuple[Setting, ...] = (
         "outbox_bytes",
         "ALEATORIA_OUTBOX_BYTES",
         int,
-        "bytes queued for a slow client (behind the frame being written) before it is closed with 1013",
+        "bytes queued for a slow client (behind the frame being written) before it is closed with 1013;"
+        " also the most a history reply holds (fewer messages than its limit; page on for more)",
     ),
     Setting(
         "history_memory_mb",

@@ -94,6 +94,10 @@ class Rules:
     match_rate: float = 0.0
     match_burst: int = 30
     ice: IcePolicy = attrs.Factory(IcePolicy)
+    # A history reply holds the messages that fit in this many bytes (the outbox's byte
+    # bound): the frame being written is not counted by that bound, so an unread reply of 200
+    # stored 32 KB messages held 6.5 MB per connection.
+    history_reply_bytes: int = 1024 * 1024
 
 
 @attrs.define
@@ -485,7 +489,10 @@ def handle(request: ClientMessage, facts: Facts) -> Step:
                 lambda stored: _done(
                     Reply(
                         m.DIRECT_MESSAGES,
-                        m.DirectMessages(with_user=request.with_user, messages=_fragments(stored)),
+                        m.DirectMessages(
+                            with_user=request.with_user,
+                            messages=_within(stored, facts.rules.history_reply_bytes, from_start=False),
+                        ),
                     )
                 ),
             )
@@ -521,8 +528,29 @@ def _peer_left(ended: str | None) -> Step:
     return DONE if ended is None else _done(PeerLeft(ended))
 
 
+# Room for the reply's envelope around its messages, within ``history_reply_bytes``.
+_REPLY_ENVELOPE_BYTES = 4096
+
+
 def _fragments(stored: list[bytes]) -> list[Any]:
     return [orjson.Fragment(message) for message in stored]
+
+
+def _within(stored: list[bytes], budget: int, from_start: bool) -> list[Any]:
+    """A history reply's messages: as many of ``stored`` as fit in ``budget`` bytes, taken
+    from its start (a room's page: the nearest its ``before`` or ``after``, so the next page
+    goes on from the last one kept) or from its end (the newest DMs); at least one, so paging
+    always moves on. Fragments, in ``stored``'s order."""
+    room = budget - _REPLY_ENVELOPE_BYTES
+    kept = 0
+    for message in stored if from_start else reversed(stored):
+        room -= len(message) + 1  # and its comma
+        if room < 0 and kept:
+            break
+        kept += 1
+    if kept < len(stored):
+        stored = stored[:kept] if from_start else stored[len(stored) - kept :]
+    return _fragments(stored)
 
 
 # chat
@@ -804,7 +832,13 @@ def _recent(request: GetRecentMessages, facts: Facts) -> Step:
     return _after(
         RecentHistory(room, request.limit, request.before_ns, request.after_ns),
         lambda stored: _done(
-            Reply(m.RECENT_MESSAGES, m.RecentMessages(room=room, messages=_fragments(stored)), room=room)
+            Reply(
+                m.RECENT_MESSAGES,
+                m.RecentMessages(
+                    room=room, messages=_within(stored, facts.rules.history_reply_bytes, from_start=True)
+                ),
+                room=room,
+            )
         ),
     )
 

@@ -460,6 +460,7 @@ def _limits_and_rules(config: Config) -> tuple[Limits, Rules]:
         match_rate=config.match_rate,
         match_burst=config.match_burst,
         ice=config.ice,
+        history_reply_bytes=config.outbox_bytes,
     )
     _last_rules = (config, limits, rules)
     return limits, rules

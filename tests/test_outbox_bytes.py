@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import math
 import socket
+from typing import Any
 
 import pytest
 import trio
@@ -191,30 +192,72 @@ async def test_client_not_reading_is_closed_1013_by_the_byte_bound() -> None:
         await sender.request({"type": "ping"}, "pong")
 
 
-async def test_reading_client_gets_a_reply_larger_than_outbox_bytes() -> None:
-    """A client that reads gets a history reply of ~800 KB (12 times ``outbox_bytes``)
-    through small kernel buffers, with pongs queued behind it, and is not closed."""
+async def test_history_replies_fit_in_outbox_bytes_and_page_on() -> None:
+    """A history reply holds as many messages as fit in ``outbox_bytes`` (the frame being
+    written is not counted by that bound: 200 stored 32 KB messages were a 6.5 MB reply a
+    client could leave unread on each of its connections). A client that reads gets it
+    through small kernel buffers with its pongs behind, and pages on with ``before`` and
+    ``after`` to every message, none twice; a DM reply keeps the newest."""
     content = "h" * 3990
+    total = 200
     async with running_server(outbox_bytes=BOUND) as server:
         async with connect(server, "writer", "History") as writer:
-            for i in range(200):
+            for i in range(total):
                 payload = {"content": f"{i} {content}"}
                 await writer.send({"type": "chat_message", "room": "History", "payload": payload})
-            for _ in range(200):
+                await writer.send({"type": "chat_message", "toUser": "reader", "payload": payload})
+            for _ in range(2 * total):
                 await writer.expect("chat_message")
         async with open_raw_ws(server.port, "reader", "History", rcvbuf=4096) as reader:
             # White-box: a small send buffer on the server's side of this connection (Linux
             # would grow it to megabytes), so that the reply is written from the backlog.
             [server_ws] = [o for o in gc.get_objects() if isinstance(o, WebSocket) and not o.closing]
             server_ws._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-            request = {"type": "get_recent_messages", "room": "History", "payload": {"limit": 200}}
-            await reader.send_json(request)
-            for _ in range(5):
+
+            async def page(extra: dict[str, object]) -> list[dict[str, Any]]:
+                request = {
+                    "type": "get_recent_messages",
+                    "room": "History",
+                    "payload": {"limit": total, **extra},
+                }
+                await reader.send_json(request)
                 await reader.send_json({"type": "ping"})
-            got = await reader.read_frame()
-            assert len(got.payload) > 12 * BOUND
-            reply = got.json()
-            assert ("recent_messages", 200) == (reply["type"], len(reply["payload"]["messages"]))
-            for _ in range(5):
+                got = await reader.read_frame()
+                assert len(got.payload) <= BOUND
+                if not extra:  # a first page is filled up to the bound
+                    assert len(got.payload) > BOUND // 2
+                reply = got.json()
+                assert "recent_messages" == reply["type"]
                 await reader.expect("pong")
+                messages: list[dict[str, Any]] = reply["payload"]["messages"]
+                return messages
+
+            def numbers(messages: list[dict[str, Any]]) -> list[int]:
+                return [int(message["payload"]["content"].split()[0]) for message in messages]
+
+            backward: list[int] = []
+            cursor: dict[str, object] = {}
+            while len(backward) < total:
+                messages = await page(cursor)
+                assert 0 < len(messages) < total
+                backward += numbers(messages)
+                cursor = {"before": messages[-1]["createTime"]}
+            assert list(range(total - 1, -1, -1)) == backward  # newest first, gapless
+
+            forward: list[int] = []
+            cursor = {"after": "1970-01-01T00:00:00Z"}
+            while len(forward) < total:
+                messages = await page(cursor)
+                forward += numbers(messages)
+                cursor = {"after": messages[-1]["createTime"]}
+            assert list(range(total)) == forward  # oldest first, gapless
+
+            await reader.send_json(
+                {"type": "get_direct_messages", "payload": {"withUser": "writer", "limit": total}}
+            )
+            got = await reader.read_frame()
+            assert len(got.payload) <= BOUND
+            dms = numbers(got.json()["payload"]["messages"])
+            assert dms == list(range(total - len(dms), total))  # the newest, oldest first
+            assert 0 < len(dms) < total
             await reader.roundtrip()
