@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from inmemory import Closed, connect, inmemory_server
 from inmemory import FakePeer as Peer
 from inmemory import InMemoryServer as RunningServer
 from trio.testing import MockClock
 
 from aleatoria.store import MemoryStore
+from aleatoria.store.base import DIRECTORY_SCAN
 
 DIRECTORY_REPLIES = {"rooms_directory", "room_members", "stats"}
 
@@ -249,3 +252,45 @@ async def test_a_level_1_client_gets_none_of_these_unless_it_asks(
             seen.append(message["type"])
         assert set() == DIRECTORY_REPLIES & set(seen)
         assert "rooms_directory" == (await watcher.request({"type": "list_rooms"}, "rooms_directory"))["type"]
+
+
+_ops = st.lists(
+    st.tuples(st.booleans(), st.sampled_from(["a", "ab", "b", "ba", "c"]), st.sampled_from("uvwxyz")),
+    max_size=60,
+)
+
+
+@given(_ops, st.integers(1, 6), st.sampled_from(["", "a", "b", "ab", "z"]))
+async def test_the_sorted_directory_is_the_rooms_by_size_then_name(
+    ops: list[tuple[bool, str, str]], limit: int, prefix: str
+) -> None:
+    """Whatever joins and leaves came (twice, or of a room one is not in), the memory store's
+    directory, kept sorted as they come, lists what sorting every room would: most members
+    first, then by name; a prefix filters it."""
+    store = MemoryStore(ttl_seconds=60, history_max=10)
+    members: dict[str, set[str]] = {}
+    for joining, room, user in ops:
+        if joining:
+            await store.join_room(room, user)
+            members.setdefault(room, set()).add(user)
+        else:
+            await store.leave_room(room, user)
+            members.get(room, set()).discard(user)
+    expected = sorted(((room, len(who)) for room, who in members.items() if who), key=lambda r: (-r[1], r[0]))
+    assert [r for r in expected if r[0].startswith(prefix)][:limit] == await store.list_rooms(limit, prefix)
+
+
+async def test_a_prefix_is_looked_for_among_the_biggest_rooms_only() -> None:
+    """A prefix walks at most DIRECTORY_SCAN rooms, biggest first, in memory mode as with
+    Redis: a smaller matching room beyond them is not found, and the walk stays bounded."""
+    store = MemoryStore(ttl_seconds=60, history_max=10)
+    for n in range(DIRECTORY_SCAN):
+        await store.join_room(f"big{n}", "u1")
+        await store.join_room(f"big{n}", "u2")
+    await store.join_room("rare", "u1")
+    for user in ("u1", "u2", "u3"):
+        await store.join_room("rare2", user)
+    assert [("rare2", 3)] == await store.list_rooms(10, "rare")
+    assert [("rare2", 3), ("big0", 2)] == await store.list_rooms(2)
+    await store.leave_room("rare2", "u3")  # now after every big room by name: beyond the walk
+    assert [] == await store.list_rooms(10, "rare")

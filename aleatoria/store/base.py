@@ -30,6 +30,10 @@ from aleatoria.matchmaking import RequestOutcome
 from aleatoria.safety import Safety
 from aleatoria.search import NO_PROFILE, Profile, SearchEvents, SearchOutcome
 
+# How many rooms ``list_rooms`` with a prefix walks at most, biggest first (both stores): a
+# matching room beyond that many is not found, and a request's cost stays bounded.
+DIRECTORY_SCAN = 5_000
+
 Health = Literal["ok", "degraded", "disabled"]
 
 

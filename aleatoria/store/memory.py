@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import attrs
+from sortedcontainers import SortedList  # type: ignore[import-untyped]  # trio's own dependency
 
 from aleatoria.matchmaking import Matchmaker, RequestOutcome
 from aleatoria.search import NO_PROFILE, Profile, Search, SearchEvents, SearchOutcome, SearchRules
-from aleatoria.store.base import Bus, Counts, Health, StoreEvents, Takeover, Whereabouts
+from aleatoria.store.base import DIRECTORY_SCAN, Bus, Counts, Health, StoreEvents, Takeover, Whereabouts
 from aleatoria.store.memory_safety import DEFAULT_REPORT_CAP, MemorySafety
 
 _History = deque[tuple[int, bytes]]
@@ -88,6 +89,8 @@ class MemoryStore:
         self.budget_bytes = budget_bytes
         self.evicted_conversations = 0
         self._members: dict[str, set[str]] = {}
+        # The directory: (-members, room) for every room, kept sorted (``list_rooms``).
+        self._by_size: Any = SortedList()
         self._online: dict[str, str] = {}  # connected user -> its connection id (get_stats)
         self.matchmaker = matchmaker or Matchmaker(clock=search_clock)
         self._safety = MemorySafety(report_cap, on_shadow=self.matchmaker.reclassify)
@@ -263,32 +266,49 @@ class MemoryStore:
     # -- room registry ----------------------------------------------------------------------
 
     async def join_room(self, room: str, user: str) -> None:
-        self._members.setdefault(room, set()).add(user)
+        members = self._members.setdefault(room, set())
+        if user not in members:
+            if members:
+                self._by_size.remove((-len(members), room))
+            members.add(user)
+            self._by_size.add((-len(members), room))
 
     async def leave_room(self, room: str, user: str) -> None:
         self.leave_room_now(room, user)
 
     def leave_room_now(self, room: str, user: str) -> None:
         members = self._members.get(room)
-        if members is not None:
+        if members is not None and user in members:
+            self._by_size.remove((-len(members), room))
             members.discard(user)
-            if not members:
+            if members:
+                self._by_size.add((-len(members), room))
+            else:
                 del self._members[room]
 
     async def rooms(self) -> list[str]:
         return sorted(self._members)
 
     # -- directory ------------------------------------------------------------------------------
-    # Cost: ``list_rooms`` walks every room (O(rooms * log limit), on the trio thread: about
-    # 0.2 ms per 1,000 rooms); ``room_members`` walks the room's members. Nothing is kept
-    # sorted, so joins and leaves cost nothing extra.
+    # Cost: the rooms are kept sorted by size (a join or leave: O(log rooms)), so
+    # ``list_rooms`` reads its first page in O(log rooms + limit), and with a prefix walks at
+    # most ``DIRECTORY_SCAN`` rooms, biggest first, as the Redis store does: walking every room
+    # (0.2 ms per 1,000) let a client within its rate limit fill the CPU of a server with
+    # 30,000 rooms. ``room_members`` walks the room's members.
 
     async def list_rooms(self, limit: int, prefix: str = "") -> list[tuple[str, int]]:
         return self.list_rooms_now(limit, prefix)
 
     def list_rooms_now(self, limit: int, prefix: str = "") -> list[tuple[str, int]]:
-        rows = ((-len(members), room) for room, members in self._members.items() if room.startswith(prefix))
-        return [(room, -negative) for negative, room in heapq.nsmallest(limit, rows)]
+        if not prefix:
+            return [(room, -negative) for negative, room in self._by_size.islice(0, limit)]
+        found = []
+        for negative, room in self._by_size.islice(0, DIRECTORY_SCAN):
+            if room.startswith(prefix):
+                found.append((room, -negative))
+                if len(found) == limit:
+                    break
+        return found
 
     async def room_members(self, room: str, limit: int) -> tuple[int, list[str]]:
         return self.room_members_now(room, limit)

@@ -23,6 +23,7 @@ from typing import Any
 from redis.commands.core import Script
 
 from aleatoria.store import redis_scripts as lua
+from aleatoria.store.base import DIRECTORY_SCAN
 from aleatoria.store.redis_client import Scripts
 from aleatoria.store.redis_scripts import DIRECTORY_KEY, ROOM_MEMBERS_PREFIX, ROOMS_KEY, USER_ROOMS_PREFIX
 
@@ -93,7 +94,7 @@ class RoomRegistry:
         """Up to ``limit`` rooms with members whose names start with ``prefix``, as (room,
         member count): most members first, then by name."""
         if not self.cluster:
-            rows = _LIST_ROOMS([DIRECTORY_KEY, ROOMS_KEY], [limit, prefix, lua.DIRECTORY_SCAN], r)
+            rows = _LIST_ROOMS([DIRECTORY_KEY, ROOMS_KEY], [limit, prefix, DIRECTORY_SCAN], r)
             return [(_text(rows[i]), -int(float(rows[i + 1]))) for i in range(0, len(rows), 2)]
         listed = [room for room in self.rooms(r) if room.startswith(prefix)]
         counted = zip(listed, self._counts(r, listed), strict=True)

@@ -77,9 +77,6 @@ from __future__ import annotations
 
 from aleatoria.matchmaking import RECENT_MATCH_SECONDS, RECENT_MATCHES
 
-# How many rooms ``list_rooms`` with a prefix walks at most (see "Rooms directory" above).
-DIRECTORY_SCAN = 5_000
-
 # How many candidates ``request_peer`` reads one by one before it reads the pool's index at
 # once (see "Random pick" above). ``RedisStore`` passes it as ARGV[4] under its old name.
 PICK_DRAWS = 16
