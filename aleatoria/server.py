@@ -450,6 +450,11 @@ class Server:
                 if not remote:
                     self.router.evict(takeover.instance, user, takeover.connection)
                 await session.adopt_rooms(takeover.rooms)
+                if outcome is not None and not remote:
+                    # A token refused here (used, expired) while the user's session lives on
+                    # another instance: that session leaves (PROTOCOL.md section 15), as when
+                    # its owner refuses the token, rather than carrying over to a "fresh" one.
+                    await self._leave_adopted(session)
             if remote and holding is not None:
                 status, owner_frames = UNKNOWN, b""
                 if takeover is not None:  # rooms subscribed: ask the owner now (it evicts)
@@ -548,7 +553,8 @@ class Server:
         log.info("event=resume_failed user=%s reason=%s", user, reason)
 
     async def _leave_adopted(self, session: Session) -> None:
-        """A resume across instances failed: what the session adopted from the other instance
+        """A resume failed while the user's session lived on another instance (its owner
+        refused the token, or this instance did): what the session adopted from there
         (rooms, pool place, match) is left now, as that session's leave; then the session
         registers afresh."""
         client, user = session.client, session.user

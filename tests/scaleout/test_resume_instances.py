@@ -178,3 +178,37 @@ async def test_window_passes_one_leave_across_instances(redis_server: RedisServe
         assert 0 == stats["payload"]["searching"] and 0 == stats["payload"]["inCalls"]
         async with level2(two.port, "phone", resume=welcome["resumeToken"]) as (_, late):
             assert False is late["resumed"]
+
+
+async def test_a_used_token_ends_the_session_it_named_on_the_other_instance(
+    redis_server: RedisServer,
+) -> None:
+    """A phone resumes on instance two, drops again, and comes back to instance one with the
+    token it already used: a fresh session (resumed false), and the session kept on two
+    leaves as in section 5 -- its peer hears hangup peer_left and the phone is in no call
+    (it found itself back in the old one, told "fresh", and matched with it again)."""
+    url = redis_server.url
+    async with (
+        serve_process("--redis-url", url, "--resume-window", "30", *FAST) as one,
+        serve_process("--redis-url", url, "--resume-window", "30", *FAST) as two,
+        connect(two.port, "peer", skip=True) as peer,
+    ):
+        async with level2(one.port, "phone") as (phone, welcome):
+            await phone.expect("room_joined")
+            await call(phone, peer)
+            phone.reset_on_close()
+        await wait_kept(one, 1)
+        token = welcome["resumeToken"]
+        async with level2(two.port, "phone", resume=token) as (back, again):
+            assert True is again["resumed"], again
+            back.reset_on_close()
+        await wait_kept(two, 1)
+        async with level2(one.port, "phone", resume=token) as (fresh, used):
+            assert False is used["resumed"], used
+            hangup = await peer.expect("hangup", skip=True)
+            assert ("phone", {"reason": "peer_left"}) == (hangup["fromUser"], hangup["payload"])
+            await fresh.send_json({"type": "request_random_peer"})
+            while (reply := await fresh.recv_json())["type"] not in ("assign_role", "no_peer_available"):
+                pass
+            assert "no_peer_available" == reply["type"], reply
+        await wait_kept(two, 0)
