@@ -11,6 +11,7 @@ among them) becomes a ``WebSocket`` (``accept_websocket``) whose first write car
 
 from __future__ import annotations
 
+import binascii
 import contextlib
 import math
 import socket
@@ -249,7 +250,10 @@ def handshake_problem(request: Request) -> str | None:
     """Why ``request`` is not a valid WebSocket upgrade, or None if it is."""
     if request.method != "GET":
         return "WebSocket upgrade needs GET"
-    if b"websocket" not in request.headers.get(b"upgrade", b"").lower():
+    if request._parser.get_http_version() != "1.1":  # RFC 6455 4.1: HTTP/1.1 or higher
+        return "WebSocket upgrade needs HTTP/1.1"
+    upgrade = request.headers.get(b"upgrade", b"").lower()
+    if upgrade != b"websocket" and b"websocket" not in {t.strip() for t in upgrade.split(b",")}:
         return "expected an 'Upgrade: websocket' header"
     connection = request.headers.get(b"connection", b"").lower()
     # Browsers send the one token; the list form ("keep-alive, Upgrade") is rarer.
@@ -260,9 +264,17 @@ def handshake_problem(request: Request) -> str | None:
     if request.headers.get(b"sec-websocket-version") != b"13":
         return "unsupported Sec-WebSocket-Version (need 13)"
     key = request.headers.get(b"sec-websocket-key", b"")
-    if len(key) != 24:
+    if len(key) != 24 or not _sixteen_bytes(key):
         return "missing or malformed Sec-WebSocket-Key"
     return None
+
+
+def _sixteen_bytes(key: bytes) -> bool:
+    """Whether ``key`` is base64 of 16 bytes, as RFC 6455 4.1 requires of Sec-WebSocket-Key."""
+    try:
+        return len(binascii.a2b_base64(key, strict_mode=True)) == 16
+    except binascii.Error:
+        return False
 
 
 def accept_websocket(

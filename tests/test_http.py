@@ -113,10 +113,21 @@ async def test_ws_without_upgrade_headers_is_400(server: InMemoryServer) -> None
     [
         {"Sec-WebSocket-Version": "8"},
         {"Sec-WebSocket-Key": "short"},
+        {"Sec-WebSocket-Key": "!" * 24},  # 24 characters, not base64
+        {"Sec-WebSocket-Key": "A" * 24},  # base64 of 18 bytes, not 16
         {"Connection": "keep-alive"},
         {"Upgrade": "h2c"},
+        {"Upgrade": "notwebsocketfoo"},  # once matched as a substring
     ],
-    ids=["version-8", "short-key", "no-connection-upgrade", "wrong-upgrade"],
+    ids=[
+        "version-8",
+        "short-key",
+        "key-not-base64",
+        "key-not-16-bytes",
+        "no-connection-upgrade",
+        "wrong-upgrade",
+        "upgrade-containing-websocket",
+    ],
 )
 async def test_bad_upgrade_headers_are_400(server: InMemoryServer, headers: dict[str, str]) -> None:
     """A malformed upgrade (wrong version, bad key, missing tokens) is 400."""
@@ -129,6 +140,20 @@ async def test_bad_upgrade_headers_are_400(server: InMemoryServer, headers: dict
     lines.update(headers)
     request = upgrade_request(server.port, "/ws?userId=alice", upgrade=False, headers=lines)
     assert 400 == (await http_exchange(server, request)).status
+
+
+async def test_upgrade_over_http_1_0_is_400(server: InMemoryServer) -> None:
+    """RFC 6455 asks for HTTP/1.1: an HTTP/1.0 request with every upgrade header is 400; the
+    list form of Upgrade is accepted over HTTP/1.1."""
+    request = upgrade_request(server.port, "/ws?userId=alice").replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    assert b" HTTP/1.0\r\n" in request
+    assert 400 == (await http_exchange(server, request)).status
+    listed = upgrade_request(server.port, "/ws?userId=bob").replace(
+        b"Upgrade: websocket", b"Upgrade: websocket, h2c", 1
+    )
+    async with open_tcp(server) as conn:
+        await conn.send(listed)
+        assert 101 == (await read_response_head(conn)).status
 
 
 @pytest.mark.parametrize(
