@@ -137,6 +137,7 @@ class Resumes:
         self.failures: Counter[str] = Counter()
         self.replayed = 0
         self.expired = 0
+        self.not_kept = 0  # dropped sessions ended at once: the kept sessions' cap was reached
 
     # -- tokens -------------------------------------------------------------------------
 
@@ -282,4 +283,9 @@ class ResumeCollector(Collector):
         )
         yield GaugeMetricFamily(
             "aleatoria_sessions_kept", "dropped level-2 sessions kept for resume", value=len(r.kept)
+        )
+        yield CounterMetricFamily(
+            "aleatoria_sessions_not_kept",
+            "dropped level-2 sessions ended at once: their address (or the server) had its cap kept",
+            value=r.not_kept,
         )

@@ -105,6 +105,7 @@ class Server:
         # by the header's address once the head is read.
         self.sockets_per_ip: Counter[str] = Counter()
         self.per_ip: Counter[str] = Counter()  # WebSocket sessions by client IP (header)
+        self.kept_per_ip: Counter[str] = Counter()  # level-2 sessions kept for a resume, by IP
         self.refused_at_accept = 0
         self.stats = hub.stats
         webhook = None
@@ -378,7 +379,7 @@ class Server:
             code = await ws.serve(session.handle, self._tasks, on_idle)
         finally:
             with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-                if not self.keep_session(session, code):
+                if not self.keep_session(session, code, ip):
                     await self.end_session(session)
             self.per_ip[ip] -= 1
             if not self.per_ip[ip]:
@@ -567,9 +568,9 @@ class Server:
             self.router.peer_left(peer, user)
         await self.store.connect(user, client.connection)
 
-    def keep_session(self, session: Session, code: int | None) -> bool:
-        """Keep ``session`` for a resume if its connection dropped (PROTOCOL.md section 15);
-        False: end it (``end_session``). Synchronous: no frame is lost in between."""
+    def keep_session(self, session: Session, code: int | None, ip: str = "") -> bool:
+        """Keep ``session`` for a resume if its connection (from ``ip``) dropped (PROTOCOL.md
+        section 15); False: end it (``end_session``). Synchronous: no frame is lost in between."""
         client = session.client
         if (
             code not in KEEP_CODES
@@ -580,28 +581,49 @@ class Server:
             or self.hub.clients.get(client.user) is not client
         ):
             return False
+        if not self._may_keep(ip):
+            self.resumes.not_kept += 1
+            log.info("event=session_not_kept user=%s reason=kept_sessions_cap", client.user)
+            return False
         kept = self.resumes.keep(client)
         if kept is None:
             return False
         self.hub.swap_socket(client, cast(WebSocket, kept.outbox))  # duck-typed: the verbs used
-        self._tasks.start_soon(self._expire, kept)
+        self.kept_per_ip[ip] += 1
+        self._tasks.start_soon(self._expire, kept, ip)
         log.info("event=session_kept user=%s code=%s window=%s", client.user, code, self.config.resume_window)
         return True
 
-    async def _expire(self, kept: KeptSession) -> None:
+    def _may_keep(self, ip: str) -> bool:
+        """Whether one more session may be kept: a kept session holds a connection's state
+        without its socket, so kept sessions are capped as sockets are, per IP
+        (``max_connections_per_ip``) and in all (``max_connections``). Without it one
+        address dropping connection after connection held 17,500 sessions in 10 s."""
+        config = self.config
+        if len(self.resumes.kept) >= config.max_connections:
+            return False
+        per_ip = config.max_connections_per_ip
+        return not per_ip or self.kept_per_ip[ip] < per_ip
+
+    async def _expire(self, kept: KeptSession, ip: str) -> None:
         """Wait out ``kept``'s window (or until it ends early); unless resumed meanwhile, the
         leave then happens as for any disconnect. Cancellation (shutdown): it just ends."""
-        with kept.scope:
-            await trio.sleep_forever()
-        if kept.over:
-            return
-        with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-            async with self._user_turn(kept.client.user):
-                if kept.over:
-                    return
-                self.resumes.end(kept)
-                log.info("event=session_ended user=%s reason=%s", kept.client.user, kept.reason)
-                await self._forget(kept.client)
+        try:
+            with kept.scope:
+                await trio.sleep_forever()
+            if kept.over:
+                return
+            with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+                async with self._user_turn(kept.client.user):
+                    if kept.over:
+                        return
+                    self.resumes.end(kept)
+                    log.info("event=session_ended user=%s reason=%s", kept.client.user, kept.reason)
+                    await self._forget(kept.client)
+        finally:
+            self.kept_per_ip[ip] -= 1
+            if not self.kept_per_ip[ip]:
+                del self.kept_per_ip[ip]
 
     async def end_session(self, session: Session) -> None:
         """The connection of ``session`` is over: unless a successor took the user over,

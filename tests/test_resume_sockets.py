@@ -112,3 +112,24 @@ async def test_bad_level_and_resume_without_level2_are_refused() -> None:
             response = await http_get(server.port, target)
             assert 400 == response.status, target
             assert response.body.startswith(text), response.body
+
+
+async def test_kept_sessions_are_capped_per_address() -> None:
+    """A kept session holds a connection's state without its socket, so one address keeps
+    at most ``max_connections_per_ip`` of them: an address dropping connection after
+    connection (a red-team run held 17,500 from one IP in 10 s) gets the rest ended at
+    once, as a disconnect -- room members are told -- and counted in /metrics."""
+    async with (
+        running_server(resume_window=30, max_connections_per_ip=3) as server,
+        connect(server, "watcher", "Lobby") as watcher,
+    ):
+        for n in range(5):
+            async with level2(server, f"drop{n}") as (ws, _):
+                await ws.expect("room_joined")
+                ws.reset_on_close()
+            await wait_kept(server, min(n + 1, 3))
+        # The two over the cap left Lobby as any disconnect does; the kept three did not.
+        members = await watcher.request({"type": "get_room_members", "room": "Lobby"}, "room_members")
+        assert ["drop0", "drop1", "drop2", "watcher"] == sorted(members["payload"]["members"])
+        metrics = (await http_get(server, "/metrics")).body.decode()
+        assert "\naleatoria_sessions_not_kept_total 2.0" in metrics
