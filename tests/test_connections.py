@@ -159,6 +159,25 @@ async def test_graceful_shutdown_of_a_real_process(signum: int) -> None:
                 process.kill()
 
 
+async def test_shutdown_does_not_wait_out_a_socket_that_sent_nothing() -> None:
+    """A socket that never sent its request head (a browser's preconnect, a probe) is closed
+    when the server shuts down, not waited for until its handshake timeout (it once held a
+    shutdown for 9 s of a 10 s timeout, with nothing in the log)."""
+    async with running_server(handshake_timeout=30.0, shutdown_timeout=20.0) as srv:
+        idle = await trio.open_tcp_stream("127.0.0.1", srv.port)
+        # Accepted in order: once /health answers, the idle socket is being read too.
+        stream = await trio.open_tcp_stream("127.0.0.1", srv.port)
+        async with stream:
+            await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            while await stream.receive_some(4096):
+                pass
+        srv.scope.cancel()
+        started = trio.current_time()
+    assert trio.current_time() - started < 5
+    async with idle:
+        assert b"" == await idle.receive_some(10)  # closed, nothing said
+
+
 async def test_health_reports_connections(server: RunningServer) -> None:
     """/health counts live connections and says the store is in-memory."""
     async with connect(server, "alice"):
