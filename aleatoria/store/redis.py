@@ -685,7 +685,7 @@ class RedisStore:
             await self._keeper.write_through((user,), partial(self._rooms.leave_many, pairs=pairs))
         redis_ended = text_or_none(done.value[1]) or None
         self._keeper.settle(done, user, redis_ended)
-        if user in self._profiled:  # its queue place and pooled profile go too
+        if user in self._profiled:  # its queue place too (the script took any pool place and profile)
             await self.cancel_search(user)
         return redis_ended
 

@@ -10,8 +10,9 @@ How this works.
   keeps the set of users it registered, so reaping it costs its own users, not a scan.
 - ``connect`` registers a connection and returns what the user had elsewhere (previous
   instance and connection, pool place, live match) so the new instance can take it over;
-  ``disconnect`` removes the user's presence, pool place and match only if the closing
-  connection is still the registered one (a user who moved on keeps its state).
+  ``disconnect`` removes the user's presence, pool place (with its pooled profile:
+  ``LEAVE_POOL``) and match only if the closing connection is still the registered one (a
+  user who moved on keeps its state).
 - ``reap`` (run by every instance every heartbeat, atomic, so only one cleaner wins per
   dead instance) removes dead instances and, for each of their users still registered
   there, the presence, the pool place and the live match; it returns the ended matches so
@@ -30,7 +31,14 @@ SPUBLISH to an instance channel from a script on a cluster.
 
 from __future__ import annotations
 
-from aleatoria.store.redis_scripts import INSTANCE_CHANNEL_PREFIX, LIVENESS_HELPERS, MATCH_HELPERS
+from aleatoria.store.redis_scripts import (
+    INSTANCE_CHANNEL_PREFIX,
+    LIVENESS_HELPERS,
+    MATCH_HELPERS,
+    POOL_HELPERS,
+    PROFILE_HELPERS,
+    QUEUE_KEY,
+)
 
 TAG = "{available:webrtc}"
 INSTANCES_KEY = f"aleatoria:instances:{TAG}"
@@ -44,6 +52,23 @@ def instance_users_key(instance: str) -> str:
 
 def instance_channel(instance: str) -> str:
     return INSTANCE_CHANNEL_PREFIX + instance
+
+
+# A user gone (disconnect, or reaped with its dead instance) leaves the pool as a match takes a
+# pooled user out of it (``REQUEST_PEER``): the pool, its index, the pooled users by time, the
+# profile and the interests' tag sets. A queued searcher's profile is its queue place's, left to
+# ``CANCEL`` (the disconnecting instance's) or to the tick's timeout (a searcher of a stalled
+# instance keeps its place while reaped: PROTOCOL.md section 16).
+LEAVE_POOL = (
+    POOL_HELPERS
+    + PROFILE_HELPERS
+    + """
+local function leave_pool(user)
+  if not redis.call('ZSCORE', QUEUE_KEY, user) then forget_profile(user) end
+  pool_remove(user)
+end
+""".replace("QUEUE_KEY", repr(QUEUE_KEY))
+)
 
 
 # KEYS: instances, presence. ARGV: instance, ttl (ms), then users. Returns {state, then what
@@ -98,6 +123,7 @@ return {pinst, pconn, redis.call('SISMEMBER', POOL, user), peer or '', role or '
 # but this instance's own bookkeeping.
 DISCONNECT = (
     MATCH_HELPERS
+    + LEAVE_POOL
     + LIVENESS_HELPERS
     + """
 local PRESENCE, MINE = KEYS[3], KEYS[4]
@@ -113,7 +139,7 @@ if value then
   redis.call('HDEL', PRESENCE, user)
 end
 redis.call('SREM', MINE, user)
-redis.call('SREM', POOL, user)
+leave_pool(user)
 return {1, end_match(user) or ''}
 """
 )
@@ -123,6 +149,7 @@ return {1, end_match(user) or ''}
 # flat list leaver1, peer1, leaver2, peer2, ...}.
 REAP = (
     MATCH_HELPERS
+    + LEAVE_POOL
     + LIVENESS_HELPERS
     + """
 local INSTANCES, PRESENCE = KEYS[3], KEYS[4]
@@ -137,7 +164,7 @@ for _, d in ipairs(dead) do
       local value = redis.call('HGET', PRESENCE, user)
       if value and split(value) == d then
         redis.call('HDEL', PRESENCE, user)
-        redis.call('SREM', POOL, user)
+        leave_pool(user)
         local peer = end_match(user)
         gone[#gone + 1] = user
         if peer then

@@ -29,9 +29,10 @@ request (44 us at 200 users, 2.8 ms at 10,000). So the pool has an index,
 - reads one rank per draw for ``PICK_DRAWS`` draws (a typical request needs one: most pooled
   users are suitable), then the whole index at once (only when most users drawn were not).
 - The index holds every pooled user: every script that adds to the pool adds to it too
-  (``pool_add``; nothing else adds to the pool). Removals elsewhere (``RedisStore``'s
-  ``set_unavailable``, presence's disconnect and reaper) leave stale entries; a drawn entry
-  that is not pooled is skipped (it is not suitable) and removed after the pick. The index is
+  (``pool_add``; nothing else adds to the pool), and the scripts that take users out of the
+  pool (matches, presence's disconnect and reaper) take them out of it too (``pool_remove``).
+  ``RedisStore``'s ``set_unavailable`` leaves a stale entry; a drawn entry that is not
+  pooled is skipped (it is not suitable) and removed after the pick. The index is
   rebuilt from the pool (O(pool), amortised over the removals that made it stale) when it is
   smaller than the pool (first use on a pool written before it existed, or by hand) or more
   than twice the pool's size plus 32 (so stale entries stay under about half of it).
@@ -187,6 +188,28 @@ local function pool_remove(...)
 end
 """.replace("POOL_INDEX_KEY", repr(POOL_INDEX_KEY)).replace("POOLED_KEY", repr(POOLED_KEY))
 
+# Pooled users' profiles (PROTOCOL.md section 12, ``redis_search``): the profile's JSON and the
+# user in the tag set of each of its interests. ``forget_profile`` removes both: with
+# ``pool_remove``, what takes a pooled user out for good (a match here; presence's disconnect
+# and reaper). Same hash tag as the pool, so same cluster slot.
+PROFILE_HELPERS = """
+local function profile_of(u)
+  local raw = redis.call('HGET', PROFILES_KEY, u)
+  if not raw then return nil end
+  local ok, p = pcall(cjson.decode, raw)
+  if ok and type(p) == 'table' then return p end
+  return nil
+end
+local function forget_profile(u)
+  local p = profile_of(u)
+  if not p then return end
+  if type(p.i) == 'table' then
+    for _, tag in ipairs(p.i) do redis.call('SREM', TAG_PREFIX .. tag, u) end
+  end
+  redis.call('HDEL', PROFILES_KEY, u)
+end
+""".replace("PROFILES_KEY", repr(PROFILES_KEY)).replace("TAG_PREFIX", repr(TAG_PREFIX))
+
 # Scale-out (redis_presence): each instance's channel, tagged like the pool so a script on the
 # pool's slot may look at (and publish to) it on a Redis Cluster.
 INSTANCE_CHANNEL_PREFIX = "aleatoria:instance:{available:webrtc}:"
@@ -306,6 +329,7 @@ REQUEST_PEER = (
     (
         MATCH_HELPERS
         + POOL_HELPERS
+        + PROFILE_HELPERS
         + LIVENESS_HELPERS
         + """
 if redis.replicate_commands then redis.replicate_commands() end
@@ -320,21 +344,6 @@ local cooldown_ms, match_id = tonumber(ARGV[7] or 0) or 0, ARGV[8] or ''
 if redis.call('ZREM', QUEUE_KEY, user) == 1 then
   redis.call('ZREM', DUE_KEY, user)
   redis.call('HDEL', PROFILES_KEY, user)
-end
-local function profile_of(u)
-  local raw = redis.call('HGET', PROFILES_KEY, u)
-  if not raw then return nil end
-  local ok, p = pcall(cjson.decode, raw)
-  if ok and type(p) == 'table' then return p end
-  return nil
-end
-local function forget_profile(u)
-  local p = profile_of(u)
-  if not p then return end
-  if type(p.i) == 'table' then
-    for _, tag in ipairs(p.i) do redis.call('SREM', TAG_PREFIX .. tag, u) end
-  end
-  redis.call('HDEL', PROFILES_KEY, u)
 end
 -- Safety (PROTOCOL.md section 13): never a user blocked either way; shadow-banned users
 -- only with each other. ARGV[5]: the caller's clock (shadow bans end by it).

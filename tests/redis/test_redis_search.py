@@ -3,17 +3,37 @@ a real server on a real redis-server (real clock, short timings), and the search
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 
 import pytest
+import redis
 from redis_server import RedisServer
-from redis_support import server_config
+from redis_support import server_config, wait_until
 from search_scenarios import SCENARIOS, matched_pair, search
 from support import Peer, connect, running_server
 
 from aleatoria.config import Config
-from aleatoria.store.redis_scripts import DUE_KEY, QUEUE_KEY, RECENT_PREFIX
+from aleatoria.store.redis_client import Scripts
+from aleatoria.store.redis_presence import (
+    INSTANCE_USERS_PREFIX,
+    INSTANCES_KEY,
+    PRESENCE_KEY,
+    instance_users_key,
+)
+from aleatoria.store.redis_scripts import (
+    DUE_KEY,
+    MATCHES_KEY,
+    POOL_INDEX_KEY,
+    POOL_KEY,
+    POOLED_KEY,
+    PROFILES_KEY,
+    QUEUE_KEY,
+    RECENT_PREFIX,
+    TAG_PREFIX,
+)
 
 TIMINGS = {"interest_wait": 1.0, "search_timeout": 3.0, "search_tick": 0.05}
 
@@ -92,3 +112,95 @@ async def test_a_cooldown_is_due_once_it_has_certainly_passed(redis_server: Redi
         again, _ = await matched_pair(alice, bob, timeout=10.0)  # once the cooldown is over
         assert again["matchId"] != first["matchId"]
         assert r.zscore(RECENT_PREFIX + "alice", "bob") is not None  # remembered again
+
+
+def _traces(r: redis.Redis, user: str) -> set[str]:
+    """The keys that hold something of ``user``'s pool place or profile."""
+    found = set()
+    if r.sismember(POOL_KEY, user):
+        found.add(POOL_KEY)
+    for key in (POOL_INDEX_KEY, POOLED_KEY, QUEUE_KEY):
+        if r.zscore(key, user) is not None:
+            found.add(key)
+    if r.hexists(PROFILES_KEY, user):
+        found.add(PROFILES_KEY)
+    for tag in r.scan_iter(match=TAG_PREFIX + "*"):
+        if r.sismember(tag, user):
+            found.add(tag.decode())
+    return found
+
+
+def _pooled_keys(*interests: str) -> set[str]:
+    return {POOL_KEY, POOL_INDEX_KEY, POOLED_KEY, PROFILES_KEY} | {TAG_PREFIX + t for t in interests}
+
+
+POOLED = {"ann": ["chess", "go"], "ben": ["chess"], "cal": ["golf", "chess"], "dee": ["go"]}
+
+
+async def test_a_pooled_user_who_disconnects_leaves_nothing_in_the_search_keys(
+    redis_server: RedisServer,
+) -> None:
+    """Users pooled with interests and a language (``user_available_webrtc``) who close leave
+    no entry in the pooled users by time, the profiles or the tag sets. Found by a red-team
+    run: the disconnect only took them out of the pool, and the rest grew with every user
+    who ever pooled and left (nothing else removes it while nobody searches with wait)."""
+    config = server_config(redis_server.url, **TIMINGS)
+    with redis_server.client() as r:
+        async with running_server(config) as srv, connect(srv, "zoe") as zoe:
+            await zoe.send(
+                {"type": "user_available_webrtc", "payload": {"interests": ["chess"], "language": "en"}}
+            )
+            await zoe.sync()
+            async with AsyncExitStack() as leavers:
+                for user, interests in POOLED.items():
+                    peer = await leavers.enter_async_context(connect(srv, user))
+                    payload = {"interests": interests, "language": "en"}
+                    await peer.send({"type": "user_available_webrtc", "payload": payload})
+                    await peer.sync()
+                for user, interests in POOLED.items():
+                    assert _traces(r, user) == _pooled_keys(*interests)
+            await wait_until(lambda: not any(r.hexists(PRESENCE_KEY, user) for user in POOLED))
+            for user in POOLED:
+                assert _traces(r, user) == set(), user
+            assert _traces(r, "zoe") == _pooled_keys("chess")  # still pooled, whole
+
+
+def test_reaping_a_dead_instance_leaves_nothing_of_its_pooled_users_in_the_search_keys(
+    redis_server: RedisServer,
+) -> None:
+    """The reaper takes a dead instance's pooled users out of the pool as a disconnect does:
+    pooled users by time, profiles and tag sets too. A queued searcher of that instance keeps
+    its queue place and profile (the tick times it out; a stalled instance's searcher keeps
+    its place), and a pooled user of a live instance keeps everything."""
+    scripts = Scripts()
+    search_ms = [3000, 1000, 0]
+    now_ms = int(time.time() * 1000)
+    with redis_server.client() as r:
+        r.zadd(INSTANCES_KEY, {"dead": now_ms + 60_000, "alive": now_ms + 60_000})
+
+        def pool(user: str, instance: str, interests: list[str], language: str) -> None:
+            profile = json.dumps({"i": interests, "l": language})
+            keys = [POOL_KEY, MATCHES_KEY, PRESENCE_KEY, INSTANCES_KEY, instance_users_key(instance)]
+            scripts.available(keys, [*search_ms, f"m-{user}", user, instance, profile], r)
+
+        for user, interests in POOLED.items():
+            pool(user, "dead", interests, "en")
+        pool("zoe", "alive", ["chess"], "en")
+        # A searcher of the dead instance, whom nobody pooled suits (another language).
+        r.hset(PRESENCE_KEY, "eve", "dead|c1")
+        r.sadd(instance_users_key("dead"), "eve")
+        profile = json.dumps({"i": ["chess"], "l": "fr"})
+        keys = [POOL_KEY, MATCHES_KEY, PRESENCE_KEY, INSTANCES_KEY]
+        scripts.search(keys, [*search_ms, "m-eve", "eve", "", profile], r)
+        assert r.zscore(QUEUE_KEY, "eve") is not None and not r.hexists(MATCHES_KEY, "eve")
+        for user, interests in POOLED.items():
+            assert _traces(r, user) == _pooled_keys(*interests)
+
+        r.zadd(INSTANCES_KEY, {"dead": 0})
+        keys = [POOL_KEY, MATCHES_KEY, INSTANCES_KEY, PRESENCE_KEY]
+        dead, gone, ended = scripts.reap(keys, ["a-reaper", INSTANCE_USERS_PREFIX, 16], r)
+        assert (dead, sorted(gone), ended) == ([b"dead"], sorted(u.encode() for u in [*POOLED, "eve"]), [])
+        for user in POOLED:
+            assert _traces(r, user) == set(), user
+        assert _traces(r, "eve") == {QUEUE_KEY, PROFILES_KEY}
+        assert _traces(r, "zoe") == _pooled_keys("chess")
