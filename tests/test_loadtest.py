@@ -4,7 +4,9 @@ is there) every scenario against ``aleatoria.server.serve``."""
 
 from __future__ import annotations
 
+import argparse
 import functools
+import io
 import json
 import os
 import re
@@ -21,8 +23,10 @@ from loadtest_fakeserver import FakeServer, Faults
 from aleatoria.loadtest import cli
 from aleatoria.loadtest.histogram import Histogram, Timeline
 from aleatoria.loadtest.inline import run_inline
-from aleatoria.loadtest.options import Options, OptionsError, validate
+from aleatoria.loadtest.options import SCENARIOS, Options, OptionsError, validate
 from aleatoria.loadtest.payload import decode, encode
+from aleatoria.loadtest.progress import PRIMARY, LineDisplay, describe
+from aleatoria.loadtest.results import ProgressView
 from aleatoria.loadtest.stats import Stats
 from aleatoria.loadtest.summary import exit_code, summarize
 from aleatoria.loadtest.tracking import MAX_HOLES, Arrival, SequenceTracker
@@ -173,6 +177,52 @@ def test_soak_has_its_own_defaults() -> None:
     args = cli.build_parser().parse_args(["soak", "--rooms", "3"])
     options = cli.options_from_args(args)
     assert (60.0, 50.0, 3) == (options.duration, options.rate, options.rooms)
+
+
+def _scenario_names() -> set[str]:
+    """The scenarios the CLI's parser accepts."""
+    parser = cli.build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return set(sub.choices)
+
+
+def test_every_scenario_has_a_primary_latency() -> None:
+    """The progress display names a latency for every scenario the CLI accepts."""
+    assert set(SCENARIOS) == _scenario_names()
+    assert set(SCENARIOS) <= set(PRIMARY)
+
+
+def _view(scenario: str, recent: dict[str, Histogram]) -> ProgressView:
+    return ProgressView(
+        options=Options(scenario=scenario),
+        elapsed_s=2.0,
+        load_elapsed_s=1.0,
+        phase="load",
+        open_connections=4,
+        counters={"search.matches": 3},
+        recent=recent,
+        interrupted=False,
+    )
+
+
+def test_progress_of_the_search_scenario() -> None:
+    """search shows its wait latency and counts its matches; a line is written for it."""
+    wait = Histogram()
+    wait.record(2000)
+    figures = describe(_view("search", {"search.wait": wait}), (0.0, 0.0, 1.5))
+    assert "2.00/2.00" == figures["search.wait p50/p99 ms"]
+    assert "1.5" == figures["matches/s"]
+    stream = io.StringIO()
+    LineDisplay(stream, 1.0).update(_view("search", {}))
+    assert "search.wait p50/p99 ms=-" in stream.getvalue()
+
+
+def test_progress_of_an_unknown_scenario_does_not_crash() -> None:
+    """A scenario without a PRIMARY entry shows the first latency it has, or none."""
+    setup = Histogram()
+    setup.record(1000)
+    assert "1.00/1.00" == describe(_view("new", {"x.setup": setup}), (0, 0, 0))["x.setup p50/p99 ms"]
+    assert "-" == describe(_view("new", {}), (0, 0, 0))["latency p50/p99 ms"]
 
 
 # -- scenarios against the fake server ----------------------------------------------

@@ -277,6 +277,20 @@ async def test_cli_search_table_json_and_plot(
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
+async def test_cli_search_shows_progress(nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]) -> None:
+    """The search scenario's progress lines (not on a terminal) show its wait latency;
+    the run ends normally."""
+    fake = await start_fake(nursery)
+    argv = ["search", "--url", f"ws://127.0.0.1:{fake.port}", "--users", "4", "--duration", "0.5"]
+    argv += ["--interest-wait", "0", "--progress-interval", "0.05"]
+    with trio.fail_after(RUN_LIMIT):
+        status = await trio.to_thread.run_sync(cli.main, argv)
+    captured = capsys.readouterr()
+    assert 0 == status, captured.out
+    assert "progress phase=" in captured.err
+    assert "search.wait p50/p99 ms=" in captured.err
+
+
 # -- against the real server --------------------------------------------------------------
 
 

@@ -17,12 +17,15 @@ from rich.table import Table
 
 from aleatoria.loadtest.results import ProgressView
 
+# The latency each scenario is about (``stats.observe`` names); a scenario missing here
+# still gets a display, with the first latency it recorded.
 PRIMARY = {
     "fanout": "room.delivery",
     "dm": "dm.rtt",
     "match": "match.setup",
     "conns": "connect",
     "soak": "room.delivery",
+    "search": "search.wait",
 }
 
 
@@ -49,7 +52,7 @@ class _Rates:
     def update(self, counters: dict[str, int]) -> tuple[float, float, float]:
         now = time.monotonic()
         out, delivered = _outgoing(counters), _deliveries(counters)
-        matches = counters.get("match.completed", 0)
+        matches = counters.get("match.completed", 0) + counters.get("search.matches", 0)
         rates = (0.0, 0.0, 0.0)
         if self._last is not None and now > self._last[0]:
             span = now - self._last[0]
@@ -62,8 +65,16 @@ class _Rates:
         return rates
 
 
+def _primary(view: ProgressView) -> str:
+    """The latency to show: the scenario's own, else the first one seen, else "latency"."""
+    metric = PRIMARY.get(view.options.scenario)
+    if metric is not None:
+        return metric
+    return min(view.recent, default="latency")
+
+
 def describe(view: ProgressView, rates: tuple[float, float, float]) -> dict[str, Any]:
-    metric = PRIMARY[view.options.scenario]
+    metric = _primary(view)
     recent = view.recent.get(metric)
     return {
         "phase": view.phase + (" (stopping)" if view.interrupted else ""),
