@@ -579,7 +579,13 @@ class Config:
         if self.history_max < 1:
             raise ConfigError("ALEATORIA_HISTORY_MAX must be at least 1")
         if self.ping_interval <= 0 or self.idle_timeout <= 0:
-            raise ConfigError("ping interval and idle timeout must be positive")
+            raise ConfigError("ALEATORIA_PING_INTERVAL and ALEATORIA_IDLE_TIMEOUT must be positive")
+        if self.handshake_timeout <= 0:
+            raise ConfigError("ALEATORIA_HANDSHAKE_TIMEOUT must be positive (clients would hang)")
+        if self.max_connections < 1:
+            raise ConfigError("ALEATORIA_MAX_CONNECTIONS must be at least 1")
+        if self.max_connections_per_ip < 0:
+            raise ConfigError("ALEATORIA_MAX_CONNECTIONS_PER_IP must be 0 (no limit) or more")
         if self.outbox_frames < 1:
             raise ConfigError("ALEATORIA_OUTBOX_FRAMES must be at least 1")
         if not 0 <= self.resume_window <= 3600:
@@ -589,7 +595,7 @@ class Config:
         if self.max_frame_bytes < 1024:
             raise ConfigError("ALEATORIA_MAX_FRAME_BYTES must be at least 1024")
         if self.rate_limit < 0 or self.rate_burst < 1:
-            raise ConfigError("rate limit must be >= 0 and burst >= 1")
+            raise ConfigError("ALEATORIA_RATE_LIMIT must be >= 0 and ALEATORIA_RATE_BURST >= 1")
         if self.frame_rate < 0 or self.frame_burst < 1:
             raise ConfigError("ALEATORIA_FRAME_RATE must be >= 0 and ALEATORIA_FRAME_BURST >= 1")
         if self.outbox_bytes < 64 * 1024:
@@ -625,6 +631,12 @@ class Config:
             raise ConfigError(f"ALEATORIA_LOG_FORMAT must be text or json, got {self.log_format!r}")
         if self.shutdown_timeout < 2:
             raise ConfigError("ALEATORIA_SHUTDOWN_TIMEOUT must be at least 2 seconds")
+        if self.redis_connect_timeout <= 0 or self.redis_call_timeout <= 0:
+            raise ConfigError(
+                "ALEATORIA_REDIS_CONNECT_TIMEOUT and ALEATORIA_REDIS_CALL_TIMEOUT must be positive"
+            )
+        if self.redis_write_buffer < 1:
+            raise ConfigError("ALEATORIA_REDIS_WRITE_BUFFER must be at least 1")
         if self.workers < 1:
             raise ConfigError("ALEATORIA_WORKERS must be at least 1")
         if self.workers > 1 and not self.effective_redis_url:
@@ -721,7 +733,10 @@ def from_environment(environ: Mapping[str, str] | None = None, **overrides: Any)
         try:
             values[setting.name] = setting.parse(raw)
         except ValueError as exc:
-            raise ConfigError(f"{setting.env}: {exc}") from None
+            kind = {int: "an integer", float: "a number"}.get(setting.parse)
+            if kind is None:  # our own parsers say what they expected
+                raise ConfigError(f"{setting.env}: {exc}") from None
+            raise ConfigError(f"{setting.env} must be {kind}, got {raw!r}") from None
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return Config(**values).validate()

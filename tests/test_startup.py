@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 import trio
 
-from aleatoria.config import Config, ConfigError
+from aleatoria.config import Config, ConfigError, from_environment
 
 pytestmark = pytest.mark.loopback  # subprocesses and busy ports
 
@@ -149,6 +149,82 @@ def test_redis_urls_the_server_can_use_are_accepted() -> None:
         Config(redis_url="unix://").validate()
     with pytest.raises(ConfigError, match="0 or more"):
         Config(redis_url="redis://127.0.0.1?db=-1").validate()
+
+
+OUT_OF_RANGE = [
+    ({"redis_connect_timeout": -1.0}, "ALEATORIA_REDIS_CONNECT_TIMEOUT"),
+    ({"redis_connect_timeout": 0.0}, "ALEATORIA_REDIS_CONNECT_TIMEOUT"),
+    ({"redis_call_timeout": -1.0}, "ALEATORIA_REDIS_CALL_TIMEOUT"),
+    ({"redis_call_timeout": 0.0}, "ALEATORIA_REDIS_CALL_TIMEOUT"),
+    ({"max_connections": 0}, "ALEATORIA_MAX_CONNECTIONS must be at least 1"),
+    ({"max_connections": -1}, "ALEATORIA_MAX_CONNECTIONS must be at least 1"),
+    ({"max_connections_per_ip": -1}, "ALEATORIA_MAX_CONNECTIONS_PER_IP"),
+    ({"handshake_timeout": 0.0}, "ALEATORIA_HANDSHAKE_TIMEOUT"),
+    ({"handshake_timeout": -1.0}, "ALEATORIA_HANDSHAKE_TIMEOUT"),
+    ({"redis_write_buffer": -1}, "ALEATORIA_REDIS_WRITE_BUFFER"),
+    ({"rate_limit": -1.0}, "ALEATORIA_RATE_LIMIT must be >= 0 and ALEATORIA_RATE_BURST >= 1"),
+    ({"rate_burst": 0}, "ALEATORIA_RATE_BURST"),
+    ({"ping_interval": 0.0}, "ALEATORIA_PING_INTERVAL"),
+]
+
+
+@pytest.mark.parametrize(("changes", "named"), OUT_OF_RANGE)
+def test_a_setting_out_of_range_is_refused_by_name(changes: dict[str, float], named: str) -> None:
+    """A value the server cannot work with (a timeout of 0, no connection allowed, a
+    negative buffer) is a ConfigError naming its variable, not a crash or a broken server."""
+    with pytest.raises(ConfigError, match=named):
+        from_environment({}, **changes)
+
+
+def test_the_edges_of_those_ranges_are_accepted() -> None:
+    """0 connections per IP means no limit; the smallest useful values pass."""
+    config = from_environment(
+        {},
+        max_connections=1,
+        max_connections_per_ip=0,
+        handshake_timeout=0.1,
+        redis_connect_timeout=0.1,
+        redis_call_timeout=0.1,
+        redis_write_buffer=1,
+        rate_limit=0.0,
+    )
+    assert (1, 0) == (config.max_connections, config.max_connections_per_ip)
+
+
+def test_a_variable_that_is_not_a_number_says_so() -> None:
+    """ALEATORIA_PORT=abc says "must be an integer", not Python's int() message; our own
+    parsers keep their message."""
+    with pytest.raises(ConfigError) as caught:
+        from_environment({"ALEATORIA_PORT": "abc"})
+    assert "ALEATORIA_PORT must be an integer, got 'abc'" == str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        from_environment({"ALEATORIA_HANDSHAKE_TIMEOUT": "soon"})
+    assert "ALEATORIA_HANDSHAKE_TIMEOUT must be a number, got 'soon'" == str(caught.value)
+    with pytest.raises(ConfigError, match="ALEATORIA_LOG_FORMAT: expected text or json"):
+        from_environment({"ALEATORIA_LOG_FORMAT": "xml"})
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        (
+            ["--port", "0", "--redis-url", NO_REDIS, "--redis-call-timeout", "-1"],
+            {},
+            "ALEATORIA_REDIS_CONNECT_TIMEOUT and ALEATORIA_REDIS_CALL_TIMEOUT must be positive",
+        ),
+        (["--port", "0", "--max-connections", "0"], {}, "ALEATORIA_MAX_CONNECTIONS must be at least 1"),
+        ([], {"ALEATORIA_PORT": "abc"}, "ALEATORIA_PORT must be an integer, got 'abc'"),
+    ],
+)
+async def test_a_bad_setting_is_one_line_and_exit_2(
+    flags: list[str], env: dict[str, str], message: str
+) -> None:
+    """As a real process: one ``configuration error`` line naming the setting, exit 2,
+    nothing started, no traceback (a timeout of -1 was a ValueError traceback, a maximum
+    of 0 connections a server answering 503 to everyone)."""
+    code, err = await _serve(*flags, env=env)
+    assert 2 == code, err
+    assert f"aleatoria: configuration error: {message}\n" == err
 
 
 async def test_a_mistyped_flag_shows_the_serve_usage() -> None:
