@@ -56,6 +56,8 @@ _CLEANUP_TIMEOUT = 5.0
 # Sockets accepted beyond ``max_connections`` to answer /health and /metrics (and refuse
 # upgrades with 503) while the server is full; past these, new sockets are closed at once.
 _HTTP_RESERVE = 64
+# Descriptors besides the connections: listeners, Redis connections, the log, the imports.
+_SPARE_FDS = 100
 
 
 def _load_page() -> bytes | None:
@@ -901,9 +903,16 @@ class _Forward(Collector):
         yield from self._registry.collect()
 
 
+def fds_needed(config: Config) -> int:
+    """Open files the server may need at once: ``max_connections``, the sockets accepted
+    beyond it to answer /health and 503 while full, and the spare descriptors."""
+    return config.max_connections + _HTTP_RESERVE + _SPARE_FDS
+
+
 def _raise_fd_limit(config: Config) -> None:
     """Raise the soft limit on open files to the hard limit: each connection is a file, and
-    at the common default of 1,024 a few idle sockets would starve accept (and /health)."""
+    at the common default of 1,024 a few idle sockets would starve accept (and /health).
+    Warn when even that is below ``fds_needed``."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
     if soft != resource.RLIM_INFINITY and soft < wanted:
@@ -912,12 +921,18 @@ def _raise_fd_limit(config: Config) -> None:
             soft = wanted
         except (ValueError, OSError):
             pass
-    if soft != resource.RLIM_INFINITY and soft < config.max_connections + _HTTP_RESERVE + 100:
+    needed = fds_needed(config)
+    if soft != resource.RLIM_INFINITY and soft < needed:
         log.warning(
-            "event=fd_limit_low limit=%d max_connections=%d: raise the open-files limit "
-            "(ulimit -n, systemd LimitNOFILE)",
+            "event=fd_limit_low limit=%d needed=%d max_connections=%d: the open-files limit must "
+            "cover max_connections plus %d spare descriptors; raise it to %d (ulimit -n, systemd "
+            "LimitNOFILE) or lower ALEATORIA_MAX_CONNECTIONS to %d",
             soft,
+            needed,
             config.max_connections,
+            needed - config.max_connections,
+            needed,
+            max(1, soft - (needed - config.max_connections)),
         )
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
@@ -14,11 +16,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import RunningServer, connect, running_server
 from trio_websocket import ConnectionRejected, HandshakeError
 
+from aleatoria import server
 from aleatoria.auth import make_token
 from aleatoria.cli import main
+from aleatoria.config import Config
 
 pytestmark = pytest.mark.loopback  # caps by peer address, half-open TCP, a flood over TCP, real handshakes
 
+REPO = Path(__file__).resolve().parent.parent
 SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret!"
 
 
@@ -95,6 +100,31 @@ async def test_connection_caps() -> None:
                         break
                 except* (ConnectionRejected, HandshakeError, OSError):
                     await trio.sleep(0.01)  # "a" is still closing; retry until it has
+
+
+def test_fd_limit_warning_says_what_is_needed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hard open-files limit equal to max_connections (the defaults on a 20,000 limit)
+    warns with the number needed (max_connections plus the spare descriptors) and the
+    max_connections that fits; a limit that covers fds_needed does not warn. The docs
+    give the same number."""
+    monkeypatch.setattr(server.resource, "getrlimit", lambda _which: (20_000, 20_000))
+    caplog.set_level(logging.WARNING, logger="aleatoria.server")
+    config = Config()
+    server._raise_fd_limit(config)
+    needed = server.fds_needed(config)
+    (record,) = [r.getMessage() for r in caplog.records if "fd_limit_low" in r.getMessage()]
+    assert f"limit=20000 needed={needed} max_connections=20000" in record
+    spare = needed - config.max_connections
+    assert f"plus {spare} spare descriptors; raise it to {needed}" in record
+    assert f"lower ALEATORIA_MAX_CONNECTIONS to {20_000 - spare}" in record
+    caplog.clear()
+    server._raise_fd_limit(Config(max_connections=20_000 - spare))
+    assert not [r for r in caplog.records if "fd_limit_low" in r.getMessage()]
+    operations = (REPO / "docs" / "operations.md").read_text()
+    assert f"plus\n  {spare} spare descriptors" in operations
+    assert f"{needed:,} at the default settings" in operations
 
 
 async def test_half_open_connections_time_out_and_block_nobody() -> None:
