@@ -5,12 +5,14 @@ is there) every scenario against ``aleatoria.server.serve``."""
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import io
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +21,10 @@ from typing import Any
 import pytest
 import trio
 from loadtest_fakeserver import FakeServer, Faults
+from trio_websocket import HandshakeError
 
 from aleatoria.loadtest import cli
+from aleatoria.loadtest.client import failure_reason
 from aleatoria.loadtest.histogram import Histogram, Timeline
 from aleatoria.loadtest.inline import run_inline
 from aleatoria.loadtest.options import SCENARIOS, Options, OptionsError, validate
@@ -419,7 +423,46 @@ async def test_unreachable_server_is_reported_not_raised() -> None:
     with trio.fail_after(RUN_LIMIT):
         figures = summarize(await run_inline(options))
     assert 4 == figures["connections"]["failed"]
+    assert {"failed.refused": 4} == figures["connections"]["errors"]
     assert 1 == exit_code(figures)
+    assert not any("of a core" in warning or "busy" in warning for warning in figures["warnings"])
+
+
+def test_a_failed_connect_is_refused_only_when_every_attempt_was() -> None:
+    """trio's "all attempts failed" OSError is looked through: refused when every address
+    tried refused, network when one failed otherwise (or the cause is unknown)."""
+
+    def wrapped(*attempts: OSError) -> HandshakeError:
+        group = ExceptionGroup("attempts", list(attempts))
+        outer = OSError("all attempts to connect to 127.0.0.1:1 failed")
+        outer.__cause__ = group
+        handshake = HandshakeError()
+        handshake.__cause__ = outer
+        return handshake
+
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+    unreachable = OSError(errno.ENETUNREACH, "unreachable")
+    assert "refused" == failure_reason(wrapped(refused, ConnectionRefusedError(errno.ECONNREFUSED, "")))
+    assert "network" == failure_reason(wrapped(refused, unreachable))
+    assert "network" == failure_reason(HandshakeError())
+
+
+def test_cli_without_a_server_gives_no_verdict(capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing listening at --url: the table says "nothing connected" (not "complete"),
+    counts the handshakes as refused, prints no integrity verdict and no generator
+    figure, ends with the warning that nothing connected, and exits 1."""
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["fanout", "--url", f"ws://127.0.0.1:{port}", "--duration", "1", "--quiet"]
+    assert 1 == cli.main(argv)
+    out = capsys.readouterr().out
+    assert "nothing connected" in out.splitlines()[0]
+    assert "complete" not in out
+    assert "failed.refused" in out and "failed.network" not in out
+    assert "integrity" not in out
+    assert "generator CPU" not in out and "of a core" not in out
+    assert out.rstrip().endswith("no connection could be opened: is the server running at --url?")
 
 
 # -- the command line -----------------------------------------------------------------

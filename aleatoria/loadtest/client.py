@@ -9,6 +9,7 @@ did), ``conn.close_timeout`` (our close handshake was not answered).
 
 from __future__ import annotations
 
+import errno
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -141,16 +142,37 @@ async def run_client(
     except DisconnectionTimeout:
         ctx.stats.inc("conn.close_timeout")
     except HandshakeError as exc:
-        reason = "refused" if isinstance(exc.__cause__, ConnectionRefusedError) else "network"
-        ctx.stats.inc(f"conn.failed.{reason}")
+        ctx.stats.inc(f"conn.failed.{failure_reason(exc)}")
     except ConnectionClosed as exc:
         _note_closed(ctx, exc)
-    except OSError:
-        ctx.stats.inc("conn.failed.network" if not opened else "conn.broken")
+    except OSError as exc:
+        ctx.stats.inc(f"conn.failed.{failure_reason(exc)}" if not opened else "conn.broken")
     finally:
         if held:
             ctx.connect_limiter.release_on_behalf_of(token)
     return opened
+
+
+def failure_reason(exc: BaseException) -> str:
+    """``refused`` when every connection attempt behind ``exc`` was refused (nothing
+    listening), else ``network``.
+
+    trio-websocket wraps the error in HandshakeError, and trio's ``open_tcp_stream``
+    raises ``OSError('all attempts to connect … failed')`` whose cause is a group of one
+    error per address tried; so the causes and the group's leaves are looked through.
+    """
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        elif current.__cause__ is not None:
+            pending.append(current.__cause__)
+        else:
+            leaves.append(current)
+    refused = [leaf for leaf in leaves if isinstance(leaf, OSError) and leaf.errno == errno.ECONNREFUSED]
+    return "refused" if leaves and len(refused) == len(leaves) else "network"
 
 
 async def _close_transport(ws: WebSocketConnection) -> None:

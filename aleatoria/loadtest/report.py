@@ -31,7 +31,8 @@ def _table(title: str) -> Table:
 
 def render(figures: dict[str, Any], console: Console) -> None:
     """Print the summary tables and warnings of ``figures`` (from ``summarize``)."""
-    state = "partial" if figures["partial"] else "complete"
+    connected = figures["connections"]["opened"] > 0
+    state = "partial" if figures["partial"] else "complete" if connected else "nothing connected"
     console.print(
         f"[bold]aleatoria load test[/bold] — {figures['scenario']} against {figures['url']} "
         f"(run {figures['run_id']}, {state}, {figures['load_s']} s of load, "
@@ -76,11 +77,12 @@ def render(figures: dict[str, Any], console: Console) -> None:
 
     table = _table("Load generator and server")
     gen = figures["generator"]
-    table.add_row("generator CPU (max, share of a core)", f"{gen['max_cpu_share']:.0%}")
-    if gen["loop_lag_ms"]:
-        table.add_row("generator loop lag p99 (ms)", f"{gen['loop_lag_ms']['p99']:.1f}")
-    if gen["machine_busy"] is not None:
-        table.add_row("machine CPU busy", f"{gen['machine_busy']:.0%}")
+    if connected:  # else there was no load: the generator's figures are its start-up
+        table.add_row("generator CPU (max, share of a core)", f"{gen['max_cpu_share']:.0%}")
+        if gen["loop_lag_ms"]:
+            table.add_row("generator loop lag p99 (ms)", f"{gen['loop_lag_ms']['p99']:.1f}")
+        if gen["machine_busy"] is not None:
+            table.add_row("machine CPU busy", f"{gen['machine_busy']:.0%}")
     server = figures.get("server") or {}
     if server.get("available"):
         table.add_row("server CPU (cores)", f"{server['cpu_cores']:.2f}")
@@ -92,7 +94,8 @@ def render(figures: dict[str, Any], console: Console) -> None:
             table.add_row("server RSS per connection (KiB)", f"{server['rss_per_connection_kib']}")
     elif server:
         table.add_row("server", f"pid {server['pid']} not readable")
-    console.print(table)
+    if table.row_count:
+        console.print(table)
 
     if figures["server_errors"]:
         table = _table("Server error replies")
@@ -100,7 +103,9 @@ def render(figures: dict[str, Any], console: Console) -> None:
             table.add_row(code, _num(count))
         console.print(table)
 
-    if figures["integrity_ok"]:
+    if not connected:
+        pass  # no verdict without traffic; the warnings below say why
+    elif figures["integrity_ok"]:
         console.print(
             "[green]integrity: no loss, duplicate, reordering, double match"
             + (", rematch or unfair match" if "search" in figures else "")

@@ -217,11 +217,13 @@ def warnings(figures: dict[str, Any], stats: Stats) -> list[str]:
         out.append(f"partial run: stopped early after {figures['load_s']} s of load")
     if figures["missing_workers"]:
         out.append(f"{figures['missing_workers']} worker(s) never reported: their figures are missing")
+    # With nothing connected there was no load: the CPU figures are start-up noise.
+    loaded = figures["connections"]["opened"] > 0
     for worker in figures["generator"]["workers"]:
         if worker.get("error"):
             out.append(f"worker {worker['index']} failed: {worker['error']}")
         share = float(worker.get("cpu_share") or 0.0)
-        if share >= CPU_SATURATED:
+        if loaded and share >= CPU_SATURATED:
             out.append(
                 f"load generator worker {worker['index']} used {share:.0%} of a core: the tool "
                 "itself was a bottleneck (use --processes, or fewer clients)"
@@ -232,7 +234,7 @@ def warnings(figures: dict[str, Any], stats: Stats) -> list[str]:
             f"the tool's event loop lagged {lag['p99']:.0f} ms (p99): latencies include the tool's own delay"
         )
     busy = figures["generator"]["machine_busy"]
-    if busy is not None and busy >= MACHINE_BUSY_WARN:
+    if loaded and busy is not None and busy >= MACHINE_BUSY_WARN:
         out.append(f"the machine's cores were {busy:.0%} busy: server and load generator competed for CPU")
     refused = stats.total("error.rate_limited")
     if refused:
