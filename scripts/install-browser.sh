@@ -11,6 +11,24 @@
 # it exits 1 instead, for CI machines that must run the browser tests.
 set -eu
 
+usage() {
+    cat <<'EOF'
+usage: scripts/install-browser.sh [-h|--help]
+
+Install what the browser tests (tests/browser) need, if it is missing: Debian's chromium
+package (apt-get, needs root or sudo) and the playwright Python package (pip, into
+$PYTHON, the active virtualenv, ./.venv or python3). Never runs `playwright install`.
+Exits 0 when something cannot be installed (the tests then skip, saying why), 1 with
+ALEATORIA_REQUIRE_BROWSER=1.
+EOF
+}
+for arg in "$@"; do
+    case "$arg" in
+        -h | --help) usage; exit 0 ;;
+        *) printf 'install-browser: unknown argument: %s\n' "$arg" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
 cd "$(dirname "$0")/.."
 
 missing=0

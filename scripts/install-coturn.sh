@@ -6,6 +6,23 @@
 # stopped and left disabled, as a fresh Debian install leaves it.
 set -euo pipefail
 
+usage() {
+    cat <<'EOF'
+usage: scripts/install-coturn.sh [-h|--help]
+
+Make sure coturn's turnserver and turnutils_uclient are available for the TURN tests
+(tests/test_turn.py, the relay-only browser test): does nothing when both are on PATH,
+else installs Debian's coturn package with apt-get (needs root or sudo) and stops its
+service (the tests start their own turnserver). Idempotent.
+EOF
+}
+for arg in "$@"; do
+    case "$arg" in
+        -h | --help) usage; exit 0 ;;
+        *) echo "install-coturn: unknown argument: $arg" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
 if command -v turnserver >/dev/null 2>&1 && command -v turnutils_uclient >/dev/null 2>&1; then
     exit 0
 fi

@@ -4,6 +4,23 @@
 # installs Debian's redis-server package. Idempotent; needs root (CI runs as root).
 set -euo pipefail
 
+usage() {
+    cat <<'EOF'
+usage: scripts/install-redis.sh [-h|--help]
+
+Make sure a redis-server binary is available for the Redis tests (tests/redis): does
+nothing when redis-server or valkey-server is on PATH, else installs Debian's
+redis-server package with apt-get (needs root or sudo) and stops the system instance it
+starts. Idempotent.
+EOF
+}
+for arg in "$@"; do
+    case "$arg" in
+        -h | --help) usage; exit 0 ;;
+        *) echo "install-redis: unknown argument: $arg" >&2; usage >&2; exit 2 ;;
+    esac
+done
+
 if command -v redis-server >/dev/null 2>&1 || command -v valkey-server >/dev/null 2>&1; then
     exit 0
 fi

@@ -10,10 +10,10 @@ Usage: python scripts/send_cost.py [rounds]
 
 from __future__ import annotations
 
+import argparse
 import os
 import select
 import socket
-import sys
 import time
 
 CONNECTIONS = 50
@@ -39,8 +39,25 @@ def _spin(seconds: float) -> None:
         pass
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="What one loopback send costs the sender: to a sleeping reader, and in a burst."
+    )
+    parser.add_argument(
+        "rounds",
+        nargs="?",
+        type=int,
+        default=200,
+        help="bursts to all connections (200); a tenth as many rounds of single sends",
+    )
+    return parser
+
+
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+    parser = _parser()
+    rounds = parser.parse_args().rounds
+    if rounds < 1:
+        parser.error("rounds must be at least 1")
     listener = socket.create_server(("127.0.0.1", 0))
     ours: list[socket.socket] = []
     theirs: list[socket.socket] = []

@@ -1,0 +1,101 @@
+"""The command lines of scripts/: ``--help`` describes each script and runs nothing, and a
+wrong argument is a usage error (exit 2), for the measuring scripts and the installers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.loopback  # real subprocesses
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
+TIMEOUT = 60  # seconds; --help answers at once, a benchmark would take longer
+
+
+def _run(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT, check=False, env=env
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "argument"),
+    [("echo_floor.py", "[seconds]"), ("send_cost.py", "[rounds]"), ("session_cost.py", "")],
+)
+def test_measuring_scripts_answer_help(script: str, argument: str) -> None:
+    """--help prints the usage (with the optional positional argument each takes) and a
+    description, exits 0 and measures nothing."""
+    done = _run([sys.executable, str(SCRIPTS / script), "--help"])
+    assert 0 == done.returncode, done.stderr
+    assert done.stdout.startswith(f"usage: {script} [-h] {argument}".rstrip())
+    assert "us per" not in done.stdout and "us of CPU" not in done.stdout
+
+
+@pytest.mark.parametrize("argv", [["echo_floor.py", "soon"], ["send_cost.py", "0"], ["session_cost.py", "x"]])
+def test_measuring_scripts_refuse_a_bad_argument(argv: list[str]) -> None:
+    """A value that is not a number (or not positive), or an argument the script does not
+    take, is a usage error."""
+    done = _run([sys.executable, str(SCRIPTS / argv[0]), *argv[1:]])
+    assert 2 == done.returncode, done.stdout
+    assert "error:" in done.stderr
+
+
+STUBBED = ("apt-get", "apt-cache", "sudo", "systemctl", "pip", "python3")
+
+
+@pytest.fixture
+def bare_path(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An environment whose PATH holds only the few tools the installers use to start, and
+    stubs that log their call instead of installing (so no redis-server, turnserver or
+    chromium is found, and a script that went on would show in the log)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    for tool in ("bash", "sh", "cat", "dirname", "id"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (bin_dir / tool).symlink_to(found)
+    for tool in STUBBED:
+        stub = bin_dir / tool
+        stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> "{log}"\nexit 0\n')
+        stub.chmod(0o755)
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "PYTHON": str(bin_dir / "python3")}
+    return env, log
+
+
+INSTALLERS = ["install-redis.sh", "install-coturn.sh", "install-browser.sh"]
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("script", INSTALLERS)
+def test_installers_answer_help_without_installing(
+    script: str, flag: str, bare_path: tuple[dict[str, str], Path]
+) -> None:
+    """--help (or -h) says what the installer does and exits 0 having run nothing."""
+    env, log = bare_path
+    done = _run([str(SCRIPTS / script), flag], env=env)
+    assert 0 == done.returncode, done.stderr
+    assert done.stdout.startswith(f"usage: scripts/{script} [-h|--help]\n\n")
+    assert not log.exists(), log.read_text()
+
+
+@pytest.mark.parametrize("script", INSTALLERS)
+def test_installers_refuse_an_unknown_argument(script: str, bare_path: tuple[dict[str, str], Path]) -> None:
+    """An argument the installer does not know: exit 2 with the usage, nothing run."""
+    env, log = bare_path
+    done = _run([str(SCRIPTS / script), "--yes"], env=env)
+    assert 2 == done.returncode, done.stderr
+    assert "unknown argument: --yes" in done.stderr and "usage:" in done.stderr
+    assert not log.exists(), log.read_text()
+
+
+def test_the_installers_are_executable() -> None:
+    """They are run as ``scripts/install-*.sh`` (docs, CI)."""
+    for script in INSTALLERS:
+        assert os.access(SCRIPTS / script, os.X_OK), script
