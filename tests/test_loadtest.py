@@ -183,6 +183,73 @@ def test_soak_has_its_own_defaults() -> None:
     assert (60.0, 50.0, 3) == (options.duration, options.rate, options.rooms)
 
 
+def _flags(scenario: str) -> dict[str, argparse.Action]:
+    """The scenario's flags (option string → action)."""
+    parser = cli.build_parser()
+    (sub,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {flag: action for action in sub.choices[scenario]._actions for flag in action.option_strings}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_help_shows_the_defaults_a_run_uses(scenario: str) -> None:
+    """Each flag's --help shows the value a run of this scenario takes when the flag is
+    not given (soak's own defaults included), and nothing else in parentheses does."""
+    options = cli.options_from_args(cli.build_parser().parse_args([scenario]))
+    shown = 0
+    for flag, action in _flags(scenario).items():
+        value = getattr(options, action.dest, None)
+        default = cli.shown_default(value) if action.dest != "run_id" else None
+        if default is not None:
+            assert (action.help or "").endswith(f"(default: {default})"), (flag, action.help)
+            shown += 1
+    assert shown >= 9
+    if scenario == "soak":
+        help_of = {flag: action.help or "" for flag, action in _flags("soak").items()}
+        assert help_of["--match-pause"].endswith("(default: 0.5)")
+        assert help_of["--rate"].endswith("(default: 50)")
+
+
+def _doc_rows() -> list[tuple[list[str], str, str]]:
+    """docs/loadtest.md's flag tables: (scenarios, flag, default column) per row; the
+    common table's rows hold for every scenario."""
+    text = (REPO / "docs" / "loadtest.md").read_text()
+    section = text.split("## Flags", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`--"):
+            rows.append((list(SCENARIOS), cells[0].split()[0].strip("`"), cells[1].strip("`")))
+        elif len(cells) == 4 and cells[1].startswith("`--"):
+            rows.append(([name.strip() for name in cells[0].split(",")], cells[1].strip("`"), cells[2]))
+    return rows
+
+
+def test_the_docs_give_the_defaults_a_run_uses() -> None:
+    """Every number or URL in the default column of docs/loadtest.md's flag tables is the
+    one a run uses, "(soak X)" being soak's; every flag of every scenario is in the docs."""
+    rows = _doc_rows()
+    assert len(rows) > 30
+    checked = 0
+    for scenarios, flag, column in rows:
+        match = re.fullmatch(r"(\S+)(?: \(soak (\S+)\))?", column)
+        if match is None or match[1] in {"off", "—", "random", "none"}:
+            continue
+        for scenario in scenarios:
+            action = _flags(scenario)[flag]
+            args = cli.build_parser().parse_args([scenario])
+            options = cli.options_from_args(args)
+            documented = match[2] if scenario == "soak" and match[2] else match[1]
+            value = getattr(options, action.dest, getattr(args, action.dest))  # or a display flag
+            same = float(documented) == value if isinstance(value, int | float) else documented == value
+            assert same, (scenario, flag, documented, value)
+            checked += 1
+    assert checked > 40
+    text = (REPO / "docs" / "loadtest.md").read_text()
+    for scenario in SCENARIOS:
+        for flag in _flags(scenario):
+            assert flag in {"-h", "--help"} or f"`{flag}`" in text, (scenario, flag)
+
+
 def _scenario_names() -> set[str]:
     """The scenarios the CLI's parser accepts."""
     parser = cli.build_parser()

@@ -14,6 +14,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import attrs
 from rich.console import Console
 
 from aleatoria.loadtest.coordinator import run_load
@@ -33,17 +34,15 @@ Targets loopback only unless --allow-remote. Benchmarks need the server's rate l
 
 def _common(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("run")
-    group.add_argument("--url", help="server base URL, ws:// or wss:// (default ws://127.0.0.1:8085)")
+    group.add_argument("--url", help="server base URL, ws:// or wss://")
     group.add_argument("--duration", type=float, help="seconds of load after all clients are ready")
-    group.add_argument("--processes", type=int, help="worker processes to spread clients over (1)")
-    group.add_argument("--connect-timeout", type=float, help="seconds per handshake (10)")
-    group.add_argument("--connect-concurrency", type=int, help="handshakes in flight at once (100)")
+    group.add_argument("--processes", type=int, help="worker processes to spread clients over")
+    group.add_argument("--connect-timeout", type=float, help="seconds per handshake")
+    group.add_argument("--connect-concurrency", type=int, help="handshakes in flight at once")
     group.add_argument(
-        "--drain-timeout", type=float, help="seconds to wait for in-flight traffic after the load phase (5)"
+        "--drain-timeout", type=float, help="seconds to wait for in-flight traffic after the load phase"
     )
-    group.add_argument(
-        "--max-connections", type=int, help="refuse runs that would open more connections (20000)"
-    )
+    group.add_argument("--max-connections", type=int, help="refuse runs that would open more connections")
     group.add_argument(
         "--allow-remote",
         action="store_true",
@@ -60,7 +59,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--level",
         type=int,
         choices=(1, 2),
-        help="protocol level of every connection: 2 connects with v=2 (welcome, presence events) (1)",
+        help="protocol level of every connection: 2 connects with v=2 (welcome, presence events)",
     )
     group.add_argument("--run-id", help="tag in every user id and room name (random)")
     out = parser.add_argument_group("output")
@@ -73,7 +72,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--progress-interval",
         type=float,
         default=1.0,
-        help="seconds between progress lines when not on a terminal (1; 0 = none)",
+        help="seconds between progress lines when not on a terminal, 0 = none (default: 1)",
     )
 
 
@@ -83,16 +82,18 @@ def _fanout(parser: argparse.ArgumentParser, soak: bool = False) -> None:
     group.add_argument("--members", type=int, help="members per room (M)")
     group.add_argument("--senders", type=int, help="senders per room (S), among the members")
     group.add_argument("--window", type=int, help="unconfirmed messages per sender")
-    group.add_argument("--rate", type=float, help="room messages per second in total (0: window-bound)")
+    group.add_argument(
+        "--rate", type=float, help="room messages per second in total, 0 = as fast as the window allows"
+    )
     _sizes(group)
 
 
 def _sizes(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--size", type=int, help="characters per message content (64)")
+    group.add_argument("--size", type=int, help="characters per message content")
     group.add_argument(
         "--inflight-timeout",
         type=float,
-        help="seconds a sender waits for a confirmation before resetting its window (5)",
+        help="seconds a sender waits for a confirmation before resetting its window",
     )
 
 
@@ -101,10 +102,13 @@ def _dm(parser: argparse.ArgumentParser, soak: bool = False) -> None:
     group.add_argument("--pairs", type=int, help="ping-pong pairs (P)")
     prefix = "--dm-" if soak else "--"
     group.add_argument(
-        f"{prefix}window", dest="dm_window", type=int, help="unanswered pings per pair (1: strict ping-pong)"
+        f"{prefix}window", dest="dm_window", type=int, help="unanswered pings per pair, 1 = strict ping-pong"
     )
     group.add_argument(
-        f"{prefix}rate", dest="dm_rate", type=float, help="pings per second in total (0: window-bound)"
+        f"{prefix}rate",
+        dest="dm_rate",
+        type=float,
+        help="pings per second in total, 0 = as fast as the window allows",
     )
     if not soak:
         _sizes(group)
@@ -113,30 +117,30 @@ def _dm(parser: argparse.ArgumentParser, soak: bool = False) -> None:
 def _match(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("matching")
     group.add_argument("--users", type=int, help="users cycling through matches (N)")
-    group.add_argument("--match-pause", type=float, help="seconds between a user's matches (0)")
+    group.add_argument("--match-pause", type=float, help="seconds between a user's matches")
     group.add_argument(
-        "--match-timeout", type=float, help="seconds without progress before a match counts as stalled (5)"
+        "--match-timeout", type=float, help="seconds without progress before a match counts as stalled"
     )
 
 
 def _search(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("search queue")
     group.add_argument("--users", type=int, help="users searching, talking and pressing Next (N)")
-    group.add_argument("--match-pause", type=float, help="seconds a pair talks before Next (0)")
+    group.add_argument("--match-pause", type=float, help="seconds a pair talks before Next")
     group.add_argument(
-        "--match-timeout", type=float, help="seconds without progress before a match counts as stalled (5)"
+        "--match-timeout", type=float, help="seconds without progress before a match counts as stalled"
     )
-    group.add_argument("--vocabulary", type=int, help="distinct interests, t0 the most popular (50)")
-    group.add_argument("--interests-per-user", type=int, help="interests each user gives, 0-10 (3)")
-    group.add_argument("--zipf", type=float, help="popularity exponent: tag i weighs 1/(i+1)^zipf (1.0)")
-    group.add_argument("--languages", help="comma list of ISO 639-1 codes and 'any' to give users (none)")
+    group.add_argument("--vocabulary", type=int, help="distinct interests, t0 the most popular")
+    group.add_argument("--interests-per-user", type=int, help="interests each user gives, 0-10")
+    group.add_argument("--zipf", type=float, help="popularity exponent: tag i weighs 1/(i+1)^zipf")
+    group.add_argument("--languages", help="comma list of ISO 639-1 codes and 'any' to give users")
     group.add_argument(
-        "--interest-wait", type=float, help="the server's ALEATORIA_INTEREST_WAIT, for the checks (10)"
+        "--interest-wait", type=float, help="the server's ALEATORIA_INTEREST_WAIT, for the checks"
     )
     group.add_argument(
-        "--cooldown", type=float, help="the server's ALEATORIA_REMATCH_COOLDOWN, for the checks (300)"
+        "--cooldown", type=float, help="the server's ALEATORIA_REMATCH_COOLDOWN, for the checks"
     )
-    group.add_argument("--fairness-slack", type=float, help="seconds of timing doubt the checks allow (1)")
+    group.add_argument("--fairness-slack", type=float, help="seconds of timing doubt the checks allow")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +171,40 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "conns":
             scenario.add_argument("--connections", type=int, help="idle connections (N)")
         _common(scenario)
+        _show_defaults(scenario, scenario_defaults(name))
     return parser
+
+
+def scenario_defaults(scenario: str) -> dict[str, Any]:
+    """The option values a run of ``scenario`` uses for flags not given."""
+    values: dict[str, Any] = {
+        field.name: field.default
+        for field in Options.__attrs_attrs__
+        if not isinstance(field.default, attrs.Factory)  # type: ignore[arg-type]
+    }
+    if scenario == "soak":
+        values.update(SOAK_DEFAULTS)
+    return values
+
+
+def shown_default(value: Any) -> str | None:
+    """A default as --help shows it; None for those not worth showing (switches, unset)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if value != "" else "none"
+
+
+def _show_defaults(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
+    """Append each flag's real default for this scenario to its help (the flags' own
+    argparse default stays None, so that ``options_from_args`` can tell "not given")."""
+    for action in parser._actions:
+        if action.dest not in defaults or not action.help:
+            continue
+        shown = shown_default(defaults[action.dest])
+        if shown is not None:
+            action.help += f" (default: {shown})"
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
