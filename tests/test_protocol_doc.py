@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+from inmemory import connect, inmemory_server
 
 from aleatoria import errors
 from aleatoria import messages as m
@@ -90,3 +92,42 @@ def test_no_doc_links_outside_the_repository_for_the_protocol() -> None:
     for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         assert "shared/PROTOCOL" not in path.read_text(), path.name
     assert "(docs/protocol.md)" in (ROOT / "README.md").read_text()
+
+
+# Values the server makes up afresh each time: the README shows one of their kind.
+_VOLATILE = {"messageId", "createTime", "matchId"}
+
+
+def _same_shape(documented: Any, real: Any) -> bool:
+    """The same keys at every level, and the same values but for ``_VOLATILE`` ones."""
+    if isinstance(documented, dict):
+        return (
+            isinstance(real, dict)
+            and documented.keys() == real.keys()
+            and all(
+                isinstance(real[k], str) if k in _VOLATILE else _same_shape(v, real[k])
+                for k, v in documented.items()
+            )
+        )
+    return bool(documented == real)
+
+
+async def test_the_readme_wire_session_is_what_the_server_says() -> None:
+    """The README's session on the wire, replayed as alice (bob waiting in the pool):
+    every frame the server sends has the documented fields, assign_role's level-1
+    matchId and commonInterests included."""
+    readme = (ROOT / "README.md").read_text()
+    session = readme.split("A session looks like this on the wire", 1)[1].split("```text", 1)[1]
+    lines = re.findall(r"^([→←]) (\{.*\})$", session.split("```", 1)[0], flags=re.MULTILINE)
+    assert 6 <= len(lines)
+    async with inmemory_server(rate_limit=0) as server, connect(server, "bob", "Lobby") as bob:
+        await bob.send({"type": "user_available_webrtc"})
+        await bob.sync()
+        async with connect(server, "alice", "Lobby", joined=False) as alice:
+            for arrow, text in lines:
+                frame = json.loads(text)
+                if arrow == "→":
+                    await alice.send(frame)
+                else:
+                    real = await alice.recv()
+                    assert _same_shape(frame, real), (frame, real)
