@@ -245,6 +245,13 @@ SETTINGS: tuple[Setting, ...] = (
         "rooms one user may be in at once (more: error limit_reached)",
     ),
     Setting(
+        "max_rooms",
+        "ALEATORIA_MAX_ROOMS",
+        int,
+        "rooms with members on this instance at once (a new one beyond: error limit_reached; "
+        "about 5 KB each)",
+    ),
+    Setting(
         "new_dm_per_hour",
         "ALEATORIA_NEW_DM_PER_HOUR",
         int,
@@ -473,6 +480,9 @@ class Config:
     outbox_bytes: int = 1024 * 1024
     history_memory_mb: float = 256.0
     max_rooms_per_user: int = 100
+    # PROTOCOL.md section 16: every count that grows has its bound. One address may hold
+    # max_connections_per_ip x max_rooms_per_user rooms (100,000 at the defaults, ~530 MB).
+    max_rooms: int = 100_000
     new_dm_per_hour: int = 200
     max_payload_bytes: int = 32_768
 
@@ -621,6 +631,8 @@ class Config:
             raise ConfigError("ALEATORIA_REPORT_WEBHOOK must be an http:// or https:// URL")
         if self.report_webhook and not self.admin_token:
             raise ConfigError("ALEATORIA_REPORT_WEBHOOK needs ALEATORIA_ADMIN_TOKEN (it signs the reports)")
+        if self.max_rooms < 1:
+            raise ConfigError("ALEATORIA_MAX_ROOMS must be at least 1")
         if self.max_rooms_per_user < 1 or self.new_dm_per_hour < 1:
             raise ConfigError("ALEATORIA_MAX_ROOMS_PER_USER and ALEATORIA_NEW_DM_PER_HOUR must be at least 1")
         if self.max_payload_bytes < 1024:

@@ -21,6 +21,7 @@ instance.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -101,6 +102,7 @@ class Hub:
         self.stats = Stats()
         self.clients: dict[str, Client] = {}
         self.rooms: dict[str, Room] = {}
+        self.max_rooms = sys.maxsize  # rooms with local members at once (``may_open``)
         self.broadcasts = 0
         self.deliveries = 0
 
@@ -179,6 +181,11 @@ class Hub:
         return True
 
     # -- rooms -------------------------------------------------------------------------------
+
+    def may_open(self, name: str) -> bool:
+        """Whether a member may join room ``name`` here: it has local members already, or
+        there are fewer than ``max_rooms`` rooms."""
+        return name in self.rooms or len(self.rooms) < self.max_rooms
 
     def join(self, client: Client, name: str) -> None:
         """Add ``client`` to room ``name``. A replaced client joins nothing: its socket must

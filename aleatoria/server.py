@@ -743,6 +743,7 @@ async def _serve_with(
         open_hub(config.room_linger, store.bus) as hub,
         open_flusher() as flusher,
     ):
+        hub.max_rooms = config.max_rooms
         server = Server(config, store, hub, flusher)
         # The server's own tasks run under a shield, so that cancelling ``serve`` does
         # not kill connections mid-frame: the ``finally`` below closes them in order.

@@ -22,7 +22,7 @@ from aleatoria import messages as m
 from aleatoria.codec import decode, encode, encode_reply, now
 from aleatoria.config import Config
 from aleatoria.core import Call, Effect, Facts, Rules, Step
-from aleatoria.errors import ClientError, InvalidMessage
+from aleatoria.errors import LIMIT_REACHED, ClientError, InvalidMessage
 from aleatoria.frames import text_frame
 from aleatoria.hub import Client
 from aleatoria.messages import Envelope
@@ -44,6 +44,8 @@ from aleatoria.store import Store
 __all__ = ["Session", "expires_at", "new_message_id"]
 
 log = logging.getLogger("aleatoria.session")
+
+ROOMS_FULL_TEXT = "This server holds the most rooms it may. Join a room that exists, or try again later."
 
 
 class Session:
@@ -231,16 +233,20 @@ class Session:
             step = step.then(await self._perform(step.call))
 
     async def join(self, room: str) -> None:
-        """Join ``room`` as the URL asked (at connect time)."""
-        if self._round_trips:
-            await self.run(core.join(room))
-            return
-        # ``core.join``'s effects and calls, in its order, without its steps (two thirds of a
-        # session's set-up): with the memory store nothing suspends, so there is no bus to
-        # wait for and nobody can take the user over in between.
-        self._apply(core.JoinLocal(room))
-        await self._store.join_room(room, self.user)
-        self._apply(core.joined(room))
+        """Join ``room`` as the URL asked (at connect time). Refused (the instance holds its
+        most rooms): the error is the answer, and the connection goes on."""
+        try:
+            if self._round_trips:
+                await self.run(core.join(room))
+                return
+            # ``core.join``'s effects and calls, in its order, without its steps (two thirds of
+            # a session's set-up): with the memory store nothing suspends, so there is no bus
+            # to wait for and nobody can take the user over in between.
+            self._apply(core.JoinLocal(room))
+            await self._store.join_room(room, self.user)
+            self._apply(core.joined(room))
+        except ClientError as exc:
+            self._refused(exc)
 
     async def adopt_rooms(self, rooms: tuple[str, ...]) -> None:
         """Rooms the user had on another instance (the store already knows them)."""
@@ -271,6 +277,8 @@ class Session:
                 self._remember(partner, since)
             case core.JoinLocal(room):
                 client = self.client
+                if not self._hub.may_open(room):
+                    raise ClientError(LIMIT_REACHED, ROOMS_FULL_TEXT)
                 new = room not in client.rooms and not client.replaced
                 self._hub.join(client, room)
                 if new:

@@ -294,3 +294,22 @@ async def test_a_prefix_is_looked_for_among_the_biggest_rooms_only() -> None:
     assert [("rare2", 3), ("big0", 2)] == await store.list_rooms(2)
     await store.leave_room("rare2", "u3")  # now after every big room by name: beyond the walk
     assert [] == await store.list_rooms(10, "rare")
+
+
+async def test_an_instance_holds_at_most_max_rooms(autojump_clock: MockClock) -> None:
+    """A new room beyond ``max_rooms`` (rooms with members here) is limit_reached, also as a
+    URL's room at connect, where the connection goes on in no room; a room that exists can
+    always be joined, and a room freed makes space."""
+    async with inmemory_server(max_rooms=3) as server, connect(server, "alice") as alice:
+        await join(alice, "r1", "r2")  # with Lobby: three
+        assert "limit_reached" == await error_code(alice, {"type": "join_room", "room": "r3"})
+        async with connect(server, "bob", "r1") as bob:  # r1 exists
+            await join(bob, "r2")
+            rooms = await bob.request({"type": "get_rooms"}, "rooms_list")
+            assert ["r1", "r2"] == rooms["payload"]["rooms"]
+        async with connect(server, "carol", "r9", joined=False) as carol:
+            refused = await carol.expect("error")
+            assert "limit_reached" == refused["payload"]["code"]
+            assert [] == (await carol.request({"type": "get_rooms"}, "rooms_list"))["payload"]["rooms"]
+        await alice.request({"type": "leave_room", "room": "r2"}, "room_left")
+        await join(alice, "r3")
