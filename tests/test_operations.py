@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -109,7 +110,7 @@ def test_fd_limit_warning_says_what_is_needed(
     warns with the number needed (max_connections plus the spare descriptors) and the
     max_connections that fits; a limit that covers fds_needed does not warn. The docs
     give the same number."""
-    monkeypatch.setattr(server.resource, "getrlimit", lambda _which: (20_000, 20_000))
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (20_000, 20_000))
     caplog.set_level(logging.WARNING, logger="aleatoria.server")
     config = Config()
     server._raise_fd_limit(config)
