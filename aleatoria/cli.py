@@ -142,7 +142,7 @@ def _serve(args: argparse.Namespace, serve_args: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"aleatoria: configuration error: {exc}", file=sys.stderr)
         return 2
-    logs.configure(config.log_level, config.log_format)
+    logs.configure(config.log_level, config.log_format, args.worker)
     _start_error_reporting(config)
     if args.worker is None:  # once per deployment: a --workers parent speaks for its workers
         _warn_about_auth(config)

@@ -779,9 +779,8 @@ def _log_listening(config: Config, store: Store, worker: int | None, port: int, 
             view or where,
         )
     else:
-        log.info(
-            "event=worker_listening worker=%d address=%s store=%s instance=%s",
-            worker,
+        log.info(  # the line's worker= is the logger's (logs.configure)
+            "event=worker_listening address=%s store=%s instance=%s",
             where,
             store.kind,
             store.instance,

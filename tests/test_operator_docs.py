@@ -55,6 +55,22 @@ def _real_line(fmt: str, capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().err.strip()
 
 
+def test_a_workers_lines_say_which_worker(capsys: pytest.CaptureFixture[str]) -> None:
+    """Under --workers, each worker's lines carry worker=I after the logger (JSON: a
+    ``worker`` key), so interleaved lines of several workers can be told apart."""
+    root = logging.getLogger("aleatoria")
+    saved = (root.handlers[:], root.level, root.propagate)
+    try:
+        for fmt in ("text", "json"):
+            logs.configure("info", fmt, worker=1)
+            logging.getLogger("aleatoria.server").info("event=shutdown_done")
+    finally:
+        root.handlers[:], root.level, root.propagate = saved
+    text, line = capsys.readouterr().err.strip().splitlines()
+    assert "logger=aleatoria.server worker=1 event=shutdown_done" in text
+    assert (1, "event=shutdown_done") == (json.loads(line)["worker"], json.loads(line)["message"])
+
+
 def test_the_log_examples_have_the_real_shape(capsys: pytest.CaptureFixture[str]) -> None:
     """The text example lines have the shape logs.configure writes (UTC time with
     milliseconds, level, logger, then the event); the JSON example has the real keys."""
