@@ -72,7 +72,7 @@ from aleatoria.requests import (
     UserAvailable,
     UserUnavailable,
 )
-from aleatoria.safety import AUTO_SHADOW_SECONDS, EVIDENCE_MESSAGES, EVIDENCE_ROOMS
+from aleatoria.safety import AUTO_SHADOW_SECONDS, EVIDENCE_BYTES, EVIDENCE_MESSAGES, EVIDENCE_ROOMS
 from aleatoria.search import NO_PROFILE, Match, Profile, SearchOutcome
 
 HOUR = 3600.0
@@ -491,7 +491,7 @@ def handle(request: ClientMessage, facts: Facts) -> Step:
                         m.DIRECT_MESSAGES,
                         m.DirectMessages(
                             with_user=request.with_user,
-                            messages=_within(stored, facts.rules.history_reply_bytes, from_start=False),
+                            messages=_within(stored, _reply_room(facts), from_start=False),
                         ),
                     )
                 ),
@@ -532,16 +532,20 @@ def _peer_left(ended: str | None) -> Step:
 _REPLY_ENVELOPE_BYTES = 4096
 
 
+def _reply_room(facts: Facts) -> int:
+    """The bytes a history reply's messages may take."""
+    return facts.rules.history_reply_bytes - _REPLY_ENVELOPE_BYTES
+
+
 def _fragments(stored: list[bytes]) -> list[Any]:
     return [orjson.Fragment(message) for message in stored]
 
 
-def _within(stored: list[bytes], budget: int, from_start: bool) -> list[Any]:
-    """A history reply's messages: as many of ``stored`` as fit in ``budget`` bytes, taken
-    from its start (a room's page: the nearest its ``before`` or ``after``, so the next page
-    goes on from the last one kept) or from its end (the newest DMs); at least one, so paging
-    always moves on. Fragments, in ``stored``'s order."""
-    room = budget - _REPLY_ENVELOPE_BYTES
+def _within(stored: list[bytes], room: int, from_start: bool) -> list[Any]:
+    """As many of ``stored`` as fit in ``room`` bytes, taken from its start (a room's history
+    page: the nearest its ``before`` or ``after``, so the next page goes on from the last one
+    kept) or from its end (the newest DMs, or evidence); at least one, so paging always moves
+    on. Fragments, in ``stored``'s order."""
     kept = 0
     for message in stored if from_start else reversed(stored):
         room -= len(message) + 1  # and its comma
@@ -834,9 +838,7 @@ def _recent(request: GetRecentMessages, facts: Facts) -> Step:
         lambda stored: _done(
             Reply(
                 m.RECENT_MESSAGES,
-                m.RecentMessages(
-                    room=room, messages=_within(stored, facts.rules.history_reply_bytes, from_start=True)
-                ),
+                m.RecentMessages(room=room, messages=_within(stored, _reply_room(facts), from_start=True)),
                 room=room,
             )
         ),
@@ -972,8 +974,12 @@ def _report(request: ReportUser, facts: Facts) -> Step:
             "time": created,
             "match": {"matchId": match_id, "peer": other, "current": current},
             "evidence": {
-                "directMessages": _fragments(dms[-EVIDENCE_MESSAGES:]),
-                "roomMessages": _fragments(messages_by(other, stored, EVIDENCE_MESSAGES)),
+                # The newest that fit in EVIDENCE_BYTES each: 20 messages of 32 KB made a
+                # report of 1.3 MB, kept for good, and a reporter may file 25 a second.
+                "directMessages": _within(dms[-EVIDENCE_MESSAGES:], EVIDENCE_BYTES, from_start=False),
+                "roomMessages": _within(
+                    messages_by(other, stored, EVIDENCE_MESSAGES), EVIDENCE_BYTES, from_start=False
+                ),
             },
         }
         return _after(StoreReport(report), lambda outcome: filed(report, *outcome))

@@ -25,6 +25,9 @@ REPORT_REASONS = ("spam", "harassment", "nudity", "underage", "hate", "other")
 MAX_BLOCKS = 1000
 MAX_DETAILS_CHARS = 500
 EVIDENCE_MESSAGES = 20
+# ...and at most this many bytes of each kind (the newest that fit, at least one): a report is
+# kept until ALEATORIA_REPORT_CAP newer ones push it out, so its size bounds the store's.
+EVIDENCE_BYTES = 32 * 1024
 # A reported user's room messages are looked for in at most this many of the reporter's rooms.
 EVIDENCE_ROOMS = 20
 AUTO_SHADOW_WINDOW = 3600.0

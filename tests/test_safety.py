@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import orjson
 import pytest
 from inmemory import Closed, FakePeer, InMemoryServer, connect, inmemory_server
 from report_scenarios import the_match_a_report_records
 from support import Peer
 from trio.testing import MockClock
 
-from aleatoria.safety import MAX_BLOCKS, Ban
+from aleatoria.safety import EVIDENCE_BYTES, MAX_BLOCKS, Ban
 
 
 @pytest.fixture
@@ -192,6 +193,28 @@ async def test_report_stores_evidence_and_blocks(server: InMemoryServer, autojum
         rooms = [_json(m)["payload"]["content"] for m in evidence["roomMessages"]]
         assert (["dm-1"], ["room-1", "room-2"]) == (dms, rooms)
         assert 1 == server.server.stats.reports["harassment"]
+
+
+async def test_report_evidence_is_bounded_in_bytes(server: InMemoryServer, autojump_clock: MockClock) -> None:
+    """Evidence keeps the newest messages that fit in EVIDENCE_BYTES of each kind: a report
+    is kept until ALEATORIA_REPORT_CAP newer ones push it out, and 20 + 20 messages of 32 KB
+    made one of 1.3 MB (a red-team run parked 256 MB in Redis in 8 s)."""
+    big = "x" * 3000  # about 3 KB each, so twenty are over the bound
+    async with connect(server, "alice") as alice, connect(server, "bob") as bob:
+        for i in range(20):
+            await bob.send({"type": "chat_message", "toUser": "alice", "payload": {"content": f"{i} {big}"}})
+            await bob.send({"type": "chat_message", "room": "Lobby", "payload": {"content": f"{i} {big}"}})
+        for _ in range(40):
+            await alice.expect("chat_message")
+        await alice.request(
+            {"type": "report_user", "payload": {"user": "bob", "reason": "spam"}}, "report_received"
+        )
+        (filed,) = await server.server.store.safety.reports(10)
+        for kind in ("directMessages", "roomMessages"):
+            kept = filed["evidence"][kind]
+            assert sum(len(orjson.dumps(m)) for m in kept) <= EVIDENCE_BYTES
+            numbers = [int(_json(m)["payload"]["content"].split()[0]) for m in kept]
+            assert numbers == list(range(20 - len(numbers), 20)) and len(numbers) >= 5, (kind, numbers)
 
 
 async def test_report_records_the_match_between_the_two(
