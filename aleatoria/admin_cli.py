@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from aleatoria.auth import parse_duration
 from aleatoria.limits import id_problem
@@ -213,6 +214,13 @@ def _show(args: argparse.Namespace, result: Any, console: Console) -> None:
         _show_user(result, console)
 
 
+def _row(table: Table, *cells: str) -> None:
+    """Add a row of plain text: what users wrote (a report's details, a ban's reason) is
+    never read as rich markup ("[/bold]" once made every listing fail; "[link=...]" could
+    hide a URL)."""
+    table.add_row(*(Text(cell) for cell in cells))
+
+
 def _show_user(state: dict[str, Any], console: Console) -> None:
     table = Table(title=f"user {state['user']}", show_header=False)
     table.add_column("field", style="bold")
@@ -221,18 +229,18 @@ def _show_user(state: dict[str, Any], console: Console) -> None:
     if state["online"] and state.get("instance"):
         online += f" (instance {state['instance']})"
     ban = state.get("ban")
-    table.add_row("online", online)
-    table.add_row("rooms", ", ".join(state.get("rooms") or []) or "-")
-    table.add_row("match", state.get("match") or "-")
+    _row(table, "online", online)
+    _row(table, "rooms", ", ".join(state.get("rooms") or []) or "-")
+    _row(table, "match", state.get("match") or "-")
     if ban is None:
-        table.add_row("ban", "none")
+        _row(table, "ban", "none")
     else:
         kind = "shadow ban" if ban["shadow"] else "ban"
         reason = f" (reason: {ban['reason']})" if ban["reason"] else ""
-        table.add_row("ban", f"{kind} {_until(ban['until'])}{reason}")
-    table.add_row("reports received", str(state.get("reportsReceived", 0)))
-    table.add_row("blocked", ", ".join(state.get("blocked") or []) or "-")
-    table.add_row("blocked by", ", ".join(state.get("blockedBy") or []) or "-")
+        _row(table, "ban", f"{kind} {_until(ban['until'])}{reason}")
+    _row(table, "reports received", str(state.get("reportsReceived", 0)))
+    _row(table, "blocked", ", ".join(state.get("blocked") or []) or "-")
+    _row(table, "blocked by", ", ".join(state.get("blockedBy") or []) or "-")
     console.print(table)
     if state.get("reports"):
         console.print(_reports_table(state["reports"], title="latest reports received"))
@@ -249,7 +257,8 @@ def _reports_table(reports: list[dict[str, Any]], title: str | None = None) -> T
         details = str(report.get("details") or "")
         if len(details) > DETAILS_SHOWN:
             details = details[: DETAILS_SHOWN - 1] + "…"
-        table.add_row(
+        _row(
+            table,
             str(report.get("id", "")),
             _time(report.get("time"), zone=False),
             str(report.get("reporter", "")),
@@ -269,7 +278,8 @@ def _bans_table(bans: list[dict[str, Any]]) -> Table:
     table.add_column("since", no_wrap=True)
     for ban in bans:
         until = ban["until"]
-        table.add_row(
+        _row(
+            table,
             ban["user"],
             "shadow" if ban["shadow"] else "ban",
             "permanent" if until is None else _time(until),

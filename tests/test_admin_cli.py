@@ -155,6 +155,20 @@ async def test_reports_table_and_filters(srv: RunningServer) -> None:
     assert any("reports received" in line and "1" in line for line in user.splitlines())
 
 
+async def test_what_users_wrote_is_shown_as_text_not_markup(srv: RunningServer) -> None:
+    """A report's details are free text from any chat user: rich markup in them is shown as
+    written ("[/bold]" once made every listing fail with a traceback, and "[link=...]" could
+    hide a URL behind other words)."""
+    details = "[/bold] oops [link=https://evil.example/]re-login[/link]"
+    async with connect(srv, "alice") as alice:
+        payload = {"user": "mallory", "reason": "other", "details": details}
+        await alice.request({"type": "report_user", "payload": payload}, "report_received")
+    for command in (["reports"], ["user", "mallory"]):
+        run = await aleatoria_admin(*command, *opts(srv))
+        assert (0, "") == (run.status, run.err), run
+        assert details in run.out, run.out
+
+
 async def test_kick_closes_with_4003_without_a_ban(srv: RunningServer) -> None:
     async with connect(srv, "mallory") as mallory:
         run = await aleatoria_admin("kick", "mallory", *opts(srv))
