@@ -350,6 +350,8 @@ async def test_a_body_that_is_not_json_is_400(srv: InMemoryServer, raw: bytes) -
         ("/admin/bans/bad:user", "user must be"),
         ("/admin/reports?limit=x", "limit must be a whole number"),
         ("/admin/reports?limit=-1", "limit must be a whole number"),
+        ("/admin/reports?limit=%C2%B2", "limit must be a whole number"),  # "²": isdigit, not int
+        ("/admin/reports?limit=" + "9" * 5000, "limit must be a whole number"),  # over int()'s digits
         ("/admin/reports?after=zzz", "after must be a report id"),
         ("/admin/reports?user=a:b", "user must be"),
     ],
