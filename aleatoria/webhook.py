@@ -89,6 +89,7 @@ class Webhook:
     async def _deliver(self, client: httpx.AsyncClient, report_id: str, body: bytes) -> None:
         headers = {
             "content-type": "application/json",
+            "accept-encoding": "identity",
             SIGNATURE_HEADER: signature(self._secret, body),
             "X-Aleatoria-Report-Id": report_id,
         }
@@ -96,15 +97,22 @@ class Webhook:
         attempt = 0
         while True:
             attempt += 1
-            try:
-                response = await client.post(self.url, content=body, headers=headers)
-                if 200 <= response.status_code < 300:
-                    self._stats.webhook_deliveries += 1
-                    log.info("event=webhook_delivered id=%s attempts=%d", report_id, attempt)
-                    return
-                problem = f"status {response.status_code}"
-            except httpx.HTTPError as exc:
-                problem = type(exc).__name__
+            problem = "timeout"
+            # The whole attempt within TIMEOUT (httpx's own timeout bounds each read, so a
+            # receiver sending a byte every few seconds held the queue forever), and the
+            # answer's body never read: only its status counts, and a receiver's body (a
+            # 1 MB gzip of 1 GiB, decompressed on the loop) once took the server to 2 GB.
+            with trio.move_on_after(TIMEOUT):
+                try:
+                    async with client.stream("POST", self.url, content=body, headers=headers) as response:
+                        status = response.status_code
+                    if 200 <= status < 300:
+                        self._stats.webhook_deliveries += 1
+                        log.info("event=webhook_delivered id=%s attempts=%d", report_id, attempt)
+                        return
+                    problem = f"status {status}"
+                except httpx.HTTPError as exc:
+                    problem = type(exc).__name__
             self._stats.webhook_failures += 1
             log.warning(
                 "event=webhook_failed id=%s attempt=%d problem=%s retry_in=%.1f",

@@ -65,6 +65,7 @@ class Receiver:
         self.fail = 0
         self.answered_500 = 0
         self.hang = False
+        self.drip = False  # answer 200 with a body of a byte a second, never ending
         self.released = trio.Event()
         self._changed = trio.Event()
         self._scope: trio.CancelScope | None = None
@@ -125,6 +126,12 @@ class Receiver:
         self._wake()
         if self.hang:
             await self.released.wait()
+        if self.drip:
+            head = conn.send(h11.Response(status_code=200, headers=[("content-length", str(10**9))]))
+            await stream.send_all(head or b"")
+            while True:
+                await stream.send_all(b"x")
+                await trio.sleep(1)  # the slow answer under test
         status = 200
         if self.fail:
             self.fail -= 1
@@ -182,6 +189,19 @@ async def metric_reaches(srv: RunningServer, name: str, value: float, timeout: f
             if await metric(srv, name) >= value:
                 return
             await trio.sleep(0.05)  # /metrics is the observable; nothing is pushed
+
+
+async def test_a_receiver_that_answers_slowly_does_not_hold_the_queue() -> None:
+    """A receiver that answers 200 and then drips its body, a byte a second, forever: the
+    status is the answer (the body is never read), so every report is delivered. Before,
+    httpx's per-read timeout never fired and the first report held the queue for good."""
+    async with receiver_and_server() as (receiver, srv):
+        receiver.drip = True
+        async with connect(srv, "alice") as alice:
+            for user in ("bob", "carol", "dave"):
+                await report(alice, user)
+        await metric_reaches(srv, "aleatoria_webhook_deliveries", 3)
+        assert 0 == await metric(srv, "aleatoria_webhook_failures")
 
 
 async def test_a_report_arrives_signed() -> None:
