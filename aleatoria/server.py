@@ -282,7 +282,10 @@ class Server:
         if header:
             value = request.header(header.lower().encode("latin-1"))
             if value:
-                return value.split(",")[0].strip()
+                # The last entry: the one the proxy itself added. A list header such as
+                # X-Forwarded-For keeps what the client sent in front of it, so the first
+                # entry is the client's to choose (and with it, its per-address cap).
+                return value.rsplit(",", 1)[-1].strip()
         return addr
 
     def _refusal(self, request: Request, ip: str) -> tuple[int, str] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from functools import partial
 
 import pytest
 import trio
+from rawws import open_tcp, read_response_head, upgrade_request
 from support import RunningServer, close_of, connect, running_server
 from trio_websocket import ConnectionClosed
 
@@ -176,6 +178,26 @@ async def test_shutdown_does_not_wait_out_a_socket_that_sent_nothing() -> None:
     assert trio.current_time() - started < 5
     async with idle:
         assert b"" == await idle.receive_some(10)  # closed, nothing said
+
+
+async def test_behind_a_proxy_the_cap_counts_the_address_the_proxy_appended() -> None:
+    """With ``client_ip_header`` X-Forwarded-For, the per-address cap counts the entry the
+    proxy appended (the last), not what the client put in front of it: a client rotating
+    its own entries once got 10 sessions past a cap of 3."""
+    async with (
+        running_server(client_ip_header="X-Forwarded-For", max_connections_per_ip=2) as srv,
+        contextlib.AsyncExitStack() as held,
+    ):
+        statuses = []
+        for n in range(3):
+            conn = await held.enter_async_context(open_tcp(srv))
+            headers = {"X-Forwarded-For": f"203.0.113.{n}, 10.9.9.9"}
+            await conn.send(upgrade_request(srv.port, f"/ws?userId=p{n}", headers=headers))
+            statuses.append((await read_response_head(conn)).status)
+            if statuses[-1] == 101:
+                with trio.fail_after(10):
+                    await conn.read_until(b"room_joined")  # the session is counted by now
+        assert [101, 101, 503] == statuses
 
 
 async def test_health_reports_connections(server: RunningServer) -> None:
