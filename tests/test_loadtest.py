@@ -288,14 +288,6 @@ def test_progress_of_the_search_scenario() -> None:
     assert "search.wait p50/p99 ms=-" in stream.getvalue()
 
 
-def test_progress_of_an_unknown_scenario_does_not_crash() -> None:
-    """A scenario without a PRIMARY entry shows the first latency it has, or none."""
-    setup = Histogram()
-    setup.record(1000)
-    assert "1.00/1.00" == describe(_view("new", {"x.setup": setup}), (0, 0, 0))["x.setup p50/p99 ms"]
-    assert "-" == describe(_view("new", {}), (0, 0, 0))["latency p50/p99 ms"]
-
-
 # -- scenarios against the fake server ----------------------------------------------
 
 

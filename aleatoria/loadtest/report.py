@@ -103,18 +103,17 @@ def render(figures: dict[str, Any], console: Console) -> None:
             table.add_row(code, _num(count))
         console.print(table)
 
-    if not connected:
-        pass  # no verdict without traffic; the warnings below say why
-    elif figures["integrity_ok"]:
-        console.print(
-            "[green]integrity: no loss, duplicate, reordering, double match"
-            + (", rematch or unfair match" if "search" in figures else "")
-            + " seen[/green]",
-            soft_wrap=True,
-        )
-    else:
-        broken = ", ".join(f"{k} {v}" for k, v in figures["violations"].items())
-        console.print(f"[bold red]integrity violations: {broken}[/bold red]", soft_wrap=True)
+    if connected:  # no verdict without traffic; the warnings below say why
+        if figures["integrity_ok"]:
+            console.print(
+                "[green]integrity: no loss, duplicate, reordering, double match"
+                + (", rematch or unfair match" if "search" in figures else "")
+                + " seen[/green]",
+                soft_wrap=True,
+            )
+        else:
+            broken = ", ".join(f"{k} {v}" for k, v in figures["violations"].items())
+            console.print(f"[bold red]integrity violations: {broken}[/bold red]", soft_wrap=True)
     for warning in figures["warnings"]:
         console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
 
