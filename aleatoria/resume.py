@@ -76,7 +76,7 @@ class KeptOutbox:
             return
         if self.count + frames > self.limit:
             self.frames.clear()  # never half-replayed
-            self.close_code = TRY_AGAIN_LATER
+            self.close_code, self.close_reason = TRY_AGAIN_LATER, "too many frames waiting"
             self.on_end(OVERFLOW)
             return
         self.frames.append((data, frames))

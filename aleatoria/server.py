@@ -32,7 +32,7 @@ from aleatoria.auth import token_expiry, token_problem
 from aleatoria.config import Config
 from aleatoria.connection import WebSocket
 from aleatoria.flusher import Flusher, open_flusher
-from aleatoria.frames import ABNORMAL, GOING_AWAY, TRY_AGAIN_LATER
+from aleatoria.frames import ABNORMAL, GOING_AWAY
 from aleatoria.http import Request, accept_websocket, answer_http, handshake_problem, read_request, send_http
 from aleatoria.hub import Client, Hub, open_hub
 from aleatoria.ice import ice_servers
@@ -501,15 +501,12 @@ class Server:
                 counts = await self.store.stats()
                 self.hub.swap_socket(client, own_ws)
                 self._send_welcome(session, counts.online, counts.searching, False if hello else None, None)
-                if holding.close_code is not None:
-                    # What ended the session while it waited ends its socket the same way: a
-                    # successor on any instance (4001), a ban, a shutdown, or too many frames.
-                    if holding.close_code == ABNORMAL:
-                        own_ws.abort()
-                    elif holding.close_code == TRY_AGAIN_LATER:
-                        own_ws.close(TRY_AGAIN_LATER, "too many frames while connecting")
-                    else:
-                        own_ws.close(holding.close_code, holding.close_reason)
+                # What ended the session while it waited ends its socket the same way: a
+                # successor on any instance (4001), a ban, a shutdown, or too many frames (1013).
+                if holding.close_code == ABNORMAL:
+                    own_ws.abort()
+                elif holding.close_code is not None:
+                    own_ws.close(holding.close_code, holding.close_reason)
                 for data, count in holding.frames:
                     own_ws.send(data, count)
             await session.join(room)
