@@ -147,12 +147,6 @@ class Deliver(NamedTuple):
     extra: tuple[str, ...] = ()
 
 
-class RecordRoom(NamedTuple):
-    room: str
-    data: bytes
-    created_ns: int
-
-
 class RecordDirect(NamedTuple):
     """Store a DM, then (once durable) send the sender ``own`` (PROTOCOL.md section 16)."""
 
@@ -223,7 +217,6 @@ class ReportFiled(NamedTuple):
 Effect = (
     Reply
     | Deliver
-    | RecordRoom
     | RecordDirect
     | PeerLeft
     | RememberPartner
@@ -241,10 +234,13 @@ Effect = (
 
 
 class Broadcast(NamedTuple):
-    """Deliver ``data`` to every member of ``room``, everywhere. Outcome: None."""
+    """Store ``data`` in ``room``'s history and deliver it to every member, everywhere
+    (``created_ns`` is its ``createTime``; in Redis mode Redis may stamp a later one).
+    Outcome: None."""
 
     room: str
     data: bytes
+    created_ns: int
 
 
 class RoomReady(NamedTuple):
@@ -580,7 +576,7 @@ def _chat_to_room(request: ChatToRoom, facts: Facts) -> Step:
     data, created_ns = _chat_message(facts, request.payload, request.message_id, request.room, None)
     if facts.shadow:  # a shadow-banned user's room messages reach only itself, unstored
         return _done(Deliver(facts.user, data, m.CHAT_MESSAGE))
-    return _after(Broadcast(request.room, data), _nothing, RecordRoom(request.room, data, created_ns))
+    return _after(Broadcast(request.room, data, created_ns), _nothing)
 
 
 class DirectMessage(NamedTuple):

@@ -95,25 +95,31 @@ class Router:
             with trio.move_on_after(_SUBSCRIBE_TIMEOUT):
                 await self.bus.room_ready(room)
 
-    async def broadcast(self, room: str, data: bytes, sender: str) -> None:
-        """Deliver ``data`` (a message JSON, already recorded in the store) to every member
-        of ``room``, everywhere. ``sender``: the local user who sent it. Its own copy is its
-        acknowledgement: in Redis mode it leaves only once Redis has the message
-        (PROTOCOL.md section 16), see ``_deliver_here``."""
+    async def broadcast(self, room: str, data: bytes, created_ns: int, sender: str) -> None:
+        """Store ``data`` (a message JSON created at ``created_ns``) in ``room``'s history
+        and deliver it to every member of ``room``, everywhere. ``sender``: the local user
+        who sent it. Its own copy is its acknowledgement: in Redis mode it leaves only once
+        Redis has the message (PROTOCOL.md section 16), see ``_deliver_here``."""
         bus = self.bus
+        store = self.store
         if bus is None:
+            store.record_room_message(room, data, created_ns)
             await self.hub.broadcast(room, text_frame(data))
         elif bus.usable:
-            # Every member, the sender too, gets Redis' copy: the publish follows the history
-            # write in the writer's pipeline. If the bus gives up on it first, ``done(None)``.
+            # One script stores it with Redis' time and publishes it (``redis_stamp``): every
+            # member, the sender too, gets Redis' copy. If the bus gives up on it first,
+            # ``done(None)``: it goes to history with this instance's time, and here only.
             def done(reached: int | None) -> None:
                 if reached is None:
+                    store.record_room_message(room, data, created_ns)
                     self._deliver_here(room, data, sender)
 
-            bus.publish_room(room, data, done)
-        elif self.store.health() == "ok":
+            bus.send_room(room, data, done)
+        elif store.health() == "ok":
+            store.record_room_message(room, data, created_ns)
             self._deliver_here(room, data, sender)  # Redis answers, but too late for chat
         else:
+            store.record_room_message(room, data, created_ns)
             await self.hub.broadcast(room, text_frame(data))  # degraded: memory is the truth
 
     def _deliver_here(self, room: str, data: bytes, sender: str) -> None:

@@ -265,9 +265,6 @@ class Session:
             case core.RecordDirect():
                 to, data, created_ns, own = effect
                 self._record_direct(to, data, created_ns, own)
-            case core.RecordRoom():
-                room, data, created_ns = effect
-                self._store.record_room_message(room, data, created_ns)
             case core.Reply():
                 kind, payload, about = effect
                 self._reply(kind, payload, room=about)
@@ -362,8 +359,8 @@ class Session:
         store, user = self._store, self.user
         match call:  # the cases of every message first: signals, then matches
             case core.Broadcast():  # unpacked, not captured: half the cost of a class pattern
-                room, data = call
-                await self._router.broadcast(room, data, user)
+                room, data, created_ns = call
+                await self._router.broadcast(room, data, created_ns, user)
                 return None
             case core.Relay():
                 to, data, kind, extra = call

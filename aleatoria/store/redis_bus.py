@@ -12,11 +12,13 @@ How this works.
   messages for the handler, subscription confirmations for the bookkeeping below). The
   handler (the router, given through the store's ``attach``) sends to sockets synchronously.
 - Sending. Publishes are not made here: they queue in ``outbox`` and the Redis store's
-  writer sends them in the same pipeline as the pending history writes, after them (so a
-  message is in Redis' history before anyone receives it: a publish waits for the history
-  queued before it, ``Outgoing.after``). ``route`` is the ``route`` script: presence lookup,
-  liveness check and publish in one step; its result (subscribers reached) comes back
-  through ``Outgoing.done``.
+  writer sends them in the same pipeline as the pending history writes, after them (a
+  publish waits for the history queued before it, ``Outgoing.after``). A room message is
+  one ``room_send`` script (``redis_stamp``): Redis stamps its time, adds it to the room's
+  history and publishes it, so it is in history before anyone receives it, and every
+  instance receives a room's messages in the order of their times. ``route`` is the
+  ``route`` script: presence lookup, liveness check and publish in one step. Results
+  (subscribers reached) come back through ``Outgoing.done``.
 - Up/down. ``up`` is true once the instance channel is subscribed on the current
   connection; a failed connection makes it false until the thread has reconnected (with
   backoff) and resubscribed everything. Callers deliver locally while it is down.
@@ -54,8 +56,9 @@ from aleatoria.store.redis_client import RedisClient
 from aleatoria.store.redis_echo import Echo, Echoes
 from aleatoria.store.redis_presence import INSTANCES_KEY, PRESENCE_KEY, instance_channel
 from aleatoria.store.redis_scripts import MATCHES_KEY
+from aleatoria.store.redis_stamp import echo_key, stampable
 from aleatoria.store.redis_subscriber import Message, Subscriber
-from aleatoria.store.redis_writer import ROOM_MESSAGES_PREFIX, Command
+from aleatoria.store.redis_writer import ROOM_MESSAGES_PREFIX, Command, LiveScripts
 
 log = logging.getLogger("aleatoria.store.bus")
 
@@ -72,6 +75,7 @@ _ROOMS_CACHED = 4096
 # Outgoing kinds.
 PUBLISH = 0  # to a channel (room or instance)
 ROUTE = 1  # to a user, through presence
+SEND = 2  # a room message: stamped, stored and published by ``room_send``
 
 
 def room_channel(room: str) -> str:
@@ -91,7 +95,7 @@ class Outgoing:
     """One publish waiting for the writer's next pipeline."""
 
     kind: int
-    target: str  # channel (PUBLISH) or user (ROUTE)
+    target: str  # channel (PUBLISH), user (ROUTE) or room (SEND)
     message: bytes
     done: Callable[[int | None], None] | None = None  # subscribers reached; None = failed
     sender: str = ""  # ROUTE: refused (0) if the user is in a live match with someone else
@@ -159,19 +163,23 @@ class RedisBus:
 
     # -- publishing (trio thread) ---------------------------------------------------------
 
-    def publish_room(
-        self, room: str, message: bytes, done: Callable[[int | None], None] | None = None
-    ) -> bool:
-        """Publish a room message of this instance. With ``done`` (the caller's local
-        delivery), its local members get it exactly once: from its pub/sub copy, or from the
-        caller -- ``done(None)`` -- when the bus gives up on it first (``redis_echo``).
+    def publish_room(self, room: str, message: bytes) -> bool:
+        """Publish an event to a room's channel (not a chat message: see ``send_room``)."""
+        return self._queue(Outgoing(PUBLISH, room_channel(room), message))
+
+    def send_room(self, room: str, message: bytes, done: Callable[[int | None], None]) -> bool:
+        """Store and publish a chat message of this instance with Redis' time
+        (``redis_stamp``). Its local members get it exactly
+        once: from its pub/sub copy, or from the caller -- ``done(None)`` -- when the bus
+        gives up on it first (``redis_echo``); the caller then also writes it to history.
         Otherwise ``done`` gets the subscribers reached (1 if only its copy is known)."""
+        if not stampable(message):  # never from ``core``: it ends every message with its time
+            done(None)
+            return False
         channel = room_channel(room)
-        if done is None:
-            return self._queue(Outgoing(PUBLISH, channel, message))
         sure = self.up and channel in self._confirmed
-        echo = self.echoes.expect(message, channel, done, sure=sure)
-        return self._queue(Outgoing(PUBLISH, channel, message, echo=echo))
+        echo = self.echoes.expect(echo_key(message), channel, done, sure=sure)
+        return self._queue(Outgoing(SEND, room, message, echo=echo))
 
     def publish_instance(self, instance: str, message: bytes) -> bool:
         return self._queue(Outgoing(PUBLISH, instance_channel(instance), message))
@@ -258,12 +266,27 @@ class RedisBus:
         self._pipeline_since = trio.current_time()
         return items
 
-    def add_to_pipeline(self, command: Command, items: list[Outgoing], route_sha: str) -> None:
+    def add_to_pipeline(self, command: Command, items: list[Outgoing], scripts: LiveScripts) -> None:
         """Add ``items`` to the writer's request (runs on a worker thread)."""
         publish = self._publish_command
+        route_sha = scripts.route_sha
         for item in items:
             if item.kind == PUBLISH:
                 command(publish, item.target, item.message)
+            elif item.kind == SEND:
+                room = item.target
+                command(
+                    "EVALSHA",
+                    scripts.room_send_sha,
+                    1,
+                    ROOM_MESSAGES_PREFIX + room,
+                    room_channel(room),
+                    publish,
+                    scripts.cutoff_ns,
+                    scripts.cap,
+                    scripts.ttl_ms,
+                    item.message,
+                )
             else:
                 command(
                     "EVALSHA",
@@ -456,7 +479,7 @@ class RedisBus:
                     if len(rooms) >= _ROOMS_CACHED:
                         rooms.clear()
                     rooms[channel.encode()] = room
-                if not echoes or echoes.on_echo(data):
+                if not echoes or echoes.on_echo(echo_key(data)):
                     items.append((room, data))
             elif kind in ("subscribe", "ssubscribe", "unsubscribe", "sunsubscribe"):
                 self._confirmation(channel.decode() if isinstance(channel, bytes) else channel)

@@ -35,6 +35,7 @@ from aleatoria.metrics import REGISTRY
 from aleatoria.store import redis_presence as presence
 from aleatoria.store import redis_scripts as lua
 from aleatoria.store import redis_search as search_lua
+from aleatoria.store import redis_stamp as stamp
 from aleatoria.store.redis_batch import Batch, Job, Scripted, Skipped, run_batch
 
 T = TypeVar("T")
@@ -54,9 +55,9 @@ CALL_DURATION = Histogram(
 
 class Scripts:
     """The store's Lua scripts, registered on one client. Called as ``Script`` objects,
-    redis-py reloads them on NOSCRIPT; the writer sends ``room_append`` and ``dm_append``
-    as raw EVALSHA in its pipelines (no SCRIPT EXISTS round trip per batch), so ``load``
-    must have run on the current Redis (the store does it on every (re)connection, and a
+    redis-py reloads them on NOSCRIPT; the writer sends ``room_append``, ``dm_append`` and
+    ``room_send`` as raw EVALSHA in its pipelines (no SCRIPT EXISTS round trip per batch), so
+    ``load`` must have run on the current Redis (the store does it on every (re)connection, and a
     NOSCRIPT there means Redis restarted: the store resyncs)."""
 
     def __init__(self) -> None:
@@ -72,7 +73,8 @@ class Scripts:
         self.leave_room = Script(owner, lua.LEAVE_ROOM)
         self.rooms = Script(owner, lua.ROOMS)
         self.dm_append = Script(owner, lua.DM_APPEND)
-        self.room_append = Script(owner, lua.ROOM_APPEND)
+        self.room_append = Script(owner, stamp.ROOM_APPEND)
+        self.room_send = Script(owner, stamp.ROOM_SEND)
         self.heartbeat = Script(owner, presence.HEARTBEAT)
         self.connect = Script(owner, presence.CONNECT)
         self.disconnect = Script(owner, presence.DISCONNECT)

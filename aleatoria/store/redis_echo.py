@@ -45,7 +45,7 @@ Done = Callable[[int | None], None]
 class Echo:
     """One room message of this instance, from its publish until it is settled here."""
 
-    message: bytes
+    message: bytes  # its key (``redis_stamp.echo_key``)
     channel: str
     done: Done | None
     sure: bool  # its echo is sure to come once it was published (see the module doc)
@@ -57,7 +57,8 @@ class Echo:
 
 
 class Echoes:
-    """The table of ``Echo`` entries, by message bytes (the same bytes twice: oldest first)."""
+    """The table of ``Echo`` entries, by message key (``redis_stamp.echo_key``: the message
+    without its time, which Redis replaces; the same key twice: oldest first)."""
 
     def __init__(self, *, grace: float, limit: int) -> None:
         self._grace = grace

@@ -61,8 +61,10 @@ the ``DIRECTORY_SCAN`` biggest is not found. On a Redis Cluster the member sets 
 other slots than the directory, so no script could keep it exact: there ``list_rooms``
 counts every listed room instead (``redis_rooms``), O(rooms).
 
-History writes. ``room_append`` adds a batch of a room's messages, trims by score to the TTL
-and by rank to the cap and sets the expiry, in one call per room and batch.
+History writes. A room message is written by the script that publishes it
+(``redis_stamp.ROOM_SEND``: Redis stamps its time). ``room_append`` (``redis_stamp``) adds a
+batch of a room's messages that the bus did not carry, trims by score to the TTL and by
+rank to the cap and sets the expiry, in one call per room and batch.
 ``dm:{a}:{b}`` is a list, oldest first. ``dm_append`` pushes a batch, caps it,
 trims entries older than the TTL from the head (their ``createTime`` parsed here, RFC 3339
 with any fraction and offset, as the original also wrote them) and sets the key's expiry.
@@ -752,17 +754,6 @@ local searching = redis.call('SCARD', KEYS[3]) + redis.call('ZCARD', QUEUE_KEY)
 return {math.max(online, 0), searching, redis.call('HLEN', KEYS[4])}
 """
 ).replace("QUEUE_KEY", repr(QUEUE_KEY))
-
-# KEYS: room:messages:{room}. ARGV: cutoff (epoch ns), cap, ttl (ms), then score/message
-# pairs. One call per room and batch: cheaper to send and parse than four commands.
-ROOM_APPEND = """
-local key = KEYS[1]
-for i = 4, #ARGV, 2 do redis.call('ZADD', key, ARGV[i], ARGV[i + 1]) end
-redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[1])
-redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(ARGV[2]) + 1))
-if redis.call('EXISTS', key) == 1 then redis.call('PEXPIRE', key, ARGV[3]) end
-return 1
-"""
 
 # KEYS: dm:{a}:{b}. ARGV: cutoff (epoch seconds), cap, ttl (ms), how many of the messages
 # may already be in the list (a prefix of them), then the messages, oldest first.

@@ -3,16 +3,18 @@
 How this works. ``add`` is synchronous and O(1): the message joins the queue and the writer
 is woken; live delivery never waits. ``drain`` takes up to ``batch`` entries at a time and
 writes them in one pipeline (per room: one ``room_append`` script: ZADD, trim by score to
-the TTL and by rank to the cap, PEXPIRE; per DM: one ``dm_append`` script). An entry stays
+the TTL and by rank to the cap, PEXPIRE; per DM: one ``dm_append`` script). A room message
+the bus carries is not queued here: the script that publishes it stores it
+(``redis_stamp``); only those the bus could not carry are. An entry stays
 "pending" until its pipeline succeeded; a failed batch goes back to the front of the queue,
 so the order is kept and nothing is lost but what the bound forces out (the oldest first,
 counted in ``dropped``). The bound is ``capacity`` entries and, when given, ``capacity_bytes``
 of queued messages (the server's history memory budget, PROTOCOL.md section 16): in Redis
 mode this queue is the only history the server holds while Redis is healthy.
 
-A failed pipeline may have run in part. Room writes are idempotent (ZADD of the same member
-and score); DM appends are not, so the entries of a returned batch are marked "suspect" and
-``dm_append`` skips a suspect message the list already holds.
+A failed pipeline may have run in part. Room writes are idempotent (``room_append`` skips a
+message it holds, with any time); DM appends are not, so the entries of a returned batch
+are marked "suspect" and ``dm_append`` skips a suspect message the list already holds.
 
 Reads see what is still pending: ``pending(kind, key)`` snapshots the queued and in-flight
 entries of one room or DM, to merge with what Redis returns (see ``RedisStore``).
@@ -42,6 +44,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, Protocol
 
+import attrs
 import redis
 import trio
 
@@ -87,6 +90,18 @@ Entry = tuple[int, str, bytes, int, Ack | None]
 Command = Callable[..., None]
 
 
+@attrs.frozen
+class LiveScripts:
+    """What the bus's items need of the writer's pipeline: the scripts' hashes, and the
+    room history's trim (a room message is stored by the script that publishes it)."""
+
+    route_sha: str
+    room_send_sha: str
+    cutoff_ns: int
+    cap: int
+    ttl_ms: int
+
+
 class LiveSource(Protocol):
     """Publishes to send with the history (the bus's outbox)."""
 
@@ -94,7 +109,7 @@ class LiveSource(Protocol):
 
     def take(self, limit: int, upto: int) -> list[Any]: ...
 
-    def add_to_pipeline(self, command: Command, items: list[Any], route_sha: str) -> None: ...
+    def add_to_pipeline(self, command: Command, items: list[Any], scripts: LiveScripts) -> None: ...
 
     def settle(self, items: list[Any], replies: list[Any] | None) -> None: ...
 
@@ -345,7 +360,12 @@ class WriteBehind:
                 *messages,
             )
         if live is not None and items:
-            live.add_to_pipeline(command, items, self._scripts.route.sha)
+            scripts = self._scripts
+            live.add_to_pipeline(
+                command,
+                items,
+                LiveScripts(scripts.route.sha, scripts.room_send.sha, cutoff_ns, self._cap, self._ttl_ms),
+            )
         replies = request.send(r)
         return replies[len(replies) - len(items) :] if items else []
 

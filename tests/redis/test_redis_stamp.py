@@ -1,0 +1,123 @@
+"""Redis' time on room messages (``redis_stamp``), script by script on a real redis-server:
+the text it writes is ``codec``'s, a room's times never go back, and a fallback write of a
+message the script stored already is skipped."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from redis_server import RedisServer
+
+from aleatoria.codec import encode_relayed, now, parse_time_ns, rfc3339
+from aleatoria.store.redis_stamp import ROOM_APPEND, ROOM_SEND, STAMP_HELPERS, echo_key, stampable
+
+_KEY = "room:messages:Den"
+_CHANNEL = "aleatoria:room:{room:messages:Den}"
+_DAY_MS = 86_400_000
+_LAST_US = 2**53 - 1  # in 2255: Lua's doubles hold every microsecond until then
+
+
+def _message(text: str, created: str | None = None) -> bytes:
+    return encode_relayed(
+        "chat_message", "ann", None, "Den", {"content": text}, f"id-{text}", created or now()[1]
+    )
+
+
+def _send(r: Any, message: bytes) -> int:
+    cutoff = time.time_ns() - _DAY_MS * 1_000_000
+    reached: int = r.register_script(ROOM_SEND)(
+        keys=[_KEY], args=[_CHANNEL, "PUBLISH", cutoff, 1000, _DAY_MS, message]
+    )
+    return reached
+
+
+def _stored(r: Any) -> list[tuple[dict[str, Any], int]]:
+    return [(orjson.loads(m), int(score)) for m, score in r.zrange(_KEY, 0, -1, withscores=True)]
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[Any]:
+    with redis_server.client() as r:
+        yield r
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(min_value=0, max_value=_LAST_US))
+@example(0)
+@example(_LAST_US)
+@example(951_782_400_000_000)  # 2000-02-29 (a leap day of a century divisible by 400)
+@example(4_107_542_399_999_999)  # 2100-02-28T23:59:59.999999 (2100 is no leap year)
+@example(1_767_225_599_999_999)  # 2025-12-31T23:59:59.999999
+def test_the_script_writes_the_codec_form(client: Any, us: int) -> None:
+    text = client.eval(STAMP_HELPERS + "return rfc3339(tonumber(ARGV[1]))", 0, us)
+    assert rfc3339(us * 1000) == text.decode()
+
+
+def test_a_room_message_takes_redis_time_never_before_the_newest(client: Any) -> None:
+    before = time.time_ns()
+    _send(client, _message("first", "1999-01-01T00:00:00.000000Z"))
+    ((first, score),) = _stored(client)
+    created = parse_time_ns(first["createTime"])
+    assert before - 1_000_000_000 < created < time.time_ns() + 1_000_000_000  # Redis' clock, not 1999
+    assert abs(score - created) < 1000 and {"content": "first"} == first["payload"]
+
+    # A newer message already stored (another clock ahead): the next one comes 1 µs after it.
+    ahead = created + 3_600_000_000_000
+    client.zadd(_KEY, {_message("ahead", rfc3339(ahead)): ahead})
+    _send(client, _message("next"))
+    stored = _stored(client)
+    assert ["first", "ahead", "next"] == [m["payload"]["content"] for m, _ in stored]
+    assert ahead + 1000 == parse_time_ns(stored[-1][0]["createTime"])
+    times = [m["createTime"] for m, _ in stored]
+    assert sorted(set(times)) == times
+
+
+def test_many_messages_in_one_microsecond_get_distinct_increasing_times(client: Any) -> None:
+    for n in range(200):
+        _send(client, _message(str(n)))
+    stored = _stored(client)
+    assert [str(n) for n in range(200)] == [m["payload"]["content"] for m, _ in stored]
+    times = [m["createTime"] for m, _ in stored]
+    assert sorted(set(times)) == times
+    assert all(abs(parse_time_ns(t) - score) < 1000 for t, (_, score) in zip(times, stored, strict=True))
+
+
+def test_it_is_published_as_stored(client: Any) -> None:
+    pubsub = client.pubsub()
+    pubsub.subscribe(_CHANNEL)
+    assert "subscribe" == pubsub.get_message(timeout=5)["type"]
+    assert 1 == _send(client, _message("hello"))
+    published = pubsub.get_message(timeout=5)
+    ((stored, _),) = client.zrange(_KEY, 0, -1, withscores=True)
+    assert stored == published["data"]
+    pubsub.close()
+
+
+def test_a_fallback_write_of_a_stored_message_is_skipped(client: Any) -> None:
+    """The bus gave up on a message whose script ran after all: the instance writes its own
+    copy (its own time) to history, and ``room_append`` keeps just one."""
+    mine = _message("once")
+    _send(client, mine)
+    ((theirs, _),) = client.zrange(_KEY, 0, -1, withscores=True)
+    assert theirs != mine and echo_key(theirs) == echo_key(mine)
+    append = client.register_script(ROOM_APPEND)
+    created_ns = parse_time_ns(orjson.loads(mine)["createTime"])
+    other = _message("other")
+    other_ns = parse_time_ns(orjson.loads(other)["createTime"])
+    cutoff = time.time_ns() - _DAY_MS * 1_000_000
+    append(keys=[_KEY], args=[cutoff, 1000, _DAY_MS, created_ns, mine, other_ns, other])
+    append(keys=[_KEY], args=[cutoff, 1000, _DAY_MS, other_ns, other])  # a retried batch
+    assert [theirs, other] == client.zrange(_KEY, 0, -1)
+
+
+def test_only_messages_ending_with_a_codec_time_are_stamped() -> None:
+    assert stampable(_message("x"))
+    assert not stampable(_message("x", "2025-11-24T16:00:00Z"))  # another form of time
+    assert not stampable(b'{"type":"x"}')
+    assert not stampable(b"2Mjoined ann")
