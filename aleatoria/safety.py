@@ -31,6 +31,8 @@ EVIDENCE_BYTES = 32 * 1024
 # A reported user's room messages are looked for in at most this many of the reporter's rooms.
 EVIDENCE_ROOMS = 20
 AUTO_SHADOW_WINDOW = 3600.0
+# New DM partners are counted per user over this window (PROTOCOL.md section 16), in the store.
+NEW_DM_WINDOW = 3600.0
 AUTO_SHADOW_SECONDS = 86400.0
 # A permanent ban's end where a number is needed (Redis scores): year 33658.
 FOREVER = 1e12
