@@ -72,10 +72,16 @@ from aleatoria.requests import (
     UserAvailable,
     UserUnavailable,
 )
-from aleatoria.safety import AUTO_SHADOW_SECONDS, EVIDENCE_BYTES, EVIDENCE_MESSAGES, EVIDENCE_ROOMS
+from aleatoria.safety import (
+    AUTO_SHADOW_SECONDS,
+    EVIDENCE_BYTES,
+    EVIDENCE_MESSAGES,
+    EVIDENCE_ROOMS,
+    NEW_DM_WINDOW,
+)
 from aleatoria.search import NO_PROFILE, Match, Profile, SearchOutcome
 
-HOUR = 3600.0
+HOUR = NEW_DM_WINDOW  # new DM partners are counted per hour (the stores count over it too)
 NO_TYPING: Mapping[str, float] = MappingProxyType({})  # until a session's first ``typing``
 
 
@@ -111,7 +117,9 @@ class Facts:
 
     user: str
     rooms: frozenset[str] | set[str]
-    dm_partners: Mapping[str, float]  # partner -> when first written to, this hour
+    # This hour's DM partners as the connection knows them (a cache of the store's count,
+    # which is per user): partner -> when first written to (``monotonic``'s clock).
+    dm_partners: Mapping[str, float]
     clock: Callable[[], tuple[int, str]]  # wall clock: (epoch ns, RFC 3339), for createTime
     monotonic: float  # trio's clock as the request arrived, for the per-hour windows
     new_id: Callable[[], str]  # a fresh messageId
@@ -163,6 +171,9 @@ class PeerLeft(NamedTuple):
 
 
 class RememberPartner(NamedTuple):
+    """``partner`` is one of this hour's, first written to at ``since`` (trio's clock): the
+    connection's cache of partners, so a DM to it costs no store call until the hour passes."""
+
     partner: str
     since: float
 
@@ -379,6 +390,16 @@ class StoreReport(NamedTuple):
     report: dict[str, Any]
 
 
+class CountPartner(NamedTuple):
+    """Count ``partner`` among the requester's new DM partners of the hour, in the store (per
+    user, across connections and instances), unless that would make more than ``limit``.
+    Outcome: how long ago, in seconds, the requester first wrote to it within the hour (0.0:
+    counted now), or None when refused (``Safety.new_dm_partner``)."""
+
+    partner: str
+    limit: int
+
+
 class ShadowBan(NamedTuple):
     """Shadow-ban ``user`` for ``seconds`` (automatic, after reports). Outcome: None."""
 
@@ -412,6 +433,7 @@ Call = (
     | MatchBetween
     | StoreReport
     | ShadowBan
+    | CountPartner
 )
 
 
@@ -582,10 +604,12 @@ def _chat_to_room(request: ChatToRoom, facts: Facts) -> Step:
 class DirectMessage(NamedTuple):
     """A DM's frames: ``stored`` (history, no ``incoming``), the sender's ``own`` copy and
     the recipient's ``incoming`` one; None for a shadow-banned sender, whose message is
-    neither stored nor delivered (its own copy comes back as if it had been)."""
+    neither stored nor delivered (its own copy comes back as if it had been). ``to_count``: a
+    partner the connection does not know as one of this hour's, which the store must count
+    (``counted`` decides on its outcome) before the DM goes."""
 
     to: str
-    remember: RememberPartner | None
+    to_count: CountPartner | None
     stored: bytes
     created_ns: int
     own: bytes
@@ -593,36 +617,45 @@ class DirectMessage(NamedTuple):
 
 
 def direct_message(request: ChatToUser, facts: Facts) -> DirectMessage:
-    """The rules of a DM and its frames (``_chat_to_user`` makes them a step; a session
-    with the memory store applies them directly). Raises ClientError."""
+    """The rules of a DM and its frames (``_chat_to_user`` makes them a step; the session
+    applies them directly, asking the store first when ``to_count`` says so). Raises
+    ClientError."""
     to = request.to_user
     if to in facts.blocked_by:
         raise ClientError(PEER_UNAVAILABLE, f"User {to} is not online.")
-    remember = new_partner(to, facts)
+    count = new_partner(to, facts)
     data, created_ns = _chat_message(facts, request.payload, request.message_id, None, to)
     # The stored form has no ``incoming``; each side's copy adds its own. orjson always ends
     # an object with "}", so the flag is spliced in rather than encoded twice more.
     head = data[:-1]
     own = head + b',"incoming":false}'
     if facts.shadow:
-        return DirectMessage(to, remember, data, created_ns, own, None)
-    return DirectMessage(to, remember, data, created_ns, own, head + b',"incoming":true}')
+        return DirectMessage(to, count, data, created_ns, own, None)
+    return DirectMessage(to, count, data, created_ns, own, head + b',"incoming":true}')
 
 
 def _chat_to_user(request: ChatToUser, facts: Facts) -> Step:
     dm = direct_message(request, facts)
-    effects: list[Effect] = [] if dm.remember is None else [dm.remember]
+    effects: tuple[Effect, ...]
     if dm.incoming is None:  # shadow-banned: its own copy alone, as if delivered
-        effects.append(Deliver(facts.user, dm.own, m.CHAT_MESSAGE))
+        effects = (Deliver(facts.user, dm.own, m.CHAT_MESSAGE),)
     else:
-        effects.append(RecordDirect(dm.to, dm.stored, dm.created_ns, dm.own))
-        effects.append(Deliver(dm.to, dm.incoming, m.CHAT_MESSAGE))
-    return Step(tuple(effects))
+        effects = (
+            RecordDirect(dm.to, dm.stored, dm.created_ns, dm.own),
+            Deliver(dm.to, dm.incoming, m.CHAT_MESSAGE),
+        )
+    count = dm.to_count
+    if count is None:
+        return Step(effects)
+    moment = facts.monotonic
+    return _after(count, lambda age: Step((counted(count, age, moment), *effects)))
 
 
-def new_partner(to: str, facts: Facts) -> RememberPartner | None:
-    """At most ``new_dm_per_hour`` new DM partners an hour (PROTOCOL.md section 16): the
-    partner to remember, None if ``to`` is one of this hour's already. Raises ClientError."""
+def new_partner(to: str, facts: Facts) -> CountPartner | None:
+    """At most ``new_dm_per_hour`` new DM partners an hour (PROTOCOL.md section 16), per
+    user: None if the connection knows ``to`` as one of this hour's partners (no store call),
+    else the store must count it. Raises ClientError when the connection alone knows of
+    ``new_dm_per_hour`` partners within the hour (the store would refuse: no call needed)."""
     partners = facts.dm_partners
     moment = facts.monotonic
     since = partners.get(to)
@@ -632,10 +665,22 @@ def new_partner(to: str, facts: Facts) -> RememberPartner | None:
     # The session prunes partners older than an hour when it adds one, so the count of
     # entries bounds this hour's: count exactly only when it could matter.
     if len(partners) >= limit and sum(1 for first in partners.values() if moment - first < HOUR) >= limit:
-        raise ClientError(
-            LIMIT_REACHED, f"You can start at most {limit} new conversations an hour. Try again later."
-        )
-    return RememberPartner(to, moment)
+        raise _too_many_partners(limit)
+    return CountPartner(to, limit)
+
+
+def counted(count: CountPartner, age: float | None, moment: float) -> RememberPartner:
+    """The store's answer to ``count`` (asked at ``moment``, trio's clock): the partner for
+    the connection to remember, first written to ``age`` seconds before. Raises ClientError
+    when the store refused it (nothing is stored or delivered then)."""
+    if age is None:
+        raise _too_many_partners(count.limit)
+    return RememberPartner(count.partner, moment - age)
+
+
+def _too_many_partners(limit: int) -> ClientError:
+    text = f"You can start at most {limit} new conversations an hour. Try again later."
+    return ClientError(LIMIT_REACHED, text)
 
 
 # signaling and matches

@@ -68,7 +68,8 @@ class Client:
     connection: str = ""  # unique per connection (presence tells connections apart)
     # With auth on: when the token runs out (trio clock); the supervisor closes with 4002.
     expires_at: float | None = None
-    # DM partners this user wrote to within the hour -> when first (new_dm_per_hour).
+    # DM partners this user wrote to within the hour -> when first (new_dm_per_hour): a cache
+    # of the store's count, which is per user (it outlives the connection).
     dm_partners: dict[str, float] | None = None  # made on the first DM
     # Safety (PROTOCOL.md section 13): who blocked this user (loaded at the handshake, kept
     # current by the router's notices) and whether it is shadow-banned.

@@ -1,7 +1,7 @@
 """Safety data (PROTOCOL.md section 13): blocks, reports and bans — the values and the store
-interface, pure. The rules that use them are the core's (``aleatoria.core``); the operator
-API is ``aleatoria.admin``; the two stores are ``store.memory_safety`` and
-``store.redis_safety``.
+interface, pure; and, from section 16, each user's count of new DM partners an hour. The
+rules that use them are the core's (``aleatoria.core``); the operator API is
+``aleatoria.admin``; the two stores are ``store.memory_safety`` and ``store.redis_safety``.
 
 What each holds:
 - a block is one user's decision about another: kept as ``blocks[blocker]`` (what
@@ -10,7 +10,10 @@ What each holds:
   store call on every DM and signal);
 - a report is a JSON object (reporter, reported, reason, details, time, match, instance,
   evidence) with an id that sorts by time; the store keeps the newest ``report_cap``;
-- a ban is a user, an end (None: permanent), a reason and whether it is a shadow ban.
+- a ban is a user, an end (None: permanent), a reason and whether it is a shadow ban;
+- the new DM partners of a user are partner -> when it first wrote to them within the hour
+  (``NEW_DM_WINDOW``), per user rather than per connection, so a reconnect does not reset the
+  count (the connection keeps a cache of them: only a partner it does not know costs a call).
 """
 
 from __future__ import annotations
@@ -150,6 +153,13 @@ class Safety(Protocol):
 
     async def bans(self, now: float) -> list[Ban]:
         """The active bans, newest first."""
+        ...
+
+    async def new_dm_partner(self, user: str, partner: str, limit: int) -> float | None:
+        """Count ``partner`` among ``user``'s new DM partners of the hour, atomically (two
+        connections or instances of one user cannot both pass the limit): how long ago, in
+        seconds, ``user`` first wrote to ``partner`` within the hour (0.0: counted now), or
+        None when it has ``limit`` other partners within the hour (nothing is counted)."""
         ...
 
 

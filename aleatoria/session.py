@@ -126,8 +126,11 @@ class Session:
                 # A DM: its effects (as ``_apply`` would carry out ``_chat_to_user``'s
                 # step), without the step.
                 dm = core.direct_message(request, self.facts(moment))
-                if dm.remember is not None:
-                    self._remember(dm.remember.partner, dm.remember.since)
+                if dm.to_count is not None:
+                    # A partner this connection does not know as one of this hour's: the
+                    # store counts it per user (with Redis a round trip, once per partner for
+                    # the connection; then it is known until its hour passes and costs none).
+                    self._apply(core.counted(dm.to_count, await self._perform(dm.to_count), moment))
                 if dm.incoming is None:
                     self._router.send(self.user, dm.own, m.CHAT_MESSAGE)
                     return
@@ -346,11 +349,16 @@ class Session:
         sent[key] = moment
 
     def _remember(self, partner: str, since: float) -> None:
+        """Keep ``partner`` in the connection's cache of this hour's partners (the store has
+        counted it): later DMs to it need no store call."""
+        facts = self._facts
+        assert facts is not None  # a partner comes from a request, which made it
+        moment = facts.monotonic
         partners = self.client.dm_partners
         if partners is None:
             partners = self.client.dm_partners = {}
-        for old in [p for p, first in partners.items() if since - first >= core.HOUR]:
-            del partners[old]  # bounded: at most new_dm_per_hour stay
+        for old in [p for p, first in partners.items() if moment - first >= core.HOUR]:
+            del partners[old]  # bounded: at most new_dm_per_hour stay (the store counted each)
         partners[partner] = since
 
     # -- calls ---------------------------------------------------------------------------------
@@ -415,6 +423,8 @@ class Session:
                 return found
             case core.MatchBetween(other):
                 return await store.match_between(user, other)
+            case core.CountPartner(partner, limit):
+                return await self._safety.new_dm_partner(user, partner, limit)
             case core.StoreReport(report):
                 report["instance"] = store.instance
                 return await self._safety.add_report(report, time.time())

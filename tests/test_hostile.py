@@ -13,9 +13,11 @@ import trio
 from inmemory import InMemoryServer, inmemory_server
 from rawws import health, open_tcp, read_response_head, upgrade_request
 from support import Peer, Target, connect, running_server
+from trio.testing import MockClock
 from trio_websocket import ConnectionClosed
 
 from aleatoria.auth import make_token
+from aleatoria.core import HOUR
 
 _KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
@@ -65,6 +67,56 @@ async def test_new_dm_conversations_per_hour_are_limited() -> None:
             {"type": "get_direct_messages", "payload": {"withUser": "ghost3"}}, "direct_messages"
         )
         assert [] == history["payload"]["messages"]
+
+
+def dm(to: str, content: str = "hi") -> dict[str, object]:
+    return {"type": "chat_message", "toUser": to, "payload": {"content": content}}
+
+
+@pytest.mark.loopback  # real sockets: the user really goes away and comes back
+async def test_new_dm_count_survives_a_reconnect() -> None:
+    """The count of new DM partners is the user's, not its connection's (a red-team script
+    reached 600 new partners in one hour by reconnecting): after 3 partners and a fresh
+    connection, a 4th is limit_reached and nothing is stored; a partner of this hour is
+    still fine."""
+    async with (
+        running_server(new_dm_per_hour=3) as srv,
+        connect(srv, "watch", "Den", query="&v=2", skip=True) as watch,
+    ):
+        async with connect(srv, "alice", "Den") as alice:
+            for to in ("p1", "p2", "p3"):
+                await alice.request(dm(to), "chat_message")
+        # Gone for good (not replaced): nothing of the old connection carries over.
+        assert {"room": "Den", "user": "alice"} == (await watch.expect("member_left", skip=True))["payload"]
+        async with connect(srv, "alice", "Den") as alice:
+            assert "limit_reached" == await error_code(alice, dm("p4"))
+            assert "again" == (await alice.request(dm("p1", "again"), "chat_message"))["payload"]["content"]
+            history = await alice.request(
+                {"type": "get_direct_messages", "payload": {"withUser": "p4"}}, "direct_messages"
+            )
+            assert [] == history["payload"]["messages"]
+
+
+async def test_new_dm_count_frees_up_an_hour_after_each_first_write(autojump_clock: MockClock) -> None:
+    """Each partner counts for an hour from the user's first DM to it, whatever its
+    connections: then a new partner may take its place, and the partner itself is new again."""
+    async with inmemory_server(new_dm_per_hour=3, idle_timeout=2 * HOUR) as srv:
+        async with connect(srv, "alice") as alice:
+            await alice.request(dm("p1"), "chat_message")
+        autojump_clock.jump(HOUR / 2)
+        async with connect(srv, "alice") as alice:
+            for to in ("p2", "p3"):
+                await alice.request(dm(to), "chat_message")
+            assert "limit_reached" == await error_code(alice, dm("p4"))
+            autojump_clock.jump(HOUR / 2)  # p1's hour is over, p2's and p3's are not
+            await alice.request(dm("p4"), "chat_message")
+            assert "limit_reached" == await error_code(alice, dm("p1"))  # new again: one too many
+            await alice.request(dm("p2", "still"), "chat_message")
+        autojump_clock.jump(HOUR / 2)  # p2's and p3's hours are over too
+        async with connect(srv, "alice") as alice:
+            for to in ("p1", "p5"):
+                await alice.request(dm(to), "chat_message")
+            assert "limit_reached" == await error_code(alice, dm("p6"))
 
 
 async def test_payload_fields_beyond_content_count_toward_the_payload_limit() -> None:

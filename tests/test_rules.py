@@ -223,9 +223,10 @@ def test_a_room_message_is_recorded_and_broadcast_to_members_only() -> None:
 
 
 def test_a_dm_goes_to_the_recipient_incoming_and_to_the_sender_once_stored() -> None:
-    effects = run(core.handle(ChatToUser("bob", {"content": "hi"}), facts()))
-    remember, record, deliver = effects
-    assert isinstance(remember, core.RememberPartner) and "bob" == remember.partner
+    effects = run(core.handle(ChatToUser("bob", {"content": "hi"}), facts()), 0.0)
+    count, remember, record, deliver = effects
+    assert core.CountPartner("bob", 200) == count  # a new partner: the store counts it first
+    assert core.RememberPartner("bob", 1000.0) == remember
     assert isinstance(record, core.RecordDirect) and isinstance(deliver, core.Deliver)
     assert "bob" == deliver.user
     assert payload_of(deliver.data)["incoming"] is True
@@ -236,13 +237,38 @@ def test_a_dm_goes_to_the_recipient_incoming_and_to_the_sender_once_stored() -> 
 def test_new_dm_partners_an_hour_are_limited() -> None:
     rules = Rules(new_dm_per_hour=2)
     full = facts(partners={"b1": 900.0, "b2": 950.0}, rules=rules, monotonic=1000.0)
+    # The connection knows of two partners this hour: refused without asking the store.
     assert "limit_reached" == refused(
         {"type": "chat_message", "toUser": "b3", "payload": {"content": "x"}}, full
     )
-    # A partner of this hour is not new; one from over an hour ago no longer counts.
+    # A partner of this hour is not new (no store call); one from over an hour ago no longer
+    # counts here, so the store is asked.
     assert 2 == len(run(core.handle(ChatToUser("b1", {"content": "x"}), full)))
     later = facts(partners={"b1": 900.0, "b2": 950.0}, rules=rules, monotonic=900.0 + core.HOUR)
-    assert isinstance(run(core.handle(ChatToUser("b3", {"content": "x"}), later))[0], core.RememberPartner)
+    step = core.handle(ChatToUser("b3", {"content": "x"}), later)
+    assert core.CountPartner("b3", 2) == step.call
+
+
+def test_the_store_counts_new_dm_partners_per_user() -> None:
+    """The connection's partners are a cache: a partner it does not know goes to the store,
+    whose count is the user's (it survives reconnects); its refusal is limit_reached with
+    nothing stored or delivered, its answer is remembered with the store's first time."""
+    rules = Rules(new_dm_per_hour=3)
+    fresh = facts(rules=rules, monotonic=5000.0)  # a new connection: it knows no partner
+    step = core.handle(ChatToUser("b4", {"content": "x"}), fresh)
+    assert core.CountPartner("b4", 3) == step.call and () == step.effects
+    assert step.then is not None
+    with pytest.raises(ClientError) as caught:
+        step.then(None)
+    assert "limit_reached" == caught.value.code
+    # Counted by an earlier connection 600 s ago: remembered from then, and delivered.
+    remember, record, deliver = step.then(600.0).effects
+    assert core.RememberPartner("b4", 4400.0) == remember
+    assert isinstance(record, core.RecordDirect) and isinstance(deliver, core.Deliver)
+    # The pieces the session's fast path uses.
+    dm = core.direct_message(ChatToUser("b4", {"content": "x"}), fresh)
+    assert core.CountPartner("b4", 3) == dm.to_count
+    assert core.RememberPartner("b4", 5000.0) == core.counted(core.CountPartner("b4", 3), 0.0, 5000.0)
 
 
 def test_payload_bytes_count_every_field() -> None:
@@ -444,7 +470,8 @@ def test_a_shadow_banned_user_reaches_only_itself() -> None:
     )
     assert [(core.Deliver, "alice")] == [(type(e), e.user) for e in room]
     dm = run(
-        core.handle(request({"type": "chat_message", "toUser": "bob", "payload": {"content": "x"}}), shadow)
+        core.handle(request({"type": "chat_message", "toUser": "bob", "payload": {"content": "x"}}), shadow),
+        0.0,  # counted like anyone's new partner: it sees its DM go as usual
     )
     delivered = [e for e in dm if isinstance(e, core.Deliver)]
     assert ["alice"] == [e.user for e in delivered]

@@ -93,7 +93,8 @@ class MemoryStore:
         self._by_size: Any = SortedList()
         self._online: dict[str, str] = {}  # connected user -> its connection id (get_stats)
         self.matchmaker = matchmaker or Matchmaker(clock=search_clock)
-        self._safety = MemorySafety(report_cap, on_shadow=self.matchmaker.reclassify)
+        # Its count of new DM partners an hour runs on ``search_clock`` too (trio's in a server).
+        self._safety = MemorySafety(report_cap, on_shadow=self.matchmaker.reclassify, clock=search_clock)
         if self.matchmaker.filter is None:
             self.matchmaker.filter = self._safety
         # The search queue (PROTOCOL.md section 12): every pool change goes through it.
@@ -216,7 +217,9 @@ class MemoryStore:
         return out
 
     def purge_expired(self) -> int:
-        """Drop expired messages everywhere (and empty histories); returns how many."""
+        """Drop expired messages everywhere (and empty histories); returns how many. Also
+        forgets the DM partner counts of users with no new partner within the hour."""
+        self._safety.dm_partners.sweep()
         cutoff = self._clock_ns() - self._ttl_ns
         return self._purge(_ROOM, self._rooms, cutoff) + self._purge(_DM, self._dms, cutoff)
 

@@ -2,7 +2,8 @@
 fallback while Redis fails). Synchronous underneath; the async methods never suspend.
 
 Bounded: blocks by ``MAX_BLOCKS`` per user, reports by ``report_cap`` (oldest dropped), the
-recent reporters of a user by the auto-shadow window, bans by the users banned.
+recent reporters of a user by the auto-shadow window, bans by the users banned, new DM
+partners as ``memory_partners`` says (per user by the limit, in all by ``MAX_ENTRIES``).
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ from aleatoria.safety import (
     either,
     report_sort_key,
 )
+from aleatoria.store.memory_partners import DmPartners
 
 DEFAULT_REPORT_CAP = 10_000
 
 
 class MemorySafety:
     def __init__(
-        self, report_cap: int = DEFAULT_REPORT_CAP, on_shadow: Callable[[str], None] | None = None
+        self,
+        report_cap: int = DEFAULT_REPORT_CAP,
+        on_shadow: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._on_shadow = on_shadow  # a shadow ban began or ended (the matchmaker re-pools)
         # A block was removed: the search queue looks at the two again (set by the store).
@@ -43,6 +48,8 @@ class MemorySafety:
         self._bans: dict[str, Ban] = {}
         self._seq = itertools.count()
         self._last_ms = 0
+        # New DM partners per user, on ``clock`` (trio's in a server: tests move it).
+        self.dm_partners = DmPartners(clock)
 
     # -- what matching needs, synchronously (``Matchmaker``'s filter) -------------------------
 
@@ -142,6 +149,9 @@ class MemorySafety:
         for user in [user for user, ban in self._bans.items() if not ban.active(now)]:
             del self._bans[user]
         return sorted(self._bans.values(), key=lambda ban: ban.created, reverse=True)
+
+    async def new_dm_partner(self, user: str, partner: str, limit: int) -> float | None:
+        return self.dm_partners.add(user, partner, limit)
 
     def forget_reporters(self, now: float) -> None:
         """Drop reporters older than the window (so idle entries do not pile up)."""

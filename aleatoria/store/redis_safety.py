@@ -13,7 +13,12 @@ reads them in its own cluster slot):
 - ``aleatoria:reports``: a stream of reports (``report`` field: the JSON), capped at
   ``report_cap`` (exact ``MAXLEN``: reports are rare); its entry ids are the report ids;
 - ``aleatoria:reporters:<user>``: sorted set, who reported ``user`` -> when, trimmed to the
-  auto-shadow window and expiring with it.
+  auto-shadow window and expiring with it;
+- ``aleatoria:dm-partners:<user>``: sorted set, the partners ``user`` wrote to within the
+  hour -> when first (ms), at most the limit, trimmed and checked and added to by one script
+  (``DM_PARTNER``), expiring an hour after the last one added. Each partner Redis counted is
+  noted in the fallback too, so during an outage the count goes on from what this instance
+  saw (a user that wrote only through other instances starts from nothing here).
 
 While Redis fails, each call falls back to this instance's ``MemorySafety`` (what it writes
 there stays on this instance; a ban or block made during an outage must be made again once
@@ -27,6 +32,7 @@ outage still holds. A user who connects during an outage is admitted on the fall
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from functools import partial
@@ -36,11 +42,27 @@ import orjson
 import redis
 
 from aleatoria.matchmaking import MatchFilter
-from aleatoria.safety import AUTO_SHADOW_WINDOW, FOREVER, MAX_BLOCKS, Admission, Ban, admission, either
+from aleatoria.safety import (
+    AUTO_SHADOW_WINDOW,
+    FOREVER,
+    MAX_BLOCKS,
+    NEW_DM_WINDOW,
+    Admission,
+    Ban,
+    admission,
+    either,
+)
 from aleatoria.store.memory_safety import MemorySafety
 from aleatoria.store.redis_batch import scripted
 from aleatoria.store.redis_keeper import RedisKeeper
-from aleatoria.store.redis_scripts import BANS_KEY, BLOCKED_BY_PREFIX, BLOCKS_PREFIX, DUE_KEY, SHADOW_KEY
+from aleatoria.store.redis_scripts import (
+    BANS_KEY,
+    BLOCKED_BY_PREFIX,
+    BLOCKS_PREFIX,
+    DM_PARTNERS_PREFIX,
+    DUE_KEY,
+    SHADOW_KEY,
+)
 
 log = logging.getLogger("aleatoria.store.safety")
 
@@ -49,6 +71,7 @@ T = TypeVar("T")
 REPORTS_KEY = "aleatoria:reports"
 REPORTERS_PREFIX = "aleatoria:reporters:"
 _SCAN_CHUNK = 200
+_WINDOW_MS = int(NEW_DM_WINDOW * 1000)
 
 
 def _text(value: Any) -> str:
@@ -77,6 +100,7 @@ class RedisSafety:
         self._report_cap = report_cap
         self._block = keeper.client.scripts.block
         self._admit = keeper.client.scripts.admit
+        self._dm_partner = keeper.client.scripts.dm_partner
 
     async def _read(self, fn: Callable[[Any], T]) -> T | None:
         return await self._keeper.read(fn)
@@ -125,6 +149,21 @@ class RedisSafety:
         if found is None:
             return await self._fallback.blocked(user)
         return sorted(_text(who) for who in found)
+
+    # -- new DM partners (PROTOCOL.md section 16) ---------------------------------------------
+
+    async def new_dm_partner(self, user: str, partner: str, limit: int) -> float | None:
+        # Through ``_write`` (shielded, bounded by the call timeout): it joins the pass's batch,
+        # and while degraded it makes no call at all.
+        args = [partner, int(time.time() * 1000), _WINDOW_MS, limit]
+        age_ms = await self._write(scripted(self._dm_partner, [DM_PARTNERS_PREFIX + user], args))
+        if age_ms is None:
+            return self._fallback.dm_partners.add(user, partner, limit)
+        if age_ms < 0:
+            return None
+        age = int(age_ms) / 1000
+        self._fallback.dm_partners.note(user, partner, age, limit)
+        return age
 
     # -- reports -------------------------------------------------------------------------------
 

@@ -115,6 +115,10 @@ BLOCKS_PREFIX = "aleatoria:blocks:{available:webrtc}:"
 BLOCKED_BY_PREFIX = "aleatoria:blocked-by:{available:webrtc}:"
 SHADOW_KEY = "aleatoria:shadow:{available:webrtc}"
 BANS_KEY = "aleatoria:bans:{available:webrtc}"
+# Each user's new DM partners of the hour (PROTOCOL.md section 16, ``redis_safety``): a sorted
+# set partner -> when first written to (ms). Untagged: ``DM_PARTNER`` touches this key alone,
+# so on a cluster users spread over the shards.
+DM_PARTNERS_PREFIX = "aleatoria:dm-partners:"
 
 MATCH_HELPERS = (
     """
@@ -825,4 +829,22 @@ return 1
 # so that handshakes of one scheduler pass share one round trip (``redis_batch``).
 ADMIT = """
 return {redis.call('HGET', KEYS[1], ARGV[1]), redis.call('SMEMBERS', KEYS[2])}
+"""
+
+# New DM partners (PROTOCOL.md section 16, ``redis_safety``): KEYS dm-partners:<user>; ARGV
+# partner, now (ms, the caller's wall clock), the window (ms: an hour), the limit. Trims the
+# set to the window, then: the partner is there -> how long ago (ms) it was first written to;
+# else the user has ``limit`` partners already -> -1 (nothing added); else adds it at now,
+# sets the key to expire a window later, and returns 0. One script, so two connections or
+# instances of one user racing for its last partner cannot both pass.
+DM_PARTNER = """
+local key, partner = KEYS[1], ARGV[1]
+local now, window = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+local first = redis.call('ZSCORE', key, partner)
+if first then return math.max(0, now - tonumber(first)) end
+if redis.call('ZCARD', key) >= tonumber(ARGV[4]) then return -1 end
+redis.call('ZADD', key, now, partner)
+redis.call('PEXPIRE', key, window)
+return 0
 """
