@@ -255,7 +255,7 @@ SETTINGS: tuple[Setting, ...] = (
         "new_dm_per_hour",
         "ALEATORIA_NEW_DM_PER_HOUR",
         int,
-        "new DM partners a user may write to per hour (more: error limit_reached)",
+        "new DM partners a user may write to per hour, across its connections (more: error limit_reached)",
     ),
     Setting(
         "max_payload_bytes",
