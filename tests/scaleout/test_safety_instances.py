@@ -1,6 +1,7 @@
 """Safety across instances (PROTOCOL.md section 13), on a single Redis and on a Redis Cluster:
 a block or ban made through instance A takes effect for a user connected to instance B, at
-once (routed notices) and for later connections (the store); and a matchmaking storm of
+once (routed notices) and for later connections (the store); a user's new DM partners
+counted through one instance count on the others (section 16); and a matchmaking storm of
 300 users on 3 instances, where every user blocked 3 others and some are shadow-banned,
 never pairs a blocked pair or a shadow-banned user with anyone else, and never hands a user
 to two requesters."""
@@ -13,6 +14,7 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+from health import get_json
 from scaleout_support import CALM_PRESENCE, instances, redis_client
 from support import SocketPeer, connect
 
@@ -101,6 +103,28 @@ SHADOWED = 12
 
 
 @pytest.mark.slow
+async def test_new_dm_count_is_the_users_on_every_instance(shared_redis: str) -> None:
+    """Two partners through instance one; through instance two (a new connection) a third
+    is limit_reached and a partner of the hour is fine. On a cluster too: the count's key
+    (``aleatoria:dm-partners:<user>``, untagged) is the only key its script touches, and the
+    store stays ok (a failing script would have degraded it and counted in memory)."""
+    async with instances(shared_redis, 2, new_dm_per_hour=2) as (one, two):
+        async with connect(one, "alice", skip=True) as alice:
+            for to in ("p1", "p2"):
+                await alice.request(_dm(to), "chat_message", skip=True)
+        async with connect(two, "alice", skip=True) as alice:
+            await alice.send(_dm("p3"))
+            assert "limit_reached" == (await alice.expect("error", skip=True))["payload"]["code"]
+            await alice.request(_dm("p1"), "chat_message", skip=True)
+        assert ["ok", "ok"] == [(await get_json(port, "/health"))["redis"] for port in (one, two)]
+        with redis_client(shared_redis) as r:
+            assert {b"p1", b"p2"} == set(r.zrange("aleatoria:dm-partners:alice", 0, -1))
+
+
+def _dm(to: str) -> dict[str, object]:
+    return {"type": "chat_message", "toUser": to, "payload": {"content": "hi"}}
+
+
 async def test_storm_never_pairs_blocked_or_shadowed_users(shared_redis: str) -> None:
     rng = random.Random(19)
     users = [f"k{i:03d}" for i in range(USERS)]
