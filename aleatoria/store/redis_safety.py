@@ -18,7 +18,9 @@ reads them in its own cluster slot):
   hour -> when first (ms), at most the limit, trimmed and checked and added to by one script
   (``DM_PARTNER``), expiring an hour after the last one added. Each partner Redis counted is
   noted in the fallback too, so during an outage the count goes on from what this instance
-  saw (a user that wrote only through other instances starts from nothing here).
+  saw (a user that wrote only through other instances starts from nothing here). A call is
+  made only for a partner the connection does not know yet (``core.new_partner``); while
+  Redis hangs it waits at most the call timeout, like every command, then the store degrades.
 
 While Redis fails, each call falls back to this instance's ``MemorySafety`` (what it writes
 there stays on this instance; a ban or block made during an outage must be made again once
