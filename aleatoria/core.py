@@ -340,19 +340,24 @@ class Relay(NamedTuple):
 
 
 class RecentHistory(NamedTuple):
-    """Outcome: stored messages (JSON bytes), newest first."""
+    """Outcome: stored messages (JSON bytes), newest first; with ``max_bytes``, those the
+    reply's cut (``_within``, from the start) may keep, and may be one more (the store reads
+    no more: ``Store.recent_room_messages``)."""
 
     room: str
     limit: int
     before_ns: int | None
     after_ns: int | None = None  # given: oldest first, strictly newer
+    max_bytes: int | None = None
 
 
 class DirectHistory(NamedTuple):
-    """Outcome: stored messages (JSON bytes), oldest first."""
+    """Outcome: stored messages (JSON bytes), oldest first; with ``max_bytes``, as
+    ``RecentHistory``, cut from the end."""
 
     other: str
     limit: int
+    max_bytes: int | None = None
 
 
 class StoreBlock(NamedTuple):
@@ -503,7 +508,7 @@ def handle(request: ClientMessage, facts: Facts) -> Step:
             return _recent(request, facts)
         case GetDirectMessages():
             return _after(
-                DirectHistory(request.with_user, request.limit),
+                DirectHistory(request.with_user, request.limit, _reply_room(facts)),
                 lambda stored: _done(
                     Reply(
                         m.DIRECT_MESSAGES,
@@ -563,7 +568,8 @@ def _within(stored: list[bytes], room: int, from_start: bool) -> list[Any]:
     """As many of ``stored`` as fit in ``room`` bytes, taken from its start (a room's history
     page: the nearest its ``before`` or ``after``, so the next page goes on from the last one
     kept) or from its end (the newest DMs, or evidence); at least one, so paging always moves
-    on. Fragments, in ``stored``'s order."""
+    on. Fragments, in ``stored``'s order. A history read is given the same ``room`` as
+    ``max_bytes`` and counts the same way, so Redis sends no more than this keeps, plus one."""
     kept = 0
     for message in stored if from_start else reversed(stored):
         room -= len(message) + 1  # and its comma
@@ -875,7 +881,7 @@ def _recent(request: GetRecentMessages, facts: Facts) -> Step:
     if room not in facts.rooms:
         raise ClientError(NOT_IN_ROOM, NOT_IN_ROOM_TEXT)
     return _after(
-        RecentHistory(room, request.limit, request.before_ns, request.after_ns),
+        RecentHistory(room, request.limit, request.before_ns, request.after_ns, _reply_room(facts)),
         lambda stored: _done(
             Reply(
                 m.RECENT_MESSAGES,
@@ -1036,7 +1042,7 @@ def _report(request: ReportUser, facts: Facts) -> Step:
             return _after(ShadowBan(other, AUTO_SHADOW_SECONDS, reason), lambda _: blocked)
         return blocked
 
-    return _after(DirectHistory(other, EVIDENCE_MESSAGES), with_dms)
+    return _after(DirectHistory(other, EVIDENCE_MESSAGES, EVIDENCE_BYTES), with_dms)
 
 
 def messages_by(user: str, stored: list[bytes], limit: int) -> list[bytes]:

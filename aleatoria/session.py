@@ -405,10 +405,10 @@ class Session:
             case core.LeaveSearch():
                 await store.cancel_search(user)
                 return None
-            case core.RecentHistory(room, limit, before_ns, after_ns):
-                return await store.recent_room_messages(room, limit, before_ns, after_ns)
-            case core.DirectHistory(other, limit):
-                return await store.direct_messages(user, other, limit)
+            case core.RecentHistory(room, limit, before_ns, after_ns, max_bytes):
+                return await store.recent_room_messages(room, limit, before_ns, after_ns, max_bytes)
+            case core.DirectHistory(other, limit, max_bytes):
+                return await store.direct_messages(user, other, limit, max_bytes)
             case core.StoreBlock(other):
                 return await self._safety.block(user, other)
             case core.StoreUnblock(other):

@@ -34,6 +34,7 @@ from aleatoria.requests import (
     Signal,
     parse,
 )
+from aleatoria.safety import EVIDENCE_BYTES, EVIDENCE_MESSAGES
 
 CORE_MODULES = [
     "aleatoria.core",
@@ -311,13 +312,16 @@ def test_leave_is_idempotent_and_confirmed() -> None:
 
 
 def test_history_needs_membership_and_passes_limits() -> None:
+    """The store is asked for ``limit`` messages and for the bytes the reply may hold (the
+    rule that cuts it passes its budget down, so Redis reads no more)."""
     assert "not_in_room" == refused({"type": "get_recent_messages", "room": "Other"})
-    step = core.handle(GetRecentMessages("Lobby", 7, None), facts())
-    assert core.RecentHistory("Lobby", 7, None) == step.call
+    rules = core.Rules(history_reply_bytes=100_000)
+    step = core.handle(GetRecentMessages("Lobby", 7, None), facts(rules=rules))
+    assert core.RecentHistory("Lobby", 7, None, None, 100_000 - core._REPLY_ENVELOPE_BYTES) == step.call
     effects = run(step, [b'{"a":1}'])
     assert b'{"a":1}' == orjson.dumps(effects[-1].payload.messages[0])
-    step = core.handle(GetDirectMessages("bob", 3), facts())
-    assert core.DirectHistory("bob", 3) == step.call
+    step = core.handle(GetDirectMessages("bob", 3), facts(rules=rules))
+    assert core.DirectHistory("bob", 3, 100_000 - core._REPLY_ENVELOPE_BYTES) == step.call
 
 
 # -- section 4: matches and signaling ----------------------------------------------------------------------
@@ -508,6 +512,7 @@ def test_report_gathers_evidence_stores_blocks_and_replies() -> None:
         core.StoreBlock,
     ] == calls
     assert core.RoomHistories(("Games", "Lobby"), 100) in effects
+    assert core.DirectHistory("bob", EVIDENCE_MESSAGES, EVIDENCE_BYTES) in effects
     assert core.MatchBetween("bob") in effects
     (filed,) = [e for e in effects if isinstance(e, core.ReportFiled)]
     report = orjson.loads(orjson.dumps(filed.report))
@@ -644,4 +649,5 @@ def test_history_after_is_passed_to_the_store() -> None:
         "payload": {"after": "2025-11-24T16:00:00.000001Z", "limit": 5},
     }
     step = core.handle(request(message), facts())
-    assert core.RecentHistory("Lobby", 5, None, 1_764_000_000_000_001_000) == step.call
+    room = core.Rules().history_reply_bytes - core._REPLY_ENVELOPE_BYTES
+    assert core.RecentHistory("Lobby", 5, None, 1_764_000_000_000_001_000, room) == step.call

@@ -216,15 +216,25 @@ class Store(Protocol):
         ...
 
     async def recent_room_messages(
-        self, room: str, limit: int, before_ns: int | None = None, after_ns: int | None = None
+        self,
+        room: str,
+        limit: int,
+        before_ns: int | None = None,
+        after_ns: int | None = None,
+        max_bytes: int | None = None,
     ) -> list[bytes]:
         """Up to ``limit`` messages of ``room`` newer than the TTL, newest first, strictly
         older than ``before_ns`` when given. With ``after_ns``: the ``limit`` oldest strictly
-        newer than it (and older than ``before_ns``), oldest first (forward paging)."""
+        newer than it (and older than ``before_ns``), oldest first (forward paging). With
+        ``max_bytes``, the answer may end after the first message that takes the ones before it
+        over ``max_bytes`` bytes, each counted as its length plus one: the caller keeps no more
+        (a history reply's cut, ``core._within``), and Redis reads no more."""
         ...
 
-    async def direct_messages(self, a: str, b: str, limit: int) -> list[bytes]:
-        """The last ``limit`` messages between ``a`` and ``b`` within the TTL, oldest first."""
+    async def direct_messages(self, a: str, b: str, limit: int, max_bytes: int | None = None) -> list[bytes]:
+        """The last ``limit`` messages between ``a`` and ``b`` within the TTL, oldest first;
+        with ``max_bytes``, the answer may start at the oldest one counted as
+        ``recent_room_messages`` counts them from the newest."""
         ...
 
     # -- room registry ----------------------------------------------------------------------

@@ -174,7 +174,12 @@ class MemoryStore:
         fn()  # what is in memory is all there is
 
     async def recent_room_messages(
-        self, room: str, limit: int, before_ns: int | None = None, after_ns: int | None = None
+        self,
+        room: str,
+        limit: int,
+        before_ns: int | None = None,
+        after_ns: int | None = None,
+        max_bytes: int | None = None,  # the whole answer: it is in memory already
     ) -> list[bytes]:
         return self.recent_room_messages_now(room, limit, before_ns, after_ns)
 
@@ -200,8 +205,8 @@ class MemoryStore:
                 out.append(message)
         return out
 
-    async def direct_messages(self, a: str, b: str, limit: int) -> list[bytes]:
-        return self.direct_messages_now(a, b, limit)
+    async def direct_messages(self, a: str, b: str, limit: int, max_bytes: int | None = None) -> list[bytes]:
+        return self.direct_messages_now(a, b, limit)  # whole: it is in memory already
 
     def direct_messages_now(self, a: str, b: str, limit: int) -> list[bytes]:
         history = self._dms.get(dm_key(a, b))

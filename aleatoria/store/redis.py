@@ -315,20 +315,27 @@ class RedisStore:
         self._writer.when_written(fn)
 
     async def recent_room_messages(
-        self, room: str, limit: int, before_ns: int | None = None, after_ns: int | None = None
+        self,
+        room: str,
+        limit: int,
+        before_ns: int | None = None,
+        after_ns: int | None = None,
+        max_bytes: int | None = None,
     ) -> list[bytes]:
         if after_ns is not None:
-            return await self._room_after(room, limit, microsecond_end(after_ns), before_ns)
+            return await self._room_after(room, limit, microsecond_end(after_ns), before_ns, max_bytes)
         if self._keeper.state == "ok":
             pending = self._writer.pending(ROOM, room)
             cutoff_ns = time.time_ns() - self._ttl_ns
             fetch = partial(
                 read_room,
+                script=self._scripts.room_read,
                 key=ROOM_MESSAGES_PREFIX + room,
                 limit=limit,
                 before_ns=before_ns,
                 cutoff_ns=cutoff_ns,
                 count_newer=bool(pending) and before_ns is not None,
+                max_bytes=max_bytes,
             )
             found = await self._keeper.read(fetch)
             if found is not None:
@@ -339,18 +346,22 @@ class RedisStore:
         outage = self._keeper.outage
         return [] if outage is None else outage.recent_room_messages_now(room, limit, before_ns)
 
-    async def _room_after(self, room: str, limit: int, after_ns: int, before_ns: int | None) -> list[bytes]:
+    async def _room_after(
+        self, room: str, limit: int, after_ns: int, before_ns: int | None, max_bytes: int | None
+    ) -> list[bytes]:
         """Forward paging (PROTOCOL.md section 15): oldest first, strictly newer than
         ``after_ns``, with what the writer still holds merged in."""
         if self._keeper.state == "ok":
             cutoff_ns = time.time_ns() - self._ttl_ns
             fetch = partial(
                 read_room_after,
+                script=self._scripts.room_read,
                 key=ROOM_MESSAGES_PREFIX + room,
                 limit=limit,
                 after_ns=after_ns,
                 before_ns=before_ns,
                 cutoff_ns=cutoff_ns,
+                max_bytes=max_bytes,
             )
             rows = await self._keeper.read(fetch)
             if rows is not None:
@@ -361,13 +372,16 @@ class RedisStore:
             return []
         return outage.recent_room_messages_now(room, limit, before_ns, after_ns)
 
-    async def direct_messages(self, a: str, b: str, limit: int) -> list[bytes]:
+    async def direct_messages(self, a: str, b: str, limit: int, max_bytes: int | None = None) -> list[bytes]:
         if self._keeper.state == "ok":
             first, second = dm_key(a, b)
             key = f"{first}:{second}"
             pending = self._writer.pending(DM, key)
             cutoff_ns = time.time_ns() - self._ttl_ns
-            rows = await self._keeper.read(partial(read_dm, key=DM_PREFIX + key, limit=limit))
+            fetch = partial(
+                read_dm, script=self._scripts.dm_read, key=DM_PREFIX + key, limit=limit, max_bytes=max_bytes
+            )
+            rows = await self._keeper.read(fetch)
             if rows is not None:
                 return merge_dm(rows, pending, min(limit, self._cap), cutoff_ns)
         outage = self._keeper.outage

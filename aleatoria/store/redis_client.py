@@ -32,6 +32,7 @@ from redis.retry import Retry
 
 from aleatoria.errors import StoreUnavailable
 from aleatoria.metrics import REGISTRY
+from aleatoria.store import redis_history as history
 from aleatoria.store import redis_presence as presence
 from aleatoria.store import redis_scripts as lua
 from aleatoria.store import redis_search as search_lua
@@ -75,6 +76,8 @@ class Scripts:
         self.dm_append = Script(owner, lua.DM_APPEND)
         self.room_append = Script(owner, stamp.ROOM_APPEND)
         self.room_send = Script(owner, stamp.ROOM_SEND)
+        self.room_read = Script(owner, history.ROOM_READ)
+        self.dm_read = Script(owner, history.DM_READ)
         self.heartbeat = Script(owner, presence.HEARTBEAT)
         self.connect = Script(owner, presence.CONNECT)
         self.disconnect = Script(owner, presence.DISCONNECT)

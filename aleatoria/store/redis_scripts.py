@@ -73,7 +73,8 @@ text with the cutoff in that form (ARGV[5]) rather than parsed: the parse was a 
 the script's time in redis-server (with the calls dropped since: 28.5 -> 16.5 us per call
 in ``scripts/redis_message_cost.py``, docs/performance.md "Session 12").
 Entries flagged as possibly written already (a retried batch) are skipped when the list
-holds them: a retry after a half-executed pipeline never duplicates a DM.
+holds them: a retry after a half-executed pipeline never duplicates a DM. History reads,
+bounded by the reply's bytes, are ``redis_history``'s scripts.
 """
 
 from __future__ import annotations
