@@ -3,6 +3,7 @@ the flush after an outage, and the timestamp parsing shared with the original's 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from datetime import UTC, datetime, timedelta, timezone
@@ -16,8 +17,11 @@ from hypothesis import strategies as st
 from redis_server import RedisServer
 from redis_support import server_config, wait_until
 
+from aleatoria.codec import parse_time_ns
+from aleatoria.core import _within
+from aleatoria.store.memory import MemoryStore
 from aleatoria.store.redis import open_redis_store
-from aleatoria.store.redis_history import created_ns_of
+from aleatoria.store.redis_history import created_ns_of, merge_dm
 
 
 def _message(n: int, created_ns: int, **fields: str) -> bytes:
@@ -267,3 +271,126 @@ def test_a_dm_write_trims_exactly_the_expired_head(
             assert 0 < r.pttl("dm:a:b")
     finally:
         client.close()
+
+
+def _sized(n: int, created_ns: int, size: int, **fields: str) -> bytes:
+    """Message ``n`` with ``size`` more bytes of content, stamped as the server stamps it."""
+    seconds, rest = divmod(created_ns, 10**9)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{rest // 1000:06d}Z"
+    body = {"type": "chat_message", "fromUser": "a", "payload": {"content": f"{n} {'x' * size}"}}
+    return orjson.dumps(body | fields | {"createTime": stamp})
+
+
+def _cut(stored: list[bytes], budget: int, from_start: bool) -> list[bytes]:
+    """What a reply keeps of ``stored`` (the core's cut)."""
+    return [orjson.dumps(kept) for kept in _within(stored, budget, from_start)]
+
+
+def _size(messages: list[bytes]) -> int:
+    """Bytes as the cut counts them: each message and a comma."""
+    return sum(len(message) + 1 for message in messages)
+
+
+def _largest(messages: list[bytes]) -> int:
+    return max((len(message) + 1 for message in messages), default=0)
+
+
+_RUNS = itertools.count()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    # Microseconds between messages (1: within the scores' slack, decided by createTime), the
+    # nanoseconds past each one's microsecond (under 500: scores, doubles exact to 256 ns, stay
+    # apart; equal ones are ordered by member in Redis, by arrival in memory), and each one's size.
+    messages=st.lists(
+        st.tuples(st.sampled_from([1, 1, 2, 5, 1000]), st.integers(0, 499), st.integers(0, 3000)),
+        min_size=1,
+        max_size=40,
+    ),
+    budget=st.integers(100, 12_000),
+    limit=st.integers(1, 30),
+    queued=st.integers(0, 4),
+)
+async def test_byte_bounded_pages_are_the_memory_stores_and_gapless(
+    redis_server: RedisServer, messages: list[tuple[int, int, int]], budget: int, limit: int, queued: int
+) -> None:
+    """Paging a room with ``before`` and with ``after``, each reply cut to ``budget`` bytes,
+    gives the same pages on Redis as in memory: every message once, none skipped, whatever
+    their sizes, with the newest ``queued`` still in the writer's queue. A DM reply too. And
+    what Redis sends fits in the budget but for one message (and for those scored within a
+    microsecond or so of the cursor, which their createTime decides)."""
+    run = next(_RUNS)  # the examples share one redis-server
+    room, a, b = f"Den{run}", f"a{run}", f"b{run}"
+    config = server_config(redis_server.url)
+    memory = MemoryStore(ttl_seconds=config.message_ttl_seconds, history_max=config.history_max)
+    # From a whole 10**12 ns (1000 s) in the past: each run rounds the scores alike.
+    stamps, at_us = [], (time.time_ns() // 10**12 - 1) * 10**9
+    for gap_us, extra_ns, _ in messages:
+        at_us += gap_us
+        stamps.append(at_us * 1000 + extra_ns)
+    rooms = [_sized(n, stamps[n], size, room=room) for n, (_, _, size) in enumerate(messages)]
+    dms = [_sized(n, stamps[n], size, toUser=b) for n, (_, _, size) in enumerate(messages)]
+    for n in range(len(messages)):
+        memory.record_room_message(room, rooms[n], stamps[n])
+        memory.record_direct_message(a, b, dms[n], stamps[n])
+    written = max(0, len(messages) - queued)
+    still_queued = {*rooms[written:], *dms[written:]}
+    stamp = dict(zip(rooms, stamps, strict=True))
+    async with open_redis_store(config, redis_server.url) as store:
+        for n in range(written):
+            store.record_room_message(room, rooms[n], stamps[n])
+            store.record_direct_message(a, b, dms[n], stamps[n])
+        with redis_server.client() as r:
+            await wait_until(lambda: r.zcard(f"room:messages:{room}") == r.llen(f"dm:{a}:{b}") == written)
+        async with store._writer.lock:  # hold the writer: the newest stay queued
+            for n in range(written, len(messages)):
+                store.record_room_message(room, rooms[n], stamps[n])
+                store.record_direct_message(a, b, dms[n], stamps[n])
+
+            async def page(before_ns: int | None, after_ns: int | None) -> list[bytes]:
+                on_redis = await store.recent_room_messages(room, limit, before_ns, after_ns, budget)
+                kept = _cut(on_redis, budget, from_start=True)
+                in_memory = await memory.recent_room_messages(room, limit, before_ns, after_ns)
+                assert _cut(in_memory, budget, from_start=True) == kept
+                # What Redis sent fits in the budget but for its last row, and for rows
+                # scored within the slack of the cursor (read, not counted: each one's
+                # createTime decides whether it is in the page).
+                from_redis = [message for message in on_redis if message not in still_queued]
+                cursor_ns = before_ns if after_ns is None else after_ns
+                near = [m for m in from_redis if cursor_ns is not None and abs(stamp[m] - cursor_ns) <= 3000]
+                assert _size(from_redis) <= budget + _largest(from_redis) + _size(near)
+                return kept
+
+            def cursor(message: bytes) -> int:
+                return parse_time_ns(orjson.loads(message)["createTime"])
+
+            backward: list[bytes] = []
+            while got := await page(cursor(backward[-1]) if backward else None, None):
+                backward += got
+            assert rooms[::-1] == backward
+            forward: list[bytes] = []
+            while got := await page(None, cursor(forward[-1]) if forward else 0):
+                forward += got
+            assert rooms == forward
+
+            on_redis = await store.direct_messages(a, b, limit, budget)
+            kept = _cut(on_redis, budget, from_start=False)
+            assert _cut(await memory.direct_messages(a, b, limit), budget, from_start=False) == kept
+            assert dms[-len(kept) :] == kept
+            from_redis = [message for message in on_redis if message not in still_queued]
+            assert _size(from_redis) <= budget + _largest(from_redis)
+
+
+def test_a_dm_merge_adds_no_queued_message_redis_holds_beyond_a_short_read() -> None:
+    """The writer writes a conversation in order: queued messages Redis already holds are
+    the first queued ones. When a byte-bounded read brought only the newest of them, the
+    older ones are not added again (as newest)."""
+    created = [1_790_000_000_000_000_000 + n * 1000 for n in range(7)]
+    stored = [_message(n, created[n], toUser="b") for n in range(7)]
+    queued = [(created[n], stored[n]) for n in range(3, 7)]  # 3, 4, 5 written, 6 not yet
+    rows = [stored[5], stored[4]]  # newest first: the read stopped at its byte budget
+    assert [stored[4], stored[5], stored[6]] == merge_dm(rows, queued, 10, 0)
+    assert [stored[5], stored[6]] == merge_dm(rows, queued, 2, 0)
+    assert [stored[4], stored[5]] == merge_dm(rows, [], 10, 0)
+    assert stored == merge_dm(stored[2::-1], queued, 10, 0)  # none written: all added
