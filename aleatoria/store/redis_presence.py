@@ -56,9 +56,10 @@ def instance_channel(instance: str) -> str:
 
 # A user gone (disconnect, or reaped with its dead instance) leaves the pool as a match takes a
 # pooled user out of it (``REQUEST_PEER``): the pool, its index, the pooled users by time, the
-# profile and the interests' tag sets. A queued searcher's profile is its queue place's, left to
-# ``CANCEL`` (the disconnecting instance's) or to the tick's timeout (a searcher of a stalled
-# instance keeps its place while reaped: PROTOCOL.md section 16).
+# profile and the interests' tag sets. A queued searcher's profile is its queue place's (the
+# queue's indexes are unindexed with it), left to ``CANCEL`` (the disconnecting instance's) or
+# to the tick's timeout (a searcher of a stalled instance keeps its place while reaped:
+# PROTOCOL.md section 16).
 LEAVE_POOL = (
     POOL_HELPERS
     + PROFILE_HELPERS

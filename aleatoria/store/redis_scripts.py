@@ -103,6 +103,12 @@ QUEUE_KEY = "aleatoria:search:queue:{available:webrtc}"
 DUE_KEY = "aleatoria:search:due:{available:webrtc}"
 PROFILES_KEY = "aleatoria:search:profiles:{available:webrtc}"
 TAG_PREFIX = "aleatoria:search:tag:{available:webrtc}:"
+# The search queue's indexes (``redis_search``, "Keys"): its searchers by kind (no interests;
+# interests, may fall back to anyone; interestsOnly) and by interest, scored like the queue.
+QUEUE_BARE_KEY = "aleatoria:search:queue-bare:{available:webrtc}"
+QUEUE_OPEN_KEY = "aleatoria:search:queue-open:{available:webrtc}"
+QUEUE_ONLY_KEY = "aleatoria:search:queue-only:{available:webrtc}"
+QUEUE_TAG_PREFIX = "aleatoria:search:queue-tag:{available:webrtc}:"
 RECENT_PREFIX = "aleatoria:search:recent:{available:webrtc}:"
 MATCHES_KEY = "webrtc:matches:{available:webrtc}"
 POOL_INDEX_KEY = "webrtc:pool-index:{available:webrtc}"
@@ -216,6 +222,38 @@ local function forget_profile(u)
   redis.call('HDEL', PROFILES_KEY, u)
 end
 """.replace("PROFILES_KEY", repr(PROFILES_KEY)).replace("TAG_PREFIX", repr(TAG_PREFIX))
+
+# The search queue's indexes (``redis_search``, "Keys"): every script that adds a searcher to
+# the queue indexes it (``index_searcher``), every one that takes one out unindexes it
+# (``unindex_searcher``), with the profile it was queued with (``PROFILES``: a queued user's
+# profile changes only when it leaves the queue). ``p``: the profile as decoded from its JSON
+# (nil if absent or bad: no interests, like ``redis_search``'s ``profile``).
+SEARCHER_INDEX_HELPERS = (
+    """
+local QUEUE_BARE, QUEUE_OPEN, QUEUE_ONLY = QUEUE_BARE_KEY, QUEUE_OPEN_KEY, QUEUE_ONLY_KEY
+local QUEUE_TAG = QUEUE_TAG_PREFIX
+local function searcher_kind(p)
+  local tags = {}
+  if type(p) == 'table' and type(p.i) == 'table' then tags = p.i end
+  if #tags == 0 then return QUEUE_BARE, tags end
+  if p.o == 1 then return QUEUE_ONLY, tags end
+  return QUEUE_OPEN, tags
+end
+local function index_searcher(u, since, p)
+  local kind, tags = searcher_kind(p)
+  redis.call('ZADD', kind, since, u)
+  for _, t in ipairs(tags) do redis.call('ZADD', QUEUE_TAG .. t, since, u) end
+end
+local function unindex_searcher(u, p)
+  local kind, tags = searcher_kind(p)
+  redis.call('ZREM', kind, u)
+  for _, t in ipairs(tags) do redis.call('ZREM', QUEUE_TAG .. t, u) end
+end
+""".replace("QUEUE_BARE_KEY", repr(QUEUE_BARE_KEY))
+    .replace("QUEUE_OPEN_KEY", repr(QUEUE_OPEN_KEY))
+    .replace("QUEUE_ONLY_KEY", repr(QUEUE_ONLY_KEY))
+    .replace("QUEUE_TAG_PREFIX", repr(QUEUE_TAG_PREFIX))
+)
 
 # Scale-out (redis_presence): each instance's channel, tagged like the pool so a script on the
 # pool's slot may look at (and publish to) it on a Redis Cluster.
@@ -337,6 +375,7 @@ REQUEST_PEER = (
         MATCH_HELPERS
         + POOL_HELPERS
         + PROFILE_HELPERS
+        + SEARCHER_INDEX_HELPERS
         + LIVENESS_HELPERS
         + """
 if redis.replicate_commands then redis.replicate_commands() end
@@ -349,6 +388,7 @@ local want = nil
 if ARGV[6] and ARGV[6] ~= '' then want = cjson.decode(ARGV[6]) end
 local cooldown_ms, match_id = tonumber(ARGV[7] or 0) or 0, ARGV[8] or ''
 if redis.call('ZREM', QUEUE_KEY, user) == 1 then
+  unindex_searcher(user, profile_of(user))
   redis.call('ZREM', DUE_KEY, user)
   redis.call('HDEL', PROFILES_KEY, user)
 end
