@@ -12,7 +12,7 @@ import pytest
 import redis
 from redis_server import RedisServer
 from redis_support import server_config, wait_until
-from search_scenarios import SCENARIOS, matched_pair, search
+from search_scenarios import SCENARIOS, matched_pair, search, sync
 from support import Peer, connect, running_server
 
 from aleatoria.config import Config
@@ -30,7 +30,11 @@ from aleatoria.store.redis_scripts import (
     POOL_KEY,
     POOLED_KEY,
     PROFILES_KEY,
+    QUEUE_BARE_KEY,
     QUEUE_KEY,
+    QUEUE_ONLY_KEY,
+    QUEUE_OPEN_KEY,
+    QUEUE_TAG_PREFIX,
     RECENT_PREFIX,
     TAG_PREFIX,
 )
@@ -204,3 +208,50 @@ def test_reaping_a_dead_instance_leaves_nothing_of_its_pooled_users_in_the_searc
             assert _traces(r, user) == set(), user
         assert _traces(r, "eve") == {QUEUE_KEY, PROFILES_KEY}
         assert _traces(r, "zoe") == _pooled_keys("chess")
+
+
+def _queue_keys(r: redis.Redis) -> set[str]:
+    """The search queue and its indexes (``redis_search``, "Keys") that exist."""
+    return {key.decode() for key in r.scan_iter(match="aleatoria:search:queue*")}
+
+
+async def test_searchers_who_leave_leave_nothing_in_the_queue_or_its_indexes(
+    redis_server: RedisServer,
+) -> None:
+    """Searchers of each kind (interestsOnly, interests, none) leave the queue every way
+    there is -- cancel_search, a disconnect, user_available_webrtc, an immediate
+    request_random_peer, a match, the search timeout -- and nothing of them is left in the
+    queue, its indexes, the due times or the profiles."""
+    config = server_config(redis_server.url, **TIMINGS)
+    with redis_server.client() as r:
+        async with (
+            running_server(config) as srv,
+            connect(srv, "ann") as ann,
+            connect(srv, "ben") as ben,
+            connect(srv, "cat") as cat,
+            connect(srv, "dan") as dan,
+            connect(srv, "eve") as eve,
+            connect(srv, "fay") as fay,
+        ):
+            await ann.request(search(interests=["chess", "go"], interestsOnly=True), "searching")
+            await ben.request(search(interests=["golf"], interestsOnly=True), "searching")
+            await cat.request(search(interests=["tea"], language="fr"), "searching")
+            await dan.request(search(language="de"), "searching")
+            await eve.request(search(interests=["films"], interestsOnly=True), "searching")
+            async with connect(srv, "gus") as gus:
+                await gus.request(search(interests=["opera"], interestsOnly=True), "searching")
+                tags = {QUEUE_TAG_PREFIX + tag for tag in ("chess", "go", "golf", "tea", "films", "opera")}
+                kinds = {QUEUE_BARE_KEY, QUEUE_OPEN_KEY, QUEUE_ONLY_KEY}
+                assert {QUEUE_KEY} | kinds | tags == _queue_keys(r)
+            await ann.send({"type": "cancel_search"})
+            await sync(ann)
+            await ben.send({"type": "user_available_webrtc", "payload": {"language": "en"}})  # not dan's
+            await sync(ben)
+            assign = await cat.request({"type": "request_random_peer"}, "assign_role")  # takes ben
+            assert "ben" == assign["payload"]["peerId"]
+            await fay.request(search(interests=["films"]), "searching")
+            await matched_pair(eve, fay)
+            await dan.expect("no_peer_available", timeout=config.search_timeout + 10)
+            await wait_until(lambda: not _queue_keys(r))  # gus's instance cancels its search
+            assert 0 == r.zcard(DUE_KEY)
+            assert 0 == r.hlen(PROFILES_KEY)
