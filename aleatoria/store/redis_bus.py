@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import trio
@@ -266,41 +266,67 @@ class RedisBus:
         self._pipeline_since = trio.current_time()
         return items
 
-    def add_to_pipeline(self, command: Command, items: list[Outgoing], scripts: LiveScripts) -> None:
-        """Add ``items`` to the writer's request (runs on a worker thread)."""
+    def add_to_pipeline(self, command: Command, items: list[Outgoing], scripts: LiveScripts) -> list[int]:
+        """Add ``items`` to the writer's request (runs on a worker thread). Returns, for each
+        item, which of the commands added answers for it: a room's chat messages share one
+        ``room_send`` call (Redis' cost per message is mostly the call's), up to the next
+        event published on that room's channel, which keeps its place after them."""
+        ops: list[tuple[Any, ...] | list[bytes]] = []  # a command's arguments, or a room's messages
+        rooms: list[str] = []  # the room of each list in ``ops``, in order
+        open_sends: dict[str, int] = {}  # room -> its messages' place in ``ops``, while open
+        slots: list[int] = []
         publish = self._publish_command
-        route_sha = scripts.route_sha
         for item in items:
-            if item.kind == PUBLISH:
-                command(publish, item.target, item.message)
-            elif item.kind == SEND:
-                room = item.target
-                command(
-                    "EVALSHA",
-                    scripts.room_send_sha,
-                    1,
-                    ROOM_MESSAGES_PREFIX + room,
-                    room_channel(room),
-                    publish,
-                    scripts.cutoff_ns,
-                    scripts.cap,
-                    scripts.ttl_ms,
-                    item.message,
-                )
+            if item.kind == SEND:
+                at = open_sends.get(item.target)
+                if at is None:
+                    at = open_sends[item.target] = len(ops)
+                    ops.append([])
+                    rooms.append(item.target)
+                cast(list[bytes], ops[at]).append(item.message)
+            elif item.kind == PUBLISH:
+                room = _room_of(item.target)
+                if room is not None:
+                    open_sends.pop(room, None)  # later messages go after this event
+                at = len(ops)
+                ops.append((publish, item.target, item.message))
             else:
-                command(
-                    "EVALSHA",
-                    route_sha,
-                    3,
-                    PRESENCE_KEY,
-                    INSTANCES_KEY,
-                    MATCHES_KEY,
-                    item.target,
-                    item.message,
-                    instance_channel(""),
-                    publish,
-                    item.sender,
+                at = len(ops)
+                ops.append(
+                    (
+                        "EVALSHA",
+                        scripts.route_sha,
+                        3,
+                        PRESENCE_KEY,
+                        INSTANCES_KEY,
+                        MATCHES_KEY,
+                        item.target,
+                        item.message,
+                        instance_channel(""),
+                        publish,
+                        item.sender,
+                    )
                 )
+            slots.append(at)
+        next_room = iter(rooms)
+        for op in ops:
+            if isinstance(op, tuple):
+                command(*op)
+                continue
+            room = next(next_room)
+            command(
+                "EVALSHA",
+                scripts.room_send_sha,
+                1,
+                ROOM_MESSAGES_PREFIX + room,
+                room_channel(room),
+                publish,
+                scripts.cutoff_ns,
+                scripts.cap,
+                scripts.ttl_ms,
+                *op,
+            )
+        return slots
 
     def settle(self, items: list[Outgoing], replies: list[Any] | None) -> None:
         """The writer's pipeline returned (trio thread): report each item's outcome, a count,

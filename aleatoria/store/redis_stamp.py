@@ -6,10 +6,11 @@ as they were delivered. When each instance stamped ``createTime`` itself, two in
 messages could reach Redis' channel in one order and carry times in the other (a red-team
 run: 12-19 inversions in 200 messages), and paging forward skipped them.
 
-How this works. ``ROOM_SEND`` is one script per room message: it takes Redis' clock,
-never below the room's newest message (one microsecond past it), writes that time into the
-message's ``createTime``, adds the message to the room's history (trimmed as ``room_append``
-trims), and publishes it on the room's channel. Scripts run one at a time, so every
+How this works. ``ROOM_SEND`` is one script call for a room's messages of one pipeline:
+it takes Redis' clock, never below the room's newest message (one microsecond past it),
+writes that time into each message's ``createTime`` (one microsecond apart), adds each to
+the room's history and publishes it on the room's channel, then trims the history as
+``room_append`` does. Scripts run one at a time, so every
 instance receives a room's messages in the order of their times, and history holds them in
 that order. On a Redis Cluster the room's channel carries its history key as hash tag
 (``redis_bus.room_channel``): one slot.
@@ -75,11 +76,13 @@ end
 """
 
 # KEYS: room:messages:{room}. ARGV: the room's channel, the publish command (PUBLISH or
-# SPUBLISH), cutoff (epoch ns), cap, ttl (ms), the message. Returns the subscribers reached.
+# SPUBLISH), cutoff (epoch ns), cap, ttl (ms), then the messages, in order (the bus sends a
+# room's messages of one pipeline together: most of a call's cost is the call's own, and
+# the trims'). Returns the subscribers the last publish reached.
 ROOM_SEND = (
     STAMP_HELPERS
     + """
-local key, message = KEYS[1], ARGV[6]
+local key = KEYS[1]
 local clock = redis.call('TIME')
 local us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local newest = redis.call('ZREVRANGE', key, 0, 0, 'WITHSCORES')
@@ -89,12 +92,18 @@ if #newest > 0 then
   local next_us = math.ceil(tonumber(newest[2]) / 1000) + 1
   if next_us > us then us = next_us end
 end
-message = string.sub(message, 1, #message - TAIL) .. rfc3339(us) .. '"}'
-redis.call('ZADD', key, string.format('%.0f', us * 1000), message)
+local reached = 0
+for i = 6, #ARGV do
+  local message = ARGV[i]
+  message = string.sub(message, 1, #message - TAIL) .. rfc3339(us) .. '"}'
+  redis.call('ZADD', key, string.format('%.0f', us * 1000), message)
+  reached = redis.call(ARGV[2], ARGV[1], message)
+  us = us + 1
+end
 redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[3])
 redis.call('ZREMRANGEBYRANK', key, 0, -(tonumber(ARGV[4]) + 1))
 redis.call('PEXPIRE', key, ARGV[5])
-return redis.call(ARGV[2], ARGV[1], message)
+return reached
 """.replace("TAIL", str(TAIL))
 )
 

@@ -109,7 +109,9 @@ class LiveSource(Protocol):
 
     def take(self, limit: int, upto: int) -> list[Any]: ...
 
-    def add_to_pipeline(self, command: Command, items: list[Any], scripts: LiveScripts) -> None: ...
+    def add_to_pipeline(self, command: Command, items: list[Any], scripts: LiveScripts) -> list[int]:
+        """Add commands for ``items``; for each item, which of them answers for it."""
+        ...
 
     def settle(self, items: list[Any], replies: list[Any] | None) -> None: ...
 
@@ -359,15 +361,19 @@ class WriteBehind:
                 cutoff_text,
                 *messages,
             )
+        slots: list[int] = []
         if live is not None and items:
             scripts = self._scripts
-            live.add_to_pipeline(
+            slots = live.add_to_pipeline(
                 command,
                 items,
                 LiveScripts(scripts.route.sha, scripts.room_send.sha, cutoff_ns, self._cap, self._ttl_ms),
             )
         replies = request.send(r)
-        return replies[len(replies) - len(items) :] if items else []
+        if not slots:
+            return []
+        live_replies = replies[len(replies) - (max(slots) + 1) :]
+        return [live_replies[slot] for slot in slots]
 
     def _give_back(self, batch: list[Entry]) -> None:
         self._inflight = []

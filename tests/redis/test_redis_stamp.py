@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from redis_server import RedisServer
 
 from aleatoria.codec import encode_relayed, now, parse_time_ns, rfc3339
+from aleatoria.store.redis_bus import PUBLISH, ROUTE, SEND, Outgoing, RedisBus, room_channel
 from aleatoria.store.redis_stamp import ROOM_APPEND, ROOM_SEND, STAMP_HELPERS, echo_key, stampable
+from aleatoria.store.redis_writer import LiveScripts
 
 _KEY = "room:messages:Den"
 _CHANNEL = "aleatoria:room:{room:messages:Den}"
@@ -29,10 +31,10 @@ def _message(text: str, created: str | None = None) -> bytes:
     )
 
 
-def _send(r: Any, message: bytes) -> int:
+def _send(r: Any, *messages: bytes) -> int:
     cutoff = time.time_ns() - _DAY_MS * 1_000_000
     reached: int = r.register_script(ROOM_SEND)(
-        keys=[_KEY], args=[_CHANNEL, "PUBLISH", cutoff, 1000, _DAY_MS, message]
+        keys=[_KEY], args=[_CHANNEL, "PUBLISH", cutoff, 1000, _DAY_MS, *messages]
     )
     return reached
 
@@ -88,15 +90,47 @@ def test_many_messages_in_one_microsecond_get_distinct_increasing_times(client: 
     assert all(abs(parse_time_ns(t) - score) < 1000 for t, (_, score) in zip(times, stored, strict=True))
 
 
-def test_it_is_published_as_stored(client: Any) -> None:
+def test_each_is_published_as_stored_in_order_one_microsecond_apart(client: Any) -> None:
     pubsub = client.pubsub()
     pubsub.subscribe(_CHANNEL)
     assert "subscribe" == pubsub.get_message(timeout=5)["type"]
     assert 1 == _send(client, _message("hello"))
-    published = pubsub.get_message(timeout=5)
-    ((stored, _),) = client.zrange(_KEY, 0, -1, withscores=True)
-    assert stored == published["data"]
+    assert 1 == _send(client, _message("a"), _message("b"), _message("c"))  # one pipeline's
+    published = [pubsub.get_message(timeout=5)["data"] for _ in range(4)]
+    stored = client.zrange(_KEY, 0, -1)
+    assert stored == published
+    assert ["hello", "a", "b", "c"] == [orjson.loads(m)["payload"]["content"] for m in stored]
+    times = [parse_time_ns(orjson.loads(m)["createTime"]) for m in stored[1:]]
+    assert [times[0], times[0] + 1000, times[0] + 2000] == times
     pubsub.close()
+
+
+async def test_a_pipelines_room_messages_share_a_call_and_events_keep_their_place() -> None:
+    """The bus sends a room's messages of one pipeline in one ``room_send`` call, up to an
+    event published on that room's channel: messages after the event stay after it."""
+    bus = object.__new__(RedisBus)
+    bus._publish_command = "PUBLISH"
+    commands: list[tuple[Any, ...]] = []
+    items = [
+        Outgoing(SEND, "A", b"a1"),
+        Outgoing(SEND, "B", b"b1"),
+        Outgoing(SEND, "A", b"a2"),
+        Outgoing(PUBLISH, room_channel("A"), b"2Mjoined ann"),
+        Outgoing(SEND, "A", b"a3"),
+        Outgoing(ROUTE, "bob", b"frame"),
+        Outgoing(SEND, "B", b"b2"),
+    ]
+    scripts = LiveScripts("route", "send", 1, 1000, 60_000)
+    slots = bus.add_to_pipeline(lambda *args: commands.append(args), items, scripts)
+    assert [0, 1, 0, 2, 3, 4, 1] == slots
+    sends = [(c[3], c[9:]) for c in commands if c[:2] == ("EVALSHA", "send")]
+    assert [
+        ("room:messages:A", (b"a1", b"a2")),
+        ("room:messages:B", (b"b1", b"b2")),
+        ("room:messages:A", (b"a3",)),
+    ] == sends
+    assert ("PUBLISH", room_channel("A"), b"2Mjoined ann") == commands[2]
+    assert ("EVALSHA", "route") == commands[4][:2]
 
 
 def test_a_fallback_write_of_a_stored_message_is_skipped(client: Any) -> None:
