@@ -260,6 +260,21 @@ end
 local function finish(w)
   for _, c in ipairs(w.stale) do redis.call('ZREM', c.key, c.user) end
 end
+-- Visits walk w's searchers not seen yet, oldest first, at most SCAN_LIMIT of them, until
+-- visit(s) returns true or stop(s) does (a searcher past the range); then ``finish``.
+local function scan(w, seen, visit, stop)
+  local left = SCAN_LIMIT
+  while left > 0 do
+    local s = step(w)
+    if not s or (stop and stop(s)) then break end
+    if not seen[s.user] then
+      seen[s.user] = true
+      left = left - 1
+      if visit(s) then break end
+    end
+  end
+  finish(w)
+end
 -- The indexes that hold every searcher who may be compatible with x, between scores min and
 -- max: those sharing one of its interests (tags); when x may match without a common interest
 -- (loose), those who may too: without interests (QUEUE_BARE, always) or with interests but
@@ -287,20 +302,11 @@ local function on_change(x)
   local seen = {[x.user] = true}
   -- The oldest searcher older than x that is compatible with it gets x.
   local w = walk(candidates(mine.i, loose, '-inf', x.searcher and x.since or '+inf'))
-  local left, found = SCAN_LIMIT, nil
-  while left > 0 do
-    local s = step(w)
-    if not s or (x.searcher and not ahead(s, x)) then break end
-    if not seen[s.user] then
-      seen[s.user] = true
-      left = left - 1
-      if queued(w, s) and compatible(s, x) then
-        found = s
-        break
-      end
-    end
-  end
-  finish(w)
+  local found = nil
+  scan(w, seen, function(s)
+    if queued(w, s) and compatible(s, x) then found = s end
+    return found ~= nil
+  end, function(s) return x.searcher and not ahead(s, x) end)
   if found then return found, x end
   if not x.searcher then return nil end
   -- Else x takes the best compatible candidate (``better``): newer searchers sharing an
@@ -309,17 +315,10 @@ local function on_change(x)
   local newer = redis.call('ZRANGE', QUEUE, -1, -1)[1] ~= x.user
   if newer and #mine.i > 0 then
     w = walk(candidates(mine.i, false, x.since, '+inf'))
-    left = SCAN_LIMIT
-    while left > 0 do
-      local s = step(w)
-      if not s then break end
-      if not seen[s.user] then
-        seen[s.user] = true
-        left = left - 1
-        if ahead(x, s) and queued(w, s) and better(x, s, best) and compatible(x, s) then best = s end
-      end
-    end
-    finish(w)
+    scan(w, seen, function(s)
+      if ahead(x, s) and queued(w, s) and better(x, s, best) and compatible(x, s) then best = s end
+      return false
+    end)
   end
   -- ... pooled users sharing an interest ...
   local pooled_seen = {}
@@ -341,20 +340,11 @@ local function on_change(x)
   -- compatible one of each: none of them shares an interest with x).
   if loose and not (best and #common(mine, profile(best.user)) > 0) then
     w = walk(candidates({}, newer, x.since, '+inf'))
-    left = SCAN_LIMIT
-    while left > 0 do
-      local s = step(w)
-      if not s then break end
-      if not seen[s.user] then
-        seen[s.user] = true
-        left = left - 1
-        if ahead(x, s) and queued(w, s) and compatible(x, s) then
-          if better(x, s, best) then best = s end
-          break
-        end
-      end
-    end
-    finish(w)
+    scan(w, seen, function(s)
+      if not (ahead(x, s) and queued(w, s) and compatible(x, s)) then return false end
+      if better(x, s, best) then best = s end
+      return true
+    end)
     local start, stale = 0, {}
     while true do
       local page = redis.call('ZRANGE', POOLED, start, start + 99, 'WITHSCORES')
