@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from aleatoria.codec import encode, now
 from aleatoria.messages import Envelope
+from aleatoria.safety import AUTO_SHADOW_WINDOW
 from aleatoria.store.memory import CONVERSATION_OVERHEAD, ENTRY_OVERHEAD, MemoryStore
 
 
@@ -101,3 +102,18 @@ def test_never_over_budget_and_the_count_stays_exact(
     assert expected == store.history_bytes
     store.purge_expired()
     assert expected == store.history_bytes
+
+
+async def test_reporters_of_users_no_longer_reported_are_forgotten_by_the_purge() -> None:
+    """Who reported whom is kept for the auto-shadow window; the minute's purge drops what
+    is older, so reports of ever new user ids do not pile up."""
+    clock = [1_800_000_000 * 10**9]
+    store = MemoryStore(ttl_seconds=3600, history_max=100, clock_ns=lambda: clock[0])
+    safety = store.safety
+    start = clock[0] / 1e9
+    for n in range(1000):
+        await safety.add_report({"reporter": "mallory", "reported": f"u{n}"}, start)
+    await safety.add_report({"reporter": "alice", "reported": "bob"}, start + AUTO_SHADOW_WINDOW - 1)
+    clock[0] += int(AUTO_SHADOW_WINDOW * 10**9)
+    store.purge_expired()
+    assert {"bob": {"alice": start + AUTO_SHADOW_WINDOW - 1}} == store.safety._reporters

@@ -223,9 +223,12 @@ class MemoryStore:
 
     def purge_expired(self) -> int:
         """Drop expired messages everywhere (and empty histories); returns how many. Also
-        forgets the DM partner counts of users with no new partner within the hour."""
+        forgets the DM partner counts of users with no new partner within the hour, and the
+        reporters of users reported longer ago than the auto-shadow window."""
         self._safety.dm_partners.sweep()
-        cutoff = self._clock_ns() - self._ttl_ns
+        now_ns = self._clock_ns()
+        self._safety.forget_reporters(now_ns / 1e9)
+        cutoff = now_ns - self._ttl_ns
         return self._purge(_ROOM, self._rooms, cutoff) + self._purge(_DM, self._dms, cutoff)
 
     def _purge(self, kind: int, table: dict[_K, _History], cutoff: int) -> int:
