@@ -47,6 +47,9 @@ UNKNOWN = "unknown"  # never issued here, or malformed
 OTHER_USER = "other_user"  # a kept session's token, presented by another user
 EXPIRED = "expired"  # the window passed
 OVERFLOW = "overflow"  # more frames were addressed to it than the outbox keeps
+# What an empty ``resume=`` presents: a token no session ever has (``token_urlsafe(24)`` is
+# 32 characters), so it is refused as unknown like any other (PROTOCOL.md section 15).
+NO_SUCH_TOKEN = "-"
 ENDED = "ended"  # used already, or the session ended otherwise (closed by the server)
 _REMEMBERED = 10_000  # ended tokens remembered for the failure reason
 

@@ -39,7 +39,15 @@ from aleatoria.ice import ice_servers
 from aleatoria.limits import RateLimiter, id_problem
 from aleatoria.moderation import Moderation
 from aleatoria.origin import OriginPolicy
-from aleatoria.resume import KEEP_CODES, OVERFLOW, UNKNOWN, KeptSession, ResumeCollector, Resumes
+from aleatoria.resume import (
+    KEEP_CODES,
+    NO_SUCH_TOKEN,
+    OVERFLOW,
+    UNKNOWN,
+    KeptSession,
+    ResumeCollector,
+    Resumes,
+)
 from aleatoria.resume_remote import RemoteResumes
 from aleatoria.router import Router, new_message_id
 from aleatoria.safety import Admission
@@ -368,7 +376,13 @@ class Server:
         expires = None
         if config.auth_secret:  # checked by _refusal: the token is valid
             expires = expires_at(token_expiry(request.param("token"), user, config.auth_secret))
-        hello = None if request.param("v") != "2" else request.param("resume") or ""
+        resume = request.param("resume")
+        if request.param("v") != "2":
+            hello = None
+        elif resume == "":  # presented, and names nothing: answered ``resumed: false``
+            hello = NO_SUCH_TOKEN
+        else:
+            hello = resume or ""
         return ws, user, request.param("room") or DEFAULT_ROOM, ip, expires, admission, hello
 
     async def _session(

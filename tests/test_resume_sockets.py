@@ -133,3 +133,15 @@ async def test_kept_sessions_are_capped_per_address() -> None:
         assert ["drop0", "drop1", "drop2", "watcher"] == sorted(members["payload"]["members"])
         metrics = (await http_get(server, "/metrics")).body.decode()
         assert "\naleatoria_sessions_not_kept_total 2.0" in metrics
+
+
+async def test_an_empty_resume_token_is_a_token_that_names_nothing() -> None:
+    """``resume=`` with nothing after it is a token, unknown (PROTOCOL.md section 15):
+    ``resumed: false``, a fresh session; without ``resume`` the welcome has no ``resumed``."""
+    async with running_server(resume_window=30.0) as server:
+        async with open_raw_ws(server.port, "fresh", joined=False, query="&v=2&resume=") as ws:
+            welcome = (await ws.expect("welcome"))["payload"]
+            assert welcome["resumed"] is False and welcome["resumeToken"]
+            await ws.expect("room_joined")
+        async with level2(server, "plain") as (ws, welcome):
+            assert "resumed" not in welcome
