@@ -102,10 +102,7 @@ class Router:
         Redis has the message (PROTOCOL.md section 16), see ``_deliver_here``."""
         bus = self.bus
         store = self.store
-        if bus is None:
-            store.record_room_message(room, data, created_ns)
-            await self.hub.broadcast(room, text_frame(data))
-        elif bus.usable:
+        if bus is not None and bus.usable:
             # One script stores it with Redis' time and publishes it (``redis_stamp``): every
             # member, the sender too, gets Redis' copy. If the bus gives up on it first,
             # ``done(None)``: it goes to history with this instance's time, and here only.
@@ -115,12 +112,13 @@ class Router:
                     self._deliver_here(room, data, sender)
 
             bus.send_room(room, data, done)
-        elif store.health() == "ok":
-            store.record_room_message(room, data, created_ns)
+            return
+        store.record_room_message(room, data, created_ns)
+        if bus is not None and store.health() == "ok":
             self._deliver_here(room, data, sender)  # Redis answers, but too late for chat
         else:
-            store.record_room_message(room, data, created_ns)
-            await self.hub.broadcast(room, text_frame(data))  # degraded: memory is the truth
+            # Memory mode, or degraded: memory is the truth.
+            await self.hub.broadcast(room, text_frame(data))
 
     def _deliver_here(self, room: str, data: bytes, sender: str) -> None:
         """A room message the bus cannot carry now (stalled, subscription down) while Redis
