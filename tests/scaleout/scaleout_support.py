@@ -19,6 +19,7 @@ import redis
 import redis.cluster
 import trio
 from redis_server import spawn, wait_ready
+from support import SocketPeer
 
 import aleatoria.server
 from aleatoria.config import Config
@@ -138,6 +139,14 @@ async def instances(url: str, count: int, **overrides: Any) -> AsyncIterator[lis
             yield ports
         finally:
             nursery.cancel_scope.cancel()
+
+
+async def collect_chat(client: SocketPeer, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` chat messages ``client`` receives, skipping anything else."""
+    out: list[dict[str, Any]] = []
+    while len(out) < count:
+        out.append(await client.expect("chat_message", skip=True))
+    return out
 
 
 async def wait_until(predicate: Any, *, timeout: float = 10.0) -> float:

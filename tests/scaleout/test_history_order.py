@@ -11,20 +11,12 @@ forward skipped the messages that arrived after the cursor with an older time.""
 from __future__ import annotations
 
 import itertools
-from typing import Any
 
 import trio
-from scaleout_support import instances
+from scaleout_support import collect_chat, instances
 from support import SocketPeer, connect
 
 _PER_SENDER = 80
-
-
-async def _collect_chat(client: SocketPeer, count: int) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    while len(out) < count:
-        out.append(await client.expect("chat_message", skip=True))
-    return out
 
 
 async def _send_all(client: SocketPeer) -> None:
@@ -43,7 +35,7 @@ async def test_paging_forward_from_any_live_message_misses_nothing(shared_redis:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_send_all, ann)
             nursery.start_soon(_send_all, ben)
-        live = await _collect_chat(reader, 2 * _PER_SENDER)
+        live = await collect_chat(reader, 2 * _PER_SENDER)
         times = [m["createTime"] for m in live]
         backwards = [(a, b) for a, b in itertools.pairwise(times) if b <= a]
         assert [] == backwards

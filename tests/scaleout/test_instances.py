@@ -9,18 +9,11 @@ from typing import Any
 
 import trio
 from health import get_json
-from scaleout_support import instances, redis_client, wait_until
+from scaleout_support import collect_chat, instances, redis_client, wait_until
 from support import SocketPeer, close_of, connect
 
 from aleatoria.store.redis_bus import room_channel
 from aleatoria.store.redis_presence import PRESENCE_KEY
-
-
-async def _collect_chat(client: SocketPeer, count: int) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    while len(out) < count:
-        out.append(await client.expect("chat_message", skip=True))
-    return out
 
 
 async def test_room_chat_is_seen_in_one_order_everywhere(shared_redis: str) -> None:
@@ -47,7 +40,7 @@ async def test_room_chat_is_seen_in_one_order_everywhere(shared_redis: str) -> N
                             )
 
                     inner.start_soon(send_all)
-                    got = await _collect_chat(client, per_user * len(users))
+                    got = await collect_chat(client, per_user * len(users))
                 received[user] = [m["payload"]["content"] for m in got]
 
         for i, user in enumerate(users):
@@ -84,7 +77,7 @@ async def test_direct_messages_and_history_across_instances(shared_redis: str) -
 
             for n in range(5):
                 await alice.send({"type": "chat_message", "room": "Den", "payload": {"content": str(n)}})
-            got = await _collect_chat(bob, 5)
+            got = await collect_chat(bob, 5)
             recent = await bob.request(
                 {"type": "get_recent_messages", "room": "Den"}, "recent_messages", skip=True
             )
