@@ -228,7 +228,8 @@ class Store(Protocol):
         newer than it (and older than ``before_ns``), oldest first (forward paging). With
         ``max_bytes``, the answer may end after the first message that takes the ones before it
         over ``max_bytes`` bytes, each counted as its length plus one: the caller keeps no more
-        (a history reply's cut, ``core._within``), and Redis reads no more."""
+        (a history reply's cut, ``core._within``), Redis reads no more and the memory store
+        answers no more (a report's evidence parses what it is given)."""
         ...
 
     async def direct_messages(self, a: str, b: str, limit: int, max_bytes: int | None = None) -> list[bytes]:

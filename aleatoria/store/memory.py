@@ -13,6 +13,7 @@ evicted, the one written to least recently first.
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import time
 from collections import OrderedDict, deque
@@ -179,30 +180,41 @@ class MemoryStore:
         limit: int,
         before_ns: int | None = None,
         after_ns: int | None = None,
-        max_bytes: int | None = None,  # the whole answer: it is in memory already
+        max_bytes: int | None = None,
     ) -> list[bytes]:
-        return self.recent_room_messages_now(room, limit, before_ns, after_ns)
+        return self.recent_room_messages_now(room, limit, before_ns, after_ns, max_bytes)
 
     def recent_room_messages_now(
-        self, room: str, limit: int, before_ns: int | None = None, after_ns: int | None = None
+        self,
+        room: str,
+        limit: int,
+        before_ns: int | None = None,
+        after_ns: int | None = None,
+        max_bytes: int | None = None,
     ) -> list[bytes]:
+        """As ``recent_room_messages``; ``max_bytes`` stops the answer as Redis' read stops
+        (references to the stored bytes cost little, but a report parses what it is given)."""
         history = self._rooms.get(room)
         if not history:
             return []
         cutoff = self._clock_ns() - self._ttl_ns
+        budget = math.inf if max_bytes is None else max_bytes
+        out: list[bytes] = []
         if after_ns is not None:  # forward paging (PROTOCOL.md section 15): oldest first
             low = max(cutoff, microsecond_end(after_ns))
-            return [
-                message
-                for created_ns, message in history
-                if created_ns > low and (before_ns is None or created_ns < before_ns)
-            ][:limit]
-        out: list[bytes] = []
+            for created_ns, message in history:
+                if len(out) >= limit or budget < 0:
+                    break
+                if created_ns > low and (before_ns is None or created_ns < before_ns):
+                    out.append(message)
+                    budget -= len(message) + 1
+            return out
         for created_ns, message in reversed(history):
-            if created_ns <= cutoff or len(out) >= limit:
+            if created_ns <= cutoff or len(out) >= limit or budget < 0:
                 break
             if before_ns is None or created_ns < before_ns:
                 out.append(message)
+                budget -= len(message) + 1
         return out
 
     async def direct_messages(self, a: str, b: str, limit: int, max_bytes: int | None = None) -> list[bytes]:

@@ -344,7 +344,9 @@ class RedisStore:
                     return [member for member, _ in rows]
                 return merge_room(rows, newer, pending, limit, self._cap, before_ns, cutoff_ns)
         outage = self._keeper.outage
-        return [] if outage is None else outage.recent_room_messages_now(room, limit, before_ns)
+        if outage is None:
+            return []
+        return outage.recent_room_messages_now(room, limit, before_ns, max_bytes=max_bytes)
 
     async def _room_after(
         self, room: str, limit: int, after_ns: int, before_ns: int | None, max_bytes: int | None
@@ -370,7 +372,7 @@ class RedisStore:
         outage = self._keeper.outage
         if outage is None:
             return []
-        return outage.recent_room_messages_now(room, limit, before_ns, after_ns)
+        return outage.recent_room_messages_now(room, limit, before_ns, after_ns, max_bytes)
 
     async def direct_messages(self, a: str, b: str, limit: int, max_bytes: int | None = None) -> list[bytes]:
         if self._keeper.state == "ok":

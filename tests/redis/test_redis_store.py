@@ -319,7 +319,8 @@ async def test_byte_bounded_pages_are_the_memory_stores_and_gapless(
     gives the same pages on Redis as in memory: every message once, none skipped, whatever
     their sizes, with the newest ``queued`` still in the writer's queue. A DM reply too. And
     what Redis sends fits in the budget but for one message (and for those scored within a
-    microsecond or so of the cursor, which their createTime decides)."""
+    microsecond or so of the cursor, which their createTime decides); what the memory store
+    answers, but for one message."""
     run = next(_RUNS)  # the examples share one redis-server
     room, a, b = f"Den{run}", f"a{run}", f"b{run}"
     config = server_config(redis_server.url)
@@ -351,8 +352,11 @@ async def test_byte_bounded_pages_are_the_memory_stores_and_gapless(
             async def page(before_ns: int | None, after_ns: int | None) -> list[bytes]:
                 on_redis = await store.recent_room_messages(room, limit, before_ns, after_ns, budget)
                 kept = _cut(on_redis, budget, from_start=True)
-                in_memory = await memory.recent_room_messages(room, limit, before_ns, after_ns)
+                in_memory = await memory.recent_room_messages(room, limit, before_ns, after_ns, budget)
                 assert _cut(in_memory, budget, from_start=True) == kept
+                # The memory store stops as Redis' read does: after the first message past the
+                # budget (a report's evidence parses all it is given).
+                assert _size(in_memory[:-1]) <= budget
                 # What Redis sent fits in the budget but for its last row, and for rows
                 # scored within the slack of the cursor (read, not counted: each one's
                 # createTime decides whether it is in the page).
