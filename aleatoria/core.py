@@ -1046,9 +1046,17 @@ def _report(request: ReportUser, facts: Facts) -> Step:
 
 
 def messages_by(user: str, stored: list[bytes], limit: int) -> list[bytes]:
-    """The newest ``limit`` of ``stored`` (message JSON) sent by ``user``, oldest first."""
+    """The newest ``limit`` of ``stored`` (message JSON) sent by ``user``, oldest first.
+
+    Only a message holding ``user`` as a JSON string is parsed: a message by ``user`` holds
+    ``"fromUser":"<user>"`` (ids need no escaping), and with whatever spaces another writer
+    of the history put around the colon it still holds ``"<user>"``. The parse decides (a
+    payload may hold that string, or that key)."""
+    needle = orjson.dumps(user)
     found: list[tuple[str, bytes]] = []
     for data in stored:
+        if needle not in data:
+            continue
         try:
             message = orjson.loads(data)
         except orjson.JSONDecodeError:

@@ -529,6 +529,36 @@ def test_report_gathers_evidence_stores_blocks_and_replies() -> None:
     assert core.Reply(m.REPORT_RECEIVED, m.ReportReceived(report_id="7-0")) == effects[-1]
 
 
+def test_evidence_parses_only_messages_that_may_be_by_the_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``messages_by`` keeps the user's newest messages, oldest first, and parses only those
+    holding the user as a JSON string: not bob's name inside a longer one, nor "bobby"; a
+    payload holding ``"fromUser":"bob"`` is parsed and dropped."""
+    parsed: list[bytes] = []
+
+    def chat(sender: str, content: Any, at: str) -> bytes:
+        message = {"type": "chat_message", "fromUser": sender, "createTime": at, "payload": content}
+        return orjson.dumps(message)
+
+    stored = [
+        chat("bob", {"content": "b2"}, "2025-01-01T00:00:02Z"),
+        chat("bobby", {"content": "not bob"}, "2025-01-01T00:00:03Z"),
+        chat("carol", {"content": "about bob, and bob's"}, "2025-01-01T00:00:04Z"),
+        chat("carol", {"fromUser": "bob", "content": "forged"}, "2025-01-01T00:00:05Z"),
+        b'{"type": "chat_message", "fromUser": "bob", "createTime": "2025-01-01T00:00:01Z"}',
+    ]
+    loads = orjson.loads
+
+    def counting(data: bytes) -> Any:
+        parsed.append(data)
+        return loads(data)
+
+    monkeypatch.setattr(orjson, "loads", counting)
+    found = core.messages_by("bob", stored, 20)
+    monkeypatch.undo()
+    assert [stored[4], stored[0]] == found
+    assert [stored[0], stored[3], stored[4]] == parsed
+
+
 @pytest.mark.parametrize(
     ("given", "live", "known", "expected"),
     [
