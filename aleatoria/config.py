@@ -230,7 +230,8 @@ SETTINGS: tuple[Setting, ...] = (
         "ALEATORIA_OUTBOX_BYTES",
         int,
         "bytes queued for a slow client (behind the frame being written) before it is closed with 1013;"
-        " also the most a history reply holds (fewer messages than its limit; page on for more)",
+        " also the most a history reply holds (fewer messages than its limit; page on for more), and about"
+        " the most a report reads of the reporter's rooms for its evidence",
     ),
     Setting(
         "history_memory_mb",

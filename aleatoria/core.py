@@ -76,6 +76,7 @@ from aleatoria.safety import (
     AUTO_SHADOW_SECONDS,
     EVIDENCE_BYTES,
     EVIDENCE_MESSAGES,
+    EVIDENCE_ROOM_MESSAGES,
     EVIDENCE_ROOMS,
     NEW_DM_WINDOW,
 )
@@ -375,10 +376,13 @@ class BlockedList(NamedTuple):
 
 
 class RoomHistories(NamedTuple):
-    """Outcome: the last ``limit`` messages (JSON bytes) of each of ``rooms``, together."""
+    """Outcome: the last ``limit`` messages (JSON bytes) of each of ``rooms``, together, each
+    room's newest first and up to about ``max_bytes``, as ``RecentHistory`` reads: up to the
+    first message that takes the ones before it over ``max_bytes`` (so at least one)."""
 
     rooms: tuple[str, ...]
     limit: int
+    max_bytes: int
 
 
 class MatchBetween(NamedTuple):
@@ -558,6 +562,18 @@ _REPLY_ENVELOPE_BYTES = 4096
 def _reply_room(facts: Facts) -> int:
     """The bytes a history reply's messages may take."""
     return facts.rules.history_reply_bytes - _REPLY_ENVELOPE_BYTES
+
+
+def upto(stored: list[bytes], max_bytes: int) -> list[bytes]:
+    """``stored`` up to the first message that takes the ones before it over ``max_bytes``,
+    each counted as its length plus one, as a byte-bounded history read stops (a read may
+    bring more: a Redis read merges in what the writer still holds)."""
+    used = 0
+    for kept, message in enumerate(stored, 1):
+        used += len(message) + 1
+        if used > max_bytes:
+            return stored[:kept]
+    return stored
 
 
 def _fragments(stored: list[bytes]) -> list[Any]:
@@ -1003,7 +1019,14 @@ def _report(request: ReportUser, facts: Facts) -> Step:
     rooms = tuple(sorted(facts.rooms))[:EVIDENCE_ROOMS]
 
     def with_dms(dms: list[bytes]) -> Step:
-        return _after(RoomHistories(rooms, 100), lambda stored: with_rooms(dms, stored))
+        # The rooms are read up to what one history reply may hold (ALEATORIA_OUTBOX_BYTES)
+        # in all, an even share each (at most one message more), newest first: 100 messages
+        # of each of 20 rooms were up to 64 MB read and parsed for each report, and a client
+        # may send 30 a second. A user's messages behind more than a share of newer ones in a
+        # room are not found (with 20 rooms, 100 messages of 500 bytes fit in a share).
+        share = facts.rules.history_reply_bytes // max(1, len(rooms))
+        read = RoomHistories(rooms, EVIDENCE_ROOM_MESSAGES, share)
+        return _after(read, lambda stored: with_rooms(dms, stored))
 
     def with_rooms(dms: list[bytes], stored: list[bytes]) -> Step:
         # The match: the one the client named, else the live one with the reported user, else

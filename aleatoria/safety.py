@@ -31,8 +31,11 @@ EVIDENCE_MESSAGES = 20
 # ...and at most this many bytes of each kind (the newest that fit, at least one): a report is
 # kept until ALEATORIA_REPORT_CAP newer ones push it out, so its size bounds the store's.
 EVIDENCE_BYTES = 32 * 1024
-# A reported user's room messages are looked for in at most this many of the reporter's rooms.
+# A reported user's room messages are looked for in at most this many of the reporter's rooms,
+# among the last this many messages of each (and, in all, what one history reply may hold:
+# ``core._report``).
 EVIDENCE_ROOMS = 20
+EVIDENCE_ROOM_MESSAGES = 100
 AUTO_SHADOW_WINDOW = 3600.0
 # New DM partners are counted per user over this window (PROTOCOL.md section 16), in the store.
 NEW_DM_WINDOW = 3600.0

@@ -416,10 +416,11 @@ class Session:
                 return None
             case core.BlockedList():
                 return await self._safety.blocked(user)
-            case core.RoomHistories(rooms, limit):
+            case core.RoomHistories(rooms, limit, max_bytes):
                 found: list[bytes] = []
                 for room in rooms:
-                    found += await store.recent_room_messages(room, limit)
+                    read = await store.recent_room_messages(room, limit, max_bytes=max_bytes)
+                    found += core.upto(read, max_bytes)
                 return found
             case core.MatchBetween(other):
                 return await store.match_between(user, other)

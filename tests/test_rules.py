@@ -511,7 +511,8 @@ def test_report_gathers_evidence_stores_blocks_and_replies() -> None:
         core.StoreReport,
         core.StoreBlock,
     ] == calls
-    assert core.RoomHistories(("Games", "Lobby"), 100) in effects
+    # The rooms are read up to what one history reply may hold, in all: an even share each.
+    assert core.RoomHistories(("Games", "Lobby"), 100, core.Rules().history_reply_bytes // 2) in effects
     assert core.DirectHistory("bob", EVIDENCE_MESSAGES, EVIDENCE_BYTES) in effects
     assert core.MatchBetween("bob") in effects
     (filed,) = [e for e in effects if isinstance(e, core.ReportFiled)]
@@ -557,6 +558,16 @@ def test_evidence_parses_only_messages_that_may_be_by_the_user(monkeypatch: pyte
     monkeypatch.undo()
     assert [stored[4], stored[0]] == found
     assert [stored[0], stored[3], stored[4]] == parsed
+
+
+def test_upto_stops_after_the_first_message_over_the_budget() -> None:
+    """``upto`` cuts as a byte-bounded history read stops: each message counts its length
+    plus one, and the first past the budget is kept (at least one)."""
+    stored = [b"a" * 9, b"b" * 9, b"c" * 9]
+    assert stored[:1] == core.upto(stored, 0)
+    assert stored[:2] == core.upto(stored, 10)
+    assert stored[:3] == core.upto(stored, 20)
+    assert stored == core.upto(stored, 30)
 
 
 @pytest.mark.parametrize(

@@ -14,10 +14,11 @@ from typing import Any
 import orjson
 import pytest
 from inmemory import Closed, FakePeer, InMemoryServer, connect, inmemory_server
-from report_scenarios import the_match_a_report_records
+from report_scenarios import the_evidence_a_report_reads, the_match_a_report_records
 from support import Peer
 from trio.testing import MockClock
 
+from aleatoria import core
 from aleatoria.safety import EVIDENCE_BYTES, MAX_BLOCKS, Ban
 
 
@@ -215,6 +216,35 @@ async def test_report_evidence_is_bounded_in_bytes(server: InMemoryServer, autoj
             assert sum(len(orjson.dumps(m)) for m in kept) <= EVIDENCE_BYTES
             numbers = [int(_json(m)["payload"]["content"].split()[0]) for m in kept]
             assert numbers == list(range(20 - len(numbers), 20)) and len(numbers) >= 5, (kind, numbers)
+
+
+async def test_report_reads_its_evidence_within_a_budget(
+    autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``report_scenarios.the_evidence_a_report_reads`` on the memory store, the bytes read
+    counted as the rooms' messages the evidence is picked from."""
+    budget = 64 * 1024
+    read = [0]
+
+    def messages_by(user: str, stored: list[bytes], limit: int) -> list[bytes]:
+        read[0] += sum(len(message) + 1 for message in stored)
+        return picked(user, stored, limit)
+
+    picked = core.messages_by
+    monkeypatch.setattr(core, "messages_by", messages_by)
+
+    async def settled(counts: dict[str, int]) -> None:
+        pass  # in memory as soon as its sender has its copy
+
+    async with inmemory_server(outbox_bytes=budget) as server:
+
+        def opened(user: str) -> AbstractAsyncContextManager[Peer]:
+            return connect(server, user)
+
+        async def reports() -> list[dict[str, Any]]:
+            return await server.server.store.safety.reports(50)
+
+        await the_evidence_a_report_reads(opened, reports, lambda: read[0], settled, budget)
 
 
 async def test_report_records_the_match_between_the_two(

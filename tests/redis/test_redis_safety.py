@@ -14,8 +14,8 @@ import httpx
 import trio
 from health import wait_for_health
 from redis_server import RedisServer
-from redis_support import server_config
-from report_scenarios import the_match_a_report_records
+from redis_support import server_config, wait_until
+from report_scenarios import the_evidence_a_report_reads, the_match_a_report_records
 from support import Peer, connect, running_server
 
 from aleatoria.safety import Ban
@@ -64,6 +64,31 @@ async def test_report_records_the_match_between_the_two(redis_server: RedisServe
                 return await store.safety.reports(50)
 
         await the_match_a_report_records(opened, reports)
+
+
+async def test_report_reads_its_evidence_within_a_budget(redis_server: RedisServer) -> None:
+    """``report_scenarios.the_evidence_a_report_reads`` on Redis, the bytes read counted by
+    redis-server (``total_net_output_bytes``: what it wrote to its clients)."""
+    budget = 64 * 1024
+    config = server_config(redis_server.url, outbox_bytes=budget)
+    with redis_server.client() as r:
+
+        def read_bytes() -> int:
+            return int(r.info("stats")["total_net_output_bytes"])
+
+        async def settled(counts: dict[str, int]) -> None:
+            await wait_until(lambda: all(r.zcard(f"room:messages:{k}") == n for k, n in counts.items()))
+
+        async with running_server(config) as srv:
+
+            def opened(user: str) -> AbstractAsyncContextManager[Peer]:
+                return connect(srv, user, max_message_size=4 * budget)
+
+            async def reports() -> list[dict[str, Any]]:
+                async with open_redis_store(config, redis_server.url) as store:
+                    return await store.safety.reports(50)
+
+            await the_evidence_a_report_reads(opened, reports, read_bytes, settled, budget)
 
 
 async def test_redis_pick_respects_blocks_and_shadow_bans(redis_server: RedisServer) -> None:
