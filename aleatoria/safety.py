@@ -13,7 +13,10 @@ What each holds:
 - a ban is a user, an end (None: permanent), a reason and whether it is a shadow ban;
 - the new DM partners of a user are partner -> when it first wrote to them within the hour
   (``NEW_DM_WINDOW``), per user rather than per connection, so a reconnect does not reset the
-  count (the connection keeps a cache of them: only a partner it does not know costs a call).
+  count (the connection keeps a cache of them: only a partner it does not know costs a call);
+- the reports a user filed are counted per user in a window of an hour from its first
+  (``REPORT_WINDOW``; at most ``ALEATORIA_REPORTS_PER_HOUR``), in the store, so that neither a
+  reconnect nor another instance starts the count again.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ EVIDENCE_ROOM_MESSAGES = 100
 AUTO_SHADOW_WINDOW = 3600.0
 # New DM partners are counted per user over this window (PROTOCOL.md section 16), in the store.
 NEW_DM_WINDOW = 3600.0
+# The reports a user files are counted per user over a window this long from its first
+# (PROTOCOL.md section 13, ``ALEATORIA_REPORTS_PER_HOUR``), in the store.
+REPORT_WINDOW = 3600.0
 AUTO_SHADOW_SECONDS = 86400.0
 # A permanent ban's end where a number is needed (Redis scores): year 33658.
 FOREVER = 1e12
@@ -163,6 +169,12 @@ class Safety(Protocol):
         connections or instances of one user cannot both pass the limit): how long ago, in
         seconds, ``user`` first wrote to ``partner`` within the hour (0.0: counted now), or
         None when it has ``limit`` other partners within the hour (nothing is counted)."""
+        ...
+
+    async def count_report(self, user: str, limit: int) -> bool:
+        """Count a report filed by ``user`` in its window of an hour, atomically (two
+        connections or instances of one user cannot both pass the limit): True, or False when
+        ``limit`` are counted in the window already (nothing is counted)."""
         ...
 
 

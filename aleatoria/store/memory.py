@@ -235,9 +235,11 @@ class MemoryStore:
 
     def purge_expired(self) -> int:
         """Drop expired messages everywhere (and empty histories); returns how many. Also
-        forgets the DM partner counts of users with no new partner within the hour, and the
-        reporters of users reported longer ago than the auto-shadow window."""
+        forgets the DM partner counts of users with no new partner within the hour, the report
+        counts of users whose hour is over, and the reporters of users reported longer ago than
+        the auto-shadow window."""
         self._safety.dm_partners.sweep()
+        self._safety.report_counts.sweep()
         now_ns = self._clock_ns()
         self._safety.forget_reporters(now_ns / 1e9)
         cutoff = now_ns - self._ttl_ns

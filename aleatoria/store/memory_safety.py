@@ -3,7 +3,8 @@ fallback while Redis fails). Synchronous underneath; the async methods never sus
 
 Bounded: blocks by ``MAX_BLOCKS`` per user, reports by ``report_cap`` (oldest dropped), the
 recent reporters of a user by the auto-shadow window, bans by the users banned, new DM
-partners as ``memory_partners`` says (per user by the limit, in all by ``MAX_ENTRIES``).
+partners as ``memory_partners`` says (per user by the limit, in all by ``MAX_ENTRIES``), the
+reports filed per user as ``memory_reports`` says (one entry a user, ``MAX_USERS`` in all).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from aleatoria.safety import (
     report_sort_key,
 )
 from aleatoria.store.memory_partners import DmPartners
+from aleatoria.store.memory_reports import ReportCounts
 
 DEFAULT_REPORT_CAP = 10_000
 
@@ -50,6 +52,8 @@ class MemorySafety:
         self._last_ms = 0
         # New DM partners per user, on ``clock`` (trio's in a server: tests move it).
         self.dm_partners = DmPartners(clock)
+        # Reports filed per user and hour, on the same clock.
+        self.report_counts = ReportCounts(clock)
 
     # -- what matching needs, synchronously (``Matchmaker``'s filter) -------------------------
 
@@ -152,6 +156,9 @@ class MemorySafety:
 
     async def new_dm_partner(self, user: str, partner: str, limit: int) -> float | None:
         return self.dm_partners.add(user, partner, limit)
+
+    async def count_report(self, user: str, limit: int) -> bool:
+        return self.report_counts.add(user, limit)
 
     def forget_reporters(self, now: float) -> None:
         """Drop reporters older than the window (so idle entries do not pile up)."""

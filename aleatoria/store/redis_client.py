@@ -86,6 +86,7 @@ class Scripts:
         self.block = Script(owner, lua.BLOCK)
         self.admit = Script(owner, lua.ADMIT)
         self.dm_partner = Script(owner, lua.DM_PARTNER)
+        self.report_count = Script(owner, lua.REPORT_COUNT)
         self.available = Script(owner, search_lua.AVAILABLE)
         self.search = Script(owner, search_lua.SEARCH)
         self.cancel_search = Script(owner, search_lua.CANCEL)

@@ -20,7 +20,11 @@ reads them in its own cluster slot):
   noted in the fallback too, so during an outage the count goes on from what this instance
   saw (a user that wrote only through other instances starts from nothing here). A call is
   made only for a partner the connection does not know yet (``core.new_partner``); while
-  Redis hangs it waits at most the call timeout, like every command, then the store degrades.
+  Redis hangs it waits at most the call timeout, like every command, then the store degrades;
+- ``aleatoria:reports-filed:<user>``: string, the reports ``user`` filed in its window of an
+  hour (``REPORT_WINDOW``), expiring when the window ends; checked and counted by one script
+  (``REPORT_COUNT``) before a report reads anything. What Redis counted is noted in the
+  fallback too, as for the DM partners.
 
 While Redis fails, each call falls back to this instance's ``MemorySafety`` (what it writes
 there stays on this instance; a ban or block made during an outage must be made again once
@@ -49,6 +53,7 @@ from aleatoria.safety import (
     FOREVER,
     MAX_BLOCKS,
     NEW_DM_WINDOW,
+    REPORT_WINDOW,
     Admission,
     Ban,
     admission,
@@ -63,6 +68,7 @@ from aleatoria.store.redis_scripts import (
     BLOCKS_PREFIX,
     DM_PARTNERS_PREFIX,
     DUE_KEY,
+    REPORTS_FILED_PREFIX,
     SHADOW_KEY,
 )
 
@@ -74,6 +80,7 @@ REPORTS_KEY = "aleatoria:reports"
 REPORTERS_PREFIX = "aleatoria:reporters:"
 _SCAN_CHUNK = 200
 _WINDOW_MS = int(NEW_DM_WINDOW * 1000)
+_REPORT_WINDOW_MS = int(REPORT_WINDOW * 1000)
 
 
 def _text(value: Any) -> str:
@@ -103,6 +110,7 @@ class RedisSafety:
         self._block = keeper.client.scripts.block
         self._admit = keeper.client.scripts.admit
         self._dm_partner = keeper.client.scripts.dm_partner
+        self._report_count = keeper.client.scripts.report_count
 
     async def _read(self, fn: Callable[[Any], T]) -> T | None:
         return await self._keeper.read(fn)
@@ -168,6 +176,16 @@ class RedisSafety:
         return age
 
     # -- reports -------------------------------------------------------------------------------
+
+    async def count_report(self, user: str, limit: int) -> bool:
+        # As ``new_dm_partner``: one script through ``_write``, none while degraded.
+        args = [_REPORT_WINDOW_MS, limit]
+        found = await self._write(scripted(self._report_count, [REPORTS_FILED_PREFIX + user], args))
+        if found is None:
+            return self._fallback.report_counts.add(user, limit)
+        count, left_ms = (int(value) for value in found)
+        self._fallback.report_counts.note(user, limit if count < 0 else count, max(0, left_ms) / 1000)
+        return count >= 0
 
     async def add_report(self, report: dict[str, Any], now: float) -> tuple[str, int]:
         data = orjson.dumps(report)

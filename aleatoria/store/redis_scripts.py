@@ -126,6 +126,9 @@ BANS_KEY = "aleatoria:bans:{available:webrtc}"
 # set partner -> when first written to (ms). Untagged: ``DM_PARTNER`` touches this key alone,
 # so on a cluster users spread over the shards.
 DM_PARTNERS_PREFIX = "aleatoria:dm-partners:"
+# The reports each user filed in its window of an hour (PROTOCOL.md section 13,
+# ``redis_safety``): a count expiring when the window ends. Untagged, like the partners.
+REPORTS_FILED_PREFIX = "aleatoria:reports-filed:"
 
 MATCH_HELPERS = (
     """
@@ -888,4 +891,20 @@ if redis.call('ZCARD', key) >= tonumber(ARGV[4]) then return -1 end
 redis.call('ZADD', key, now, partner)
 redis.call('PEXPIRE', key, window)
 return 0
+"""
+
+# Reports filed (PROTOCOL.md section 13, ``redis_safety``): KEYS reports-filed:<user>; ARGV the
+# window (ms: an hour), the limit. The key is the count of the user's window, and expires when
+# the window ends: with none, this report opens one (1 and the window); with ``limit`` counted,
+# nothing is counted (-1 and the window's ms left); else it is counted (the count and the ms
+# left). One script, so two connections or instances of one user cannot both pass the limit.
+REPORT_COUNT = """
+local key, window, limit = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2])
+local count = tonumber(redis.call('GET', key) or '0')
+if count == 0 then
+  redis.call('SET', key, 1, 'PX', window)
+  return {1, window}
+end
+if count >= limit then return {-1, redis.call('PTTL', key)} end
+return {redis.call('INCR', key), redis.call('PTTL', key)}
 """
