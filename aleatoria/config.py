@@ -365,6 +365,13 @@ SETTINGS: tuple[Setting, ...] = (
         "shadow-ban for a day a user reported by this many distinct users within an hour (0 = off)",
     ),
     Setting("report_cap", "ALEATORIA_REPORT_CAP", int, "reports kept (the oldest are dropped)"),
+    Setting(
+        "reports_per_hour",
+        "ALEATORIA_REPORTS_PER_HOUR",
+        int,
+        "reports a user may file in an hour from its first, across its connections (more: error "
+        "limit_reached, nothing stored; 0 = no limit)",
+    ),
     # Matching (PROTOCOL.md section 12).
     Setting(
         "search_timeout",
@@ -514,6 +521,7 @@ class Config:
     report_webhook: str | None = None
     auto_shadow_reports: int = 0
     report_cap: int = 10_000
+    reports_per_hour: int = 30
     webhook_queue: int = 1000
 
     # Matching (PROTOCOL.md section 12).
@@ -626,6 +634,8 @@ class Config:
             raise ConfigError("ALEATORIA_ANNOUNCE_RETRY must be 0..3600 seconds")
         if self.auto_shadow_reports < 0:
             raise ConfigError("ALEATORIA_AUTO_SHADOW_REPORTS must be >= 0")
+        if self.reports_per_hour < 0:
+            raise ConfigError("ALEATORIA_REPORTS_PER_HOUR must be >= 0")
         if self.report_cap < 1 or self.webhook_queue < 1:
             raise ConfigError("ALEATORIA_REPORT_CAP and ALEATORIA_WEBHOOK_QUEUE must be at least 1")
         if self.report_webhook and not self.report_webhook.startswith(("http://", "https://")):

@@ -426,6 +426,8 @@ class Session:
                 return await store.match_between(user, other)
             case core.CountPartner(partner, limit):
                 return await self._safety.new_dm_partner(user, partner, limit)
+            case core.CountReport(limit):
+                return await self._safety.count_report(user, limit)
             case core.StoreReport(report):
                 report["instance"] = store.instance
                 return await self._safety.add_report(report, time.time())
@@ -470,6 +472,7 @@ def _limits_and_rules(config: Config) -> tuple[Limits, Rules]:
     rules = Rules(
         max_rooms_per_user=config.max_rooms_per_user,
         new_dm_per_hour=config.new_dm_per_hour,
+        reports_per_hour=config.reports_per_hour,
         max_payload_bytes=config.max_payload_bytes,
         auth_secret=config.auth_secret,
         auto_shadow_reports=config.auto_shadow_reports,

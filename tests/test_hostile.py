@@ -119,6 +119,63 @@ async def test_new_dm_count_frees_up_an_hour_after_each_first_write(autojump_clo
             assert "limit_reached" == await error_code(alice, dm("p6"))
 
 
+def report(user: str) -> dict[str, object]:
+    return {"type": "report_user", "payload": {"user": user, "reason": "spam"}}
+
+
+async def reports_filed(srv: InMemoryServer, reporter: str) -> int:
+    filed = await srv.server.store.safety.reports(100)
+    return sum(1 for one in filed if one["reporter"] == reporter)
+
+
+async def test_reports_an_hour_are_limited(autojump_clock: MockClock) -> None:
+    """Past reports_per_hour reports within the hour of a user's first: limit_reached with
+    its text, nothing stored and nobody blocked; other users are not limited by it; once that
+    hour is over the user may report again, across its connections."""
+    async with inmemory_server(reports_per_hour=3, idle_timeout=2 * HOUR) as srv:
+        async with connect(srv, "alice") as alice:
+            for troll in ("t1", "t2"):
+                await alice.request(report(troll), "report_received")
+        autojump_clock.jump(HOUR / 2)
+        async with connect(srv, "alice") as alice, connect(srv, "bob") as bob:
+            await alice.request(report("t3"), "report_received")
+            refusal = await alice.request(report("t4"), "error")
+            assert {
+                "code": "limit_reached",
+                "error": "You have filed too many reports in the last hour; try again later.",
+            } == refusal["payload"]
+            blocked = await alice.request({"type": "get_blocked"}, "blocked_users")
+            assert ["t1", "t2", "t3"] == blocked["payload"]["users"]  # t4 is not blocked
+            await bob.request(report("t4"), "report_received")  # bob's count is his own
+            assert 3 == await reports_filed(srv, "alice")
+            autojump_clock.jump(HOUR / 2 - 1)
+            assert "limit_reached" == await error_code(alice, report("t4"))
+            autojump_clock.jump(1)  # the hour of her first report is over
+            for troll in ("t4", "t5", "t6"):
+                await alice.request(report(troll), "report_received")
+            assert "limit_reached" == await error_code(alice, report("t7"))
+        assert 6 == await reports_filed(srv, "alice")
+
+
+@pytest.mark.loopback  # real sockets: the user really goes away and comes back
+async def test_report_count_survives_a_reconnect() -> None:
+    """The count of reports filed is the user's, not its connection's: after 3 reports and a
+    fresh connection, a 4th is limit_reached and goes no further (its user is not blocked)."""
+    async with (
+        running_server(reports_per_hour=3) as srv,
+        connect(srv, "watch", "Den", query="&v=2", skip=True) as watch,
+    ):
+        async with connect(srv, "alice", "Den") as alice:
+            for troll in ("t1", "t2", "t3"):
+                await alice.request(report(troll), "report_received")
+        # Gone for good (not replaced): nothing of the old connection carries over.
+        assert {"room": "Den", "user": "alice"} == (await watch.expect("member_left", skip=True))["payload"]
+        async with connect(srv, "alice", "Den") as alice:
+            assert "limit_reached" == await error_code(alice, report("t4"))
+            blocked = await alice.request({"type": "get_blocked"}, "blocked_users")
+            assert ["t1", "t2", "t3"] == blocked["payload"]["users"]
+
+
 async def test_payload_fields_beyond_content_count_toward_the_payload_limit() -> None:
     """A 60,000-character extra field (content itself short) is too_large: neither stored
     nor relayed."""

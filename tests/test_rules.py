@@ -502,9 +502,10 @@ def test_report_gathers_evidence_stores_blocks_and_replies() -> None:
     ]
     message = {"type": "report_user", "payload": {"user": "bob", "reason": "spam", "details": "d"}}
     step = core.handle(request(message), facts(rooms={"Lobby", "Games"}))
-    effects = run(step, dms, rooms, "m-1", ("7-0", 1), True)
+    effects = run(step, True, dms, rooms, "m-1", ("7-0", 1), True)
     calls = [type(e) for e in effects if not isinstance(e, core.Reply | core.NotifyBlock | core.ReportFiled)]
     assert [
+        core.CountReport,
         core.DirectHistory,
         core.RoomHistories,
         core.MatchBetween,
@@ -515,6 +516,7 @@ def test_report_gathers_evidence_stores_blocks_and_replies() -> None:
     assert core.RoomHistories(("Games", "Lobby"), 100, core.Rules().history_reply_bytes // 2) in effects
     assert core.DirectHistory("bob", EVIDENCE_MESSAGES, EVIDENCE_BYTES) in effects
     assert core.MatchBetween("bob") in effects
+    assert core.CountReport(30) == effects[0]  # ALEATORIA_REPORTS_PER_HOUR's default
     (filed,) = [e for e in effects if isinstance(e, core.ReportFiled)]
     report = orjson.loads(orjson.dumps(filed.report))
     assert ("7-0", "alice", "bob", "spam", "d") == (
@@ -590,7 +592,7 @@ def test_report_records_the_given_current_or_most_recent_match(
         payload["matchId"] = given
     matches = {"alice": "bob", "bob": "alice"} if live else {}
     step = core.handle(request({"type": "report_user", "payload": payload}), facts(matches=matches))
-    outcomes: list[Any] = [[], []] + ([] if given is not None else [known]) + [("1-0", 1), True]
+    outcomes: list[Any] = [True, [], []] + ([] if given is not None else [known]) + [("1-0", 1), True]
     if live:
         outcomes.append(None)  # the block's hangup of the live match
     effects = run(step, *outcomes)
@@ -600,9 +602,24 @@ def test_report_records_the_given_current_or_most_recent_match(
     assert expected == filed.report["match"]
 
 
+def test_a_report_over_the_hours_limit_is_refused_before_anything_is_read() -> None:
+    """The store counts the report first (ALEATORIA_REPORTS_PER_HOUR, per user): when it
+    refuses, the request is limit_reached and nothing else is asked (no evidence read, no
+    report stored, no block); with the limit off (0) the store is not asked."""
+    message = {"type": "report_user", "payload": {"user": "bob", "reason": "spam"}}
+    step = core.handle(request(message), facts(rules=Rules(reports_per_hour=5)))
+    assert (core.CountReport(5), ()) == (step.call, step.effects)
+    assert step.then is not None
+    with pytest.raises(ClientError) as refusal:
+        step.then(False)
+    assert ("limit_reached", core.TOO_MANY_REPORTS_TEXT) == (refusal.value.code, refusal.value.text)
+    unlimited = core.handle(request(message), facts(rules=Rules(reports_per_hour=0)))
+    assert core.DirectHistory("bob", EVIDENCE_MESSAGES, EVIDENCE_BYTES) == unlimited.call
+
+
 def test_report_with_a_full_block_list_still_files() -> None:
     message = {"type": "report_user", "payload": {"user": "bob", "reason": "hate"}}
-    effects = run(core.handle(request(message), facts()), [], [], None, ("1-0", 1), False)
+    effects = run(core.handle(request(message), facts()), True, [], [], None, ("1-0", 1), False)
     assert isinstance(effects[-1], core.Reply) and m.REPORT_RECEIVED == effects[-1].kind
     assert not [e for e in effects if isinstance(e, core.NotifyBlock)]
 
@@ -610,9 +627,9 @@ def test_report_with_a_full_block_list_still_files() -> None:
 def test_enough_distinct_reporters_shadow_ban_for_a_day() -> None:
     message = {"type": "report_user", "payload": {"user": "bob", "reason": "spam"}}
     rules = Rules(auto_shadow_reports=3)
-    below = run(core.handle(request(message), facts(rules=rules)), [], [], None, ("1-0", 2), True)
+    below = run(core.handle(request(message), facts(rules=rules)), True, [], [], None, ("1-0", 2), True)
     assert not [e for e in below if isinstance(e, core.ShadowBan)]
-    at = run(core.handle(request(message), facts(rules=rules)), [], [], None, ("1-1", 3), None, True)
+    at = run(core.handle(request(message), facts(rules=rules)), True, [], [], None, ("1-1", 3), None, True)
     (ban,) = [e for e in at if isinstance(e, core.ShadowBan)]
     assert ("bob", 86400.0) == (ban.user, ban.seconds)
 
