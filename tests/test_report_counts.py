@@ -5,6 +5,9 @@ against a client that makes up user ids."""
 
 from __future__ import annotations
 
+import json
+import tracemalloc
+
 from aleatoria.safety import REPORT_WINDOW as HOUR
 from aleatoria.store.memory_reports import ReportCounts
 
@@ -73,3 +76,23 @@ def test_note_keeps_what_another_store_counted() -> None:
     assert counts.add("bob", 3) is False
     clock.now += 10
     assert counts.add("bob", 3) is True
+
+
+def test_an_entry_costs_what_the_docs_say() -> None:
+    """``memory_reports`` says about 240 bytes a user with 16-character ids (the ids come
+    from parsed JSON, one string each, as in a server)."""
+    clock = Clock()
+    counts = ReportCounts(clock)
+    names = [json.loads(json.dumps(f"user-{n:011d}")) for n in range(20_000)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for name in names:
+            clock.now += 0.001  # a time of its own each, as in a server
+            counts.add(name, 30)
+            counts.add(name, 30)
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    per_user = (used + sum(len(name) + 49 for name in names)) / 20_000
+    assert per_user < 260, per_user

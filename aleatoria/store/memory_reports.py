@@ -10,7 +10,7 @@ most twice ``limit`` (the end of one window and the start of the next). The coun
 user, not per connection, so a user who reconnects gets no new allowance. A refused report
 is not counted (it changes nothing: the window ends when it ends).
 
-Bounded, also against a client that makes up user ids: one entry per user (about 200 bytes
+Bounded, also against a client that makes up user ids: one entry per user (about 240 bytes
 with 16-character ids), kept in the order their windows opened, so ``sweep`` (every minute,
 with the history purge) drops the users whose hour is over from the front without walking
 the rest; and past ``max_users``, the users whose window opened first are forgotten (their
@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from aleatoria.safety import REPORT_WINDOW as HOUR
 
-# ~20 MB: 100,000 users who each filed a report within the hour.
+# ~24 MB at 16-character ids: 100,000 users who each filed a report within the hour.
 MAX_USERS = 100_000
 
 
