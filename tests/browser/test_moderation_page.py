@@ -113,6 +113,39 @@ def test_report_in_a_call_ends_it_and_reaches_the_moderators(open_page: OpenPage
     assert [] == operator.call("GET", "/admin/users/rita")["blocked"]
 
 
+def test_a_report_over_the_hourly_limit_is_refused_and_the_person_blocked_all_the_same(
+    open_page: OpenPage, start_server: Callable[[dict[str, str]], str]
+) -> None:
+    """With ALEATORIA_REPORTS_PER_HOUR=1, a second report is refused (limit_reached: nothing
+    stored, nobody blocked by the server). The page says the report was not sent and blocks
+    the person itself, as it promised: the call's other side is told its partner left, and
+    the reported user is in the blocked list. A later confirmation names nobody wrongly."""
+    base = start_server({"ALEATORIA_REPORTS_PER_HOUR": "1"})
+    rita = open_page(base=base)
+    sign_in(rita, "rita")
+    sam = open_page(base=base)
+    sign_in(sam, "sam")
+
+    rita.fill("#dm-input", "ghost")  # the hour's one report, from a DM
+    rita.click("#dm-form button[type=submit]")
+    rita.click("#dm-report")
+    rita.click("#report-send")
+    expect(rita.locator("#banner")).to_contain_text("Your report about ghost was sent")
+
+    in_a_call(rita, sam)
+    rita.click("#call-report")
+    rita.click("#report-send")
+    banner = rita.locator("#banner")
+    expect(banner).to_contain_text("Your report about sam was not sent")
+    expect(banner).to_contain_text("too many reports")
+    expect(banner).to_contain_text("sam is blocked all the same")
+    expect(sam.locator("body")).to_have_attribute("data-call-state", "peer_left")
+    expect(sam.locator("#call-status")).to_contain_text("rita left the call")
+    rita.click("#blocked-box summary")
+    expect(rita.locator("#blocked-list li span")).to_have_text(["ghost", "sam"])
+    expect(banner).to_contain_text("Your report about sam was not sent")  # no "You blocked sam"
+
+
 def test_report_and_block_on_a_dm(open_page: OpenPage, operator: Operator) -> None:
     """A DM conversation has Report and Block; a report carries the DMs as evidence; a block
     is confirmed and listed."""
