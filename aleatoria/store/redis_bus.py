@@ -338,6 +338,8 @@ class RedisBus:
             self.stalled = False
             log.info("event=bus_stall_over instance=%s", self.instance)
         now = trio.current_time()
+        if replies is not None:
+            self.echoes.answered(now)
         for index, item in enumerate(items):
             reply = None if replies is None else replies[index]
             count = reply if isinstance(reply, int) else None

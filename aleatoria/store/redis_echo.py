@@ -19,14 +19,19 @@ An echo is sure to come when the publish ran on the subscription that had alread
 confirmed the room's channel when the message was queued (Redis runs commands in order), so
 a waiting entry keeps waiting for it; otherwise -- the pipeline failed (it may have run, or
 run later), or the channel was not confirmed -- the entry gives up and expires ``grace``
-seconds later. Every entry whose pipeline has returned expires, even a sure one (a
+seconds later. A failed pipeline's entries start that wait only once Redis answers a later
+pipeline (``answered``): a hung Redis runs the commands a timed-out client had sent when it
+resumes, before it notices that client gone, so their copies may come any time until then
+(a red-team run: a 9 s hang delivered every such message twice when the wait began at the
+failure). Every entry whose pipeline has returned expires, even a sure one (a
 subscription that dies silently never brings its echo): a waiting one is then given up
 and kept one more ``grace``, a local one ends. An echo that arrives after its entry expired
 would be a second delivery; that takes a Redis later than ``grace`` on a live connection.
 Entries whose pipeline has not returned are bounded by the bus's outbox and the pipeline in
 flight (the stall watchdog gives up on them after ``STALL_SECONDS``, and the pipeline's
-socket timeout ends it); the ones that expire are also capped at ``limit`` (the oldest go
-first, counted in ``forgotten``).
+socket timeout ends it); the ones that expire, and the failed pipelines' ones waiting for
+Redis to answer, are each also capped at ``limit`` (the oldest go first, counted in
+``forgotten``).
 
 Pure bookkeeping on the trio thread: no I/O; times are passed in.
 """
@@ -67,6 +72,7 @@ class Echoes:
         self._size = 0
         self._expiring: deque[Echo] = deque()  # in order of expiry (the grace is constant)
         self._expiring_live = 0
+        self._unanswered: deque[Echo] = deque()  # failed pipelines': until Redis answers
         self.dropped = 0  # echoes dropped: delivered here already
         self.forgotten = 0  # entries dropped to keep within ``limit``
 
@@ -115,11 +121,28 @@ class Echoes:
         if echo.gone or echo.returned:
             return
         echo.returned = True
-        if reply is None or not echo.sure:
+        if reply is None:
+            self._go_local(echo)
+            self._unanswered.append(echo)
+            while len(self._unanswered) > self._limit:
+                oldest = self._unanswered.popleft()
+                if not oldest.gone:
+                    self.forgotten += 1
+                    self._end(oldest)
+            return
+        if not echo.sure:
             self._go_local(echo)
         else:
             echo.published = reply
         self._expire_at(echo, now + self._grace)
+
+    def answered(self, now: float) -> None:
+        """Redis answered a pipeline: what a failed pipeline sent before has run by now, if
+        it ever runs, so the failed pipelines' entries expire ``grace`` seconds from now."""
+        held, self._unanswered = self._unanswered, deque()
+        for echo in held:
+            if not echo.gone:
+                self._expire_at(echo, now + self._grace)
 
     # -- the subscription ------------------------------------------------------------------
 

@@ -64,15 +64,46 @@ def test_never_sent_ends_at_once() -> None:
     assert 0 == len(echoes)
 
 
-def test_failed_pipeline_suppresses_a_late_copy_for_the_grace_then_ends() -> None:
+def test_failed_pipeline_suppresses_a_late_copy_for_the_grace_after_redis_answers() -> None:
+    """A failed pipeline's entry is kept while Redis does not answer (it may run the
+    pipeline when it does), then for the grace."""
     echoes, done = _table(), Fallback()
     echo = echoes.expect(b"m", "c", done, sure=True)
     echoes.returned(echo, None, now=10.0)
     assert [None] == done.calls
-    echoes.expire(10.0 + GRACE - 0.1)
+    echoes.expire(10.0 + 10 * GRACE)
     assert 1 == len(echoes)
-    echoes.expire(10.0 + GRACE)
+    echoes.answered(now=100.0)
+    echoes.expire(100.0 + GRACE - 0.1)
+    assert 1 == len(echoes)
+    echoes.expire(100.0 + GRACE)
     assert 0 == len(echoes)
+
+
+def test_a_hung_redis_runs_the_failed_pipeline_late_and_the_copy_is_dropped() -> None:
+    """Redis hangs longer than the call timeout plus the grace (the pipeline timed out and
+    the caller delivered the message), then runs the pipeline and publishes it when it
+    resumes: its copy is dropped, not delivered a second time."""
+    echoes, done = _table(), Fallback()
+    echo = echoes.expect(b"m", "c", done, sure=True)
+    echoes.give_up(echo, sent=True)  # the stall watchdog
+    echoes.returned(echo, None, now=2.0)  # the pipeline's socket timeout
+    echoes.expire(9.0)  # still hung, past the grace
+    echoes.answered(now=9.1)  # it resumes: the late publish and the next reply
+    assert not echoes.on_echo(b"m")
+    assert [None] == done.calls
+    assert 0 == len(echoes)
+
+
+def test_failed_pipelines_entries_are_capped() -> None:
+    echoes = _table(limit=3)
+    for n in range(5):
+        echo = echoes.expect(bytes([n]), "c", Fallback(), sure=True)
+        echoes.returned(echo, None, now=float(n))
+    assert 3 == len(echoes)
+    assert 2 == echoes.forgotten
+    assert echoes.on_echo(bytes([0]))  # forgotten: no longer recognised
+    assert not echoes.on_echo(bytes([4]))
 
 
 def test_published_waits_for_its_copy_and_gives_up_after_the_grace() -> None:
@@ -144,8 +175,8 @@ def test_expiring_entries_are_capped() -> None:
     """Past ``limit`` entries waiting for their expiry, the oldest are forgotten (counted)."""
     echoes = _table(limit=3)
     for n in range(5):
-        echo = echoes.expect(bytes([n]), "c", Fallback(), sure=True)
-        echoes.returned(echo, None, now=float(n))
+        echo = echoes.expect(bytes([n]), "c", Fallback(), sure=False)
+        echoes.returned(echo, 1, now=float(n))
     assert 3 == len(echoes)
     assert 2 == echoes.forgotten
     assert echoes.on_echo(bytes([0]))  # forgotten: no longer recognised
