@@ -19,8 +19,9 @@ The instance's own stamp stays in the message until the script replaces it: it i
 local members get when the bus gives up on the message (Redis stalled or failing, see
 ``redis_echo``), and what the fallback writes to history. Echoes are therefore matched by
 the message without its time (``echo_key``). A fallback write may meet the copy the script
-wrote after all (a pipeline that failed after running): ``room_append`` skips a message
-whose copy, with another time, is near it (``DEDUP_WINDOW_NS``, ``DEDUP_SCAN``).
+wrote after all (a pipeline that failed after running, or that a hung Redis ran when it
+resumed, however long after): ``room_append`` skips a message whose copy, with another
+time, is near it or later (``DEDUP_WINDOW_NS``, ``DEDUP_SCAN``).
 
 A message's ``createTime`` is its last field, in ``codec.now``'s fixed-width form
 (``"createTime":"2026-12-05T04:33:10.123456Z"}``), so the script replaces a fixed tail.
@@ -33,10 +34,11 @@ _TIME_LENGTH = 27
 TAIL = _TIME_LENGTH + 2
 _FIELD = b'"createTime":"'
 
-# A fallback write of a room message is skipped when a copy with another time is within
-# this many nanoseconds of it, among the first ``DEDUP_SCAN`` messages of that span (a
-# busier room may keep both copies: a stall or failure in a room of over 50 messages a
-# second).
+# A fallback write of a room message is skipped when a copy with another time is at most
+# this many nanoseconds before it, or any time after (Redis' time when it ran the script:
+# a 9 s hang stored both copies when only 5 s after counted), among the first ``DEDUP_SCAN``
+# messages from there (a busier room may keep both copies: a stall or failure in a room of
+# over 50 messages a second).
 DEDUP_WINDOW_NS = 5_000_000_000
 DEDUP_SCAN = 512
 
@@ -109,7 +111,7 @@ return reached
 
 # KEYS: room:messages:{room}. ARGV: cutoff (epoch ns), cap, ttl (ms), then score/message
 # pairs. One call per room and batch. A message whose copy with another time is already
-# near it is skipped (see the module doc): it was sent by ``ROOM_SEND`` after all.
+# near it or later is skipped (see the module doc): it was sent by ``ROOM_SEND`` after all.
 ROOM_APPEND = (
     """
 local key = KEYS[1]
@@ -118,8 +120,7 @@ local function held(score, message)
   if n < TAIL then return false end
   local head = string.sub(message, 1, n - TAIL)
   local low = string.format('%.0f', tonumber(score) - WINDOW)
-  local high = string.format('%.0f', tonumber(score) + WINDOW)
-  for _, other in ipairs(redis.call('ZRANGEBYSCORE', key, low, high, 'LIMIT', 0, SCAN)) do
+  for _, other in ipairs(redis.call('ZRANGEBYSCORE', key, low, '+inf', 'LIMIT', 0, SCAN)) do
     if #other == n and string.sub(other, 1, n - TAIL) == head then return true end
   end
   return false

@@ -150,6 +150,21 @@ def test_a_fallback_write_of_a_stored_message_is_skipped(client: Any) -> None:
     assert [theirs, other] == client.zrange(_KEY, 0, -1)
 
 
+def test_a_fallback_write_skips_a_copy_a_hung_redis_stored_long_after(client: Any) -> None:
+    """Redis hung for longer than the window (9 s) and ran the script when it resumed, with
+    its time then: the instance's fallback copy of the message, with its own earlier time,
+    is skipped all the same."""
+    created_ns = time.time_ns() - 9_000_000_000
+    mine = _message("late", rfc3339(created_ns))
+    _send(client, mine)
+    ((theirs, score),) = client.zrange(_KEY, 0, -1, withscores=True)
+    assert score - created_ns > 8_000_000_000
+    cutoff = time.time_ns() - _DAY_MS * 1_000_000
+    created_ns = parse_time_ns(orjson.loads(mine)["createTime"])
+    client.register_script(ROOM_APPEND)(keys=[_KEY], args=[cutoff, 1000, _DAY_MS, created_ns, mine])
+    assert [theirs] == client.zrange(_KEY, 0, -1)
+
+
 def test_only_messages_ending_with_a_codec_time_are_stamped() -> None:
     assert stampable(_message("x"))
     assert not stampable(_message("x", "2025-11-24T16:00:00Z"))  # another form of time
