@@ -175,6 +175,7 @@ class RedisStore:
         self._made_matches: list[Match] = []
         self._timeouts: list[str] = []
         self._profiled: set[str] = set()
+        self._queue_checked = 0  # the keeper's epoch whose recovery was checked for lost searchers
         self._queue_length = 0
         self._wake: Callable[[], None] | None = None
         self._heartbeat = Heartbeat(
@@ -600,12 +601,31 @@ class RedisStore:
                 if match is not None:
                     self._made(match, wake=False)
                     self._keeper.settle(done, *_sides(match))
+            if self._keeper.epoch != self._queue_checked:
+                await self._time_out_lost_searchers()
         for user in self._timeouts:
             self._profiled.discard(user)
         events = SearchEvents(tuple(self._made_matches), tuple(self._timeouts), self._queue_length)
         self._made_matches = []
         self._timeouts = []
         return events
+
+    async def _time_out_lost_searchers(self) -> None:
+        """Redis is back after an outage: this instance's searchers it no longer queues (it
+        restarted empty, or reaped this instance) are answered as if their search timed out.
+        Otherwise nobody would ever answer them (a red-team run: four searchers queued before
+        a restart still waited, unanswered, long past ALEATORIA_SEARCH_TIMEOUT)."""
+        epoch = self._keeper.epoch
+        users = sorted(user for user in self._profiled if user in self._mirror.online)
+        if users:
+            keys = [POOL_KEY, MATCHES_KEY]
+            lost = await self._keeper.read(partial(self._scripts.lost_searchers, keys, users))
+            if lost is None:
+                return  # degraded again: the next recovery checks
+            for user in map(text, lost):
+                if user in self._profiled:
+                    self._timeouts.append(user)
+        self._queue_checked = epoch
 
     def search_delay(self) -> float | None:
         return self._search_tick

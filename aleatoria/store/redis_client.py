@@ -91,6 +91,7 @@ class Scripts:
         self.search = Script(owner, search_lua.SEARCH)
         self.cancel_search = Script(owner, search_lua.CANCEL)
         self.search_tick = Script(owner, search_lua.TICK)
+        self.lost_searchers = Script(owner, search_lua.LOST_SEARCHERS)
         self._all = list(vars(self).values())
 
     def load(self, client: Any) -> None:

@@ -537,6 +537,21 @@ return {'queued', ended, position, redis.call('HLEN', KEYS[3]), made}
 """
 )
 
+# After an outage (``RedisStore.search_events``). KEYS: pool, matches (the pool's slot). ARGV:
+# users an instance saw queued or pooled with a profile. Returns those Redis neither queues,
+# pools nor matches: a Redis restarted empty (or the instance reaped) lost their search, and
+# nobody would ever answer it.
+LOST_SEARCHERS = """
+local lost = {}
+for _, user in ipairs(ARGV) do
+  if not redis.call('ZSCORE', 'QUEUE_KEY', user) and redis.call('SISMEMBER', KEYS[1], user) == 0
+    and redis.call('HEXISTS', KEYS[2], user) == 0 then
+    lost[#lost + 1] = user
+  end
+end
+return lost
+""".replace("QUEUE_KEY", QUEUE_KEY)
+
 # KEYS: none needed but the pool's slot: pool. ARGV: user. Returns 1 if it was queued.
 CANCEL = (
     PROFILE_HELPERS

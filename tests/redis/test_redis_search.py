@@ -255,3 +255,28 @@ async def test_searchers_who_leave_leave_nothing_in_the_queue_or_its_indexes(
             await wait_until(lambda: not _queue_keys(r))  # gus's instance cancels its search
             assert 0 == r.zcard(DUE_KEY)
             assert 0 == r.hlen(PROFILES_KEY)
+
+
+async def test_a_searcher_redis_lost_in_a_restart_is_answered(redis_server: RedisServer) -> None:
+    """Redis restarts empty (kill -9) while two users search: once the instance has recovered,
+    each hears ``no_peer_available`` (their queue places are gone: nobody would ever answer
+    them otherwise) and may search again; a pooled user keeps its pool place."""
+    config = server_config(redis_server.url, **{**TIMINGS, "search_timeout": 60.0})
+    async with (
+        running_server(config) as srv,
+        connect(srv, "alice") as alice,
+        connect(srv, "bob") as bob,
+        connect(srv, "carol") as carol,
+    ):
+        await alice.request(search(interests=["chess"], interestsOnly=True), "searching")
+        await bob.request(search(interests=["golf"], language="de"), "searching")
+        await carol.send({"type": "user_available_webrtc", "payload": {"language": "fr"}})
+        await sync(carol)
+        redis_server.kill9()
+        await redis_server.restart()
+        await alice.expect("no_peer_available")
+        await bob.expect("no_peer_available")
+        await alice.request(search(interests=["chess"], interestsOnly=True), "searching")
+        with redis_server.client() as r:
+            await wait_until(lambda: r.sismember(POOL_KEY, "carol") == 1)
+            assert r.zscore(QUEUE_KEY, "alice") is not None
