@@ -175,6 +175,7 @@ class RedisStore:
         self._made_matches: list[Match] = []
         self._timeouts: list[str] = []
         self._profiled: set[str] = set()
+        self._pool_profiles: dict[str, str] = {}  # the profiled pooled users' profile JSON
         self._queue_checked = 0  # the keeper's epoch whose recovery was checked for lost searchers
         self._queue_length = 0
         self._wake: Callable[[], None] | None = None
@@ -449,6 +450,9 @@ class RedisStore:
             self._mm.set_available(user)
         if data:
             self._profiled.add(user)
+            self._pool_profiles[user] = data
+        else:
+            self._pool_profiles.pop(user, None)
         match = _match(value[1])
         if match is not None:
             self._made(match)
@@ -550,6 +554,7 @@ class RedisStore:
             self._mirror.end(user)
         self._mm.set_unavailable(user)
         self._profiled.add(user)
+        self._pool_profiles.pop(user, None)  # a searcher now, not pooled
         match = _match(values[4])
         if match is not None:
             self._made(match)
@@ -586,7 +591,7 @@ class RedisStore:
         )
 
     async def cancel_search(self, user: str) -> None:
-        self._profiled.discard(user)
+        self._unprofile(user)
         await self._keeper.write_through((), partial(self._scripts.cancel_search, [POOL_KEY], [user]))
 
     async def search_events(self) -> SearchEvents:
@@ -602,20 +607,36 @@ class RedisStore:
                     self._made(match, wake=False)
                     self._keeper.settle(done, *_sides(match))
             if self._keeper.epoch != self._queue_checked:
-                await self._time_out_lost_searchers()
+                await self._after_recovery()
         for user in self._timeouts:
-            self._profiled.discard(user)
+            self._unprofile(user)
         events = SearchEvents(tuple(self._made_matches), tuple(self._timeouts), self._queue_length)
         self._made_matches = []
         self._timeouts = []
         return events
 
-    async def _time_out_lost_searchers(self) -> None:
-        """Redis is back after an outage: this instance's searchers it no longer queues (it
-        restarted empty, or reaped this instance) are answered as if their search timed out.
-        Otherwise nobody would ever answer them (a red-team run: four searchers queued before
-        a restart still waited, unanswered, long past ALEATORIA_SEARCH_TIMEOUT)."""
+    def _unprofile(self, user: str) -> None:
+        self._profiled.discard(user)
+        self._pool_profiles.pop(user, None)
+
+    async def _after_recovery(self) -> None:
+        """Redis is back after an outage, and may have lost what only it held (restarted
+        empty, or it reaped this instance): this instance's searchers it no longer queues are
+        answered as if their search timed out (a red-team run: four searchers queued before a
+        restart still waited, unanswered, long past ALEATORIA_SEARCH_TIMEOUT), and its pooled
+        users get their profile back (the recovery pools them again without one: a German
+        speaker was matched with a French one)."""
         epoch = self._keeper.epoch
+        pooled = [
+            value
+            for user, data in sorted(self._pool_profiles.items())
+            if user in self._mirror.online
+            for value in (user, data)
+        ]
+        if pooled:
+            restored = await self._keeper.run(partial(self._scripts.restore_profiles, [POOL_KEY], pooled))
+            if restored is None:
+                return  # degraded again: the next recovery does it
         users = sorted(user for user in self._profiled if user in self._mirror.online)
         if users:
             keys = [POOL_KEY, MATCHES_KEY]
@@ -638,8 +659,8 @@ class RedisStore:
         online = self._mirror.online
         if match.impolite in online or match.polite in online:
             self._mirror.match(match.impolite, match.polite)
-        self._profiled.discard(match.impolite)
-        self._profiled.discard(match.polite)
+        self._unprofile(match.impolite)
+        self._unprofile(match.polite)
         self._made_matches.append(match)
         if wake and self._wake is not None:
             self._wake()
@@ -732,7 +753,7 @@ class RedisStore:
     # -- matches changed by another instance (the router sees their notices) ---------------------
 
     def remote_match(self, user: str, peer: str, role: str) -> None:
-        self._profiled.discard(user)
+        self._unprofile(user)
         if user in self._mirror.online:
             self._mirror.adopt(user, False, peer, role)
 

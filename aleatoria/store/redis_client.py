@@ -92,6 +92,7 @@ class Scripts:
         self.cancel_search = Script(owner, search_lua.CANCEL)
         self.search_tick = Script(owner, search_lua.TICK)
         self.lost_searchers = Script(owner, search_lua.LOST_SEARCHERS)
+        self.restore_profiles = Script(owner, search_lua.RESTORE_PROFILES)
         self._all = list(vars(self).values())
 
     def load(self, client: Any) -> None:

@@ -552,6 +552,26 @@ end
 return lost
 """.replace("QUEUE_KEY", QUEUE_KEY)
 
+# After an outage too. KEYS: pool. ARGV: user, profile JSON, ... (this instance's pooled users
+# who gave a profile). Writes back the profile of each one still pooled without one (a Redis
+# restarted empty: recovery pools them again, but knows no profiles). Returns how many.
+RESTORE_PROFILES = """
+local restored = 0
+for i = 1, #ARGV, 2 do
+  local user, raw = ARGV[i], ARGV[i + 1]
+  if redis.call('SISMEMBER', KEYS[1], user) == 1
+    and redis.call('HEXISTS', PROFILES_KEY, user) == 0 then
+    redis.call('HSET', PROFILES_KEY, user, raw)
+    local ok, p = pcall(cjson.decode, raw)
+    if ok and type(p) == 'table' and type(p.i) == 'table' then
+      for _, tag in ipairs(p.i) do redis.call('SADD', TAG_PREFIX .. tag, user) end
+    end
+    restored = restored + 1
+  end
+end
+return restored
+""".replace("PROFILES_KEY", repr(PROFILES_KEY)).replace("TAG_PREFIX", repr(TAG_PREFIX))
+
 # KEYS: none needed but the pool's slot: pool. ARGV: user. Returns 1 if it was queued.
 CANCEL = (
     PROFILE_HELPERS

@@ -280,3 +280,27 @@ async def test_a_searcher_redis_lost_in_a_restart_is_answered(redis_server: Redi
         with redis_server.client() as r:
             await wait_until(lambda: r.sismember(POOL_KEY, "carol") == 1)
             assert r.zscore(QUEUE_KEY, "alice") is not None
+
+
+async def test_a_pooled_users_profile_is_back_after_redis_restarted(redis_server: RedisServer) -> None:
+    """Redis restarts empty: the recovery pools Carol again, and her language comes back with
+    her, so a requester of another language is not matched with her."""
+    config = server_config(redis_server.url, **TIMINGS)
+    async with (
+        running_server(config) as srv,
+        connect(srv, "carol") as carol,
+        connect(srv, "dave") as dave,
+    ):
+        await carol.send(
+            {"type": "user_available_webrtc", "payload": {"language": "fr", "interests": ["jazz"]}}
+        )
+        await sync(carol)
+        redis_server.kill9()
+        await redis_server.restart()
+        with redis_server.client() as r:
+            await wait_until(lambda: r.hget(PROFILES_KEY, "carol") is not None)
+            assert {b"carol"} == r.smembers(TAG_PREFIX + "jazz")
+        await dave.request(
+            {"type": "request_random_peer", "payload": {"language": "de"}}, "no_peer_available"
+        )
+        await dave.request({"type": "request_random_peer", "payload": {"language": "fr"}}, "assign_role")
