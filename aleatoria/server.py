@@ -484,6 +484,11 @@ class Server:
                     # another instance: that session leaves (PROTOCOL.md section 15), as when
                     # its owner refuses the token, rather than carrying over to a "fresh" one.
                     await self._leave_adopted(session)
+            elif replaced is not None and outcome is not None and not remote:
+                # The same, for a live session here (a token used a moment ago by the session
+                # this one replaces, or a wrong one): it leaves; the fresh session carries
+                # none of its rooms, pool place or match, as on another instance.
+                await self._leave_adopted(session)
             if remote and holding is not None:
                 status, owner_frames = UNKNOWN, b""
                 if takeover is not None:  # rooms subscribed: ask the owner now (it evicts)
@@ -508,7 +513,7 @@ class Server:
                     )
                     return
                 self._resume_failed(user, status)
-                if takeover is not None:
+                if takeover is not None or replaced is not None:
                     await self._leave_adopted(session)
                 holding.frames.clear()  # they were the old session's: this one is fresh
             if holding is not None:

@@ -168,6 +168,36 @@ async def test_resume_twice_with_one_token(server: InMemoryServer, autojump_cloc
                 await quiet(second)
 
 
+async def test_a_used_token_while_its_session_is_live_here_is_a_fresh_session(
+    server: InMemoryServer, autojump_clock: MockClock
+) -> None:
+    """Two resumes with one token at the same moment on one instance: the second, refused,
+    replaces the first's live session, and that session leaves (its peer hears hangup
+    peer_left, its room member_left): the fresh session carries none of its rooms or match,
+    as when the session lives on another instance (it gave a "fresh" session still in the
+    call, the peer never told). A made-up token against a live session: the same."""
+    async with connect(server, "phone", "Games", v=2) as phone, connect(server, "peer", "Games", v=2) as peer:
+        await until(phone, "member_joined")
+        await matched(phone, peer)
+        await phone.drop()
+        async with connect(server, "phone", v=2, resume=phone.token) as first:
+            assert first.welcome is not None and first.welcome["payload"]["resumed"] is True
+            async with connect(server, "phone", v=2, resume=phone.token) as second:
+                assert second.welcome is not None and second.welcome["payload"]["resumed"] is False
+                assert "peer_left" == (await until(peer, "hangup"))["payload"]["reason"]
+                rooms = await second.request({"type": "get_rooms"}, "rooms_list")
+                assert ["Lobby"] == rooms["payload"]["rooms"]
+                left = await peer.request({"type": "get_room_members", "room": "Games"}, "room_members")
+                assert ["peer"] == left["payload"]["members"]
+                await quiet(peer)
+    async with connect(server, "a", "Games", v=2) as a, connect(server, "b", "Games", v=2) as b:
+        await matched(a, b)
+        async with connect(server, "a", v=2, resume="made-up") as fresh:
+            assert fresh.welcome is not None and fresh.welcome["payload"]["resumed"] is False
+            assert "peer_left" == (await until(b, "hangup"))["payload"]["reason"]
+            assert ["Lobby"] == (await fresh.request({"type": "get_rooms"}, "rooms_list"))["payload"]["rooms"]
+
+
 async def test_too_many_frames_end_the_session(autojump_clock: MockClock) -> None:
     """More frames than ALEATORIA_OUTBOX_FRAMES for a kept session: it ends at once (the
     peer hears hangup peer_left) and a resume gets resumed false, nothing half-replayed."""

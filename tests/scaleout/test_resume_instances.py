@@ -212,3 +212,27 @@ async def test_a_used_token_ends_the_session_it_named_on_the_other_instance(
                 pass
             assert "no_peer_available" == reply["type"], reply
         await wait_kept(two, 0)
+
+
+async def test_a_wrong_token_against_a_live_session_on_the_same_instance_is_a_fresh_session(
+    redis_server: RedisServer,
+) -> None:
+    """A phone in a call reconnects to its own instance with a token that names nothing: the
+    instance asks no other (the session is its own), and the session it replaces leaves --
+    its peer hears hangup peer_left and the fresh session is in no room but its URL's (it
+    carried the session over, still in the call, told "fresh")."""
+    async with (
+        serve_process("--redis-url", redis_server.url, "--resume-window", "30", *FAST) as one,
+        connect(one.port, "peer", skip=True) as peer,
+        level2(one.port, "phone", room="Games") as (phone, _),
+    ):
+        await phone.expect("room_joined")
+        await call(phone, peer)
+        async with level2(one.port, "phone", resume="made-up") as (fresh, welcome):
+            assert False is welcome["resumed"], welcome
+            hangup = await peer.expect("hangup", skip=True)
+            assert ("phone", {"reason": "peer_left"}) == (hangup["fromUser"], hangup["payload"])
+            await fresh.send_json({"type": "get_rooms"})
+            while (reply := await fresh.recv_json())["type"] != "rooms_list":
+                pass
+            assert ["Lobby"] == reply["payload"]["rooms"]
