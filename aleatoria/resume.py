@@ -6,7 +6,8 @@ without a close frame from the client (close code 1006) or with 1001, the server
 the session instead of ending it: the user's ``Client`` stays in the hub with its rooms,
 and the store keeps its presence, pool place and live match, so nobody notices. Its
 WebSocket is swapped for a ``KeptOutbox``, which keeps every frame sent to it in order
-(room fan-out, direct frames, relayed signaling) up to ``outbox_frames``. A timer task in
+(room fan-out, direct frames, relayed signaling) up to ``outbox_frames`` frames and
+``outbox_bytes`` bytes behind the first, as a live outbox. A timer task in
 the server's connection nursery waits for the resume window to pass; then the leave
 happens as for any disconnect (members told, pool left, ``hangup peer_left``).
 
@@ -56,15 +57,30 @@ _REMEMBERED = 10_000  # ended tokens remembered for the failure reason
 
 class KeptOutbox:
     """Stands in for the WebSocket of a dropped level-2 session: keeps the frames sent to
-    it, in order, up to ``limit``; one more ends the session (``on_end``). The verbs are
-    the WebSocket's that the hub, router and supervisor use."""
+    it, in order, up to ``limit`` frames and ``limit_bytes`` bytes behind the first (the
+    bounds of a live outbox, PROTOCOL.md section 16: without the bytes one, a kept session
+    held 256 relayed 64 KiB offers, 16 MB, where a live one holds 1 MiB); one more ends the
+    session (``on_end``). The verbs are the WebSocket's that the hub, router and supervisor
+    use."""
 
-    __slots__ = ("close_code", "close_reason", "count", "frames", "last_seen", "limit", "on_end")
+    __slots__ = (
+        "close_code",
+        "close_reason",
+        "count",
+        "frames",
+        "last_seen",
+        "limit",
+        "limit_bytes",
+        "on_end",
+        "size",
+    )
 
-    def __init__(self, limit: int, on_end: Callable[[str], None]) -> None:
+    def __init__(self, limit: int, limit_bytes: int, on_end: Callable[[str], None]) -> None:
         self.frames: list[tuple[bytes, int]] = []
         self.count = 0
+        self.size = 0  # bytes behind the first frame
         self.limit = limit
+        self.limit_bytes = limit_bytes
         self.on_end = on_end
         self.close_code: int | None = None
         self.close_reason = ""
@@ -77,13 +93,15 @@ class KeptOutbox:
     def send(self, data: bytes, frames: int = 1) -> None:
         if self.close_code is not None:
             return
-        if self.count + frames > self.limit:
+        size = self.size + len(data) if self.frames else 0
+        if self.count + frames > self.limit or size > self.limit_bytes:
             self.frames.clear()  # never half-replayed
             self.close_code, self.close_reason = TRY_AGAIN_LATER, "too many frames waiting"
             self.on_end(OVERFLOW)
             return
         self.frames.append((data, frames))
         self.count += frames
+        self.size = size
 
     send_now = send
 
@@ -127,9 +145,10 @@ class KeptSession:
 class Resumes:
     """The resume tokens of this instance's level-2 sessions and its kept sessions."""
 
-    def __init__(self, window: float, outbox_frames: int) -> None:
+    def __init__(self, window: float, outbox_frames: int, outbox_bytes: int) -> None:
         self.window = window
         self.outbox_frames = outbox_frames
+        self.outbox_bytes = outbox_bytes
         self._tokens: dict[str, tuple[str, Client]] = {}  # user -> (token, its session)
         self._owners: dict[str, str] = {}  # token -> user
         self.kept: dict[str, KeptSession] = {}  # user -> its kept session
@@ -200,7 +219,7 @@ class Resumes:
                 kept.reason = reason
                 kept.scope.cancel()
 
-        kept = KeptSession(client, token, KeptOutbox(self.outbox_frames, on_end), scope)
+        kept = KeptSession(client, token, KeptOutbox(self.outbox_frames, self.outbox_bytes, on_end), scope)
         self.kept[client.user] = kept
         self.all_ended = trio.Event()
         return kept

@@ -96,7 +96,7 @@ class RemoteResumes:
     def holding(self) -> KeptOutbox:
         """An outbox where frames for the reconnecting client wait until the owner answered
         (the caller swaps it in as the client's socket, and back)."""
-        return KeptOutbox(self._resumes.outbox_frames, lambda _: None)
+        return KeptOutbox(self._resumes.outbox_frames, self._resumes.outbox_bytes, lambda _: None)
 
     async def ask(self, instance: str, user: str, connection: str, token: str) -> tuple[str, bytes]:
         """Ask ``instance`` to hand over ``user``'s session ``connection`` if ``token`` is

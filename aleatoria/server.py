@@ -132,7 +132,7 @@ class Server:
         self.registry.register(metrics.ServerCollector(self.stats, self._counters, self._gauges))
         self.registry.register(_Forward(metrics.REGISTRY))
         # Level 2 (PROTOCOL.md section 15): resume tokens and dropped sessions kept for them.
-        self.resumes = Resumes(config.resume_window, config.outbox_frames)
+        self.resumes = Resumes(config.resume_window, config.outbox_frames, config.outbox_bytes)
         self.remote = RemoteResumes(hub, self.router, self.resumes)
         self.registry.register(ResumeCollector(self.resumes))
         self._all_closed = trio.Event()

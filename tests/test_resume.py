@@ -220,6 +220,31 @@ async def test_too_many_frames_end_the_session(autojump_clock: MockClock) -> Non
         assert {OVERFLOW: 1} == dict(server.server.resumes.failures)
 
 
+async def test_too_many_bytes_end_the_session(autojump_clock: MockClock) -> None:
+    """A kept session's frames are bounded in bytes as a live outbox's are
+    (ALEATORIA_OUTBOX_BYTES behind the first frame): past it the session ends at once (the
+    peer hears hangup peer_left) and a resume gets resumed false. It kept 256 relayed 64 KiB
+    offers, 16 MB, where a live outbox holds 1 MiB."""
+    offer = "x" * 20_000
+    async with (
+        inmemory_server(resume_window=30.0, outbox_bytes=65_536) as server,
+        connect(server, "phone", v=2) as phone,
+        connect(server, "peer") as peer,
+    ):
+        await matched(phone, peer)
+        await phone.drop()
+        for _ in range(4):  # the first, then three behind it: 60 KB
+            await peer.send({"type": "webrtc_offer", "toUser": "phone", "payload": {"sdp": offer}})
+        assert 1 == len(server.server.resumes.kept)
+        await peer.send({"type": "webrtc_offer", "toUser": "phone", "payload": {"sdp": offer}})
+        hangup = await peer.expect("hangup")
+        assert "peer_left" == hangup["payload"]["reason"]
+        async with connect(server, "phone", v=2, resume=phone.token) as back:
+            assert back.welcome is not None and back.welcome["payload"]["resumed"] is False
+            await quiet(back)
+        assert {OVERFLOW: 1} == dict(server.server.resumes.failures)
+
+
 async def test_clean_close_ends_at_once(server: InMemoryServer, autojump_clock: MockClock) -> None:
     """A client close frame (1000) ends the session at once: nothing is kept; 1001 keeps it."""
     async with connect(server, "a", v=2) as a, connect(server, "watcher", v=2) as watcher:
