@@ -587,7 +587,11 @@ class Server:
         """A resume failed while the user's session lived on another instance (its owner
         refused the token, or this instance did): what the session adopted from there
         (rooms, pool place, match) is left now, as that session's leave; then the session
-        registers afresh."""
+        registers afresh, under a new connection id: a connection of the user that registered
+        meanwhile (on another instance) evicted the old id, which now names nothing, and the
+        new registration evicts that connection in turn, as any later connect does. Without
+        it the registration took the user back from that connection while both were closed
+        as replaced, and the presence it left named a closed connection for good."""
         client, user = session.client, session.user
         rooms = sorted(client.rooms)
         for room in rooms:
@@ -596,7 +600,13 @@ class Server:
         peer = await self.store.user_gone(user, client.connection, rooms)
         if peer is not None:
             self.router.peer_left(peer, user)
-        await self.store.connect(user, client.connection)
+        if client.replaced:
+            return  # evicted meanwhile: its successor owns the user
+        client.connection = new_message_id()
+        takeover = await self.store.connect(user, client.connection)
+        if takeover is not None:
+            self.router.evict(takeover.instance, user, takeover.connection)
+            await session.adopt_rooms(takeover.rooms)
 
     def keep_session(self, session: Session, code: int | None, ip: str = "") -> bool:
         """Keep ``session`` for a resume if its connection (from ``ip``) dropped (PROTOCOL.md

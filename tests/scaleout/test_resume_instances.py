@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 from health import get_json
-from rawws import RawWebSocket, open_raw_ws
+from rawws import CLOSE, TEXT, RawWebSocket, close_frame, open_raw_ws
 from redis_server import RedisServer
 from scaleout_support import FAST_PRESENCE, ServerProcess, serve_process
 from support import SocketPeer, connect
@@ -236,3 +236,71 @@ async def test_a_wrong_token_against_a_live_session_on_the_same_instance_is_a_fr
             while (reply := await fresh.recv_json())["type"] != "rooms_list":
                 pass
             assert ["Lobby"] == reply["payload"]["rooms"]
+
+
+async def offer_or_close(ws: RawWebSocket, ready: trio.Event) -> str:
+    """Read ``ws`` until the peer's ``webrtc_offer`` ("offer") or a close frame ("closed");
+    ``ready`` is set at the ``pong``: the session is set up."""
+    while True:
+        got = await ws.read_frame()
+        if got.opcode == CLOSE:
+            return "closed"
+        if got.opcode == TEXT:
+            kind = got.json()["type"]
+            if kind == "pong":
+                ready.set()
+            elif kind == "webrtc_offer":
+                return "offer"
+
+
+async def come_back_twice(one: int, two: int, peer: SocketPeer, user: str, token: str) -> dict[str, str]:
+    """``user`` connects to ``one`` afresh and resumes with ``token`` on ``two`` at once; once
+    one of the two is closed, ``peer`` sends an offer to ``user``. Returns what each heard:
+    "offer" or "closed"."""
+    settled = trio.Event()
+    ready = {"resume": trio.Event(), "fresh": trio.Event()}
+    outcomes: dict[str, str] = {}
+
+    async def come_back(name: str, port: int, resume: str | None) -> None:
+        async with level2(port, user, resume=resume) as (ws, _):
+            await ws.send_json({"type": "ping"})
+            outcomes[name] = await offer_or_close(ws, ready[name])
+            if outcomes[name] == "closed":
+                settled.set()
+            else:  # a clean close: nothing kept
+                await ws.send_frame(close_frame(1000))
+                await ws.expect_close()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(come_back, "resume", two, token)
+        nursery.start_soon(come_back, "fresh", one, None)
+        with trio.fail_after(10):
+            await settled.wait()
+            await ready["fresh" if "resume" in outcomes else "resume"].wait()
+        await peer.send({"type": "webrtc_offer", "toUser": user, "payload": {"sdp": "o"}})
+    return outcomes
+
+
+async def test_a_resume_racing_a_fresh_connect_on_the_other_instance_leaves_one_session(
+    redis_server: RedisServer,
+) -> None:
+    """A kept session's user comes back twice at once: with its token on instance two, and
+    without one on instance one, which ends the kept session, so the resume fails and the
+    session it adopted leaves. Once one of the two connections is closed as replaced, the
+    other is live and hears the peer's offer. The failed resume's session registered itself
+    again after the fresh connect had taken the user over: the user's presence then named the
+    closed connection, and offers went nowhere (or both connections were closed as replaced)."""
+    url = redis_server.url
+    async with (
+        serve_process("--redis-url", url, "--resume-window", "30", *FAST) as one,
+        serve_process("--redis-url", url, "--resume-window", "30", *FAST) as two,
+        connect(two.port, "peer", skip=True) as peer,
+    ):
+        for n in range(40):
+            user = f"phone{n}"
+            async with level2(one.port, user, room="Calls") as (phone, welcome):
+                await phone.expect("room_joined")
+                phone.reset_on_close()
+            await wait_kept(one, 1)
+            outcomes = await come_back_twice(one.port, two.port, peer, user, welcome["resumeToken"])
+            assert ["closed", "offer"] == sorted(outcomes.values()), (n, outcomes)
