@@ -62,7 +62,7 @@ class Stats:
 
     connections_opened: int = 0
     handshake_rejections: Counter[int] = attrs.Factory(Counter)
-    disconnects: Counter[int] = attrs.Factory(Counter)
+    disconnects: Counter[int | str] = attrs.Factory(Counter)  # by close code; "other": see server.py
     messages_in: Counter[str] = attrs.Factory(Counter)
     messages_out: Counter[str] = attrs.Factory(Counter)
     errors: Counter[str] = attrs.Factory(Counter)

@@ -32,7 +32,7 @@ from aleatoria.auth import token_expiry, token_problem
 from aleatoria.config import Config
 from aleatoria.connection import WebSocket
 from aleatoria.flusher import Flusher, open_flusher
-from aleatoria.frames import ABNORMAL, GOING_AWAY
+from aleatoria.frames import ABNORMAL, BANNED, GOING_AWAY, REPLACED, TOKEN_EXPIRED
 from aleatoria.http import Request, accept_websocket, answer_http, handshake_problem, read_request, send_http
 from aleatoria.hub import Client, Hub, open_hub
 from aleatoria.ice import ice_servers
@@ -64,6 +64,10 @@ _CLEANUP_TIMEOUT = 5.0
 # Sockets accepted beyond ``max_connections`` to answer /health and /metrics (and refuse
 # upgrades with 503) while the server is full; past these, new sockets are closed at once.
 _HTTP_RESERVE = 64
+# Close codes of 3000 and up that label aleatoria_disconnects_total: ours. A client's own
+# (3000-4999, its choice) count as "other": one client could add 2,000 series otherwise.
+_APPLICATION_CODES = 3000
+_OUR_CODES = frozenset({REPLACED, TOKEN_EXPIRED, BANNED})
 # Descriptors besides the connections: listeners, Redis connections, the log, the imports.
 _SPARE_FDS = 100
 
@@ -413,7 +417,7 @@ class Server:
             if not self.per_ip[ip]:
                 del self.per_ip[ip]
         assert code is not None  # serve returned
-        self.stats.disconnects[code] += 1
+        self.stats.disconnects[code if code < _APPLICATION_CODES or code in _OUR_CODES else "other"] += 1
         log.info("event=disconnected user=%s code=%s", user, code)
 
     def new_session(

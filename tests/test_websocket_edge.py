@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+import trio.testing
 from inmemory import InMemoryServer, inmemory_server
 from rawws import (
     BINARY,
@@ -24,6 +25,7 @@ from rawws import (
     close_frame,
     frame,
     health,
+    http_get,
     open_raw_ws,
     open_tcp,
     text,
@@ -298,6 +300,20 @@ async def test_clean_close_handshake(server: InMemoryServer) -> None:
         assert (CLOSE, 1000) == (answer.opcode, answer.close_code)
         await ws.expect_eof()
     await assert_serves_others(server)
+
+
+async def test_close_codes_of_the_clients_choosing_share_one_metric_label(server: InMemoryServer) -> None:
+    """aleatoria_disconnects_total labels the codes we close with; the 2,000 codes 3000-4999
+    a client may pick for itself count as "other" (one client added a series per code)."""
+    for code in range(3000, 3010):
+        async with open_raw_ws(server, f"coder{code}") as ws:
+            await ws.send_frame(close_frame(code))
+            assert code == (await ws.expect_close()).close_code
+            await ws.expect_eof()
+    await trio.testing.wait_all_tasks_blocked()
+    metrics = (await http_get(server, "/metrics")).body.decode()
+    assert 'aleatoria_disconnects_total{code="other"} 10.0' in metrics
+    assert 'code="3000"' not in metrics
 
 
 async def test_close_without_status_is_answered(server: InMemoryServer) -> None:
