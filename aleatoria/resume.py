@@ -227,7 +227,13 @@ class Resumes:
     def take(self, user: str, token: str) -> KeptSession | None:
         """The kept session ``token`` resumes (used up now), or None."""
         kept = self.kept.get(user)
-        if kept is None or kept.over or not hmac.compare_digest(kept.token, token):
+        # Bytes: compare_digest refuses a str with a non-ASCII character (TypeError), and
+        # another instance asks with whatever token its client presented.
+        if (
+            kept is None
+            or kept.over
+            or not hmac.compare_digest(kept.token.encode(), token.encode(errors="replace"))
+        ):
             return None
         if kept.scope.cancel_called or trio.current_time() >= kept.scope.deadline:
             return None  # over already (overflow, window), its end just not run yet

@@ -304,3 +304,30 @@ async def test_a_resume_racing_a_fresh_connect_on_the_other_instance_leaves_one_
             await wait_kept(one, 1)
             outcomes = await come_back_twice(one.port, two.port, peer, user, welcome["resumeToken"])
             assert ["closed", "offer"] == sorted(outcomes.values()), (n, outcomes)
+
+
+async def test_a_token_with_a_non_ascii_character_is_refused_on_the_owner_too(
+    redis_server: RedisServer,
+) -> None:
+    """A phone kept on instance one is resumed on instance two with a token holding an "é":
+    two asks one, which refuses it (resumed false) and goes on delivering across instances.
+    The owner compared it as a str, which hmac.compare_digest refuses with a TypeError: the
+    bus's dispatch failed, the bus reconnected (what it was delivering lost), and two waited
+    for an answer that never came."""
+    url = redis_server.url
+    async with (
+        serve_process("--redis-url", url, "--resume-window", "30", *FAST) as one,
+        serve_process("--redis-url", url, "--resume-window", "30", *FAST) as two,
+        connect(one.port, "listener", skip=True) as listener,
+    ):
+        async with level2(one.port, "phone") as (phone, welcome):
+            await phone.expect("room_joined")
+            phone.reset_on_close()
+        await wait_kept(one, 1)
+        with trio.fail_after(2):  # well within the owner's answer timeout
+            async with level2(two.port, "phone", resume="%C3%A9" + welcome["resumeToken"][1:]) as (_, again):
+                assert False is again["resumed"], again
+        async with connect(two.port, "sender", skip=True) as sender:
+            await sender.send({"type": "chat_message", "toUser": "listener", "payload": {"content": "x"}})
+            assert "x" == (await listener.expect("chat_message", skip=True))["payload"]["content"]
+    assert "bus_error" not in one.text()
