@@ -304,7 +304,10 @@ class Router:
                     run = runs.pop(room, None)
                     if run:
                         self.hub.broadcast_now(room, run)
-                    self.presence.on_room_item(room, data)
+                    try:
+                        self.presence.on_room_item(room, data)
+                    except Exception:
+                        log.exception("event=bus_item_failed room=%r head=%r", room, data[:80])
                     continue
                 run = runs.get(room)
                 if run is None:
@@ -315,7 +318,13 @@ class Router:
             if runs:
                 self._send_runs(runs)
                 runs = {}
-            self._instance_message(data)
+            try:
+                self._instance_message(data)
+            except Exception:
+                # An item its handler cannot take (a bug another instance's message reaches)
+                # costs that item, not the rest of the hand-over: the bus would otherwise drop
+                # the whole batch, other users' messages with it, and reconnect.
+                log.exception("event=bus_item_failed head=%r", data[:80])
         if runs:
             self._send_runs(runs)
 

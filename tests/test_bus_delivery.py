@@ -5,7 +5,10 @@ one user after every room message that came before it."""
 
 from __future__ import annotations
 
+import logging
+
 import attrs
+import pytest
 
 from aleatoria import messages as m
 from aleatoria.frames import text_frame
@@ -83,3 +86,39 @@ async def test_a_level_2_item_keeps_its_place_in_its_room() -> None:
         event = text_frame(member_frame(m.MEMBER_JOINED, "North", "dan", "new"))
         assert [(text_frame(b'{"n":1}'), 1), (event, 1), (text_frame(b'{"n":2}'), 1)] == sockets["new"].writes
         assert [(text_frame(b'{"n":1}'), 1), (text_frame(b'{"n":2}'), 1)] == sockets["old"].writes
+
+
+async def test_an_item_its_handler_cannot_take_costs_that_item_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hand-over item whose handler raises (a bug reached by another instance's message: a
+    resume token did so once) is logged with its traceback and skipped; the room messages
+    and the DM around it are delivered. Before, the error left the whole hand-over and the
+    bus dropped the batch, other users' messages with it, and reconnected."""
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a handler's bug")
+
+    async with open_hub(0.0) as hub:
+        router = Router(hub, MemoryStore(ttl_seconds=60, history_max=10))
+        router.resume_handlers = (broken, broken)
+        ws = _Recorder()
+        client = Client(user="ann", ws=ws, limiter=RateLimiter(0, 1, 1), level2=True)  # type: ignore[arg-type]
+        hub.clients["ann"] = client
+        hub.join(client, "North")
+        dm = b'{"type":"chat_message","toUser":"ann"}'
+        router.presence.on_room_item = broken  # type: ignore[method-assign,assignment]
+        with caplog.at_level(logging.ERROR, logger="aleatoria.router"):
+            router.on_bus_messages(
+                [
+                    ("North", b'{"n":1}'),
+                    (None, b"Rann conn-1 token\n"),
+                    (None, user_envelope("ann", m.CHAT_MESSAGE, dm)),
+                    ("North", b"2M" + f"{m.MEMBER_JOINED} dan".encode()),
+                    ("North", b'{"n":2}'),
+                ]
+            )
+        assert [(text_frame(b'{"n":1}'), 1), (text_frame(dm), 1), (text_frame(b'{"n":2}'), 1)] == ws.writes
+        failed = [r for r in caplog.records if "event=bus_item_failed" in r.getMessage()]
+        assert 2 == len(failed)
+        assert all(r.exc_info is not None and r.exc_info[0] is RuntimeError for r in failed)
