@@ -91,6 +91,8 @@ def main() -> None:
         "--no-teardown", action="store_true", help="exit without closing them (instruction counts)"
     )
     args = parser.parse_args()
+    if args.count < 1:
+        parser.error("--count must be at least 1")
     # As ``aleatoria serve`` does after start-up (cli.py).
     gc.collect()
     gc.freeze()

@@ -115,7 +115,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, default=8096, help="0: any free port (printed)")
     users: dict[bytes, socket.socket] = {}
-    trio.run(serve, "dm_floor", parser.parse_args().port, partial(_connection, users=users))
+    port = parser.parse_args().port
+    if not 0 <= port <= 65535:
+        parser.error("--port must be 0..65535")
+    trio.run(serve, "dm_floor", port, partial(_connection, users=users))
 
 
 if __name__ == "__main__":

@@ -140,6 +140,8 @@ def main() -> None:
     which.add_argument("--h11", action="store_true", help="parse request heads with h11")
     which.add_argument("--httptools", action="store_true", help="parse request heads with httptools")
     args = parser.parse_args()
+    if not 0 <= args.port <= 65535:
+        parser.error("--port must be 0..65535")
     head_parser = "h11" if args.h11 else "httptools" if args.httptools else "raw"
     trio.run(serve, "handshake_floor", args.port, partial(_connection, parser=head_parser))
 

@@ -60,6 +60,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=2000)
     args = parser.parse_args()
+    if args.n < 1:
+        parser.error("--n must be at least 1")
     with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:  # a pipe would fill and block it
         server = subprocess.Popen(
             [sys.executable, "-m", "aleatoria", "serve", "--port", "0", "--log-level", "info",

@@ -153,7 +153,10 @@ def main() -> int:
         except (redis.RedisError, OSError) as exc:
             parser.error(f"no redis-server at {args.redis_url} ({exc}); start one of its own first")
         servers["redis"] = f"{serve} --redis-url {args.redis_url}"
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out: cannot create {args.out} ({exc.strerror})")
     started = time.monotonic()
     records: list[Record] = []
     redis_cpu: dict[int, float] = {}

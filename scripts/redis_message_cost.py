@@ -310,7 +310,16 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, help="print the N most called functions per unit")
     parser.add_argument("--json", action="store_true", help="one JSON line per mode")
     args = parser.parse_args()
+    for flag in ("count", "rooms", "members", "senders", "window", "pairs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if args.senders > args.members:
+        parser.error("--senders must be at most --members")
+    if args.profile < 0:
+        parser.error("--profile must not be negative")
     args.kinds = [k for k in args.kinds.split(",") if k]
+    if not args.kinds or not set(args.kinds) <= {"room", "dm"}:
+        parser.error(f"--kinds: room, dm or both (comma-separated), not {','.join(args.kinds)!r}")
     modes: list[tuple[str, str | None]] = []
     if args.mode in ("both", "memory"):
         modes.append(("memory", None))

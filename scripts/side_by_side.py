@@ -243,6 +243,8 @@ def main() -> int:
     )
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs the servers")
     args = parser.parse_args()
+    if args.runs < 1 or args.reps < 1:
+        parser.error("--runs and --reps must be at least 1")
 
     import redis  # only here: the summary above needs no client
 
@@ -251,7 +253,10 @@ def main() -> int:
         redis_pid = int(redis.Redis.from_url(args.redis_url).info("server")["process_id"])
     except (redis.RedisError, OSError) as exc:
         parser.error(f"no redis-server at {args.redis_url} ({exc}); start one of its own first")
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out: cannot create {args.out} ({exc.strerror})")
     python = shlex.quote(args.python)
     serve = f"env PYTHONPATH={shlex.quote(str(ROOT))} {python} -m aleatoria serve --port {{port}} {FLAGS}"
     memory, in_redis = serve, f"{serve} --redis-url {args.redis_url}"

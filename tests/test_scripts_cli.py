@@ -46,6 +46,50 @@ def test_measuring_scripts_refuse_a_bad_argument(argv: list[str]) -> None:
     assert "error:" in done.stderr
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["connect_cost.py", "--count", "0"],
+        ["level2_memory.py", "--n", "0"],
+        ["redis_message_cost.py", "--mode", "memory", "--count", "0"],
+        ["redis_message_cost.py", "--mode", "memory", "--kinds", "rooms"],
+        ["dm_floor.py", "--port", "70000"],
+        ["handshake_floor.py", "--port", "-1"],
+    ],
+)
+def test_measuring_scripts_refuse_a_count_or_port_that_cannot_work(argv: list[str]) -> None:
+    """A count of 0 (a figure per unit over no units), an unknown kind or a port out of range is
+    a one-line usage error before anything runs, not a traceback."""
+    done = _run([sys.executable, str(SCRIPTS / argv[0]), *argv[1:]])
+    assert 2 == done.returncode, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "error:" in done.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("script", ["match_curve.py", "side_by_side.py"])
+def test_runners_refuse_an_out_directory_they_cannot_create(script: str, tmp_path: Path) -> None:
+    """--out under a regular file (or anywhere it cannot be created) is a usage error naming
+    --out, not a traceback after the checks; side_by_side.py refuses --runs 0 the same way."""
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "compare.py").write_text("")
+    loadgen = tmp_path / "loadgen"
+    loadgen.write_text("")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    env = {**os.environ, "LOADGEN": str(loadgen), "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, str(SCRIPTS / script), "--bench", str(bench), "--out", str(blocker / "out")]
+    done = _run(argv, env=env)
+    if script == "side_by_side.py":  # it needs a redis-server first: --runs 0 is refused before that
+        done = _run([*argv, "--redis-url", "redis://127.0.0.1:1/0", "--runs", "0"], env=env)
+        assert 2 == done.returncode, done.stderr
+        assert "--runs" in done.stderr.splitlines()[-1]
+        return
+    assert 2 == done.returncode, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "--out" in done.stderr.splitlines()[-1]
+
+
 STUBBED = ("apt-get", "apt-cache", "sudo", "systemctl", "pip", "python3")
 
 
