@@ -160,6 +160,8 @@ def test_remote_urls_are_refused_unless_allowed(url: str) -> None:
         ({"senders": 11}, "senders"),
         ({"url": "http://127.0.0.1"}, "ws://"),
         ({"url": "ws://127.0.0.1/ws?userId=x"}, "base URL"),
+        ({"url": "ws://127.0.0.1:99999"}, "port"),
+        ({"url": "ws://127.0.0.1:http"}, "port"),
         ({"size": 5000}, "size"),
         ({"run_id": "has space"}, "run-id"),
     ],

@@ -147,6 +147,10 @@ def validate(options: Options) -> Options:
         raise OptionsError(f"--url must be ws:// or wss://, got {options.url!r}")
     if not parts.hostname:
         raise OptionsError(f"--url has no host: {options.url!r}")
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when asked for it
+    except ValueError:
+        raise OptionsError(f"--url has no valid port (0-65535): {options.url!r}") from None
     if parts.path not in {"", "/"} or parts.query:
         raise OptionsError("--url is the server's base URL; the tool adds /ws?userId=…")
     if not options.allow_remote and not is_loopback_host(parts.hostname):
