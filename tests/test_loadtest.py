@@ -172,6 +172,24 @@ def test_unbounded_or_malformed_runs_are_refused(changes: dict[str, Any], messag
         validate(Options(scenario="fanout", **changes))
 
 
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["dm", "--rate", "-5"], "--rate"),
+        (["dm", "--window", "0"], "--window"),
+        (["soak", "--dm-rate", "-5"], "--dm-rate"),
+        (["soak", "--dm-window", "0"], "--dm-window"),
+    ],
+)
+def test_cli_names_the_flag_the_user_gave(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dm scenario's pairs take --window and --rate (soak's take --dm-window and
+    --dm-rate): a bad value is refused naming the flag that was typed."""
+    assert 2 == cli.main([*argv, "--quiet"])
+    assert capsys.readouterr().err.startswith(f"aleatoria-loadtest: error: {flag} must")
+
+
 def test_cli_refuses_remote_target_with_usage_status(capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI exits 2 with a message, before opening anything, for a remote URL."""
     assert 2 == cli.main(["fanout", "--url", "ws://203.0.113.7:8085", "--quiet"])

@@ -164,17 +164,20 @@ def validate(options: Options) -> Options:
         raise OptionsError(f"--duration must be in (0, {MAX_DURATION:.0f}] seconds")
     if not 1 <= options.processes <= MAX_PROCESSES:
         raise OptionsError(f"--processes must be 1..{MAX_PROCESSES}")
-    counts = {
-        "--rooms": options.rooms,
-        "--members": options.members,
-        "--window": options.window,
-        "--pairs": options.pairs,
-        "--dm-window": options.dm_window,
-        "--users": options.users,
-        "--connections": options.connections,
-        "--connect-concurrency": options.connect_concurrency,
-    }
-    for flag, value in counts.items():
+    # The dm scenario's own flags for the pairs' window and rate are --window and --rate
+    # (soak's are --dm-window and --dm-rate): name the flag the user typed.
+    dm_flag = "--" if options.scenario == "dm" else "--dm-"
+    counts = [
+        ("--rooms", options.rooms),
+        ("--members", options.members),
+        ("--window", options.window),
+        ("--pairs", options.pairs),
+        (f"{dm_flag}window", options.dm_window),
+        ("--users", options.users),
+        ("--connections", options.connections),
+        ("--connect-concurrency", options.connect_concurrency),
+    ]
+    for flag, value in counts:
         if value < 1:
             raise OptionsError(f"{flag} must be at least 1")
     if not 0 <= options.senders <= options.members:
@@ -190,15 +193,15 @@ def validate(options: Options) -> Options:
             raise OptionsError(f"--languages: {name!r} is not a two-letter ISO 639-1 code or 'any'")
     if not 0 <= options.size <= 4000:
         raise OptionsError("--size must be 0..4000 characters (the protocol's content limit)")
-    for flag, number in {
-        "--rate": options.rate,
-        "--dm-rate": options.dm_rate,
-        "--match-pause": options.match_pause,
-        "--zipf": options.zipf,
-        "--interest-wait": options.interest_wait,
-        "--cooldown": options.cooldown,
-        "--fairness-slack": options.fairness_slack,
-    }.items():
+    for flag, number in [
+        ("--rate", options.rate),
+        (f"{dm_flag}rate", options.dm_rate),
+        ("--match-pause", options.match_pause),
+        ("--zipf", options.zipf),
+        ("--interest-wait", options.interest_wait),
+        ("--cooldown", options.cooldown),
+        ("--fairness-slack", options.fairness_slack),
+    ]:
         if number < 0:
             raise OptionsError(f"{flag} must not be negative")
     for flag, number in {
