@@ -575,6 +575,26 @@ async def test_cli_json_and_plot(
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.parametrize("name", ["missing/latency.png", "a-directory", "latency"])
+def test_cli_refuses_a_plot_path_it_cannot_write_before_the_run(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--plot in a directory that does not exist, naming a directory, or without a suffix
+    (matplotlib would write NAME.png instead) is a usage error before anything connects,
+    not a warning after the whole run."""
+    (tmp_path / "a-directory").mkdir()
+    with socket.socket() as sock:  # a port nobody listens on: the run must not start at all
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["dm", "--url", f"ws://127.0.0.1:{port}", "--plot", str(tmp_path / name), "--quiet"]
+    assert 2 == cli.main(argv)
+    captured = capsys.readouterr()
+    assert "" == captured.out
+    assert captured.err.startswith("aleatoria-loadtest: error: --plot")
+    assert 1 == len(captured.err.splitlines())
+    assert [tmp_path / "a-directory"] == list(tmp_path.iterdir())
+
+
 async def test_cli_table_and_processes(nursery: trio.Nursery, capsys: pytest.CaptureFixture[str]) -> None:
     """--processes 2 spreads rooms over two spawned workers whose figures are merged;
     without --json the summary is a table."""

@@ -19,7 +19,7 @@ from rich.console import Console
 
 from aleatoria.loadtest.coordinator import run_load
 from aleatoria.loadtest.options import Options, OptionsError, validate
-from aleatoria.loadtest.plot import write_plot
+from aleatoria.loadtest.plot import plot_path_problem, write_plot
 from aleatoria.loadtest.progress import LineDisplay, LiveDisplay
 from aleatoria.loadtest.report import render, write_json
 from aleatoria.loadtest.results import Display
@@ -241,6 +241,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = validate(options_from_args(args))
     except (OptionsError, TypeError) as exc:
         print(f"aleatoria-loadtest: error: {exc}", file=sys.stderr)
+        return 2
+    problem = None if args.plot is None else plot_path_problem(args.plot)
+    if problem is not None:
+        print(f"aleatoria-loadtest: error: {problem}", file=sys.stderr)
         return 2
     errors = Console(stderr=True)
     context, display = _display(args, errors)

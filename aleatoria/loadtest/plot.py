@@ -6,6 +6,7 @@ backend, so the tool works without a display and without matplotlib for other ru
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,22 @@ def _range_ms(stats: Stats, metrics: list[str]) -> tuple[float, float]:
     low = max(min(lows, default=1) / 1000, 0.01)
     high = max(max(highs, default=1000) / 1000, low * 10)
     return low, high
+
+
+def plot_path_problem(path: Path) -> str | None:
+    """Why ``path`` cannot take the plot, or None: checked before the run, so a long run
+    does not end without its plot. matplotlib adds ``.png`` to a name without a suffix and
+    writes a directory's name plus ``.png``, so both are refused rather than written elsewhere."""
+    if path.is_dir():
+        return f"--plot {str(path)!r} is a directory: give a file name such as latency.png"
+    if not path.suffix:
+        return f"--plot {str(path)!r} has no suffix: give a file name such as latency.png"
+    parent = path.parent
+    if not parent.is_dir():
+        return f"--plot: no directory {str(parent)!r} to write {path.name!r} in"
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return f"--plot {str(path)!r} cannot be written (permission denied)"
+    return None
 
 
 def write_plot(stats: Stats, path: Path, title: str) -> None:
