@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import trio
 from loadtest_fakeserver import FakeServer, Faults
+from rich.console import Console
 from trio_websocket import HandshakeError
 
 from aleatoria.loadtest import cli
@@ -30,6 +31,7 @@ from aleatoria.loadtest.inline import run_inline
 from aleatoria.loadtest.options import SCENARIOS, Options, OptionsError, validate
 from aleatoria.loadtest.payload import decode, encode
 from aleatoria.loadtest.progress import PRIMARY, LineDisplay, describe
+from aleatoria.loadtest.report import render
 from aleatoria.loadtest.results import ProgressView
 from aleatoria.loadtest.stats import Stats
 from aleatoria.loadtest.summary import exit_code, summarize
@@ -505,6 +507,43 @@ async def test_unreachable_server_is_reported_not_raised() -> None:
     assert {"failed.refused": 4} == figures["connections"]["errors"]
     assert 1 == exit_code(figures)
     assert not any("of a core" in warning or "busy" in warning for warning in figures["warnings"])
+
+
+async def test_a_server_that_stops_mid_run_fails_the_run(nursery: trio.Nursery) -> None:
+    """The server going away during the load phase (every connection dropped under the tool)
+    is not a clean run: the report says the server closed them all and the exit status is 1."""
+    fake = FakeServer()
+    server_scope = trio.CancelScope()
+
+    async def serve_until_stopped(*, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        with server_scope:
+            await fake.serve(task_status=task_status)
+
+    await nursery.start(serve_until_stopped)
+
+    async def stop_the_server_after_some_traffic() -> None:
+        await fake.wait_chats(20)
+        server_scope.cancel()
+
+    nursery.start_soon(stop_the_server_after_some_traffic)
+    options = validate(
+        Options(
+            scenario="dm",
+            url=f"ws://127.0.0.1:{fake.port}",
+            pairs=2,
+            dm_rate=40,
+            duration=2.0,
+            drain_timeout=0.5,
+        )
+    )
+    with trio.fail_after(RUN_LIMIT):
+        figures = summarize(await run_inline(options))
+    assert 4 == figures["connections"]["closed_by_server"]
+    assert any("closed all 4 connections" in warning for warning in figures["warnings"])
+    assert 1 == exit_code(figures)
+    table = io.StringIO()
+    render(figures, Console(file=table, width=200))
+    assert "server closed every connection" in table.getvalue().splitlines()[0]
 
 
 def test_a_failed_connect_is_refused_only_when_every_attempt_was() -> None:

@@ -1,7 +1,8 @@
 """Command line: ``aleatoria-loadtest SCENARIO [flags]`` (also ``python -m aleatoria.loadtest``
 and ``python scripts/loadtest.py``). ``main(argv) -> int`` is the whole program, so tests
 call it directly. Exit status: 0 fine, 1 a protocol guarantee was broken (loss,
-duplicates, reordering, double matches…) or nothing could connect, 2 bad usage,
+duplicates, reordering, double matches…), nothing could connect or the server closed every
+connection mid-run, 2 bad usage,
 130 stopped by Ctrl-C (after printing the partial report).
 """
 

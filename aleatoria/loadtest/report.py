@@ -8,6 +8,8 @@ from typing import Any, TextIO
 from rich.console import Console
 from rich.table import Table
 
+from aleatoria.loadtest.summary import server_closed_all
+
 
 def write_json(figures: dict[str, Any], stream: TextIO) -> None:
     stream.write(json.dumps(figures, indent=2, sort_keys=False) + "\n")
@@ -32,7 +34,12 @@ def _table(title: str) -> Table:
 def render(figures: dict[str, Any], console: Console) -> None:
     """Print the summary tables and warnings of ``figures`` (from ``summarize``)."""
     connected = figures["connections"]["opened"] > 0
-    state = "partial" if figures["partial"] else "complete" if connected else "nothing connected"
+    if figures["partial"]:
+        state = "partial"
+    elif not connected:
+        state = "nothing connected"
+    else:
+        state = "server closed every connection" if server_closed_all(figures) else "complete"
     console.print(
         f"[bold]aleatoria load test[/bold] — {figures['scenario']} against {figures['url']} "
         f"(run {figures['run_id']}, {state}, {figures['load_s']} s of load, "

@@ -245,7 +245,12 @@ def warnings(figures: dict[str, Any], stats: Stats) -> list[str]:
     connections = figures["connections"]
     if connections["failed"]:
         out.append(f"{connections['failed']} connection attempts failed")
-    if connections["closed_by_server"]:
+    if server_closed_all(figures):
+        out.append(
+            f"the server closed all {connections['opened']} connections before the run ended (did it "
+            "stop?): the rates are over a load phase it did not serve, and the run is not a pass"
+        )
+    elif connections["closed_by_server"]:
         out.append(f"the server closed {connections['closed_by_server']} live connections")
     if stats.get("run.drain_timeouts"):
         out.append("not all in-flight traffic arrived within --drain-timeout")
@@ -277,10 +282,18 @@ def warnings(figures: dict[str, Any], stats: Stats) -> list[str]:
     return out
 
 
+def server_closed_all(figures: dict[str, Any]) -> bool:
+    """Whether the server closed every connection the tool opened before the tool did:
+    it went away (or shut down) mid-run, so nothing was measured after that."""
+    connections = figures["connections"]
+    return bool(connections["opened"]) and connections["closed_by_server"] >= connections["opened"]
+
+
 def exit_code(figures: dict[str, Any]) -> int:
-    """130 when interrupted, 1 when the server broke a guarantee or nobody connected, else 0."""
+    """130 when interrupted; 1 when the server broke a guarantee, nobody connected, or the
+    server closed every connection mid-run; else 0."""
     if figures["interrupted"]:
         return 130
-    if not figures["integrity_ok"] or figures["connections"]["opened"] == 0:
+    if not figures["integrity_ok"] or figures["connections"]["opened"] == 0 or server_closed_all(figures):
         return 1
     return 0
