@@ -546,6 +546,34 @@ async def test_a_server_that_stops_mid_run_fails_the_run(nursery: trio.Nursery) 
     assert "server closed every connection" in table.getvalue().splitlines()[0]
 
 
+# trio-websocket 0.12's reader does not close its socket when cancelled mid-handshake: the
+# socket is closed when the connection object is dropped (at once, by reference count), which
+# warns. See run_client.
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+async def test_a_server_that_never_answers_the_handshake_times_out_at_connect_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    """A server that accepts TCP connections but never answers the WebSocket handshake costs
+    --connect-timeout, not the run's hard deadline: each attempt is counted as a timeout and
+    the run reports that nothing connected."""
+
+    async def accept_and_stay_silent(stream: trio.SocketStream) -> None:
+        async with stream:
+            await trio.sleep_forever()
+
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, host="127.0.0.1"), accept_and_stay_silent, 0
+    )
+    port = listeners[0].socket.getsockname()[1]
+    options = validate(
+        Options(scenario="dm", url=f"ws://127.0.0.1:{port}", pairs=1, connect_timeout=0.5, duration=1.0)
+    )
+    with trio.fail_after(10):  # the hard deadline is 33 s: far beyond
+        figures = summarize(await run_inline(options))
+    assert {"failed.timeout": 2} == figures["connections"]["errors"]
+    assert 1 == exit_code(figures)
+
+
 def test_a_failed_connect_is_refused_only_when_every_attempt_was() -> None:
     """trio's "all attempts failed" OSError is looked through: refused when every address
     tried refused, network when one failed otherwise (or the cause is unknown)."""

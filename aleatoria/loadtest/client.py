@@ -10,6 +10,7 @@ did), ``conn.close_timeout`` (our close handshake was not answered).
 from __future__ import annotations
 
 import errno
+import math
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -105,36 +106,47 @@ async def run_client(
     await ctx.connect_limiter.acquire_on_behalf_of(token)
     held = True
     started = now_ns()
+    # trio-websocket 0.12 starts the connection's reader before the handshake, and on its
+    # connect_timeout waits for that reader, which only ends when the server closes the
+    # socket: a server that accepts but never answers held the run until the hard deadline.
+    # This scope ends the wait at the same timeout; it is lifted once the handshake is done.
+    # (The cancelled reader leaves its socket to be closed when the connection object is
+    # dropped, at once by reference count, with a ResourceWarning.)
+    connecting = trio.CancelScope(deadline=trio.current_time() + ctx.options.connect_timeout)
     try:
-        async with open_websocket_url(
-            url,
-            ssl_context(ctx),
-            message_queue_size=MESSAGE_QUEUE_SIZE,
-            connect_timeout=ctx.options.connect_timeout,
-            disconnect_timeout=DISCONNECT_TIMEOUT,
-        ) as ws:
-            ctx.connect_limiter.release_on_behalf_of(token)
-            held = False
-            opened = True
-            done = now_ns()
-            ctx.stats.observe("connect", done - started, done)
-            ctx.stats.inc("conn.opened")
-            ctx.open_connections += 1
-            try:
-                await body(ws)
-            except BaseExceptionGroup as group:
-                # A session's reader and sender run in a nursery, so a close reaches us
-                # wrapped in a group — possibly twice, once per task. Both are the same
-                # event: count it once, let anything else propagate.
-                closed, rest = group.split(ConnectionClosed)
-                if closed is not None:
-                    _note_closed(ctx, _first_leaf(closed))
-                if rest is not None:
-                    raise rest from None
-            finally:
-                ctx.open_connections -= 1
-                if ws.closed is not None:
-                    await _close_transport(ws)
+        with connecting:
+            async with open_websocket_url(
+                url,
+                ssl_context(ctx),
+                message_queue_size=MESSAGE_QUEUE_SIZE,
+                connect_timeout=ctx.options.connect_timeout,
+                disconnect_timeout=DISCONNECT_TIMEOUT,
+            ) as ws:
+                connecting.deadline = math.inf
+                ctx.connect_limiter.release_on_behalf_of(token)
+                held = False
+                opened = True
+                done = now_ns()
+                ctx.stats.observe("connect", done - started, done)
+                ctx.stats.inc("conn.opened")
+                ctx.open_connections += 1
+                try:
+                    await body(ws)
+                except BaseExceptionGroup as group:
+                    # A session's reader and sender run in a nursery, so a close reaches us
+                    # wrapped in a group — possibly twice, once per task. Both are the same
+                    # event: count it once, let anything else propagate.
+                    closed, rest = group.split(ConnectionClosed)
+                    if closed is not None:
+                        _note_closed(ctx, _first_leaf(closed))
+                    if rest is not None:
+                        raise rest from None
+                finally:
+                    ctx.open_connections -= 1
+                    if ws.closed is not None:
+                        await _close_transport(ws)
+        if connecting.cancelled_caught and not opened:
+            ctx.stats.inc("conn.failed.timeout")
     except ConnectionRejected as exc:
         ctx.stats.inc(f"conn.failed.http_{exc.status_code}")
     except ConnectionTimeout:
