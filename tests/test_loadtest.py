@@ -192,6 +192,20 @@ def test_cli_names_the_flag_the_user_gave(
     assert capsys.readouterr().err.startswith(f"aleatoria-loadtest: error: {flag} must")
 
 
+def test_cli_refuses_a_server_pid_that_is_not_running(capsys: pytest.CaptureFixture[str]) -> None:
+    """--server-pid naming no process (one that has exited, or 0) is a usage error before the
+    run, not a "not readable" row in the report after it (or, for 0, silently nothing)."""
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    with socket.socket() as sock:  # a port nobody listens on: the run must not start at all
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for pid in (gone.stdout.strip(), "0"):
+        assert 2 == cli.main(["dm", "--url", f"ws://127.0.0.1:{port}", "--server-pid", pid, "--quiet"])
+        assert capsys.readouterr().err.startswith(f"aleatoria-loadtest: error: --server-pid {pid}:")
+
+
 def test_cli_refuses_remote_target_with_usage_status(capsys: pytest.CaptureFixture[str]) -> None:
     """The CLI exits 2 with a message, before opening anything, for a remote URL."""
     assert 2 == cli.main(["fanout", "--url", "ws://203.0.113.7:8085", "--quiet"])

@@ -21,6 +21,7 @@ from rich.console import Console
 from aleatoria.loadtest.coordinator import run_load
 from aleatoria.loadtest.options import Options, OptionsError, validate
 from aleatoria.loadtest.plot import plot_path_problem, write_plot
+from aleatoria.loadtest.procstat import sample_process
 from aleatoria.loadtest.progress import LineDisplay, LiveDisplay
 from aleatoria.loadtest.report import render, write_json
 from aleatoria.loadtest.results import Display
@@ -244,6 +245,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aleatoria-loadtest: error: {exc}", file=sys.stderr)
         return 2
     problem = None if args.plot is None else plot_path_problem(args.plot)
+    if options.server_pid is not None and sample_process(options.server_pid) is None:
+        # Checked now: the report would only say "not readable" after the whole run.
+        problem = f"--server-pid {options.server_pid}: no such process in /proc (give the server's pid)"
     if problem is not None:
         print(f"aleatoria-loadtest: error: {problem}", file=sys.stderr)
         return 2
