@@ -30,6 +30,7 @@ import cProfile
 import json
 import os
 import pstats
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -80,6 +81,11 @@ class CountingSocket:
             self._want = count
             self._event = event = trio.Event()
             await event.wait()
+
+
+# Below this many clock ticks of CPU in a measurement, the per-unit figure is too coarse to
+# compare (a step of over 5 %): the script says so. The defaults measure about 25 (memory mode).
+MIN_TICKS = 20
 
 
 def _thread_cpu() -> tuple[float, float]:
@@ -284,6 +290,9 @@ async def measure(args: argparse.Namespace, url: str | None, profiles: Profiles 
             results[f"{kind}_other_us"] = (other1 - other0) / units * 1e6
             results[f"{kind}_cpu_us"] = results[f"{kind}_main_us"] + results[f"{kind}_other_us"]
             results[f"{kind}_per_s"] = units / wall
+            # /proc counts CPU in clock ticks (10 ms): the figures above are multiples of this.
+            results[f"{kind}_cpu_ticks"] = round((main1 - main0 + other1 - other0) * os.sysconf("SC_CLK_TCK"))
+            results[f"{kind}_tick_us"] = 1e6 / os.sysconf("SC_CLK_TCK") / units
             if hasattr(run, "frames_per_send"):
                 results[f"{kind}_frames_per_send"] = run.frames_per_send()
             if calls0 is not None:
@@ -338,6 +347,14 @@ def main() -> None:
             profiles.install()
             print(f"== {label}")
         figures = trio.run(measure, args, url, profiles)
+        for kind in args.kinds:
+            ticks = int(figures[f"{kind}_cpu_ticks"])
+            if ticks < MIN_TICKS:
+                print(
+                    f"warning: {label} {kind}: only {ticks} clock ticks of CPU measured, so each figure "
+                    f"is a multiple of {figures[f'{kind}_tick_us']:.1f} us: raise --count",
+                    file=sys.stderr,
+                )
         if args.json:
             print(json.dumps({"mode": label, **{k: round(v, 2) for k, v in figures.items()}}))
             continue

@@ -90,6 +90,20 @@ def test_runners_refuse_an_out_directory_they_cannot_create(script: str, tmp_pat
     assert "--out" in done.stderr.splitlines()[-1]
 
 
+def test_redis_message_cost_says_when_its_figure_is_coarser_than_the_cpu_clock() -> None:
+    """/proc counts CPU in 10 ms ticks: with --count 200 every figure is a multiple of 50 us a
+    message, so the script warns and names --count, rather than print "100.0 us" as a
+    measurement."""
+    done = _run(
+        [sys.executable, str(SCRIPTS / "redis_message_cost.py"), "--mode", "memory", "--kinds", "room",
+         "--count", "200", "--rooms", "1", "--members", "2", "--senders", "1"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert 0 == done.returncode, done.stderr
+    assert "us CPU per room message" in done.stdout
+    assert "clock ticks of CPU measured" in done.stderr and "--count" in done.stderr
+
+
 STUBBED = ("apt-get", "apt-cache", "sudo", "systemctl", "pip", "python3")
 
 
