@@ -119,9 +119,14 @@ class Supervisor:
 
     async def run(self) -> int:
         """Run the workers until SIGTERM/SIGINT; returns the exit code."""
+        # A second SIGTERM or SIGINT (an impatient operator, a group signal after the
+        # parent's) must not kill the parent once its workers stopped cleanly: leaving the
+        # receiver puts back the handlers it found and re-raises the signals it holds, so
+        # the handlers it finds only note a signal (``hold_stop_signals``), never exit.
+        early = hold_stop_signals()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as outer:
-                outer.start_soon(self._stop_on_signal, signals)
+                outer.start_soon(self._stop_on_signal, signals, early)
                 if self.view is not None:
                     outer.start_soon(answer_forever, self.view, TreeView(self, os.getpid()).answer)
                 async with trio.open_nursery() as slots:
@@ -147,7 +152,9 @@ class Supervisor:
         self.stopping = True
         self._stopped.set()
 
-    async def _stop_on_signal(self, signals: AsyncIterator[int]) -> None:
+    async def _stop_on_signal(self, signals: AsyncIterator[int], early: list[int]) -> None:
+        if early:  # came before the receiver took over
+            signals = _replay(early)
         async for signum in signals:
             log.info("event=signal signal=%s action=stopping_workers", signal.Signals(signum).name)
             self._stop()
@@ -270,7 +277,9 @@ def run_workers(
     signal or a worker's start-up failure; returns the parent's exit status. ``view``: the
     listener of ``metrics_port``, on which the parent answers for the whole tree."""
     port: int = reserved.getsockname()[1]
-    return trio.run(Supervisor(config, serve_args, port, view).run)
+    status = trio.run(Supervisor(config, serve_args, port, view).run)
+    ignore_stop_signals()  # see ``hold_stop_signals``
+    return status
 
 
 STOP = b"stop\n"  # the parent's stop request, on a worker's stdin
@@ -278,12 +287,38 @@ STOP = b"stop\n"  # the parent's stop request, on a worker's stdin
 
 def ignore_stop_signals() -> None:
     """In a worker, before its server runs: SIGINT and SIGTERM are ignored except while the
-    server's own handlers are installed (cli._run saves and restores this disposition). So a
-    signal that comes after the drain (the group's signal first, then the parent's) cannot
-    kill the worker while it exits, and one that comes while it starts is not lost: the
-    parent also asks on stdin (``STOP``), which the worker watches from the start."""
+    server's own handlers are installed (cli._run then puts ``hold_stop_signals``' in place,
+    which do not exit either). So a signal that comes after the drain (the group's signal
+    first, then the parent's) cannot kill the worker while it exits, and one that comes while
+    it starts is not lost: the parent also asks on stdin (``STOP``), which the worker watches
+    from the start."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def hold_stop_signals() -> list[int]:
+    """Install SIGINT and SIGTERM handlers that only note the signal, in the list returned:
+    for the time around a ``trio.open_signal_receiver`` (a process about to serve, or done
+    serving and on its way out). The receiver puts these back when it closes and re-raises
+    the signals it still holds; with the default handlers a second signal, sent during the
+    drain or after it, killed a process that had stopped cleanly (exit -15, or -2 after a
+    KeyboardInterrupt traceback). One that comes before the receiver opens is in the list, so
+    it is not lost. Once ``trio.run`` returns the caller ignores both (``ignore_stop_signals``):
+    trio puts its entry SIGINT handler back, and Python resets a handler of its own to the
+    default while the interpreter finalizes, but not an ignored signal."""
+    noted: list[int] = []
+
+    def note(signum: int, _frame: object) -> None:
+        noted.append(signum)
+
+    signal.signal(signal.SIGINT, note)
+    signal.signal(signal.SIGTERM, note)
+    return noted
+
+
+async def _replay(signums: list[int]) -> AsyncIterator[int]:
+    for signum in signums:
+        yield signum
 
 
 async def stop_when_parent_says(scope: trio.CancelScope) -> None:

@@ -90,3 +90,30 @@ async def test_workers_drain_and_exit_0_on_a_signal(redis_server: RedisServer, s
         assert set() == r.smembers("available:webrtc")
         history = r.zrange("room:messages:Den", 0, -1)
         assert 1 == len(history) and b"last words" in history[0]
+
+
+@pytest.mark.parametrize("when", ["during", "after"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_a_second_signal_still_exits_0(redis_server: RedisServer, signum: int, when: str) -> None:
+    """An impatient operator signals the parent again, while its workers drain or once they
+    have stopped (``event=workers_stopped`` logged, the parent on its way out): the parent
+    still exits 0. It was killed by the second signal (exit -15, or -2 after a
+    KeyboardInterrupt traceback): leaving its signal receiver put the default handlers back
+    and re-raised a signal the receiver still held."""
+    async with serve_process("--redis-url", redis_server.url, "--workers", "2", *FAST) as server:
+        server.process.send_signal(signum)
+        if when == "after":
+            with trio.fail_after(20):
+                await server.wait_for_log(lambda text: "event=workers_stopped" in text)
+        else:
+            with trio.fail_after(20):
+                await server.wait_for_log(lambda text: "action=stopping_workers" in text)
+        # Again and again until it exits: also while the interpreter finalizes.
+        with trio.fail_after(20):
+            while server.process.returncode is None:
+                server.process.send_signal(signum)
+                with trio.move_on_after(0.002):
+                    await server.process.wait()
+        code = server.process.returncode
+        assert 0 == code, server.text()[-3000:]
+        assert "Traceback" not in server.text()
