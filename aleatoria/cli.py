@@ -24,7 +24,13 @@ from aleatoria.limits import id_problem
 from aleatoria.overview import open_view_listener
 from aleatoria.portlock import lock_port
 from aleatoria.server import serve
-from aleatoria.workers import ignore_stop_signals, reserve_port, run_workers, stop_when_parent_says
+from aleatoria.workers import (
+    hold_stop_signals,
+    ignore_stop_signals,
+    reserve_port,
+    run_workers,
+    stop_when_parent_says,
+)
 
 log = logging.getLogger("aleatoria.cli")
 
@@ -167,6 +173,7 @@ def _serve(args: argparse.Namespace, serve_args: Sequence[str]) -> int:
     if args.worker is not None:
         ignore_stop_signals()  # the drain's signal handlers are _run's; see there
     failed = trio.run(_run, config, args.worker)
+    ignore_stop_signals()  # on the way out: see ``hold_stop_signals``
     if failed:
         return _start_failed(config, failed, worker=args.worker)
     return 0
@@ -273,9 +280,12 @@ async def _run(config: Config, worker: int | None) -> list[OSError]:
     # must not kill a draining server. The drain is bounded by shutdown_timeout. A worker
     # ignores both signals outside this block (``ignore_stop_signals``): its parent's stop
     # request also comes on stdin, which it watches from the start.
+    # Nor a process that is done: leaving the receiver puts back the handlers it found and
+    # re-raises a signal it holds, so those handlers only note a signal (``hold_stop_signals``).
+    early = hold_stop_signals()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
+            nursery.start_soon(_stop_on_signal, signals if not early else _noted(early), nursery.cancel_scope)
             if worker is not None:
                 nursery.start_soon(stop_when_parent_says, nursery.cancel_scope)
             try:
@@ -287,6 +297,11 @@ async def _run(config: Config, worker: int | None) -> list[OSError]:
             elif worker is not None:
                 _tell_parent("ready")
     return failed
+
+
+async def _noted(signums: list[int]) -> AsyncIterator[int]:
+    for signum in signums:  # a signal that came before the receiver took over
+        yield signum
 
 
 async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:

@@ -161,6 +161,47 @@ async def test_graceful_shutdown_of_a_real_process(signum: int) -> None:
                 process.kill()
 
 
+@pytest.mark.parametrize("when", ["shutdown_started", "shutdown_done"])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_second_signal_still_exits_0(signum: int, when: str) -> None:
+    """A second SIGTERM/SIGINT during the drain (``shutdown_started`` logged) or once it is over
+    (``shutdown_done``, the process on its way out), repeated until it exits, does not kill it: it exits 0. It
+    exited -15 (or -2 after a KeyboardInterrupt): leaving the signal receiver put the default
+    handlers back and re-raised a signal the receiver still held."""
+    env = {**os.environ, "ALEATORIA_PORT": "0", "PYTHONUNBUFFERED": "1"}
+    lines: list[str] = []
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            partial(
+                trio.run_process,
+                [sys.executable, "-m", "aleatoria", "serve", "--rate-limit", "0"],
+                stderr=subprocess.PIPE,
+                env=env,
+                check=False,
+            )
+        )
+        try:
+            with trio.fail_after(20):
+                await _read_port(process.stderr, lines)
+                process.send_signal(signum)
+                while not any(when in line for line in lines):
+                    chunk = await process.stderr.receive_some(4096)
+                    assert chunk, "".join(lines)
+                    lines.append(chunk.decode())
+                # Again and again until it exits: also while the interpreter finalizes.
+                while process.returncode is None:
+                    process.send_signal(signum)
+                    with trio.move_on_after(0.002):
+                        await process.wait()
+                while (chunk := await process.stderr.receive_some(4096)) != b"":
+                    lines.append(chunk.decode())
+            assert 0 == process.returncode, "".join(lines)
+            assert "Traceback" not in "".join(lines)
+        finally:
+            if process.returncode is None:
+                process.kill()
+
+
 async def test_shutdown_does_not_wait_out_a_socket_that_sent_nothing() -> None:
     """A socket that never sent its request head (a browser's preconnect, a probe) is closed
     when the server shuts down, not waited for until its handshake timeout (it once held a
