@@ -27,6 +27,7 @@ from aleatoria.server import serve
 from aleatoria.workers import (
     hold_stop_signals,
     ignore_stop_signals,
+    replay,
     reserve_port,
     run_workers,
     stop_when_parent_says,
@@ -285,7 +286,7 @@ async def _run(config: Config, worker: int | None) -> list[OSError]:
     early = hold_stop_signals()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, signals if not early else _noted(early), nursery.cancel_scope)
+            nursery.start_soon(_stop_on_signal, replay(early) if early else signals, nursery.cancel_scope)
             if worker is not None:
                 nursery.start_soon(stop_when_parent_says, nursery.cancel_scope)
             try:
@@ -297,11 +298,6 @@ async def _run(config: Config, worker: int | None) -> list[OSError]:
             elif worker is not None:
                 _tell_parent("ready")
     return failed
-
-
-async def _noted(signums: list[int]) -> AsyncIterator[int]:
-    for signum in signums:  # a signal that came before the receiver took over
-        yield signum
 
 
 async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:

@@ -154,7 +154,7 @@ class Supervisor:
 
     async def _stop_on_signal(self, signals: AsyncIterator[int], early: list[int]) -> None:
         if early:  # came before the receiver took over
-            signals = _replay(early)
+            signals = replay(early)
         async for signum in signals:
             log.info("event=signal signal=%s action=stopping_workers", signal.Signals(signum).name)
             self._stop()
@@ -316,7 +316,9 @@ def hold_stop_signals() -> list[int]:
     return noted
 
 
-async def _replay(signums: list[int]) -> AsyncIterator[int]:
+async def replay(signums: list[int]) -> AsyncIterator[int]:
+    """The signals ``hold_stop_signals`` noted before a receiver took over, as a receiver
+    would give them."""
     for signum in signums:
         yield signum
 
