@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from functools import partial
 
 import pytest
@@ -121,11 +122,11 @@ async def _read_port(stream: trio.abc.ReceiveStream, lines: list[str]) -> int:
                 return int(text.split("ws://127.0.0.1:")[1].split("/")[0])
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-async def test_graceful_shutdown_of_a_real_process(signum: int) -> None:
-    """SIGTERM/SIGINT: every client is closed with 1001 and the process exits 0 within 10 s."""
+@contextlib.asynccontextmanager
+async def _serve_process() -> AsyncIterator[tuple[trio.Process, trio.abc.ReceiveStream, trio.Nursery]]:
+    """``aleatoria serve`` as a real process on a free port, with its piped stderr; killed if
+    the test leaves it running."""
     env = {**os.environ, "ALEATORIA_PORT": "0", "PYTHONUNBUFFERED": "1"}
-    lines: list[str] = []
     async with trio.open_nursery() as nursery:
         process = await nursery.start(
             partial(
@@ -136,29 +137,38 @@ async def test_graceful_shutdown_of_a_real_process(signum: int) -> None:
                 check=False,
             )
         )
+        assert process.stderr is not None
         try:
-            with trio.fail_after(20):
-                port = await _read_port(process.stderr, lines)
-                srv = RunningServer(port, None, nursery.cancel_scope)  # type: ignore[arg-type]
-                async with connect(srv, "alice") as alice, connect(srv, "bob") as bob:
-                    await alice.send({"type": "chat_message", "room": "Lobby", "payload": {"content": "x"}})
-                    await bob.expect("chat_message")
-                    started = trio.current_time()
-                    process.send_signal(signum)
-                    for peer in (alice, bob):
-                        with pytest.raises(ConnectionClosed) as closed:
-                            while True:
-                                await peer.recv()
-                        assert 1001 == close_of(closed.value)[0]
-                while (chunk := await process.stderr.receive_some(4096)) != b"":
-                    lines.append(chunk.decode())
-                await process.wait()
-                assert 0 == process.returncode, "".join(lines)
-                assert trio.current_time() - started < 10
-                assert any("shutdown_done" in line for line in lines)
+            yield process, process.stderr, nursery
         finally:
             if process.returncode is None:
                 process.kill()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_graceful_shutdown_of_a_real_process(signum: int) -> None:
+    """SIGTERM/SIGINT: every client is closed with 1001 and the process exits 0 within 10 s."""
+    lines: list[str] = []
+    async with _serve_process() as (process, stderr, nursery):
+        with trio.fail_after(20):
+            port = await _read_port(stderr, lines)
+            srv = RunningServer(port, None, nursery.cancel_scope)  # type: ignore[arg-type]
+            async with connect(srv, "alice") as alice, connect(srv, "bob") as bob:
+                await alice.send({"type": "chat_message", "room": "Lobby", "payload": {"content": "x"}})
+                await bob.expect("chat_message")
+                started = trio.current_time()
+                process.send_signal(signum)
+                for peer in (alice, bob):
+                    with pytest.raises(ConnectionClosed) as closed:
+                        while True:
+                            await peer.recv()
+                    assert 1001 == close_of(closed.value)[0]
+            while (chunk := await stderr.receive_some(4096)) != b"":
+                lines.append(chunk.decode())
+            await process.wait()
+            assert 0 == process.returncode, "".join(lines)
+            assert trio.current_time() - started < 10
+            assert any("shutdown_done" in line for line in lines)
 
 
 @pytest.mark.parametrize("when", ["shutdown_started", "shutdown_done"])
@@ -168,38 +178,24 @@ async def test_a_second_signal_still_exits_0(signum: int, when: str) -> None:
     (``shutdown_done``, the process on its way out), repeated until it exits, does not kill it: it exits 0. It
     exited -15 (or -2 after a KeyboardInterrupt): leaving the signal receiver put the default
     handlers back and re-raised a signal the receiver still held."""
-    env = {**os.environ, "ALEATORIA_PORT": "0", "PYTHONUNBUFFERED": "1"}
     lines: list[str] = []
-    async with trio.open_nursery() as nursery:
-        process = await nursery.start(
-            partial(
-                trio.run_process,
-                [sys.executable, "-m", "aleatoria", "serve", "--rate-limit", "0"],
-                stderr=subprocess.PIPE,
-                env=env,
-                check=False,
-            )
-        )
-        try:
-            with trio.fail_after(20):
-                await _read_port(process.stderr, lines)
+    async with _serve_process() as (process, stderr, _):
+        with trio.fail_after(20):
+            await _read_port(stderr, lines)
+            process.send_signal(signum)
+            while not any(when in line for line in lines):
+                chunk = await stderr.receive_some(4096)
+                assert chunk, "".join(lines)
+                lines.append(chunk.decode())
+            # Again and again until it exits: also while the interpreter finalizes.
+            while process.returncode is None:
                 process.send_signal(signum)
-                while not any(when in line for line in lines):
-                    chunk = await process.stderr.receive_some(4096)
-                    assert chunk, "".join(lines)
-                    lines.append(chunk.decode())
-                # Again and again until it exits: also while the interpreter finalizes.
-                while process.returncode is None:
-                    process.send_signal(signum)
-                    with trio.move_on_after(0.002):
-                        await process.wait()
-                while (chunk := await process.stderr.receive_some(4096)) != b"":
-                    lines.append(chunk.decode())
-            assert 0 == process.returncode, "".join(lines)
-            assert "Traceback" not in "".join(lines)
-        finally:
-            if process.returncode is None:
-                process.kill()
+                with trio.move_on_after(0.002):
+                    await process.wait()
+            while (chunk := await stderr.receive_some(4096)) != b"":
+                lines.append(chunk.decode())
+        assert 0 == process.returncode, "".join(lines)
+        assert "Traceback" not in "".join(lines)
 
 
 async def test_shutdown_does_not_wait_out_a_socket_that_sent_nothing() -> None:
