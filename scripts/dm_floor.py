@@ -25,7 +25,7 @@ from urllib.parse import parse_qs
 
 import httptools
 import trio
-from handshake_floor import HEALTH, SWITCHING, httptools_head, read_head, serve  # beside this file
+from handshake_floor import HEALTH, SWITCHING, httptools_head, read_head, run_until_interrupted  # beside this
 from wsproto.utilities import generate_accept_token
 
 from aleatoria.frames import text_frame
@@ -118,7 +118,7 @@ def main() -> None:
     port = parser.parse_args().port
     if not 0 <= port <= 65535:
         parser.error("--port must be 0..65535")
-    trio.run(serve, "dm_floor", port, partial(_connection, users=users))
+    run_until_interrupted("dm_floor", port, partial(_connection, users=users))
 
 
 if __name__ == "__main__":

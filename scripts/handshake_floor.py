@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -112,6 +113,21 @@ async def serve(name: str, port: int, connection: Callable[[socket.socket], Awai
                 nursery.start_soon(connection, sock)
 
 
+def run_until_interrupted(
+    name: str, port: int, connection: Callable[[socket.socket], Awaitable[None]]
+) -> None:
+    """``serve`` until Ctrl-C (or SIGTERM, which ends the process by default), then exit 130
+    without a traceback: a user stops a floor by hand, ``compare.py`` by SIGTERM."""
+    interrupted = False
+    try:
+        trio.run(serve, name, port, connection)
+    except* KeyboardInterrupt:
+        interrupted = True
+    if interrupted:
+        print(f"{name}: interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
 async def _connection(sock: socket.socket, parser: str) -> None:
     with sock:
         head = await read_head(sock)
@@ -143,7 +159,7 @@ def main() -> None:
     if not 0 <= args.port <= 65535:
         parser.error("--port must be 0..65535")
     head_parser = "h11" if args.h11 else "httptools" if args.httptools else "raw"
-    trio.run(serve, "handshake_floor", args.port, partial(_connection, parser=head_parser))
+    run_until_interrupted("handshake_floor", args.port, partial(_connection, parser=head_parser))
 
 
 if __name__ == "__main__":

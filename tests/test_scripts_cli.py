@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,28 @@ def test_the_installers_are_executable() -> None:
     """They are run as ``scripts/install-*.sh`` (docs, CI)."""
     for script in INSTALLERS:
         assert os.access(SCRIPTS / script, os.X_OK), script
+
+
+@pytest.mark.parametrize("script", ["dm_floor.py", "handshake_floor.py"])
+def test_a_floor_stops_on_ctrl_c_without_a_traceback(script: str) -> None:
+    """Ctrl-C (SIGINT) on a floor server run by hand: it says so and exits 130, no traceback
+    (it ended with a KeyboardInterrupt group's traceback and exit 1)."""
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / script), "--port", "0"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert "listening on 127.0.0.1:" in process.stdout.readline()  # serving: trio runs
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=TIMEOUT)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            process.wait()
+    assert 130 == process.returncode, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr
