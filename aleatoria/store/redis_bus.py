@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import trio
@@ -76,6 +76,8 @@ _ROOMS_CACHED = 4096
 PUBLISH = 0  # to a channel (room or instance)
 ROUTE = 1  # to a user, through presence
 SEND = 2  # a room message: stamped, stored and published by ``room_send``
+# Marks the op of ``add_to_pipeline`` that gathers a room's messages into one ``room_send``.
+_ROOM_SEND = object()
 
 
 def room_channel(room: str) -> str:
@@ -271,8 +273,7 @@ class RedisBus:
         item, which of the commands added answers for it: a room's chat messages share one
         ``room_send`` call (Redis' cost per message is mostly the call's), up to the next
         event published on that room's channel, which keeps its place after them."""
-        ops: list[tuple[Any, ...] | list[bytes]] = []  # a command's arguments, or a room's messages
-        rooms: list[str] = []  # the room of each list in ``ops``, in order
+        ops: list[tuple[Any, ...]] = []  # a command's arguments, or (_ROOM_SEND, room, messages)
         open_sends: dict[str, int] = {}  # room -> its messages' place in ``ops``, while open
         slots: list[int] = []
         publish = self._publish_command
@@ -281,9 +282,8 @@ class RedisBus:
                 at = open_sends.get(item.target)
                 if at is None:
                     at = open_sends[item.target] = len(ops)
-                    ops.append([])
-                    rooms.append(item.target)
-                cast(list[bytes], ops[at]).append(item.message)
+                    ops.append((_ROOM_SEND, item.target, []))
+                ops[at][2].append(item.message)
             elif item.kind == PUBLISH:
                 room = _room_of(item.target)
                 if room is not None:
@@ -308,12 +308,11 @@ class RedisBus:
                     )
                 )
             slots.append(at)
-        next_room = iter(rooms)
         for op in ops:
-            if isinstance(op, tuple):
+            if op[0] is not _ROOM_SEND:
                 command(*op)
                 continue
-            room = next(next_room)
+            _, room, messages = op
             command(
                 "EVALSHA",
                 scripts.room_send_sha,
@@ -324,7 +323,7 @@ class RedisBus:
                 scripts.cutoff_ns,
                 scripts.cap,
                 scripts.ttl_ms,
-                *op,
+                *messages,
             )
         return slots
 
