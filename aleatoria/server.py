@@ -483,15 +483,11 @@ class Server:
                 if not remote:
                     self.router.evict(takeover.instance, user, takeover.connection)
                 await session.adopt_rooms(takeover.rooms)
-                if outcome is not None and not remote:
-                    # A token refused here (used, expired) while the user's session lives on
-                    # another instance: that session leaves (PROTOCOL.md section 15), as when
-                    # its owner refuses the token, rather than carrying over to a "fresh" one.
-                    await self._leave_adopted(session)
-            elif replaced is not None and outcome is not None and not remote:
-                # The same, for a live session here (a token used a moment ago by the session
-                # this one replaces, or a wrong one): it leaves; the fresh session carries
-                # none of its rooms, pool place or match, as on another instance.
+            if outcome is not None and not remote and (takeover is not None or replaced is not None):
+                # A token refused here (used, expired, wrong) while the user's session lives,
+                # on another instance or on this one: that session leaves (PROTOCOL.md section
+                # 15), as when its owner refuses the token, rather than carrying over to a
+                # "fresh" one (its rooms, pool place or match).
                 await self._leave_adopted(session)
             if remote and holding is not None:
                 status, owner_frames = UNKNOWN, b""
