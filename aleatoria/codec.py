@@ -196,7 +196,11 @@ def dumps(value: Any) -> bytes:
 
 def decode(frame: str | bytes | bytearray) -> Envelope:
     """Parse one frame into an Envelope. Raises InvalidMessage (answered error_response)."""
-    data = loads(frame)
+    return envelope_of(loads(frame))
+
+
+def envelope_of(data: Any) -> Envelope:
+    """``decode`` of a frame ``loads`` has parsed already. Raises InvalidMessage."""
     if type(data) is not dict:
         raise InvalidMessage(f"expected a JSON object, got {_json_type(data)}")
     if "type" not in data:

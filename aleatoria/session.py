@@ -19,7 +19,7 @@ import trio
 
 from aleatoria import core
 from aleatoria import messages as m
-from aleatoria.codec import decode, encode, encode_reply, now
+from aleatoria.codec import encode, encode_reply, envelope_of, loads, now
 from aleatoria.config import Config
 from aleatoria.core import Call, Effect, Facts, Rules, Step
 from aleatoria.errors import LIMIT_REACHED, ClientError, InvalidMessage
@@ -103,7 +103,14 @@ class Session:
         try:
             moment = trio.current_time()
             self.client.limiter.check(moment)
-            envelope = decode(frame)
+            parsed = loads(frame)
+            if type(parsed) is dict and parsed.get("type") == m.CHAT_MESSAGE and not self._held:
+                dm = core.plain_dm(parsed, self.facts(moment), self._limits)
+                if dm is not None:  # the usual DM, as the general path's branch below
+                    stats.messages_in[m.CHAT_MESSAGE] += 1
+                    self._direct(dm)
+                    return
+            envelope = envelope_of(parsed)
             # Hostile clients choose ``type``: unknown ones share one label.
             stats.messages_in[envelope.type if envelope.type in m.CLIENT_TYPES else "unknown"] += 1
             request = parse(envelope, self._limits)
@@ -131,11 +138,7 @@ class Session:
                     # store counts it per user (with Redis a round trip, once per partner for
                     # the connection; then it is known until its hour passes and costs none).
                     self._apply(core.counted(dm.to_count, await self._perform(dm.to_count), moment))
-                if dm.incoming is None:
-                    self._router.send(self.user, dm.own, m.CHAT_MESSAGE)
-                    return
-                self._record_direct(dm.to, dm.stored, dm.created_ns, dm.own)
-                self._router.send(dm.to, dm.incoming, m.CHAT_MESSAGE)
+                self._direct(dm)
                 return
             else:
                 step = core.handle(request, self.facts(moment))
@@ -313,6 +316,14 @@ class Session:
                 self._moderation.report_filed(report_id, report)
             case _:
                 assert_never(effect)
+
+    def _direct(self, dm: core.DirectMessage) -> None:
+        """A DM's effects (as ``_apply`` would carry out ``_chat_to_user``'s step)."""
+        if dm.incoming is None:
+            self._router.send(self.user, dm.own, m.CHAT_MESSAGE)
+            return
+        self._record_direct(dm.to, dm.stored, dm.created_ns, dm.own)
+        self._router.send(dm.to, dm.incoming, m.CHAT_MESSAGE)
 
     def _record_direct(self, to: str, data: bytes, created_ns: int, own: bytes) -> None:
         """Store a DM and send the sender its copy, its acknowledgement: at once in memory

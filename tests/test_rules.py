@@ -13,12 +13,12 @@ from typing import Any
 import jwt
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from aleatoria import core
 from aleatoria import messages as m
-from aleatoria.codec import decode, parse_time_ns
+from aleatoria.codec import decode, envelope_of, parse_time_ns
 from aleatoria.core import Facts, Rules, Step
 from aleatoria.errors import ClientError, InvalidMessage
 from aleatoria.limits import TokenBucket
@@ -270,6 +270,126 @@ def test_the_store_counts_new_dm_partners_per_user() -> None:
     dm = core.direct_message(ChatToUser("b4", {"content": "x"}), fresh)
     assert core.CountPartner("b4", 3) == dm.to_count
     assert core.RememberPartner("b4", 5000.0) == core.counted(core.CountPartner("b4", 3), 0.0, 5000.0)
+
+
+# ``plain_dm``: the usual DM in one pass, equal to the general path wherever it answers.
+
+_KNOWN = {"bob": 900.0, "stale": 1000.0 - core.HOUR}  # a partner of this hour, one from over it
+_ABSENT = object()
+
+
+def _general(data: dict[str, Any], the_facts: Facts) -> Any:
+    """What the session's general path makes of a parsed frame: the DM, or why it is not one."""
+    try:
+        parsed = parse(envelope_of(data), LIMITS)
+        if type(parsed) is not ChatToUser:
+            return type(parsed).__name__
+        return core.direct_message(parsed, the_facts)
+    except (ClientError, InvalidMessage) as exc:
+        return str(exc)
+
+
+def _mostly(usual: st.SearchStrategy[Any], other: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """``usual`` five times in six: most frames drawn are DMs the fast path takes, each of the
+    rest off in a field or two."""
+    return st.integers(0, 5).flatmap(lambda k: usual if k else other)
+
+
+_ANY_JSON = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5), st.just({}), st.just([]))
+
+
+@st.composite
+def _frames(draw: st.DrawFn) -> dict[str, Any]:
+    absent = st.just(_ABSENT)
+    fields = {
+        "type": _mostly(st.just("chat_message"), st.sampled_from(["webrtc_offer", "join_room"])),
+        "toUser": _mostly(
+            st.just("bob"), st.one_of(st.sampled_from(["stale", "dave", "", "b" * 65]), _ANY_JSON, absent)
+        ),
+        "room": _mostly(absent, st.one_of(st.just("Lobby"), st.none())),
+        "payload": _mostly(
+            st.fixed_dictionaries(
+                {"content": st.text(max_size=40)},
+                optional={"ts": st.integers(0, 2**63), "extra": st.text(max_size=300)},
+            ),
+            st.one_of(st.fixed_dictionaries({"content": st.just("x" * 4001) | _ANY_JSON}), _ANY_JSON, absent),
+        ),
+        "messageId": _mostly(absent | st.text(max_size=10), st.sampled_from(["m" * 129]) | _ANY_JSON),
+        "fromUser": _mostly(absent | st.just("alice"), _ANY_JSON),
+        "createTime": _mostly(absent | st.just("2025-01-01T00:00:00Z"), _ANY_JSON),
+        "incoming": _mostly(absent | st.booleans(), _ANY_JSON),
+    }
+    drawn = {key: draw(values) for key, values in fields.items()}
+    return {key: value for key, value in drawn.items() if value is not _ABSENT}
+
+
+@settings(max_examples=400)
+@given(
+    _frames(),
+    _mostly(st.just(False), st.just(True)),
+    _mostly(st.just(set()), st.sets(st.sampled_from(["bob", "dave"]))),
+    _mostly(st.just(32_768), st.just(300)),
+)
+def test_plain_dm_answers_as_the_general_path(
+    data: dict[str, Any], shadow: bool, blocked_by: set[str], max_payload: int
+) -> None:
+    def the_facts() -> Facts:  # each path its own, with the same clock and ids
+        return facts(
+            partners=dict(_KNOWN),
+            blocked_by=set(blocked_by),
+            shadow=shadow,
+            rules=Rules(max_payload_bytes=max_payload),
+        )
+
+    fast = core.plain_dm(data, the_facts(), LIMITS)
+    if fast is not None:
+        assert _general(data, the_facts()) == fast
+    event("taken" if fast is not None else "left to the general path")
+
+
+def test_plain_dm_takes_the_usual_dms_and_leaves_the_rest() -> None:
+    usual = [
+        {"type": "chat_message", "toUser": "bob", "payload": {"content": "hi", "ts": 1}},  # the generator's
+        {
+            "type": "chat_message",
+            "fromUser": "alice",
+            "toUser": "bob",
+            "payload": {"content": "hé"},
+            "messageId": "m-1",
+        },  # a browser's
+    ]
+    for data in usual:
+        fast = core.plain_dm(data, facts(partners=dict(_KNOWN)), LIMITS)
+        assert fast is not None and fast == _general(data, facts(partners=dict(_KNOWN)))
+    plain = usual[0]
+    # Each of these the general path refuses or must count or decide otherwise: left to it.
+    left = [
+        (dict(plain, toUser="dave"), facts(partners=dict(_KNOWN))),  # a new partner: the store counts it
+        (dict(plain, toUser="stale"), facts(partners=dict(_KNOWN))),  # over an hour ago: counted again
+        (dict(plain, room="Lobby"), facts(partners=dict(_KNOWN))),  # both targets
+        (dict(plain, payload={"content": 1}), facts(partners=dict(_KNOWN))),
+        (dict(plain, payload={"content": "x" * 4001}), facts(partners=dict(_KNOWN))),
+        (dict(plain, payload="hi"), facts(partners=dict(_KNOWN))),
+        (dict(plain, messageId="m" * 129), facts(partners=dict(_KNOWN))),
+        (dict(plain, messageId=7), facts(partners=dict(_KNOWN))),
+        (dict(plain, fromUser=7), facts(partners=dict(_KNOWN))),
+        (dict(plain, createTime=7), facts(partners=dict(_KNOWN))),
+        (dict(plain, incoming="yes"), facts(partners=dict(_KNOWN))),
+        (dict(plain, toUser=7), facts(partners=dict(_KNOWN))),
+        (plain, facts(partners=dict(_KNOWN), blocked_by={"bob"})),
+        (plain, facts(partners=dict(_KNOWN), shadow=True)),  # its own copy alone, unstored
+        (
+            dict(plain, payload={"content": "x" * 200}),
+            facts(partners=dict(_KNOWN), rules=Rules(max_payload_bytes=200)),
+        ),
+    ]
+    for data, the_facts in left:
+        assert core.plain_dm(data, the_facts, LIMITS) is None, data
+        assert (
+            not isinstance(_general(data, the_facts), core.DirectMessage)
+            or data["toUser"] != "bob"
+            or the_facts.shadow
+        )
 
 
 def test_payload_bytes_count_every_field() -> None:
