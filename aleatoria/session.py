@@ -104,7 +104,12 @@ class Session:
             moment = trio.current_time()
             self.client.limiter.check(moment)
             parsed = loads(frame)
-            if type(parsed) is dict and parsed.get("type") == m.CHAT_MESSAGE and not self._held:
+            if (
+                type(parsed) is dict
+                and parsed.get("type") == m.CHAT_MESSAGE
+                and "room" not in parsed  # a room's message: not a DM, no facts to refresh twice
+                and not self._held
+            ):
                 dm = core.plain_dm(parsed, self.facts(moment), self._limits)
                 if dm is not None:  # the usual DM, as the general path's branch below
                     stats.messages_in[m.CHAT_MESSAGE] += 1
