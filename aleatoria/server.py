@@ -169,7 +169,9 @@ class Server:
                 sock.setblocking(False)
                 self.connections += 1
                 self.sockets_per_ip[ip] += 1
-                nursery.start_soon(self._connection, sock, ip)
+                nursery.start_soon(
+                    self._connection, sock, ip, self.connections <= self.config.max_connections
+                )
 
     async def serve_connection(self, sock: socket.socket, addr: str = "127.0.0.1") -> None:
         """Serve one connected socket as if the listener had accepted it from ``addr``: the
@@ -179,7 +181,7 @@ class Server:
         sock.setblocking(False)
         self.connections += 1
         self.sockets_per_ip[addr] += 1
-        await self._connection(sock, addr)
+        await self._connection(sock, addr, self.connections <= self.config.max_connections)
 
     def _over_socket_caps(self, ip: str) -> bool:
         """Whether a socket just accepted from ``ip`` is over the caps, counted from accept
@@ -190,7 +192,9 @@ class Server:
         per_ip = config.max_connections_per_ip
         return bool(per_ip) and not config.client_ip_header and self.sockets_per_ip[ip] >= per_ip
 
-    async def _connection(self, sock: socket.socket, addr: str) -> None:
+    async def _connection(self, sock: socket.socket, addr: str, within_cap: bool) -> None:
+        """Serve one accepted socket. ``within_cap``: it was among ``max_connections`` sockets
+        when accepted (see ``_refusal``)."""
         # Error boundary: one bad client must never take the listener down.
         try:
             try:
@@ -209,7 +213,7 @@ class Server:
                 await self._http(sock, request)
                 await _close_http(sock)
                 return
-            upgraded = await self._upgrade(sock, request, addr)
+            upgraded = await self._upgrade(sock, request, addr, within_cap)
             # The request head and the parser's state are done with: an idle session should not
             # carry them (~2 KB a connection) for its whole life.
             del request
@@ -300,12 +304,14 @@ class Server:
                 return value.rsplit(",", 1)[-1].strip()
         return addr
 
-    def _refusal(self, request: Request, ip: str) -> tuple[int, str] | None:
+    def _refusal(self, request: Request, ip: str, within_cap: bool) -> tuple[int, str] | None:
         if not self.accepting:
             return 503, "Server is shutting down\n"
         config = self.config
-        # Sockets count from accept, this one included (half-open ones too).
-        if self.connections > config.max_connections:
+        # Sockets count from accept (half-open ones too), in the order accepted: one that was
+        # within the cap then is let in however many came after it (a burst of 20 at a cap of
+        # 10 lets the first 10 in, not none); one over it, only once enough have gone since.
+        if not within_cap and self.connections > config.max_connections:
             return 503, "Server is at its connection limit\n"
         if (
             config.max_connections_per_ip
@@ -343,13 +349,13 @@ class Server:
         return None
 
     async def _upgrade(
-        self, sock: socket.socket, request: Request, addr: str
+        self, sock: socket.socket, request: Request, addr: str, within_cap: bool
     ) -> tuple[WebSocket, str, str, str, float | None, Admission, str | None] | None:
         """Accept a WebSocket request: (the WebSocket, userId, room, client address, token
         expiry, admission, hello), or None after answering a refusal. ``hello``: None for a
         level-1 connection, else the resume token it presented ("" for none)."""
         ip = self.client_ip(request, addr)
-        refusal = self._refusal(request, ip)
+        refusal = self._refusal(request, ip, within_cap)
         if refusal is not None:
             status, text = refusal
             self.stats.handshake_rejections[status] += 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from contextlib import AsyncExitStack
 
 import jwt
 import pytest
@@ -13,7 +14,7 @@ import trio
 from inmemory import InMemoryServer, inmemory_server
 from rawws import health, open_tcp, read_response_head, upgrade_request
 from support import Peer, Target, connect, running_server
-from trio.testing import MockClock
+from trio.testing import MockClock, wait_all_tasks_blocked
 from trio_websocket import ConnectionClosed
 
 from aleatoria.auth import make_token
@@ -372,6 +373,24 @@ async def test_idle_sockets_from_one_address_are_capped_from_accept() -> None:
         finally:
             for sock in idle:
                 sock.close()
+
+
+@pytest.mark.loopback  # sockets counted from accept, as the listener accepts them
+async def test_a_burst_over_the_connection_cap_lets_the_first_sockets_in() -> None:
+    """20 upgrades at once at max_connections=10: the ten sockets accepted first get their
+    WebSocket, the ten after them 503. (Each upgrade used to count all 20 sockets accepted
+    by then, so every one of them got 503 and the server stood empty.)"""
+    async with running_server(max_connections=10) as srv, AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(open_tcp(srv)) for _ in range(20)]
+        # All 20 accepted before any request head arrives (the server runs in this trio run:
+        # once every task is blocked, its accept loop has taken them all). Without this the
+        # test still holds; with it, it tells the two rules apart.
+        await wait_all_tasks_blocked()
+        for index, conn in enumerate(conns):
+            await conn.send(upgrade_request(srv.port, f"/ws?userId=u{index}"))
+        with trio.fail_after(5):
+            statuses = [(await read_response_head(conn)).status for conn in conns]
+        assert [101] * 10 + [503] * 10 == statuses
 
 
 @pytest.mark.loopback  # caps by peer address, counted from accept
