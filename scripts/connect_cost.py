@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 import socket
 import sys
 import time
@@ -46,7 +47,7 @@ async def _connect(server: Server, nursery: trio.Nursery, index: int, held: list
     theirs.setblocking(False)
     server.connections += 1
     server.sockets_per_ip["127.0.0.1"] += 1
-    nursery.start_soon(server._connection, ours, "127.0.0.1")
+    nursery.start_soon(server._connection, ours, "127.0.0.1", True)  # the cap is not what is timed
     theirs.send(_HEAD % (index, index % 100))
     got = b""
     while b"room_joined" not in got:
@@ -84,6 +85,25 @@ async def _main(count: int, teardown: bool) -> None:
         sock.close()
 
 
+_SPARE_FILES = 64  # the interpreter's, trio's wake-up pipe, the store's
+
+
+def _allow_files(parser: argparse.ArgumentParser, needed: int) -> None:
+    """Raise the open-files limit to ``needed`` (two per connection: a socket pair), or
+    refuse before anything runs: the hard limit is the operator's to raise."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        most = (hard - _SPARE_FILES) // 2 - _WARM_UP
+        lower = f" or lower --count to {most}" if most >= 1 else ""
+        parser.error(
+            f"--count needs {needed} open files (two per connection, {_WARM_UP} more connections "
+            f"to warm up) and the limit is {hard}: raise it (ulimit -n){lower}"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--count", type=int, default=3000, help="connections to time (after 200 unmeasured)")
@@ -93,6 +113,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.count < 1:
         parser.error("--count must be at least 1")
+    _allow_files(parser, 2 * (_WARM_UP + args.count) + _SPARE_FILES)
     # As ``aleatoria serve`` does after start-up (cli.py).
     gc.collect()
     gc.freeze()

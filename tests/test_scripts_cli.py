@@ -67,6 +67,32 @@ def test_measuring_scripts_refuse_a_count_or_port_that_cannot_work(argv: list[st
     assert "error:" in done.stderr.splitlines()[-1]
 
 
+def test_connect_cost_refuses_a_count_beyond_the_open_files_limit() -> None:
+    """Two open files per connection: a --count the hard limit cannot hold is a usage error
+    naming the largest count that fits, not a traceback at the socket pair that fails; that
+    count then runs under the same limit."""
+    import resource
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    def run(count: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(SCRIPTS / "connect_cost.py"), "--count", str(count)],
+            capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT, check=False,
+            preexec_fn=limit_files, env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+
+    refused = run(1000)
+    assert 2 == refused.returncode, refused.stderr
+    assert "Traceback" not in refused.stderr
+    last = refused.stderr.splitlines()[-1]
+    assert "the limit is 1024" in last and "lower --count to 280" in last  # (1024 - 64) // 2 - 200
+    fits = run(280)
+    assert 0 == fits.returncode, fits.stderr
+    assert "us CPU per connect" in fits.stdout
+
+
 @pytest.mark.parametrize("script", ["match_curve.py", "side_by_side.py"])
 def test_runners_refuse_an_out_directory_they_cannot_create(script: str, tmp_path: Path) -> None:
     """--out under a regular file (or anywhere it cannot be created) is a usage error naming
