@@ -790,6 +790,46 @@ def signal_frame(request: Signal, facts: Facts) -> bytes | None:
     return encode_relayed(request.kind, facts.user, to, None, payload, message_id, facts.clock()[1])
 
 
+# The call signals ``plain_signal`` takes (a hangup ends the match first: the general path).
+PLAIN_SIGNALS = frozenset({m.WEBRTC_OFFER, m.WEBRTC_ANSWER, m.WEBRTC_CANDIDATE})
+
+
+def plain_signal(data: dict[str, Any], facts: Facts, limits: Limits) -> bytes | None:
+    """``signal_frame`` of a parsed frame that is the usual call signal, in one pass: an
+    offer, answer or candidate to the user's match peer, whose match the store knows here,
+    every envelope field of its type and within its limit, privacy mode off. None for
+    anything else (and without a side effect but an id): the caller then takes the general
+    path (``envelope_of``, ``parse``, ``signal_frame``), which decides it and says why. What
+    this accepts, it answers as that path would, byte for byte (a property test holds them
+    equal). Most frames of a call are these: the general path's envelope, request and id
+    check were a tenth of the server's CPU under the reference generator's ``match``
+    (docs/performance.md, session 19). Never raises."""
+    get = data.get
+    kind, to, message_id = get("type"), get("toUser"), get("messageId")
+    from_user, create_time, incoming = get("fromUser"), get("createTime"), get("incoming")
+    if (
+        type(kind) is not str  # a client's list or object is no set member
+        or kind not in PLAIN_SIGNALS
+        or type(to) is not str
+        or "room" in data
+        or not (
+            message_id is None or (type(message_id) is str and len(message_id) <= limits.max_message_id_chars)
+        )
+        or not (from_user is None or type(from_user) is str)
+        or not (create_time is None or type(create_time) is str)
+        or not (incoming is None or type(incoming) is bool)
+        or facts.rules.ice.relay_only
+        or to in facts.blocked_by
+        # The target's match is with this user: a valid id, and no hijack or shadow ban to
+        # weigh (a shadow-banned user still reaches its match peer).
+        or facts.match_peer(to) != facts.user
+    ):
+        return None
+    return encode_relayed(
+        kind, facts.user, to, None, get("payload"), message_id or facts.new_id(), facts.clock()[1]
+    )
+
+
 def relay_signal(request: Signal, data: bytes, facts: Facts) -> Step:
     """Relay ``data``, ``request``'s frame (``signal_frame``); a hangup ends the match first."""
     to = request.to_user

@@ -104,17 +104,23 @@ class Session:
             moment = trio.current_time()
             self.client.limiter.check(moment)
             parsed = loads(frame)
-            if (
-                type(parsed) is dict
-                and parsed.get("type") == m.CHAT_MESSAGE
-                and "room" not in parsed  # a room's message: not a DM, no facts to refresh twice
-                and not self._held
-            ):
-                dm = core.plain_dm(parsed, self.facts(moment), self._limits)
-                if dm is not None:  # the usual DM, as the general path's branch below
-                    stats.messages_in[m.CHAT_MESSAGE] += 1
-                    self._direct(dm)
-                    return
+            # The usual DM and call signal in one pass each; anything else, or anything
+            # they leave, takes the general path below (a held frame goes first: order).
+            if type(parsed) is dict and not self._held:
+                kind = parsed.get("type")
+                if kind == m.CHAT_MESSAGE:
+                    if "room" not in parsed:  # a room's message: no facts to refresh twice
+                        dm = core.plain_dm(parsed, self.facts(moment), self._limits)
+                        if dm is not None:  # as the general path's DM branch
+                            stats.messages_in[kind] += 1
+                            self._direct(dm)
+                            return
+                elif type(kind) is str and kind in core.PLAIN_SIGNALS:
+                    data = core.plain_signal(parsed, self.facts(moment), self._limits)
+                    # Its peer gone meanwhile: the general path finds where (or says so).
+                    if data is not None and self._router.send_here(parsed["toUser"], data, kind):
+                        stats.messages_in[kind] += 1
+                        return
             envelope = envelope_of(parsed)
             # Hostile clients choose ``type``: unknown ones share one label.
             stats.messages_in[envelope.type if envelope.type in m.CLIENT_TYPES else "unknown"] += 1

@@ -21,6 +21,7 @@ from aleatoria import messages as m
 from aleatoria.codec import decode, envelope_of, parse_time_ns
 from aleatoria.core import Facts, Rules, Step
 from aleatoria.errors import ClientError, InvalidMessage
+from aleatoria.ice import IcePolicy
 from aleatoria.limits import TokenBucket
 from aleatoria.matchmaking import RequestOutcome
 from aleatoria.requests import (
@@ -302,7 +303,7 @@ _ANY_JSON = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=
 def _frames(draw: st.DrawFn) -> dict[str, Any]:
     absent = st.just(_ABSENT)
     fields = {
-        "type": _mostly(st.just("chat_message"), st.sampled_from(["webrtc_offer", "join_room"])),
+        "type": _mostly(st.just("chat_message"), st.sampled_from(["webrtc_offer", "join_room"]) | _ANY_JSON),
         "toUser": _mostly(
             st.just("bob"), st.one_of(st.sampled_from(["stale", "dave", "", "b" * 65]), _ANY_JSON, absent)
         ),
@@ -385,6 +386,98 @@ def test_plain_dm_takes_the_usual_dms_and_leaves_the_rest() -> None:
     ]
     for data, the_facts in left:
         assert core.plain_dm(data, the_facts, LIMITS) is None, data
+
+
+# ``plain_signal``: the usual call signal in one pass, equal to the general path where it answers.
+
+_MATCHES = {"bob": "alice", "carol": "dave"}  # bob's match is with this user (alice); carol's is not
+
+
+def _general_signal(data: dict[str, Any], the_facts: Facts) -> Any:
+    """What the session's general path makes of a parsed frame: a signal's frame (None when
+    dropped in silence), or why it is not one."""
+    try:
+        parsed = parse(envelope_of(data), LIMITS)
+        if type(parsed) is not Signal:
+            return type(parsed).__name__
+        return core.signal_frame(parsed, the_facts)
+    except (ClientError, InvalidMessage) as exc:
+        return str(exc)
+
+
+@st.composite
+def _signal_frames(draw: st.DrawFn) -> dict[str, Any]:
+    absent = st.just(_ABSENT)
+    fields = {
+        "type": _mostly(
+            st.sampled_from(["webrtc_offer", "webrtc_answer", "webrtc_candidate"]),
+            st.sampled_from(["hangup", "chat_message", "join_room"]) | _ANY_JSON,
+        ),
+        "toUser": _mostly(
+            st.just("bob"), st.one_of(st.sampled_from(["carol", "erin", "", "b" * 65]), _ANY_JSON, absent)
+        ),
+        "room": _mostly(absent, st.one_of(st.just("Lobby"), st.none())),
+        "payload": st.one_of(
+            absent, _ANY_JSON, st.fixed_dictionaries({"sdp": st.text(max_size=20), "ts": st.integers()})
+        ),
+        "messageId": _mostly(absent | st.text(max_size=10), st.sampled_from(["", "m" * 129]) | _ANY_JSON),
+        "fromUser": _mostly(absent | st.just("alice"), _ANY_JSON),
+        "createTime": _mostly(absent | st.just("2025-01-01T00:00:00Z"), _ANY_JSON),
+        "incoming": _mostly(absent | st.booleans(), _ANY_JSON),
+    }
+    drawn = {key: draw(values) for key, values in fields.items()}
+    return {key: value for key, value in drawn.items() if value is not _ABSENT}
+
+
+@settings(max_examples=400)
+@given(
+    _signal_frames(),
+    _mostly(st.just(False), st.just(True)),
+    _mostly(st.just(set()), st.sets(st.sampled_from(["bob", "carol"]))),
+    _mostly(st.just(False), st.just(True)),
+)
+def test_plain_signal_answers_as_the_general_path(
+    data: dict[str, Any], shadow: bool, blocked_by: set[str], relay_only: bool
+) -> None:
+    def the_facts() -> Facts:  # each path its own, with the same clock and ids
+        return facts(
+            matches=_MATCHES,
+            blocked_by=set(blocked_by),
+            shadow=shadow,
+            rules=Rules(ice=IcePolicy(relay_only=relay_only)),
+        )
+
+    fast = core.plain_signal(data, the_facts(), LIMITS)
+    if fast is not None:
+        assert _general_signal(data, the_facts()) == fast
+    event("taken" if fast is not None else "left to the general path")
+
+
+def test_plain_signal_takes_a_calls_signals_and_leaves_the_rest() -> None:
+    offer = {"type": "webrtc_offer", "toUser": "bob", "payload": {"type": "offer", "sdp": "v=0"}}
+    for data in (
+        offer,
+        dict(offer, type="webrtc_answer", messageId="m-1", fromUser="alice"),
+        dict(offer, type="webrtc_candidate", payload={"candidate": {"candidate": "candidate:0 1 udp"}}),
+    ):
+        fast = core.plain_signal(data, facts(matches=_MATCHES), LIMITS)
+        assert fast is not None and fast == _general_signal(data, facts(matches=_MATCHES))
+    left: list[tuple[dict[str, Any], Facts]] = [
+        (dict(offer, type="hangup"), facts(matches=_MATCHES)),  # ends the match first
+        (dict(offer, toUser="carol"), facts(matches=_MATCHES)),  # in a match with another: refused
+        (dict(offer, toUser="erin"), facts(matches=_MATCHES)),  # no match here: maybe elsewhere
+        (dict(offer, toUser=7), facts(matches=_MATCHES)),
+        (dict(offer, room="Lobby"), facts(matches=_MATCHES)),
+        (dict(offer, messageId="m" * 129), facts(matches=_MATCHES)),
+        (dict(offer, messageId=7), facts(matches=_MATCHES)),
+        (dict(offer, fromUser=7), facts(matches=_MATCHES)),
+        (dict(offer, createTime=7), facts(matches=_MATCHES)),
+        (dict(offer, incoming="yes"), facts(matches=_MATCHES)),
+        (offer, facts(matches=_MATCHES, blocked_by={"bob"})),
+        (offer, facts(matches=_MATCHES, rules=Rules(ice=IcePolicy(relay_only=True)))),  # scrubbed
+    ]
+    for data, the_facts in left:
+        assert core.plain_signal(data, the_facts, LIMITS) is None, data
 
 
 def test_payload_bytes_count_every_field() -> None:
