@@ -377,6 +377,7 @@ def test_plain_dm_takes_the_usual_dms_and_leaves_the_rest() -> None:
         (dict(plain, createTime=7), facts(partners=dict(_KNOWN))),
         (dict(plain, incoming="yes"), facts(partners=dict(_KNOWN))),
         (dict(plain, toUser=7), facts(partners=dict(_KNOWN))),
+        (dict(plain, toUser=["bob"]), facts(partners=dict(_KNOWN))),  # no set lookup of a list
         (plain, facts(partners=dict(_KNOWN), blocked_by={"bob"})),
         (plain, facts(partners=dict(_KNOWN), shadow=True)),  # its own copy alone, unstored
         (
@@ -467,6 +468,7 @@ def test_plain_signal_takes_a_calls_signals_and_leaves_the_rest() -> None:
         (dict(offer, toUser="carol"), facts(matches=_MATCHES)),  # in a match with another: refused
         (dict(offer, toUser="erin"), facts(matches=_MATCHES)),  # no match here: maybe elsewhere
         (dict(offer, toUser=7), facts(matches=_MATCHES)),
+        (dict(offer, toUser={"id": "bob"}), facts(matches=_MATCHES)),
         (dict(offer, room="Lobby"), facts(matches=_MATCHES)),
         (dict(offer, messageId="m" * 129), facts(matches=_MATCHES)),
         (dict(offer, messageId=7), facts(matches=_MATCHES)),
