@@ -299,34 +299,49 @@ def _mostly(usual: st.SearchStrategy[Any], other: st.SearchStrategy[Any]) -> st.
 _ANY_JSON = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5), st.just({}), st.just([]))
 
 
-@st.composite
-def _frames(draw: st.DrawFn) -> dict[str, Any]:
+def _frames_of(
+    kinds: st.SearchStrategy[Any], targets: st.SearchStrategy[Any], payloads: st.SearchStrategy[Any]
+) -> st.SearchStrategy[dict[str, Any]]:
+    """Frames drawn field by field: ``type``, ``toUser`` and ``payload`` from the strategies
+    given, the envelope's other fields mostly as browsers send them (absent, or of their
+    type), each off now and then."""
     absent = st.just(_ABSENT)
     fields = {
-        "type": _mostly(st.just("chat_message"), st.sampled_from(["webrtc_offer", "join_room"]) | _ANY_JSON),
-        "toUser": _mostly(
-            st.just("bob"), st.one_of(st.sampled_from(["stale", "dave", "", "b" * 65]), _ANY_JSON, absent)
-        ),
+        "type": kinds,
+        "toUser": targets,
         "room": _mostly(absent, st.one_of(st.just("Lobby"), st.none())),
-        "payload": _mostly(
-            st.fixed_dictionaries(
-                {"content": st.text(max_size=40)},
-                optional={"ts": st.integers(0, 2**63), "extra": st.text(max_size=300)},
-            ),
-            st.one_of(st.fixed_dictionaries({"content": st.just("x" * 4001) | _ANY_JSON}), _ANY_JSON, absent),
-        ),
-        "messageId": _mostly(absent | st.text(max_size=10), st.sampled_from(["m" * 129]) | _ANY_JSON),
+        "payload": payloads,
+        "messageId": _mostly(absent | st.text(max_size=10), st.sampled_from(["", "m" * 129]) | _ANY_JSON),
         "fromUser": _mostly(absent | st.just("alice"), _ANY_JSON),
         "createTime": _mostly(absent | st.just("2025-01-01T00:00:00Z"), _ANY_JSON),
         "incoming": _mostly(absent | st.booleans(), _ANY_JSON),
     }
-    drawn = {key: draw(values) for key, values in fields.items()}
-    return {key: value for key, value in drawn.items() if value is not _ABSENT}
+    return st.fixed_dictionaries(fields).map(
+        lambda drawn: {key: value for key, value in drawn.items() if value is not _ABSENT}
+    )
+
+
+_DM_FRAMES = _frames_of(
+    _mostly(st.just("chat_message"), st.sampled_from(["webrtc_offer", "join_room"]) | _ANY_JSON),
+    _mostly(
+        st.just("bob"),
+        st.one_of(st.sampled_from(["stale", "dave", "", "b" * 65]), _ANY_JSON, st.just(_ABSENT)),
+    ),
+    _mostly(
+        st.fixed_dictionaries(
+            {"content": st.text(max_size=40)},
+            optional={"ts": st.integers(0, 2**63), "extra": st.text(max_size=300)},
+        ),
+        st.one_of(
+            st.fixed_dictionaries({"content": st.just("x" * 4001) | _ANY_JSON}), _ANY_JSON, st.just(_ABSENT)
+        ),
+    ),
+)
 
 
 @settings(max_examples=400)
 @given(
-    _frames(),
+    _DM_FRAMES,
     _mostly(st.just(False), st.just(True)),
     _mostly(st.just(set()), st.sets(st.sampled_from(["bob", "dave"]))),
     _mostly(st.just(32_768), st.just(300)),
@@ -406,33 +421,24 @@ def _general_signal(data: dict[str, Any], the_facts: Facts) -> Any:
         return str(exc)
 
 
-@st.composite
-def _signal_frames(draw: st.DrawFn) -> dict[str, Any]:
-    absent = st.just(_ABSENT)
-    fields = {
-        "type": _mostly(
-            st.sampled_from(["webrtc_offer", "webrtc_answer", "webrtc_candidate"]),
-            st.sampled_from(["hangup", "chat_message", "join_room"]) | _ANY_JSON,
-        ),
-        "toUser": _mostly(
-            st.just("bob"), st.one_of(st.sampled_from(["carol", "erin", "", "b" * 65]), _ANY_JSON, absent)
-        ),
-        "room": _mostly(absent, st.one_of(st.just("Lobby"), st.none())),
-        "payload": st.one_of(
-            absent, _ANY_JSON, st.fixed_dictionaries({"sdp": st.text(max_size=20), "ts": st.integers()})
-        ),
-        "messageId": _mostly(absent | st.text(max_size=10), st.sampled_from(["", "m" * 129]) | _ANY_JSON),
-        "fromUser": _mostly(absent | st.just("alice"), _ANY_JSON),
-        "createTime": _mostly(absent | st.just("2025-01-01T00:00:00Z"), _ANY_JSON),
-        "incoming": _mostly(absent | st.booleans(), _ANY_JSON),
-    }
-    drawn = {key: draw(values) for key, values in fields.items()}
-    return {key: value for key, value in drawn.items() if value is not _ABSENT}
+_SIGNAL_FRAMES = _frames_of(
+    _mostly(
+        st.sampled_from(["webrtc_offer", "webrtc_answer", "webrtc_candidate"]),
+        st.sampled_from(["hangup", "chat_message", "join_room"]) | _ANY_JSON,
+    ),
+    _mostly(
+        st.just("bob"),
+        st.one_of(st.sampled_from(["carol", "erin", "", "b" * 65]), _ANY_JSON, st.just(_ABSENT)),
+    ),
+    st.one_of(
+        st.just(_ABSENT), _ANY_JSON, st.fixed_dictionaries({"sdp": st.text(max_size=20), "ts": st.integers()})
+    ),
+)
 
 
 @settings(max_examples=400)
 @given(
-    _signal_frames(),
+    _SIGNAL_FRAMES,
     _mostly(st.just(False), st.just(True)),
     _mostly(st.just(set()), st.sets(st.sampled_from(["bob", "carol"]))),
     _mostly(st.just(False), st.just(True)),
