@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -279,15 +280,20 @@ _KNOWN = {"bob": 900.0, "stale": 1000.0 - core.HOUR}  # a partner of this hour, 
 _ABSENT = object()
 
 
-def _general(data: dict[str, Any], the_facts: Facts) -> Any:
-    """What the session's general path makes of a parsed frame: the DM, or why it is not one."""
+def _general(data: dict[str, Any], the_facts: Facts, kind: type, rule: Callable[[Any, Facts], Any]) -> Any:
+    """What the session's general path makes of a parsed frame: ``rule``'s answer (a DM's
+    frames, a signal's frame or None) to a request of type ``kind``, or why it is not one."""
     try:
         parsed = parse(envelope_of(data), LIMITS)
-        if type(parsed) is not ChatToUser:
+        if type(parsed) is not kind:
             return type(parsed).__name__
-        return core.direct_message(parsed, the_facts)
+        return rule(parsed, the_facts)
     except (ClientError, InvalidMessage) as exc:
         return str(exc)
+
+
+def _general_dm(data: dict[str, Any], the_facts: Facts) -> Any:
+    return _general(data, the_facts, ChatToUser, core.direct_message)
 
 
 def _mostly(usual: st.SearchStrategy[Any], other: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
@@ -359,7 +365,7 @@ def test_plain_dm_answers_as_the_general_path(
 
     fast = core.plain_dm(data, the_facts(), LIMITS)
     if fast is not None:
-        assert _general(data, the_facts()) == fast
+        assert _general_dm(data, the_facts()) == fast
     event("taken" if fast is not None else "left to the general path")
 
 
@@ -376,7 +382,7 @@ def test_plain_dm_takes_the_usual_dms_and_leaves_the_rest() -> None:
     ]
     for data in usual:
         fast = core.plain_dm(data, facts(partners=dict(_KNOWN)), LIMITS)
-        assert fast is not None and fast == _general(data, facts(partners=dict(_KNOWN)))
+        assert fast is not None and fast == _general_dm(data, facts(partners=dict(_KNOWN)))
     plain = usual[0]
     # Each of these the general path refuses or must count or decide otherwise: left to it.
     left: list[tuple[dict[str, Any], Facts]] = [
@@ -410,15 +416,7 @@ _MATCHES = {"bob": "alice", "carol": "dave"}  # bob's match is with this user (a
 
 
 def _general_signal(data: dict[str, Any], the_facts: Facts) -> Any:
-    """What the session's general path makes of a parsed frame: a signal's frame (None when
-    dropped in silence), or why it is not one."""
-    try:
-        parsed = parse(envelope_of(data), LIMITS)
-        if type(parsed) is not Signal:
-            return type(parsed).__name__
-        return core.signal_frame(parsed, the_facts)
-    except (ClientError, InvalidMessage) as exc:
-        return str(exc)
+    return _general(data, the_facts, Signal, core.signal_frame)
 
 
 _SIGNAL_FRAMES = _frames_of(
