@@ -104,6 +104,29 @@ async def test_blocked_user_cannot_write_to_the_blocker(
         assert "hi" == (await alice.expect("chat_message"))["payload"]["content"]
 
 
+async def test_a_block_stops_the_dms_of_a_partner_of_this_hour(
+    server: InMemoryServer, autojump_clock: MockClock
+) -> None:
+    """Bob has written to alice this hour, so his next DM to her takes the one-pass path
+    (``core.plain_dm``); once she blocks him, that DM is refused as the first one would be,
+    and is neither delivered nor stored."""
+    async with connect(server, "alice") as alice, connect(server, "bob") as bob:
+        dm = {"type": "chat_message", "toUser": "alice", "payload": {"content": "hi"}}
+        for _ in range(2):  # the first counts the partner, the second is the usual DM
+            await bob.send(dm)
+            assert "hi" == (await alice.expect("chat_message"))["payload"]["content"]
+            await bob.expect("chat_message")  # his own copy
+        await alice.request({"type": "block_user", "payload": {"user": "bob"}}, "user_blocked")
+        await bob.send(dict(dm, payload={"content": "still there?"}))
+        assert reply("error", "bob", {"error": "User alice is not online.", "code": "peer_unavailable"}) == (
+            await bob.recv()
+        )
+        history = await alice.request(
+            {"type": "get_direct_messages", "payload": {"withUser": "bob"}}, "direct_messages"
+        )
+        assert ["hi", "hi"] == [message["payload"]["content"] for message in history["payload"]["messages"]]
+
+
 async def test_block_reaches_a_connection_made_later(
     server: InMemoryServer, autojump_clock: MockClock
 ) -> None:
