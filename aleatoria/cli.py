@@ -27,7 +27,7 @@ from aleatoria.server import serve
 from aleatoria.workers import (
     hold_stop_signals,
     ignore_stop_signals,
-    replay,
+    noted_then,
     reserve_port,
     run_workers,
     stop_when_parent_says,
@@ -286,7 +286,7 @@ async def _run(config: Config, worker: int | None) -> list[OSError]:
     early = hold_stop_signals()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, replay(early) if early else signals, nursery.cancel_scope)
+            nursery.start_soon(_stop_on_signal, noted_then(early, signals), nursery.cancel_scope)
             if worker is not None:
                 nursery.start_soon(stop_when_parent_says, nursery.cancel_scope)
             try:

@@ -126,7 +126,7 @@ class Supervisor:
         early = hold_stop_signals()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as outer:
-                outer.start_soon(self._stop_on_signal, signals, early)
+                outer.start_soon(self._stop_on_signal, noted_then(early, signals))
                 if self.view is not None:
                     outer.start_soon(answer_forever, self.view, TreeView(self, os.getpid()).answer)
                 async with trio.open_nursery() as slots:
@@ -152,9 +152,7 @@ class Supervisor:
         self.stopping = True
         self._stopped.set()
 
-    async def _stop_on_signal(self, signals: AsyncIterator[int], early: list[int]) -> None:
-        if early:  # came before the receiver took over
-            signals = replay(early)
+    async def _stop_on_signal(self, signals: AsyncIterator[int]) -> None:
         async for signum in signals:
             log.info("event=signal signal=%s action=stopping_workers", signal.Signals(signum).name)
             self._stop()
@@ -316,10 +314,12 @@ def hold_stop_signals() -> list[int]:
     return noted
 
 
-async def replay(signums: list[int]) -> AsyncIterator[int]:
-    """The signals ``hold_stop_signals`` noted before a receiver took over, as a receiver
-    would give them."""
-    for signum in signums:
+async def noted_then(noted: list[int], signals: AsyncIterator[int]) -> AsyncIterator[int]:
+    """The signals ``hold_stop_signals`` noted before ``signals`` (a receiver) took over,
+    then the receiver's."""
+    for signum in noted:
+        yield signum
+    async for signum in signals:
         yield signum
 
 
