@@ -167,11 +167,7 @@ class Server:
                     _refuse_now(sock)
                     continue
                 sock.setblocking(False)
-                self.connections += 1
-                self.sockets_per_ip[ip] += 1
-                nursery.start_soon(
-                    self._connection, sock, ip, self.connections <= self.config.max_connections
-                )
+                nursery.start_soon(self._connection, sock, ip, self._count_socket(ip))
 
     async def serve_connection(self, sock: socket.socket, addr: str = "127.0.0.1") -> None:
         """Serve one connected socket as if the listener had accepted it from ``addr``: the
@@ -179,9 +175,14 @@ class Server:
         tier hands it one end of ``socket.socketpair()`` (see ``serve_unlistened``). Returns
         when the connection is over; cancellation closes the socket."""
         sock.setblocking(False)
+        await self._connection(sock, addr, self._count_socket(addr))
+
+    def _count_socket(self, ip: str) -> bool:
+        """Count a socket just accepted from ``ip`` (``_connection`` uncounts it); whether it
+        is within ``max_connections`` in the order accepted (see ``_refusal``)."""
         self.connections += 1
-        self.sockets_per_ip[addr] += 1
-        await self._connection(sock, addr, self.connections <= self.config.max_connections)
+        self.sockets_per_ip[ip] += 1
+        return self.connections <= self.config.max_connections
 
     def _over_socket_caps(self, ip: str) -> bool:
         """Whether a socket just accepted from ``ip`` is over the caps, counted from accept
