@@ -45,9 +45,7 @@ async def _connect(server: Server, nursery: trio.Nursery, index: int, held: list
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
-    server.connections += 1
-    server.sockets_per_ip["127.0.0.1"] += 1
-    nursery.start_soon(server._connection, ours, "127.0.0.1", True)  # the cap is not what is timed
+    nursery.start_soon(server._connection, ours, "127.0.0.1", server._count_socket("127.0.0.1"))
     theirs.send(_HEAD % (index, index % 100))
     got = b""
     while b"room_joined" not in got:
@@ -60,7 +58,13 @@ async def _connect(server: Server, nursery: trio.Nursery, index: int, held: list
 
 
 async def _main(count: int, teardown: bool) -> None:
-    config = Config(port=0, rate_limit=0, allowed_origins=("*",), max_connections_per_ip=0)
+    config = Config(
+        port=0,
+        rate_limit=0,
+        allowed_origins=("*",),
+        max_connections_per_ip=0,
+        max_connections=_WARM_UP + count,  # every connection timed gets in
+    )
     held: list[socket.socket] = []
     async with (
         open_store(config) as store,
