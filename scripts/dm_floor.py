@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+from collections.abc import Awaitable, Callable
 from functools import partial
 from urllib.parse import parse_qs
 
@@ -56,26 +57,24 @@ def _frames(buffer: bytearray) -> list[tuple[int, bytes]]:
     return out
 
 
-async def _connection(sock: socket.socket, users: dict[bytes, socket.socket]) -> None:
-    with sock:
-        head = await read_head(sock)
-        if head is None:
-            return
-        target, key = httptools_head(head)
-        if target.startswith(b"/health"):
-            sock.send(HEALTH)
-            return
-        user = parse_qs(httptools.parse_url(target).query.decode())["userId"][0].encode()
-        sock.send(SWITCHING % generate_accept_token(key))
-        users[user] = sock
-        try:
-            await _relay(sock, users)
-        finally:
-            if users.get(user) is sock:
-                del users[user]
+async def handshake(sock: socket.socket) -> bytes | None:
+    """Read the request head and answer it: ``/health`` gets 200 and None, an upgrade 101 and
+    its ``userId``."""
+    head = await read_head(sock)
+    if head is None:
+        return None
+    target, key = httptools_head(head)
+    if target.startswith(b"/health"):
+        sock.send(HEALTH)
+        return None
+    user = parse_qs(httptools.parse_url(target).query.decode())["userId"][0].encode()
+    sock.send(SWITCHING % generate_accept_token(key))
+    return user
 
 
-async def _relay(sock: socket.socket, users: dict[bytes, socket.socket]) -> None:
+async def read_text(sock: socket.socket, on_text: Callable[[bytes], Awaitable[None] | None]) -> None:
+    """Call ``on_text`` with each text frame's unmasked payload until the client closes (and
+    wait for what it returns, if anything, before the next frame)."""
     buffer = bytearray()
     short_read = True
     while True:
@@ -98,17 +97,33 @@ async def _relay(sock: socket.socket, users: dict[bytes, socket.socket]) -> None
         for opcode, payload in _frames(buffer):
             if opcode == 0x8:
                 return
-            if opcode != 0x1:
-                continue
-            at = payload.find(_TO_USER)
-            if at < 0:
-                continue
-            at += len(_TO_USER)
-            peer = users.get(payload[at : payload.index(b'"', at)])
-            frame = text_frame(payload)
-            if peer is not None:
-                peer.send(frame)
-            sock.send(frame)
+            if opcode == 0x1 and (pending := on_text(payload)) is not None:
+                await pending
+
+
+async def _connection(sock: socket.socket, users: dict[bytes, socket.socket]) -> None:
+    with sock:
+        user = await handshake(sock)
+        if user is None:
+            return
+        users[user] = sock
+        try:
+            await read_text(sock, partial(_relay, sock, users))
+        finally:
+            if users.get(user) is sock:
+                del users[user]
+
+
+def _relay(sock: socket.socket, users: dict[bytes, socket.socket], payload: bytes) -> None:
+    at = payload.find(_TO_USER)
+    if at < 0:
+        return
+    at += len(_TO_USER)
+    peer = users.get(payload[at : payload.index(b'"', at)])
+    frame = text_frame(payload)
+    if peer is not None:
+        peer.send(frame)
+    sock.send(frame)
 
 
 def main() -> None:

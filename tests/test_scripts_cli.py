@@ -55,12 +55,14 @@ def test_measuring_scripts_refuse_a_bad_argument(argv: list[str]) -> None:
         ["redis_message_cost.py", "--mode", "memory", "--count", "0"],
         ["redis_message_cost.py", "--mode", "memory", "--kinds", "rooms"],
         ["dm_floor.py", "--port", "70000"],
+        ["match_floor.py", "--port", "70000"],
+        ["match_floor.py", "--redis-url", "redis://127.0.0.1:1/0"],  # nothing listens on port 1
         ["handshake_floor.py", "--port", "-1"],
     ],
 )
 def test_measuring_scripts_refuse_a_count_or_port_that_cannot_work(argv: list[str]) -> None:
-    """A count of 0 (a figure per unit over no units), an unknown kind or a port out of range is
-    a one-line usage error before anything runs, not a traceback."""
+    """A count of 0 (a figure per unit over no units), an unknown kind, a port out of range or
+    a Redis that is not there is a one-line usage error before anything runs, not a traceback."""
     done = _run([sys.executable, str(SCRIPTS / argv[0]), *argv[1:]])
     assert 2 == done.returncode, done.stderr
     assert "Traceback" not in done.stderr
@@ -186,7 +188,7 @@ def test_the_installers_are_executable() -> None:
         assert os.access(SCRIPTS / script, os.X_OK), script
 
 
-@pytest.mark.parametrize("script", ["dm_floor.py", "handshake_floor.py"])
+@pytest.mark.parametrize("script", ["dm_floor.py", "handshake_floor.py", "match_floor.py"])
 def test_a_floor_stops_on_ctrl_c_without_a_traceback(script: str) -> None:
     """Ctrl-C (SIGINT) on a floor server run by hand: it says so and exits 130, no traceback
     (it ended with a KeyboardInterrupt group's traceback and exit 1)."""

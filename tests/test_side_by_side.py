@@ -42,6 +42,8 @@ def _run(**changes: Any) -> dict[str, list[dict[str, Any]]]:
             {"matches_per_s": 1500.0, "match_latency": {"p99_ms": 12.0}, "timeouts": 0, "double_matches": 0},
         )
         + _reps("redis", match_redis),
+        "match-floor": _reps("floor", {"match_latency": {"p99_ms": 9.0}, "timeouts": 4})
+        + _reps("floor-redis", {"match_latency": {"p99_ms": 11.0}, "timeouts": 6}),
         "conns": _reps("h11-floor", {"server_cpu_us_per_connect": 200.0})
         + _reps("memory", {"server_cpu_us_per_connect": 210.0, "server_bytes_per_conn": 6100}),
     }
@@ -82,6 +84,19 @@ def test_the_match_target_is_the_match_latency_not_the_relay_latency() -> None:
     assert _verdict(25.0, _run())["Redis match latency p99 (ms)"] == (15.0, True)
     slow = _run(match_redis={"match_latency": {"p99_ms": 105.0}, "relay_latency": {"p99_ms": 10.0}})
     assert _verdict(25.0, slow)["Redis match latency p99 (ms)"] == (105.0, False)
+
+
+def test_the_match_targets_name_what_the_floors_reach() -> None:
+    """The match floor's latency and timeouts beside the two match targets, each floor's own."""
+    details = {t.name: t.detail for t in sbs.targets(25.0, _run())}
+    assert (
+        details["Redis match latency p99 (ms)"]
+        == "memory mode 12.0; the match floor alone 11.0 in Redis, 9.0 in memory"
+    )
+    assert (
+        details["Redis match generator timeouts"]
+        == "memory mode 0; the match floor alone 6 in Redis, 4 in memory"
+    )
 
 
 def test_a_server_with_no_figure_is_an_error_not_a_pass() -> None:
