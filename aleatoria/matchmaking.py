@@ -112,6 +112,8 @@ class Matchmaker:
         self._common: dict[str, tuple[str, ...]] = {}
         # Each user's last RECENT_MATCHES ended matches: (peer, match id, when), oldest first.
         self._ended: dict[str, deque[tuple[str, str, float]]] = {}
+        # Called before a live match ends (``search.Search``: announce its matches first).
+        self.before_end: Callable[[], None] | None = None
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -314,9 +316,11 @@ class Matchmaker:
             self._pool_index[last] = index
 
     def _end_match(self, user: str) -> str | None:
-        peer = self._peer_of.pop(user, None)
-        if peer is None:
+        if user not in self._peer_of:
             return None
+        if self.before_end is not None:
+            self.before_end()
+        peer = self._peer_of.pop(user)
         self._peer_of.pop(peer, None)
         self._role_of.pop(user, None)
         self._role_of.pop(peer, None)

@@ -284,6 +284,9 @@ class Search:
         self._matches: list[Match] = []
         self._timeouts: list[str] = []
         self.on_events: Callable[[], None] | None = None  # new matches or timeouts to announce
+        # Announces events at once (the search task's ``announce``), before a match ends.
+        self.on_flush: Callable[[SearchEvents], None] | None = None
+        matchmaker.before_end = self._flush
 
     # -- the World --------------------------------------------------------------------------
 
@@ -429,6 +432,15 @@ class Search:
         self._matches.clear()
         self._timeouts.clear()
         return events
+
+    def _flush(self) -> None:
+        # A live match is about to end (a disconnect, a re-pooling, a hangup, a block). The
+        # search task announces matches only once it runs, after the request that made them:
+        # a match ending in between had its ``hangup`` sent before its ``assign_role``, and
+        # its survivor was then told of a match with a user who had gone. So the matches not
+        # yet announced are announced now, before the end is told.
+        if self._matches and self.on_flush is not None:
+            self.on_flush(self.events())
 
     def forget_cooldowns(self) -> None:
         """Drop partners older than the cooldown (bounded memory)."""

@@ -51,14 +51,20 @@ async def search_forever(
     def poke() -> None:
         wake.set()
 
-    store.on_search_events(poke)
     async with trio.open_nursery() as retries:
+        # A match that ends before this task runs is announced first, by the store's call.
+        store.on_search_events(poke, partial(_announce_now, router=router, ice=ice, stats=stats))
         while True:
             wake = trio.Event()
             announce(await store.search_events(), router, ice, stats, retries, retry)
             delay = store.search_delay()
             with trio.move_on_after(math.inf if delay is None else delay):
                 await wake.wait()
+
+
+def _announce_now(events: SearchEvents, *, router: Router, ice: IcePolicy, stats: Stats) -> None:
+    # A match about to end (memory store): every side it names is here, so no retries.
+    announce(events, router, ice, stats)
 
 
 def announce(

@@ -299,8 +299,12 @@ class Store(Protocol):
         """Seconds until ``search_events`` has work for sure (None: only when woken)."""
         ...
 
-    def on_search_events(self, wake: Callable[[], None]) -> None:
-        """Call ``wake`` (on the trio thread) whenever there are events to hand over."""
+    def on_search_events(
+        self, wake: Callable[[], None], announce: Callable[[SearchEvents], None] | None = None
+    ) -> None:
+        """Call ``wake`` (on the trio thread) whenever there are events to hand over; a store
+        that may end a match before its announcement has run hands its events to ``announce``
+        at once instead (the memory store)."""
         ...
 
     async def pool_then_request_peer(

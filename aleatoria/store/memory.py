@@ -412,8 +412,11 @@ class MemoryStore:
         due = self.search_queue.next_due()
         return None if due is None else max(0.0, due - self.search_queue.clock())
 
-    def on_search_events(self, wake: Callable[[], None]) -> None:
+    def on_search_events(
+        self, wake: Callable[[], None], announce: Callable[[SearchEvents], None] | None = None
+    ) -> None:
         self.search_queue.on_events = wake
+        self.search_queue.on_flush = announce
 
     def match_peer(self, user: str) -> str | None:
         return self.matchmaker.peer_of(user)

@@ -651,8 +651,10 @@ class RedisStore:
     def search_delay(self) -> float | None:
         return self._search_tick
 
-    def on_search_events(self, wake: Callable[[], None]) -> None:
-        self._wake = wake
+    def on_search_events(
+        self, wake: Callable[[], None], announce: Callable[[SearchEvents], None] | None = None
+    ) -> None:
+        self._wake = wake  # ``announce``: unused (matches end in Redis, not here)
 
     def _made(self, match: Match, *, wake: bool = True) -> None:
         """A script made ``match``: mirror it if a side is here, announce it."""
