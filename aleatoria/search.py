@@ -30,6 +30,8 @@ the same rules as Lua, ``store.redis_search``). Profiles are parsed and normalis
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -277,7 +279,19 @@ class Search:
         self.clock = clock
         self._rng = rng or random.Random()
         self._queue: dict[str, Candidate] = {}  # searchers, oldest first
+        # The queue's indexes (see ``_meetable``), each oldest first: searchers by interest,
+        # and those who may match without a common interest (none given; or interests, not
+        # interestsOnly, once the interest wait has passed). ``_place``: each searcher's
+        # place in the queue's order (a counter), to merge them.
+        self._queue_tags: dict[str, dict[str, Candidate]] = {}
+        self._bare: dict[str, Candidate] = {}
+        self._open: dict[str, Candidate] = {}
+        self._place: dict[str, int] = {}
+        self._places = itertools.count()
         self._due: dict[str, float] = {}
+        # (due, place, user) for each searcher's due time, earliest first; an entry whose
+        # time is no longer the searcher's (it left, or became due later) is skipped.
+        self._due_heap: list[tuple[float, int, str]] = []
         self._pooled: dict[str, Candidate] = {}  # pooled users' profiles, longest pooled first
         self._tagged: dict[str, set[str]] = {}  # interest -> pooled users who gave it
         self._recent: dict[str, dict[str, float]] = {}  # user -> partner -> when matched
@@ -326,7 +340,10 @@ class Search:
 
     def next_due(self) -> float | None:
         """The earliest due time (on ``clock``), or None when nobody searches."""
-        return min(self._due.values(), default=None)
+        heap = self._due_heap
+        while heap and self._due.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)  # stale
+        return heap[0][0] if heap else None
 
     # -- commands -----------------------------------------------------------------------------
 
@@ -391,9 +408,9 @@ class Search:
         self.mm.set_unavailable(user)
         now = self.clock()
         candidate = Candidate(user, profile, now, True)
-        self._queue[user] = candidate
+        self._enqueue(candidate)
         position = len(self._queue)
-        self._due[user] = due(candidate, now, self.rules, self._cooldowns_end(user))
+        self._set_due(user, due(candidate, now, self.rules, self._cooldowns_end(user)))
         self._settle(candidate, now)
         if user in self._queue and self.on_events is not None:
             # Still waiting: it brings a due time (fallback, timeout) that the search task,
@@ -405,7 +422,7 @@ class Search:
         """A block between ``users`` was removed: each of them that searches runs
         ``on_change`` again, oldest first, so the pair is matched now if it may be."""
         now = self.clock()
-        for user in [u for u in self._queue if u in users]:
+        for user in sorted((u for u in set(users) if u in self._queue), key=self._place.__getitem__):
             candidate = self._queue.get(user)  # gone if the first one took it
             if candidate is not None:
                 self._settle(candidate, now)
@@ -413,7 +430,12 @@ class Search:
     def tick(self) -> None:
         """Look at every searcher that is due (oldest first): time out or re-match it."""
         now = self.clock()
-        for user in [u for u, when in self._due.items() if when <= now]:
+        heap, due_users = self._due_heap, set()
+        while heap and heap[0][0] <= now:
+            when, _, user = heapq.heappop(heap)
+            if self._due.get(user) == when:
+                due_users.add(user)
+        for user in sorted(due_users, key=self._place.__getitem__):  # oldest first
             candidate = self._queue.get(user)
             if candidate is None:
                 continue
@@ -421,7 +443,7 @@ class Search:
                 self._dequeue(user)
                 self._timeouts.append(user)
                 continue
-            self._due[user] = due(candidate, now, self.rules, self._cooldowns_end(user))
+            self._set_due(user, due(candidate, now, self.rules, self._cooldowns_end(user)))
             self._settle(candidate, now)
         if self._timeouts and self.on_events is not None:
             self.on_events()
@@ -457,7 +479,7 @@ class Search:
     def _settle(self, x: Candidate, now: float) -> None:
         if not self._queue and not x.searcher:
             return  # nobody searches: a newly pooled user is nobody's (on_change would say so)
-        pair = on_change(list(self._queue.values()), self.pooled(), x, now, self.rules, self)
+        pair = on_change(self._meetable(x, now), self._pool_for(x, now), x, now, self.rules, self)
         if pair is None:
             return
         served, partner = pair
@@ -516,10 +538,88 @@ class Search:
         self._recent.setdefault(a, {})[b] = now
         self._recent.setdefault(b, {})[a] = now
 
+    # Cost. ``on_change`` is given only the searchers and pooled users whose interests let
+    # them meet ``x`` (``_meetable``, ``_pool_for``), in the order it would meet them: the
+    # others are never compatible, so the decision is the same. It was given the whole
+    # queue and pool: one address's 600 connections keeping interestsOnly searches with
+    # disjoint interests going at the match rate took 0.75 of a core (0.9 ms a search at
+    # 1,000 searchers) and a calm client's ping p99 from 24 to 248 ms. What remains: those
+    # who may meet ``x`` but are turned away for another reason (a language, a block, a
+    # recent partner), and the pooled users until the first compatible one.
+
+    def _meetable(self, x: Candidate, now: float) -> list[Candidate]:
+        """The searchers ``x`` may be matched with for their interests and its own (and
+        ``x`` if it searches), oldest first: those sharing one of its interests and, if ``x``
+        may match without one, those who may too."""
+        found: dict[str, Candidate] = {}
+        for tag in x.profile.interests:
+            found.update(self._queue_tags.get(tag, {}))
+        if _interests_allow(x, False, now, self.rules):
+            found.update(self._bare)
+            for c in self._open.values():  # oldest first: the interest wait passed first
+                if not _interests_allow(c, False, now, self.rules):
+                    break
+                found[c.user] = c
+        if x.searcher and x.user in self._queue:
+            found[x.user] = x
+        return sorted(found.values(), key=lambda c: self._place[c.user])
+
+    def _pool_for(self, x: Candidate, now: float) -> list[Candidate]:
+        """The pooled users searcher ``x`` may take: those sharing one of its interests and,
+        if it may match without one, the longest pooled compatible ones (its choice among
+        those sharing none)."""
+        if not x.searcher:
+            return []
+        found: dict[str, Candidate] = {}
+        for tag in x.profile.interests:
+            for user in self._tagged.get(tag, ()):
+                c = self._pooled.get(user)
+                if c is not None and self.mm.in_pool(user):
+                    found[user] = c
+        if _interests_allow(x, False, now, self.rules):
+            first: Candidate | None = None
+            for c in self._pooled.values():  # longest pooled first
+                if first is not None and c.since != first.since:
+                    break  # the ties of the first compatible one are in: on_change picks by name
+                if c.user in found or not self.mm.in_pool(c.user):
+                    continue
+                if compatible(x, c, now, self.rules, self):
+                    first = first or c
+                    found[c.user] = c
+        return list(found.values())
+
+    def _enqueue(self, c: Candidate) -> None:
+        user = c.user
+        self._queue[user] = c
+        self._place[user] = next(self._places)
+        for tag in c.profile.interests:
+            self._queue_tags.setdefault(tag, {})[user] = c
+        if not c.profile.interests:
+            self._bare[user] = c
+        elif not c.profile.interests_only:
+            self._open[user] = c
+
+    def _set_due(self, user: str, when: float) -> None:
+        self._due[user] = when
+        heapq.heappush(self._due_heap, (when, self._place[user], user))
+        if len(self._due_heap) > 2 * len(self._due) + 64:  # bounded: drop the stale entries
+            self._due_heap = [(w, self._place[u], u) for u, w in self._due.items()]
+            heapq.heapify(self._due_heap)
+
     def _dequeue(self, user: str) -> None:
-        if user in self._queue:  # mostly not: every pool and request asks
-            del self._queue[user]
-            self._due.pop(user, None)
+        c = self._queue.pop(user, None)  # mostly not there: every pool and request asks
+        if c is None:
+            return
+        self._due.pop(user, None)
+        del self._place[user]
+        for tag in c.profile.interests:
+            tagged = self._queue_tags.get(tag)
+            if tagged is not None:
+                tagged.pop(user, None)
+                if not tagged:
+                    del self._queue_tags[tag]
+        self._bare.pop(user, None)
+        self._open.pop(user, None)
 
     def _unpool(self, user: str) -> None:
         pooled = self._pooled.pop(user, None)
