@@ -21,9 +21,9 @@ What each holds:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import attrs
 
@@ -117,8 +117,41 @@ def either(first: AbstractSet[str] | None, second: AbstractSet[str] | None) -> A
     """The users in either set, or None when both are empty: a matching filter's ``barred``
     of two sources (most users are in neither, and get no new set)."""
     if first and second:
-        return first | second
+        return Either(first, second)
     return first or second or None
+
+
+_T = TypeVar("_T")
+
+
+class Either(AbstractSet[str]):
+    """Two sets seen as their union, without building it. Matching asks ``in`` of a user's
+    ``barred`` once per candidate it looks at, and the union cost a copy of both sets each
+    time: with 1,000 blocks each way (one address's searchers that all blocked each other) a
+    search at 1,000 of them took 19.5 ms. Its own operators (``|``) give a plain set."""
+
+    __slots__ = ("_first", "_second")
+
+    def __init__(self, first: AbstractSet[str], second: AbstractSet[str]) -> None:
+        self._first = first
+        self._second = second
+
+    def __contains__(self, user: object) -> bool:
+        return user in self._first or user in self._second
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._first
+        yield from (user for user in self._second if user not in self._first)
+
+    def __len__(self) -> int:
+        return len(self._first) + sum(1 for user in self._second if user not in self._first)
+
+    def __bool__(self) -> bool:  # without counting: ``if barred`` comes before each ``in``
+        return bool(self._first) or bool(self._second)
+
+    @classmethod
+    def _from_iterable(cls, items: Iterable[_T]) -> AbstractSet[_T]:
+        return set(items)
 
 
 class Safety(Protocol):
