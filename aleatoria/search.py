@@ -43,6 +43,10 @@ from aleatoria.matchmaking import IMPOLITE, Matchmaker, RequestOutcome
 
 MAX_INTERESTS = 10
 MAX_INTEREST_CHARS = 32
+# A search's walk over the queue looks at most at this many searchers who may match it for
+# their interests (each of three walks: older; newer sharing an interest; newer sharing none):
+# the Redis store's bound (``store.redis_search``, "Cost"), and the same trade-off.
+SCAN_LIMIT = 64
 
 # ISO 639-1: the two-letter language codes.
 _ISO_639_1_CODES = """
@@ -288,6 +292,7 @@ class Search:
         self._open: dict[str, Candidate] = {}
         self._place: dict[str, int] = {}
         self._places = itertools.count()
+        self._last_place = -1  # the newest place given
         self._due: dict[str, float] = {}
         # (due, place, user) for each searcher's due time, earliest first; an entry whose
         # time is no longer the searcher's (it left, or became due later) is skipped.
@@ -543,26 +548,53 @@ class Search:
     # others are never compatible, so the decision is the same. It was given the whole
     # queue and pool: one address's 600 connections keeping interestsOnly searches with
     # disjoint interests going at the match rate took 0.75 of a core (0.9 ms a search at
-    # 1,000 searchers) and a calm client's ping p99 from 24 to 248 ms. What remains: those
-    # who may meet ``x`` but are turned away for another reason (a language, a block, a
-    # recent partner), and the pooled users until the first compatible one.
+    # 1,000 searchers) and a calm client's ping p99 from 24 to 248 ms. Those who may meet
+    # ``x`` but are turned away for another reason (a language, a block, a recent partner)
+    # cost a check each, at most ``SCAN_LIMIT`` a walk; the pooled users are read up to the
+    # first compatible one, without a bound (as in Redis).
 
     def _meetable(self, x: Candidate, now: float) -> list[Candidate]:
         """The searchers ``x`` may be matched with for their interests and its own (and
         ``x`` if it searches), oldest first: those sharing one of its interests and, if ``x``
-        may match without one, those who may too."""
-        found: dict[str, Candidate] = {}
-        for tag in x.profile.interests:
-            found.update(self._queue_tags.get(tag, {}))
-        if _interests_allow(x, False, now, self.rules):
-            found.update(self._bare)
-            for c in self._open.values():  # oldest first: the interest wait passed first
-                if not _interests_allow(c, False, now, self.rules):
+        may match without one, those who may too -- merged from the indexes as they come, up
+        to ``SCAN_LIMIT`` older than ``x``, and as many newer sharing an interest and newer
+        sharing none (past a bound ``x`` may pass over one it could match: it is looked at
+        again when its wait or a cooldown ends, or it times out; no rule is broken)."""
+        rules, place = self.rules, self._place
+        sources: list[Iterable[Candidate]] = [
+            self._queue_tags[tag].values() for tag in x.profile.interests if tag in self._queue_tags
+        ]
+        if _interests_allow(x, False, now, rules):
+            sources.append(self._bare.values())
+            # Oldest first: those whose interest wait passed come first.
+            passed = itertools.takewhile(lambda c: c.since + rules.interest_wait <= now, self._open.values())
+            sources.append(passed)
+        mine = place[x.user] if x.searcher and x.user in self._queue else None
+        # Nobody is newer than a searcher that has just joined: its walk ends with the older.
+        last = mine is None or mine == self._last_place
+        older: list[Candidate] = []
+        newer: list[Candidate] = []
+        seen: set[str] = {x.user}
+        shared = other = 0
+        for c in heapq.merge(*sources, key=lambda c: place[c.user]):
+            if c.user in seen:
+                continue
+            seen.add(c.user)
+            if mine is None or place[c.user] < mine:
+                if len(older) < SCAN_LIMIT:
+                    older.append(c)
+                elif last:
                     break
-                found[c.user] = c
-        if x.searcher and x.user in self._queue:
-            found[x.user] = x
-        return sorted(found.values(), key=lambda c: self._place[c.user])
+            elif common(x.profile, c.profile):
+                if shared < SCAN_LIMIT:
+                    shared += 1
+                    newer.append(c)
+            elif other < SCAN_LIMIT:
+                other += 1
+                newer.append(c)
+            if shared == other == SCAN_LIMIT:
+                break
+        return older + newer if mine is None else [*older, x, *newer]
 
     def _pool_for(self, x: Candidate, now: float) -> list[Candidate]:
         """The pooled users searcher ``x`` may take: those sharing one of its interests and,
@@ -591,7 +623,7 @@ class Search:
     def _enqueue(self, c: Candidate) -> None:
         user = c.user
         self._queue[user] = c
-        self._place[user] = next(self._places)
+        self._place[user] = self._last_place = next(self._places)
         for tag in c.profile.interests:
             self._queue_tags.setdefault(tag, {})[user] = c
         if not c.profile.interests:

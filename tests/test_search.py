@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from aleatoria.errors import ClientError
 from aleatoria.matchmaking import Matchmaker
 from aleatoria.search import (
+    SCAN_LIMIT,
     Candidate,
     Profile,
     Search,
@@ -306,3 +307,33 @@ def test_many_blocks_cost_a_match_check_nothing() -> None:
     assert lots < 5 * few, (few, lots)
     assert search.barred("many", "c999") and search.barred("c999", "many")
     assert not search.barred("many", "x")
+
+
+def _blocked_search_seconds(queued: int) -> float:
+    """The least CPU time of a searcher searching again (best of five runs of 100) among
+    ``queued`` searchers without interests who have all blocked each other."""
+    safety = MemorySafety()
+    search = Search(Matchmaker(random.Random(8), safety), RULES, Clock())
+    users = [f"u{i}" for i in range(queued)]
+    for user in users:
+        for other in users:
+            if other != user:
+                safety.block_now(user, other)
+        search.search(user, None, Profile())
+    best = float("inf")
+    for _ in range(5):
+        start = time.process_time()
+        for i in range(100):
+            search.search(users[i % queued], None, Profile())
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def test_a_search_looks_at_a_bounded_number_of_searchers_turned_away() -> None:
+    """Searchers who may match a search for their interests but are turned away for another
+    reason (here: blocks) cost a check each; as in the Redis store, a search looks at
+    ``SCAN_LIMIT`` of them at most in each walk, so 1,000 cost it what 64 do (it was 2 ms,
+    after the blocks' copies were gone)."""
+    assert SCAN_LIMIT == 64
+    bound, many = _blocked_search_seconds(SCAN_LIMIT + 1), _blocked_search_seconds(1000)
+    assert many < 3 * bound, (bound, many)
