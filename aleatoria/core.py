@@ -19,7 +19,7 @@ the session in one place.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from types import MappingProxyType
 from typing import Any, NamedTuple, assert_never
 
@@ -134,6 +134,9 @@ class Facts:
     blocked_by: frozenset[str] | set[str] = frozenset()
     shadow: bool = False
     match_budget: TokenBucket | None = None
+    # The process's budgets of peer requests by user: a user's next connection goes on with
+    # what is left of its budget (the skip limit is per user, not per connection).
+    match_budgets: MutableMapping[str, TokenBucket] | None = None
     # ``typing`` (PROTOCOL.md section 11): target -> when this user last sent one there.
     typing_sent: Mapping[str, float] = NO_TYPING
 
@@ -864,7 +867,13 @@ def _skip_budget(facts: Facts) -> None:
         return
     budget = facts.match_budget
     if budget is None:  # made on the first peer request: most connections never make one
-        budget = facts.match_budget = TokenBucket(rules.match_rate, rules.match_burst)
+        budgets = facts.match_budgets
+        budget = None if budgets is None else budgets.get(facts.user)
+        if budget is None:
+            budget = TokenBucket(rules.match_rate, rules.match_burst)
+            if budgets is not None:
+                budgets[facts.user] = budget
+        facts.match_budget = budget
     if not budget.take(facts.monotonic):
         raise ClientError(RATE_LIMITED, "Too many peer requests: slow down.")
 

@@ -32,7 +32,7 @@ import trio
 from aleatoria import messages as m
 from aleatoria.connection import WebSocket
 from aleatoria.frames import REPLACED
-from aleatoria.limits import RateLimiter
+from aleatoria.limits import RateLimiter, TokenBucket
 from aleatoria.metrics import Stats
 
 log = logging.getLogger("aleatoria.hub")
@@ -101,6 +101,9 @@ class Hub:
         self._linger = linger
         self._channels = channels
         self.stats = Stats()
+        # Each user's budget of peer requests (``core.Facts.match_budgets``), kept across its
+        # connections; one full again is forgotten (``limits.forget_full``, the supervisor).
+        self.match_budgets: dict[str, TokenBucket] = {}
         self.clients: dict[str, Client] = {}
         self.rooms: dict[str, Room] = {}
         self.max_rooms = sys.maxsize  # rooms with local members at once (``may_open``)

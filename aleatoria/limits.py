@@ -69,6 +69,13 @@ class TokenBucket:
         return False
 
 
+def forget_full(buckets: dict[str, TokenBucket], now: float) -> None:
+    """Drop the buckets that are full again at ``now``: a new one is the same (bounded: what
+    stays is the users who took tokens within the last ``burst / rate`` seconds)."""
+    for key in [k for k, b in buckets.items() if b.tokens + (now - b.stamp) * b.rate >= b.burst]:
+        del buckets[key]
+
+
 class RateLimiter:
     """Per-connection message rate limit, with a second bucket that tracks sustained abuse.
 

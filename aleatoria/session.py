@@ -232,6 +232,7 @@ class Session:
                 match_peer=_match_peer(self._store),
                 rules=self._rules,
                 blocked_by=client.blocked_by,
+                match_budgets=self._hub.match_budgets,
             )
         facts.monotonic = moment
         facts.rooms = client.rooms

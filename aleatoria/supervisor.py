@@ -15,6 +15,7 @@ import trio
 from aleatoria.config import Config
 from aleatoria.frames import GOING_AWAY, TOKEN_EXPIRED
 from aleatoria.hub import Hub
+from aleatoria.limits import forget_full
 
 log = logging.getLogger("aleatoria.supervisor")
 
@@ -34,6 +35,7 @@ async def supervise(hub: Hub, config: Config) -> None:
         ping_due = now >= next_ping
         if ping_due:
             next_ping = now + config.ping_interval
+        forget_full(hub.match_budgets, now)
         for client in list(hub.clients.values()):
             ws = client.ws
             if now - ws.last_seen > config.idle_timeout:

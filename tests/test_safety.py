@@ -19,6 +19,7 @@ from support import Peer
 from trio.testing import MockClock
 
 from aleatoria import core
+from aleatoria.limits import TokenBucket, forget_full
 from aleatoria.safety import EVIDENCE_BYTES, MAX_BLOCKS, Ban
 
 
@@ -402,5 +403,37 @@ async def test_skip_limit(autojump_clock: MockClock) -> None:
         await alice.request({"type": "request_random_peer"}, "no_peer_available")
 
 
+async def test_skip_limit_outlives_a_reconnect(autojump_clock: MockClock) -> None:
+    """The skip limit is the user's (PROTOCOL.md section 12, "per user"): a new connection,
+    replacing the old one or after it closed, goes on with what is left of the burst. It was
+    the connection's, so a red-team client reconnected after every 30 skips and skipped as
+    fast as it could connect."""
+    async with inmemory_server(match_rate=2.0, match_burst=3) as server:
+        async with connect(server, "alice") as alice:
+            for _ in range(3):
+                await alice.request({"type": "request_random_peer"}, "no_peer_available")
+            async with connect(server, "alice") as again:  # replaces the first
+                got = await again.request({"type": "request_random_peer"}, "error")
+                assert "rate_limited" == got["payload"]["code"]
+        async with connect(server, "alice") as later:  # after both closed
+            got = await later.request({"type": "request_random_peer"}, "error")
+            assert "rate_limited" == got["payload"]["code"]
+            autojump_clock.jump(0.5)  # one token back
+            await later.request({"type": "request_random_peer"}, "no_peer_available")
+        async with connect(server, "bob") as bob:  # another user has a budget of its own
+            await bob.request({"type": "request_random_peer"}, "no_peer_available")
+
+
 def _json(data: Any) -> Any:
     return data  # the stored report is plain JSON data
+
+
+def test_full_skip_budgets_are_forgotten() -> None:
+    """The per-user budgets stay bounded: one that is full again is dropped (the supervisor
+    sweeps them), one still short of its burst is kept."""
+    budgets = {"full": TokenBucket(2.0, 3), "short": TokenBucket(2.0, 3)}
+    budgets["full"].take(10.0)
+    for _ in range(3):
+        budgets["short"].take(11.0)
+    forget_full(budgets, 11.0)
+    assert ["short"] == list(budgets)
