@@ -7,6 +7,7 @@ The table in ``SETTINGS`` is the single source for both, and for the docs.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -587,6 +588,13 @@ class Config:
 
     def validate(self) -> Config:
         """Raise ConfigError for values that cannot work; return self for chaining."""
+        # float() takes "nan" and "inf", and every range check below is False for NaN: without
+        # this, ALEATORIA_PING_INTERVAL=nan was a traceback just after start-up and
+        # ALEATORIA_SHUTDOWN_TIMEOUT=nan a stop that never ended.
+        for setting in SETTINGS:
+            value = getattr(self, setting.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{setting.env} must be a finite number, got {value}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import pytest
 import trio
 
-from aleatoria.config import Config, ConfigError, from_environment
+from aleatoria.config import SETTINGS, Config, ConfigError, Setting, from_environment
 
 pytestmark = pytest.mark.loopback  # subprocesses and busy ports
 
@@ -176,6 +176,19 @@ def test_a_setting_out_of_range_is_refused_by_name(changes: dict[str, float], na
         from_environment({}, **changes)
 
 
+FLOAT_SETTINGS = [s for s in SETTINGS if isinstance(s.default, float)]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("setting", FLOAT_SETTINGS, ids=[s.env for s in FLOAT_SETTINGS])
+def test_a_number_that_is_not_finite_is_refused_by_name(setting: Setting, value: str) -> None:
+    """Every setting read with float() refuses NaN and the infinities by name: range checks
+    are all False for NaN, and an infinite TTL or budget overflowed int() inside the server."""
+    with pytest.raises(ConfigError) as caught:
+        from_environment({setting.env: value})
+    assert f"{setting.env} must be a finite number, got {float(value)}" == str(caught.value)
+
+
 def test_the_edges_of_those_ranges_are_accepted() -> None:
     """0 connections per IP means no limit; the smallest useful values pass."""
     config = from_environment(
@@ -214,6 +227,10 @@ def test_a_variable_that_is_not_a_number_says_so() -> None:
         ),
         (["--port", "0", "--max-connections", "0"], {}, "ALEATORIA_MAX_CONNECTIONS must be at least 1"),
         ([], {"ALEATORIA_PORT": "abc"}, "ALEATORIA_PORT must be an integer, got 'abc'"),
+        # float() takes these: the first was a traceback once listening, the second a stop
+        # that never ended.
+        ([], {"ALEATORIA_PING_INTERVAL": "nan"}, "ALEATORIA_PING_INTERVAL must be a finite number, got nan"),
+        (["--shutdown-timeout", "nan"], {}, "ALEATORIA_SHUTDOWN_TIMEOUT must be a finite number, got nan"),
     ],
 )
 async def test_a_bad_setting_is_one_line_and_exit_2(
