@@ -147,8 +147,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("valkey_password", "VALKEY_PASSWORD", str, "Redis/Valkey password"),
     Setting("valkey_use_tls", "VALKEY_USE_TLS", _parse_bool, "connect to Redis/Valkey over TLS"),
     Setting("redis_db", "REDIS_DB", int, "Redis database number"),
-    Setting("message_ttl_hours", "MESSAGE_TTL_HOURS", float, "history retention in hours (decimals allowed)"),
-    Setting("history_max", "ALEATORIA_HISTORY_MAX", int, "messages kept per room and per DM conversation"),
+    Setting(
+        "message_ttl_hours",
+        "MESSAGE_TTL_HOURS",
+        float,
+        "history retention in hours (decimals allowed; at most 876000)",
+    ),
+    Setting(
+        "history_max",
+        "ALEATORIA_HISTORY_MAX",
+        int,
+        "messages kept per room and per DM conversation (at most 1000000)",
+    ),
     Setting(
         "auth_secret",
         "ALEATORIA_AUTH_SECRET",
@@ -269,13 +279,13 @@ SETTINGS: tuple[Setting, ...] = (
         "redis_connect_timeout",
         "ALEATORIA_REDIS_CONNECT_TIMEOUT",
         float,
-        "seconds to wait for a Redis connection before degrading",
+        "seconds to wait for a Redis connection before degrading (at most 3600)",
     ),
     Setting(
         "redis_call_timeout",
         "ALEATORIA_REDIS_CALL_TIMEOUT",
         float,
-        "seconds to wait for a Redis reply before degrading",
+        "seconds to wait for a Redis reply before degrading (at most 3600)",
     ),
     Setting(
         "redis_write_buffer",
@@ -390,7 +400,8 @@ SETTINGS: tuple[Setting, ...] = (
         "rematch_cooldown",
         "ALEATORIA_REMATCH_COOLDOWN",
         float,
-        "seconds during which two former partners are not matched again through the search queue",
+        "seconds during which two former partners are not matched again through the search queue "
+        "(at most 31536000, a year)",
     ),
     Setting(
         "search_tick",
@@ -425,6 +436,11 @@ SETTINGS: tuple[Setting, ...] = (
         "report errors to Sentry (needs pip install 'aleatoria[sentry]')",
     ),
 )
+
+# The largest values that still work (see Config.validate).
+MAX_MESSAGE_TTL_HOURS = 876_000  # 100 years
+MAX_HISTORY = 1_000_000
+MAX_REMATCH_COOLDOWN = 31_536_000  # a year, in seconds
 
 # Config fields that are not settings: the protocol's own limits (PROTOCOL.md sections 3, 4
 # and 5), the same for every deployment.
@@ -603,8 +619,17 @@ class Config:
             raise ConfigError("ALEATORIA_METRICS_PORT must differ from ALEATORIA_PORT")
         if self.message_ttl_hours <= 0:
             raise ConfigError("MESSAGE_TTL_HOURS must be positive")
+        # Upper bounds where a larger value broke the server rather than meaning "a lot": the
+        # TTL in nanoseconds overflowed int() (1e300), a history cap past 64 bits was a
+        # traceback at every message (a deque's maxlen; Redis refused it and the fallback died),
+        # a Redis timeout past the socket's time_t a reconnect loop of tracebacks, a cooldown
+        # past Redis's PEXPIRE range a degraded store at every match.
+        if self.message_ttl_hours > MAX_MESSAGE_TTL_HOURS:
+            raise ConfigError(f"MESSAGE_TTL_HOURS must be at most {MAX_MESSAGE_TTL_HOURS} (100 years)")
         if self.history_max < 1:
             raise ConfigError("ALEATORIA_HISTORY_MAX must be at least 1")
+        if self.history_max > MAX_HISTORY:
+            raise ConfigError(f"ALEATORIA_HISTORY_MAX must be at most {MAX_HISTORY}")
         if self.ping_interval <= 0 or self.idle_timeout <= 0:
             raise ConfigError("ALEATORIA_PING_INTERVAL and ALEATORIA_IDLE_TIMEOUT must be positive")
         if self.handshake_timeout <= 0:
@@ -636,6 +661,10 @@ class Config:
                 "ALEATORIA_SEARCH_TIMEOUT must be positive, ALEATORIA_INTEREST_WAIT and "
                 "ALEATORIA_REMATCH_COOLDOWN 0 or more"
             )
+        if self.rematch_cooldown > MAX_REMATCH_COOLDOWN:
+            raise ConfigError(
+                f"ALEATORIA_REMATCH_COOLDOWN must be at most {MAX_REMATCH_COOLDOWN} seconds (a year)"
+            )
         if not 0.01 <= self.search_tick <= 10:
             raise ConfigError("ALEATORIA_SEARCH_TICK must be 0.01..10 seconds")
         if not 0 <= self.announce_retry <= 3600:
@@ -665,6 +694,11 @@ class Config:
         if self.redis_connect_timeout <= 0 or self.redis_call_timeout <= 0:
             raise ConfigError(
                 "ALEATORIA_REDIS_CONNECT_TIMEOUT and ALEATORIA_REDIS_CALL_TIMEOUT must be positive"
+            )
+        if max(self.redis_connect_timeout, self.redis_call_timeout) > 3600:
+            raise ConfigError(
+                "ALEATORIA_REDIS_CONNECT_TIMEOUT and ALEATORIA_REDIS_CALL_TIMEOUT must be at most "
+                "3600 seconds"
             )
         if self.redis_write_buffer < 1:
             raise ConfigError("ALEATORIA_REDIS_WRITE_BUFFER must be at least 1")

@@ -165,6 +165,12 @@ OUT_OF_RANGE = [
     ({"rate_limit": -1.0}, "ALEATORIA_RATE_LIMIT must be >= 0 and ALEATORIA_RATE_BURST >= 1"),
     ({"rate_burst": 0}, "ALEATORIA_RATE_BURST"),
     ({"ping_interval": 0.0}, "ALEATORIA_PING_INTERVAL"),
+    # Too large to work: tracebacks inside the server, or a Redis store degraded for good.
+    ({"message_ttl_hours": 876_001.0}, "MESSAGE_TTL_HOURS must be at most 876000"),
+    ({"history_max": 10**23}, "ALEATORIA_HISTORY_MAX must be at most 1000000"),
+    ({"redis_connect_timeout": 1e12}, "ALEATORIA_REDIS_CONNECT_TIMEOUT and .* at most 3600"),
+    ({"redis_call_timeout": 3601.0}, "ALEATORIA_REDIS_CALL_TIMEOUT must be at most 3600"),
+    ({"rematch_cooldown": 1e300}, "ALEATORIA_REMATCH_COOLDOWN must be at most 31536000"),
 ]
 
 
@@ -202,6 +208,15 @@ def test_the_edges_of_those_ranges_are_accepted() -> None:
         rate_limit=0.0,
     )
     assert (1, 0) == (config.max_connections, config.max_connections_per_ip)
+    # The largest values allowed (each checked against a real server and redis-server).
+    from_environment(
+        {},
+        message_ttl_hours=876_000.0,
+        history_max=1_000_000,
+        redis_connect_timeout=3600.0,
+        redis_call_timeout=3600.0,
+        rematch_cooldown=31_536_000.0,
+    )
 
 
 def test_a_variable_that_is_not_a_number_says_so() -> None:
@@ -231,6 +246,8 @@ def test_a_variable_that_is_not_a_number_says_so() -> None:
         # that never ended.
         ([], {"ALEATORIA_PING_INTERVAL": "nan"}, "ALEATORIA_PING_INTERVAL must be a finite number, got nan"),
         (["--shutdown-timeout", "nan"], {}, "ALEATORIA_SHUTDOWN_TIMEOUT must be a finite number, got nan"),
+        # An OverflowError traceback at start-up.
+        ([], {"MESSAGE_TTL_HOURS": "1e300"}, "MESSAGE_TTL_HOURS must be at most 876000 (100 years)"),
     ],
 )
 async def test_a_bad_setting_is_one_line_and_exit_2(
