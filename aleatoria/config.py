@@ -612,7 +612,7 @@ class Config:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{setting.env} must be a finite number, got {value}")
         if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be 0..65535, got {self.port}")
+            raise ConfigError(f"ALEATORIA_PORT must be 0..65535, got {self.port}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"ALEATORIA_METRICS_PORT must be 0..65535, got {self.metrics_port}")
         if self.metrics_port and self.metrics_port == self.port:

@@ -242,6 +242,8 @@ def test_a_variable_that_is_not_a_number_says_so() -> None:
         ),
         (["--port", "0", "--max-connections", "0"], {}, "ALEATORIA_MAX_CONNECTIONS must be at least 1"),
         ([], {"ALEATORIA_PORT": "abc"}, "ALEATORIA_PORT must be an integer, got 'abc'"),
+        # Named like every other setting (it said "port must be ...").
+        (["--port", "-1"], {}, "ALEATORIA_PORT must be 0..65535, got -1"),
         # float() takes these: the first was a traceback once listening, the second a stop
         # that never ended.
         ([], {"ALEATORIA_PING_INTERVAL": "nan"}, "ALEATORIA_PING_INTERVAL must be a finite number, got nan"),
