@@ -17,6 +17,7 @@ from urllib.parse import quote, urlsplit
 import attrs
 
 from aleatoria.ice import IcePolicy, policy_problem
+from aleatoria.origin import host_entry, normalise
 from aleatoria.search import SearchRules
 
 
@@ -714,6 +715,21 @@ class Config:
                 "ALEATORIA_HEARTBEAT_INTERVAL must be positive and ALEATORIA_PRESENCE_TTL at "
                 "least twice as long"
             )
+        # Entries the Origin check cannot use were dropped silently: with
+        # ALEATORIA_ALLOWED_ORIGINS=chat.example.com (no scheme) every page of that site got
+        # 403 "Origin not allowed", and a URL in ALEATORIA_ALLOWED_HOSTS matched no Host.
+        for origin in self.allowed_origins:
+            if origin != "*" and normalise(origin) is None:
+                raise ConfigError(
+                    f"ALEATORIA_ALLOWED_ORIGINS: {origin!r} is not an origin; give it as browsers send "
+                    "it, scheme and host, e.g. https://chat.example.com"
+                )
+        for entry in self.allowed_hosts or ():
+            if entry != "*" and host_entry(entry) is None:
+                raise ConfigError(
+                    f"ALEATORIA_ALLOWED_HOSTS: {entry!r} is not a host name; give the name alone "
+                    "(chat.example.com) or name:port, without a scheme or path"
+                )
         ice_problem = policy_problem(self.ice)
         if ice_problem:
             raise ConfigError(ice_problem)

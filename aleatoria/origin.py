@@ -30,6 +30,16 @@ def normalise(origin: str) -> tuple[str, str, int] | None:
     return scheme, host, port
 
 
+def host_entry(entry: str) -> tuple[str, int | None] | None:
+    """(host, port or None) of an ``allowed_hosts`` entry (a name, name:port or an IPv6
+    literal with or without brackets), or None when it is not one: a URL
+    (``https://chat.example.com``) or a bad port would match no Host header."""
+    if "/" in entry:
+        return None
+    host, port = _host_port(entry if not _bare_ipv6(entry) else f"[{entry}]")
+    return (host, port) if host else None
+
+
 def _host_port(host_header: str) -> tuple[str, int | None]:
     try:
         parts = urlsplit("//" + host_header.strip())
@@ -54,10 +64,9 @@ class OriginPolicy:
         # Entries name a host (any port) or host:port; IPv6 literals with or without brackets.
         self._hosts: set[tuple[str, int | None]] = set()
         for entry in hosts:
-            if entry != "*":
-                host, port = _host_port(entry if not _bare_ipv6(entry) else f"[{entry}]")
-                if host:
-                    self._hosts.add((host, port))
+            parsed = host_entry(entry) if entry != "*" else None
+            if parsed is not None:
+                self._hosts.add(parsed)
 
     def trusts_host(self, host: str, port: int | None) -> bool:
         """Whether a request to ``host:port`` (its Host header) may count as same-origin."""

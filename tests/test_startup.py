@@ -219,6 +219,25 @@ def test_the_edges_of_those_ranges_are_accepted() -> None:
     )
 
 
+@pytest.mark.parametrize("entry", ["https://chat.example.com", "chat.example.com/", "chat.example.com:web"])
+def test_an_allowed_host_that_is_not_a_host_is_refused(entry: str) -> None:
+    """A URL or a bad port in ALEATORIA_ALLOWED_HOSTS matched no Host header, silently."""
+    with pytest.raises(ConfigError, match=f"ALEATORIA_ALLOWED_HOSTS: '{entry}' is not a host name"):
+        from_environment({"ALEATORIA_ALLOWED_HOSTS": f"localhost,{entry}"})
+
+
+def test_origins_and_hosts_as_documented_are_accepted() -> None:
+    """Origins with a default or explicit port, a trailing slash, *; hosts with a port,
+    IPv6 literals with and without brackets, *."""
+    config = from_environment(
+        {
+            "ALEATORIA_ALLOWED_ORIGINS": "https://chat.example.com,http://localhost:3000,https://a.example/,*",
+            "ALEATORIA_ALLOWED_HOSTS": "chat.example.com,chat.example.com:8443,[::1],::1,10.0.0.5:443,*",
+        }
+    )
+    assert 4 == len(config.allowed_origins)
+
+
 def test_a_variable_that_is_not_a_number_says_so() -> None:
     """ALEATORIA_PORT=abc says "must be an integer", not Python's int() message; our own
     parsers keep their message."""
@@ -242,6 +261,13 @@ def test_a_variable_that_is_not_a_number_says_so() -> None:
         ),
         (["--port", "0", "--max-connections", "0"], {}, "ALEATORIA_MAX_CONNECTIONS must be at least 1"),
         ([], {"ALEATORIA_PORT": "abc"}, "ALEATORIA_PORT must be an integer, got 'abc'"),
+        # Dropped silently before: every page of that site got 403 "Origin not allowed".
+        (
+            [],
+            {"ALEATORIA_ALLOWED_ORIGINS": "https://a.example,chat.example.com"},
+            "ALEATORIA_ALLOWED_ORIGINS: 'chat.example.com' is not an origin; give it as browsers "
+            "send it, scheme and host, e.g. https://chat.example.com",
+        ),
         # Named like every other setting (it said "port must be ...").
         (["--port", "-1"], {}, "ALEATORIA_PORT must be 0..65535, got -1"),
         # float() takes these: the first was a traceback once listening, the second a stop
