@@ -687,7 +687,9 @@ class Config:
         if self.max_payload_bytes < 1024:
             raise ConfigError("ALEATORIA_MAX_PAYLOAD_BYTES must be at least 1024")
         if self.log_level.lower() not in {"debug", "info", "warning", "error"}:
-            raise ConfigError(f"unknown log level {self.log_level!r}")
+            raise ConfigError(
+                f"ALEATORIA_LOG_LEVEL must be debug, info, warning or error, got {self.log_level!r}"
+            )
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"ALEATORIA_LOG_FORMAT must be text or json, got {self.log_format!r}")
         if self.shutdown_timeout < 2:

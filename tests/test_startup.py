@@ -268,8 +268,13 @@ def test_a_variable_that_is_not_a_number_says_so() -> None:
             "ALEATORIA_ALLOWED_ORIGINS: 'chat.example.com' is not an origin; give it as browsers "
             "send it, scheme and host, e.g. https://chat.example.com",
         ),
-        # Named like every other setting (it said "port must be ...").
+        # Named like every other setting (they said "port must be ..." and "unknown log level").
         (["--port", "-1"], {}, "ALEATORIA_PORT must be 0..65535, got -1"),
+        (
+            [],
+            {"ALEATORIA_LOG_LEVEL": "verbose"},
+            "ALEATORIA_LOG_LEVEL must be debug, info, warning or error, got 'verbose'",
+        ),
         # float() takes these: the first was a traceback once listening, the second a stop
         # that never ended.
         ([], {"ALEATORIA_PING_INTERVAL": "nan"}, "ALEATORIA_PING_INTERVAL must be a finite number, got nan"),
