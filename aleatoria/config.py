@@ -324,7 +324,8 @@ SETTINGS: tuple[Setting, ...] = (
         "workers",
         "ALEATORIA_WORKERS",
         int,
-        "worker processes sharing the port (SO_REUSEPORT), restarted if they die; more than 1 needs Redis",
+        "worker processes sharing the port (SO_REUSEPORT), restarted if they die; more than 1 needs Redis; "
+        "at most 256",
         scale_out=True,
     ),
     Setting(
@@ -442,6 +443,7 @@ SETTINGS: tuple[Setting, ...] = (
 MAX_MESSAGE_TTL_HOURS = 876_000  # 100 years
 MAX_HISTORY = 1_000_000
 MAX_REMATCH_COOLDOWN = 31_536_000  # a year, in seconds
+MAX_WORKERS = 256
 
 # Config fields that are not settings: the protocol's own limits (PROTOCOL.md sections 3, 4
 # and 5), the same for every deployment.
@@ -707,6 +709,10 @@ class Config:
             raise ConfigError("ALEATORIA_REDIS_WRITE_BUFFER must be at least 1")
         if self.workers < 1:
             raise ConfigError("ALEATORIA_WORKERS must be at least 1")
+        # One per core is the advice (docs/scaleout.md); without a bound a typo (40000 for 4)
+        # started processes until the machine ran out of memory.
+        if self.workers > MAX_WORKERS:
+            raise ConfigError(f"ALEATORIA_WORKERS must be at most {MAX_WORKERS} (one per core is enough)")
         if self.workers > 1 and not self.effective_redis_url:
             raise ConfigError(
                 f"--workers {self.workers} needs Redis (set ALEATORIA_REDIS_URL or VALKEY_HOST): "

@@ -171,6 +171,8 @@ OUT_OF_RANGE = [
     ({"redis_connect_timeout": 1e12}, "ALEATORIA_REDIS_CONNECT_TIMEOUT and .* at most 3600"),
     ({"redis_call_timeout": 3601.0}, "ALEATORIA_REDIS_CALL_TIMEOUT must be at most 3600"),
     ({"rematch_cooldown": 1e300}, "ALEATORIA_REMATCH_COOLDOWN must be at most 31536000"),
+    # Not run as a process: the parent started workers until the machine ran out.
+    ({"workers": 257, "redis_url": NO_REDIS}, "ALEATORIA_WORKERS must be at most 256"),
 ]
 
 
@@ -216,6 +218,8 @@ def test_the_edges_of_those_ranges_are_accepted() -> None:
         redis_connect_timeout=3600.0,
         redis_call_timeout=3600.0,
         rematch_cooldown=31_536_000.0,
+        workers=256,
+        redis_url=NO_REDIS,
     )
 
 
