@@ -124,6 +124,9 @@ def _token(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"aleatoria: {exc}", file=sys.stderr)
         return 2
+    if ttl < 1:  # exp is whole seconds: --ttl 0 (or 0.5) printed a token already expired
+        print(f"aleatoria: --ttl must be at least 1s, got {args.ttl!r}", file=sys.stderr)
+        return 2
     problem = id_problem(args.user)
     if problem:
         print(f"aleatoria: userId {problem}", file=sys.stderr)

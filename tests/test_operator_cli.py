@@ -106,3 +106,19 @@ def test_token_with_a_short_secret_warns_in_our_words() -> None:
     token = done.stdout.strip()
     with_warnings_as_errors = token_expiry(token, "alice", "s3cret")  # filterwarnings=error
     assert with_warnings_as_errors > 0
+
+
+@pytest.mark.parametrize("ttl", ["0", "0.5", "0s"])
+def test_token_with_a_ttl_under_a_second_is_refused(ttl: str) -> None:
+    """``aleatoria token alice --ttl 0`` printed a token whose ``exp`` was its ``iat``: every
+    server refused it (401). Now one line saying why, exit 2, nothing on stdout."""
+    secret = "0123456789abcdef0123456789abcdef"
+    done = subprocess.run(
+        [sys.executable, "-m", "aleatoria", "token", "alice", "--secret", secret, "--ttl", ttl],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert 2 == done.returncode, done.stdout
+    assert "" == done.stdout
+    assert [f"aleatoria: --ttl must be at least 1s, got {ttl!r}"] == done.stderr.strip().splitlines()
