@@ -641,6 +641,14 @@ class Config:
             raise ConfigError("ALEATORIA_MAX_CONNECTIONS must be at least 1")
         if self.max_connections_per_ip < 0:
             raise ConfigError("ALEATORIA_MAX_CONNECTIONS_PER_IP must be 0 (no limit) or more")
+        # Looked up in every upgrade: a name with a non-latin-1 character was a traceback per
+        # request, one with a space (or any non-token character) matched nothing, so every
+        # client counted as the proxy's address against the per-address cap.
+        if self.client_ip_header and not _HEADER_NAME.fullmatch(self.client_ip_header):
+            raise ConfigError(
+                "ALEATORIA_CLIENT_IP_HEADER must be an HTTP header name such as X-Real-IP, "
+                f"got {self.client_ip_header!r}"
+            )
         if self.outbox_frames < 1:
             raise ConfigError("ALEATORIA_OUTBOX_FRAMES must be at least 1")
         if not 0 <= self.resume_window <= 3600:
@@ -754,6 +762,7 @@ class Config:
         return self
 
 
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _DB_PATH = re.compile(r"(/\d*)?")  # redis-py reads the path as the database number
 

@@ -242,6 +242,18 @@ def test_origins_and_hosts_as_documented_are_accepted() -> None:
     assert 4 == len(config.allowed_origins)
 
 
+@pytest.mark.parametrize("name", ["X-IP-\u20ac", "X Real IP", "X-Real-IP ", "X-Real-IP:"])
+def test_a_client_ip_header_that_is_not_a_header_name_is_refused(name: str) -> None:
+    """A non-latin-1 name was a traceback at every upgrade; a space or a colon matched no
+    header, so every client counted as the proxy against the per-address cap."""
+    with pytest.raises(ConfigError) as caught:
+        from_environment({"ALEATORIA_CLIENT_IP_HEADER": name})
+    expected = f"ALEATORIA_CLIENT_IP_HEADER must be an HTTP header name such as X-Real-IP, got {name!r}"
+    assert expected == str(caught.value)
+    accepted = from_environment({"ALEATORIA_CLIENT_IP_HEADER": "X-Forwarded-For"})
+    assert "X-Forwarded-For" == accepted.client_ip_header
+
+
 def test_a_variable_that_is_not_a_number_says_so() -> None:
     """ALEATORIA_PORT=abc says "must be an integer", not Python's int() message; our own
     parsers keep their message."""
@@ -271,6 +283,12 @@ def test_a_variable_that_is_not_a_number_says_so() -> None:
             {"ALEATORIA_ALLOWED_ORIGINS": "https://a.example,chat.example.com"},
             "ALEATORIA_ALLOWED_ORIGINS: 'chat.example.com' is not an origin; give it as browsers "
             "send it, scheme and host, e.g. https://chat.example.com",
+        ),
+        # A traceback at every WebSocket upgrade.
+        (
+            [],
+            {"ALEATORIA_CLIENT_IP_HEADER": "X-IP-\u20ac"},
+            "ALEATORIA_CLIENT_IP_HEADER must be an HTTP header name such as X-Real-IP, got 'X-IP-\u20ac'",
         ),
         # Named like every other setting (they said "port must be ..." and "unknown log level").
         (["--port", "-1"], {}, "ALEATORIA_PORT must be 0..65535, got -1"),
