@@ -93,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV) or ""
         if not token:
             raise _Failed(f"aleatoria admin: needs --token or {TOKEN_ENV}", 2)
+        if not token.isascii():  # httpx refuses it in a header (a traceback); no server takes one
+            raise _Failed("aleatoria admin: the token must be ASCII (it is sent in an HTTP header)", 2)
         url = (getattr(args, "url", None) or DEFAULT_URL).rstrip("/")
         result = _call(method, url, path, token, body)
     except _Failed as failed:

@@ -688,6 +688,14 @@ class Config:
             raise ConfigError("ALEATORIA_REPORT_CAP and ALEATORIA_WEBHOOK_QUEUE must be at least 1")
         if self.report_webhook and not self.report_webhook.startswith(("http://", "https://")):
             raise ConfigError("ALEATORIA_REPORT_WEBHOOK must be an http:// or https:// URL")
+        # The token travels in an Authorization header, read as latin-1 and compared as UTF-8:
+        # one with a non-ASCII character (or a blank at either end, stripped from the header)
+        # was taken but no request could ever match it. Its value is a secret: not shown.
+        if self.admin_token and not _HEADER_TOKEN.fullmatch(self.admin_token):
+            raise ConfigError(
+                "ALEATORIA_ADMIN_TOKEN must be printable ASCII with no blank at either end "
+                "(it is sent in an HTTP header)"
+            )
         if self.report_webhook and not self.admin_token:
             raise ConfigError("ALEATORIA_REPORT_WEBHOOK needs ALEATORIA_ADMIN_TOKEN (it signs the reports)")
         if self.max_rooms < 1:
@@ -763,6 +771,7 @@ class Config:
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
+_HEADER_TOKEN = re.compile(r"[!-~]([ -~]*[!-~])?")  # printable ASCII, no blank at either end
 _REDIS_SCHEMES = ("redis", "rediss", "unix")
 _DB_PATH = re.compile(r"(/\d*)?")  # redis-py reads the path as the database number
 

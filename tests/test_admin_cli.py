@@ -228,6 +228,8 @@ async def test_a_server_without_the_api_says_so(server: RunningServer) -> None:
             "aleatoria admin: --duration: not a duration",
         ),
         (["user", "x" * 65, "--token", "t"], "aleatoria admin: user is longer than 64"),
+        # A UnicodeEncodeError traceback from httpx.
+        (["bans", "--token", "t\u00f6ken"], "aleatoria admin: the token must be ASCII"),
     ],
 )
 async def test_command_line_mistakes_exit_2_before_any_request(args: list[str], message: str) -> None:

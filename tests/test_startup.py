@@ -254,6 +254,17 @@ def test_a_client_ip_header_that_is_not_a_header_name_is_refused(name: str) -> N
     assert "X-Forwarded-For" == accepted.client_ip_header
 
 
+@pytest.mark.parametrize("token", ["t\u00f6ken", " token", "token\n", "to\tken"])
+def test_an_admin_token_no_request_can_carry_is_refused(token: str) -> None:
+    """A non-ASCII admin token (or one with a blank at an end) was taken, and every /admin
+    request answered 401; the message does not show the token."""
+    with pytest.raises(ConfigError) as caught:
+        from_environment({"ALEATORIA_ADMIN_TOKEN": token})
+    assert str(caught.value).startswith("ALEATORIA_ADMIN_TOKEN must be printable ASCII")
+    assert token.strip() not in str(caught.value)
+    assert "a b!~" == from_environment({"ALEATORIA_ADMIN_TOKEN": "a b!~"}).admin_token
+
+
 def test_a_variable_that_is_not_a_number_says_so() -> None:
     """ALEATORIA_PORT=abc says "must be an integer", not Python's int() message; our own
     parsers keep their message."""
