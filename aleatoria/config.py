@@ -757,6 +757,13 @@ class Config:
         ice_problem = policy_problem(self.ice)
         if ice_problem:
             raise ConfigError(ice_problem)
+        # A URL in VALKEY_HOST was bracketed as if it were an IPv6 address, and the error
+        # read "Invalid IPv6 URL" about 'redis://[redis://127.0.0.1]:6379/0'.
+        if not self.redis_url and self.valkey_host and "/" in self.valkey_host:
+            raise ConfigError(
+                f"VALKEY_HOST must be a host name or address, got {redacted_url(self.valkey_host)!r} "
+                "(for a URL, set ALEATORIA_REDIS_URL)"
+            )
         url = self.effective_redis_url
         if url:
             problem = redis_url_problem(url, cluster=self.uses_redis_cluster)

@@ -301,6 +301,13 @@ def test_a_variable_that_is_not_a_number_says_so() -> None:
             {"ALEATORIA_CLIENT_IP_HEADER": "X-IP-\u20ac"},
             "ALEATORIA_CLIENT_IP_HEADER must be an HTTP header name such as X-Real-IP, got 'X-IP-\u20ac'",
         ),
+        # It said "Invalid IPv6 URL", about 'redis://[redis://127.0.0.1]:6379/0'.
+        (
+            [],
+            {"VALKEY_HOST": "redis://127.0.0.1"},
+            "VALKEY_HOST must be a host name or address, got 'redis://127.0.0.1' "
+            "(for a URL, set ALEATORIA_REDIS_URL)",
+        ),
         # Named like every other setting (they said "port must be ..." and "unknown log level").
         (["--port", "-1"], {}, "ALEATORIA_PORT must be 0..65535, got -1"),
         (
