@@ -635,6 +635,15 @@ class Config:
             raise ConfigError(f"ALEATORIA_HISTORY_MAX must be at most {MAX_HISTORY}")
         if self.ping_interval <= 0 or self.idle_timeout <= 0:
             raise ConfigError("ALEATORIA_PING_INTERVAL and ALEATORIA_IDLE_TIMEOUT must be positive")
+        # A quiet client's only traffic is its pongs: with the idle timeout at or under the
+        # ping interval every open tab that sent nothing was closed (1001 idle timeout), e.g.
+        # ALEATORIA_IDLE_TIMEOUT=20 set to stay under a proxy's 30 s, with pings every 25 s.
+        if self.idle_timeout <= self.ping_interval:
+            raise ConfigError(
+                f"ALEATORIA_IDLE_TIMEOUT ({self.idle_timeout:g} s) must be longer than "
+                f"ALEATORIA_PING_INTERVAL ({self.ping_interval:g} s): a client that only answers "
+                "pings would be closed as idle"
+            )
         if self.handshake_timeout <= 0:
             raise ConfigError("ALEATORIA_HANDSHAKE_TIMEOUT must be positive (clients would hang)")
         if self.max_connections < 1:

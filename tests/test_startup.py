@@ -308,6 +308,13 @@ def test_a_variable_that_is_not_a_number_says_so() -> None:
             "VALKEY_HOST must be a host name or address, got 'redis://127.0.0.1' "
             "(for a URL, set ALEATORIA_REDIS_URL)",
         ),
+        # Every quiet client was closed as idle: its pongs came too late to count.
+        (
+            [],
+            {"ALEATORIA_IDLE_TIMEOUT": "20"},
+            "ALEATORIA_IDLE_TIMEOUT (20 s) must be longer than ALEATORIA_PING_INTERVAL (25 s): a "
+            "client that only answers pings would be closed as idle",
+        ),
         # Named like every other setting (they said "port must be ..." and "unknown log level").
         (["--port", "-1"], {}, "ALEATORIA_PORT must be 0..65535, got -1"),
         (
