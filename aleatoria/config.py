@@ -697,6 +697,10 @@ class Config:
             raise ConfigError("ALEATORIA_REPORT_CAP and ALEATORIA_WEBHOOK_QUEUE must be at least 1")
         if self.report_webhook and not self.report_webhook.startswith(("http://", "https://")):
             raise ConfigError("ALEATORIA_REPORT_WEBHOOK must be an http:// or https:// URL")
+        webhook_problem = self.report_webhook and webhook_url_problem(self.report_webhook)
+        if webhook_problem:
+            # The URL is not shown: a webhook's path or query often carries its secret.
+            raise ConfigError(f"ALEATORIA_REPORT_WEBHOOK is not usable: {webhook_problem}")
         # The token travels in an Authorization header, read as latin-1 and compared as UTF-8:
         # one with a non-ASCII character (or a blank at either end, stripped from the header)
         # was taken but no request could ever match it. Its value is a secret: not shown.
@@ -835,6 +839,28 @@ def redis_url_problem(url: str, *, cluster: bool) -> str | None:
         return f"the database number must be 0 or more, got {db}"
     if (cluster or tagged) and db != 0:
         return f"a Redis Cluster has only database 0, got {db}"
+    return None
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """Why httpx, which posts the reports, could not use ``url``, or None if it can.
+
+    Checked at start-up because the first report found out otherwise: ``https://[::1`` made
+    httpx raise InvalidURL inside the webhook task, which took the whole server down, and
+    ``http://`` (no host) failed every delivery with UnsupportedProtocol.
+    """
+    import httpx  # imported here, as redis-py above: only a server with a webhook needs it
+
+    if any(char.isspace() for char in url):
+        return "it contains a blank"
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        return str(exc)
+    if not parsed.host:
+        return "it has no host"
+    if parsed.port is not None and not 0 < parsed.port <= 65535:
+        return f"port {parsed.port} is out of range 1-65535"
     return None
 
 

@@ -265,6 +265,28 @@ def test_an_admin_token_no_request_can_carry_is_refused(token: str) -> None:
     assert "a b!~" == from_environment({"ALEATORIA_ADMIN_TOKEN": "a b!~"}).admin_token
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("https://[::1", "Invalid port: ':1'"),
+        ("http://", "it has no host"),
+        ("http://hooks example.com/x", "it contains a blank"),
+        ("https://hooks.example.com:99999/x", "port 99999 is out of range 1-65535"),
+    ],
+)
+def test_a_report_webhook_httpx_cannot_use_is_refused(url: str, problem: str) -> None:
+    """The first was a server crash at the first report, the others a webhook that failed
+    every delivery; the URL itself is not shown (it often carries the webhook's secret)."""
+    with pytest.raises(ConfigError) as caught:
+        from_environment({"ALEATORIA_ADMIN_TOKEN": "t", "ALEATORIA_REPORT_WEBHOOK": url})
+    assert f"ALEATORIA_REPORT_WEBHOOK is not usable: {problem}" == str(caught.value)
+    good = "https://hooks.example.com:8443/aleatoria?key=s3cret"
+    assert (
+        good
+        == from_environment({"ALEATORIA_ADMIN_TOKEN": "t", "ALEATORIA_REPORT_WEBHOOK": good}).report_webhook
+    )
+
+
 def test_a_variable_that_is_not_a_number_says_so() -> None:
     """ALEATORIA_PORT=abc says "must be an integer", not Python's int() message; our own
     parsers keep their message."""
@@ -307,6 +329,12 @@ def test_a_variable_that_is_not_a_number_says_so() -> None:
             {"VALKEY_HOST": "redis://127.0.0.1"},
             "VALKEY_HOST must be a host name or address, got 'redis://127.0.0.1' "
             "(for a URL, set ALEATORIA_REDIS_URL)",
+        ),
+        # Taken, then the first report took the whole server down (httpx's InvalidURL).
+        (
+            [],
+            {"ALEATORIA_ADMIN_TOKEN": "t", "ALEATORIA_REPORT_WEBHOOK": "https://[::1"},
+            "ALEATORIA_REPORT_WEBHOOK is not usable: Invalid port: ':1'",
         ),
         # Every quiet client was closed as idle: its pongs came too late to count.
         (
