@@ -395,7 +395,15 @@ class RedisStore:
 
     async def join_room(self, room: str, user: str) -> None:
         await self._mirror.join(room, user)
-        await self._keeper.write_through((user,), partial(self._rooms.join, room=room, user=user))
+        join = partial(self._rooms.join, room=room, user=user, instance=self._instance)
+        done = await self._keeper.run(join)
+        if done is None or done.stale:
+            self._keeper.dirty.add(user)
+        elif not done.value:
+            # Another instance took the user over meanwhile (a connect of the same user in the
+            # same moment) and this connection is being evicted: Redis refused the join, so
+            # the mirror forgets it too.
+            self._mirror.leave_now(room, user)
 
     async def leave_room(self, room: str, user: str) -> None:
         await self._mirror.leave(room, user)

@@ -25,6 +25,7 @@ from redis.commands.core import Script
 from aleatoria.store import redis_scripts as lua
 from aleatoria.store.base import DIRECTORY_SCAN
 from aleatoria.store.redis_client import Scripts
+from aleatoria.store.redis_presence import PRESENCE_KEY
 from aleatoria.store.redis_scripts import DIRECTORY_KEY, ROOM_MEMBERS_PREFIX, ROOMS_KEY, USER_ROOMS_PREFIX
 
 # The directory's read scripts. Given as bytes, a Script needs no client to compute its SHA;
@@ -46,16 +47,19 @@ class RoomRegistry:
         self._scripts = scripts
         self.cluster = cluster
 
-    def join(self, r: Any, room: str, user: str) -> None:
+    def join(self, r: Any, room: str, user: str, instance: str) -> bool:
+        """Add ``user`` to ``room`` unless another instance than ``instance`` has taken the
+        user over (``JOIN_ROOM``); whether it was added. On a cluster presence lives in
+        another slot than the room's keys, so the join is not checked there."""
         if not self.cluster:
             keys = [ROOM_MEMBERS_PREFIX + room, USER_ROOMS_PREFIX + user, ROOMS_KEY, DIRECTORY_KEY]
-            self._scripts.join_room(keys, [room, user], r)
-            return
+            return bool(self._scripts.join_room([*keys, PRESENCE_KEY], [room, user, instance], r))
         pipe = r.pipeline(transaction=False)
         pipe.sadd(ROOM_MEMBERS_PREFIX + room, user)
         pipe.sadd(USER_ROOMS_PREFIX + user, room)
         pipe.sadd(ROOMS_KEY, room)
         pipe.execute()
+        return True
 
     def leave(self, r: Any, room: str, user: str) -> None:
         self.leave_many(r, [(room, user)])
@@ -134,7 +138,7 @@ class RoomRegistry:
         wanted = set(rooms)
         self.leave_many(r, [(room, user) for room in sorted(current - wanted)])
         for room in sorted(wanted - current):
-            self.join(r, room, user)
+            self.join(r, room, user, "")  # a cluster: no presence check
 
     def forget_users(self, r: Any, users: list[str]) -> int:
         """Remove ``users`` (reaped: dead instance) from every room; returns how many

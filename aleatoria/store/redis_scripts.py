@@ -687,8 +687,18 @@ return {1, evict_inst, evict_conn, unconfirmed, unpack(told)}
 """.replace("DIRECTORY_KEY", repr(DIRECTORY_KEY))
 )
 
-# KEYS: room:members:{room}, user:rooms:{user}, rooms index, rooms directory. ARGV: room, user.
+# KEYS: room:members:{room}, user:rooms:{user}, rooms index, rooms directory, presence.
+# ARGV: room, user, this instance. Returns 0, writing nothing, when presence names the user on
+# another instance: that instance took the user over (``CONNECT``) and read its rooms before
+# this join, so the membership would belong to no connection and stay for good; this
+# instance's connection is being evicted (PROTOCOL.md section 16: a replaced connection leaves
+# no room membership). Presence absent (not registered yet, or reaped): the join stands.
 JOIN_ROOM = """
+local value = redis.call('HGET', KEYS[5], ARGV[2])
+if value then
+  local sep = string.find(value, '|', 1, true)
+  if (sep and string.sub(value, 1, sep - 1) or value) ~= ARGV[3] then return 0 end
+end
 redis.call('SADD', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
