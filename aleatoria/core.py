@@ -1113,12 +1113,17 @@ def _block(other: str, facts: Facts, after: Step, *, required: bool = True) -> S
                 )
             return after
         notify = NotifyBlock(other, True)
-        if facts.match_peer(facts.user) == other:
-            return _after(
-                Hangup(other),
-                lambda _: Step((notify, PeerLeft(other), *after.effects), after.call, after.then),
-            )
-        return Step((notify, *after.effects), after.call, after.then)
+
+        def hung_up(ended: bool) -> Step:
+            if ended:
+                return Step((notify, PeerLeft(other), *after.effects), after.call, after.then)
+            return Step((notify, *after.effects), after.call, after.then)
+
+        # The store ends a live match between the two, also one ``facts`` does not show yet: a
+        # match another instance made a moment before the block, whose ``assign_role`` is on
+        # its way here (the router drops it: ``Client.blocking``). Asking only when
+        # ``match_peer`` showed the match left such a pair matched, the other side never told.
+        return _after(Hangup(other), hung_up)
 
     return _after(StoreBlock(other), stored)
 

@@ -74,6 +74,9 @@ class Client:
     # Safety (PROTOCOL.md section 13): who blocked this user (loaded at the handshake, kept
     # current by the router's notices) and whether it is shadow-banned.
     blocked_by: frozenset[str] | set[str] = frozenset()  # a set once someone blocks it
+    # Whom this connection blocked: an ``assign_role`` with one of them that another instance
+    # sends later is for a match the block ended (made a moment before it), so it is dropped.
+    blocking: frozenset[str] | set[str] = frozenset()  # a set once it blocks someone
     shadow: bool = False
     # The last search match announced to it from another instance (delivered once).
     announced: str = ""

@@ -358,6 +358,12 @@ class Router:
             self.dropped += 1
             return
         if kind == m.ASSIGN_ROLE and len(fields) in (4, 5):
+            if fields[2] in self.hub.clients[user].blocking:
+                # A match made on another instance a moment before this user blocked the peer:
+                # the block ended it in the store (the peer heard ``peer_left``) and this user
+                # was answered ``user_blocked``; it is not handed the match it ended.
+                self.dropped += 1
+                return
             if len(fields) == 5:  # a search announcement, maybe sent again (``send_surely``)
                 client = self.hub.clients[user]
                 if client.announced == fields[4]:

@@ -307,8 +307,12 @@ class Session:
             case core.CountMatch(common):
                 self._stats.count_match(common)
             case core.NotifyBlock(other, on):
+                client = self.client
                 if on:
                     self._stats.blocks += 1
+                    client.blocking = {*client.blocking, other}
+                elif other in client.blocking:
+                    client.blocking = set(client.blocking) - {other}
                 self._router.notify_block(other, self.user, on)
             case core.TypingTo(data, key, moment, room, to):
                 self._typed(key, moment)

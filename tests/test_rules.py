@@ -641,10 +641,26 @@ def test_directory_requests() -> None:
 
 
 def test_block_stores_then_tells_the_blocked_user() -> None:
-    effects = run(core.handle(request({"type": "block_user", "payload": {"user": "bob"}}), facts()), True)
+    block = request({"type": "block_user", "payload": {"user": "bob"}})
+    effects = run(core.handle(block, facts()), True, False)
     assert [
         core.StoreBlock("bob"),
+        core.Hangup("bob"),  # no live match between them: nothing ended
         core.NotifyBlock("bob", True),
+        core.Reply(m.USER_BLOCKED, m.UserTarget(user="bob")),
+    ] == effects
+
+
+def test_block_ends_a_match_the_facts_do_not_show_yet() -> None:
+    """A match another instance made a moment before the block, its ``assign_role`` still on
+    its way: the facts show no match, the store ends it, and the peer hears ``peer_left``."""
+    block = request({"type": "block_user", "payload": {"user": "bob"}})
+    effects = run(core.handle(block, facts()), True, True)
+    assert [
+        core.StoreBlock("bob"),
+        core.Hangup("bob"),
+        core.NotifyBlock("bob", True),
+        core.PeerLeft("bob"),
         core.Reply(m.USER_BLOCKED, m.UserTarget(user="bob")),
     ] == effects
 
@@ -716,7 +732,7 @@ def test_report_gathers_evidence_stores_blocks_and_replies() -> None:
     ]
     message = {"type": "report_user", "payload": {"user": "bob", "reason": "spam", "details": "d"}}
     step = core.handle(request(message), facts(rooms={"Lobby", "Games"}))
-    effects = run(step, True, dms, rooms, "m-1", ("7-0", 1), True)
+    effects = run(step, True, dms, rooms, "m-1", ("7-0", 1), True, False)
     calls = [type(e) for e in effects if not isinstance(e, core.Reply | core.NotifyBlock | core.ReportFiled)]
     assert [
         core.CountReport,
@@ -725,6 +741,7 @@ def test_report_gathers_evidence_stores_blocks_and_replies() -> None:
         core.MatchBetween,
         core.StoreReport,
         core.StoreBlock,
+        core.Hangup,
     ] == calls
     # The rooms are read up to what one history reply may hold, in all: an even share each.
     assert core.RoomHistories(("Games", "Lobby"), 100, core.Rules().history_reply_bytes // 2) in effects
@@ -807,8 +824,7 @@ def test_report_records_the_given_current_or_most_recent_match(
     matches = {"alice": "bob", "bob": "alice"} if live else {}
     step = core.handle(request({"type": "report_user", "payload": payload}), facts(matches=matches))
     outcomes: list[Any] = [True, [], []] + ([] if given is not None else [known]) + [("1-0", 1), True]
-    if live:
-        outcomes.append(None)  # the block's hangup of the live match
+    outcomes.append(live)  # the block's hangup: whether a live match ended
     effects = run(step, *outcomes)
     asked = [e for e in effects if isinstance(e, core.MatchBetween)]
     assert ([] if given is not None else [core.MatchBetween("bob")]) == asked
@@ -841,9 +857,28 @@ def test_report_with_a_full_block_list_still_files() -> None:
 def test_enough_distinct_reporters_shadow_ban_for_a_day() -> None:
     message = {"type": "report_user", "payload": {"user": "bob", "reason": "spam"}}
     rules = Rules(auto_shadow_reports=3)
-    below = run(core.handle(request(message), facts(rules=rules)), True, [], [], None, ("1-0", 2), True)
+    below = run(
+        core.handle(request(message), facts(rules=rules)),
+        True,
+        [],
+        [],
+        None,
+        ("1-0", 2),
+        True,
+        False,
+    )
     assert not [e for e in below if isinstance(e, core.ShadowBan)]
-    at = run(core.handle(request(message), facts(rules=rules)), True, [], [], None, ("1-1", 3), None, True)
+    at = run(
+        core.handle(request(message), facts(rules=rules)),
+        True,
+        [],
+        [],
+        None,
+        ("1-1", 3),
+        None,
+        True,
+        False,
+    )
     (ban,) = [e for e in at if isinstance(e, core.ShadowBan)]
     assert ("bob", 86400.0) == (ban.user, ban.seconds)
 
