@@ -98,6 +98,10 @@ class StoreEvents(BusHandler, Protocol):
         """``user``'s connection ``connection`` on ``instance`` was replaced by one here."""
         ...
 
+    def kick(self, user: str) -> bool:
+        """Close ``user``'s connection with 4003 "banned" (here, or through the bus)."""
+        ...
+
     def barred(self, user: str) -> AbstractSet[str] | None:
         """Who blocked ``user``, as its connection here knows (loaded at its handshake, kept
         current by notices), or None: what matching uses while Redis is unreachable."""

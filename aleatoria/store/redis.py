@@ -63,6 +63,7 @@ from redis.commands.core import Script
 from aleatoria.config import Config
 from aleatoria.errors import StoreUnavailable
 from aleatoria.matchmaking import IMPOLITE, RequestOutcome, new_match_id
+from aleatoria.safety import Ban
 from aleatoria.search import NO_PROFILE, Match, Profile, SearchEvents, SearchOutcome
 from aleatoria.store.base import Bus, Counts, Health, StoreEvents, Takeover, Whereabouts
 from aleatoria.store.memory import dm_key, microsecond_end, new_instance_id
@@ -85,6 +86,7 @@ from aleatoria.store.redis_presence import INSTANCE_USERS_PREFIX, INSTANCES_KEY,
 from aleatoria.store.redis_rooms import RoomRegistry
 from aleatoria.store.redis_safety import KnownSafety, RedisSafety
 from aleatoria.store.redis_scripts import (
+    BANS_KEY,
     MATCHES_KEY,
     POOL_KEY,
     POOLED_KEY,
@@ -702,13 +704,22 @@ class RedisStore:
     async def connect(self, user: str, connection: str) -> Takeover | None:
         self._mirror.online[user] = connection
         args = [user, self._instance, connection, INSTANCE_USERS_PREFIX]
-        done = await self._keeper.run(scripted(self._scripts.connect, self._user_keys, args))
+        keys = [*self._user_keys, BANS_KEY]
+        done = await self._keeper.run(scripted(self._scripts.connect, keys, args))
         if done is None:
             self._keeper.dirty.add(user)
             return None
-        previous, previous_connection, in_pool, peer, role = (
+        previous, previous_connection, in_pool, peer, role, ban = (
             text(part) if isinstance(part, bytes | str) else part for part in done.value
         )
+        if ban and self._keeper.events is not None:
+            found = Ban.from_json(orjson.loads(ban))
+            if found.active(time.time()) and not found.shadow:
+                # Banned after its handshake was admitted, and the ban's kick looked for the
+                # user before this registration (a resume on this instance of a session kept
+                # on another, where the kick closed it): closed here, as the kick would have.
+                log.info("event=banned_at_connect user=%s", user)
+                self._keeper.events.kick(user)
         if self._mirror.online.get(user) == connection:
             self._heartbeat.owned[user] = connection  # registered: the heartbeat checks it stays so
         if not previous or previous == self._instance:

@@ -95,26 +95,29 @@ return out
 """
 )
 
-# KEYS: pool, matches, presence, this instance's users.
+# KEYS: pool, matches, presence, this instance's users, bans.
 # ARGV: user, instance, connection, instance-users prefix.
-# Returns {previous instance, previous connection, in pool (0/1), peer, role}; '' = none.
-# Pool place and match are reported only when the previous registration was on another
-# instance (the caller takes them over); the previous instance forgets the user.
+# Returns {previous instance, previous connection, in pool (0/1), peer, role, the user's ban
+# JSON}; '' = none. Pool place and match are reported only when the previous registration was
+# on another instance (the caller takes them over); the previous instance forgets the user.
+# The ban is read in the same step: a ban stored after the handshake's check (``ADMIT``) and
+# kicked before this registration would otherwise reach no connection (PROTOCOL.md section 13).
 CONNECT = (
     MATCH_HELPERS
     + LIVENESS_HELPERS
     + """
 local PRESENCE, MINE = KEYS[3], KEYS[4]
 local user, inst, conn, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ban = redis.call('HGET', KEYS[5], user) or ''
 local previous = redis.call('HGET', PRESENCE, user)
 redis.call('HSET', PRESENCE, user, inst .. '|' .. conn)
 redis.call('SADD', MINE, user)
-if not previous then return {'', '', 0, '', ''} end
+if not previous then return {'', '', 0, '', '', ban} end
 local pinst, pconn = split(previous)
-if pinst == inst then return {pinst, pconn, 0, '', ''} end
+if pinst == inst then return {pinst, pconn, 0, '', '', ban} end
 redis.call('SREM', prefix .. pinst, user)
 local peer, role = partner(user)
-return {pinst, pconn, redis.call('SISMEMBER', POOL, user), peer or '', role or ''}
+return {pinst, pconn, redis.call('SISMEMBER', POOL, user), peer or '', role or '', ban}
 """
 )
 
