@@ -60,7 +60,7 @@ class Moderation:
         )
         self.router.notify_shadow(ban.user, ban.shadow)
         if not ban.shadow:
-            self.kick(ban.user)
+            self.kick(ban.user, everywhere=True)
 
     async def unban(self, user: str) -> bool:
         found = await self.safety.unban(user)
@@ -70,10 +70,11 @@ class Moderation:
             self.router.notify_shadow(user, False)
         return found
 
-    def kick(self, user: str) -> None:
-        """Close ``user``'s connection with 4003, on whatever instance it is."""
+    def kick(self, user: str, *, everywhere: bool = False) -> None:
+        """Close ``user``'s connection with 4003, on whatever instance it is (``everywhere``:
+        see ``Router.kick``)."""
         self.stats.kicks += 1
-        here = self.router.kick(user)
+        here = self.router.kick(user, everywhere=everywhere)
         log.info("event=kicked user=%s where=%s", user, "here" if here else "routed")
 
     def report_filed(self, report_id: str, report: dict[str, Any]) -> None:

@@ -254,8 +254,21 @@ class Router:
         client = self.hub.clients.get(user)
         if client is not None:
             _set_block(client, blocker, on)
-        elif self.bus is not None and self.remote:
+        if self.bus is not None and self.remote:
+            # Also where presence names the user, when it is here too: a connection here may be
+            # one another instance has just replaced (its eviction on its way), and the new one
+            # registered before the block was stored, so it read none (PROTOCOL.md section 13).
+            # Back here, the notice only repeats what was set.
             self.bus.route(user, f"B{user} {blocker} {int(on)}\n".encode())
+
+    def safety_at_connect(self, user: str, blocked_by: AbstractSet[str], shadow: bool) -> None:
+        client = self.hub.clients.get(user)
+        if client is None:
+            return
+        if not blocked_by <= client.blocked_by:
+            client.blocked_by = set(client.blocked_by) | blocked_by
+        if shadow:
+            client.shadow = True
 
     # What this instance's connections know of their safety: the Redis store's matching
     # while Redis is unreachable, when the shadow set and blocks in Redis cannot be read.
@@ -272,19 +285,20 @@ class Router:
         client = self.hub.clients.get(user)
         if client is not None:
             client.shadow = on
-        elif self.bus is not None and self.remote:
+        if self.bus is not None and self.remote:  # also where presence names it: ``notify_block``
             self.bus.route(user, f"S{user} {int(on)}\n".encode())
 
-    def kick(self, user: str) -> bool:
+    def kick(self, user: str, *, everywhere: bool = False) -> bool:
         """Close ``user``'s connection with 4003 wherever it is; whether it was found here
-        (a notice to another instance is not confirmed)."""
+        (a notice to another instance is not confirmed). ``everywhere`` (a ban): also where
+        presence names the user when it is here too, as ``notify_block`` does; a plain kick
+        does not, so that a reconnect here a moment later is not closed as well."""
         client = self.hub.clients.get(user)
         if client is not None:
             client.ws.close(BANNED, "banned")
-            return True
-        if self.bus is not None and self.remote:
+        if (client is None or everywhere) and self.bus is not None and self.remote:
             self.bus.route(user, f"K{user}\n".encode())
-        return False
+        return client is not None
 
     # -- from the bus (trio thread) ----------------------------------------------------------
 

@@ -102,6 +102,12 @@ class StoreEvents(BusHandler, Protocol):
         """Close ``user``'s connection with 4003 "banned" (here, or through the bus)."""
         ...
 
+    def safety_at_connect(self, user: str, blocked_by: AbstractSet[str], shadow: bool) -> None:
+        """What the store read of ``user`` as its connection here registered: who blocks it,
+        and whether it is shadow-banned. Added to what the handshake read (never taken away:
+        an unblock's notice is what lifts a block)."""
+        ...
+
     def barred(self, user: str) -> AbstractSet[str] | None:
         """Who blocked ``user``, as its connection here knows (loaded at its handshake, kept
         current by notices), or None: what matching uses while Redis is unreachable."""

@@ -87,6 +87,7 @@ from aleatoria.store.redis_rooms import RoomRegistry
 from aleatoria.store.redis_safety import KnownSafety, RedisSafety
 from aleatoria.store.redis_scripts import (
     BANS_KEY,
+    BLOCKED_BY_PREFIX,
     MATCHES_KEY,
     POOL_KEY,
     POOLED_KEY,
@@ -704,22 +705,17 @@ class RedisStore:
     async def connect(self, user: str, connection: str) -> Takeover | None:
         self._mirror.online[user] = connection
         args = [user, self._instance, connection, INSTANCE_USERS_PREFIX]
-        keys = [*self._user_keys, BANS_KEY]
+        keys = [*self._user_keys, BANS_KEY, BLOCKED_BY_PREFIX + user]
         done = await self._keeper.run(scripted(self._scripts.connect, keys, args))
         if done is None:
             self._keeper.dirty.add(user)
             return None
-        previous, previous_connection, in_pool, peer, role, ban = (
-            text(part) if isinstance(part, bytes | str) else part for part in done.value
+        *head, ban, blockers = done.value
+        previous, previous_connection, in_pool, peer, role = (
+            text(part) if isinstance(part, bytes | str) else part for part in head
         )
-        if ban and self._keeper.events is not None:
-            found = Ban.from_json(orjson.loads(ban))
-            if found.active(time.time()) and not found.shadow:
-                # Banned after its handshake was admitted, and the ban's kick looked for the
-                # user before this registration (a resume on this instance of a session kept
-                # on another, where the kick closed it): closed here, as the kick would have.
-                log.info("event=banned_at_connect user=%s", user)
-                self._keeper.events.kick(user)
+        if (ban or blockers) and self._keeper.events is not None:
+            self._safety_at_connect(self._keeper.events, user, text(ban), blockers)
         if self._mirror.online.get(user) == connection:
             self._heartbeat.owned[user] = connection  # registered: the heartbeat checks it stays so
         if not previous or previous == self._instance:
@@ -737,6 +733,24 @@ class RedisStore:
         self._keeper.settle(done, user, peer or None)
         log.info("event=user_taken_over user=%s from_instance=%s rooms=%d", user, previous, len(rooms))
         return Takeover(previous, previous_connection, tuple(rooms), bool(in_pool), peer or None, role)
+
+    @staticmethod
+    def _safety_at_connect(events: StoreEvents, user: str, ban: str, blockers: list[bytes]) -> None:
+        """Apply to ``user``'s connection here what ``CONNECT`` read of its safety. A ban or a
+        block stored after its handshake's read (``admit``), whose kick or notice went where
+        presence named the user before this registration (a resume on this instance of a
+        session kept on another, where the kick closed it; a reconnect as it was blocked),
+        would otherwise never reach this connection."""
+        shadow = False
+        if ban:
+            found = Ban.from_json(orjson.loads(ban))
+            if found.active(time.time()):
+                if not found.shadow:
+                    log.info("event=banned_at_connect user=%s", user)
+                    events.kick(user)
+                    return
+                shadow = True
+        events.safety_at_connect(user, {text(who) for who in blockers}, shadow)
 
     async def user_gone(
         self, user: str, connection: str | None = None, rooms: Iterable[str] = ()

@@ -95,13 +95,15 @@ return out
 """
 )
 
-# KEYS: pool, matches, presence, this instance's users, bans.
+# KEYS: pool, matches, presence, this instance's users, bans, blocked-by:<user>.
 # ARGV: user, instance, connection, instance-users prefix.
 # Returns {previous instance, previous connection, in pool (0/1), peer, role, the user's ban
-# JSON}; '' = none. Pool place and match are reported only when the previous registration was
-# on another instance (the caller takes them over); the previous instance forgets the user.
-# The ban is read in the same step: a ban stored after the handshake's check (``ADMIT``) and
-# kicked before this registration would otherwise reach no connection (PROTOCOL.md section 13).
+# JSON, the users who block it}; '' = none. Pool place and match are reported only when the
+# previous registration was on another instance (the caller takes them over); the previous
+# instance forgets the user. Ban and blocks are read in the same step: a ban or block stored
+# after the handshake's read (``ADMIT``) whose kick or notice went where presence named the
+# user before this registration would otherwise never reach this connection (PROTOCOL.md
+# section 13).
 CONNECT = (
     MATCH_HELPERS
     + LIVENESS_HELPERS
@@ -109,15 +111,16 @@ CONNECT = (
 local PRESENCE, MINE = KEYS[3], KEYS[4]
 local user, inst, conn, prefix = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ban = redis.call('HGET', KEYS[5], user) or ''
+local blockers = redis.call('SMEMBERS', KEYS[6])
 local previous = redis.call('HGET', PRESENCE, user)
 redis.call('HSET', PRESENCE, user, inst .. '|' .. conn)
 redis.call('SADD', MINE, user)
-if not previous then return {'', '', 0, '', '', ban} end
+if not previous then return {'', '', 0, '', '', ban, blockers} end
 local pinst, pconn = split(previous)
-if pinst == inst then return {pinst, pconn, 0, '', '', ban} end
+if pinst == inst then return {pinst, pconn, 0, '', '', ban, blockers} end
 redis.call('SREM', prefix .. pinst, user)
 local peer, role = partner(user)
-return {pinst, pconn, redis.call('SISMEMBER', POOL, user), peer or '', role or '', ban}
+return {pinst, pconn, redis.call('SISMEMBER', POOL, user), peer or '', role or '', ban, blockers}
 """
 )
 
