@@ -711,7 +711,7 @@ class RedisStore:
             self._keeper.dirty.add(user)
             return None
         *head, ban, blockers = done.value
-        previous, previous_connection, in_pool, peer, role = (
+        previous, previous_connection, in_pool, peer, role, queued = (
             text(part) if isinstance(part, bytes | str) else part for part in head
         )
         if (ban or blockers) and self._keeper.events is not None:
@@ -730,6 +730,11 @@ class RedisStore:
         for room in rooms:
             await self._mirror.join(room, user)
         self._mirror.adopt(user, bool(in_pool), peer or None, role)
+        if queued:
+            # Its search, begun on the other instance, goes on from here: this instance leaves
+            # the queue place when the user disconnects (``user_gone``), or the place stayed,
+            # counted as searching, until the search timeout.
+            self._profiled.add(user)
         self._keeper.settle(done, user, peer or None)
         log.info("event=user_taken_over user=%s from_instance=%s rooms=%d", user, previous, len(rooms))
         return Takeover(previous, previous_connection, tuple(rooms), bool(in_pool), peer or None, role)
@@ -784,6 +789,7 @@ class RedisStore:
     def user_moved(self, user: str) -> None:
         self._heartbeat.owned.pop(user, None)
         self._mirror.drop(user)
+        self._unprofile(user)  # its search, if any, is the new instance's (``connect``)
 
     # -- matches changed by another instance (the router sees their notices) ---------------------
 

@@ -97,10 +97,11 @@ return out
 
 # KEYS: pool, matches, presence, this instance's users, bans, blocked-by:<user>.
 # ARGV: user, instance, connection, instance-users prefix.
-# Returns {previous instance, previous connection, in pool (0/1), peer, role, the user's ban
-# JSON, the users who block it}; '' = none. Pool place and match are reported only when the
-# previous registration was on another instance (the caller takes them over); the previous
-# instance forgets the user. Ban and blocks are read in the same step: a ban or block stored
+# Returns {previous instance, previous connection, in pool (0/1), peer, role, queued (0/1),
+# the user's ban JSON, the users who block it}; '' = none. Pool place, match and search queue
+# place are reported only when the previous registration was on another instance (the caller
+# takes them over: a queued searcher's place is left by this instance when it disconnects);
+# the previous instance forgets the user. Ban and blocks are read in the same step: a ban or block stored
 # after the handshake's read (``ADMIT``) whose kick or notice went where presence named the
 # user before this registration would otherwise never reach this connection (PROTOCOL.md
 # section 13).
@@ -115,13 +116,15 @@ local blockers = redis.call('SMEMBERS', KEYS[6])
 local previous = redis.call('HGET', PRESENCE, user)
 redis.call('HSET', PRESENCE, user, inst .. '|' .. conn)
 redis.call('SADD', MINE, user)
-if not previous then return {'', '', 0, '', '', ban, blockers} end
+if not previous then return {'', '', 0, '', '', 0, ban, blockers} end
 local pinst, pconn = split(previous)
-if pinst == inst then return {pinst, pconn, 0, '', '', ban, blockers} end
+if pinst == inst then return {pinst, pconn, 0, '', '', 0, ban, blockers} end
 redis.call('SREM', prefix .. pinst, user)
 local peer, role = partner(user)
-return {pinst, pconn, redis.call('SISMEMBER', POOL, user), peer or '', role or '', ban, blockers}
-"""
+local queued = 0
+if redis.call('ZSCORE', QUEUE_KEY, user) then queued = 1 end
+return {pinst, pconn, redis.call('SISMEMBER', POOL, user), peer or '', role or '', queued, ban, blockers}
+""".replace("QUEUE_KEY", repr(QUEUE_KEY))
 )
 
 # KEYS: pool, matches, presence, this instance's users. ARGV: user, instance, connection
