@@ -502,11 +502,18 @@ class Server:
                     status, owner_frames = await self.remote.ask(
                         takeover.instance, user, takeover.connection, hello or ""
                     )
+                counts = None
+                if status == "ok":
+                    # Read before the check below: an eviction arriving during this read (the
+                    # user's next registration, e.g. the same token resumed on a third
+                    # instance) must end this resume, or it went on as resumed on a socket
+                    # nothing would close (PROTOCOL.md section 16).
+                    counts = await self.store.stats()
                 if status == "ok" and holding.close_code is not None:
-                    status = OVERFLOW  # more came meanwhile than a kept session may hold
+                    status = OVERFLOW  # ended meanwhile: too many frames came, or a successor
                 if status == "ok":
                     assert takeover is not None  # only an owner answers "ok"
-                    counts = await self.store.stats()
+                    assert counts is not None
                     self.hub.swap_socket(client, own_ws)
                     frames = RemoteResumes.merge(owner_frames, holding)
                     self._send_welcome(session, counts.online, counts.searching, True, len(frames))
