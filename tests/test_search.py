@@ -86,6 +86,28 @@ actions = st.lists(
 )
 
 
+def _apply(step: tuple[str, object, object], search: Search, safety: MemorySafety, clock: Clock) -> None:
+    """One of ``actions``' steps, as a client (or the passing time) makes it."""
+    kind, a, b = step
+    if kind == "search":
+        search.search(str(a), None, b)  # type: ignore[arg-type]
+    elif kind == "pool":
+        search.set_available(str(a), b)  # type: ignore[arg-type]
+    elif kind == "cancel":
+        search.cancel(str(a))
+    elif kind == "gone":
+        search.disconnect(str(a))
+    elif kind == "block":
+        if a != b:
+            safety.block_now(str(a), str(b))
+    elif kind == "unblock":  # both ways: the pair is then free
+        safety.unblock_now(str(a), str(b))
+        safety.unblock_now(str(b), str(a))
+    else:
+        clock.now += float(a)  # type: ignore[arg-type]
+        search.tick()
+
+
 @settings(max_examples=300, deadline=None)
 @given(actions)
 @example(
@@ -101,23 +123,7 @@ def test_every_step_keeps_the_rules(steps: list[tuple[str, object, object]]) -> 
     for kind, a, b in steps:
         before = {c.user: c for c in search.queue()}
         pooled_before = {c.user: c for c in search.pooled()}
-        if kind == "search":
-            search.search(str(a), None, b)  # type: ignore[arg-type]
-        elif kind == "pool":
-            search.set_available(str(a), b)  # type: ignore[arg-type]
-        elif kind == "cancel":
-            search.cancel(str(a))
-        elif kind == "gone":
-            search.disconnect(str(a))
-        elif kind == "block":
-            if a != b:
-                safety.block_now(str(a), str(b))
-        elif kind == "unblock":  # both ways: the pair is then free
-            safety.unblock_now(str(a), str(b))
-            safety.unblock_now(str(b), str(a))
-        else:
-            clock.now += float(a)  # type: ignore[arg-type]
-            search.tick()
+        _apply((kind, a, b), search, safety, clock)
         now = clock.now
         events = search.events()
         waiting = {**pooled_before, **before}
@@ -225,23 +231,7 @@ def test_the_indexes_decide_as_the_whole_queue(steps: list[tuple[str, object, ob
     for kind, a, b in steps:
         seen = []
         for clock, safety, search in zip(clocks, safeties, searches, strict=True):
-            if kind == "search":
-                search.search(str(a), None, b)  # type: ignore[arg-type]
-            elif kind == "pool":
-                search.set_available(str(a), b)  # type: ignore[arg-type]
-            elif kind == "cancel":
-                search.cancel(str(a))
-            elif kind == "gone":
-                search.disconnect(str(a))
-            elif kind == "block":
-                if a != b:
-                    safety.block_now(str(a), str(b))
-            elif kind == "unblock":
-                safety.unblock_now(str(a), str(b))
-                safety.unblock_now(str(b), str(a))
-            else:
-                clock.now += float(a)  # type: ignore[arg-type]
-                search.tick()
+            _apply((kind, a, b), search, safety, clock)
             events = search.events()
             for match in events.matches:
                 search.mm.disconnect(match.impolite)
