@@ -9,6 +9,7 @@ Two stores share one redis-server; A's router sends to Bob, registered on B (or 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 
 import trio
@@ -44,6 +45,12 @@ class Received:
         pass
 
     def evict(self, instance: str, user: str, connection: str) -> None:
+        pass
+
+    def kick(self, user: str) -> bool:
+        return False
+
+    def safety_at_connect(self, user: str, blocked_by: AbstractSet[str], shadow: bool) -> None:
         pass
 
     def barred(self, user: str) -> None:
