@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aleatoria.auth import parse_duration
-from aleatoria.limits import id_problem
+from aleatoria.limits import MAX_LIMIT, id_problem
 
 DEFAULT_URL = "http://127.0.0.1:8085"
 TOKEN_ENV = "ALEATORIA_ADMIN_TOKEN"
@@ -64,7 +64,7 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     actions = admin.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     reports = actions.add_parser("reports", parents=[common], help="list reports, newest first")
-    reports.add_argument("--limit", type=int, default=None, help="how many (1-200, default 50)")
+    reports.add_argument("--limit", type=int, default=None, help=f"how many (1-{MAX_LIMIT}, default 50)")
     reports.add_argument("--after", default=None, metavar="REPORT_ID", help="older than this report")
     reports.add_argument("--user", default=None, help="only reports about this user")
 
@@ -118,6 +118,9 @@ def _request_of(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | No
         }
         if args.user is not None:
             _check_user(args.user)
+        if args.limit is not None and not 1 <= args.limit <= MAX_LIMIT:
+            # The API clamps it: 0 or 500 listed 1 or 200 reports without a word.
+            raise _Failed(f"aleatoria admin: --limit must be 1..{MAX_LIMIT}, got {args.limit}", 2)
         return "GET", "/admin/reports" + (f"?{httpx.QueryParams(query)}" if query else ""), None
     if action == "bans":
         return "GET", "/admin/bans", None

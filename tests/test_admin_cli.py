@@ -228,6 +228,9 @@ async def test_a_server_without_the_api_says_so(server: RunningServer) -> None:
             "aleatoria admin: --duration: not a duration",
         ),
         (["user", "x" * 65, "--token", "t"], "aleatoria admin: user is longer than 64"),
+        # The API clamps a limit: these listed 1 and 200 reports without a word.
+        (["reports", "--limit", "0", "--token", "t"], "aleatoria admin: --limit must be 1..200, got 0"),
+        (["reports", "--limit", "500", "--token", "t"], "aleatoria admin: --limit must be 1..200, got 500"),
         # A UnicodeEncodeError traceback from httpx.
         (["bans", "--token", "t\u00f6ken"], "aleatoria admin: the token must be ASCII"),
     ],
