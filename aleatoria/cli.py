@@ -28,6 +28,7 @@ from aleatoria.workers import (
     hold_stop_signals,
     ignore_stop_signals,
     noted_then,
+    release_wakeup_fd,
     reserve_port,
     run_workers,
     stop_when_parent_says,
@@ -300,6 +301,7 @@ async def _run(config: Config, worker: int | None) -> list[OSError]:
                 nursery.cancel_scope.cancel()
             elif worker is not None:
                 _tell_parent("ready")
+    release_wakeup_fd()
     return failed
 
 

@@ -135,6 +135,7 @@ class Supervisor:
                     await self._stopped.wait()
                     slots.start_soon(self._stop_all)
                 outer.cancel_scope.cancel()
+        release_wakeup_fd()
         if self.start_failure is not None:
             return self.start_failure  # its start_failed line is the one to read
         failed = {index: code for index, code in self.exit_codes.items() if code != 0}
@@ -312,6 +313,16 @@ def hold_stop_signals() -> list[int]:
     signal.signal(signal.SIGINT, note)
     signal.signal(signal.SIGTERM, note)
     return noted
+
+
+def release_wakeup_fd() -> None:
+    """Call once the signal receiver has closed, before the function ``trio.run`` runs returns.
+    trio closes its wakeup socket before it puts the previous wakeup fd back, and a signal in
+    between (a second SIGINT as the process stops) made Python print "Exception ignored when
+    trying to write to the signal wakeup fd" with a BrokenPipeError traceback (seen in CI, the
+    ``--workers`` parent's second-signal test). Nothing needs waking by then: the handlers
+    in place only note the signal (``hold_stop_signals``)."""
+    signal.set_wakeup_fd(-1)
 
 
 async def noted_then(noted: list[int], signals: AsyncIterator[int]) -> AsyncIterator[int]:
